@@ -1,0 +1,242 @@
+"""The `cherry` command. Client commands run without torch; the worker is imported lazily.
+
+Exit codes: 0 done, 2 the user's input is wrong (a `field: problem` line each on stderr, no
+traceback), 1 anything else (a bug: the traceback is shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cherry_train import __version__
+from cherry_train.jobqueue.ids import WORKER_ID_RE
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity, WorkerIdInUse
+from cherry_train.jobqueue.roots import ResolvedRoot, find_my_drive, resolve_root, save_root
+from cherry_train.schemas import ConfigError, config_json_schema
+from cherry_train.storage import UnsupportedRoot, open_storage
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit 2."""
+
+
+def _err(*lines: str) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def _root(args) -> tuple[ResolvedRoot, JobQueue]:
+    resolved = resolve_root(getattr(args, "root", None))
+    if resolved.is_fallback:
+        _err(f"note: no root configured (--root, $CHERRY_ROOT or `cherry init`); using the local "
+             f"folder {resolved.root}")
+    try:
+        return resolved, JobQueue(open_storage(resolved.root))
+    except UnsupportedRoot as e:
+        raise UsageError(str(e)) from None
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def cmd_submit(args) -> int:
+    from cherry_train.client import submit as client
+
+    config = client.load_config_file(Path(args.config), name=args.name, priority=args.priority)
+    resolved, queue = _root(args)
+    checks = []
+    if not args.no_preflight:
+        if (note := client.check_model_name(config)) is not None:
+            checks.append(note)
+        checks += client.preflight(config, queue.storage.local_path("")).checks
+    manifest = client.submit(queue, config, str(Path(args.config).resolve()))
+    print(f"root: {resolved.root} (from {resolved.source})")
+    if checks:
+        print("pre-flight: " + "; ".join(checks))
+    if not client.live_workers(queue):
+        _err("warning: no worker has written a heartbeat to this root in the last "
+             f"{client.WORKER_FRESH_SECONDS // 60} minutes; the job waits until one starts "
+             "(run the Colab notebook or `cherry worker`)")
+    print(f"queued: {manifest.name}, priority {manifest.priority}")
+    print(manifest.job_id)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UsageError("the worker needs torch: pip install 'cherry-train[worker]'") from None
+    from cherry_train import logs
+    from cherry_train.worker.loop import Worker, WorkerOptions
+
+    logs.configure(args.log_format, args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, queue = _root(args)
+    worker_id = args.worker_id or os.environ.get("CHERRY_WORKER_ID") or _default_worker_id()
+    if not WORKER_ID_RE.match(worker_id):
+        raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
+                         "'.', '_' and '-' (at most 64)")
+    options = WorkerOptions(exit_when_idle=args.exit_when_idle, progress_bar=args.progress,
+                            poll_max_seconds=args.poll_seconds)
+    return Worker(queue, WorkerIdentity(worker_id), options).run()
+
+
+def _default_worker_id() -> str:
+    import socket
+
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return (host.strip("-._") or "worker")[:64]
+
+
+def cmd_status(args) -> int:
+    from cherry_train.client.status import job_rows, render_table, worker_rows
+
+    resolved, queue = _root(args)
+    rows = job_rows(queue)
+    if args.state:
+        rows = [r for r in rows if r["state"] == args.state]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"root: {resolved.root}")
+    print(render_table(rows, worker_rows(queue)))
+    return 0
+
+
+def cmd_init(args) -> int:
+    if args.root:
+        root = args.root
+    else:
+        my_drive = find_my_drive()
+        if my_drive is None:
+            raise UsageError("no Google Drive for Desktop folder found here; pass the queue "
+                             "folder: cherry init PATH (or set CHERRY_MYDRIVE)")
+        root = str(my_drive / "traina")
+    if not root.startswith("gdrive:"):
+        Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+        root = str(Path(root).expanduser().resolve())
+    path = save_root(root)
+    print(f"default root: {root}\n(saved in {path}; --root and $CHERRY_ROOT still win)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cherry_train import logs
+    from cherry_train.demo.run import DemoSize, run_demo
+
+    logs.configure("console", args.log_level)
+    resolved = resolve_root(args.root)
+    if resolved.source == "local default" or args.root is None:
+        # The demo never writes into a real queue root unless asked to with --root.
+        root = Path(args.root) if args.root else Path(resolved.root).parent / "demo-root"
+    else:
+        root = Path(resolved.root)
+    if str(root).startswith("gdrive:"):
+        raise UsageError("--root: the demo runs on a local folder")
+    print(f"demo root: {root}")
+    size = DemoSize(train=args.train_images, val=args.val_images, epochs=args.epochs,
+                    image_size=args.image_size, model=args.model)
+    result = run_demo(root, size, progress_bar=not args.no_progress)
+    return 0 if result.state.value == "succeeded" else 1
+
+
+def cmd_schema(args) -> int:
+    print(config_json_schema())
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cherry", description="A training-job queue in a Drive "
+                                "folder: submit on a laptop, train on Colab.")
+    p.add_argument("--version", action="version", version=f"cherry-train {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    root_help = "queue root: a folder (default: $CHERRY_ROOT, then `cherry init`'s)"
+
+    s = sub.add_parser("submit", help="validate a config and queue it as a job")
+    s.add_argument("config", help="the training config (YAML)")
+    s.add_argument("--root", help=root_help)
+    s.add_argument("--name", help="experiment name (default: the config's, else its file name)")
+    s.add_argument("--priority", type=int, help="higher runs first (default: the config's, 0)")
+    s.add_argument("--no-preflight", action="store_true", help="skip the data checks")
+    s.set_defaults(func=cmd_submit)
+
+    w = sub.add_parser("worker", help="claim and train jobs until stopped")
+    w.add_argument("--root", help=root_help)
+    w.add_argument("--worker-id", help="a stable id (e.g. per notebook): a restarted worker with "
+                   "the same id takes its own stalled job back at once (default: host name)")
+    w.add_argument("--exit-when-idle", action="store_true", help="exit when nothing is claimable")
+    w.add_argument("--threads", type=_positive_int, help="torch CPU threads (pin it for "
+                   "bit-exact resume on CPU)")
+    w.add_argument("--poll-seconds", type=float, default=30.0,
+                   help="longest wait between polls of an idle queue (default 30)")
+    w.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    w.add_argument("--log-format", choices=("json", "console"), default="json")
+    w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    w.set_defaults(func=cmd_worker)
+
+    st = sub.add_parser("status", help="show jobs and workers")
+    st.add_argument("--root", help=root_help)
+    st.add_argument("--json", action="store_true", help="a JSON list of jobs")
+    st.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled"),
+                    help="only jobs in this state")
+    st.set_defaults(func=cmd_status)
+
+    i = sub.add_parser("init", help="remember a default queue root")
+    i.add_argument("root", nargs="?", help="the folder (default: <My Drive>/traina of Drive for "
+                   "Desktop, if found)")
+    i.set_defaults(func=cmd_init)
+
+    d = sub.add_parser("demo", help="synthetic cherries -> submit -> train -> results")
+    d.add_argument("--root", help="folder for the demo queue (default: a local demo folder)")
+    d.add_argument("--train-images", type=_positive_int, default=1200)
+    d.add_argument("--val-images", type=_positive_int, default=400)
+    d.add_argument("--epochs", type=_positive_int, default=8)
+    d.add_argument("--image-size", type=_positive_int, default=48)
+    d.add_argument("--model", default="resnet18")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    d.set_defaults(func=cmd_demo)
+
+    sc = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
+    sc.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        _err(*e.problems)
+        return 2
+    except (UsageError, WorkerIdInUse) as e:
+        _err(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def submit_main() -> int:
+    return main(["submit", *sys.argv[1:]])
+
+
+def worker_main() -> int:
+    return main(["worker", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

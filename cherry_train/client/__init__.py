@@ -1,0 +1,1 @@
+"""The laptop side: submit, status, init. Runs without torch."""

@@ -1,0 +1,1 @@
+"""`cherry demo`: synthetic cherries -> a job submitted -> a worker trains it -> results."""

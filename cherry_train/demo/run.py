@@ -1,0 +1,92 @@
+"""The demo, end to end on a local queue root, through the same queue and worker as real jobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cherry_train.client.submit import load_config_file, submit
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.schemas import JobState, Result
+from cherry_train.storage import LocalStorage
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    train: int = 1200
+    val: int = 400
+    epochs: int = 8
+    image_size: int = 48
+    model: str = "resnet18"
+    batch_size: int = 32
+
+
+def demo_config(size: DemoSize) -> dict:
+    return {
+        "name": "cherry-demo",
+        "seed": 0,
+        "model": {"name": size.model, "num_classes": 2, "pretrained": False},
+        "training": {"epochs": size.epochs, "batch_size": size.batch_size,
+                     "learning_rate": 0.002, "optimizer": "adamw", "weight_decay": 0.01,
+                     "lr_schedule": "cosine"},
+        # Relative paths are relative to the queue root, so any worker on this root finds them.
+        "data": {"train_path": "data/cherries/train", "val_path": "data/cherries/val",
+                 "image_size": size.image_size, "num_workers": 0},
+        "augmentation": {"enabled": True, "normalize": True, "min_crop_scale": 0.6},
+        "checkpoint": {"every_minutes": 1.0, "keep_last": 2},
+        "heartbeat_seconds": 5,
+        "lease_seconds": 60,
+    }
+
+
+def ensure_dataset(root: Path, size: DemoSize, say) -> Path:
+    """Generate the synthetic cherries under the root, unless this size is there already."""
+    from cherry_train.demo.cherries import generate_dataset
+
+    data = root / "data" / "cherries"
+    marker = data / "dataset.json"
+    wanted = {"train": size.train, "val": size.val, "image_size": 96, "seed": 0}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        say(f"dataset: reusing {data}")
+        return data
+    say(f"dataset: generating {size.train} + {size.val} synthetic cherry images in {data} ...")
+    generate_dataset(data, train=size.train, val=size.val, size=96, seed=0)
+    marker.write_text(json.dumps(wanted))
+    return data
+
+
+def run_demo(root: Path, size: DemoSize = DemoSize(), say=print, progress_bar: bool = True,
+             worker_id: str = "demo-worker") -> Result:
+    from cherry_train.worker.loop import Worker, WorkerOptions
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    ensure_dataset(root, size, say)
+    config_path = root / "cherry-demo.yaml"
+    config_path.write_text(yaml.safe_dump(demo_config(size), sort_keys=False))
+    queue = JobQueue(LocalStorage(root))
+    manifest = submit(queue, load_config_file(config_path), str(config_path))
+    say(f"submitted job {manifest.job_id} ({size.model}, {size.image_size} px, "
+        f"{size.epochs} epochs); the worker starts now")
+    Worker(queue, WorkerIdentity(worker_id),
+           WorkerOptions(exit_when_idle=True, progress_bar=progress_bar)).run()
+    paths = JobPaths(manifest.job_id)
+    result = Result.from_json(queue.storage.read_bytes(paths.result))
+    job_dir = root / paths.dir
+    say("")
+    say(f"job       {result.job_id}: {result.state.value}")
+    if result.state != JobState.succeeded:
+        say(f"error     {result.error.message if result.error else '?'}")
+        return result
+    say(f"best      val accuracy {result.best.val_accuracy:.3f} "
+        f"(epoch {result.best.epoch + 1} of {result.epochs_completed})")
+    say(f"speed     {result.images_per_second:.0f} images/s on {result.device}, "
+        f"{result.wall_seconds:.0f} s of training")
+    say(f"curves    {job_dir / 'curves.png'}")
+    say(f"weights   {job_dir / 'best.pt'}")
+    say(f"results   {job_dir / 'result.json'}")
+    return result

@@ -1,0 +1,95 @@
+"""Where everything lives under a queue root (DESIGN.md §2). The only module that spells paths."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+QUEUE = "queue"
+DONE = "done"
+FAILED = "failed"
+CONTROL = "control"
+WORKERS = "workers"
+
+_CHECKPOINT_RE = re.compile(r"^step-(\d{9})\.pt$")
+
+
+def worker_status_path(worker_id: str) -> str:
+    return f"{WORKERS}/{worker_id}.json"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The global step of a checkpoint file name, or None for other names."""
+    m = _CHECKPOINT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    job_id: str
+
+    @property
+    def queued_manifest(self) -> str:
+        return f"{QUEUE}/{self.job_id}.json"
+
+    @property
+    def failed_manifest(self) -> str:
+        return f"{FAILED}/{self.job_id}.json"
+
+    @property
+    def failed_error(self) -> str:
+        return f"{FAILED}/{self.job_id}.error.json"
+
+    @property
+    def dir(self) -> str:
+        return f"{DONE}/{self.job_id}"
+
+    @property
+    def attempts_dir(self) -> str:
+        return f"{self.dir}/attempts"
+
+    def attempt(self, n: int) -> str:
+        return f"{self.attempts_dir}/{n}.json"
+
+    @property
+    def heartbeat(self) -> str:
+        return f"{self.dir}/heartbeat.json"
+
+    @property
+    def config(self) -> str:
+        return f"{self.dir}/config.yaml"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.dir}/metrics.jsonl"
+
+    @property
+    def curves(self) -> str:
+        return f"{self.dir}/curves.png"
+
+    @property
+    def checkpoints_dir(self) -> str:
+        return f"{self.dir}/checkpoints"
+
+    def checkpoint(self, step: int) -> str:
+        return f"{self.checkpoints_dir}/step-{step:09d}.pt"
+
+    def checkpoint_checksum(self, step: int) -> str:
+        # Written after the checkpoint itself: a checkpoint without one is unfinished.
+        return self.checkpoint(step) + ".sha256"
+
+    @property
+    def best_weights(self) -> str:
+        return f"{self.dir}/best.pt"
+
+    @property
+    def final_weights(self) -> str:
+        return f"{self.dir}/final.pt"
+
+    @property
+    def done_manifest(self) -> str:
+        return f"{self.dir}/manifest.json"
+
+    @property
+    def result(self) -> str:
+        return f"{self.dir}/result.json"

@@ -1,0 +1,356 @@
+"""The job lifecycle of DESIGN.md §3, built on the storage primitives. All transitions live here.
+
+queued --claim--> running --commit--> succeeded | failed | cancelled
+
+A claim is the exclusive creation of `attempts/<n>.json`; a commit is the exclusive creation of
+`result.json`. Everything else (moving the manifest, heartbeats) is bookkeeping that the next
+worker completes if a crash interrupts it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydantic import ValidationError
+
+from cherry_train.jobqueue import layout
+from cherry_train.jobqueue.clock import SystemClock, age_seconds
+from cherry_train.jobqueue.ids import new_job_id
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.schemas import (
+    Attempt,
+    ErrorInfo,
+    FailedManifest,
+    Heartbeat,
+    JobState,
+    Manifest,
+    Result,
+    TrainingConfig,
+    WorkerStatus,
+)
+from cherry_train.storage import Storage
+
+
+class Fenced(Exception):
+    """A later attempt of this job exists: its owner must stop and write nothing more."""
+
+
+class WorkerIdInUse(Exception):
+    """Another live process already works under this worker id (a second notebook tab?)."""
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    worker_id: str
+    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+
+@dataclass
+class Claim:
+    """A job this worker now owns, as attempt `attempt.n`."""
+
+    manifest: Manifest
+    attempt: Attempt
+    history: list[Attempt]  # every attempt of this job, this one last
+
+    @property
+    def job_id(self) -> str:
+        return self.manifest.job_id
+
+    @property
+    def paths(self) -> JobPaths:
+        return JobPaths(self.manifest.job_id)
+
+
+@dataclass
+class JobView:
+    """What `status` knows about one job, derived from the files alone."""
+
+    job_id: str
+    state: JobState
+    manifest: Manifest | None = None
+    attempt: Attempt | None = None
+    heartbeat: Heartbeat | None = None
+    heartbeat_age: float | None = None
+    stalled: bool = False
+    result: Result | None = None
+    error: str | None = None
+
+
+def error_info(exc: BaseException, with_traceback: bool = True) -> ErrorInfo:
+    tb = "".join(traceback.format_exception(exc)) if with_traceback else None
+    return ErrorInfo(type=type(exc).__name__, message=str(exc) or type(exc).__name__, traceback=tb)
+
+
+class JobQueue:
+    def __init__(self, storage: Storage, clock=None):
+        self.storage = storage
+        self.clock = clock or SystemClock()
+
+    # -- submit (client) -----------------------------------------------------------------------
+
+    def submit(self, config: TrainingConfig, *, config_file: str = "", submitted_by: str = "",
+               client_version: str = "") -> Manifest:
+        if config.name is None:
+            raise ValueError("the config needs a name before it is submitted")
+        now = self.clock.now()
+        while True:  # the 16-bit suffix collides only for jobs of one name in one second
+            job_id = new_job_id(config.name, now)
+            if not self._known(job_id):
+                break
+        manifest = Manifest(job_id=job_id, name=config.name, priority=config.priority,
+                            submitted_at=now, submitted_by=submitted_by, config_file=config_file,
+                            client_version=client_version, config=config)
+        # Temp name, then rename: a worker never sees half a manifest.
+        self.storage.write_atomic(JobPaths(job_id).queued_manifest, manifest.to_json())
+        return manifest
+
+    def _known(self, job_id: str) -> bool:
+        p = JobPaths(job_id)
+        return any(self.storage.exists(x) for x in (p.queued_manifest, p.dir, p.failed_manifest))
+
+    # -- what is waiting (worker) --------------------------------------------------------------
+
+    def queued(self) -> tuple[list[Manifest], list[tuple[str, Exception]]]:
+        """Manifests in queue/, in the order workers take them (priority, then submission),
+        and the entries that cannot be read or validated, with why."""
+        good, bad = [], []
+        for name in self.storage.list_dir(layout.QUEUE):
+            if not name.endswith(".json"):
+                continue
+            job_id = name[: -len(".json")]
+            try:
+                manifest = Manifest.from_json(self.storage.read_bytes(f"{layout.QUEUE}/{name}"))
+            except FileNotFoundError:
+                continue  # taken and moved by someone else since the listing
+            except (ValidationError, ValueError, UnicodeDecodeError) as e:
+                bad.append((job_id, e))
+                continue
+            if manifest.job_id != job_id:
+                bad.append((job_id, ValueError(
+                    f"manifest says job_id {manifest.job_id!r} but its file is {name!r}")))
+                continue
+            good.append(manifest)
+        good.sort(key=lambda m: (-m.priority, m.submitted_at, m.job_id))
+        return good, bad
+
+    def reject_manifest(self, job_id: str, error: Exception, worker_id: str) -> None:
+        """Move an unusable manifest to failed/, with why beside it."""
+        paths = JobPaths(job_id)
+        record = FailedManifest(job_id=job_id, at=self.clock.now(), worker_id=worker_id,
+                                error=error_info(error, with_traceback=False))
+        # The error first: if we die between the two steps, the manifest is still in queue/
+        # and the next worker repeats both. Nothing is lost either way.
+        self.storage.write_atomic(paths.failed_error, record.to_json())
+        try:
+            self.storage.move(paths.queued_manifest, paths.failed_manifest)
+        except FileNotFoundError:
+            pass  # another worker rejected it first
+
+    # -- claim -----------------------------------------------------------------------------
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        paths = JobPaths(job_id)
+        found = []
+        for name in self.storage.list_dir(paths.attempts_dir):
+            stem = name.removesuffix(".json")
+            if not stem.isdigit():
+                continue
+            try:
+                found.append(Attempt.from_json(self.storage.read_bytes(paths.attempt(int(stem)))))
+            except (FileNotFoundError, ValidationError, ValueError):
+                # A record being created without hard links may be briefly short; its number
+                # still counts, so fencing and numbering never go backwards.
+                found.append(Attempt(n=int(stem), worker_id="?", incarnation="?",
+                                     started_at=datetime.min.replace(tzinfo=self.clock.now().tzinfo)))
+        return sorted(found, key=lambda a: a.n)
+
+    def heartbeat(self, job_id: str) -> Heartbeat | None:
+        try:
+            return Heartbeat.from_json(self.storage.read_bytes(JobPaths(job_id).heartbeat))
+        except (FileNotFoundError, ValidationError, ValueError):
+            return None
+
+    def latest_checkpoint_step(self, job_id: str) -> int | None:
+        """The newest checkpoint that was finished (has its checksum), by name only."""
+        names = set(self.storage.list_dir(JobPaths(job_id).checkpoints_dir))
+        steps = [s for n in names if (s := layout.checkpoint_step(n)) is not None
+                 and f"{n}.sha256" in names]
+        return max(steps, default=None)
+
+    def try_claim(self, manifest: Manifest, me: WorkerIdentity) -> Claim | None:
+        """Become the owner of this job, or return None if someone else holds it.
+
+        Raises WorkerIdInUse if a live process with our worker id owns it."""
+        job_id, config = manifest.job_id, manifest.config
+        paths = JobPaths(job_id)
+        if self.storage.exists(paths.result):
+            self.finish_bookkeeping(job_id)  # a crash came between commit and the move
+            return None
+        history = self.attempts(job_id)
+        reason = "fresh"
+        if history:
+            last = history[-1]
+            hb = self.heartbeat(job_id)
+            hb = hb if hb is not None and hb.attempt == last.n else None
+            age = age_seconds(self.clock, hb.at if hb else last.started_at)
+            if hb is not None and hb.released:
+                reason = "released"
+            elif last.worker_id == me.worker_id and last.incarnation != me.incarnation:
+                # The fast path after a Colab disconnect: our own id, a silent heartbeat.
+                if age <= 2 * config.heartbeat_seconds:
+                    raise WorkerIdInUse(
+                        f"worker id {me.worker_id!r} is already running job {job_id} "
+                        f"(heartbeat {age:.0f} s ago, host {last.host or '?'}, pid {last.pid}). "
+                        "Is a second notebook or tab running? Stop it, or give this worker "
+                        "another --worker-id.")
+                reason = "same-worker"
+            elif last.worker_id == me.worker_id:
+                reason = "same-worker"  # our own process gave the job back earlier
+            elif age > config.lease_seconds:
+                reason = "lease-expired"
+            else:
+                return None
+        checkpoint = self.latest_checkpoint_step(job_id)
+        stuck = self._attempts_without_progress(history, checkpoint, reason)
+        if stuck >= config.max_attempts:
+            self._give_up(manifest, history, stuck, me)
+            return None
+        attempt = Attempt(n=history[-1].n + 1 if history else 1,
+                          worker_id=me.worker_id, incarnation=me.incarnation, host=me.host,
+                          pid=me.pid, started_at=self.clock.now(), reason=reason,
+                          checkpoint_at_start=checkpoint)
+        if not self.storage.create_exclusive(paths.attempt(attempt.n), attempt.to_json()):
+            return None  # another worker claimed it first
+        return Claim(manifest=manifest, attempt=attempt, history=[*history, attempt])
+
+    @staticmethod
+    def _attempts_without_progress(history: list[Attempt], checkpoint: int | None,
+                                   next_reason: str) -> int:
+        """Consecutive latest attempts that ended without a new checkpoint (a crash loop).
+        An attempt that released the job on purpose (SIGTERM, runtime cap) is no crash."""
+        count = 0
+        for i in range(len(history) - 1, -1, -1):
+            if history[i].checkpoint_at_start != checkpoint:
+                break
+            followed_by = history[i + 1].reason if i + 1 < len(history) else next_reason
+            if followed_by != "released":
+                count += 1
+        return count
+
+    def _give_up(self, manifest: Manifest, history: list[Attempt], stuck: int,
+                 me: WorkerIdentity) -> None:
+        error = ErrorInfo(
+            type="CrashLoop",
+            message=f"{stuck} consecutive attempts ended without writing a checkpoint "
+                    f"(max_attempts={manifest.config.max_attempts}); the worker process probably "
+                    "dies while training this job (out of memory?). See attempts/ and worker logs.")
+        result = Result(job_id=manifest.job_id, state=JobState.failed, attempts=len(history),
+                        attempt_history=history, finished_at=self.clock.now(),
+                        worker_id=me.worker_id, error=error)
+        self.storage.create_exclusive(JobPaths(manifest.job_id).result, result.to_json())
+        self.finish_bookkeeping(manifest.job_id)
+
+    # -- while running (the owner) -------------------------------------------------------------
+
+    def fence(self, job_id: str, attempt: int) -> None:
+        """Raise Fenced if an attempt later than ours exists. Call before every write."""
+        for name in self.storage.list_dir(JobPaths(job_id).attempts_dir):
+            stem = name.removesuffix(".json")
+            if stem.isdigit() and int(stem) > attempt:
+                raise Fenced(f"job {job_id}: attempt {stem} took over from attempt {attempt}")
+
+    def write_heartbeat(self, heartbeat: Heartbeat) -> None:
+        self.fence(heartbeat.job_id, heartbeat.attempt)
+        self.storage.write_atomic(JobPaths(heartbeat.job_id).heartbeat, heartbeat.to_json())
+
+    def commit(self, claim: Claim, result: Result) -> bool:
+        """Create result.json exclusively; True if ours is the result. Then tidy up."""
+        self.fence(claim.job_id, claim.attempt.n)
+        won = self.storage.create_exclusive(claim.paths.result, result.to_json())
+        self.finish_bookkeeping(claim.job_id)
+        return won
+
+    def finish_bookkeeping(self, job_id: str) -> None:
+        """After a result exists: the manifest moves beside it (it may have moved already)."""
+        paths = JobPaths(job_id)
+        try:
+            self.storage.move(paths.queued_manifest, paths.done_manifest)
+        except FileNotFoundError:
+            pass
+
+    # -- workers' own heartbeats ---------------------------------------------------------------
+
+    def write_worker_status(self, status: WorkerStatus) -> None:
+        self.storage.write_atomic(layout.worker_status_path(status.worker_id), status.to_json())
+
+    def worker_status(self, worker_id: str) -> WorkerStatus | None:
+        try:
+            return WorkerStatus.from_json(
+                self.storage.read_bytes(layout.worker_status_path(worker_id)))
+        except (FileNotFoundError, ValidationError, ValueError):
+            return None
+
+    def workers(self) -> list[WorkerStatus]:
+        found = []
+        for name in self.storage.list_dir(layout.WORKERS):
+            if name.endswith(".json") and (ws := self.worker_status(name[:-5])) is not None:
+                found.append(ws)
+        return found
+
+    # -- state, as `status` derives it ---------------------------------------------------------
+
+    def job_ids(self) -> list[str]:
+        ids = {n[:-5] for n in self.storage.list_dir(layout.QUEUE) if n.endswith(".json")}
+        ids.update(self.storage.list_dir(layout.DONE))
+        ids.update(n[:-5] for n in self.storage.list_dir(layout.FAILED)
+                   if n.endswith(".json") and not n.endswith(".error.json"))
+        return sorted(ids, reverse=True)  # ids sort by submission time: newest first
+
+    def view(self, job_id: str) -> JobView:
+        """A job's state, in DESIGN.md §3's order: result > failed/ > attempt > queue/."""
+        paths = JobPaths(job_id)
+        manifest = self._manifest(job_id)
+        raw = self.storage.read_text_or_none(paths.result)
+        if raw is not None:
+            try:
+                result = Result.from_json(raw)
+                return JobView(job_id, result.state, manifest=manifest, result=result,
+                               error=result.error.message if result.error else None)
+            except (ValidationError, ValueError):
+                pass  # being written without hard links: fall through to "running"
+        if self.storage.exists(paths.failed_manifest):
+            why = self.storage.read_text_or_none(paths.failed_error)
+            try:
+                message = FailedManifest.from_json(why).error.message if why else None
+            except (ValidationError, ValueError):
+                message = why
+            return JobView(job_id, JobState.failed, error=message)
+        history = self.attempts(job_id)
+        if history:
+            hb = self.heartbeat(job_id)
+            seen = hb.at if hb is not None else history[-1].started_at
+            age = age_seconds(self.clock, seen)
+            lease = manifest.config.lease_seconds if manifest else 300.0
+            return JobView(job_id, JobState.running, manifest=manifest, attempt=history[-1],
+                           heartbeat=hb, heartbeat_age=age,
+                           stalled=age > lease and not (hb is not None and hb.released))
+        return JobView(job_id, JobState.queued, manifest=manifest)
+
+    def _manifest(self, job_id: str) -> Manifest | None:
+        paths = JobPaths(job_id)
+        for path in (paths.queued_manifest, paths.done_manifest):
+            try:
+                return Manifest.from_json(self.storage.read_bytes(path))
+            except FileNotFoundError:
+                continue
+            except (ValidationError, ValueError):
+                return None
+        return None

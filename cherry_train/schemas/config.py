@@ -1,0 +1,132 @@
+"""The training config a user writes in YAML: every field, its default and its bounds.
+
+Unknown keys are rejected (a typo must not silently fall back to a default), and every error
+names the dotted field. No I/O beyond parsing text, no torch: the laptop client imports this.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Mode(str, Enum):
+    development = "development"  # a small subset, few batches: does the job run at all?
+    training = "training"
+
+
+class Amp(str, Enum):
+    auto = "auto"  # bf16 where the GPU supports it, fp16 + GradScaler otherwise, off on CPU
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a typo such as `learnig_rate` into an error, not a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("resnet50", min_length=1, max_length=64,
+                      description="A torchvision classification model, e.g. resnet50, resnet18, "
+                                  "mobilenet_v3_small, efficientnet_b0.")
+    num_classes: int = Field(ge=2, le=100_000, description="Number of class folders.")
+    pretrained: bool | str = Field(
+        False,
+        description="true: torchvision's default ImageNet weights (downloaded on the worker); "
+                    "a path: a weights file (a state dict); false: random init. Layers whose "
+                    "shape differs (the classifier head) are left freshly initialised.")
+
+    @field_validator("name")
+    @classmethod
+    def _lowercase_identifier(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
+            raise ValueError("must be a torchvision model name such as resnet50 "
+                             "(lowercase letters, digits and underscores)")
+        return v
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _bool_or_path(cls, v: object) -> object:
+        if isinstance(v, bool) or (isinstance(v, str) and v.strip()):
+            return v
+        raise ValueError("must be true, false or the path of a weights file")
+
+
+class TrainingSection(_Section):
+    epochs: int = Field(ge=1, le=100_000)
+    batch_size: int = Field(ge=1, le=65_536)
+    learning_rate: float = Field(gt=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: anneal to 0 over all epochs, per step.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class DataSection(_Section):
+    train_path: str = Field(min_length=1, description="ImageFolder root: one folder per class. "
+                            "/content/drive/MyDrive/... is mapped off Colab; relative paths are "
+                            "relative to the queue root.")
+    val_path: str = Field(min_length=1, description="Same class folders as train_path.")
+    image_size: int = Field(224, ge=16, le=2048, description="Square input size in pixels.")
+    num_workers: int | None = Field(None, ge=0, le=64,
+                                    description="DataLoader processes; null: chosen by the worker.")
+
+
+class AugmentationSection(_Section):
+    enabled: bool = Field(True, description="Random resized crop + horizontal flip on train.")
+    normalize: bool = Field(True, description="Normalise with ImageNet mean/std.")
+    min_crop_scale: float = Field(0.5, gt=0, le=1,
+                                  description="Smallest crop area, as a fraction of the image.")
+
+
+class CheckpointSection(_Section):
+    every_minutes: float = Field(10.0, gt=0, le=24 * 60,
+                                 description="Wall time between checkpoints (plus one per epoch).")
+    every_steps: int | None = Field(None, ge=1, description="Also checkpoint every N steps.")
+    keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept (the best is kept too).")
+
+
+class TrainingConfig(_Section):
+    """A whole training job, as written in the user's YAML."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              title="cherry-train training config")
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
+        None, description="Experiment name; defaults to the config file's name.")
+    mode: Mode = Mode.training
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    deterministic: bool = Field(False, description="Deterministic kernels; on CPU with the same "
+                                "thread count, a resumed run ends with the same weights.")
+    amp: Amp = Amp.auto
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
+    max_attempts: int = Field(3, ge=1, le=1000, description="Consecutive attempts that may end "
+                              "without a new checkpoint before the job fails (crash loop).")
+    heartbeat_seconds: float = Field(30.0, gt=0, le=3600)
+    lease_seconds: float = Field(300.0, gt=0, le=7 * 86400, description="A running job whose "
+                                 "heartbeat is older than this may be taken over.")
+    log_every_steps: int = Field(10, ge=1, description="Steps between train metrics lines.")
+
+    model: ModelConfig
+    training: TrainingSection
+    data: DataSection
+    augmentation: AugmentationSection = AugmentationSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+
+    @field_validator("lease_seconds")
+    @classmethod
+    def _lease_outlives_heartbeat(cls, v: float, info: ValidationInfo) -> float:
+        heartbeat = info.data.get("heartbeat_seconds")  # absent if it failed validation itself
+        if heartbeat is not None and v <= 2 * heartbeat:
+            raise ValueError(f"must be more than twice heartbeat_seconds ({heartbeat:g}), "
+                             "or a slow heartbeat would look like a dead worker")
+        return v

@@ -1,0 +1,73 @@
+"""Turning pydantic's errors and YAML problems into one `dotted.field: problem` line each."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from pydantic import BaseModel, ValidationError
+
+
+class ConfigError(Exception):
+    """A config the user must fix; `problems` are ready-to-print `field: problem` lines."""
+
+    def __init__(self, problems: Iterable[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(self.problems))
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for 'did you mean' hints)."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
+    lines = []
+    for err in error.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not _is_union_branch(p))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            known = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            message = f"unknown key{hint} (allowed: {', '.join(known)})"
+        elif kind in ("model_type", "dict_type", "model_attributes_type"):
+            message = f"expected a mapping of keys, got {err['input']!r}"
+        elif kind == "missing":
+            message = "required, but missing"
+        elif kind in ("literal_error", "enum"):
+            allowed = err.get("ctx", {}).get("expected", "")
+            message = f"{err['input']!r} is not allowed; expected {allowed}"
+        else:
+            message = err["msg"]
+            if message.startswith("Value error, "):
+                message = message[len("Value error, "):]
+            if "input" in err and not isinstance(err["input"], dict | list):
+                message += f" (got {err['input']!r})"
+        lines.append(f"{field}: {message}")
+    # A union (e.g. bool | str) reports once per branch; one line per field is enough.
+    return list(dict.fromkeys(_first_per_field(lines)))
+
+
+def _is_union_branch(part: object) -> bool:
+    # pydantic puts the branch type name ("bool", "str", "function-after[...]") in the location.
+    return isinstance(part, str) and (part in ("bool", "str", "int", "float", "none")
+                                      or "[" in part)
+
+
+def _first_per_field(lines: list[str]) -> list[str]:
+    seen: set[str] = set()
+    for line in lines:
+        field = line.split(":", 1)[0]
+        if field not in seen:
+            seen.add(field)
+            yield line

@@ -1,0 +1,151 @@
+"""The JSON records the queue is made of: manifest, attempt, heartbeat, result, worker status.
+
+Each is written by exactly one party (see DESIGN.md §2) and read by everyone, so unknown keys are
+ignored on read: an older client can show a newer worker's files.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cherry_train.schemas.config import TrainingConfig
+
+SCHEMA_VERSION = 1
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes | str):
+        return cls.model_validate_json(data)
+
+
+class Manifest(_Record):
+    """Written once by the client into queue/<job_id>.json."""
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    name: str
+    priority: int = 0
+    submitted_at: datetime
+    submitted_by: str = ""
+    config_file: str = ""
+    client_version: str = ""
+    config: TrainingConfig
+
+
+class Attempt(_Record):
+    """done/<job_id>/attempts/<n>.json. Creating it exclusively is the claim."""
+
+    n: int = Field(ge=1)
+    worker_id: str
+    incarnation: str  # one per worker process: tells a restarted worker from a second tab
+    host: str = ""
+    pid: int = 0
+    started_at: datetime
+    reason: str = "fresh"  # fresh | lease-expired | same-worker | released
+    checkpoint_at_start: int | None = None  # global step of the newest checkpoint when claimed
+
+
+class Heartbeat(_Record):
+    """done/<job_id>/heartbeat.json: progress of the owning attempt, rewritten periodically."""
+
+    job_id: str
+    attempt: int
+    worker_id: str
+    at: datetime
+    phase: str = "starting"  # starting | training | validating | checkpointing | finishing
+    released: bool = False  # the owner stopped on purpose: the next worker may take over now
+    epoch: int = 0  # 0-based epoch in progress
+    epochs: int = 0
+    step: int = 0  # global optimizer steps done
+    steps_per_epoch: int = 0
+    loss: float | None = None
+    images_per_second: float | None = None
+    eta_seconds: float | None = None
+    last_checkpoint: str | None = None
+    last_checkpoint_step: int | None = None
+    best_val_accuracy: float | None = None
+    device: str | None = None
+
+
+class BestEpoch(_Record):
+    epoch: int
+    val_accuracy: float
+    val_loss: float
+
+
+class ErrorInfo(_Record):
+    type: str
+    message: str
+    traceback: str | None = None  # for bugs; a user error (bad data path) needs no traceback
+
+
+class Result(_Record):
+    """done/<job_id>/result.json: created exclusively and last. Its existence ends the job."""
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    state: JobState
+    attempts: int
+    attempt_history: list[Attempt] = []
+    finished_at: datetime
+    worker_id: str = ""
+    error: ErrorInfo | None = None
+    best: BestEpoch | None = None
+    epochs_completed: int = 0
+    steps_completed: int = 0
+    wall_seconds: float = 0.0  # this job's training time, summed over attempts
+    images_per_second: float | None = None
+    device: str | None = None
+    amp: str | None = None
+    torch_threads: int | None = None
+    torch_version: str | None = None
+    final_weights_sha256: str | None = None
+    best_weights_sha256: str | None = None
+    final_metrics: dict[str, float] = {}
+    artifacts: dict[str, str] = {}  # what -> path relative to done/<job_id>/
+
+
+class WorkerStatus(_Record):
+    """workers/<worker_id>.json: each worker's own heartbeat."""
+
+    worker_id: str
+    incarnation: str
+    at: datetime
+    state: str  # idle | busy | stopped
+    host: str = ""
+    pid: int = 0
+    device: str | None = None
+    job_id: str | None = None
+    version: str = ""
+
+
+class FailedManifest(_Record):
+    """failed/<job_id>.error.json, beside a manifest that could never be claimed."""
+
+    job_id: str
+    at: datetime
+    worker_id: str
+    error: ErrorInfo
+    extra: dict[str, Any] = {}

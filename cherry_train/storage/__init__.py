@@ -1,0 +1,21 @@
+"""Storage backends for a queue root, behind one small interface (see base.py)."""
+
+from __future__ import annotations
+
+from cherry_train.storage.base import FileInfo, Storage, join
+from cherry_train.storage.local import LocalStorage
+
+__all__ = ["FileInfo", "LocalStorage", "Storage", "join", "open_storage"]
+
+
+class UnsupportedRoot(ValueError):
+    """A root spec that no installed backend can open."""
+
+
+def open_storage(root: str) -> Storage:
+    """The backend for a root spec: `gdrive:<folder>` for the Drive API, else a local folder."""
+    if root.startswith("gdrive:"):
+        raise UnsupportedRoot(
+            f"root {root!r}: the Drive API backend is not part of this version yet; use the "
+            "Drive folder through Drive for Desktop or the Colab mount (a local path) instead")
+    return LocalStorage(root)

@@ -1,0 +1,90 @@
+"""The storage interface every backend implements: a few primitives over root-relative paths.
+
+Paths are '/'-separated and relative to the queue root. Everything the queue protocol needs is
+built from these primitives, so a new backend (Drive API) only has to get them right, and one
+contract test suite (tests/test_storage_contract.py) checks every backend the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    size: int
+    modified: datetime
+
+
+class Storage(ABC):
+    """A queue root. Implementations must make write_atomic and create_exclusive all-or-nothing:
+    a reader sees the old content, or the new content whole, never a prefix."""
+
+    #: Shown to people ("local folder /content/drive/MyDrive/traina").
+    description: str
+
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes:
+        """The file's content; FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Create or replace the file in one step (temp name, then rename)."""
+
+    @abstractmethod
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create the file with this content unless it exists; True if this call created it.
+
+        This is the only primitive that arbitrates between workers (claims, results)."""
+
+    @abstractmethod
+    def list_dir(self, path: str) -> list[str]:
+        """Names of the entries in a folder, sorted; [] if the folder does not exist.
+        Temp files of unfinished writes are not listed."""
+
+    @abstractmethod
+    def stat(self, path: str) -> FileInfo | None:
+        """Size and modification time, or None if there is no such file."""
+
+    @abstractmethod
+    def move(self, src: str, dst: str) -> None:
+        """Rename src to dst, replacing dst; FileNotFoundError if src is missing."""
+
+    @abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove a file (or a whole folder); a missing one is not an error."""
+
+    @abstractmethod
+    def upload(self, local: Path, path: str) -> None:
+        """Store a large local file at `path`, atomically. The local file may be consumed."""
+
+    @abstractmethod
+    def download(self, path: str, local: Path) -> None:
+        """Copy a stored file to a local path (written under a temp name, then renamed)."""
+
+    def local_path(self, path: str) -> Path | None:
+        """The path on this machine's file system, where the backend is a plain folder."""
+        return None
+
+    # Helpers built from the primitives -------------------------------------------------------
+
+    def exists(self, path: str) -> bool:
+        return self.stat(path) is not None
+
+    def read_json(self, path: str) -> object:
+        return json.loads(self.read_bytes(path))
+
+    def read_text_or_none(self, path: str) -> str | None:
+        try:
+            return self.read_bytes(path).decode()
+        except FileNotFoundError:
+            return None
+
+
+def join(*parts: str) -> str:
+    """Join root-relative path parts with '/'."""
+    return "/".join(p.strip("/") for p in parts if p)

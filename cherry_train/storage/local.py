@@ -1,0 +1,139 @@
+"""A queue root that is a plain folder: the Colab Drive mount, Drive for Desktop, or any dir."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cherry_train.storage.base import FileInfo, Storage
+
+_TMP_MARK = ".tmp-"
+
+
+def _tmp_name(target: Path) -> Path:
+    # Hidden, unique per writer, in the target's own folder so the rename stays on one device.
+    return target.with_name(f".{target.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: Path | str):
+        self.root = Path(root).expanduser().absolute()
+        self.description = f"local folder {self.root}"
+
+    def _path(self, path: str) -> Path:
+        full = (self.root / path).absolute()
+        if full != self.root and self.root not in full.parents:
+            raise ValueError(f"path {path!r} leaves the queue root")
+        return full
+
+    def local_path(self, path: str) -> Path:
+        return self._path(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._path(path).read_bytes()
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(target)
+        try:
+            _write_synced(tmp, data)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(target)
+        try:
+            _write_synced(tmp, data)
+            # link() publishes the complete file under the final name, or fails if the name is
+            # taken: exclusive and never half-written, on every POSIX file system with links.
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return self._create_exclusive_without_links(target, data)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _create_exclusive_without_links(target: Path, data: bytes) -> bool:
+        # File systems without hard links (some FUSE mounts): O_EXCL is still exclusive, but a
+        # reader may briefly see a short file; readers treat an unparsable record as "not yet".
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            names = os.listdir(self._path(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(n for n in names if not (n.startswith(".") and _TMP_MARK in n))
+
+    def stat(self, path: str) -> FileInfo | None:
+        try:
+            st = self._path(path).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return FileInfo(size=st.st_size,
+                        modified=datetime.fromtimestamp(st.st_mtime, tz=timezone.utc))
+
+    def move(self, src: str, dst: str) -> None:
+        target = self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(src), target)
+
+    def delete(self, path: str) -> None:
+        target = self._path(path)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+
+    def upload(self, local: Path, path: str) -> None:
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(target)
+        try:
+            try:
+                os.replace(local, tmp)  # same file system: no copy needed
+            except OSError:
+                shutil.copyfile(local, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def download(self, path: str, local: Path) -> None:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(local)
+        try:
+            shutil.copyfile(self._path(path), tmp)
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,123 @@
+"""Checkpoints that cannot be half-written or trusted blindly.
+
+Each is written under a temp name, fsynced and renamed into `checkpoints/step-<N>.pt`, then its
+sha256 goes beside it; a checkpoint without a matching checksum is unfinished or corrupt and is
+skipped (and pruned) on resume. Loading uses weights_only=True, so RNG states are stored as
+tensors and plain tuples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from cherry_train.jobqueue import layout
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.storage import Storage
+
+log = structlog.get_logger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A hash of a model's tensors in state-dict order (names, dtypes, shapes and bytes), so
+    two runs can be compared for bit-identical weights."""
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """The checkpoints of one job in a queue root."""
+
+    def __init__(self, storage: Storage, paths: JobPaths, scratch: Path, keep_last: int):
+        self.storage, self.paths, self.scratch, self.keep_last = storage, paths, scratch, keep_last
+
+    def steps(self) -> list[int]:
+        names = self.storage.list_dir(self.paths.checkpoints_dir)
+        return sorted(s for n in names if (s := layout.checkpoint_step(n)) is not None)
+
+    def save(self, step: int, payload: dict[str, Any], before_publish=None) -> str:
+        """Write checkpoint `step`; `before_publish` (fencing) runs before anything is visible."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        tmp = self.scratch / f"step-{step:09d}.pt.partial"
+        torch.save(payload, tmp)
+        digest = file_sha256(tmp)
+        if before_publish is not None:
+            before_publish()
+        self.storage.upload(tmp, self.paths.checkpoint(step))
+        self.storage.write_atomic(self.paths.checkpoint_checksum(step), f"{digest}\n".encode())
+        self.prune()
+        return self.paths.checkpoint(step)
+
+    def prune(self) -> None:
+        for step in self.steps()[: -self.keep_last]:
+            self._delete(step)
+
+    def _delete(self, step: int) -> None:
+        self.storage.delete(self.paths.checkpoint_checksum(step))
+        self.storage.delete(self.paths.checkpoint(step))
+
+    def load_latest(self) -> tuple[int, dict[str, Any]] | None:
+        """The newest checkpoint that verifies; corrupt or unfinished ones are skipped and
+        removed (a resume must never build on them)."""
+        for step in reversed(self.steps()):
+            payload = self._load_verified(step)
+            if payload is not None:
+                return step, payload
+            self._delete(step)
+        return None
+
+    def _load_verified(self, step: int) -> dict[str, Any] | None:
+        expected = self.storage.read_text_or_none(self.paths.checkpoint_checksum(step))
+        if expected is None:
+            log.warning("checkpoint without checksum skipped", step=step)
+            return None
+        local = self.storage.local_path(self.paths.checkpoint(step))
+        if local is None:
+            local = self.scratch / f"step-{step:09d}.pt.download"
+            self.storage.download(self.paths.checkpoint(step), local)
+        actual = file_sha256(local)
+        if actual != expected.strip():
+            log.warning("corrupt checkpoint skipped", step=step, expected=expected.strip(),
+                        actual=actual)
+            return None
+        return torch.load(local, map_location="cpu", weights_only=True)

@@ -1,0 +1,207 @@
+"""ImageFolder data with augmentation that is a pure function of (seed, epoch, sample index).
+
+Why not torchvision's transforms as they are: they draw from the global RNG, whose state
+depends on which DataLoader process handled which batch. Seeding each sample's randomness
+from (seed, epoch, index) makes the data of step k the same in an uninterrupted run and in one
+resumed at step k, whatever `num_workers` is — which is what exact resume needs.
+
+Samples leave the loader as uint8 tensors (4x less to copy than float); `to_model_input`
+converts and normalises them on the training device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from cherry_train.schemas import TrainingConfig
+from cherry_train.worker.errors import JobError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def crop_params(width: int, height: int, min_scale: float, rng: np.random.Generator):
+    """RandomResizedCrop's parameters (area scale in [min_scale, 1], ratio in [3/4, 4/3]),
+    drawn from `rng`. Same algorithm as torchvision's, with the centre crop fallback."""
+    area = width * height
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target_area = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    side = min(width, height)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+@dataclass(frozen=True)
+class Transform:
+    size: int
+    augment: bool
+    min_scale: float = 0.5
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        if self.augment:
+            top, left, h, w = crop_params(img.width, img.height, self.min_scale, rng)
+            img = F.resized_crop(img, top, left, h, w, [self.size, self.size],
+                                 InterpolationMode.BILINEAR, antialias=True)
+            if rng.random() < 0.5:
+                img = F.hflip(img)
+        else:
+            img = F.center_crop(F.resize(img, self.size, InterpolationMode.BILINEAR,
+                                         antialias=True), self.size)
+        return F.pil_to_tensor(img)
+
+
+class ImageFolderSamples(Dataset):
+    """An ImageFolder whose items are looked up by (epoch, index)."""
+
+    def __init__(self, root: Path, classes: list[str], transform: Transform, seed: int):
+        self.root = root
+        self.classes = classes
+        self.samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)},
+                                    extensions=IMG_EXTENSIONS)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        path, label = self.samples[index]
+        with Image.open(path) as f:
+            img = f.convert("RGB")
+        rng = np.random.default_rng((self.seed, epoch, index))
+        return self.transform(img, rng), label
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index): a permutation regenerated from (seed, epoch), from `start` on."""
+
+    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool, start: int = 0,
+                 stop: int | None = None):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        self.start, self.stop = start, n if stop is None else min(stop, n)
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in self.order()[self.start:self.stop].tolist():
+            yield self.epoch, i
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+@dataclass
+class Data:
+    train: ImageFolderSamples
+    val: ImageFolderSamples
+    classes: list[str]
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    steps_per_epoch: int
+    val_limit: int | None  # development mode validates on a prefix only
+
+    def train_loader(self, epoch: int, start_step: int) -> DataLoader:
+        stop = self.steps_per_epoch * self.batch_size
+        sampler = EpochSampler(len(self.train), self.train.seed, epoch, shuffle=True,
+                               start=start_step * self.batch_size, stop=stop)
+        return self._loader(self.train, sampler, drop_last=True)
+
+    def val_loader(self) -> DataLoader:
+        sampler = EpochSampler(len(self.val), 0, 0, shuffle=False, stop=self.val_limit)
+        return self._loader(self.val, sampler, drop_last=False)
+
+    def _loader(self, dataset, sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                          drop_last=drop_last, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=False)
+
+
+DEVELOPMENT_TRAIN_BATCHES = 8
+DEVELOPMENT_VAL_BATCHES = 4
+
+
+def default_num_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    # On a GPU, decoding is the bottleneck: use the cores. On the CPU, training needs them.
+    return min(8, cores) if device.type == "cuda" else 0
+
+
+def _classes(path: Path, field: str) -> list[str]:
+    if not path.is_dir():
+        raise JobError(f"{field}: folder {path} does not exist")
+    try:
+        classes, _ = find_classes(str(path))
+    except FileNotFoundError:
+        raise JobError(f"{field}: {path} has no class folders (expected one folder per class, "
+                       "e.g. good/ and defect/)") from None
+    return classes
+
+
+def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
+              device: torch.device) -> Data:
+    train_classes = _classes(train_path, "data.train_path")
+    val_classes = _classes(val_path, "data.val_path")
+    if train_classes != val_classes:
+        raise JobError(f"data.val_path: class folders {val_classes} differ from "
+                       f"data.train_path's {train_classes}")
+    if len(train_classes) != cfg.model.num_classes:
+        raise JobError(f"model.num_classes: is {cfg.model.num_classes}, but data.train_path "
+                       f"has {len(train_classes)} class folders: {', '.join(train_classes)}")
+    aug = cfg.augmentation
+    size = cfg.data.image_size
+    train = ImageFolderSamples(train_path, train_classes,
+                               Transform(size, aug.enabled, aug.min_crop_scale), cfg.seed)
+    val = ImageFolderSamples(val_path, val_classes, Transform(size, augment=False), cfg.seed)
+    for ds, field in ((train, "data.train_path"), (val, "data.val_path")):
+        if len(ds) == 0:
+            raise JobError(f"{field}: no images in {ds.root} (looked for "
+                           f"{', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    batch = cfg.training.batch_size
+    # Full batches only: a last batch of 1 breaks BatchNorm, and equal batches keep resume
+    # offsets simple. A set smaller than one batch trains on one short batch.
+    batch = min(batch, len(train))
+    steps = len(train) // batch
+    val_limit = None
+    if cfg.mode.value == "development":
+        steps = min(steps, DEVELOPMENT_TRAIN_BATCHES)
+        val_limit = DEVELOPMENT_VAL_BATCHES * batch
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else \
+        default_num_workers(device)
+    return Data(train=train, val=val, classes=train_classes, batch_size=batch,
+                num_workers=workers, pin_memory=device.type == "cuda", steps_per_epoch=steps,
+                val_limit=val_limit)
+
+
+def to_model_input(images: torch.Tensor, device: torch.device, normalize: bool) -> torch.Tensor:
+    """uint8 NCHW from the loader -> float on the device, in [0, 1] or ImageNet-normalised."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    if normalize:
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x

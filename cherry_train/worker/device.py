@@ -1,0 +1,47 @@
+"""Which device and precision a job trains with, and how to describe them in results."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from cherry_train.schemas import Amp
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # "bf16" | "fp16" | "off": what result.json records
+    dtype: torch.dtype | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def needs_scaler(self) -> bool:
+        # fp16 has too little range for small gradients; bf16 has fp32's exponent.
+        return self.dtype == torch.float16
+
+
+def pick_device() -> torch.device:
+    """The first GPU if there is one; CHERRY_DEVICE=cpu forces the CPU (tests on a GPU host)."""
+    forced = os.environ.get("CHERRY_DEVICE")
+    if forced:
+        return torch.device(forced)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(amp: Amp, device: torch.device) -> Precision:
+    if amp == Amp.off or (amp == Amp.auto and device.type != "cuda"):
+        return Precision("off", None)
+    if amp == Amp.bf16 or (amp == Amp.auto and torch.cuda.is_bf16_supported()):
+        return Precision("bf16", torch.bfloat16)
+    return Precision("fp16", torch.float16)  # T4 and older: fp16 with a GradScaler
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"

@@ -1,0 +1,231 @@
+"""The worker: claim -> train -> commit, one job at a time, until told to stop.
+
+`run()` owns signals, the stop flag, idle back-off and teardown; `run_once()` claims one job,
+trains it and commits it. A job's failure is recorded in its result and never ends the loop.
+"""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+import yaml
+
+from cherry_train import __version__
+from cherry_train.jobqueue.clock import age_seconds
+from cherry_train.jobqueue.protocol import (
+    Claim,
+    Fenced,
+    JobQueue,
+    WorkerIdentity,
+    WorkerIdInUse,
+    error_info,
+)
+from cherry_train.schemas import BestEpoch, JobState, Result, WorkerStatus
+from cherry_train.worker.errors import JobError
+from cherry_train.worker.reporting import Reporter, StopRequest
+
+log = structlog.get_logger(__name__)
+
+#: Idle polling starts fast (a job submitted right after start is taken at once) and backs off
+#: to a poll every 30 s, which costs an idle Drive folder almost nothing.
+POLL_MIN_SECONDS = 1.0
+POLL_MAX_SECONDS = 30.0
+
+
+@dataclass
+class WorkerOptions:
+    exit_when_idle: bool = False
+    poll_min_seconds: float = POLL_MIN_SECONDS
+    poll_max_seconds: float = POLL_MAX_SECONDS
+    progress_bar: bool = False
+    scratch: Path | None = None  # where checkpoints are written before they are published
+
+
+class Worker:
+    def __init__(self, queue: JobQueue, me: WorkerIdentity, options: WorkerOptions | None = None):
+        self.queue, self.me = queue, me
+        self.options = options or WorkerOptions()
+        self.stop = StopRequest()
+        self.jobs_done = 0
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Work until stopped (signal) or, with exit_when_idle, until nothing is claimable."""
+        log.info("worker started", worker_id=self.me.worker_id, incarnation=self.me.incarnation,
+                 root=self.queue.storage.description, version=__version__)
+        self.refuse_if_id_in_use()
+        wait = self.options.poll_min_seconds
+        reason = "stopped"
+        with self._signals():
+            try:
+                while not self.stop.is_set():
+                    if self.run_once():
+                        wait = self.options.poll_min_seconds
+                        continue
+                    if self.options.exit_when_idle:
+                        reason = "idle"
+                        break
+                    self._write_status("idle")
+                    self.stop.wait(wait)
+                    wait = min(wait * 2, self.options.poll_max_seconds)
+                else:
+                    reason = f"stop requested ({self.stop.reason})"
+            finally:
+                self._write_status("stopped")
+                log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
+                         jobs_done=self.jobs_done)
+        return 0
+
+    def run_once(self) -> bool:
+        """Claim one job and see it through; False if there was nothing to do."""
+        manifests, unreadable = self.queue.queued()
+        for job_id, error in unreadable:
+            log.warning("unreadable manifest moved to failed/", job_id=job_id, error=str(error))
+            self.queue.reject_manifest(job_id, error, self.me.worker_id)
+        for manifest in manifests:
+            claim = self.queue.try_claim(manifest, self.me)
+            if claim is not None:
+                self.execute(claim)
+                self.jobs_done += 1
+                return True
+        return bool(unreadable)
+
+    # -- one job -----------------------------------------------------------------------------
+
+    def execute(self, claim: Claim) -> None:
+        log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
+                 reason=claim.attempt.reason)
+        status = self._write_status("busy", claim.job_id)
+        reporter = Reporter(self.queue, claim, status, self.stop)
+        result: Result | None = None
+        try:
+            reporter.start()
+            self.queue.storage.write_atomic(claim.paths.config, _resolved_yaml(claim))
+            from cherry_train.worker import train  # torch is imported only when there is work
+
+            outcome = train.train(claim, reporter, self.stop, self._scratch(claim),
+                                  self.queue.storage.local_path(""), self.options.progress_bar)
+            if not outcome.completed:
+                reporter.close()
+                reporter.beat(phase="released", released=True)
+                log.info("job released", job_id=claim.job_id, reason=self.stop.reason,
+                         step=outcome.state.global_step)
+                return
+            result = _succeeded(claim, outcome, self.queue.clock.now())
+        except Fenced as e:
+            log.warning("job taken over; this attempt stops", job_id=claim.job_id, detail=str(e))
+            return
+        except JobError as e:
+            log.error("job failed", job_id=claim.job_id, error=str(e))
+            result = _failed(claim, e, self.queue.clock.now(), with_traceback=False)
+        except Exception as e:  # a bug, or the data/model broke at run time: keep the loop going
+            log.exception("job crashed", job_id=claim.job_id)
+            result = _failed(claim, e, self.queue.clock.now(), with_traceback=True)
+        finally:
+            reporter.close()
+        try:
+            reporter.beat(phase="finished")
+            won = self.queue.commit(claim, result)
+        except Fenced:
+            log.warning("job taken over before commit; result discarded", job_id=claim.job_id)
+            return
+        log.info("job finished", job_id=claim.job_id, state=result.state.value, committed=won,
+                 best=result.best.model_dump() if result.best else None)
+
+    def _scratch(self, claim: Claim) -> Path:
+        if self.options.scratch is not None:
+            base = self.options.scratch
+        elif (local := self.queue.storage.local_path(".scratch")) is not None:
+            base = local  # same file system as the root: publishing is a rename, not a copy
+        else:
+            base = Path(tempfile.gettempdir()) / "cherry-train-scratch"
+        return base / f"{self.me.worker_id}-{claim.job_id}"
+
+    # -- identity and status -----------------------------------------------------------------
+
+    def refuse_if_id_in_use(self) -> None:
+        """Two live processes must not share a worker id (two Colab tabs): the second stops."""
+        other = self.queue.worker_status(self.me.worker_id)
+        if other is None or other.incarnation == self.me.incarnation or other.state == "stopped":
+            return
+        age = age_seconds(self.queue.clock, other.at)
+        fresh = 2 * max(POLL_MAX_SECONDS, 30.0)
+        if age < fresh:
+            raise WorkerIdInUse(
+                f"worker id {self.me.worker_id!r} is in use by a live worker (host "
+                f"{other.host or '?'}, pid {other.pid}, seen {age:.0f} s ago, "
+                f"{other.state}). Is a second notebook or tab running? Stop it, or start this "
+                "one with another --worker-id.")
+
+    def _write_status(self, state: str, job_id: str | None = None) -> WorkerStatus:
+        status = WorkerStatus(worker_id=self.me.worker_id, incarnation=self.me.incarnation,
+                              at=self.queue.clock.now(), state=state, host=self.me.host,
+                              pid=self.me.pid, job_id=job_id, version=__version__)
+        try:
+            self.queue.write_worker_status(status)
+        except OSError as e:  # status is informational: never fail on it
+            log.warning("could not write worker status", error=str(e))
+        return status
+
+    @contextmanager
+    def _signals(self):
+        """SIGTERM/SIGINT: finish the step, checkpoint, release the job, exit 0."""
+        def handler(signum, _frame):
+            name = signal.Signals(signum).name
+            if self.stop.is_set():
+                log.warning("second signal: exiting now", signal=name)
+                raise KeyboardInterrupt
+            log.info("stop requested: finishing the current step", signal=name)
+            self.stop.set(name)
+
+        try:
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not the main thread (a notebook thread): no handlers to install
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _resolved_yaml(claim: Claim) -> bytes:
+    header = (f"# The fully resolved config of job {claim.job_id} (all defaults filled in).\n")
+    body = yaml.safe_dump(claim.manifest.config.model_dump(mode="json"), sort_keys=False)
+    return (header + body).encode()
+
+
+def _succeeded(claim: Claim, outcome, now: datetime) -> Result:
+    state = outcome.state
+    best = BestEpoch(**state.best) if state.best else None
+    return Result(
+        job_id=claim.job_id, state=JobState.succeeded, attempts=claim.attempt.n,
+        attempt_history=claim.history, finished_at=now, worker_id=claim.attempt.worker_id,
+        best=best, epochs_completed=state.epoch, steps_completed=state.global_step,
+        wall_seconds=round(state.wall_seconds, 3),
+        images_per_second=round(state.images_seen / state.train_seconds, 1)
+        if state.train_seconds else None,
+        device=outcome.device, amp=outcome.precision, torch_threads=outcome.threads,
+        torch_version=_torch_version(), final_weights_sha256=outcome.final_weights_sha256,
+        best_weights_sha256=state.best_weights_sha256, final_metrics=state.last_epoch,
+        artifacts=outcome.artifacts)
+
+
+def _failed(claim: Claim, error: Exception, now: datetime, with_traceback: bool) -> Result:
+    return Result(job_id=claim.job_id, state=JobState.failed, attempts=claim.attempt.n,
+                  attempt_history=claim.history, finished_at=now,
+                  worker_id=claim.attempt.worker_id,
+                  error=error_info(error, with_traceback=with_traceback))
+
+
+def _torch_version() -> str | None:
+    import torch
+
+    return torch.__version__

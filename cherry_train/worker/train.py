@@ -1,0 +1,394 @@
+"""Training one job, resumable at any checkpoint: a few plain functions that read top to bottom.
+
+One code path for every precision: autocast and the GradScaler are switched by `enabled=`,
+never by if/else twins. Losses stay on the device and are read (a host sync) only when logged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from torch import nn
+
+from cherry_train.jobqueue.protocol import Claim, Fenced
+from cherry_train.jobqueue.roots import PathMappingError, map_data_path
+from cherry_train.schemas import TrainingConfig
+from cherry_train.worker.checkpoint import Checkpoints, rng_state, set_rng_state, weights_sha256
+from cherry_train.worker.data import Data, load_data, to_model_input
+from cherry_train.worker.device import Precision, describe, pick_device, resolve_precision
+from cherry_train.worker.errors import JobError
+from cherry_train.worker.model import build_model
+from cherry_train.worker.reporting import Reporter, StopRequest
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    """Where training stands, beyond the tensors: restored from every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (0-based); == epochs when training is done
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    best: dict[str, Any] | None = None  # epoch, val_accuracy, val_loss
+    best_weights_sha256: str | None = None
+    train_seconds: float = 0.0  # over all attempts, training steps only
+    wall_seconds: float = 0.0  # over all attempts, everything from setup to the last epoch
+    images_seen: int = 0
+    last_epoch: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    completed: bool  # False: stopped on request after a checkpoint; the job goes on elsewhere
+    state: TrainState
+    device: str
+    precision: str
+    threads: int
+    final_weights_sha256: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """Everything the training functions share, built once per attempt."""
+
+    claim: Claim
+    cfg: TrainingConfig
+    device: torch.device
+    precision: Precision
+    data: Data
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    checkpoints: Checkpoints
+    reporter: Reporter
+    stop: StopRequest
+    scratch: Path
+    state: TrainState = field(default_factory=TrainState)
+    last_checkpoint_at: float = field(default_factory=time.perf_counter)
+    attempt_started_at: float = field(default_factory=time.perf_counter)
+    wall_before: float = 0.0  # wall_seconds of earlier attempts
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.training.epochs * self.data.steps_per_epoch
+
+
+def _resolve(path: str, field_name: str, root: Path | None) -> Path:
+    try:
+        return map_data_path(path, root)
+    except PathMappingError as e:
+        raise JobError(f"{field_name}: {e}") from None
+
+
+def _make_optimizer(cfg: TrainingConfig, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.training
+    # foreach: one kernel launch per group of tensors instead of one per tensor.
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum,
+                               weight_decay=t.weight_decay, foreach=True)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, foreach=True)
+
+
+def _make_scheduler(cfg: TrainingConfig, optimizer, total_steps: int):
+    if cfg.training.lr_schedule == "cosine":
+        def factor(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+    else:
+        def factor(step: int) -> float:
+            return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
+          data_root: Path | None) -> Job:
+    cfg = claim.manifest.config
+    device = pick_device()
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not cfg.deterministic
+        torch.backends.cudnn.allow_tf32 = not cfg.deterministic
+    # The initial weights come from the seed; later randomness is restored from checkpoints.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    data = load_data(cfg, _resolve(cfg.data.train_path, "data.train_path", data_root),
+                     _resolve(cfg.data.val_path, "data.val_path", data_root), device)
+    weights = cfg.model.pretrained
+    weights_file = _resolve(weights, "model.pretrained", data_root) if isinstance(weights, str) \
+        else None
+    model = build_model(cfg.model, weights_file).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(cfg, model)
+    precision = resolve_precision(cfg.amp, device)
+    total = cfg.training.epochs * data.steps_per_epoch
+    return Job(
+        claim=claim, cfg=cfg, device=device, precision=precision, data=data, model=model,
+        optimizer=optimizer, scheduler=_make_scheduler(cfg, optimizer, total),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
+        checkpoints=Checkpoints(reporter.queue.storage, claim.paths, scratch,
+                                cfg.checkpoint.keep_last),
+        reporter=reporter, stop=stop, scratch=scratch)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def save_checkpoint(job: Job, why: str) -> None:
+    started = time.perf_counter()
+    job.reporter.update(phase="checkpointing")
+    _update_wall(job)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": job.model.state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "scheduler": job.scheduler.state_dict(),
+        "scaler": job.scaler.state_dict(),
+        "state": asdict(job.state),
+        "rng": rng_state(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    path = job.checkpoints.save(job.state.global_step, payload, before_publish=job.reporter.fence)
+    job.last_checkpoint_at = time.perf_counter()
+    job.reporter.update(phase="training", last_checkpoint=path,
+                        last_checkpoint_step=job.state.global_step)
+    log.info("checkpoint saved", job_id=job.claim.job_id, step=job.state.global_step, why=why,
+             seconds=round(time.perf_counter() - started, 3))
+
+
+def _update_wall(job: Job) -> None:
+    job.state.wall_seconds = job.wall_before + time.perf_counter() - job.attempt_started_at
+
+
+def resume(job: Job) -> None:
+    found = job.checkpoints.load_latest()
+    if found is None:
+        job.reporter.resume_metrics(up_to_step=0)
+        return
+    step, payload = found
+    job.model.load_state_dict(payload["model"])
+    job.optimizer.load_state_dict(payload["optimizer"])
+    job.scheduler.load_state_dict(payload["scheduler"])
+    job.scaler.load_state_dict(payload["scaler"])
+    job.state = TrainState(**payload["state"])
+    job.wall_before = job.state.wall_seconds
+    set_rng_state(payload["rng"])
+    job.reporter.resume_metrics(up_to_step=step)
+    job.reporter.update(last_checkpoint=job.claim.paths.checkpoint(step),
+                        last_checkpoint_step=step)
+    if payload.get("torch_threads") != torch.get_num_threads():
+        log.warning("resuming with another thread count: results may differ in the last bits",
+                    saved=payload.get("torch_threads"), now=torch.get_num_threads())
+    log.info("resumed from checkpoint", job_id=job.claim.job_id, step=step,
+             epoch=job.state.epoch, step_in_epoch=job.state.step_in_epoch)
+
+
+def _checkpoint_due(job: Job) -> bool:
+    every = job.cfg.checkpoint
+    if every.every_steps and job.state.global_step % every.every_steps == 0:
+        return True
+    return time.perf_counter() - job.last_checkpoint_at >= every.every_minutes * 60
+
+
+# -- one epoch ---------------------------------------------------------------------------------
+
+def train_one_epoch(job: Job, progress_bar: bool) -> bool:
+    """Train the rest of the current epoch; False if a stop was requested (after a checkpoint)."""
+    state, cfg, model = job.state, job.cfg, job.model
+    model.train()
+    loader = job.data.train_loader(state.epoch, state.step_in_epoch)
+    amp = job.precision
+    loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
+    correct = torch.zeros((), device=job.device, dtype=torch.int64)
+    window_start, window_images = time.perf_counter(), 0
+    bar = _progress(progress_bar, job, len(loader))
+    step_started = time.perf_counter()
+    for images, labels in loader:
+        x = to_model_input(images, job.device, cfg.augmentation.normalize)
+        if job.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels.to(job.device, non_blocking=True)
+        with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
+            logits = model(x)
+            loss = job.criterion(logits, y)
+        job.optimizer.zero_grad(set_to_none=True)
+        job.scaler.scale(loss).backward()
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
+        job.scheduler.step()
+
+        loss_sum += loss.detach() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        state.step_in_epoch += 1
+        state.global_step += 1
+        state.epoch_seen += y.shape[0]
+        state.images_seen += y.shape[0]
+        window_images += y.shape[0]
+        now = time.perf_counter()
+        state.train_seconds += now - step_started
+        if bar is not None:
+            bar.update(1)
+
+        if state.global_step % cfg.log_every_steps == 0 or \
+                state.step_in_epoch == job.data.steps_per_epoch:
+            _fold_running_sums(state, loss_sum, correct)  # host sync, only here
+            elapsed = time.perf_counter() - window_start
+            ips = window_images / elapsed if elapsed > 0 else None
+            train_loss = state.epoch_loss_sum / max(1, state.epoch_seen)
+            job.reporter.metric({"kind": "train", "epoch": state.epoch, "step": state.global_step,
+                                 "loss": round(train_loss, 6), "lr": job.scheduler.get_last_lr()[0],
+                                 "images_per_second": round(ips, 1) if ips else None})
+            remaining = job.total_steps - state.global_step
+            steps_per_s = state.global_step / max(state.train_seconds, 1e-9)
+            job.reporter.update(phase="training", epoch=state.epoch, step=state.global_step,
+                                loss=train_loss, images_per_second=ips,
+                                eta_seconds=remaining / steps_per_s if steps_per_s else None)
+            if bar is not None:
+                bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
+            window_start, window_images = time.perf_counter(), 0
+        if job.stop.is_set():
+            _stop_here(job, loss_sum, correct)
+            return False
+        if _checkpoint_due(job) and state.step_in_epoch < job.data.steps_per_epoch:
+            _fold_running_sums(state, loss_sum, correct)
+            save_checkpoint(job, "interval")
+        step_started = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    _fold_running_sums(state, loss_sum, correct)
+    return True
+
+
+def _fold_running_sums(state: TrainState, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+    """Move the on-device running sums into the (checkpointed) state."""
+    state.epoch_loss_sum += loss_sum.item()
+    state.epoch_correct += int(correct.item())
+    loss_sum.zero_()
+    correct.zero_()
+
+
+def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+    if job.stop.reason == "fenced":
+        raise Fenced(f"job {job.claim.job_id}: a later attempt took over")
+    _fold_running_sums(job.state, loss_sum, correct)
+    save_checkpoint(job, f"stop ({job.stop.reason})")
+
+
+def _progress(enabled: bool, job: Job, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"epoch {job.state.epoch + 1}/{job.cfg.training.epochs}",
+                unit="step", leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def evaluate(job: Job) -> tuple[float, float]:
+    """Validation loss and accuracy over the val folder (a prefix of it in development mode)."""
+    job.model.eval()
+    amp = job.precision
+    loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
+    correct = torch.zeros((), device=job.device, dtype=torch.int64)
+    seen = 0
+    for images, labels in job.data.val_loader():
+        x = to_model_input(images, job.device, job.cfg.augmentation.normalize)
+        y = labels.to(job.device, non_blocking=True)
+        with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
+            logits = job.model(x)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.shape[0]
+    return loss_sum.item() / max(1, seen), correct.item() / max(1, seen)
+
+
+def end_epoch(job: Job) -> None:
+    state = job.state
+    job.reporter.update(phase="validating")
+    val_loss, val_acc = evaluate(job)
+    record = {
+        "kind": "epoch", "epoch": state.epoch, "step": state.global_step,
+        "train_loss": state.epoch_loss_sum / max(1, state.epoch_seen),
+        "train_accuracy": state.epoch_correct / max(1, state.epoch_seen),
+        "val_loss": val_loss, "val_accuracy": val_acc, "lr": job.scheduler.get_last_lr()[0],
+    }
+    job.reporter.metric(record)
+    state.last_epoch = {k: v for k, v in record.items() if k not in ("kind", "epoch", "step")}
+    log.info("epoch done", job_id=job.claim.job_id, epoch=state.epoch + 1,
+             epochs=job.cfg.training.epochs,
+             **{k: round(v, 4) for k, v in state.last_epoch.items() if k != "lr"})
+    best = state.best
+    if best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
+        state.best = {"epoch": state.epoch, "val_accuracy": val_acc, "val_loss": val_loss}
+        state.best_weights_sha256 = _save_weights(job, job.claim.paths.best_weights)
+    job.reporter.update(best_val_accuracy=state.best["val_accuracy"])
+    state.epoch += 1
+    state.step_in_epoch = 0
+    state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0.0, 0, 0
+    save_checkpoint(job, "epoch end")
+    job.reporter.write_curves(f"{job.claim.manifest.name} ({job.claim.job_id})")
+
+
+def _save_weights(job: Job, path: str) -> str:
+    state_dict = {k: v.detach().cpu() for k, v in job.model.state_dict().items()}
+    tmp = job.scratch / (Path(path).name + ".partial")
+    job.scratch.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, tmp)
+    job.reporter.fence()
+    job.reporter.queue.storage.upload(tmp, path)
+    return weights_sha256(state_dict)
+
+
+# -- the whole job ----------------------------------------------------------------------------
+
+def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
+          data_root: Path | None, progress_bar: bool = False) -> Outcome:
+    job = setup(claim, reporter, stop, scratch, data_root)
+    device_name = describe(job.device)
+    reporter.update(device=device_name, epochs=job.cfg.training.epochs,
+                    steps_per_epoch=job.data.steps_per_epoch)
+    resume(job)
+    log.info("training", job_id=claim.job_id, attempt=claim.attempt.n, model=job.cfg.model.name,
+             device=device_name, precision=job.precision.name, epochs=job.cfg.training.epochs,
+             steps_per_epoch=job.data.steps_per_epoch, batch_size=job.data.batch_size,
+             num_workers=job.data.num_workers, start_epoch=job.state.epoch,
+             start_step=job.state.global_step, cpu_count=os.cpu_count())
+    outcome = Outcome(completed=False, state=job.state, device=device_name,
+                      precision=job.precision.name, threads=torch.get_num_threads())
+    while job.state.epoch < job.cfg.training.epochs:
+        if stop.is_set():
+            _stop_here(job, torch.zeros(()), torch.zeros((), dtype=torch.int64))
+            return outcome
+        if not train_one_epoch(job, progress_bar):
+            return outcome
+        end_epoch(job)
+    reporter.update(phase="finishing")
+    _update_wall(job)
+    outcome.completed = True
+    outcome.state = job.state
+    outcome.final_weights_sha256 = _save_weights(job, claim.paths.final_weights)
+    outcome.artifacts = {"best_weights": "best.pt", "final_weights": "final.pt",
+                         "curves": "curves.png", "metrics": "metrics.jsonl",
+                         "config": "config.yaml", "checkpoints": "checkpoints/"}
+    return outcome
