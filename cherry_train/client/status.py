@@ -70,7 +70,8 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
                 _age(r["heartbeat_age_seconds"]) if r["state"] == "running" else "-",
             ))
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                 for row in table]
         for r in rows:
             if r["stalled"]:
                 lines.append(f"! {r['job_id']}: no heartbeat for {_age(r['heartbeat_age_seconds'])}"

@@ -61,7 +61,8 @@ def _add_defect(kind: str, rng: np.random.Generator, img: np.ndarray, fruit: np.
         # A jagged dark line (sometimes two) across part of the fruit.
         for _ in range(rng.integers(1, 3)):
             a = rng.uniform(0, 2 * math.pi)
-            x, y = cx + math.cos(a) * r * rng.uniform(0, 0.6), cy + math.sin(a) * r * rng.uniform(0, 0.6)
+            x = cx + math.cos(a) * r * rng.uniform(0, 0.6)
+            y = cy + math.sin(a) * r * rng.uniform(0, 0.6)
             heading = rng.uniform(0, 2 * math.pi)
             points = [(x, y)]
             for _ in range(rng.integers(4, 8)):

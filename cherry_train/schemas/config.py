@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -61,14 +61,14 @@ class ModelConfig(_Section):
 
 class TrainingSection(_Section):
     epochs: int = Field(ge=1, le=100_000)
-    batch_size: int = Field(ge=1, le=65_536)
+    batch_size: int = Field(ge=1, le=65_536, description="Images per optimizer step.")
     learning_rate: float = Field(gt=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 penalty (decoupled for adamw).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="cosine: anneal to 0 over all epochs, per step.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
 
 
 class DataSection(_Section):
@@ -101,17 +101,23 @@ class TrainingConfig(_Section):
     model_config = ConfigDict(extra="forbid", validate_assignment=True,
                               title="cherry-train training config")
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
-        None, description="Experiment name; defaults to the config file's name.")
-    mode: Mode = Mode.training
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    name: str | None = Field(
+        None, pattern=NAME_PATTERN,
+        description="Experiment name (letters, digits, '.', '_', '-'); defaults to the config "
+                    "file's name.")
+    mode: Mode = Field(Mode.training, description="development: 8 batches per epoch and 4 val "
+                       "batches, to check that a job runs at all.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds initial weights, data order and "
+                      "augmentation.")
     deterministic: bool = Field(False, description="Deterministic kernels; on CPU with the same "
                                 "thread count, a resumed run ends with the same weights.")
-    amp: Amp = Amp.auto
+    amp: Amp = Field(Amp.auto, description="Mixed precision. auto: bf16 on GPUs that support it, "
+                     "fp16 with a GradScaler on others (T4), off on CPU.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
     max_attempts: int = Field(3, ge=1, le=1000, description="Consecutive attempts that may end "
                               "without a new checkpoint before the job fails (crash loop).")
-    heartbeat_seconds: float = Field(30.0, gt=0, le=3600)
+    heartbeat_seconds: float = Field(30.0, gt=0, le=3600, description="How often the running "
+                                     "worker rewrites heartbeat.json.")
     lease_seconds: float = Field(300.0, gt=0, le=7 * 86400, description="A running job whose "
                                  "heartbeat is older than this may be taken over.")
     log_every_steps: int = Field(10, ge=1, description="Steps between train metrics lines.")

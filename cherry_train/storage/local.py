@@ -32,7 +32,7 @@ class LocalStorage(Storage):
         self.description = f"local folder {self.root}"
 
     def _path(self, path: str) -> Path:
-        full = (self.root / path).absolute()
+        full = Path(os.path.normpath(self.root / path))
         if full != self.root and self.root not in full.parents:
             raise ValueError(f"path {path!r} leaves the queue root")
         return full

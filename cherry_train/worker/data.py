@@ -12,9 +12,10 @@ converts and normalises them on the training device.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +94,18 @@ class ImageFolderSamples(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index): a permutation regenerated from (seed, epoch), from `start` on."""
+    """Yields (epoch, index): a permutation regenerated from (seed, epoch), from `start` on.
 
-    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool, start: int = 0,
-                 stop: int | None = None):
-        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
-        self.start, self.stop = start, n if stop is None else min(stop, n)
+    The position is set before each pass (like DistributedSampler.set_epoch), so one loader
+    with persistent worker processes serves every epoch and every resume point."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, stop: int | None = None):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.stop = n if stop is None else min(stop, n)
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -125,20 +132,34 @@ class Data:
     steps_per_epoch: int
     val_limit: int | None  # development mode validates on a prefix only
 
+    _loaders: dict[str, DataLoader] = field(default_factory=dict)
+
     def train_loader(self, epoch: int, start_step: int) -> DataLoader:
-        stop = self.steps_per_epoch * self.batch_size
-        sampler = EpochSampler(len(self.train), self.train.seed, epoch, shuffle=True,
-                               start=start_step * self.batch_size, stop=stop)
-        return self._loader(self.train, sampler, drop_last=True)
+        loader = self._loader("train", shuffle=True, stop=self.steps_per_epoch * self.batch_size)
+        loader.sampler.set_position(epoch, start_step * self.batch_size)
+        return loader
 
     def val_loader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.val), 0, 0, shuffle=False, stop=self.val_limit)
-        return self._loader(self.val, sampler, drop_last=False)
+        return self._loader("val", shuffle=False, stop=self.val_limit)
 
-    def _loader(self, dataset, sampler, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                          drop_last=drop_last, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=False)
+    def _loader(self, split: str, shuffle: bool, stop: int | None) -> DataLoader:
+        if split not in self._loaders:
+            dataset = self.train if split == "train" else self.val
+            workers = self.num_workers
+            self._loaders[split] = DataLoader(
+                dataset, batch_size=self.batch_size,
+                sampler=EpochSampler(len(dataset), dataset.seed, shuffle, stop),
+                drop_last=split == "train", num_workers=workers, pin_memory=self.pin_memory,
+                # Started once per job, not once per epoch. Not forked from this process: its
+                # heartbeat thread could hold a lock at fork time and deadlock the child.
+                persistent_workers=workers > 0,
+                multiprocessing_context=_worker_context() if workers > 0 else None)
+        return self._loaders[split]
+
+
+def _worker_context() -> str | None:
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else None
 
 
 DEVELOPMENT_TRAIN_BATCHES = 8
@@ -177,9 +198,9 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
     train = ImageFolderSamples(train_path, train_classes,
                                Transform(size, aug.enabled, aug.min_crop_scale), cfg.seed)
     val = ImageFolderSamples(val_path, val_classes, Transform(size, augment=False), cfg.seed)
-    for ds, field in ((train, "data.train_path"), (val, "data.val_path")):
+    for ds, name in ((train, "data.train_path"), (val, "data.val_path")):
         if len(ds) == 0:
-            raise JobError(f"{field}: no images in {ds.root} (looked for "
+            raise JobError(f"{name}: no images in {ds.root} (looked for "
                            f"{', '.join(IMG_EXTENSIONS[:4])}, ...)")
     batch = cfg.training.batch_size
     # Full batches only: a last batch of 1 breaks BatchNorm, and equal batches keep resume

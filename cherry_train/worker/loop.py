@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,9 +49,12 @@ class WorkerOptions:
 
 
 class Worker:
-    def __init__(self, queue: JobQueue, me: WorkerIdentity, options: WorkerOptions | None = None):
+    def __init__(self, queue: JobQueue, me: WorkerIdentity, options: WorkerOptions | None = None,
+                 trainer: Callable | None = None):
         self.queue, self.me = queue, me
         self.options = options or WorkerOptions()
+        # The seam for queue tests: anything with train.train's signature and Outcome result.
+        self.trainer = trainer
         self.stop = StopRequest()
         self.jobs_done = 0
 
@@ -108,10 +112,9 @@ class Worker:
         try:
             reporter.start()
             self.queue.storage.write_atomic(claim.paths.config, _resolved_yaml(claim))
-            from cherry_train.worker import train  # torch is imported only when there is work
-
-            outcome = train.train(claim, reporter, self.stop, self._scratch(claim),
-                                  self.queue.storage.local_path(""), self.options.progress_bar)
+            outcome = self._trainer()(claim, reporter, self.stop, self._scratch(claim),
+                                      self.queue.storage.local_path(""),
+                                      self.options.progress_bar)
             if not outcome.completed:
                 reporter.close()
                 reporter.beat(phase="released", released=True)
@@ -138,6 +141,13 @@ class Worker:
             return
         log.info("job finished", job_id=claim.job_id, state=result.state.value, committed=won,
                  best=result.best.model_dump() if result.best else None)
+
+    def _trainer(self) -> Callable:
+        if self.trainer is None:
+            from cherry_train.worker.train import train  # torch is imported only for work
+
+            self.trainer = train
+        return self.trainer
 
     def _scratch(self, claim: Claim) -> Path:
         if self.options.scratch is not None:

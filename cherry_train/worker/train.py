@@ -10,9 +10,9 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import structlog
@@ -27,40 +27,12 @@ from cherry_train.worker.data import Data, load_data, to_model_input
 from cherry_train.worker.device import Precision, describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.model import build_model
+from cherry_train.worker.outcome import Outcome, TrainState
 from cherry_train.worker.reporting import Reporter, StopRequest
 
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class TrainState:
-    """Where training stands, beyond the tensors: restored from every checkpoint."""
-
-    epoch: int = 0  # the epoch in progress (0-based); == epochs when training is done
-    step_in_epoch: int = 0
-    global_step: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_correct: int = 0
-    epoch_seen: int = 0
-    best: dict[str, Any] | None = None  # epoch, val_accuracy, val_loss
-    best_weights_sha256: str | None = None
-    train_seconds: float = 0.0  # over all attempts, training steps only
-    wall_seconds: float = 0.0  # over all attempts, everything from setup to the last epoch
-    images_seen: int = 0
-    last_epoch: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Outcome:
-    completed: bool  # False: stopped on request after a checkpoint; the job goes on elsewhere
-    state: TrainState
-    device: str
-    precision: str
-    threads: int
-    final_weights_sha256: str | None = None
-    artifacts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,6 +114,10 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
         model = model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(cfg, model)
     precision = resolve_precision(cfg.amp, device)
+    # The fp16 GradScaler skips the optimizer step when gradients overflow (mostly the first
+    # few steps). The LR schedule still follows the step count, so that is intended; torch's
+    # warning about it would only alarm users.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
     total = cfg.training.epochs * data.steps_per_epoch
     return Job(
         claim=claim, cfg=cfg, device=device, precision=precision, data=data, model=model,
@@ -236,7 +212,7 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
         job.scaler.scale(loss).backward()
         job.scaler.step(job.optimizer)
         job.scaler.update()
-        job.scheduler.step()
+        job.scheduler.step()  # per step, even when the fp16 scaler skipped one (see setup)
 
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.detach().argmax(1) == y).sum()

@@ -1,0 +1,35 @@
+"""What training leaves behind for the result: torch-free, so queue tests can fake a trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """Where training stands, beyond the tensors: restored from every checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (0-based); == epochs when training is done
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    best: dict[str, Any] | None = None  # epoch, val_accuracy, val_loss
+    best_weights_sha256: str | None = None
+    train_seconds: float = 0.0  # over all attempts, training steps only
+    wall_seconds: float = 0.0  # over all attempts, everything from setup to the last epoch
+    images_seen: int = 0
+    last_epoch: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    completed: bool  # False: stopped on request after a checkpoint; the job goes on elsewhere
+    state: TrainState
+    device: str
+    precision: str
+    threads: int
+    final_weights_sha256: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
