@@ -1,0 +1,92 @@
+"""Shared fixtures: an isolated environment, the seed config, a tiny cherry dataset."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import structlog
+
+SEED_YAML = """\
+model:
+  name: resnet50
+  num_classes: 2
+  pretrained: true
+
+training:
+  epochs: 100
+  batch_size: 32
+  learning_rate: 0.001
+  optimizer: adam
+
+data:
+  train_path: /content/drive/MyDrive/traina/data/train
+  val_path: /content/drive/MyDrive/traina/data/val
+
+augmentation:
+  enabled: true
+  normalize: false  # Set based on production requirements
+"""
+
+# Small enough for a CPU test in seconds: 32 px, a few batches.
+TINY_CONFIG = {
+    "name": "tiny",
+    "seed": 3,
+    "model": {"name": "resnet18", "num_classes": 2, "pretrained": False},
+    "training": {"epochs": 2, "batch_size": 16, "learning_rate": 0.003, "optimizer": "adam"},
+    "data": {"train_path": "data/train", "val_path": "data/val", "image_size": 32,
+             "num_workers": 0},
+    "augmentation": {"enabled": True, "normalize": True},
+    "checkpoint": {"every_minutes": 60, "keep_last": 2},
+    "heartbeat_seconds": 0.2,
+    "lease_seconds": 5,
+    "log_every_steps": 2,
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's settings, root or Drive."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("CHERRY_CONFIG_DIR", str(home / "config"))
+    monkeypatch.setenv("CHERRY_DATA_DIR", str(home / "data"))
+    for var in ("CHERRY_ROOT", "CHERRY_MYDRIVE", "CHERRY_WORKER_ID", "COLAB_RELEASE_TAG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CHERRY_DEVICE", os.environ.get("CHERRY_TEST_DEVICE", "cpu"))
+    yield
+    structlog.reset_defaults()  # a CLI call in one test must not set another's log format
+
+
+@pytest.fixture
+def tiny_config() -> dict:
+    return copy.deepcopy(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def cherry_images(tmp_path_factory) -> Path:
+    """96 train + 32 val synthetic cherries (generated once per session)."""
+    from cherry_train.demo.cherries import generate_dataset
+
+    data = tmp_path_factory.mktemp("cherries")
+    generate_dataset(data, train=96, val=32, size=40, seed=1)
+    return data
+
+
+@pytest.fixture
+def root_with_data(tmp_path, cherry_images) -> Path:
+    """A queue root whose data/ is the tiny cherry dataset (linked, not copied)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "data").symlink_to(cherry_images, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)

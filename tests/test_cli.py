@@ -1,0 +1,194 @@
+"""The `cherry` command as users run it: exit codes, stdout/stderr, and nothing written on error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import SEED_YAML
+
+from cherry_train.cli import main
+
+
+def write_config(tmp_path, data: dict | str, name="exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_submit_prints_root_and_job_id_last(tmp_path, root_with_data, tiny_config, capsys):
+    cfg = write_config(tmp_path, tiny_config)
+    assert main(["submit", str(cfg), "--root", str(root_with_data)]) == 0
+    out, err = capsys.readouterr()
+    job_id = out.strip().splitlines()[-1]
+    assert f"root: {root_with_data} (from --root)" in out
+    assert "pre-flight:" in out and "2 classes" in out
+    assert (root_with_data / "queue" / f"{job_id}.json").is_file()
+    assert "no worker has written a heartbeat" in err
+
+
+def test_submit_overrides_name_and_priority(tmp_path, root_with_data, tiny_config, capsys):
+    cfg = write_config(tmp_path, tiny_config)
+    assert main(["submit", str(cfg), "--root", str(root_with_data), "--name", "lr-sweep-1",
+                 "--priority", "7", "--no-preflight"]) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "-lr-sweep-1-" in job_id
+    manifest = json.loads((root_with_data / "queue" / f"{job_id}.json").read_text())
+    assert manifest["priority"] == 7 and manifest["config"]["priority"] == 7
+
+
+def test_submit_name_defaults_to_the_file_stem(tmp_path, root_with_data, tiny_config, capsys):
+    del tiny_config["name"]
+    cfg = write_config(tmp_path, tiny_config, name="ResNet Baseline.yaml")
+    assert main(["submit", str(cfg), "--root", str(root_with_data), "--no-preflight"]) == 0
+    assert "-resnet-baseline-" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+BAD_FILES = {
+    "missing": None,
+    "empty": "",
+    "not yaml": "model: {name: [\n",
+    "a list": "- 1\n- 2\n",
+    "a typo": SEED_YAML.replace("epochs", "epoch"),
+    "bad values": SEED_YAML.replace("batch_size: 32", "batch_size: -1")
+                           .replace("adam", "lion"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_config_exits_2_with_field_lines_and_writes_nothing(tmp_path, case, capsys):
+    root = tmp_path / "root"
+    text = BAD_FILES[case]
+    cfg = tmp_path / "bad.yaml" if text is None else write_config(tmp_path, text, "bad.yaml")
+    assert main(["submit", str(cfg), "--root", str(root), "--no-preflight"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Traceback" not in err
+    for line in err.strip().splitlines():
+        field, _, problem = line.partition(": ")
+        assert field and problem, line
+    if case == "bad values":
+        assert {line.split(":")[0] for line in err.splitlines()} == \
+            {"training.batch_size", "training.optimizer"}
+    assert not root.exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: c["data"].update(val_path="data/missing"), "data.val_path: folder"),
+    (lambda c: c["model"].update(num_classes=5), "model.num_classes: is 5, but"),
+    (lambda c: c["model"].update(name="resnet5"), "did you mean resnet50"),
+])
+def test_preflight_problems_exit_2_and_queue_nothing(tmp_path, root_with_data, tiny_config,
+                                                     change, message, capsys):
+    change(tiny_config)
+    cfg = write_config(tmp_path, tiny_config)
+    assert main(["submit", str(cfg), "--root", str(root_with_data)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (root_with_data / "queue").exists()
+
+
+def test_colab_paths_map_to_my_drive_off_colab(tmp_path, cherry_images, monkeypatch, capsys):
+    my_drive = tmp_path / "My Drive"
+    (my_drive / "traina").mkdir(parents=True)
+    (my_drive / "traina" / "data").symlink_to(cherry_images, target_is_directory=True)
+    monkeypatch.setenv("CHERRY_MYDRIVE", str(my_drive))
+    cfg = write_config(tmp_path, SEED_YAML.replace("pretrained: true", "pretrained: false"))
+    assert main(["submit", str(cfg), "--root", str(tmp_path / "q")]) == 0
+    assert f"{my_drive}/traina/data/train" in capsys.readouterr().out
+
+
+def test_status_json_lists_jobs_with_state(tmp_path, root_with_data, tiny_config, capsys):
+    cfg = write_config(tmp_path, tiny_config)
+    main(["submit", str(cfg), "--root", str(root_with_data), "--no-preflight"])
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["status", "--root", str(root_with_data), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["job_id"], r["state"], r["stalled"]) for r in rows] == [(job_id, "queued", False)]
+    assert main(["status", "--root", str(root_with_data)]) == 0
+    table = capsys.readouterr().out
+    assert job_id in table and "queued" in table and "workers: none" in table
+
+
+def test_root_resolution_order(tmp_path, monkeypatch, capsys):
+    saved, env, flag = tmp_path / "saved", tmp_path / "env", tmp_path / "flag"
+    assert main(["init", str(saved)]) == 0
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    assert f"root: {saved}" in capsys.readouterr().out
+    monkeypatch.setenv("CHERRY_ROOT", str(env))
+    main(["status"])
+    assert f"root: {env}" in capsys.readouterr().out
+    main(["status", "--root", str(flag)])
+    assert f"root: {flag}" in capsys.readouterr().out
+
+
+def test_local_default_root_comes_with_a_notice(capsys):
+    assert main(["status"]) == 0
+    assert "note: no root configured" in capsys.readouterr().err
+
+
+def test_init_detects_drive_for_desktop(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CHERRY_MYDRIVE", str(tmp_path / "My Drive"))
+    (tmp_path / "My Drive").mkdir()
+    assert main(["init"]) == 0
+    assert f"default root: {tmp_path / 'My Drive' / 'traina'}" in capsys.readouterr().out
+
+
+def test_init_without_drive_explains(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["init"]) == 2
+    assert "cherry init PATH" in capsys.readouterr().err
+
+
+def test_schema_prints_json_schema(capsys):
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "cherry-train training config"
+
+
+def test_gdrive_root_is_refused_clearly(tmp_path, tiny_config, capsys):
+    cfg = write_config(tmp_path, tiny_config)
+    assert main(["submit", str(cfg), "--root", "gdrive:traina", "--no-preflight"]) == 2
+    assert "Drive API backend" in capsys.readouterr().err
+
+
+def test_bad_worker_id_is_refused(tmp_path, capsys):
+    assert main(["worker", "--root", str(tmp_path), "--worker-id", "no spaces!"]) == 2
+    assert "--worker-id" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reduced_demo_end_to_end_in_a_subprocess(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cherry_train", "demo", "--root", str(tmp_path / "demo"),
+         "--train-images", "64", "--val-images", "32", "--epochs", "1", "--image-size", "32",
+         "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "succeeded" in proc.stdout and "best      val accuracy" in proc.stdout
+    curves = proc.stdout.split("curves    ")[1].splitlines()[0]
+    assert Path(curves).read_bytes()[:4] == b"\x89PNG"
+    # The demo's job is visible to `cherry status` like any other.
+    status = subprocess.run([sys.executable, "-m", "cherry_train", "status", "--json", "--root",
+                             str(tmp_path / "demo")], capture_output=True, text=True, env=env)
+    assert json.loads(status.stdout)[0]["state"] == "succeeded"
+
+
+@pytest.mark.slow
+def test_console_scripts_are_installed_aliases(tmp_path, tiny_config):
+    exe = shutil.which("cherry-submit")
+    if exe is None:
+        pytest.skip("console scripts not installed (run from an installed package)")
+    cfg = write_config(tmp_path, tiny_config)
+    proc = subprocess.run([exe, str(cfg), "--root", str(tmp_path / "r"), "--no-preflight"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "r" / "queue" / f"{proc.stdout.strip().splitlines()[-1]}.json").is_file()
+    proc = subprocess.run([shutil.which("cherry-worker"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert "--worker-id" in proc.stdout

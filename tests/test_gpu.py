@@ -1,0 +1,68 @@
+"""CUDA paths: mixed precision (bf16 and fp16 + GradScaler), channels_last, loader workers with
+pinned memory. Run on a GPU machine with `pytest -m gpu`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.schemas import JobState, Result, validate_config
+from cherry_train.storage import LocalStorage
+from cherry_train.worker.loop import Worker, WorkerOptions
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def run_on_gpu(root, cfg, monkeypatch) -> Result:
+    monkeypatch.setenv("CHERRY_DEVICE", "cuda")
+    queue = JobQueue(LocalStorage(root))
+    job_id = queue.submit(validate_config(cfg)).job_id
+    Worker(queue, WorkerIdentity("gpu"), WorkerOptions(exit_when_idle=True)).run()
+    return Result.from_json((root / "done" / job_id / "result.json").read_bytes())
+
+
+def epoch_losses(root, result):
+    lines = (root / "done" / result.job_id / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["train_loss"] for x in lines if json.loads(x)["kind"] == "epoch"]
+
+
+@pytest.mark.parametrize(("amp", "expected"), [
+    ("auto", "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"),
+    ("fp16", "fp16"),
+    ("off", "off"),
+])
+def test_mixed_precision_trains_on_the_gpu(root_with_data, tiny_config, monkeypatch, amp,
+                                           expected):
+    tiny_config.update(amp=amp)
+    tiny_config["training"]["epochs"] = 4
+    tiny_config["training"]["learning_rate"] = 0.001
+    tiny_config["data"]["num_workers"] = None  # the GPU default: loader processes, pinned memory
+    result = run_on_gpu(root_with_data, tiny_config, monkeypatch)
+    assert result.state == JobState.succeeded, result.error
+    assert result.amp == expected
+    assert result.device == torch.cuda.get_device_name()
+    losses = epoch_losses(root_with_data, result)
+    assert losses[-1] < losses[0], losses
+
+
+def test_precisions_compute_the_same_thing(tmp_path, cherry_images, tiny_config, monkeypatch):
+    """bf16/fp16 runs follow the fp32 run's loss curve within mixed-precision tolerance."""
+    tiny_config["training"]["epochs"] = 3
+    tiny_config["training"]["learning_rate"] = 0.0005
+    tiny_config["augmentation"]["enabled"] = False
+    curves = {}
+    for amp in ("off", "bf16", "fp16"):
+        root = tmp_path / amp
+        root.mkdir()
+        (root / "data").symlink_to(cherry_images, target_is_directory=True)
+        tiny_config["amp"] = amp
+        result = run_on_gpu(root, tiny_config, monkeypatch)
+        assert result.state == JobState.succeeded, result.error
+        curves[amp] = epoch_losses(root, result)
+    for amp in ("bf16", "fp16"):
+        for ref, got in zip(curves["off"], curves[amp], strict=True):
+            assert abs(got - ref) <= 0.1 * abs(ref) + 0.05, (amp, curves)

@@ -1,0 +1,269 @@
+"""The queue state machine on a fake file system, with an injected clock (DESIGN.md §2-3)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cherry_train.jobqueue.clock import FakeClock
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.protocol import Fenced, JobQueue, WorkerIdentity, WorkerIdInUse
+from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
+from cherry_train.storage import LocalStorage
+from cherry_train.worker.loop import Worker
+from cherry_train.worker.outcome import Outcome, TrainState
+
+ROOT = "/queue-root"
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def queue(fs, clock):
+    return JobQueue(LocalStorage(ROOT), clock)
+
+
+def config(tiny_config, **overrides):
+    return validate_config({**tiny_config, **overrides})
+
+
+def fake_trainer(record):
+    """Stands in for train.train: 'trains' instantly, remembering what it was given."""
+    def train(claim, reporter, stop, scratch, data_root, progress_bar):
+        record.append(claim.job_id)
+        reporter.metric({"kind": "epoch", "epoch": 0, "step": 1, "train_loss": 1.0,
+                         "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5})
+        state = TrainState(epoch=1, global_step=1, best={"epoch": 0, "val_accuracy": 0.5,
+                                                         "val_loss": 1.0})
+        return Outcome(completed=True, state=state, device="fake", precision="off", threads=1,
+                       final_weights_sha256="ab" * 32)
+    return train
+
+
+def test_submit_writes_one_manifest_atomically(queue, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    assert queue.storage.list_dir("queue") == [f"{manifest.job_id}.json"]
+    stored = json.loads(queue.storage.read_bytes(f"queue/{manifest.job_id}.json"))
+    assert stored["config"]["model"]["name"] == "resnet18"
+    assert manifest.job_id.startswith("20261126-100000-tiny-")
+    assert queue.view(manifest.job_id).state == JobState.queued
+
+
+def test_workers_take_jobs_by_priority_then_submission(queue, clock, tiny_config):
+    low = queue.submit(config(tiny_config, name="low"))
+    clock.advance(1)
+    high = queue.submit(config(tiny_config, name="high", priority=5))
+    clock.advance(1)
+    low2 = queue.submit(config(tiny_config, name="low2"))
+    manifests, bad = queue.queued()
+    assert [m.job_id for m in manifests] == [high.job_id, low.job_id, low2.job_id]
+    assert bad == []
+    ran = []
+    Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran)).run_once()
+    assert ran == [high.job_id]
+
+
+def test_two_claimants_exactly_one_wins(queue, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    a = queue.try_claim(manifest, WorkerIdentity("a"))
+    b = queue.try_claim(manifest, WorkerIdentity("b"))
+    assert a is not None and a.attempt.n == 1
+    assert b is None
+    assert queue.storage.list_dir(JobPaths(manifest.job_id).attempts_dir) == ["1.json"]
+    assert queue.view(manifest.job_id).state == JobState.running
+
+
+def test_full_lifecycle_through_the_worker(queue, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    ran = []
+    Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran)).run_once()
+    paths = JobPaths(manifest.job_id)
+    result = Result.from_json(queue.storage.read_bytes(paths.result))
+    assert result.state == JobState.succeeded and result.attempts == 1
+    assert result.final_weights_sha256 == "ab" * 32
+    # The manifest moved beside its result; queue/ is empty; the resolved config is there.
+    assert queue.storage.list_dir("queue") == []
+    assert queue.storage.exists(paths.done_manifest)
+    assert "learning_rate: 0.003" in queue.storage.read_bytes(paths.config).decode()
+    assert "momentum: 0.9" in queue.storage.read_bytes(paths.config).decode()  # defaults filled
+    hb = Heartbeat.from_json(queue.storage.read_bytes(paths.heartbeat))
+    assert hb.phase == "finished"
+    assert json.loads(queue.storage.read_bytes(paths.metrics).splitlines()[0])["kind"] == "epoch"
+    # Nothing left to do: the next poll finds no work.
+    assert Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran)).run_once() is False
+    assert ran == [manifest.job_id]
+
+
+def test_commit_is_exclusive(queue, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))
+    result = Result(job_id=manifest.job_id, state=JobState.succeeded, attempts=1,
+                    finished_at=queue.clock.now())
+    assert queue.commit(claim, result) is True
+    other = result.model_copy(update={"state": JobState.failed})
+    assert queue.commit(claim, other) is False
+    stored = Result.from_json(queue.storage.read_bytes(claim.paths.result))
+    assert stored.state == JobState.succeeded
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"job_id": "x"}', b"\xff\xfe"])
+def test_unreadable_manifest_goes_to_failed_and_the_next_job_runs(queue, tiny_config, content):
+    queue.storage.write_atomic("queue/00000000-000000-junk-0000.json", content)
+    good = queue.submit(config(tiny_config))
+    ran = []
+    worker = Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran))
+    assert worker.run_once() is True
+    assert ran == [good.job_id]
+    assert sorted(queue.storage.list_dir("failed")) == [
+        "00000000-000000-junk-0000.error.json", "00000000-000000-junk-0000.json"]
+    assert queue.storage.read_bytes("failed/00000000-000000-junk-0000.json") == content
+    error = json.loads(queue.storage.read_bytes("failed/00000000-000000-junk-0000.error.json"))
+    assert error["error"]["message"]
+    view = queue.view("00000000-000000-junk-0000")
+    assert view.state == JobState.failed and view.error
+
+
+def test_a_failing_job_gets_a_failed_result_and_the_loop_goes_on(queue, tiny_config, clock):
+    bad = queue.submit(config(tiny_config, name="bad"))
+    clock.advance(1)
+    good = queue.submit(config(tiny_config, name="good"))
+    ran = []
+    ok = fake_trainer(ran)
+
+    def trainer(claim, *args):
+        if claim.job_id == bad.job_id:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return ok(claim, *args)
+
+    worker = Worker(queue, WorkerIdentity("w1"), trainer=trainer)
+    assert worker.run_once() and worker.run_once()
+    failed = Result.from_json(queue.storage.read_bytes(JobPaths(bad.job_id).result))
+    assert failed.state == JobState.failed
+    assert failed.error.type == "RuntimeError" and "device-side assert" in failed.error.message
+    assert "Traceback" in failed.error.traceback
+    assert queue.view(good.job_id).state == JobState.succeeded
+
+
+def test_heartbeat_age_marks_a_running_job_stalled(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config))  # lease 5 s
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))
+    queue.write_heartbeat(Heartbeat(job_id=claim.job_id, attempt=1, worker_id="a",
+                                    at=clock.now()))
+    clock.advance(4)
+    assert queue.view(claim.job_id).stalled is False
+    clock.advance(2)
+    view = queue.view(claim.job_id)
+    assert view.state == JobState.running and view.stalled is True
+
+
+def test_takeover_only_after_the_lease_expires(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    first = queue.try_claim(manifest, WorkerIdentity("a"))
+    clock.advance(4)
+    assert queue.try_claim(manifest, WorkerIdentity("b")) is None  # lease (5 s) still held
+    clock.advance(2)
+    second = queue.try_claim(manifest, WorkerIdentity("b"))
+    assert second is not None and second.attempt.n == 2
+    assert second.attempt.reason == "lease-expired"
+    # Fencing: the old owner may write nothing more.
+    with pytest.raises(Fenced):
+        queue.write_heartbeat(Heartbeat(job_id=first.job_id, attempt=1, worker_id="a",
+                                        at=clock.now()))
+    with pytest.raises(Fenced):
+        queue.commit(first, Result(job_id=first.job_id, state=JobState.succeeded, attempts=1,
+                                   finished_at=clock.now()))
+    assert not queue.storage.exists(first.paths.result)
+
+
+def test_same_worker_id_takes_its_job_back_fast(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config))  # heartbeat 0.2 s, lease 5 s
+    queue.try_claim(manifest, WorkerIdentity("colab-1", incarnation="before-disconnect"))
+    restarted = WorkerIdentity("colab-1", incarnation="after-restart")
+    with pytest.raises(WorkerIdInUse):
+        queue.try_claim(manifest, restarted)  # heartbeat too fresh: a second tab?
+    clock.advance(0.5)  # > 2 x heartbeat_seconds, << lease_seconds
+    claim = queue.try_claim(manifest, restarted)
+    assert claim is not None and claim.attempt.reason == "same-worker"
+
+
+
+def test_released_job_can_be_taken_at_once(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    queue.try_claim(manifest, WorkerIdentity("a"))
+    queue.write_heartbeat(Heartbeat(job_id=manifest.job_id, attempt=1, worker_id="a",
+                                    at=clock.now(), released=True))
+    claim = queue.try_claim(manifest, WorkerIdentity("b"))
+    assert claim is not None and claim.attempt.reason == "released"
+
+
+def test_crash_loop_gives_up_after_max_attempts(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config, max_attempts=2))
+    for worker in ("a", "b"):
+        assert queue.try_claim(manifest, WorkerIdentity(worker)) is not None
+        clock.advance(6)  # dies without a checkpoint; the lease runs out
+    assert queue.try_claim(manifest, WorkerIdentity("c")) is None
+    result = Result.from_json(queue.storage.read_bytes(JobPaths(manifest.job_id).result))
+    assert result.state == JobState.failed and result.error.type == "CrashLoop"
+    assert [a.worker_id for a in result.attempt_history] == ["a", "b"]
+    assert queue.storage.list_dir("queue") == []
+
+
+def test_attempts_that_checkpoint_do_not_count_as_a_crash_loop(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config, max_attempts=2))
+    paths = JobPaths(manifest.job_id)
+    for step in range(1, 6):  # five disconnects, each after a new checkpoint
+        assert queue.try_claim(manifest, WorkerIdentity(f"w{step}")) is not None
+        queue.storage.write_atomic(paths.checkpoint(step), b"ckpt")
+        queue.storage.write_atomic(paths.checkpoint_checksum(step), b"sum")
+        clock.advance(6)
+    claim = queue.try_claim(manifest, WorkerIdentity("w6"))
+    assert claim is not None and claim.attempt.n == 6 and claim.attempt.checkpoint_at_start == 5
+
+
+def test_worker_refuses_to_start_under_a_live_workers_id(queue, clock):
+    first = Worker(queue, WorkerIdentity("colab-1"))
+    first._write_status("idle")
+    with pytest.raises(WorkerIdInUse, match="second notebook"):
+        Worker(queue, WorkerIdentity("colab-1")).refuse_if_id_in_use()
+    clock.advance(600)
+    Worker(queue, WorkerIdentity("colab-1")).refuse_if_id_in_use()  # the old one is gone
+
+
+def test_exit_when_idle_stops_on_an_empty_queue(queue):
+    from cherry_train.worker.loop import WorkerOptions
+
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+                    trainer=fake_trainer([]))
+    assert worker.run() == 0
+    status = queue.worker_status("w1")
+    assert status.state == "stopped"
+
+
+def test_state_derivation_order(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    paths = JobPaths(manifest.job_id)
+    assert queue.view(manifest.job_id).state == JobState.queued
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))
+    assert queue.view(manifest.job_id).state == JobState.running
+    queue.commit(claim, Result(job_id=claim.job_id, state=JobState.cancelled, attempts=1,
+                               finished_at=clock.now()))
+    assert queue.view(manifest.job_id).state == JobState.cancelled  # result wins over all
+    assert queue.storage.exists(paths.done_manifest)
+    assert queue.job_ids() == [manifest.job_id]
+
+
+def test_a_crash_between_commit_and_move_is_completed_by_the_next_worker(queue, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))
+    result = Result(job_id=claim.job_id, state=JobState.succeeded, attempts=1,
+                    finished_at=queue.clock.now())
+    queue.storage.create_exclusive(claim.paths.result, result.to_json())  # ...then killed
+    assert queue.storage.list_dir("queue") == [f"{claim.job_id}.json"]
+    ran = []
+    assert Worker(queue, WorkerIdentity("b"), trainer=fake_trainer(ran)).run_once() is False
+    assert ran == [] and queue.storage.list_dir("queue") == []
+    assert queue.storage.exists(claim.paths.done_manifest)

@@ -1,0 +1,108 @@
+"""One contract, every backend: the primitives the queue protocol relies on.
+
+Each backend gets a fixture in `storage`; the Drive API backend joins this list when it lands.
+The local folder runs twice: on a real directory, and under pyfakefs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from cherry_train.storage import LocalStorage, Storage
+
+
+@pytest.fixture(params=["local", "local-fakefs"])
+def storage(request, tmp_path) -> Storage:
+    if request.param == "local-fakefs":
+        request.getfixturevalue("fs")
+        tmp_path.mkdir(parents=True, exist_ok=True)
+    return LocalStorage(tmp_path / "root")
+
+
+def test_read_missing_raises(storage):
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("queue/nope.json")
+
+
+def test_write_atomic_creates_parents_and_replaces(storage):
+    storage.write_atomic("a/b/c.json", b"one")
+    storage.write_atomic("a/b/c.json", b"two")
+    assert storage.read_bytes("a/b/c.json") == b"two"
+    assert storage.list_dir("a/b") == ["c.json"]  # no temp files left behind
+
+
+def test_create_exclusive_only_once(storage):
+    assert storage.create_exclusive("done/j/attempts/1.json", b"first") is True
+    assert storage.create_exclusive("done/j/attempts/1.json", b"second") is False
+    assert storage.read_bytes("done/j/attempts/1.json") == b"first"
+
+
+def test_create_exclusive_has_one_winner_among_threads(storage):
+    wins = []
+    barrier = threading.Barrier(8)
+
+    def claim(i):
+        barrier.wait()
+        if storage.create_exclusive("x/result.json", f"{i}".encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert storage.read_bytes("x/result.json") == str(wins[0]).encode()
+
+
+def test_list_dir_is_sorted_and_missing_is_empty(storage):
+    assert storage.list_dir("queue") == []
+    for name in ("b.json", "a.json", "c.json"):
+        storage.write_atomic(f"queue/{name}", b"{}")
+    assert storage.list_dir("queue") == ["a.json", "b.json", "c.json"]
+
+
+def test_stat(storage):
+    assert storage.stat("f") is None
+    storage.write_atomic("f", b"12345")
+    info = storage.stat("f")
+    assert info.size == 5 and info.modified.tzinfo is not None
+    assert storage.exists("f")
+
+
+def test_move_replaces_and_missing_source_raises(storage):
+    storage.write_atomic("queue/j.json", b"manifest")
+    storage.write_atomic("done/j/manifest.json", b"old")
+    storage.move("queue/j.json", "done/j/manifest.json")
+    assert storage.read_bytes("done/j/manifest.json") == b"manifest"
+    assert not storage.exists("queue/j.json")
+    with pytest.raises(FileNotFoundError):
+        storage.move("queue/j.json", "failed/j.json")
+
+
+def test_delete_file_folder_and_missing(storage):
+    storage.write_atomic("d/x/1", b"1")
+    storage.write_atomic("d/2", b"2")
+    storage.delete("d/2")
+    storage.delete("d/2")  # missing: no error
+    storage.delete("d/x")
+    assert storage.list_dir("d") == []
+
+
+def test_upload_and_download_round_trip(storage, tmp_path):
+    src = tmp_path / "big.bin"
+    payload = bytes(range(256)) * 4096
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(payload)
+    storage.upload(src, "done/j/checkpoints/step-000000001.pt")
+    out = tmp_path / "back" / "copy.bin"
+    storage.download("done/j/checkpoints/step-000000001.pt", out)
+    assert out.read_bytes() == payload
+    assert storage.list_dir("done/j/checkpoints") == ["step-000000001.pt"]
+
+
+def test_paths_cannot_leave_the_root(storage):
+    with pytest.raises(ValueError):
+        storage.write_atomic("../outside.json", b"x")

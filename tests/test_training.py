@@ -1,0 +1,206 @@
+"""Real training on tiny images with a tiny model, on the CPU, one thread (real temp dirs:
+torch writes through its own C++ file code, which pyfakefs cannot see)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
+from cherry_train.storage import LocalStorage
+from cherry_train.worker import train as train_module
+from cherry_train.worker.loop import Worker
+
+REQUIRED_RESULT_FIELDS = ("job_id", "state", "attempts", "best", "epochs_completed",
+                          "wall_seconds", "images_per_second", "device", "final_weights_sha256",
+                          "best_weights_sha256", "amp", "torch_threads")
+
+
+def run_job(root, cfg: dict, worker_id="w1", stop_at_step=None, monkeypatch=None) -> Result:
+    """Submit `cfg` to a fresh queue on `root` and let one worker run until idle."""
+    queue = JobQueue(LocalStorage(root))
+    manifest = queue.submit(validate_config(cfg))
+    return finish(queue, manifest.job_id, worker_id, stop_at_step, monkeypatch)
+
+
+def finish(queue, job_id, worker_id="w1", stop_at_step=None, monkeypatch=None):
+    from cherry_train.worker.loop import WorkerOptions
+
+    worker = Worker(queue, WorkerIdentity(worker_id), WorkerOptions(exit_when_idle=True))
+    if stop_at_step is not None:
+        # Ask for a stop (as SIGTERM does) once training passes this step.
+        original = train_module.train_one_epoch
+
+        def train_one_epoch(job, progress_bar):
+            original_stop = job.stop.is_set
+
+            def is_set():
+                if job.state.global_step >= stop_at_step:
+                    job.stop.set("SIGTERM")
+                return original_stop()
+            job.stop.is_set = is_set
+            return original(job, progress_bar)
+        monkeypatch.setattr(train_module, "train_one_epoch", train_one_epoch)
+    worker.run()
+    if stop_at_step is not None:
+        monkeypatch.setattr(train_module, "train_one_epoch", original)
+    path = JobPaths(job_id).result
+    return Result.from_json(queue.storage.read_bytes(path)) if queue.storage.exists(path) else None
+
+
+def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
+    tiny_config["training"]["epochs"] = 3
+    result = run_job(root_with_data, tiny_config)
+    assert result.state == JobState.succeeded, result.error
+    data = result.model_dump()
+    for name in REQUIRED_RESULT_FIELDS:
+        assert data[name] is not None, name
+    assert result.epochs_completed == 3 and result.steps_completed == 18
+    assert result.device.startswith("CPU") and result.amp == "off" and result.torch_threads == 1
+
+    job_dir = root_with_data / "done" / result.job_id
+    lines = [json.loads(x) for x in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [x for x in lines if x["kind"] == "epoch"]
+    assert len(epochs) == 3
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]  # it learns
+    assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(2, 19, 2))
+
+    assert (job_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = torch.load(job_dir / "best.pt", weights_only=True)
+    model = torchvision.models.resnet18(num_classes=2)
+    model.load_state_dict(best)
+    from cherry_train.worker.checkpoint import weights_sha256
+
+    assert weights_sha256(best) == result.best_weights_sha256
+    final = torch.load(job_dir / "final.pt", weights_only=True)
+    assert weights_sha256(final) == result.final_weights_sha256
+    assert (job_dir / "config.yaml").is_file() and (job_dir / "manifest.json").is_file()
+    assert len(list((job_dir / "checkpoints").glob("step-*.pt"))) == 2  # keep_last
+    assert not (root_with_data / "queue").exists() or not list((root_with_data / "queue").iterdir())
+
+
+def test_stopped_job_resumes_from_its_checkpoint_and_finishes(root_with_data, tiny_config,
+                                                              monkeypatch):
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    assert finish(queue, job_id, stop_at_step=3, monkeypatch=monkeypatch) is None
+    hb = Heartbeat.from_json(queue.storage.read_bytes(JobPaths(job_id).heartbeat))
+    assert hb.released and hb.last_checkpoint_step == 3
+
+    result = finish(queue, job_id)  # a restarted worker: same id, new process identity
+    assert result.state == JobState.succeeded
+    assert result.attempts == 2 and result.epochs_completed == 2 and result.steps_completed == 12
+    assert [a.reason for a in result.attempt_history] == ["fresh", "released"]
+    assert result.attempt_history[1].checkpoint_at_start == 3
+    lines = (root_with_data / "done" / job_id / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "train"]
+    assert steps == sorted(set(steps)), "no step is logged twice"
+
+
+def test_deterministic_resume_ends_with_identical_weights(tmp_path, cherry_images, tiny_config,
+                                                          monkeypatch):
+    tiny_config["deterministic"] = True
+    roots = []
+    for name in ("straight", "interrupted"):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "data").symlink_to(cherry_images, target_is_directory=True)
+        roots.append(root)
+    straight = run_job(roots[0], tiny_config)
+    queue = JobQueue(LocalStorage(roots[1]))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    finish(queue, job_id, stop_at_step=2, monkeypatch=monkeypatch)  # mid-epoch 1
+    finish(queue, job_id, stop_at_step=8, monkeypatch=monkeypatch)  # mid-epoch 2
+    resumed = finish(queue, job_id)
+    assert resumed.attempts == 3
+    assert resumed.final_weights_sha256 == straight.final_weights_sha256
+    assert resumed.best_weights_sha256 == straight.best_weights_sha256
+    assert resumed.best == straight.best
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: c["data"].update(train_path="data/nope"), "data.train_path: folder"),
+    (lambda c: c["model"].update(num_classes=3), "model.num_classes: is 3, but"),
+    (lambda c: c["model"].update(name="resnet5"), "did you mean resnet50"),
+    (lambda c: c["model"].update(pretrained="weights/missing.pt"), "does not exist"),
+])
+def test_a_broken_job_fails_with_a_readable_error(root_with_data, tiny_config, change, message):
+    change(tiny_config)
+    result = run_job(root_with_data, tiny_config)
+    assert result.state == JobState.failed
+    assert message in result.error.message
+    assert result.error.traceback is None  # the user's to fix, not a bug
+
+
+def test_development_mode_runs_a_few_batches(root_with_data, tiny_config):
+    tiny_config["mode"] = "development"
+    tiny_config["training"]["batch_size"] = 4
+    result = run_job(root_with_data, tiny_config)
+    assert result.state == JobState.succeeded
+    assert result.steps_completed == 2 * 8  # 8 batches per epoch, not 96 / 4
+
+
+def test_weights_file_initialises_all_but_the_head(tmp_path):
+    from cherry_train.schemas import ModelConfig
+    from cherry_train.worker.model import build_model
+
+    torch.manual_seed(0)
+    imagenet_like = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": imagenet_like.state_dict()}, path)
+    model = build_model(ModelConfig(name="resnet18", num_classes=2, pretrained=str(path)), path)
+    assert torch.equal(model.conv1.weight, imagenet_like.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, imagenet_like.layer4[1].bn2.running_var)
+    assert model.fc.weight.shape == (2, 512)
+
+
+def test_pretrained_without_internet_says_what_to_do(monkeypatch):
+    from cherry_train.schemas import ModelConfig
+    from cherry_train.worker.errors import JobError
+    from cherry_train.worker.model import build_model
+
+    class Offline:
+        class DEFAULT:
+            @staticmethod
+            def get_state_dict(progress):
+                raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda name: Offline)
+    with pytest.raises(JobError, match="set model.pretrained to the path of a weights file"):
+        build_model(ModelConfig(name="resnet18", num_classes=2, pretrained=True), None)
+
+
+def test_corrupt_newest_checkpoint_is_skipped(root_with_data, tiny_config, monkeypatch):
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    finish(queue, job_id, stop_at_step=8, monkeypatch=monkeypatch)  # checkpoints at 6 and 8
+    paths = JobPaths(job_id)
+    newest = root_with_data / paths.checkpoint(8)
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    result = finish(queue, job_id)
+    assert result.state == JobState.succeeded
+    assert result.attempt_history[-1].checkpoint_at_start == 8  # by name...
+    lines = (root_with_data / paths.metrics).read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "train"]
+    assert steps == sorted(set(steps))  # ...but resumed from step 6, with metrics cut back
+
+
+def test_loader_processes_do_not_change_the_data(tmp_path, cherry_images, tiny_config):
+    """Augmentation is a function of (seed, epoch, sample), not of which process loaded it."""
+    tiny_config["deterministic"] = True
+    tiny_config["training"]["epochs"] = 1
+    hashes = []
+    for workers in (0, 2):
+        root = tmp_path / f"w{workers}"
+        root.mkdir()
+        (root / "data").symlink_to(cherry_images, target_is_directory=True)
+        tiny_config["data"]["num_workers"] = workers
+        result = run_job(root, tiny_config)
+        assert result.state == JobState.succeeded, result.error
+        hashes.append(result.final_weights_sha256)
+    assert hashes[0] == hashes[1]
