@@ -15,7 +15,13 @@ from pathlib import Path
 from cherry_train import __version__
 from cherry_train.jobqueue.ids import WORKER_ID_RE
 from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity, WorkerIdInUse
-from cherry_train.jobqueue.roots import ResolvedRoot, find_my_drive, resolve_root, save_root
+from cherry_train.jobqueue.roots import (
+    ResolvedRoot,
+    default_local_root,
+    find_my_drive,
+    resolve_root,
+    save_root,
+)
 from cherry_train.schemas import ConfigError, config_json_schema
 from cherry_train.storage import UnsupportedRoot, open_storage
 
@@ -47,10 +53,8 @@ def cmd_submit(args) -> int:
 
     config = client.load_config_file(Path(args.config), name=args.name, priority=args.priority)
     resolved, queue = _root(args)
-    checks = []
+    checks = [client.check_model_name(config)]  # validation, not pre-flight: always
     if not args.no_preflight:
-        if (note := client.check_model_name(config)) is not None:
-            checks.append(note)
         checks += client.preflight(config, queue.storage.local_path("")).checks
     manifest = client.submit(queue, config, str(Path(args.config).resolve()))
     print(f"root: {resolved.root} (from {resolved.source})")
@@ -76,7 +80,12 @@ def cmd_worker(args) -> int:
     logs.configure(args.log_format, args.log_level)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, queue = _root(args)
+    resolved, queue = _root(args)
+    local = queue.storage.local_path("")
+    if local is not None and not local.is_dir():
+        hint = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
+        raise UsageError(f"queue root {local} does not exist{hint}; create it, or pass --root "
+                         "with the folder that `cherry submit` uses")
     worker_id = args.worker_id or os.environ.get("CHERRY_WORKER_ID") or _default_worker_id()
     if not WORKER_ID_RE.match(worker_id):
         raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
@@ -130,12 +139,8 @@ def cmd_demo(args) -> int:
     from cherry_train.demo.run import DemoSize, run_demo
 
     logs.configure("console", args.log_level)
-    resolved = resolve_root(args.root)
-    if resolved.source == "local default" or args.root is None:
-        # The demo never writes into a real queue root unless asked to with --root.
-        root = Path(args.root) if args.root else Path(resolved.root).parent / "demo-root"
-    else:
-        root = Path(resolved.root)
+    # Never the configured queue root: the demo's job and data stay out of real queues.
+    root = Path(args.root) if args.root else default_local_root().parent / "demo"
     if str(root).startswith("gdrive:"):
         raise UsageError("--root: the demo runs on a local folder")
     print(f"demo root: {root}")

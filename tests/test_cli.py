@@ -181,14 +181,29 @@ def test_reduced_demo_end_to_end_in_a_subprocess(tmp_path):
 
 @pytest.mark.slow
 def test_console_scripts_are_installed_aliases(tmp_path, tiny_config):
-    exe = shutil.which("cherry-submit")
-    if exe is None:
-        pytest.skip("console scripts not installed (run from an installed package)")
+    bin_dir = Path(sys.executable).parent  # the venv's scripts, whether or not it is on PATH
+    exe = shutil.which("cherry-submit", path=str(bin_dir)) or shutil.which("cherry-submit")
+    assert exe, "console scripts are not installed: pip install -e '.[dev]'"
     cfg = write_config(tmp_path, tiny_config)
     proc = subprocess.run([exe, str(cfg), "--root", str(tmp_path / "r"), "--no-preflight"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "queue" / f"{proc.stdout.strip().splitlines()[-1]}.json").is_file()
-    proc = subprocess.run([shutil.which("cherry-worker"), "--help"], capture_output=True,
+    worker = shutil.which("cherry-worker", path=str(bin_dir)) or shutil.which("cherry-worker")
+    proc = subprocess.run([worker, "--help"], capture_output=True,
                           text=True, timeout=60)
     assert "--worker-id" in proc.stdout
+
+
+def test_worker_refuses_a_root_that_does_not_exist(tmp_path, capsys):
+    assert main(["worker", "--root", str(tmp_path / "typo"), "--exit-when-idle"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_model_name_is_checked_even_without_preflight(tmp_path, tiny_config, capsys):
+    tiny_config["model"]["name"] = "resnet5"
+    cfg = write_config(tmp_path, tiny_config)
+    assert main(["submit", str(cfg), "--root", str(tmp_path / "r"), "--no-preflight"]) == 2
+    assert "did you mean resnet50" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -40,7 +40,7 @@ def load_config_file(path: Path, name: str | None = None,
     return config
 
 
-def check_model_name(config: TrainingConfig) -> str | None:
+def check_model_name(config: TrainingConfig) -> str:
     """Check the model against torchvision, when it is installed here. Returns what was done."""
     if importlib.util.find_spec("torchvision") is None:
         return "model name: not checked (no torchvision here; the worker checks it)"

@@ -126,9 +126,14 @@ def render_cherry(seed: int, defect: str | None, size: int = 96) -> Image.Image:
 
 
 def generate_dataset(root: Path, train: int = 1200, val: int = 300, size: int = 96,
-                     seed: int = 0, quality: int = 90) -> DatasetSummary:
+                     seed: int = 0, quality: int = 90, progress: bool = False) -> DatasetSummary:
     """Write `root/{train,val}/{defect,good}/*.jpg`; balanced classes, defect kinds mixed."""
     root = Path(root)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=train + val, desc="cherries", unit="img", leave=False)
     for split, count, offset in (("train", train, 0), ("val", val, 10_000_000)):
         for cls in CLASSES:
             (root / split / cls).mkdir(parents=True, exist_ok=True)
@@ -138,4 +143,8 @@ def generate_dataset(root: Path, train: int = 1200, val: int = 300, size: int = 
             defect = DEFECTS[(i // 2) % len(DEFECTS)] if cls == "defect" else None
             path = root / split / cls / f"{split}-{i:06d}.jpg"
             render_cherry(image_seed, defect, size).save(path, quality=quality)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     return DatasetSummary(root=root, train=train, val=val, image_size=size)

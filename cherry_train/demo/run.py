@@ -43,7 +43,7 @@ def demo_config(size: DemoSize) -> dict:
     }
 
 
-def ensure_dataset(root: Path, size: DemoSize, say) -> Path:
+def ensure_dataset(root: Path, size: DemoSize, say, progress: bool = False) -> Path:
     """Generate the synthetic cherries under the root, unless this size is there already."""
     from cherry_train.demo.cherries import generate_dataset
 
@@ -54,7 +54,7 @@ def ensure_dataset(root: Path, size: DemoSize, say) -> Path:
         say(f"dataset: reusing {data}")
         return data
     say(f"dataset: generating {size.train} + {size.val} synthetic cherry images in {data} ...")
-    generate_dataset(data, train=size.train, val=size.val, size=96, seed=0)
+    generate_dataset(data, train=size.train, val=size.val, size=96, seed=0, progress=progress)
     marker.write_text(json.dumps(wanted))
     return data
 
@@ -65,7 +65,7 @@ def run_demo(root: Path, size: DemoSize = DemoSize(), say=print, progress_bar: b
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    ensure_dataset(root, size, say)
+    ensure_dataset(root, size, say, progress_bar)
     config_path = root / "cherry-demo.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(size), sort_keys=False))
     queue = JobQueue(LocalStorage(root))

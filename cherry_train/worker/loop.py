@@ -6,6 +6,7 @@ trains it and commits it. A job's failure is recorded in its result and never en
 
 from __future__ import annotations
 
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable
@@ -133,6 +134,7 @@ class Worker:
             result = _failed(claim, e, self.queue.clock.now(), with_traceback=True)
         finally:
             reporter.close()
+            shutil.rmtree(self._scratch(claim), ignore_errors=True)
         try:
             reporter.beat(phase="finished")
             won = self.queue.commit(claim, result)
