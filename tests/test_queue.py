@@ -267,3 +267,32 @@ def test_a_crash_between_commit_and_move_is_completed_by_the_next_worker(queue, 
     assert Worker(queue, WorkerIdentity("b"), trainer=fake_trainer(ran)).run_once() is False
     assert ran == [] and queue.storage.list_dir("queue") == []
     assert queue.storage.exists(claim.paths.done_manifest)
+
+
+def test_a_fresh_takeover_is_not_shown_stalled_by_the_old_heartbeat(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    queue.try_claim(manifest, WorkerIdentity("a"))
+    queue.write_heartbeat(Heartbeat(job_id=manifest.job_id, attempt=1, worker_id="a",
+                                    at=clock.now()))
+    clock.advance(60)
+    assert queue.view(manifest.job_id).stalled is True
+    queue.try_claim(manifest, WorkerIdentity("b"))  # attempt 2, no heartbeat of its own yet
+    view = queue.view(manifest.job_id)
+    assert view.attempt.n == 2 and view.stalled is False and view.heartbeat is None
+
+
+def test_a_refused_worker_leaves_the_live_workers_status_alone(queue, clock, tiny_config):
+    from cherry_train.worker.loop import WorkerOptions
+
+    manifest = queue.submit(config(tiny_config))
+    queue.try_claim(manifest, WorkerIdentity("colab-1", incarnation="live"))
+    live = Worker(queue, WorkerIdentity("colab-1", incarnation="live"))
+    live._write_status("busy", manifest.job_id)
+    clock.advance(61)  # its worker status is old enough to pass the start-up check...
+    queue.write_heartbeat(Heartbeat(job_id=manifest.job_id, attempt=1, worker_id="colab-1",
+                                    at=clock.now()))  # ...but the job's heartbeat is fresh
+    second = Worker(queue, WorkerIdentity("colab-1", incarnation="second-tab"),
+                    WorkerOptions(exit_when_idle=True), trainer=fake_trainer([]))
+    with pytest.raises(WorkerIdInUse):
+        second.run()
+    assert queue.worker_status("colab-1").incarnation == "live"

@@ -14,7 +14,6 @@ import socket
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from pydantic import ValidationError
 
@@ -163,13 +162,16 @@ class JobQueue:
             stem = name.removesuffix(".json")
             if not stem.isdigit():
                 continue
+            path = paths.attempt(int(stem))
             try:
-                found.append(Attempt.from_json(self.storage.read_bytes(paths.attempt(int(stem)))))
+                found.append(Attempt.from_json(self.storage.read_bytes(path)))
             except (FileNotFoundError, ValidationError, ValueError):
                 # A record being created without hard links may be briefly short; its number
-                # still counts, so fencing and numbering never go backwards.
+                # still counts (fencing and numbering never go backwards), and its age is the
+                # file's, so nobody takes the job over from a claim in progress.
+                info = self.storage.stat(path)
                 found.append(Attempt(n=int(stem), worker_id="?", incarnation="?",
-                                     started_at=datetime.min.replace(tzinfo=self.clock.now().tzinfo)))
+                                     started_at=info.modified if info else self.clock.now()))
         return sorted(found, key=lambda a: a.n)
 
     def heartbeat(self, job_id: str) -> Heartbeat | None:
@@ -336,6 +338,7 @@ class JobQueue:
         history = self.attempts(job_id)
         if history:
             hb = self.heartbeat(job_id)
+            hb = hb if hb is not None and hb.attempt == history[-1].n else None
             seen = hb.at if hb is not None else history[-1].started_at
             age = age_seconds(self.clock, seen)
             lease = manifest.config.lease_seconds if manifest else 300.0

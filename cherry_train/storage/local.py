@@ -6,6 +6,8 @@ import errno
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,6 +39,17 @@ class LocalStorage(Storage):
             raise ValueError(f"path {path!r} leaves the queue root")
         return full
 
+    @contextmanager
+    def _staged(self, path: str) -> Iterator[tuple[Path, Path]]:
+        """The target (its folder created) and a temp name beside it, removed afterwards."""
+        target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(target)
+        try:
+            yield target, tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def local_path(self, path: str) -> Path:
         return self._path(path)
 
@@ -44,33 +57,24 @@ class LocalStorage(Storage):
         return self._path(path).read_bytes()
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(target)
-        try:
+        with self._staged(path) as (target, tmp):
             _write_synced(tmp, data)
             os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(target)
-        try:
+        with self._staged(path) as (target, tmp):
             _write_synced(tmp, data)
-            # link() publishes the complete file under the final name, or fails if the name is
-            # taken: exclusive and never half-written, on every POSIX file system with links.
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            return self._create_exclusive_without_links(target, data)
-        finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                # link() publishes the complete file under the final name, or fails if the name
+                # is taken: exclusive and never half-written, on every POSIX file system.
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                return self._create_exclusive_without_links(target, data)
 
     @staticmethod
     def _create_exclusive_without_links(target: Path, data: bytes) -> bool:
@@ -114,10 +118,7 @@ class LocalStorage(Storage):
             target.unlink(missing_ok=True)
 
     def upload(self, local: Path, path: str) -> None:
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(target)
-        try:
+        with self._staged(path) as (target, tmp):
             try:
                 os.replace(local, tmp)  # same file system: no copy needed
             except OSError:
@@ -125,8 +126,6 @@ class LocalStorage(Storage):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def download(self, path: str, local: Path) -> None:
         local = Path(local)

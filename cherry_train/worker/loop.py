@@ -82,8 +82,12 @@ class Worker:
                     wait = min(wait * 2, self.options.poll_max_seconds)
                 else:
                     reason = f"stop requested ({self.stop.reason})"
+            except WorkerIdInUse:
+                reason = "worker id in use"
+                raise  # and leave the status file alone: it is the live worker's
             finally:
-                self._write_status("stopped")
+                if reason != "worker id in use":
+                    self._write_status("stopped")
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
                          jobs_done=self.jobs_done)
         return 0

@@ -94,6 +94,9 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
           data_root: Path | None) -> Job:
     cfg = claim.manifest.config
     device = pick_device()
+    if cfg.deterministic and device.type == "cuda":
+        # cuBLAS is only deterministic with a fixed workspace; read when its handle is created.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
