@@ -27,6 +27,13 @@ def queue(fs, clock):
     return JobQueue(LocalStorage(ROOT), clock)
 
 
+def beat(queue, claim, **fields):
+    """What the owner's heartbeat thread writes."""
+    hb = Heartbeat(job_id=claim.job_id, attempt=claim.attempt.n,
+                   worker_id=claim.attempt.worker_id, at=queue.clock.now(), **fields)
+    queue.owner(claim).write(claim.paths.heartbeat, hb.to_json())
+
+
 def config(tiny_config, **overrides):
     return validate_config({**tiny_config, **overrides})
 
@@ -103,9 +110,9 @@ def test_commit_is_exclusive(queue, tiny_config):
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
     result = Result(job_id=manifest.job_id, state=JobState.succeeded, attempts=1,
                     finished_at=queue.clock.now())
-    assert queue.commit(claim, result) is True
+    assert queue.owner(claim).commit(result) is True
     other = result.model_copy(update={"state": JobState.failed})
-    assert queue.commit(claim, other) is False
+    assert queue.owner(claim).commit(other) is False
     stored = Result.from_json(queue.storage.read_bytes(claim.paths.result))
     assert stored.state == JobState.succeeded
 
@@ -151,8 +158,7 @@ def test_a_failing_job_gets_a_failed_result_and_the_loop_goes_on(queue, tiny_con
 def test_heartbeat_age_marks_a_running_job_stalled(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))  # lease 5 s
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
-    queue.write_heartbeat(Heartbeat(job_id=claim.job_id, attempt=1, worker_id="a",
-                                    at=clock.now()))
+    beat(queue, claim)
     clock.advance(4)
     assert queue.view(claim.job_id).stalled is False
     clock.advance(2)
@@ -171,11 +177,10 @@ def test_takeover_only_after_the_lease_expires(queue, clock, tiny_config):
     assert second.attempt.reason == "lease-expired"
     # Fencing: the old owner may write nothing more.
     with pytest.raises(Fenced):
-        queue.write_heartbeat(Heartbeat(job_id=first.job_id, attempt=1, worker_id="a",
-                                        at=clock.now()))
+        beat(queue, first)
     with pytest.raises(Fenced):
-        queue.commit(first, Result(job_id=first.job_id, state=JobState.succeeded, attempts=1,
-                                   finished_at=clock.now()))
+        queue.owner(first).commit(Result(job_id=first.job_id, state=JobState.succeeded,
+                                         attempts=1, finished_at=clock.now()))
     assert not queue.storage.exists(first.paths.result)
 
 
@@ -193,9 +198,7 @@ def test_same_worker_id_takes_its_job_back_fast(queue, clock, tiny_config):
 
 def test_released_job_can_be_taken_at_once(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))
-    queue.try_claim(manifest, WorkerIdentity("a"))
-    queue.write_heartbeat(Heartbeat(job_id=manifest.job_id, attempt=1, worker_id="a",
-                                    at=clock.now(), released=True))
+    beat(queue, queue.try_claim(manifest, WorkerIdentity("a")), released=True)
     claim = queue.try_claim(manifest, WorkerIdentity("b"))
     assert claim is not None and claim.attempt.reason == "released"
 
@@ -249,8 +252,8 @@ def test_state_derivation_order(queue, clock, tiny_config):
     assert queue.view(manifest.job_id).state == JobState.queued
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
     assert queue.view(manifest.job_id).state == JobState.running
-    queue.commit(claim, Result(job_id=claim.job_id, state=JobState.cancelled, attempts=1,
-                               finished_at=clock.now()))
+    queue.owner(claim).commit(Result(job_id=claim.job_id, state=JobState.cancelled,
+                                     attempts=1, finished_at=clock.now()))
     assert queue.view(manifest.job_id).state == JobState.cancelled  # result wins over all
     assert queue.storage.exists(paths.done_manifest)
     assert queue.job_ids() == [manifest.job_id]
@@ -271,9 +274,7 @@ def test_a_crash_between_commit_and_move_is_completed_by_the_next_worker(queue, 
 
 def test_a_fresh_takeover_is_not_shown_stalled_by_the_old_heartbeat(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))
-    queue.try_claim(manifest, WorkerIdentity("a"))
-    queue.write_heartbeat(Heartbeat(job_id=manifest.job_id, attempt=1, worker_id="a",
-                                    at=clock.now()))
+    beat(queue, queue.try_claim(manifest, WorkerIdentity("a")))
     clock.advance(60)
     assert queue.view(manifest.job_id).stalled is True
     queue.try_claim(manifest, WorkerIdentity("b"))  # attempt 2, no heartbeat of its own yet
@@ -285,12 +286,11 @@ def test_a_refused_worker_leaves_the_live_workers_status_alone(queue, clock, tin
     from cherry_train.worker.loop import WorkerOptions
 
     manifest = queue.submit(config(tiny_config))
-    queue.try_claim(manifest, WorkerIdentity("colab-1", incarnation="live"))
+    claim = queue.try_claim(manifest, WorkerIdentity("colab-1", incarnation="live"))
     live = Worker(queue, WorkerIdentity("colab-1", incarnation="live"))
     live._write_status("busy", manifest.job_id)
     clock.advance(61)  # its worker status is old enough to pass the start-up check...
-    queue.write_heartbeat(Heartbeat(job_id=manifest.job_id, attempt=1, worker_id="colab-1",
-                                    at=clock.now()))  # ...but the job's heartbeat is fresh
+    beat(queue, claim)  # ...but the job's heartbeat is fresh
     second = Worker(queue, WorkerIdentity("colab-1", incarnation="second-tab"),
                     WorkerOptions(exit_when_idle=True), trainer=fake_trainer([]))
     with pytest.raises(WorkerIdInUse):

@@ -41,6 +41,10 @@ class JobPaths:
         return f"{FAILED}/{self.job_id}.error.json"
 
     @property
+    def cancel_request(self) -> str:
+        return f"{CONTROL}/{self.job_id}.cancel"
+
+    @property
     def dir(self) -> str:
         return f"{DONE}/{self.job_id}"
 

@@ -9,14 +9,18 @@ worker completes if a crash interrupts it.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import ValidationError
 
+from cherry_train import faults
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.clock import SystemClock, age_seconds
 from cherry_train.jobqueue.ids import new_job_id
@@ -81,6 +85,7 @@ class JobView:
     stalled: bool = False
     result: Result | None = None
     error: str | None = None
+    cancel_requested: bool = False
 
 
 def error_info(exc: BaseException, with_traceback: bool = True) -> ErrorInfo:
@@ -110,6 +115,13 @@ class JobQueue:
         # Temp name, then rename: a worker never sees half a manifest.
         self.storage.write_atomic(JobPaths(job_id).queued_manifest, manifest.to_json())
         return manifest
+
+    def request_cancel(self, job_id: str, requested_by: str = "") -> bool:
+        """Ask for a job to be cancelled; False if it was asked before. The client only ever
+        creates this new file: the worker that owns (or next meets) the job ends it."""
+        record = json.dumps({"job_id": job_id, "requested_by": requested_by,
+                             "at": self.clock.now().isoformat()}).encode()
+        return self.storage.create_exclusive(JobPaths(job_id).cancel_request, record)
 
     def _known(self, job_id: str) -> bool:
         p = JobPaths(job_id)
@@ -197,6 +209,10 @@ class JobQueue:
             self.finish_bookkeeping(job_id)  # a crash came between commit and the move
             return None
         history = self.attempts(job_id)
+        cancelled = self.cancel_requested(job_id)
+        if cancelled and not history:
+            self._commit_unclaimed(manifest, history, JobState.cancelled, me)
+            return None
         reason = "fresh"
         if history:
             last = history[-1]
@@ -220,6 +236,9 @@ class JobQueue:
                 reason = "lease-expired"
             else:
                 return None
+        if cancelled:  # its owner is gone (or handed it back): nobody else will end it
+            self._commit_unclaimed(manifest, history, JobState.cancelled, me)
+            return None
         checkpoint = self.latest_checkpoint_step(job_id)
         stuck = self._attempts_without_progress(history, checkpoint, reason)
         if stuck >= config.max_attempts:
@@ -231,6 +250,8 @@ class JobQueue:
                           checkpoint_at_start=checkpoint)
         if not self.storage.create_exclusive(paths.attempt(attempt.n), attempt.to_json()):
             return None  # another worker claimed it first
+        journal("claim", job_id, attempt.n, worker_id=me.worker_id)
+        faults.point("after-claim")
         return Claim(manifest=manifest, attempt=attempt, history=[*history, attempt])
 
     @staticmethod
@@ -254,31 +275,32 @@ class JobQueue:
             message=f"{stuck} consecutive attempts ended without writing a checkpoint "
                     f"(max_attempts={manifest.config.max_attempts}); the worker process probably "
                     "dies while training this job (out of memory?). See attempts/ and worker logs.")
-        result = Result(job_id=manifest.job_id, state=JobState.failed, attempts=len(history),
+        self._commit_unclaimed(manifest, history, JobState.failed, me, error)
+
+    def _commit_unclaimed(self, manifest: Manifest, history: list[Attempt], state: JobState,
+                          me: WorkerIdentity, error: ErrorInfo | None = None) -> None:
+        """End a job nobody is running (cancelled while queued or stalled, crash loop).
+        result.json is exclusive, so this needs no claim: whoever creates it first decides."""
+        result = Result(job_id=manifest.job_id, state=state, attempts=len(history),
                         attempt_history=history, finished_at=self.clock.now(),
                         worker_id=me.worker_id, error=error)
         self.storage.create_exclusive(JobPaths(manifest.job_id).result, result.to_json())
         self.finish_bookkeeping(manifest.job_id)
 
-    # -- while running (the owner) -------------------------------------------------------------
+    # -- while running -------------------------------------------------------------------------
 
     def fence(self, job_id: str, attempt: int) -> None:
-        """Raise Fenced if an attempt later than ours exists. Call before every write."""
+        """Raise Fenced if an attempt later than ours exists."""
         for name in self.storage.list_dir(JobPaths(job_id).attempts_dir):
             stem = name.removesuffix(".json")
             if stem.isdigit() and int(stem) > attempt:
                 raise Fenced(f"job {job_id}: attempt {stem} took over from attempt {attempt}")
 
-    def write_heartbeat(self, heartbeat: Heartbeat) -> None:
-        self.fence(heartbeat.job_id, heartbeat.attempt)
-        self.storage.write_atomic(JobPaths(heartbeat.job_id).heartbeat, heartbeat.to_json())
+    def owner(self, claim: Claim) -> Owner:
+        return Owner(self, claim)
 
-    def commit(self, claim: Claim, result: Result) -> bool:
-        """Create result.json exclusively; True if ours is the result. Then tidy up."""
-        self.fence(claim.job_id, claim.attempt.n)
-        won = self.storage.create_exclusive(claim.paths.result, result.to_json())
-        self.finish_bookkeeping(claim.job_id)
-        return won
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.storage.exists(JobPaths(job_id).cancel_request)
 
     def finish_bookkeeping(self, job_id: str) -> None:
         """After a result exists: the manifest moves beside it (it may have moved already)."""
@@ -317,7 +339,8 @@ class JobQueue:
         return sorted(ids, reverse=True)  # ids sort by submission time: newest first
 
     def view(self, job_id: str) -> JobView:
-        """A job's state, in DESIGN.md §3's order: result > failed/ > attempt > queue/."""
+        """A job's state, in DESIGN.md §3's order: result > failed/ > cancel request on a queued
+        job > attempt > queue/."""
         paths = JobPaths(job_id)
         manifest = self._manifest(job_id)
         raw = self.storage.read_text_or_none(paths.result)
@@ -336,6 +359,9 @@ class JobQueue:
                 message = why
             return JobView(job_id, JobState.failed, error=message)
         history = self.attempts(job_id)
+        cancel = self.cancel_requested(job_id)
+        if cancel and not history:
+            return JobView(job_id, JobState.cancelled, manifest=manifest, cancel_requested=True)
         if history:
             hb = self.heartbeat(job_id)
             hb = hb if hb is not None and hb.attempt == history[-1].n else None
@@ -343,7 +369,7 @@ class JobQueue:
             age = age_seconds(self.clock, seen)
             lease = manifest.config.lease_seconds if manifest else 300.0
             return JobView(job_id, JobState.running, manifest=manifest, attempt=history[-1],
-                           heartbeat=hb, heartbeat_age=age,
+                           heartbeat=hb, heartbeat_age=age, cancel_requested=cancel,
                            stalled=age > lease and not (hb is not None and hb.released))
         return JobView(job_id, JobState.queued, manifest=manifest)
 
@@ -357,3 +383,53 @@ class JobQueue:
             except (ValidationError, ValueError):
                 return None
         return None
+
+
+class Owner:
+    """Every write the owner of an attempt makes, fenced first (DESIGN.md §3): once a later
+    attempt exists, the next write raises Fenced instead of writing. With $CHERRY_JOURNAL set,
+    each write is also journaled, so a test (or a post-mortem) can check fencing from history."""
+
+    def __init__(self, queue: JobQueue, claim: Claim):
+        self.queue, self.claim = queue, claim
+        self.storage = queue.storage
+
+    def fence(self) -> None:
+        self.queue.fence(self.claim.job_id, self.claim.attempt.n)
+
+    def write(self, path: str, data: bytes) -> None:
+        self._fenced(path)
+        self.storage.write_atomic(path, data)
+
+    def upload(self, local: Path, path: str) -> None:
+        self._fenced(path)
+        self.storage.upload(local, path)
+
+    def commit(self, result: Result) -> bool:
+        """Create result.json exclusively; True if ours is the result. Then tidy up."""
+        paths = self.claim.paths
+        self._fenced(paths.result)
+        faults.point("before-commit")
+        won = self.storage.create_exclusive(paths.result, result.to_json())
+        faults.point("after-commit")
+        self.queue.finish_bookkeeping(self.claim.job_id)
+        return won
+
+    def _fenced(self, path: str) -> None:
+        started = time.time()
+        self.fence()
+        journal("write", self.claim.job_id, self.claim.attempt.n, path=path, t=started)
+
+
+def journal(event: str, job_id: str, attempt: int, **fields) -> None:
+    """Append one JSON line to $CHERRY_JOURNAL (O_APPEND: lines from many processes don't mix)."""
+    target = os.environ.get("CHERRY_JOURNAL")
+    if not target:
+        return
+    line = json.dumps({"event": event, "job_id": job_id, "attempt": attempt, "pid": os.getpid(),
+                       "t": fields.pop("t", time.time()), **fields}) + "\n"
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)

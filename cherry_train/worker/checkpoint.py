@@ -17,9 +17,9 @@ import numpy as np
 import structlog
 import torch
 
+from cherry_train import faults
 from cherry_train.jobqueue import layout
-from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.storage import Storage
+from cherry_train.jobqueue.protocol import Owner
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +41,12 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _truncate_to_half(path: Path) -> None:
+    """What a kill in the middle of torch.save leaves behind (for the fault hook)."""
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
 
 
 def rng_state() -> dict[str, Any]:
@@ -66,25 +72,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpoints:
-    """The checkpoints of one job in a queue root."""
+    """The checkpoints of one job in a queue root, written by the attempt that owns it."""
 
-    def __init__(self, storage: Storage, paths: JobPaths, scratch: Path, keep_last: int):
-        self.storage, self.paths, self.scratch, self.keep_last = storage, paths, scratch, keep_last
+    def __init__(self, owner: Owner, scratch: Path, keep_last: int):
+        self.owner, self.storage, self.paths = owner, owner.storage, owner.claim.paths
+        self.scratch, self.keep_last = scratch, keep_last
 
     def steps(self) -> list[int]:
         names = self.storage.list_dir(self.paths.checkpoints_dir)
         return sorted(s for n in names if (s := layout.checkpoint_step(n)) is not None)
 
-    def save(self, step: int, payload: dict[str, Any], before_publish=None) -> str:
-        """Write checkpoint `step`; `before_publish` (fencing) runs before anything is visible."""
+    def save(self, step: int, payload: dict[str, Any]) -> str:
+        """Write checkpoint `step`: a temp file in scratch, published by rename (fenced), then
+        its checksum. A kill at any point leaves the previous checkpoints as they were."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         tmp = self.scratch / f"step-{step:09d}.pt.partial"
         torch.save(payload, tmp)
+        faults.point("checkpoint-write", before_kill=lambda: _truncate_to_half(tmp))
         digest = file_sha256(tmp)
-        if before_publish is not None:
-            before_publish()
-        self.storage.upload(tmp, self.paths.checkpoint(step))
-        self.storage.write_atomic(self.paths.checkpoint_checksum(step), f"{digest}\n".encode())
+        self.owner.upload(tmp, self.paths.checkpoint(step))
+        faults.point("checkpoint-before-checksum")
+        self.owner.write(self.paths.checkpoint_checksum(step), f"{digest}\n".encode())
         self.prune()
         return self.paths.checkpoint(step)
 

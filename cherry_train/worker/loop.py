@@ -111,22 +111,28 @@ class Worker:
     def execute(self, claim: Claim) -> None:
         log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
                  reason=claim.attempt.reason)
+        owner = self.queue.owner(claim)
         status = self._write_status("busy", claim.job_id)
-        reporter = Reporter(self.queue, claim, status, self.stop)
+        reporter = Reporter(owner, status, self.stop)
+        scratch = self._scratch(claim)
+        shutil.rmtree(scratch, ignore_errors=True)  # a killed predecessor's half-written files
         result: Result | None = None
         try:
             reporter.start()
-            self.queue.storage.write_atomic(claim.paths.config, _resolved_yaml(claim))
-            outcome = self._trainer()(claim, reporter, self.stop, self._scratch(claim),
+            owner.write(claim.paths.config, _resolved_yaml(claim))
+            outcome = self._trainer()(claim, reporter, self.stop, scratch,
                                       self.queue.storage.local_path(""),
                                       self.options.progress_bar)
-            if not outcome.completed:
+            if outcome.completed:
+                result = _result(claim, outcome, JobState.succeeded, self.queue.clock.now())
+            elif self.stop.reason == "cancel":
+                result = _result(claim, outcome, JobState.cancelled, self.queue.clock.now())
+            else:
                 reporter.close()
                 reporter.beat(phase="released", released=True)
                 log.info("job released", job_id=claim.job_id, reason=self.stop.reason,
                          step=outcome.state.global_step)
                 return
-            result = _succeeded(claim, outcome, self.queue.clock.now())
         except Fenced as e:
             log.warning("job taken over; this attempt stops", job_id=claim.job_id, detail=str(e))
             return
@@ -138,10 +144,11 @@ class Worker:
             result = _failed(claim, e, self.queue.clock.now(), with_traceback=True)
         finally:
             reporter.close()
-            shutil.rmtree(self._scratch(claim), ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+            self.stop.clear_job_reasons()  # a cancel or a takeover ends the job, not the worker
         try:
             reporter.beat(phase="finished")
-            won = self.queue.commit(claim, result)
+            won = owner.commit(result)
         except Fenced:
             log.warning("job taken over before commit; result discarded", job_id=claim.job_id)
             return
@@ -218,11 +225,12 @@ def _resolved_yaml(claim: Claim) -> bytes:
     return (header + body).encode()
 
 
-def _succeeded(claim: Claim, outcome, now: datetime) -> Result:
+def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result:
+    """The result of a job that trained (to the end, or until cancelled)."""
     state = outcome.state
     best = BestEpoch(**state.best) if state.best else None
     return Result(
-        job_id=claim.job_id, state=JobState.succeeded, attempts=claim.attempt.n,
+        job_id=claim.job_id, state=job_state, attempts=claim.attempt.n,
         attempt_history=claim.history, finished_at=now, worker_id=claim.attempt.worker_id,
         best=best, epochs_completed=state.epoch, steps_completed=state.global_step,
         wall_seconds=round(state.wall_seconds, 3),

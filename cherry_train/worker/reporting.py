@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
 
-from cherry_train.jobqueue.protocol import Claim, Fenced, JobQueue
+from cherry_train.jobqueue.protocol import Fenced, Owner
 from cherry_train.schemas import Heartbeat, WorkerStatus
 from cherry_train.worker.curves import render_curves
 
@@ -22,16 +22,33 @@ log = structlog.get_logger(__name__)
 
 
 class StopRequest:
-    """Set from a signal handler, the heartbeat thread or the trainer; checked at every step."""
+    """Why training must stop, checked at every step. Set from a signal handler (the worker
+    stops), the heartbeat thread on a cancel request or when fenced (only the job stops)."""
+
+    JOB_ONLY = ("fenced", "cancel")
 
     def __init__(self):
         self._event = threading.Event()
-        self.reason: str | None = None
+        self._reasons: list[str] = []
+
+    @property
+    def reason(self) -> str | None:
+        # Fenced wins: then nothing more may be written, not even a checkpoint.
+        for r in self.JOB_ONLY:
+            if r in self._reasons:
+                return r
+        return self._reasons[0] if self._reasons else None
 
     def set(self, reason: str) -> None:
-        if not self._event.is_set():
-            self.reason = reason
+        if reason not in self._reasons:
+            self._reasons.append(reason)
         self._event.set()
+
+    def clear_job_reasons(self) -> None:
+        """After a job ended: keep only the reasons that stop the worker (signals)."""
+        self._reasons = [r for r in self._reasons if r not in self.JOB_ONLY]
+        if not self._reasons:
+            self._event.clear()
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -41,11 +58,11 @@ class StopRequest:
 
 
 class Reporter:
-    def __init__(self, queue: JobQueue, claim: Claim, worker_status: WorkerStatus,
-                 stop: StopRequest):
-        self.queue, self.claim, self.stop = queue, claim, stop
+    def __init__(self, owner: Owner, worker_status: WorkerStatus, stop: StopRequest):
+        self.owner, self.stop = owner, stop
+        self.queue, self.claim = owner.queue, owner.claim
         self.worker_status = worker_status
-        config = claim.manifest.config
+        config = owner.claim.manifest.config
         self.interval = config.heartbeat_seconds
         self._progress: dict[str, Any] = {"phase": "starting"}
         self._metrics: list[str] = []
@@ -107,7 +124,7 @@ class Reporter:
             self._thread.join()
 
     def beat(self, **final: Any) -> None:
-        """Write the heartbeat and sync metrics: fenced, serialised with the trainer's writes."""
+        """Write the heartbeat and sync metrics (fenced); notice a cancel request."""
         with self._lock:
             progress = {**self._progress, **final}
             metrics = "\n".join(self._metrics) + "\n" if self._metrics else ""
@@ -116,32 +133,30 @@ class Reporter:
         claim, now = self.claim, self.queue.clock.now()
         heartbeat = Heartbeat(job_id=claim.job_id, attempt=claim.attempt.n,
                               worker_id=claim.attempt.worker_id, at=now, **progress)
-        try:
-            self.queue.write_heartbeat(heartbeat)  # raises Fenced before writing
-        except Fenced:
-            self.fenced = True
-            self.stop.set("fenced")
-            log.warning("fenced: a later attempt took over; stopping without further writes",
-                        job_id=claim.job_id, attempt=claim.attempt.n)
-            raise
-        if unsynced:
-            self.queue.storage.write_atomic(claim.paths.metrics, metrics.encode())
-            with self._lock:
-                self._metrics_synced = count
+        with self._on_fenced():
+            self.owner.write(claim.paths.heartbeat, heartbeat.to_json())
+            if unsynced:
+                self.owner.write(claim.paths.metrics, metrics.encode())
+                with self._lock:
+                    self._metrics_synced = count
         self.queue.write_worker_status(self.worker_status.model_copy(update={"at": now}))
-
-    def fence(self) -> None:
-        """Check before a checkpoint or result write."""
-        try:
-            self.queue.fence(self.claim.job_id, self.claim.attempt.n)
-        except Fenced:
-            self.fenced = True
-            self.stop.set("fenced")
-            raise
+        if not self.stop.is_set() and self.queue.cancel_requested(claim.job_id):
+            log.info("cancel requested: checkpointing, then stopping", job_id=claim.job_id)
+            self.stop.set("cancel")
 
     def write_curves(self, title: str) -> None:
         epochs = self.epoch_records()
         if epochs:
-            started = time.perf_counter()
-            self.queue.storage.write_atomic(self.claim.paths.curves, render_curves(epochs, title))
-            log.debug("curves written", seconds=round(time.perf_counter() - started, 3))
+            with self._on_fenced():
+                self.owner.write(self.claim.paths.curves, render_curves(epochs, title))
+
+    @contextmanager
+    def _on_fenced(self):
+        try:
+            yield
+        except Fenced:
+            self.fenced = True
+            self.stop.set("fenced")
+            log.warning("fenced: a later attempt took over; stopping without further writes",
+                        job_id=self.claim.job_id, attempt=self.claim.attempt.n)
+            raise

@@ -19,6 +19,7 @@ import structlog
 import torch
 from torch import nn
 
+from cherry_train import faults
 from cherry_train.jobqueue.protocol import Claim, Fenced
 from cherry_train.jobqueue.roots import PathMappingError, map_data_path
 from cherry_train.schemas import TrainingConfig
@@ -127,8 +128,7 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
         optimizer=optimizer, scheduler=_make_scheduler(cfg, optimizer, total),
         scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
-        checkpoints=Checkpoints(reporter.queue.storage, claim.paths, scratch,
-                                cfg.checkpoint.keep_last),
+        checkpoints=Checkpoints(reporter.owner, scratch, cfg.checkpoint.keep_last),
         reporter=reporter, stop=stop, scratch=scratch)
 
 
@@ -148,7 +148,7 @@ def save_checkpoint(job: Job, why: str) -> None:
         "rng": rng_state(),
         "torch_threads": torch.get_num_threads(),
     }
-    path = job.checkpoints.save(job.state.global_step, payload, before_publish=job.reporter.fence)
+    path = job.checkpoints.save(job.state.global_step, payload)
     job.last_checkpoint_at = time.perf_counter()
     job.reporter.update(phase="training", last_checkpoint=path,
                         last_checkpoint_step=job.state.global_step)
@@ -228,6 +228,7 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
         state.train_seconds += now - step_started
         if bar is not None:
             bar.update(1)
+        faults.point("step")
 
         if state.global_step % cfg.log_every_steps == 0 or \
                 state.step_in_epoch == job.data.steps_per_epoch:
@@ -334,8 +335,7 @@ def _save_weights(job: Job, path: str) -> str:
     tmp = job.scratch / (Path(path).name + ".partial")
     job.scratch.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, tmp)
-    job.reporter.fence()
-    job.reporter.queue.storage.upload(tmp, path)
+    job.reporter.owner.upload(tmp, path)
     return weights_sha256(state_dict)
 
 
@@ -354,7 +354,10 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
              num_workers=job.data.num_workers, start_epoch=job.state.epoch,
              start_step=job.state.global_step, cpu_count=os.cpu_count())
     outcome = Outcome(completed=False, state=job.state, device=device_name,
-                      precision=job.precision.name, threads=torch.get_num_threads())
+                      precision=job.precision.name, threads=torch.get_num_threads(),
+                      artifacts={"best_weights": "best.pt", "curves": "curves.png",
+                                 "metrics": "metrics.jsonl", "config": "config.yaml",
+                                 "checkpoints": "checkpoints/"})
     while job.state.epoch < job.cfg.training.epochs:
         if stop.is_set():
             _stop_here(job, torch.zeros(()), torch.zeros((), dtype=torch.int64))
@@ -367,7 +370,5 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     outcome.completed = True
     outcome.state = job.state
     outcome.final_weights_sha256 = _save_weights(job, claim.paths.final_weights)
-    outcome.artifacts = {"best_weights": "best.pt", "final_weights": "final.pt",
-                         "curves": "curves.png", "metrics": "metrics.jsonl",
-                         "config": "config.yaml", "checkpoints": "checkpoints/"}
+    outcome.artifacts["final_weights"] = "final.pt"
     return outcome

@@ -1,0 +1,31 @@
+"""A fault hook for crash tests: the process kills itself (SIGKILL) at a named point.
+
+    CHERRY_FAULT=checkpoint-write@2      the 2nd time this process reaches that point
+    CHERRY_FAULT=step@5,before-commit    several points; @1 when no count is given
+
+Random kills from outside rarely land inside a write that takes milliseconds; this does.
+Points: after-claim, step, checkpoint-write (leaves a half-written temp file),
+checkpoint-before-checksum, before-commit, after-commit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from collections.abc import Callable
+
+_reached: Counter[str] = Counter()
+
+
+def point(name: str, before_kill: Callable[[], None] | None = None) -> None:
+    spec = os.environ.get("CHERRY_FAULT")
+    if not spec:
+        return
+    _reached[name] += 1
+    for item in spec.split(","):
+        target, _, count = item.strip().partition("@")
+        if target == name and _reached[name] == int(count or 1):
+            if before_kill is not None:
+                before_kill()
+            os.kill(os.getpid(), signal.SIGKILL)
