@@ -117,6 +117,42 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_cancel(args) -> int:
+    import getpass
+    import socket
+
+    resolved, queue = _root(args)
+    job_id = _existing_job(queue, args.job)
+    view = queue.view(job_id)
+    if view.state.finished:
+        print(f"{job_id} already {view.state.value}; nothing to cancel")
+        return 0
+    first = queue.request_cancel(job_id, f"{getpass.getuser()}@{socket.gethostname()}")
+    again = "" if first else " (it had been requested already)"
+    if view.state.value == "queued":
+        print(f"cancelled {job_id}: it will not start{again}")
+    else:
+        print(f"cancel requested for {job_id}{again}: its worker checkpoints and stops at its "
+              f"next heartbeat (every {view.manifest.config.heartbeat_seconds:g} s)"
+              if view.manifest else f"cancel requested for {job_id}{again}")
+    return 0
+
+
+def _existing_job(queue: JobQueue, job: str) -> str:
+    """The job id a user typed, or a unique job whose id ends with it (e.g. `7f3a`)."""
+    ids = queue.job_ids()
+    if job in ids:
+        return job
+    matches = [i for i in ids if i.endswith(job) or i.startswith(job)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UsageError(f"JOB: no job {job!r} under {queue.storage.description}; "
+                         "`cherry status` lists them")
+    raise UsageError(f"JOB: {job!r} matches {len(matches)} jobs ({', '.join(matches[:4])}"
+                     f"{', ...' if len(matches) > 4 else ''}); give more of the id")
+
+
 def cmd_init(args) -> int:
     if args.root:
         root = args.root
@@ -199,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled"),
                     help="only jobs in this state")
     st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("cancel", help="cancel a queued or running job")
+    c.add_argument("job", metavar="JOB", help="the job id (or its unique end, e.g. 7f3a)")
+    c.add_argument("--root", help=root_help)
+    c.set_defaults(func=cmd_cancel)
 
     i = sub.add_parser("init", help="remember a default queue root")
     i.add_argument("root", nargs="?", help="the folder (default: <My Drive>/traina of Drive for "

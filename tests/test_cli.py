@@ -207,3 +207,17 @@ def test_model_name_is_checked_even_without_preflight(tmp_path, tiny_config, cap
     assert main(["submit", str(cfg), "--root", str(tmp_path / "r"), "--no-preflight"]) == 2
     assert "did you mean resnet50" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_cancel_a_queued_job_by_its_short_id(tmp_path, tiny_config, capsys):
+    cfg = write_config(tmp_path, tiny_config)
+    root = str(tmp_path / "r")
+    main(["submit", str(cfg), "--root", root, "--no-preflight"])
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["cancel", job_id[-4:], "--root", root]) == 0
+    assert "it will not start" in capsys.readouterr().out
+    main(["status", "--root", root, "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "cancelled"
+    assert (tmp_path / "r" / "control" / f"{job_id}.cancel").is_file()
+    assert main(["cancel", "nope", "--root", root]) == 2
+    assert "no job 'nope'" in capsys.readouterr().err

@@ -227,13 +227,27 @@ def test_attempts_that_checkpoint_do_not_count_as_a_crash_loop(queue, clock, tin
     assert claim is not None and claim.attempt.n == 6 and claim.attempt.checkpoint_at_start == 5
 
 
-def test_worker_refuses_to_start_under_a_live_workers_id(queue, clock):
-    first = Worker(queue, WorkerIdentity("colab-1"))
-    first._write_status("idle")
+def test_worker_refuses_to_start_under_a_live_workers_id(queue, clock, monkeypatch):
+    live = Worker(queue, WorkerIdentity("colab-1"))
+    live._write_status("idle", interval=5)
+    read = queue.worker_status
+
+    def still_writing(worker_id):  # the live worker rewrites its status while we watch
+        live._write_status("idle", interval=5)
+        return read(worker_id)
+
+    monkeypatch.setattr(queue, "worker_status", still_writing)
     with pytest.raises(WorkerIdInUse, match="second notebook"):
         Worker(queue, WorkerIdentity("colab-1")).refuse_if_id_in_use()
-    clock.advance(600)
-    Worker(queue, WorkerIdentity("colab-1")).refuse_if_id_in_use()  # the old one is gone
+
+
+def test_a_restarted_worker_is_not_refused_by_its_dead_predecessor(queue, clock):
+    dead = Worker(queue, WorkerIdentity("colab-1"))
+    dead._write_status("busy", interval=5)  # killed right after this write
+    restarted = Worker(queue, WorkerIdentity("colab-1"))
+    started = clock.now()
+    restarted.refuse_if_id_in_use()  # watches for 2 x 5 s, sees no new write, goes on
+    assert 10 <= (clock.now() - started).total_seconds() <= 11
 
 
 def test_exit_when_idle_stops_on_an_empty_queue(queue):
@@ -296,3 +310,65 @@ def test_a_refused_worker_leaves_the_live_workers_status_alone(queue, clock, tin
     with pytest.raises(WorkerIdInUse):
         second.run()
     assert queue.worker_status("colab-1").incarnation == "live"
+
+
+def test_cancelled_queued_job_never_starts(queue, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    assert queue.request_cancel(manifest.job_id) is True
+    assert queue.request_cancel(manifest.job_id) is False  # asked before: nothing new
+    assert queue.view(manifest.job_id).state == JobState.cancelled  # before any worker acts
+    ran = []
+    Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran)).run_once()
+    assert ran == []
+    result = Result.from_json(queue.storage.read_bytes(JobPaths(manifest.job_id).result))
+    assert result.state == JobState.cancelled and result.attempts == 0
+    assert queue.storage.list_dir("queue") == []
+
+
+def test_cancelled_stalled_job_is_ended_by_the_next_worker(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))
+    beat(queue, claim)
+    queue.request_cancel(manifest.job_id)
+    assert queue.view(manifest.job_id).state == JobState.running  # its owner may still act
+    assert queue.view(manifest.job_id).cancel_requested
+    clock.advance(6)  # the owner died: lease expired
+    ran = []
+    Worker(queue, WorkerIdentity("b"), trainer=fake_trainer(ran)).run_once()
+    assert ran == []
+    assert queue.view(manifest.job_id).state == JobState.cancelled
+
+
+def test_a_running_job_sees_the_cancel_at_its_next_heartbeat(queue, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    seen = []
+
+    def trainer(claim, reporter, stop, *args):
+        queue.request_cancel(claim.job_id)
+        reporter.beat()
+        seen.append(stop.reason)
+        state = TrainState(epoch=0, global_step=3)
+        return Outcome(completed=False, state=state, device="fake", precision="off", threads=1)
+
+    worker = Worker(queue, WorkerIdentity("w1"), trainer=trainer)
+    worker.run_once()
+    assert seen == ["cancel"]
+    result = Result.from_json(queue.storage.read_bytes(JobPaths(manifest.job_id).result))
+    assert result.state == JobState.cancelled and result.steps_completed == 3
+    assert not worker.stop.is_set()  # the cancel ended the job, not the worker
+
+
+def test_journal_records_claims_and_fenced_writes(queue, clock, tiny_config,
+                                                  monkeypatch):
+    journal = "/journal.jsonl"
+    monkeypatch.setenv("CHERRY_JOURNAL", journal)
+    manifest = queue.submit(config(tiny_config))
+    first = queue.try_claim(manifest, WorkerIdentity("a"))
+    beat(queue, first)
+    clock.advance(6)
+    queue.try_claim(manifest, WorkerIdentity("b"))
+    with pytest.raises(Fenced):
+        beat(queue, first)
+    events = [json.loads(line) for line in open(journal)]
+    assert [(e["event"], e["attempt"]) for e in events] == [
+        ("claim", 1), ("write", 1), ("claim", 2)]  # the fenced write never happened

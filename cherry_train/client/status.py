@@ -27,6 +27,7 @@ def _row(v: JobView) -> dict[str, Any]:
         "epoch": None, "epochs": None, "step": None, "loss": None,
         "images_per_second": None, "eta_seconds": None, "device": None,
         "best_val_accuracy": None, "error": v.error,
+        "cancel_requested": v.cancel_requested,
     }
     if hb is not None and v.state.value == "running":
         row.update(epoch=hb.epoch, epochs=hb.epochs, step=hb.step, loss=hb.loss,
@@ -58,7 +59,8 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
         header = ("JOB", "STATE", "TRY", "EPOCH", "LOSS", "BEST ACC", "IMG/S", "ETA", "HEARTBEAT")
         table = [header]
         for r in rows:
-            state = r["state"] + (" (stalled)" if r["stalled"] else "")
+            state = r["state"] + (" (stalled)" if r["stalled"] else "") + \
+                (" (cancelling)" if r["cancel_requested"] and r["state"] == "running" else "")
             epoch = (f"{r['epoch'] + (1 if r['state'] == 'running' else 0)}/{r['epochs']}"
                      if r["epoch"] is not None and r["epochs"] else "-")
             table.append((

@@ -134,6 +134,7 @@ class WorkerStatus(_Record):
     incarnation: str
     at: datetime
     state: str  # idle | busy | stopped
+    interval_seconds: float = 30.0  # it writes this file again within this long, while alive
     host: str = ""
     pid: int = 0
     device: str | None = None

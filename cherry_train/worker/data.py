@@ -153,7 +153,10 @@ class Data:
                 # Started once per job, not once per epoch. Not forked from this process: its
                 # heartbeat thread could hold a lock at fork time and deadlock the child.
                 persistent_workers=workers > 0,
-                multiprocessing_context=_worker_context() if workers > 0 else None)
+                multiprocessing_context=_worker_context() if workers > 0 else None,
+                # Every iter() draws a base seed; from the global RNG that would shift the
+                # stream dropout uses whenever a resume starts an extra iterator mid-epoch.
+                generator=torch.Generator().manual_seed(dataset.seed))
         return self._loaders[split]
 
 

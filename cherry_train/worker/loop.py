@@ -77,7 +77,7 @@ class Worker:
                     if self.options.exit_when_idle:
                         reason = "idle"
                         break
-                    self._write_status("idle")
+                    self._write_status("idle", interval=wait)
                     self.stop.wait(wait)
                     wait = min(wait * 2, self.options.poll_max_seconds)
                 else:
@@ -87,7 +87,7 @@ class Worker:
                 raise  # and leave the status file alone: it is the live worker's
             finally:
                 if reason != "worker id in use":
-                    self._write_status("stopped")
+                    self._write_status("stopped", interval=0)
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
                          jobs_done=self.jobs_done)
         return 0
@@ -112,7 +112,8 @@ class Worker:
         log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
                  reason=claim.attempt.reason)
         owner = self.queue.owner(claim)
-        status = self._write_status("busy", claim.job_id)
+        status = self._write_status("busy", claim.job_id,
+                                    interval=claim.manifest.config.heartbeat_seconds)
         reporter = Reporter(owner, status, self.stop)
         scratch = self._scratch(claim)
         shutil.rmtree(scratch, ignore_errors=True)  # a killed predecessor's half-written files
@@ -174,23 +175,35 @@ class Worker:
     # -- identity and status -----------------------------------------------------------------
 
     def refuse_if_id_in_use(self) -> None:
-        """Two live processes must not share a worker id (two Colab tabs): the second stops."""
+        """Two live processes must not share a worker id (two Colab tabs): the second stops.
+
+        A status file alone cannot tell a live worker from one killed a second ago (a Colab
+        disconnect), so watch it: a live worker rewrites it within its interval."""
         other = self.queue.worker_status(self.me.worker_id)
         if other is None or other.incarnation == self.me.incarnation or other.state == "stopped":
             return
-        age = age_seconds(self.queue.clock, other.at)
-        fresh = 2 * max(POLL_MAX_SECONDS, 30.0)
-        if age < fresh:
-            raise WorkerIdInUse(
-                f"worker id {self.me.worker_id!r} is in use by a live worker (host "
-                f"{other.host or '?'}, pid {other.pid}, seen {age:.0f} s ago, "
-                f"{other.state}). Is a second notebook or tab running? Stop it, or start this "
-                "one with another --worker-id.")
+        window = 2 * other.interval_seconds
+        if age_seconds(self.queue.clock, other.at) > window:
+            return
+        log.info("a worker with this id was seen recently; checking whether it is alive",
+                 worker_id=self.me.worker_id, seconds=round(window, 1))
+        while age_seconds(self.queue.clock, other.at) <= window:
+            self.queue.clock.sleep(min(0.5, window / 4))
+            latest = self.queue.worker_status(self.me.worker_id)
+            if latest is not None and (latest.at, latest.incarnation) != (other.at,
+                                                                          other.incarnation):
+                raise WorkerIdInUse(
+                    f"worker id {self.me.worker_id!r} is in use by a live worker (host "
+                    f"{latest.host or '?'}, pid {latest.pid}, {latest.state}). Is a second "
+                    "notebook or tab running? Stop it, or start this one with another "
+                    "--worker-id.")
 
-    def _write_status(self, state: str, job_id: str | None = None) -> WorkerStatus:
+    def _write_status(self, state: str, job_id: str | None = None,
+                      interval: float = POLL_MAX_SECONDS) -> WorkerStatus:
         status = WorkerStatus(worker_id=self.me.worker_id, incarnation=self.me.incarnation,
-                              at=self.queue.clock.now(), state=state, host=self.me.host,
-                              pid=self.me.pid, job_id=job_id, version=__version__)
+                              at=self.queue.clock.now(), state=state, interval_seconds=interval,
+                              host=self.me.host, pid=self.me.pid, job_id=job_id,
+                              version=__version__)
         try:
             self.queue.write_worker_status(status)
         except OSError as e:  # status is informational: never fail on it

@@ -127,22 +127,30 @@ class Reporter:
         """Write the heartbeat and sync metrics (fenced); notice a cancel request."""
         with self._lock:
             progress = {**self._progress, **final}
-            metrics = "\n".join(self._metrics) + "\n" if self._metrics else ""
-            unsynced = len(self._metrics) != self._metrics_synced
-            count = len(self._metrics)
         claim, now = self.claim, self.queue.clock.now()
         heartbeat = Heartbeat(job_id=claim.job_id, attempt=claim.attempt.n,
                               worker_id=claim.attempt.worker_id, at=now, **progress)
         with self._on_fenced():
             self.owner.write(claim.paths.heartbeat, heartbeat.to_json())
-            if unsynced:
-                self.owner.write(claim.paths.metrics, metrics.encode())
-                with self._lock:
-                    self._metrics_synced = count
+        self.sync_metrics()
         self.queue.write_worker_status(self.worker_status.model_copy(update={"at": now}))
-        if not self.stop.is_set() and self.queue.cancel_requested(claim.job_id):
+        training = not self._done.is_set()  # the final beats after close() look no further
+        if training and not self.stop.is_set() and self.queue.cancel_requested(claim.job_id):
             log.info("cancel requested: checkpointing, then stopping", job_id=claim.job_id)
             self.stop.set("cancel")
+
+    def sync_metrics(self) -> None:
+        """Write metrics.jsonl if lines were added. Called at each heartbeat, and before each
+        checkpoint: a resume keeps the lines up to its checkpoint, so they must be stored."""
+        with self._lock:
+            if len(self._metrics) == self._metrics_synced:
+                return
+            count = len(self._metrics)
+            data = ("\n".join(self._metrics) + "\n").encode() if self._metrics else b""
+        with self._on_fenced():
+            self.owner.write(self.claim.paths.metrics, data)
+        with self._lock:
+            self._metrics_synced = count
 
     def write_curves(self, title: str) -> None:
         epochs = self.epoch_records()

@@ -148,6 +148,7 @@ def save_checkpoint(job: Job, why: str) -> None:
         "rng": rng_state(),
         "torch_threads": torch.get_num_threads(),
     }
+    job.reporter.sync_metrics()  # first: the resume from this checkpoint keeps these lines
     path = job.checkpoints.save(job.state.global_step, payload)
     job.last_checkpoint_at = time.perf_counter()
     job.reporter.update(phase="training", last_checkpoint=path,

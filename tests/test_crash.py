@@ -1,0 +1,268 @@
+"""Crash safety, proven on real worker processes: SIGKILL at random moments and at named points
+(the fault hook), SIGTERM, cancel, several workers on one folder (DESIGN.md §3 guarantees)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from cherry_train.cli import main
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
+from cherry_train.storage import LocalStorage
+
+pytestmark = pytest.mark.slow
+
+# MobileNetV3-small: checkpoints are small (fast to write), and its dropout draws from the
+# global RNG, so bit-exact resume also proves the RNG states are restored.
+CRASH_CONFIG = {
+    "name": "crash",
+    "seed": 11,
+    "deterministic": True,
+    "model": {"name": "mobilenet_v3_small", "num_classes": 2},
+    "training": {"epochs": 4, "batch_size": 8, "learning_rate": 0.002},
+    "data": {"train_path": "data/train", "val_path": "data/val", "image_size": 32,
+             "num_workers": 0},
+    "checkpoint": {"every_steps": 2, "keep_last": 2},
+    "heartbeat_seconds": 0.2,
+    "lease_seconds": 5,
+    "max_attempts": 100,  # random kills before a first checkpoint are not a crash loop here
+    "log_every_steps": 2,
+}
+
+
+def make_root(tmp_path: Path, cherry_images: Path, name: str) -> Path:
+    root = tmp_path / name
+    root.mkdir()
+    (root / "data").symlink_to(cherry_images, target_is_directory=True)
+    return root
+
+
+def start_worker(root: Path, worker_id: str, journal: Path, fault: str | None = None,
+                 exit_when_idle: bool = True) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CHERRY_DEVICE": "cpu",
+           "CHERRY_JOURNAL": str(journal), "PYTHONUNBUFFERED": "1"}
+    env.pop("CHERRY_FAULT", None)
+    if fault:
+        env["CHERRY_FAULT"] = fault
+    cmd = [sys.executable, "-m", "cherry_train", "worker", "--root", str(root), "--worker-id",
+           worker_id, "--threads", "1", "--poll-seconds", "0.2"]
+    if exit_when_idle:
+        cmd.append("--exit-when-idle")
+    log = open(root / f"worker-{worker_id}.log", "ab")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def kill(proc: subprocess.Popen) -> bool:
+    """SIGKILL if still running; True if it was killed (not already exited)."""
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def read_journal(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_fencing_held(journal: list[dict]) -> None:
+    """No attempt began a write after a later attempt of its job had been claimed."""
+    claimed = defaultdict(dict)
+    for e in journal:
+        if e["event"] == "claim":
+            claimed[e["job_id"]][e["attempt"]] = e["t"]
+    for e in journal:
+        if e["event"] != "write":
+            continue
+        later = [t for n, t in claimed[e["job_id"]].items() if n > e["attempt"]]
+        assert all(e["t"] < t for t in later), f"write after takeover: {e}"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def heartbeat(root: Path, job_id: str) -> Heartbeat | None:
+    try:
+        return Heartbeat.from_json((root / JobPaths(job_id).heartbeat).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def test_killed_again_and_again_the_job_ends_with_the_uninterrupted_weights(
+        tmp_path, cherry_images):
+    rng = random.Random(20261126)
+    # The reference: the same job, never interrupted, in a worker process of its own.
+    straight_root = make_root(tmp_path, cherry_images, "straight")
+    JobQueue(LocalStorage(straight_root)).submit(validate_config(CRASH_CONFIG))
+    start_worker(straight_root, "ref", tmp_path / "ref.jsonl").wait(timeout=120)
+    straight = Result.from_json(next((straight_root / "done").glob("*/result.json")).read_bytes())
+    assert straight.state == JobState.succeeded and straight.attempts == 1
+
+    root = make_root(tmp_path, cherry_images, "killed")
+    queue = JobQueue(LocalStorage(root))
+    job_id = queue.submit(validate_config(CRASH_CONFIG)).job_id
+    journal = tmp_path / "journal.jsonl"
+    # Random wall-clock kills (start-up, claim, training, checkpointing, whatever is running),
+    # kills after a random number of steps, and the named points a random kill rarely hits.
+    plan = [None] * 5 + [f"step@{rng.randint(1, 5)}" for _ in range(3)] + [
+        "checkpoint-write@2", "checkpoint-before-checksum@1", "after-claim", "before-commit"]
+    kills = 0
+    for fault in plan:
+        if (root / JobPaths(job_id).result).exists():
+            break
+        proc = start_worker(root, "colab-1", journal, fault=fault)
+        if fault is None:
+            time.sleep(rng.uniform(0.5, 4.0))
+            kills += kill(proc)
+        else:
+            proc.wait(timeout=120)
+            kills += proc.returncode == -signal.SIGKILL
+    assert kills >= 8
+    assert not (root / JobPaths(job_id).result).exists(), "the job must outlive the kills"
+
+    start_worker(root, "colab-1", journal).wait(timeout=120)  # the next start, left alone
+    results = list((root / "done").glob("*/result.json"))
+    assert len(results) == 1
+    result = Result.from_json(results[0].read_bytes())
+    assert result.state == JobState.succeeded, result.error
+    assert result.attempts > 1
+    assert result.final_weights_sha256 == straight.final_weights_sha256
+    assert result.best_weights_sha256 == straight.best_weights_sha256
+    assert result.steps_completed == straight.steps_completed
+    # metrics.jsonl was cut back at every resume: each step logged once, in order.
+    lines = [json.loads(x) for x in (root / JobPaths(job_id).metrics).read_text().splitlines()]
+    steps = [x["step"] for x in lines if x["kind"] == "train"]
+    assert steps == list(range(2, straight.steps_completed + 1, 2))
+    assert [x["epoch"] for x in lines if x["kind"] == "epoch"] == [0, 1, 2, 3]
+    assert not list((root / "queue").iterdir())
+    assert_fencing_held(read_journal(journal))
+
+
+def test_three_workers_twenty_jobs_random_kills(tmp_path, cherry_images):
+    rng = random.Random(7)
+    root = make_root(tmp_path, cherry_images, "farm")
+    queue = JobQueue(LocalStorage(root))
+    job_cfg = {**CRASH_CONFIG, "deterministic": False,
+               "training": {"epochs": 1, "batch_size": 16, "learning_rate": 0.002},
+               "checkpoint": {"every_steps": 3, "keep_last": 1}}
+    job_ids = [queue.submit(validate_config({**job_cfg, "name": f"job{i}"})).job_id
+               for i in range(20)]
+    journal = tmp_path / "journal.jsonl"
+    workers = {wid: start_worker(root, wid, journal, exit_when_idle=False)
+               for wid in ("w1", "w2", "w3")}
+    kills = 0
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            done = sum((root / JobPaths(j).result).exists() for j in job_ids)
+            if done == len(job_ids):
+                break
+            time.sleep(rng.uniform(0.5, 2.5))
+            victim = rng.choice(sorted(workers))
+            kills += kill(workers[victim])
+            fault = rng.choice([None, None, "checkpoint-write@1", "after-claim", "step@2"])
+            workers[victim] = start_worker(root, victim, journal, fault=fault,
+                                           exit_when_idle=False)
+        else:
+            pytest.fail("the jobs did not all finish in time")
+        for wid, proc in workers.items():  # idle workers: SIGTERM must end them cleanly
+            if proc.poll() is None:
+                wait_for(lambda w=wid, p=proc: (s := queue.worker_status(w)) and s.pid == p.pid
+                         and s.state == "idle", 60, f"{wid} idle")
+                proc.send_signal(signal.SIGTERM)
+        for wid, proc in workers.items():
+            assert proc.wait(timeout=30) in (0, -signal.SIGKILL), wid
+    finally:
+        for proc in workers.values():
+            kill(proc)
+    assert kills >= 5
+    for job_id in job_ids:  # nothing lost, exactly one result each
+        paths = JobPaths(job_id)
+        assert [p.name for p in (root / paths.dir).glob("result*")] == ["result.json"]
+        result = Result.from_json((root / paths.result).read_bytes())
+        assert result.state == JobState.succeeded, (job_id, result.error)
+        assert (root / paths.done_manifest).is_file()
+    assert not list((root / "queue").iterdir())
+    assert not (root / "failed").exists()
+    events = read_journal(journal)
+    assert max(e["attempt"] for e in events if e["event"] == "claim") > 1  # takeovers happened
+    assert_fencing_held(events)
+
+
+def _long_job(tmp_path, cherry_images) -> tuple[Path, JobQueue, str]:
+    root = make_root(tmp_path, cherry_images, "long")
+    queue = JobQueue(LocalStorage(root))
+    cfg = {**CRASH_CONFIG, "training": {"epochs": 200, "batch_size": 8, "learning_rate": 0.002},
+           "checkpoint": {"every_minutes": 60}}
+    return root, queue, queue.submit(validate_config(cfg)).job_id
+
+
+def test_sigterm_checkpoints_releases_the_job_and_exits_0(tmp_path, cherry_images):
+    root, queue, job_id = _long_job(tmp_path, cherry_images)
+    proc = start_worker(root, "a", tmp_path / "j.jsonl")
+    try:
+        wait_for(lambda: (hb := heartbeat(root, job_id)) and hb.step >= 3, 60, "training")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        kill(proc)
+    hb = heartbeat(root, job_id)
+    assert hb.released and hb.phase == "released"
+    assert (root / JobPaths(job_id).checkpoint(hb.last_checkpoint_step)).is_file()
+    assert hb.last_checkpoint_step >= 3
+    # Another worker may take it at once: no waiting for the lease.
+    manifest = queue.queued()[0][0]
+    claim = queue.try_claim(manifest, WorkerIdentity("b"))
+    assert claim is not None and claim.attempt.reason == "released"
+    assert claim.attempt.checkpoint_at_start == hb.last_checkpoint_step
+
+
+def test_cancel_a_running_job(tmp_path, cherry_images, capsys):
+    root, queue, job_id = _long_job(tmp_path, cherry_images)
+    proc = start_worker(root, "a", tmp_path / "j.jsonl")
+    try:
+        wait_for(lambda: (hb := heartbeat(root, job_id)) and hb.step >= 2, 60, "training")
+        assert main(["cancel", job_id, "--root", str(root)]) == 0
+        assert "checkpoints and stops" in capsys.readouterr().out
+        assert proc.wait(timeout=30) == 0  # the job ended; the idle worker exits
+    finally:
+        kill(proc)
+    result = Result.from_json((root / JobPaths(job_id).result).read_bytes())
+    assert result.state == JobState.cancelled
+    assert 2 <= result.steps_completed < 200 * 12
+    assert (root / JobPaths(job_id).checkpoint(result.steps_completed)).is_file()
+    main(["status", "--root", str(root), "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "cancelled"
+
+
+def test_a_crash_loop_fails_the_job_with_its_history(tmp_path, cherry_images):
+    root = make_root(tmp_path, cherry_images, "loop")
+    queue = JobQueue(LocalStorage(root))
+    cfg = {**CRASH_CONFIG, "max_attempts": 2, "lease_seconds": 1}
+    job_id = queue.submit(validate_config(cfg)).job_id
+    journal = tmp_path / "j.jsonl"
+    for _ in range(2):  # dies on its first step, before any checkpoint, every time
+        assert start_worker(root, "w", journal, fault="step@1").wait(timeout=60) == -9
+    assert start_worker(root, "w", journal).wait(timeout=60) == 0
+    result = Result.from_json((root / JobPaths(job_id).result).read_bytes())
+    assert result.state == JobState.failed and result.error.type == "CrashLoop"
+    assert len(result.attempt_history) == 2
+
