@@ -104,6 +104,10 @@ class Reporter:
         with self._lock:
             self._progress.update(progress)
 
+    def last_checkpoint_step(self) -> int | None:
+        with self._lock:
+            return self._progress.get("last_checkpoint_step")
+
     def start(self) -> None:
         self.beat()
         self._thread = threading.Thread(target=self._run, name="cherry-heartbeat", daemon=True)

@@ -273,7 +273,8 @@ def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     if job.stop.reason == "fenced":
         raise Fenced(f"job {job.claim.job_id}: a later attempt took over")
     _fold_running_sums(job.state, loss_sum, correct)
-    save_checkpoint(job, f"stop ({job.stop.reason})")
+    if job.reporter.last_checkpoint_step() != job.state.global_step:  # e.g. right after an epoch
+        save_checkpoint(job, f"stop ({job.stop.reason})")
 
 
 def _progress(enabled: bool, job: Job, total: int):
