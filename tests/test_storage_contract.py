@@ -1,7 +1,9 @@
 """One contract, every backend: the primitives the queue protocol relies on.
 
 Each backend gets a fixture in `storage`; the Drive API backend joins this list when it lands.
-The local folder runs twice: on a real directory, and under pyfakefs.
+The local folder runs three times: on a real directory, under pyfakefs, and failing like a flaky
+Drive mount (Errno 107 / EIO on 30% of calls, half of them after the operation took effect)
+behind the retry wrapper.
 """
 
 from __future__ import annotations
@@ -9,15 +11,18 @@ from __future__ import annotations
 import threading
 
 import pytest
+from flaky import FlakyStorage
 
-from cherry_train.storage import LocalStorage, Storage
+from cherry_train.storage import LocalStorage, RetryingStorage, Storage
 
 
-@pytest.fixture(params=["local", "local-fakefs"])
+@pytest.fixture(params=["local", "local-fakefs", "flaky-mount-with-retries"])
 def storage(request, tmp_path) -> Storage:
     if request.param == "local-fakefs":
         request.getfixturevalue("fs")
         tmp_path.mkdir(parents=True, exist_ok=True)
+    if request.param == "flaky-mount-with-retries":
+        return RetryingStorage(FlakyStorage(tmp_path / "root", rate=0.3), sleep=lambda s: None)
     return LocalStorage(tmp_path / "root")
 
 
@@ -106,3 +111,22 @@ def test_upload_and_download_round_trip(storage, tmp_path):
 def test_paths_cannot_leave_the_root(storage):
     with pytest.raises(ValueError):
         storage.write_atomic("../outside.json", b"x")
+
+
+def test_transient_errors_are_retried_then_raised(tmp_path):
+    import errno
+
+    waits = []
+    storage = RetryingStorage(FlakyStorage(tmp_path, rate=2.0), sleep=waits.append,
+                              give_up_seconds=0)
+    with pytest.raises(OSError) as info:
+        storage.write_atomic("x", b"1")
+    assert info.value.errno in (errno.ENOTCONN, errno.EIO)
+
+
+def test_other_errors_are_not_retried(tmp_path):
+    waits = []
+    storage = RetryingStorage(LocalStorage(tmp_path), sleep=waits.append)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("missing")
+    assert waits == []

@@ -62,6 +62,9 @@ def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
         assert data[name] is not None, name
     assert result.epochs_completed == 3 and result.steps_completed == 18
     assert result.device.startswith("CPU") and result.amp == "off" and result.torch_threads == 1
+    assert len(result.dataset_sha256) == 64
+    assert result.data_cache["train"]["files"] == 96 and result.data_cache["val"]["files"] == 32
+    assert result.data_cache["train"]["copy_seconds"] >= 0
 
     job_dir = root_with_data / "done" / result.job_id
     lines = [json.loads(x) for x in (job_dir / "metrics.jsonl").read_text().splitlines()]
@@ -204,3 +207,26 @@ def test_loader_processes_do_not_change_the_data(tmp_path, cherry_images, tiny_c
         assert result.state == JobState.succeeded, result.error
         hashes.append(result.final_weights_sha256)
     assert hashes[0] == hashes[1]
+
+
+def test_a_job_survives_a_flaky_queue_root(root_with_data, tiny_config):
+    """Errno 107 / EIO on a fifth of the storage calls: retried, logged, never a failed job."""
+    from flaky import FlakyStorage
+
+    from cherry_train.storage import RetryingStorage
+
+    flaky = FlakyStorage(root_with_data, rate=0.2, seed=4)
+    queue = JobQueue(RetryingStorage(flaky, sleep=lambda s: None))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    result = finish(queue, job_id)
+    assert result.state == JobState.succeeded, result.error
+    assert result.attempts == 1
+    assert flaky.failures >= 5
+
+
+def test_the_same_data_gives_the_same_dataset_hash(root_with_data, tiny_config):
+    tiny_config["training"]["epochs"] = 1
+    first = run_job(root_with_data, tiny_config)
+    second = run_job(root_with_data, tiny_config)
+    assert first.dataset_sha256 == second.dataset_sha256
+    assert second.data_cache["train"]["copied_files"] == 0  # reused across jobs

@@ -76,9 +76,21 @@ class DataSection(_Section):
                             "/content/drive/MyDrive/... is mapped off Colab; relative paths are "
                             "relative to the queue root.")
     val_path: str = Field(min_length=1, description="Same class folders as train_path.")
+    archive: str | None = Field(None, min_length=1, description="A .zip/.tar(.gz) holding the "
+                                "dataset; then train_path and val_path are folders inside it.")
+    cache: bool = Field(True, description="Copy the data to the worker's local disk first "
+                        "(verified, reused while unchanged); needed for archives.")
     image_size: int = Field(224, ge=16, le=2048, description="Square input size in pixels.")
     num_workers: int | None = Field(None, ge=0, le=64,
                                     description="DataLoader processes; null: chosen by the worker.")
+
+    @field_validator("cache")
+    @classmethod
+    def _archive_needs_cache(cls, v: bool, info: ValidationInfo) -> bool:
+        if info.data.get("archive") and not v:
+            raise ValueError("must stay true with data.archive: the archive is extracted into "
+                             "the local cache")
+        return v
 
 
 class AugmentationSection(_Section):

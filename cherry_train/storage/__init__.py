@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from cherry_train.storage.base import FileInfo, Storage, join
 from cherry_train.storage.local import LocalStorage
+from cherry_train.storage.retrying import RetryingStorage
 
-__all__ = ["FileInfo", "LocalStorage", "Storage", "join", "open_storage"]
+__all__ = ["FileInfo", "LocalStorage", "RetryingStorage", "Storage", "join", "open_storage"]
 
 
 class UnsupportedRoot(ValueError):
@@ -18,4 +19,4 @@ def open_storage(root: str) -> Storage:
         raise UnsupportedRoot(
             f"root {root!r}: the Drive API backend is not part of this version yet; use the "
             "Drive folder through Drive for Desktop or the Colab mount (a local path) instead")
-    return LocalStorage(root)
+    return RetryingStorage(LocalStorage(root))

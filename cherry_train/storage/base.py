@@ -37,7 +37,8 @@ class Storage(ABC):
 
     @abstractmethod
     def create_exclusive(self, path: str, data: bytes) -> bool:
-        """Create the file with this content unless it exists; True if this call created it.
+        """Create the file with this content unless it exists; True if this call created it
+        (or the file already holds exactly this content: repeating a create is safe).
 
         This is the only primitive that arbitrates between workers (claims, results)."""
 

@@ -28,6 +28,16 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _holds(target: Path, data: bytes) -> bool:
+    """Whether an existing file is exactly ours: a repeated create (after an I/O error hid its
+    success) must not look like a lost race. Records are unique (ids, times), so no one else's
+    file can hold the same bytes."""
+    try:
+        return target.read_bytes() == data
+    except OSError:
+        return False
+
+
 class LocalStorage(Storage):
     def __init__(self, root: Path | str):
         self.root = Path(root).expanduser().absolute()
@@ -70,7 +80,7 @@ class LocalStorage(Storage):
                 os.link(tmp, target)
                 return True
             except FileExistsError:
-                return False
+                return _holds(target, data)
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
@@ -83,7 +93,7 @@ class LocalStorage(Storage):
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            return False
+            return _holds(target, data)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

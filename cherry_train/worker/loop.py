@@ -46,7 +46,7 @@ class WorkerOptions:
     poll_min_seconds: float = POLL_MIN_SECONDS
     poll_max_seconds: float = POLL_MAX_SECONDS
     progress_bar: bool = False
-    scratch: Path | None = None  # where checkpoints are written before they are published
+    scratch: Path | None = None  # local folder for checkpoints before they are published
 
 
 class Worker:
@@ -164,12 +164,9 @@ class Worker:
         return self.trainer
 
     def _scratch(self, claim: Claim) -> Path:
-        if self.options.scratch is not None:
-            base = self.options.scratch
-        elif (local := self.queue.storage.local_path(".scratch")) is not None:
-            base = local  # same file system as the root: publishing is a rename, not a copy
-        else:
-            base = Path(tempfile.gettempdir()) / "cherry-train-scratch"
+        # Local disk, never the queue root: torch.save must not write through a flaky mount.
+        # Publishing is then one copy (or a rename, on the same file system), and retryable.
+        base = self.options.scratch or Path(tempfile.gettempdir()) / "cherry-train-scratch"
         return base / f"{self.me.worker_id}-{claim.job_id}"
 
     # -- identity and status -----------------------------------------------------------------
@@ -252,6 +249,8 @@ def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result
         device=outcome.device, amp=outcome.precision, torch_threads=outcome.threads,
         torch_version=_torch_version(), final_weights_sha256=outcome.final_weights_sha256,
         best_weights_sha256=state.best_weights_sha256, final_metrics=state.last_epoch,
+        dataset_sha256=outcome.data.get("dataset_sha256"),
+        data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"},
         artifacts=outcome.artifacts)
 
 

@@ -6,6 +6,7 @@ never by if/else twins. Losses stay on the device and are read (a host sync) onl
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -13,6 +14,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -25,6 +27,7 @@ from cherry_train.jobqueue.roots import PathMappingError, map_data_path
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.checkpoint import Checkpoints, rng_state, set_rng_state, weights_sha256
 from cherry_train.worker.data import Data, load_data, to_model_input
+from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.device import Precision, describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.model import build_model
@@ -55,6 +58,7 @@ class Job:
     stop: StopRequest
     scratch: Path
     state: TrainState = field(default_factory=TrainState)
+    data_info: dict[str, Any] = field(default_factory=dict)
     last_checkpoint_at: float = field(default_factory=time.perf_counter)
     attempt_started_at: float = field(default_factory=time.perf_counter)
     wall_before: float = 0.0  # wall_seconds of earlier attempts
@@ -69,6 +73,31 @@ def _resolve(path: str, field_name: str, root: Path | None) -> Path:
         return map_data_path(path, root)
     except PathMappingError as e:
         raise JobError(f"{field_name}: {e}") from None
+
+
+def prepare_data(cfg: TrainingConfig, data_root: Path | None, reporter: Reporter):
+    """The local folders to train from, after copying the data into the cache (unless
+    data.cache is false), and what the result records about them."""
+    d = cfg.data
+    if not d.cache:
+        return (_resolve(d.train_path, "data.train_path", data_root),
+                _resolve(d.val_path, "data.val_path", data_root), {})
+    reporter.update(phase="copying data")
+    cache_dir = default_cache_dir()
+    if d.archive:
+        report = cache_folder(_resolve(d.archive, "data.archive", data_root), cache_dir)
+        base = Path(report.local)
+        info = {"dataset_sha256": report.sha256, "archive": asdict(report)}
+        return base / d.train_path, base / d.val_path, info
+    reports = {}
+    for name in ("train_path", "val_path"):
+        source = _resolve(getattr(d, name), f"data.{name}", data_root)
+        if not source.is_dir():
+            raise JobError(f"data.{name}: folder {source} does not exist")
+        reports[name.removesuffix("_path")] = cache_folder(source, cache_dir)
+    combined = hashlib.sha256(f"{reports['train'].sha256}\n{reports['val'].sha256}".encode())
+    info = {"dataset_sha256": combined.hexdigest(), **{k: asdict(r) for k, r in reports.items()}}
+    return Path(reports["train"].local), Path(reports["val"].local), info
 
 
 def _make_optimizer(cfg: TrainingConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -108,8 +137,8 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    data = load_data(cfg, _resolve(cfg.data.train_path, "data.train_path", data_root),
-                     _resolve(cfg.data.val_path, "data.val_path", data_root), device)
+    train_dir, val_dir, data_reports = prepare_data(cfg, data_root, reporter)
+    data = load_data(cfg, train_dir, val_dir, device)
     weights = cfg.model.pretrained
     weights_file = _resolve(weights, "model.pretrained", data_root) if isinstance(weights, str) \
         else None
@@ -129,7 +158,7 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
         checkpoints=Checkpoints(reporter.owner, scratch, cfg.checkpoint.keep_last),
-        reporter=reporter, stop=stop, scratch=scratch)
+        reporter=reporter, stop=stop, scratch=scratch, data_info=data_reports)
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -357,6 +386,7 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
              start_step=job.state.global_step, cpu_count=os.cpu_count())
     outcome = Outcome(completed=False, state=job.state, device=device_name,
                       precision=job.precision.name, threads=torch.get_num_threads(),
+                      data=job.data_info,
                       artifacts={"best_weights": "best.pt", "curves": "curves.png",
                                  "metrics": "metrics.jsonl", "config": "config.yaml",
                                  "checkpoints": "checkpoints/"})

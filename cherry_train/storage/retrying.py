@@ -1,0 +1,93 @@
+"""Retries for a flaky mount: the Colab Drive FUSE mount sometimes answers `Errno 107`
+(transport endpoint is not connected) or `Errno 5` (I/O error) for a while, then recovers.
+Such errors are retried with back-off and logged; they never fail a job by themselves."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+
+from cherry_train.storage.base import FileInfo, Storage
+
+log = structlog.get_logger(__name__)
+
+#: Errors a Drive mount gives while it reconnects. Others (no such file, permission) are real.
+TRANSIENT_ERRNOS = frozenset({errno.ENOTCONN, errno.EIO, errno.ESTALE, errno.EAGAIN,
+                              errno.ETIMEDOUT, errno.ECONNABORTED})
+#: How long to keep trying before the error is raised (a mount remount takes tens of seconds).
+GIVE_UP_SECONDS = 300.0
+
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("storage error, retrying", error=str(exc), attempt=state.attempt_number,
+                wait_seconds=round(state.next_action.sleep, 2) if state.next_action else None)
+
+
+class RetryingStorage(Storage):
+    """Wraps any backend; every primitive is retried on transient OS errors."""
+
+    def __init__(self, inner: Storage, sleep: Callable[[float], None] | None = None,
+                 give_up_seconds: float = GIVE_UP_SECONDS):
+        self.inner = inner
+        self.description = inner.description
+        kwargs = {"sleep": sleep} if sleep is not None else {}
+        self._retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential(multiplier=0.5, max=30) + wait_random(0, 0.5),
+            stop=stop_after_delay(give_up_seconds),
+            before_sleep=_log_retry, reraise=True, **kwargs)
+
+    def _call(self, fn: Callable[..., T], *args) -> T:
+        # A copy per call: the heartbeat thread and the trainer share this storage.
+        return self._retrying.copy()(fn, *args)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._call(self.inner.read_bytes, path)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        self._call(self.inner.write_atomic, path, data)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        # Safe to repeat: a backend answers True when the file holds exactly our data, so a
+        # create whose success was hidden by an error is not mistaken for a lost race.
+        return self._call(self.inner.create_exclusive, path, data)
+
+    def list_dir(self, path: str) -> list[str]:
+        return self._call(self.inner.list_dir, path)
+
+    def stat(self, path: str) -> FileInfo | None:
+        return self._call(self.inner.stat, path)
+
+    def move(self, src: str, dst: str) -> None:
+        self._call(self.inner.move, src, dst)
+
+    def delete(self, path: str) -> None:
+        self._call(self.inner.delete, path)
+
+    def upload(self, local: Path, path: str) -> None:
+        self._call(self.inner.upload, local, path)
+
+    def download(self, path: str, local: Path) -> None:
+        self._call(self.inner.download, path, local)
+
+    def local_path(self, path: str) -> Path | None:
+        return self.inner.local_path(path)
