@@ -120,7 +120,8 @@ class JobQueue:
         """Ask for a job to be cancelled; False if it was asked before. The client only ever
         creates this new file: the worker that owns (or next meets) the job ends it."""
         record = json.dumps({"job_id": job_id, "requested_by": requested_by,
-                             "at": self.clock.now().isoformat()}).encode()
+                             "at": self.clock.now().isoformat(),
+                             "request": uuid.uuid4().hex}).encode()  # unique, as creates need
         return self.storage.create_exclusive(JobPaths(job_id).cancel_request, record)
 
     def _known(self, job_id: str) -> bool:
