@@ -102,6 +102,7 @@ def test_upload_and_download_round_trip(storage, tmp_path):
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_bytes(payload)
     storage.upload(src, "done/j/checkpoints/step-000000001.pt")
+    assert src.read_bytes() == payload  # left in place: an upload can be repeated
     out = tmp_path / "back" / "copy.bin"
     storage.download("done/j/checkpoints/step-000000001.pt", out)
     assert out.read_bytes() == payload

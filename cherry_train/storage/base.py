@@ -61,7 +61,8 @@ class Storage(ABC):
 
     @abstractmethod
     def upload(self, local: Path, path: str) -> None:
-        """Store a large local file at `path`, atomically. The local file may be consumed."""
+        """Store a large local file at `path`, atomically. The local file is left as it is,
+        so an upload can be repeated after an error."""
 
     @abstractmethod
     def download(self, path: str, local: Path) -> None:

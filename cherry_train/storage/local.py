@@ -130,7 +130,7 @@ class LocalStorage(Storage):
     def upload(self, local: Path, path: str) -> None:
         with self._staged(path) as (target, tmp):
             try:
-                os.replace(local, tmp)  # same file system: no copy needed
+                os.link(local, tmp)  # same file system: no copy needed
             except OSError:
                 shutil.copyfile(local, tmp)
             with open(tmp, "rb+") as f:

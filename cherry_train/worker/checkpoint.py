@@ -91,6 +91,7 @@ class Checkpoints:
         faults.point("checkpoint-write", before_kill=lambda: _truncate_to_half(tmp))
         digest = file_sha256(tmp)
         self.owner.upload(tmp, self.paths.checkpoint(step))
+        tmp.unlink()
         faults.point("checkpoint-before-checksum")
         self.owner.write(self.paths.checkpoint_checksum(step), f"{digest}\n".encode())
         self.prune()

@@ -367,6 +367,7 @@ def _save_weights(job: Job, path: str) -> str:
     job.scratch.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, tmp)
     job.reporter.owner.upload(tmp, path)
+    tmp.unlink()
     return weights_sha256(state_dict)
 
 
