@@ -230,3 +230,46 @@ def test_the_same_data_gives_the_same_dataset_hash(root_with_data, tiny_config):
     second = run_job(root_with_data, tiny_config)
     assert first.dataset_sha256 == second.dataset_sha256
     assert second.data_cache["train"]["copied_files"] == 0  # reused across jobs
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
+        root_with_data, tiny_config, monkeypatch):
+    """An injected CUDA OOM for more than 4 images at once: the job still trains every step of
+    batch 16, as 4 micro-batches of 4, and says so in its result."""
+    real_build = train_module.build_model
+
+    def build_small_gpu_model(*args):
+        model = real_build(*args)
+        real_forward = model.forward
+
+        def forward(x):
+            if x.shape[0] > 4 and model.training:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real_forward(x)
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_small_gpu_model)
+    result = run_job(root_with_data, tiny_config)
+    assert result.state == JobState.succeeded, result.error
+    assert result.steps_completed == 12  # 2 epochs x 96 / 16: the effective batch is kept
+    assert result.micro_batch == 4
+    assert [b["micro_batch"] for b in result.oom_backoffs] == [8, 4]
+
+
+def test_out_of_memory_at_the_floor_fails_clearly(root_with_data, tiny_config, monkeypatch):
+    real_build = train_module.build_model
+
+    def build_hopeless_model(*args):
+        model = real_build(*args)
+
+        def forward(x):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_hopeless_model)
+    result = run_job(root_with_data, tiny_config)
+    assert result.state == JobState.failed
+    assert "out of memory even with micro-batches of 1" in result.error.message
+    assert result.error.traceback is None

@@ -124,6 +124,8 @@ class Result(_Record):
     final_weights_sha256: str | None = None
     best_weights_sha256: str | None = None
     final_metrics: dict[str, float] = {}
+    micro_batch: int | None = None  # < batch_size: gradient accumulation after CUDA OOM
+    oom_backoffs: list[dict[str, int]] = []  # step and new micro-batch of each back-off
     dataset_sha256: str | None = None  # the content hash of the data the model saw
     data_cache: dict[str, Any] = {}  # per folder (or archive): files, bytes, copy time, reuse
     artifacts: dict[str, str] = {}  # what -> path relative to done/<job_id>/

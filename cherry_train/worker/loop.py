@@ -249,6 +249,7 @@ def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result
         device=outcome.device, amp=outcome.precision, torch_threads=outcome.threads,
         torch_version=_torch_version(), final_weights_sha256=outcome.final_weights_sha256,
         best_weights_sha256=state.best_weights_sha256, final_metrics=state.last_epoch,
+        micro_batch=state.micro_batch or None, oom_backoffs=state.oom_backoffs,
         dataset_sha256=outcome.data.get("dataset_sha256"),
         data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"},
         artifacts=outcome.artifacts)

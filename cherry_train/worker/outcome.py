@@ -22,6 +22,8 @@ class TrainState:
     wall_seconds: float = 0.0  # over all attempts, everything from setup to the last epoch
     images_seen: int = 0
     last_epoch: dict[str, float] = field(default_factory=dict)
+    micro_batch: int = 0  # 0: the whole batch at once; else gradient accumulation (after OOM)
+    oom_backoffs: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass

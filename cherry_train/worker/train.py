@@ -224,10 +224,9 @@ def _checkpoint_due(job: Job) -> bool:
 
 def train_one_epoch(job: Job, progress_bar: bool) -> bool:
     """Train the rest of the current epoch; False if a stop was requested (after a checkpoint)."""
-    state, cfg, model = job.state, job.cfg, job.model
-    model.train()
+    state, cfg = job.state, job.cfg
+    job.model.train()
     loader = job.data.train_loader(state.epoch, state.step_in_epoch)
-    amp = job.precision
     loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
     correct = torch.zeros((), device=job.device, dtype=torch.int64)
     window_start, window_images = time.perf_counter(), 0
@@ -238,17 +237,9 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
         if job.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels.to(job.device, non_blocking=True)
-        with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
-            logits = model(x)
-            loss = job.criterion(logits, y)
-        job.optimizer.zero_grad(set_to_none=True)
-        job.scaler.scale(loss).backward()
-        job.scaler.step(job.optimizer)
-        job.scaler.update()
-        job.scheduler.step()  # per step, even when the fp16 scaler skipped one (see setup)
-
-        loss_sum += loss.detach() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
+        step_loss, step_correct = train_step(job, x, y)
+        loss_sum += step_loss * y.shape[0]
+        correct += step_correct
         state.step_in_epoch += 1
         state.global_step += 1
         state.epoch_seen += y.shape[0]
@@ -290,6 +281,58 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
     return True
 
 
+#: Below this many images per micro-batch, an out-of-memory error fails the job.
+MIN_MICRO_BATCH = 1
+
+
+def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over the batch; on CUDA out of memory, retried in smaller
+    micro-batches with gradient accumulation, so the effective batch stays as configured."""
+    while True:
+        try:
+            return _accumulated_step(job, x, y)
+        except torch.OutOfMemoryError:
+            _back_off(job, y.shape[0])
+
+
+def _accumulated_step(job: Job, x: torch.Tensor, y: torch.Tensor):
+    amp, n = job.precision, y.shape[0]
+    micro = job.state.micro_batch or n
+    job.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=job.device)
+    correct = torch.zeros((), device=job.device, dtype=torch.int64)
+    for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
+        with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
+            logits = job.model(xs)
+            # Weighted so the accumulated gradient is the whole batch's mean (x 1.0: exact).
+            loss = job.criterion(logits, ys) * (ys.shape[0] / n)
+        job.scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+        correct += (logits.detach().argmax(1) == ys).sum()
+    job.scaler.step(job.optimizer)
+    job.scaler.update()
+    job.scheduler.step()  # per step, even when the fp16 scaler skipped one (see setup)
+    return loss_sum, correct
+
+
+def _back_off(job: Job, batch: int) -> None:
+    state = job.state
+    micro = state.micro_batch or batch
+    job.optimizer.zero_grad(set_to_none=True)
+    if job.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if micro <= MIN_MICRO_BATCH:
+        raise JobError(f"CUDA out of memory even with micro-batches of {micro} image(s) "
+                       f"({job.cfg.model.name} at {job.cfg.data.image_size} px on "
+                       f"{describe(job.device)}): use a smaller data.image_size or model.name, "
+                       "or a GPU with more memory") from None
+    state.micro_batch = max(MIN_MICRO_BATCH, micro // 2)
+    state.oom_backoffs.append({"step": state.global_step, "micro_batch": state.micro_batch})
+    log.warning("CUDA out of memory: retrying the step in smaller micro-batches",
+                job_id=job.claim.job_id, step=state.global_step, micro_batch=state.micro_batch,
+                batch_size=batch, accumulation_steps=-(-batch // state.micro_batch))
+
+
 def _fold_running_sums(state: TrainState, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     """Move the on-device running sums into the (checkpointed) state."""
     state.epoch_loss_sum += loss_sum.item()
@@ -326,10 +369,12 @@ def evaluate(job: Job) -> tuple[float, float]:
     for images, labels in job.data.val_loader():
         x = to_model_input(images, job.device, job.cfg.augmentation.normalize)
         y = labels.to(job.device, non_blocking=True)
-        with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
-            logits = job.model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        micro = job.state.micro_batch or y.shape[0]  # what fitted in training fits here
+        for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
+            with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
+                logits = job.model(xs)
+            loss_sum += nn.functional.cross_entropy(logits.float(), ys, reduction="sum")
+            correct += (logits.argmax(1) == ys).sum()
         seen += y.shape[0]
     return loss_sum.item() / max(1, seen), correct.item() / max(1, seen)
 
