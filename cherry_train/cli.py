@@ -90,8 +90,16 @@ def cmd_worker(args) -> int:
     if not WORKER_ID_RE.match(worker_id):
         raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
                          "'.', '_' and '-' (at most 64)")
+    from cherry_train.jobqueue.roots import on_colab
+    from cherry_train.worker.runtime import COLAB_PRO_MAX_HOURS
+
+    max_runtime = args.max_runtime
+    if max_runtime is None and on_colab():
+        max_runtime = COLAB_PRO_MAX_HOURS
     options = WorkerOptions(exit_when_idle=args.exit_when_idle, progress_bar=args.progress,
-                            poll_max_seconds=args.poll_seconds)
+                            poll_max_seconds=args.poll_seconds,
+                            idle_shutdown_minutes=args.idle_shutdown,
+                            max_runtime_hours=max_runtime)
     return Worker(queue, WorkerIdentity(worker_id), options).run()
 
 
@@ -200,6 +208,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cherry", description="A training-job queue in a Drive "
                                 "folder: submit on a laptop, train on Colab.")
@@ -222,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--exit-when-idle", action="store_true", help="exit when nothing is claimable")
     w.add_argument("--threads", type=_positive_int, help="torch CPU threads (pin it for "
                    "bit-exact resume on CPU)")
+    w.add_argument("--idle-shutdown", type=_positive_float, metavar="MIN",
+                   help="after MIN minutes with nothing to do, release the Colab runtime (so "
+                   "compute units stop burning) and exit")
+    w.add_argument("--max-runtime", type=_positive_float, metavar="HOURS",
+                   help="the runtime's session cap: checkpoint and hand the job back before it, "
+                   "start no job that cannot reach a checkpoint before it (default on Colab: "
+                   "24, Colab Pro; use 12 on Colab Free; elsewhere: none)")
     w.add_argument("--poll-seconds", type=float, default=30.0,
                    help="longest wait between polls of an idle queue (default 30)")
     w.add_argument("--progress", action="store_true", help="show a progress bar per epoch")

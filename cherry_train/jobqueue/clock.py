@@ -13,6 +13,10 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def wait(self, stop, seconds: float) -> bool:
+        """Sleep until `stop` is set or the time is up; True if stopped."""
+        return stop.wait(seconds)
+
 
 class FakeClock:
     """A clock that only moves when told to (or when something sleeps on it)."""
@@ -28,6 +32,11 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.advance(seconds)
+
+    def wait(self, stop, seconds: float) -> bool:
+        if not stop.is_set():
+            self.advance(seconds)
+        return stop.is_set()
 
 
 def age_seconds(clock, then: datetime) -> float:

@@ -29,6 +29,7 @@ from cherry_train.jobqueue.protocol import (
     error_info,
 )
 from cherry_train.schemas import BestEpoch, JobState, Result, WorkerStatus
+from cherry_train.worker import runtime
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.reporting import Reporter, StopRequest
 
@@ -47,6 +48,9 @@ class WorkerOptions:
     poll_max_seconds: float = POLL_MAX_SECONDS
     progress_bar: bool = False
     scratch: Path | None = None  # local folder for checkpoints before they are published
+    idle_shutdown_minutes: float | None = None  # then release the runtime (Colab) and exit
+    max_runtime_hours: float | None = None  # the session cap: release jobs in time, then exit
+    release_runtime: Callable[[], None] = runtime.release_runtime
 
 
 class Worker:
@@ -58,6 +62,8 @@ class Worker:
         self.trainer = trainer
         self.stop = StopRequest()
         self.jobs_done = 0
+        self.cap_reached = False
+        self.started_at = queue.clock.now()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -66,20 +72,30 @@ class Worker:
         log.info("worker started", worker_id=self.me.worker_id, incarnation=self.me.incarnation,
                  root=self.queue.storage.description, version=__version__)
         self.refuse_if_id_in_use()
-        wait = self.options.poll_min_seconds
+        clock, options = self.queue.clock, self.options
+        wait = options.poll_min_seconds
         reason = "stopped"
+        idle_since = clock.now()
         with self._signals():
             try:
                 while not self.stop.is_set():
                     if self.run_once():
-                        wait = self.options.poll_min_seconds
+                        wait, idle_since = options.poll_min_seconds, clock.now()
                         continue
-                    if self.options.exit_when_idle:
+                    if self.cap_reached:
+                        reason = "runtime cap near: no job can reach a checkpoint before it"
+                        break
+                    if options.exit_when_idle:
                         reason = "idle"
                         break
+                    idle = age_seconds(clock, idle_since)
+                    if options.idle_shutdown_minutes is not None and \
+                            idle >= options.idle_shutdown_minutes * 60:
+                        reason = "idle shutdown"
+                        break
                     self._write_status("idle", interval=wait)
-                    self.stop.wait(wait)
-                    wait = min(wait * 2, self.options.poll_max_seconds)
+                    clock.wait(self.stop, wait)
+                    wait = min(wait * 2, options.poll_max_seconds)
                 else:
                     reason = f"stop requested ({self.stop.reason})"
             except WorkerIdInUse:
@@ -90,7 +106,17 @@ class Worker:
                     self._write_status("stopped", interval=0)
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
                          jobs_done=self.jobs_done)
+        if reason == "idle shutdown" or (self.cap_reached and
+                                         options.idle_shutdown_minutes is not None):
+            options.release_runtime()  # compute units stop burning
         return 0
+
+    def _budget(self) -> runtime.RuntimeBudget | None:
+        hours = self.options.max_runtime_hours
+        if hours is None:
+            return None
+        started = runtime.runtime_started_at(self.started_at)
+        return runtime.RuntimeBudget.from_hours(hours, started)
 
     def run_once(self) -> bool:
         """Claim one job and see it through; False if there was nothing to do."""
@@ -98,7 +124,15 @@ class Worker:
         for job_id, error in unreadable:
             log.warning("unreadable manifest moved to failed/", job_id=job_id, error=str(error))
             self.queue.reject_manifest(job_id, error, self.me.worker_id)
+        budget, now = self._budget(), self.queue.clock.now()
         for manifest in manifests:
+            if budget is not None and not budget.can_start(manifest.config, now):
+                if not self.cap_reached:
+                    log.info("not starting a job that cannot reach a checkpoint before the "
+                             "runtime cap", job_id=manifest.job_id,
+                             minutes_left=round(budget.remaining(now).total_seconds() / 60, 1))
+                self.cap_reached = True
+                continue
             claim = self.queue.try_claim(manifest, self.me)
             if claim is not None:
                 self.execute(claim)
@@ -114,7 +148,9 @@ class Worker:
         owner = self.queue.owner(claim)
         status = self._write_status("busy", claim.job_id,
                                     interval=claim.manifest.config.heartbeat_seconds)
-        reporter = Reporter(owner, status, self.stop)
+        budget = self._budget()
+        reporter = Reporter(owner, status, self.stop,
+                            deadline=budget.stop_at() if budget is not None else None)
         scratch = self._scratch(claim)
         shutil.rmtree(scratch, ignore_errors=True)  # a killed predecessor's half-written files
         result: Result | None = None
@@ -238,6 +274,8 @@ def _resolved_yaml(claim: Claim) -> bytes:
 def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result:
     """The result of a job that trained (to the end, or until cancelled)."""
     state = outcome.state
+    on_gpu = outcome.device is not None and not outcome.device.startswith("CPU")
+    gpu_hours = state.wall_seconds / 3600 if on_gpu else 0.0
     best = BestEpoch(**state.best) if state.best else None
     return Result(
         job_id=claim.job_id, state=job_state, attempts=claim.attempt.n,
@@ -250,6 +288,8 @@ def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result
         torch_version=_torch_version(), final_weights_sha256=outcome.final_weights_sha256,
         best_weights_sha256=state.best_weights_sha256, final_metrics=state.last_epoch,
         micro_batch=state.micro_batch or None, oom_backoffs=state.oom_backoffs,
+        gpu_hours=round(gpu_hours, 4), compute_units=runtime.compute_units(outcome.device,
+                                                                           gpu_hours),
         dataset_sha256=outcome.data.get("dataset_sha256"),
         data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"},
         artifacts=outcome.artifacts)

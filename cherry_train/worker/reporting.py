@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -58,8 +59,10 @@ class StopRequest:
 
 
 class Reporter:
-    def __init__(self, owner: Owner, worker_status: WorkerStatus, stop: StopRequest):
+    def __init__(self, owner: Owner, worker_status: WorkerStatus, stop: StopRequest,
+                 deadline: datetime | None = None):
         self.owner, self.stop = owner, stop
+        self.deadline = deadline  # the runtime cap, less the time to checkpoint and release
         self.queue, self.claim = owner.queue, owner.claim
         self.worker_status = worker_status
         config = owner.claim.manifest.config
@@ -139,6 +142,11 @@ class Reporter:
         self.sync_metrics()
         self.queue.write_worker_status(self.worker_status.model_copy(update={"at": now}))
         training = not self._done.is_set()  # the final beats after close() look no further
+        if training and self.deadline is not None and now >= self.deadline:
+            if not self.stop.is_set():
+                log.info("runtime cap near: checkpointing and handing the job back",
+                         job_id=claim.job_id)
+            self.stop.set("max-runtime")
         if training and not self.stop.is_set() and self.queue.cancel_requested(claim.job_id):
             log.info("cancel requested: checkpointing, then stopping", job_id=claim.job_id)
             self.stop.set("cancel")

@@ -1,0 +1,110 @@
+"""Fitting Colab: idle shutdown, the session cap, compute units (injected clock, fake hooks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cherry_train.jobqueue.clock import FakeClock
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.schemas import Heartbeat, validate_config
+from cherry_train.storage import LocalStorage
+from cherry_train.worker.loop import Worker, WorkerOptions
+from cherry_train.worker.outcome import Outcome, TrainState
+from cherry_train.worker.runtime import compute_units
+
+
+@pytest.fixture
+def queue(fs):
+    return JobQueue(LocalStorage("/root"), FakeClock())
+
+
+def test_idle_shutdown_releases_the_runtime(queue):
+    released = []
+    options = WorkerOptions(idle_shutdown_minutes=10, release_runtime=lambda: released.append(1))
+    worker = Worker(queue, WorkerIdentity("colab-1"), options)
+    started = queue.clock.now()
+    assert worker.run() == 0
+    assert released == [1]
+    idle = (queue.clock.now() - started).total_seconds()
+    assert 600 <= idle < 600 + 31  # within one (backed-off) poll of the limit
+
+
+def test_work_resets_the_idle_timer(queue, tiny_config):
+    released, ran = [], []
+
+    def trainer(claim, reporter, *args):
+        ran.append(queue.clock.now())
+        queue.clock.advance(3600)  # an hour of training is not idle time
+        return Outcome(completed=True, state=TrainState(epoch=2), device="fake",
+                       precision="off", threads=1)
+
+    queue.submit(validate_config(tiny_config))
+    worker = Worker(queue, WorkerIdentity("w"), WorkerOptions(
+        idle_shutdown_minutes=10, release_runtime=lambda: released.append(queue.clock.now())),
+        trainer=trainer)
+    worker.run()
+    assert len(ran) == 1 and len(released) == 1
+    assert (released[0] - ran[0]).total_seconds() >= 3600 + 600
+
+
+def test_a_job_that_cannot_reach_a_checkpoint_before_the_cap_is_not_started(queue,
+                                                                           tiny_config):
+    tiny_config["checkpoint"] = {"every_minutes": 30}
+    slow = queue.submit(validate_config(tiny_config))
+    ran = []
+    trainer = lambda claim, *a: ran.append(claim.job_id)  # noqa: E731
+    worker = Worker(queue, WorkerIdentity("w"), WorkerOptions(max_runtime_hours=0.5),
+                    trainer=trainer)  # 30 min left < 5 setup + 30 to a checkpoint + 5 margin
+    assert worker.run() == 0
+    assert ran == [] and worker.cap_reached
+    assert queue.storage.list_dir("queue") == [f"{slow.job_id}.json"]  # left for a fresh VM
+
+
+def test_near_the_cap_a_running_job_is_checkpointed_and_handed_back(queue, tiny_config):
+    tiny_config["checkpoint"] = {"every_minutes": 5}
+    manifest = queue.submit(validate_config(tiny_config))
+    seen = []
+
+    def trainer(claim, reporter, stop, *args):
+        queue.clock.advance(56 * 60)  # past the cap less the 5-minute margin to checkpoint
+        reporter.beat()
+        seen.append(stop.reason)
+        return Outcome(completed=False, state=TrainState(global_step=7), device="fake",
+                       precision="off", threads=1)
+
+    worker = Worker(queue, WorkerIdentity("w"), WorkerOptions(max_runtime_hours=1),
+                    trainer=trainer)
+    assert worker.run() == 0
+    assert seen == ["max-runtime"]
+    assert worker.stop.reason == "max-runtime"  # the worker stops too: its runtime is ending
+    hb = Heartbeat.from_json(queue.storage.read_bytes(JobPaths(manifest.job_id).heartbeat))
+    assert hb.released  # the next worker may take it at once
+    assert not queue.storage.exists(JobPaths(manifest.job_id).result)
+
+
+@pytest.mark.parametrize(("device", "hours", "expected"), [
+    ("Tesla T4", 2.0, 3.6),
+    ("NVIDIA A100-SXM4-40GB", 0.5, 5.9),
+    ("NVIDIA L4", 1.0, 4.8),
+    ("NVIDIA H200", 1.0, None),  # no rate known: no guess
+    ("CPU (2 threads)", 1.0, None),
+    ("Tesla T4", 0.0, None),
+])
+def test_compute_units(device, hours, expected):
+    assert compute_units(device, hours) == expected
+
+
+def test_compute_unit_rates_can_be_overridden(monkeypatch):
+    monkeypatch.setenv("CHERRY_CU_RATES", '{"H200": 20, "T4": 2}')
+    assert compute_units("NVIDIA H200", 0.5) == 10
+    assert compute_units("Tesla T4", 1) == 2
+
+
+def test_worker_rejects_nonsense_durations(capsys):
+    from cherry_train.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["worker", "--idle-shutdown", "0"])
+    assert info.value.code == 2
+    assert "--idle-shutdown" in capsys.readouterr().err
