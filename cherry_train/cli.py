@@ -53,13 +53,15 @@ def cmd_submit(args) -> int:
 
     config = client.load_config_file(Path(args.config), name=args.name, priority=args.priority)
     resolved, queue = _root(args)
-    checks = [client.check_model_name(config)]  # validation, not pre-flight: always
-    if not args.no_preflight:
-        checks += client.preflight(config, queue.storage.local_path("")).checks
+    if args.no_preflight:
+        client.check_model_name(config)  # validation, not pre-flight: always
+        report = None
+    else:
+        report = client.preflight(config, queue.storage.local_path(""))
     manifest = client.submit(queue, config, str(Path(args.config).resolve()))
     print(f"root: {resolved.root} (from {resolved.source})")
-    if checks:
-        print("pre-flight: " + "; ".join(checks))
+    if report is not None:
+        print(report.render())
     if not client.live_workers(queue):
         _err("warning: no worker has written a heartbeat to this root in the last "
              f"{client.WORKER_FRESH_SECONDS // 60} minutes; the job waits until one starts "

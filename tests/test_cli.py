@@ -28,7 +28,8 @@ def test_submit_prints_root_and_job_id_last(tmp_path, root_with_data, tiny_confi
     out, err = capsys.readouterr()
     job_id = out.strip().splitlines()[-1]
     assert f"root: {root_with_data} (from --root)" in out
-    assert "pre-flight:" in out and "2 classes" in out
+    assert "pre-flight:" in out and "96 images (defect 48, good 48)" in out
+    assert "32 sampled images decode" in out and "2 training steps of resnet18" in out
     assert (root_with_data / "queue" / f"{job_id}.json").is_file()
     assert "no worker has written a heartbeat" in err
 
@@ -221,3 +222,36 @@ def test_cancel_a_queued_job_by_its_short_id(tmp_path, tiny_config, capsys):
     assert (tmp_path / "r" / "control" / f"{job_id}.cancel").is_file()
     assert main(["cancel", "nope", "--root", root]) == 2
     assert "no job 'nope'" in capsys.readouterr().err
+
+
+def _own_data(tmp_path, cherry_images) -> Path:
+    root = tmp_path / "own"
+    shutil.copytree(cherry_images, root / "data")
+    return root
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    (lambda d: (d / "val" / "good").rename(d / "val" / "fine"),
+     "data.val_path: class folders ['defect', 'fine'] differ"),
+    (lambda d: sorted((d / "train" / "good").iterdir())[0].write_bytes(b"\xff\xd8 not a jpeg"),
+     "does not decode as an image"),
+    (lambda d: [p.unlink() for p in (d / "val" / "defect").iterdir()],
+     "data.val_path: class folder 'defect' has no images"),
+])
+def test_preflight_catches_broken_data(tmp_path, cherry_images, tiny_config, breakage, message,
+                                       capsys):
+    root = _own_data(tmp_path, cherry_images)
+    breakage(root / "data")
+    cfg = write_config(tmp_path, tiny_config)
+    assert main(["submit", str(cfg), "--root", str(root)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (root / "queue").exists()
+
+
+def test_preflight_smoke_test_catches_a_model_that_cannot_run_at_that_size(
+        tmp_path, root_with_data, tiny_config, capsys):
+    tiny_config["model"]["name"] = "inception_v3"  # needs at least 75 px
+    cfg = write_config(tmp_path, tiny_config)
+    assert main(["submit", str(cfg), "--root", str(root_with_data)]) == 2
+    assert "data.image_size: inception_v3 cannot train at 32 px" in capsys.readouterr().err
+    assert not (root_with_data / "queue").exists()

@@ -273,3 +273,16 @@ def test_out_of_memory_at_the_floor_fails_clearly(root_with_data, tiny_config, m
     assert result.state == JobState.failed
     assert "out of memory even with micro-batches of 1" in result.error.message
     assert result.error.traceback is None
+
+
+def test_an_undecodable_image_fails_the_job_naming_the_file(tmp_path, cherry_images,
+                                                             tiny_config):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(cherry_images, root / "data")
+    broken = sorted((root / "data" / "train" / "good").iterdir())[5]
+    broken.write_bytes(b"\xff\xd8 truncated")
+    result = run_job(root, tiny_config)
+    assert result.state == JobState.failed
+    assert broken.name in result.error.message and "does not decode" in result.error.message

@@ -43,7 +43,7 @@ def load_config_file(path: Path, name: str | None = None,
 def check_model_name(config: TrainingConfig) -> str:
     """Check the model against torchvision, when it is installed here. Returns what was done."""
     if importlib.util.find_spec("torchvision") is None:
-        return "model name: not checked (no torchvision here; the worker checks it)"
+        return f"{config.model.name}: not checked (no torchvision here; the worker checks it)"
     from cherry_train.worker.errors import JobError
     from cherry_train.worker.model import check_model_name as check
 
@@ -51,42 +51,104 @@ def check_model_name(config: TrainingConfig) -> str:
         check(config.model.name)
     except JobError as e:
         raise ConfigError([str(e)]) from None
-    return f"model name: {config.model.name} is a torchvision classification model"
+    return f"{config.model.name} is a torchvision classification model"
 
 
 @dataclass
 class Preflight:
-    checks: list[str] = field(default_factory=list)
+    checks: list[tuple[str, str]] = field(default_factory=list)  # (what, result)
+
+    def render(self) -> str:
+        width = max((len(k) for k, _ in self.checks), default=0)
+        return "\n".join(["pre-flight:"] + [f"  {k.ljust(width)}  {v}" for k, v in self.checks])
 
 
-def preflight(config: TrainingConfig, root_path: Path | None) -> Preflight:
-    """Quick checks that catch most broken jobs before they reach the GPU queue."""
-    report = Preflight()
-    problems = []
-    classes = {}
-    for field_name in ("train_path", "val_path"):
-        raw = getattr(config.data, field_name)
+#: Images per split that pre-flight decodes (spread over the classes).
+DECODE_SAMPLE = 16
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _class_images(path: Path) -> dict[str, list[Path]]:
+    return {d.name: sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+
+
+def preflight(config: TrainingConfig, root_path: Path | None, smoke: bool = True) -> Preflight:
+    """Checks that catch most broken jobs before they reach the GPU queue: the data folders
+    resolve (with the worker's path mapping), train and val have the same non-empty class
+    folders, num_classes matches, a sample of images decodes, and (with torch here) the model
+    takes a couple of training steps on the CPU."""
+    if config.data.archive:
+        return Preflight([("data", "an archive: checked by the worker after extracting it")])
+    report, problems, images = Preflight(), [], {}
+    report.checks.append(("model", check_model_name(config)))
+    for name in ("train_path", "val_path"):
+        raw = getattr(config.data, name)
         try:
             path = map_data_path(raw, root_path)
         except PathMappingError as e:
-            problems.append(f"data.{field_name}: {e}")
+            problems.append(f"data.{name}: {e}")
             continue
         if not path.is_dir():
-            problems.append(f"data.{field_name}: folder {path} does not exist (pass "
-                            "--no-preflight if only the worker can see it)")
+            problems.append(f"data.{name}: folder {path} does not exist (pass --no-preflight "
+                            "if only the worker can see it)")
             continue
-        classes[field_name] = sorted(p.name for p in path.iterdir()
-                                     if p.is_dir() and not p.name.startswith("."))
-        report.checks.append(f"data.{field_name}: {path} ({len(classes[field_name])} classes)")
-    if len(classes) == 2 and classes["train_path"] != classes["val_path"]:
-        problems.append(f"data.val_path: class folders {classes['val_path']} differ from "
-                        f"data.train_path's {classes['train_path']}")
-    if "train_path" in classes and len(classes["train_path"]) != config.model.num_classes:
+        images[name] = _class_images(path)
+        counts = ", ".join(f"{c} {len(v)}" for c, v in images[name].items())
+        report.checks.append((name.removesuffix("_path"),
+                              f"{path}: {sum(map(len, images[name].values()))} images "
+                              f"({counts or 'no class folders'})"))
+        problems += [f"data.{name}: class folder {c!r} has no images"
+                     for c, v in images[name].items() if not v]
+    if len(images) == 2 and list(images["train_path"]) != list(images["val_path"]):
+        problems.append(f"data.val_path: class folders {list(images['val_path'])} differ from "
+                        f"data.train_path's {list(images['train_path'])}")
+    if "train_path" in images and len(images["train_path"]) != config.model.num_classes:
         problems.append(f"model.num_classes: is {config.model.num_classes}, but data.train_path "
-                        f"has {len(classes['train_path'])} class folders")
+                        f"has {len(images['train_path'])} class folders")
     if problems:
         raise ConfigError(problems)
+    report.checks.append(("decode", _decode_sample(images)))
+    if smoke:
+        report.checks.append(("smoke", _smoke(config, root_path, images)))
     return report
+
+
+def _decode_sample(images: dict[str, dict[str, list[Path]]]) -> str:
+    try:
+        from PIL import Image
+    except ImportError:
+        return "not checked (no Pillow here)"
+    problems, checked = [], 0
+    for name, classes in images.items():
+        for files in classes.values():
+            step = max(1, len(files) * len(classes) // DECODE_SAMPLE)
+            for path in files[::step][: max(1, DECODE_SAMPLE // len(classes))]:
+                checked += 1
+                try:
+                    with Image.open(path) as img:
+                        img.convert("RGB")
+                except Exception as e:  # PIL raises many kinds for broken files
+                    problems.append(f"data.{name}: {path} does not decode as an image "
+                                    f"({type(e).__name__}: {e})")
+    if problems:
+        raise ConfigError(problems)
+    return f"{checked} sampled images decode"
+
+
+def _smoke(config: TrainingConfig, root_path: Path | None, images) -> str:
+    if importlib.util.find_spec("torch") is None:
+        return "no training steps tried (no torch here; install cherry-train[worker] for it)"
+    from cherry_train.worker.errors import JobError
+    from cherry_train.worker.smoke import smoke_test
+
+    weights = config.model.pretrained
+    weights_file = map_data_path(weights, root_path) if isinstance(weights, str) else None
+    try:
+        return smoke_test(config, map_data_path(config.data.train_path, root_path),
+                          list(images["train_path"]), weights_file)
+    except JobError as e:
+        raise ConfigError([str(e)]) from None
 
 
 def submit(queue: JobQueue, config: TrainingConfig, config_file: str) -> Manifest:

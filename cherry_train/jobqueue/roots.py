@@ -61,11 +61,15 @@ def save_root(root: str) -> Path:
     return path
 
 
+def _absolute(root: str) -> str:
+    return root if root.startswith("gdrive:") else str(Path(root).expanduser().absolute())
+
+
 def resolve_root(cli_root: str | None) -> ResolvedRoot:
     if cli_root:
-        return ResolvedRoot(cli_root, "--root")
+        return ResolvedRoot(_absolute(cli_root), "--root")
     if os.environ.get("CHERRY_ROOT"):
-        return ResolvedRoot(os.environ["CHERRY_ROOT"], "$CHERRY_ROOT")
+        return ResolvedRoot(_absolute(os.environ["CHERRY_ROOT"]), "$CHERRY_ROOT")
     if (saved := saved_root()) is not None:
         return ResolvedRoot(saved, "cherry init")
     if on_colab():

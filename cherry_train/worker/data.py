@@ -87,8 +87,12 @@ class ImageFolderSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path, label = self.samples[index]
-        with Image.open(path) as f:
-            img = f.convert("RGB")
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
+            raise JobError(f"data: {path} does not decode as an image ({e}); remove or "
+                           "replace it") from None
         rng = np.random.default_rng((self.seed, epoch, index))
         return self.transform(img, rng), label
 
