@@ -66,3 +66,21 @@ def test_precisions_compute_the_same_thing(tmp_path, cherry_images, tiny_config,
     for amp in ("bf16", "fp16"):
         for ref, got in zip(curves["off"], curves[amp], strict=True):
             assert abs(got - ref) <= 0.1 * abs(ref) + 0.05, (amp, curves)
+
+
+def test_a_real_cuda_out_of_memory_backs_off(tmp_path, tiny_config, monkeypatch):
+    """ResNet-50 at 224 px with batch 4096 needs hundreds of GB of activations: the step must
+    end up in micro-batches that fit, still one optimizer step over all 4096 images."""
+    from cherry_train.demo.cherries import generate_dataset
+
+    root = tmp_path / "root"
+    generate_dataset(root / "data", train=4096, val=64, size=32, seed=2)
+    tiny_config.update(amp="auto", mode="development")
+    tiny_config["model"]["name"] = "resnet50"
+    tiny_config["training"].update(epochs=1, batch_size=4096)
+    tiny_config["data"].update(image_size=224, num_workers=None)
+    result = run_on_gpu(root, tiny_config, monkeypatch)
+    assert result.state == JobState.succeeded, result.error
+    assert result.steps_completed == 1
+    assert result.oom_backoffs and result.micro_batch < 4096
+    torch.cuda.empty_cache()
