@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import threading
 
 import structlog
+
+# job id -> the JSON lines logged for it in this process (see job_log_tap).
+_taps: dict[str, list[str]] = {}
+_taps_lock = threading.Lock()
+
+
+def open_tap(job_id: str) -> list[str]:
+    """Start collecting this job's log events; the list grows as they are logged."""
+    with _taps_lock:
+        return _taps.setdefault(job_id, [])
+
+
+def close_tap(job_id: str) -> None:
+    with _taps_lock:
+        _taps.pop(job_id, None)
+
+
+def job_log_tap(logger, method_name, event_dict):
+    """A processor: every event carrying a tapped job's id is kept, as a JSON line, for that
+    job's done/<job_id>/worker.log (the reporter syncs it at each heartbeat)."""
+    lines = _taps.get(event_dict.get("job_id"))
+    if lines is not None:
+        lines.append(json.dumps(event_dict, default=str, separators=(",", ":")))
+    return event_dict
 
 
 def configure(fmt: str = "console", level: str = "info") -> None:
@@ -17,9 +43,10 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
     ]
-    if fmt == "json":
-        processors.append(structlog.processors.dict_tracebacks)
-    processors.append(renderer)
+    # Tracebacks become data before the tap, so a job's worker.log keeps them too.
+    processors.append(structlog.processors.dict_tracebacks if fmt == "json"
+                      else structlog.processors.format_exc_info)
+    processors += [job_log_tap, renderer]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(

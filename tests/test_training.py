@@ -83,6 +83,13 @@ def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
     final = torch.load(job_dir / "final.pt", weights_only=True)
     assert weights_sha256(final) == result.final_weights_sha256
     assert (job_dir / "config.yaml").is_file() and (job_dir / "manifest.json").is_file()
+    import hashlib
+
+    assert set(result.artifacts) == {"config", "metrics", "curves", "best_weights",
+                                     "final_weights"}
+    for artifact in result.artifacts.values():  # what `cherry fetch` verifies against
+        data = (job_dir / artifact.path).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (artifact.bytes, artifact.sha256)
     assert len(list((job_dir / "checkpoints").glob("step-*.pt"))) == 2  # keep_last
     assert not (root_with_data / "queue").exists() or not list((root_with_data / "queue").iterdir())
 
@@ -286,3 +293,22 @@ def test_an_undecodable_image_fails_the_job_naming_the_file(tmp_path, cherry_ima
     result = run_job(root, tiny_config)
     assert result.state == JobState.failed
     assert broken.name in result.error.message and "does not decode" in result.error.message
+
+
+def test_each_job_has_its_own_json_log(root_with_data, tiny_config, monkeypatch):
+    from cherry_train import logs
+
+    logs.configure("json")
+    tiny_config["training"]["epochs"] = 1
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    finish(queue, job_id, stop_at_step=2, monkeypatch=monkeypatch)  # attempt 1, released
+    result = finish(queue, job_id)  # attempt 2
+    lines = [json.loads(x) for x in
+             (root_with_data / JobPaths(job_id).log).read_text().splitlines()]
+    events = [(x["attempt"], x["event"]) for x in lines]
+    assert (1, "job claimed") in events and (1, "job released") in events  # history kept
+    assert (2, "resumed from checkpoint") in events and (2, "job finished") in events
+    assert all(x["job_id"] == job_id and "timestamp" in x for x in lines)
+    log_bytes = (root_with_data / JobPaths(job_id).log).read_bytes()
+    assert result.artifacts["log"].bytes == len(log_bytes)

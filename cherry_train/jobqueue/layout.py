@@ -68,6 +68,10 @@ class JobPaths:
         return f"{self.dir}/metrics.jsonl"
 
     @property
+    def log(self) -> str:
+        return f"{self.dir}/worker.log"
+
+    @property
     def curves(self) -> str:
         return f"{self.dir}/curves.png"
 
@@ -97,3 +101,9 @@ class JobPaths:
     @property
     def result(self) -> str:
         return f"{self.dir}/result.json"
+
+    def artifact_paths(self) -> dict[str, str]:
+        """What a job leaves for people: name -> path (whichever of them exist)."""
+        return {"config": self.config, "metrics": self.metrics, "curves": self.curves,
+                "log": self.log, "best_weights": self.best_weights,
+                "final_weights": self.final_weights}

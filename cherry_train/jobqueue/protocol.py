@@ -9,6 +9,7 @@ worker completes if a crash interrupts it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -394,6 +395,7 @@ class Owner:
     def __init__(self, queue: JobQueue, claim: Claim):
         self.queue, self.claim = queue, claim
         self.storage = queue.storage
+        self.written: dict[str, tuple[int, str]] = {}  # path -> (bytes, sha256), for results
 
     def fence(self) -> None:
         self.queue.fence(self.claim.job_id, self.claim.attempt.n)
@@ -401,10 +403,23 @@ class Owner:
     def write(self, path: str, data: bytes) -> None:
         self._fenced(path)
         self.storage.write_atomic(path, data)
+        self.written[path] = (len(data), hashlib.sha256(data).hexdigest())
 
     def upload(self, local: Path, path: str) -> None:
         self._fenced(path)
         self.storage.upload(local, path)
+        self.written[path] = (local.stat().st_size, file_sha256(local))
+
+    def describe(self, path: str) -> tuple[int, str] | None:
+        """Size and sha256 of a job file: as written by this attempt, else read back (files
+        an earlier attempt wrote, such as best weights from before a disconnect)."""
+        if path in self.written:
+            return self.written[path]
+        try:
+            data = self.storage.read_bytes(path)
+        except FileNotFoundError:
+            return None
+        return len(data), hashlib.sha256(data).hexdigest()
 
     def commit(self, result: Result) -> bool:
         """Create result.json exclusively; True if ours is the result. Then tidy up."""
@@ -420,6 +435,14 @@ class Owner:
         started = time.time()
         self.fence()
         journal("write", self.claim.job_id, self.claim.attempt.n, path=path, t=started)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def journal(event: str, job_id: str, attempt: int, **fields) -> None:

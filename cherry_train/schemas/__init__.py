@@ -20,6 +20,7 @@ from cherry_train.schemas.config import (
 )
 from cherry_train.schemas.errors import ConfigError, format_validation_error
 from cherry_train.schemas.records import (
+    Artifact,
     Attempt,
     BestEpoch,
     ErrorInfo,
@@ -32,9 +33,10 @@ from cherry_train.schemas.records import (
 )
 
 __all__ = [
-    "Amp", "Attempt", "AugmentationSection", "BestEpoch", "CheckpointSection", "ConfigError",
-    "DataSection", "ErrorInfo", "FailedManifest", "Heartbeat", "JobState", "Manifest", "Mode",
-    "ModelConfig", "Result", "TrainingConfig", "TrainingSection", "WorkerStatus",
+    "Amp", "Artifact", "Attempt", "AugmentationSection", "BestEpoch", "CheckpointSection",
+    "ConfigError", "DataSection", "ErrorInfo", "FailedManifest", "Heartbeat", "JobState",
+    "Manifest", "Mode", "ModelConfig", "Result", "TrainingConfig", "TrainingSection",
+    "WorkerStatus",
     "config_json_schema", "parse_config", "validate_config",
 ]
 

@@ -101,6 +101,12 @@ class ErrorInfo(_Record):
     traceback: str | None = None  # for bugs; a user error (bad data path) needs no traceback
 
 
+class Artifact(_Record):
+    path: str  # relative to done/<job_id>/
+    bytes: int
+    sha256: str
+
+
 class Result(_Record):
     """done/<job_id>/result.json: created exclusively and last. Its existence ends the job."""
 
@@ -114,6 +120,7 @@ class Result(_Record):
     error: ErrorInfo | None = None
     best: BestEpoch | None = None
     epochs_completed: int = 0
+    epochs: int | None = None  # as configured
     steps_completed: int = 0
     wall_seconds: float = 0.0  # this job's training time, summed over attempts
     images_per_second: float | None = None
@@ -130,7 +137,7 @@ class Result(_Record):
     oom_backoffs: list[dict[str, int]] = []  # step and new micro-batch of each back-off
     dataset_sha256: str | None = None  # the content hash of the data the model saw
     data_cache: dict[str, Any] = {}  # per folder (or archive): files, bytes, copy time, reuse
-    artifacts: dict[str, str] = {}  # what -> path relative to done/<job_id>/
+    artifacts: dict[str, Artifact] = {}  # what -> file, with its size and checksum
 
 
 class WorkerStatus(_Record):

@@ -19,17 +19,9 @@ import torch
 
 from cherry_train import faults
 from cherry_train.jobqueue import layout
-from cherry_train.jobqueue.protocol import Owner
+from cherry_train.jobqueue.protocol import Owner, file_sha256
 
 log = structlog.get_logger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:

@@ -28,7 +28,7 @@ from cherry_train.jobqueue.protocol import (
     WorkerIdInUse,
     error_info,
 )
-from cherry_train.schemas import BestEpoch, JobState, Result, WorkerStatus
+from cherry_train.schemas import Artifact, BestEpoch, JobState, Result, WorkerStatus
 from cherry_train.worker import runtime
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.reporting import Reporter, StopRequest
@@ -143,14 +143,20 @@ class Worker:
     # -- one job -----------------------------------------------------------------------------
 
     def execute(self, claim: Claim) -> None:
-        log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
-                 reason=claim.attempt.reason)
+        # Every event logged while this job runs carries its id: it also lands in its worker.log.
+        with structlog.contextvars.bound_contextvars(job_id=claim.job_id,
+                                                     attempt=claim.attempt.n):
+            self._execute(claim)
+
+    def _execute(self, claim: Claim) -> None:
         owner = self.queue.owner(claim)
         status = self._write_status("busy", claim.job_id,
                                     interval=claim.manifest.config.heartbeat_seconds)
         budget = self._budget()
         reporter = Reporter(owner, status, self.stop,
                             deadline=budget.stop_at() if budget is not None else None)
+        log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
+                 reason=claim.attempt.reason, worker_id=self.me.worker_id, host=self.me.host)
         scratch = self._scratch(claim)
         shutil.rmtree(scratch, ignore_errors=True)  # a killed predecessor's half-written files
         result: Result | None = None
@@ -166,9 +172,10 @@ class Worker:
                 result = _result(claim, outcome, JobState.cancelled, self.queue.clock.now())
             else:
                 reporter.close()
-                reporter.beat(phase="released", released=True)
                 log.info("job released", job_id=claim.job_id, reason=self.stop.reason,
                          step=outcome.state.global_step)
+                reporter.beat(phase="released", released=True)
+                reporter.finish()
                 return
         except Fenced as e:
             log.warning("job taken over; this attempt stops", job_id=claim.job_id, detail=str(e))
@@ -184,13 +191,18 @@ class Worker:
             shutil.rmtree(scratch, ignore_errors=True)
             self.stop.clear_job_reasons()  # a cancel or a takeover ends the job, not the worker
         try:
+            log.info("job finished", job_id=claim.job_id, state=result.state.value,
+                     best=result.best.model_dump() if result.best else None)
             reporter.beat(phase="finished")
+            reporter.finish()
+            result.artifacts = _artifacts(owner)
             won = owner.commit(result)
         except Fenced:
             log.warning("job taken over before commit; result discarded", job_id=claim.job_id)
             return
-        log.info("job finished", job_id=claim.job_id, state=result.state.value, committed=won,
-                 best=result.best.model_dump() if result.best else None)
+        if not won:
+            log.warning("another attempt committed first; this result was discarded",
+                        job_id=claim.job_id)
 
     def _trainer(self) -> Callable:
         if self.trainer is None:
@@ -287,12 +299,23 @@ def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result
         device=outcome.device, amp=outcome.precision, torch_threads=outcome.threads,
         torch_version=_torch_version(), final_weights_sha256=outcome.final_weights_sha256,
         best_weights_sha256=state.best_weights_sha256, final_metrics=state.last_epoch,
+        epochs=claim.manifest.config.training.epochs,
         micro_batch=state.micro_batch or None, oom_backoffs=state.oom_backoffs,
         gpu_hours=round(gpu_hours, 4), compute_units=runtime.compute_units(outcome.device,
                                                                            gpu_hours),
         dataset_sha256=outcome.data.get("dataset_sha256"),
-        data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"},
-        artifacts=outcome.artifacts)
+        data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"})
+
+
+def _artifacts(owner) -> dict[str, Artifact]:
+    """The job's files for people, with size and sha256 (what `cherry fetch` verifies)."""
+    paths, found = owner.claim.paths, {}
+    for name, path in paths.artifact_paths().items():
+        described = owner.describe(path)
+        if described is not None:
+            found[name] = Artifact(path=path.removeprefix(paths.dir + "/"), bytes=described[0],
+                                   sha256=described[1])
+    return found
 
 
 def _failed(claim: Claim, error: Exception, now: datetime, with_traceback: bool) -> Result:

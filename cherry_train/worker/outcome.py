@@ -35,4 +35,3 @@ class Outcome:
     threads: int
     final_weights_sha256: str | None = None
     data: dict[str, Any] = field(default_factory=dict)  # dataset_sha256 and the cache reports
-    artifacts: dict[str, str] = field(default_factory=dict)

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from cherry_train import logs
 from cherry_train.jobqueue.protocol import Fenced, Owner
 from cherry_train.schemas import Heartbeat, WorkerStatus
 from cherry_train.worker.curves import render_curves
@@ -71,6 +72,9 @@ class Reporter:
         self._metrics: list[str] = []
         self._metrics_synced = 0
         self._lock = threading.Lock()
+        self._log_lines = logs.open_tap(self.claim.job_id)  # this job's events, as JSON lines
+        self._log_synced = 0
+        self._log_before = ""  # worker.log of earlier attempts, kept as history
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self.fenced = False
@@ -112,6 +116,7 @@ class Reporter:
             return self._progress.get("last_checkpoint_step")
 
     def start(self) -> None:
+        self._log_before = self.queue.storage.read_text_or_none(self.claim.paths.log) or ""
         self.beat()
         self._thread = threading.Thread(target=self._run, name="cherry-heartbeat", daemon=True)
         self._thread.start()
@@ -123,12 +128,18 @@ class Reporter:
             except Fenced:
                 return
             except Exception:  # a failed beat (flaky mount) must not kill the job; retry later
-                log.exception("heartbeat failed")
+                log.exception("heartbeat failed", job_id=self.claim.job_id)
 
     def close(self) -> None:
         self._done.set()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+
+    def finish(self) -> None:
+        """The last sync of this attempt's log; stop collecting it."""
+        self.sync_log()
+        logs.close_tap(self.claim.job_id)
 
     def beat(self, **final: Any) -> None:
         """Write the heartbeat and sync metrics (fenced); notice a cancel request."""
@@ -140,6 +151,7 @@ class Reporter:
         with self._on_fenced():
             self.owner.write(claim.paths.heartbeat, heartbeat.to_json())
         self.sync_metrics()
+        self.sync_log()
         self.queue.write_worker_status(self.worker_status.model_copy(update={"at": now}))
         training = not self._done.is_set()  # the final beats after close() look no further
         if training and self.deadline is not None and now >= self.deadline:
@@ -163,6 +175,16 @@ class Reporter:
             self.owner.write(self.claim.paths.metrics, data)
         with self._lock:
             self._metrics_synced = count
+
+    def sync_log(self) -> None:
+        """Rewrite worker.log if this attempt logged more (JSON lines, like the worker's)."""
+        count = len(self._log_lines)
+        if count == self._log_synced:
+            return
+        text = self._log_before + "".join(line + "\n" for line in self._log_lines[:count])
+        with self._on_fenced():
+            self.owner.write(self.claim.paths.log, text.encode())
+        self._log_synced = count
 
     def write_curves(self, title: str) -> None:
         epochs = self.epoch_records()

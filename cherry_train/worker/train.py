@@ -432,10 +432,7 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
              start_step=job.state.global_step, cpu_count=os.cpu_count())
     outcome = Outcome(completed=False, state=job.state, device=device_name,
                       precision=job.precision.name, threads=torch.get_num_threads(),
-                      data=job.data_info,
-                      artifacts={"best_weights": "best.pt", "curves": "curves.png",
-                                 "metrics": "metrics.jsonl", "config": "config.yaml",
-                                 "checkpoints": "checkpoints/"})
+                      data=job.data_info)
     while job.state.epoch < job.cfg.training.epochs:
         if stop.is_set():
             _stop_here(job, torch.zeros(()), torch.zeros((), dtype=torch.int64))
@@ -448,5 +445,4 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     outcome.completed = True
     outcome.state = job.state
     outcome.final_weights_sha256 = _save_weights(job, claim.paths.final_weights)
-    outcome.artifacts["final_weights"] = "final.pt"
     return outcome
