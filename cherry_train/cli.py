@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from cherry_train import __version__
+from cherry_train.client.jobs import NoSuchJob, find_job, find_jobs
 from cherry_train.jobqueue.ids import WORKER_ID_RE
 from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity, WorkerIdInUse
 from cherry_train.jobqueue.roots import (
@@ -132,7 +133,7 @@ def cmd_cancel(args) -> int:
     import socket
 
     resolved, queue = _root(args)
-    job_id = _existing_job(queue, args.job)
+    job_id = find_job(queue, args.job)
     view = queue.view(job_id)
     if view.state.finished:
         print(f"{job_id} already {view.state.value}; nothing to cancel")
@@ -148,19 +149,55 @@ def cmd_cancel(args) -> int:
     return 0
 
 
-def _existing_job(queue: JobQueue, job: str) -> str:
-    """The job id a user typed, or a unique job whose id ends with it (e.g. `7f3a`)."""
-    ids = queue.job_ids()
-    if job in ids:
-        return job
-    matches = [i for i in ids if i.endswith(job) or i.startswith(job)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise UsageError(f"JOB: no job {job!r} under {queue.storage.description}; "
-                         "`cherry status` lists them")
-    raise UsageError(f"JOB: {job!r} matches {len(matches)} jobs ({', '.join(matches[:4])}"
-                     f"{', ...' if len(matches) > 4 else ''}); give more of the id")
+def cmd_watch(args) -> int:
+    from cherry_train.client.watch import EXIT_CODES, watch
+
+    _, queue = _root(args)
+    state = watch(queue, find_job(queue, args.job), poll_seconds=args.poll_seconds,
+                  progress=not args.no_progress)
+    return EXIT_CODES[state]
+
+
+def cmd_fetch(args) -> int:
+    from cherry_train.client.fetch import ChecksumMismatch, fetch
+
+    _, queue = _root(args)
+    job_id = find_job(queue, args.job)
+    dest = Path(args.dest) / job_id
+    try:
+        fetched = fetch(queue, job_id, dest, checkpoints=args.checkpoints)
+    except ChecksumMismatch as e:
+        _err(f"error: {e}")
+        return 1
+    for f in fetched:
+        print(f"{f.status:>10}  {f.bytes:>12,} B  {f.path}")
+    if any(f.status == "unverified" for f in fetched):
+        _err("note: the job has no result yet; these files are as they are now, unverified")
+    print(dest)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from cherry_train.client.compare import comparison, overlay_png, render
+
+    _, queue = _root(args)
+    job_ids = find_jobs(queue, args.jobs)
+    if len(job_ids) < 2:
+        raise UsageError(f"JOB: compare needs at least two jobs; {args.jobs} matched "
+                         f"{len(job_ids)}")
+    differing, rows = comparison(queue, job_ids)
+    if args.json:
+        print(json.dumps({"differing": differing, "jobs": rows}, indent=2))
+    else:
+        print(render(differing, rows))
+    try:
+        png = overlay_png(queue, job_ids)
+    except ImportError:
+        _err("note: no matplotlib here, so no plot (pip install matplotlib)")
+        return 0
+    Path(args.out).write_bytes(png)
+    print(f"curves: {Path(args.out).resolve()}")
+    return 0
 
 
 def cmd_init(args) -> int:
@@ -268,6 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--root", help=root_help)
     c.set_defaults(func=cmd_cancel)
 
+    wa = sub.add_parser("watch", help="follow a job live until it ends (exit 0 succeeded, "
+                        "1 failed, 3 cancelled)")
+    wa.add_argument("job", metavar="JOB", help="the job id (or its unique end)")
+    wa.add_argument("--root", help=root_help)
+    wa.add_argument("--poll-seconds", type=_positive_float, default=5.0)
+    wa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    wa.set_defaults(func=cmd_watch)
+
+    f = sub.add_parser("fetch", help="download a job's results, verified and resumable")
+    f.add_argument("job", metavar="JOB", help="the job id (or its unique end)")
+    f.add_argument("--root", help=root_help)
+    f.add_argument("--dest", default=".", help="folder to put <job_id>/ in (default: here)")
+    f.add_argument("--checkpoints", action="store_true", help="the checkpoints too")
+    f.set_defaults(func=cmd_fetch)
+
+    cp = sub.add_parser("compare", help="differing hyperparameters, results and curves of jobs")
+    cp.add_argument("jobs", metavar="JOB", nargs="+",
+                    help="job ids (or unique ends), or globs of experiment names ('lr-*')")
+    cp.add_argument("--root", help=root_help)
+    cp.add_argument("--out", default="cherry-compare.png", help="the overlay plot (PNG)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
+
     i = sub.add_parser("init", help="remember a default queue root")
     i.add_argument("root", nargs="?", help="the folder (default: <My Drive>/traina of Drive for "
                    "Desktop, if found)")
@@ -296,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _err(*e.problems)
         return 2
-    except (UsageError, WorkerIdInUse) as e:
+    except (UsageError, WorkerIdInUse, NoSuchJob) as e:
         _err(f"error: {e}")
         return 2
     except KeyboardInterrupt:

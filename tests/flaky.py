@@ -34,6 +34,6 @@ def _flaky(name):
     return method
 
 
-for _name in ("read_bytes", "write_atomic", "create_exclusive", "list_dir", "stat", "move",
-              "delete", "upload", "download"):
+for _name in ("read_bytes", "read_range", "write_atomic", "create_exclusive", "list_dir",
+              "stat", "move", "delete", "upload", "download"):
     setattr(FlakyStorage, _name, _flaky(_name))

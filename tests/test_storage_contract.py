@@ -131,3 +131,12 @@ def test_other_errors_are_not_retried(tmp_path):
     with pytest.raises(FileNotFoundError):
         storage.read_bytes("missing")
     assert waits == []
+
+
+def test_read_range(storage):
+    storage.write_atomic("f", bytes(range(100)))
+    assert storage.read_range("f", 10, 5) == bytes(range(10, 15))
+    assert storage.read_range("f", 95, 10) == bytes(range(95, 100))
+    assert storage.read_range("f", 100, 10) == b""
+    with pytest.raises(FileNotFoundError):
+        storage.read_range("missing", 0, 1)

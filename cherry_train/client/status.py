@@ -1,44 +1,86 @@
-"""`cherry status`: every job's state, derived from the files alone (DESIGN.md §3)."""
+"""`cherry status`: every job's state, derived from the files alone (DESIGN.md §3).
+
+A finished job never changes, so its row is kept in a small local cache: with hundreds of
+finished jobs on a Drive mount, a status call reads only the jobs still in motion.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any
+
+import platformdirs
 
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.protocol import JobQueue, JobView
 
+FINISHED = ("succeeded", "failed", "cancelled")
 
-def job_rows(queue: JobQueue) -> list[dict[str, Any]]:
+
+def _cache_path(queue: JobQueue) -> Path:
+    base = os.environ.get("CHERRY_CACHE_DIR") or platformdirs.user_cache_path("cherry-train")
+    key = hashlib.sha1(queue.storage.description.encode()).hexdigest()[:16]
+    return Path(base) / "status" / f"{key}.json"
+
+
+def job_rows(queue: JobQueue, use_cache: bool = True) -> list[dict[str, Any]]:
     """One dict per job, newest first: the `status --json` schema."""
-    return [_row(queue.view(job_id)) for job_id in queue.job_ids()]
+    cache_file = _cache_path(queue)
+    cache: dict[str, dict] = {}
+    if use_cache:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (FileNotFoundError, ValueError):
+            cache = {}
+    rows, changed = [], False
+    for job_id in queue.job_ids():
+        row = cache.get(job_id)
+        if row is None:
+            row = _row(queue.view(job_id))
+            if row["state"] in FINISHED and use_cache:
+                cache[job_id], changed = row, True
+        rows.append(row)
+    if changed:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    return rows
 
 
 def _row(v: JobView) -> dict[str, Any]:
-    hb, result = v.heartbeat, v.result
+    hb, result, manifest = v.heartbeat, v.result, v.manifest
     row: dict[str, Any] = {
         "job_id": v.job_id,
         "state": v.state.value,
         "stalled": v.stalled,
-        "name": v.manifest.name if v.manifest else None,
-        "priority": v.manifest.priority if v.manifest else None,
+        "name": manifest.name if manifest else None,
+        "priority": manifest.priority if manifest else None,
         "attempt": v.attempt.n if v.attempt else (result.attempts if result else None),
         "worker_id": v.attempt.worker_id if v.attempt else (result.worker_id if result else None),
-        "heartbeat_age_seconds": round(v.heartbeat_age, 1) if v.heartbeat_age is not None else None,
-        "epoch": None, "epochs": None, "step": None, "loss": None,
+        "heartbeat_age_seconds": round(v.heartbeat_age, 1) if v.heartbeat_age is not None
+        else None,
+        "phase": None, "epoch": None, "epochs": manifest.config.training.epochs if manifest
+        else None, "step": None, "total_steps": None, "loss": None, "accuracy": None,
         "images_per_second": None, "eta_seconds": None, "device": None,
-        "best_val_accuracy": None, "error": v.error,
-        "cancel_requested": v.cancel_requested,
+        "best_val_accuracy": None, "error": v.error, "cancel_requested": v.cancel_requested,
     }
     if hb is not None and v.state.value == "running":
-        row.update(epoch=hb.epoch, epochs=hb.epochs, step=hb.step, loss=hb.loss,
-                   images_per_second=hb.images_per_second, eta_seconds=hb.eta_seconds,
-                   device=hb.device, best_val_accuracy=hb.best_val_accuracy)
+        row.update(phase=hb.phase, epoch=hb.epoch, step=hb.step,
+                   total_steps=hb.epochs * hb.steps_per_epoch or None, loss=hb.loss,
+                   accuracy=hb.accuracy, images_per_second=hb.images_per_second,
+                   eta_seconds=hb.eta_seconds, device=hb.device,
+                   best_val_accuracy=hb.best_val_accuracy)
     if result is not None:
-        row.update(epoch=result.epochs_completed, device=result.device,
-                   images_per_second=result.images_per_second,
+        row.update(epoch=result.epochs_completed, step=result.steps_completed,
+                   device=result.device, images_per_second=result.images_per_second,
+                   loss=result.final_metrics.get("train_loss"),
+                   accuracy=result.final_metrics.get("val_accuracy"),
                    best_val_accuracy=result.best.val_accuracy if result.best else None)
-        if v.manifest:
-            row["epochs"] = v.manifest.config.training.epochs
+        row["epochs"] = result.epochs or row["epochs"]
     return row
 
 
@@ -52,24 +94,38 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _bar(done: int | None, total: int | None, width: int = 10) -> str:
+    if not done or not total:
+        return "-"
+    filled = round(width * min(done, total) / total)
+    return "#" * filled + "." * (width - filled)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> str:
     if not rows:
         lines = ["no jobs"]
     else:
-        header = ("JOB", "STATE", "TRY", "EPOCH", "LOSS", "BEST ACC", "IMG/S", "ETA", "HEARTBEAT")
+        header = ("JOB", "STATE", "TRY", "PROGRESS", "EPOCH", "LOSS", "ACC", "BEST", "IMG/S",
+                  "ETA", "WORKER", "GPU", "HEARTBEAT")
         table = [header]
         for r in rows:
+            running = r["state"] == "running"
             state = r["state"] + (" (stalled)" if r["stalled"] else "") + \
-                (" (cancelling)" if r["cancel_requested"] and r["state"] == "running" else "")
-            epoch = (f"{r['epoch'] + (1 if r['state'] == 'running' else 0)}/{r['epochs']}"
+                (" (cancelling)" if r["cancel_requested"] and running else "")
+            epoch = (f"{r['epoch'] + (1 if running else 0)}/{r['epochs']}"
                      if r["epoch"] is not None and r["epochs"] else "-")
             table.append((
-                r["job_id"], state, str(r["attempt"] or "-"), epoch,
-                f"{r['loss']:.4f}" if r["loss"] is not None else "-",
-                f"{r['best_val_accuracy']:.3f}" if r["best_val_accuracy"] is not None else "-",
-                f"{r['images_per_second']:.0f}" if r["images_per_second"] else "-",
-                _age(r["eta_seconds"]) if r["state"] == "running" else "-",
-                _age(r["heartbeat_age_seconds"]) if r["state"] == "running" else "-",
+                r["job_id"], state, str(r["attempt"] or "-"),
+                _bar(r["step"], r["total_steps"]) if running else "-", epoch,
+                _fmt(r["loss"], ".4f"), _fmt(r["accuracy"], ".3f"),
+                _fmt(r["best_val_accuracy"], ".3f"), _fmt(r["images_per_second"], ".0f"),
+                _age(r["eta_seconds"]) if running else "-", r["worker_id"] or "-",
+                (r["device"] or "-").replace("NVIDIA ", ""),
+                _age(r["heartbeat_age_seconds"]) if running else "-",
             ))
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()

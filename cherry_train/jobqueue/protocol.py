@@ -89,6 +89,15 @@ class JobView:
     cancel_requested: bool = False
 
 
+def _concise(error: ValidationError) -> str:
+    """One line about a manifest pydantic rejected (it may not even be JSON)."""
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}"
+             for e in error.errors(include_url=False)[:3]]
+    more = len(error.errors()) - 3
+    return "not a valid manifest: " + "; ".join(parts).removeprefix("file: ") + \
+        (f"; and {more} more" if more > 0 else "")
+
+
 def error_info(exc: BaseException, with_traceback: bool = True) -> ErrorInfo:
     tb = "".join(traceback.format_exception(exc)) if with_traceback else None
     return ErrorInfo(type=type(exc).__name__, message=str(exc) or type(exc).__name__, traceback=tb)
@@ -143,7 +152,10 @@ class JobQueue:
                 manifest = Manifest.from_json(self.storage.read_bytes(f"{layout.QUEUE}/{name}"))
             except FileNotFoundError:
                 continue  # taken and moved by someone else since the listing
-            except (ValidationError, ValueError, UnicodeDecodeError) as e:
+            except ValidationError as e:
+                bad.append((job_id, ValueError(_concise(e))))
+                continue
+            except (ValueError, UnicodeDecodeError) as e:
                 bad.append((job_id, e))
                 continue
             if manifest.job_id != job_id:

@@ -80,7 +80,8 @@ class Heartbeat(_Record):
     epochs: int = 0
     step: int = 0  # global optimizer steps done
     steps_per_epoch: int = 0
-    loss: float | None = None
+    loss: float | None = None  # mean train loss over the epoch so far
+    accuracy: float | None = None  # train accuracy over the epoch so far
     images_per_second: float | None = None
     eta_seconds: float | None = None
     last_checkpoint: str | None = None

@@ -32,6 +32,10 @@ class Storage(ABC):
         """The file's content; FileNotFoundError if there is none."""
 
     @abstractmethod
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset` (b"" at the end): for resumable downloads."""
+
+    @abstractmethod
     def write_atomic(self, path: str, data: bytes) -> None:
         """Create or replace the file in one step (temp name, then rename)."""
 

@@ -66,6 +66,11 @@ class LocalStorage(Storage):
     def read_bytes(self, path: str) -> bytes:
         return self._path(path).read_bytes()
 
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        with open(self._path(path), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
     def write_atomic(self, path: str, data: bytes) -> None:
         with self._staged(path) as (target, tmp):
             _write_synced(tmp, data)

@@ -63,6 +63,9 @@ class RetryingStorage(Storage):
     def read_bytes(self, path: str) -> bytes:
         return self._call(self.inner.read_bytes, path)
 
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        return self._call(self.inner.read_range, path, offset, length)
+
     def write_atomic(self, path: str, data: bytes) -> None:
         self._call(self.inner.write_atomic, path, data)
 

@@ -17,8 +17,8 @@ import structlog
 
 from cherry_train import logs
 from cherry_train.jobqueue.protocol import Fenced, Owner
+from cherry_train.plots import render_curves
 from cherry_train.schemas import Heartbeat, WorkerStatus
-from cherry_train.worker.curves import render_curves
 
 log = structlog.get_logger(__name__)
 

@@ -263,7 +263,9 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
             remaining = job.total_steps - state.global_step
             steps_per_s = state.global_step / max(state.train_seconds, 1e-9)
             job.reporter.update(phase="training", epoch=state.epoch, step=state.global_step,
-                                loss=train_loss, images_per_second=ips,
+                                loss=train_loss,
+                                accuracy=state.epoch_correct / max(1, state.epoch_seen),
+                                images_per_second=ips,
                                 eta_seconds=remaining / steps_per_s if steps_per_s else None)
             if bar is not None:
                 bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)

@@ -1,0 +1,88 @@
+"""The pictures: a job's curves.png, the overlay of `cherry compare`, the confusion matrix of an
+evaluation. matplotlib is imported when a picture is drawn (the client may not have it)."""
+
+from __future__ import annotations
+
+import io
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on Colab's kernel thread, on CI or over ssh
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def render_curves(epochs: list[dict], title: str) -> bytes:
+    """curves.png: loss and accuracy per epoch, train and val (the `kind: epoch` records)."""
+    plt = _pyplot()
+    xs = [e["epoch"] + 1 for e in epochs]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
+        ax.plot(xs, [e[f"train_{key}"] for e in epochs], "o-", label="train", ms=3)
+        ax.plot(xs, [e[f"val_{key}"] for e in epochs], "s-", label="val", ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_acc.set_ylim(0, 1.02)
+    if len(xs) == 1:
+        for ax in (ax_loss, ax_acc):
+            ax.set_xticks(xs)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def render_overlay(series: dict[str, list[dict]], title: str = "") -> bytes:
+    """Several jobs' curves on shared axes: val accuracy, and val (solid) / train (dashed) loss."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    for i, (label, epochs) in enumerate(series.items()):
+        colour = f"C{i % 10}"
+        xs = [e["epoch"] + 1 for e in epochs]
+        ax_loss.plot(xs, [e["val_loss"] for e in epochs], "-", color=colour, label=label)
+        ax_loss.plot(xs, [e["train_loss"] for e in epochs], "--", color=colour, alpha=0.6)
+        ax_acc.plot(xs, [e["val_accuracy"] for e in epochs], "-", color=colour, label=label)
+    ax_loss.set_title("loss (val solid, train dashed)")
+    ax_acc.set_title("val accuracy")
+    ax_acc.set_ylim(0, 1.02)
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def render_confusion(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
+    """A confusion matrix: rows the true class, columns the predicted one, counts in cells."""
+    plt = _pyplot()
+    n = len(classes)
+    side = min(12, 2.5 + 0.6 * n)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    peak = max((max(row) for row in matrix), default=0) or 1
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
+                        color="white" if matrix[i][j] > peak / 2 else "black")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,212 @@
+"""Results and observability: status, watch, fetch, compare (fake trainer, real folders)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from cherry_train.cli import main
+from cherry_train.client.fetch import ChecksumMismatch, fetch
+from cherry_train.client.status import job_rows, render_table, worker_rows
+from cherry_train.client.watch import watch
+from cherry_train.jobqueue.clock import FakeClock
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.plots import render_confusion, render_curves, render_overlay
+from cherry_train.schemas import Heartbeat, validate_config
+from cherry_train.storage import LocalStorage
+from cherry_train.worker.loop import Worker, WorkerOptions
+from cherry_train.worker.outcome import Outcome, TrainState
+
+
+def epoch_record(epoch: int, lr: float) -> dict:
+    loss = 0.7 / (1 + epoch * lr * 1000)
+    return {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * 6, "train_loss": loss,
+            "train_accuracy": 1 - loss, "val_loss": loss * 1.1, "val_accuracy": 0.95 - loss}
+
+
+def fake_trainer(epochs=3, weights_bytes=3 << 20, pause=0.0):
+    """Writes what a real trainer writes (metrics, curves, best weights), without torch."""
+    def train(claim, reporter, stop, scratch, data_root, progress_bar):
+        lr = claim.manifest.config.training.learning_rate
+        for epoch in range(epochs):
+            reporter.update(phase="training", epoch=epoch, step=(epoch + 1) * 6, epochs=epochs,
+                            steps_per_epoch=6, loss=0.5, images_per_second=123.0)
+            reporter.metric(epoch_record(epoch, lr))
+            reporter.beat()
+            time.sleep(pause)
+        scratch.mkdir(parents=True, exist_ok=True)
+        weights = scratch / "best.pt"
+        weights.write_bytes(os.urandom(weights_bytes))
+        reporter.owner.upload(weights, claim.paths.best_weights)
+        reporter.write_curves(claim.job_id)
+        state = TrainState(epoch=epochs, global_step=epochs * 6, wall_seconds=12.0,
+                           train_seconds=10.0, images_seen=1200,
+                           best={"epoch": epochs - 1, "val_accuracy": 0.9, "val_loss": 0.3},
+                           last_epoch={"train_loss": 0.2, "val_accuracy": 0.9})
+        return Outcome(completed=True, state=state, device="Tesla T4", precision="fp16",
+                       threads=1)
+    return train
+
+
+def run(queue, tiny_config, **overrides):
+    cfg = {**tiny_config, **overrides}
+    job_id = queue.submit(validate_config(cfg)).job_id
+    Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+           trainer=fake_trainer()).run()
+    return job_id
+
+
+@pytest.fixture
+def queue(tmp_path):
+    return JobQueue(LocalStorage(tmp_path / "root"), FakeClock())
+
+
+def test_status_shows_every_state_with_the_right_details(queue, tiny_config):
+    clock = queue.clock
+    run(queue, tiny_config, name="done")
+    cancelled = queue.submit(validate_config({**tiny_config, "name": "cancelled"})).job_id
+    queue.request_cancel(cancelled)
+    queue.storage.write_atomic("queue/00000000-000000-broken-0000.json", b"{oops")
+    Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True)).run_once()
+    stalled = queue.submit(validate_config({**tiny_config, "name": "stalled"}))
+    live = queue.submit(validate_config({**tiny_config, "name": "live"}))
+    for manifest, worker in ((stalled, "w3"), (live, "w2")):
+        claim = queue.try_claim(manifest, WorkerIdentity(worker))
+        hb = Heartbeat(job_id=claim.job_id, attempt=1, worker_id=worker, at=clock.now(),
+                       phase="training", epoch=1, epochs=2, step=9, steps_per_epoch=6,
+                       loss=0.41, accuracy=0.8, images_per_second=880.0, eta_seconds=95,
+                       device="NVIDIA L4")
+        queue.owner(claim).write(claim.paths.heartbeat, hb.to_json())
+        if worker == "w3":
+            clock.advance(10)  # the stalled one's heartbeat is now older than its 5 s lease
+    queued = queue.submit(validate_config({**tiny_config, "name": "waiting"})).job_id
+    rows = {r["name"] or r["job_id"]: r for r in job_rows(queue)}
+    assert rows["done"]["state"] == "succeeded" and rows["done"]["best_val_accuracy"] == 0.9
+    assert rows["done"]["device"] == "Tesla T4" and rows["done"]["epochs"] == 2
+    assert rows["cancelled"]["state"] == "cancelled"
+    assert rows["00000000-000000-broken-0000"]["state"] == "failed"
+    assert rows["live"]["state"] == "running" and not rows["live"]["stalled"]
+    assert rows["live"]["total_steps"] == 12 and rows["live"]["accuracy"] == 0.8
+    assert rows["stalled"]["state"] == "running" and rows["stalled"]["stalled"]
+    assert rows["waiting"]["state"] == "queued"
+    ids = [r["job_id"] for r in job_rows(queue)]
+    assert ids == sorted(ids, reverse=True)  # newest first
+    table = render_table(job_rows(queue), worker_rows(queue))
+    assert "running (stalled)" in table and "probably gone" in table
+    assert "########.." in table  # 9 of 12 steps
+    assert "L4" in table and "880" in table and "1m" not in table.split(queued)[1][:20]
+    assert "failed: not a valid manifest: Invalid JSON" in table  # the broken one, and why
+
+
+def test_status_json_schema(queue, tiny_config, capsys):
+    run(queue, tiny_config)
+    capsys.readouterr()  # the worker's log lines
+    assert main(["status", "--root", str(queue.storage.local_path("")), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert {"job_id", "state", "stalled", "attempt", "epoch", "epochs", "loss", "accuracy",
+            "best_val_accuracy", "images_per_second", "eta_seconds", "worker_id", "device",
+            "heartbeat_age_seconds", "error"} <= set(row)
+
+
+def test_finished_jobs_are_not_read_again(queue, tiny_config, monkeypatch):
+    for i in range(3):
+        run(queue, tiny_config, name=f"job{i}")
+    job_rows(queue)
+    reads = []
+    original = LocalStorage.read_bytes
+    monkeypatch.setattr(LocalStorage, "read_bytes",
+                        lambda self, path: reads.append(path) or original(self, path))
+    rows = job_rows(queue)
+    assert len(rows) == 3 and reads == []  # only listings: fast on a Drive mount
+
+
+def test_fetch_verifies_and_resumes(queue, tiny_config, tmp_path):
+    job_id = run(queue, tiny_config)
+    dest = tmp_path / "fetched"
+    first = {f.path.name: f.status for f in fetch(queue, job_id, dest, progress=False)}
+    assert first["best.pt"] == "downloaded" and first["curves.png"] == "downloaded"
+    assert set(first) >= {"result.json", "metrics.jsonl", "config.yaml", "worker.log"} or \
+        set(first) >= {"result.json", "metrics.jsonl", "config.yaml"}
+    root_best = queue.storage.local_path(JobPaths(job_id).best_weights)
+    assert (dest / "best.pt").read_bytes() == root_best.read_bytes()
+    # Again: nothing to download.
+    again = {f.path.name: f.status for f in fetch(queue, job_id, dest, progress=False)}
+    assert again["best.pt"] == "up to date"
+    # A cut download continues where it stopped.
+    (dest / "best.pt").unlink()
+    (dest / "best.pt.partial").write_bytes(root_best.read_bytes()[: 1 << 20])
+    resumed = {f.path.name: f for f in fetch(queue, job_id, dest, progress=False)}
+    assert resumed["best.pt"].status == "resumed"
+    assert (dest / "best.pt").read_bytes() == root_best.read_bytes()
+    # A file that changed in the root since its result was written is refused.
+    (dest / "best.pt").unlink()
+    root_best.write_bytes(b"tampered" + root_best.read_bytes()[8:])
+    with pytest.raises(ChecksumMismatch):
+        fetch(queue, job_id, dest, progress=False)
+    assert not (dest / "best.pt").exists() and not (dest / "best.pt.partial").exists()
+
+
+def test_fetch_cli_with_checkpoints(queue, tiny_config, tmp_path, capsys):
+    job_id = run(queue, tiny_config)
+    paths = JobPaths(job_id)
+    queue.storage.write_atomic(paths.checkpoint(6), b"checkpoint bytes")
+    import hashlib
+
+    queue.storage.write_atomic(paths.checkpoint_checksum(6),
+                               hashlib.sha256(b"checkpoint bytes").hexdigest().encode())
+    root = str(queue.storage.local_path(""))
+    assert main(["fetch", job_id[-4:], "--root", root, "--dest", str(tmp_path / "d"),
+                 "--checkpoints"]) == 0
+    assert (tmp_path / "d" / job_id / "checkpoints" / "step-000000006.pt").read_bytes() == \
+        b"checkpoint bytes"
+    assert capsys.readouterr().out.strip().endswith(job_id)
+
+
+def test_compare_two_jobs(queue, tiny_config, tmp_path, capsys):
+    a = run(queue, tiny_config, name="lr-small")
+    b = run(queue, {**tiny_config, "training": {**tiny_config["training"],
+                                                 "learning_rate": 0.01}}, name="lr-big")
+    out = tmp_path / "cmp.png"
+    root = str(queue.storage.local_path(""))
+    assert main(["compare", "lr-*", "--root", root, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "training.learning_rate" in text and "0.003" in text and "0.01" in text
+    assert "training.batch_size" not in text  # the same in both: not a difference
+    assert a in text and b in text
+    with Image.open(out) as img:
+        assert img.size == (1100, 420)
+    assert main(["compare", a, "--root", root]) == 2  # one job is no comparison
+
+
+def test_watch_follows_a_job_to_its_end(tmp_path, tiny_config):
+    queue = JobQueue(LocalStorage(tmp_path / "root"))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+                    trainer=fake_trainer(epochs=3, pause=0.3))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    lines = []
+    state = watch(queue, job_id, say=lines.append, poll_seconds=0.1, progress=False)
+    thread.join()
+    assert state.value == "succeeded"
+    assert [x.split(":")[0] for x in lines if x.startswith("epoch")] == \
+        ["epoch 1/2", "epoch 2/2", "epoch 3/2"]
+    assert lines[-1].startswith(f"{job_id}: succeeded, best val accuracy 0.900")
+
+
+@pytest.mark.parametrize(("png", "size"), [
+    (lambda: render_curves([epoch_record(e, 0.001) for e in range(4)], "t"), (1000, 400)),
+    (lambda: render_overlay({"a": [epoch_record(0, 0.001)], "b": []}), (1100, 420)),
+    (lambda: render_confusion([[5, 1], [2, 7]], ["defect", "good"], "t"), (370, 314)),
+])
+def test_pictures_are_real_pngs_of_the_right_size(png, size):
+    with Image.open(io.BytesIO(png())) as img:
+        img.load()
+        assert img.format == "PNG" and img.size == size
