@@ -255,3 +255,15 @@ def test_preflight_smoke_test_catches_a_model_that_cannot_run_at_that_size(
     assert main(["submit", str(cfg), "--root", str(root_with_data)]) == 2
     assert "data.image_size: inception_v3 cannot train at 32 px" in capsys.readouterr().err
     assert not (root_with_data / "queue").exists()
+
+
+def test_preflight_of_an_evaluation_checks_its_data_and_weights(tmp_path, root_with_data,
+                                                               capsys):
+    cfg = write_config(tmp_path, {
+        "mode": "evaluation", "model": {"name": "resnet18", "num_classes": 2},
+        "data": {"val_path": "data/val"}, "evaluate": {"weights": "missing.pt"}})
+    assert main(["submit", str(cfg), "--root", str(root_with_data)]) == 2
+    assert "evaluate.weights:" in capsys.readouterr().err
+    (root_with_data / "missing.pt").write_bytes(b"x")
+    assert main(["submit", str(cfg), "--root", str(root_with_data)]) == 0
+    assert "32 images (defect 16, good 16)" in capsys.readouterr().out

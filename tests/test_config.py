@@ -53,7 +53,10 @@ BAD = [
     ("data.train_path", _with("data.train_path", ""), "at least 1 character"),
     ("data.image_size", _with("data.image_size", 8), "greater than or equal to 16"),
     ("augmentation.normalise", _with("augmentation.normalise", True), "did you mean 'normalize'"),
-    ("mode", _with("mode", "evaluation"), "'development' or 'training'"),
+    ("mode", _with("mode", "tuning"), "'development', 'training' or 'evaluation'"),
+    ("evaluate", _with("mode", "evaluation"), "required with mode: evaluation"),
+    ("evaluate", _with("evaluate", {"job": "x"}), "only with mode: evaluation"),
+    ("training", _with("training", _DELETE), "required, but missing"),
     ("amp", _with("amp", "fp8"), "'auto', 'bf16', 'fp16' or 'off'"),
     ("lease_seconds", _with("lease_seconds", 40), "twice heartbeat_seconds"),
     ("heartbeat_seconds", _with("heartbeat_seconds", 0), "greater than 0"),
@@ -99,7 +102,22 @@ def test_defaults_are_filled_in_and_round_trip():
 
 def test_json_schema_describes_every_section():
     schema = json.loads(config_json_schema())
-    assert set(schema["required"]) == {"model", "training", "data"}
+    assert set(schema["required"]) == {"model", "data"}  # training: unless evaluating
     assert {"model", "training", "data", "augmentation", "checkpoint", "amp", "mode"} <= \
         set(schema["properties"])
     assert schema["additionalProperties"] is False
+
+
+def test_an_evaluation_needs_no_training_section():
+    text = """
+mode: evaluation
+model: {name: resnet18, num_classes: 2}
+data: {val_path: data/val}
+evaluate: {job: 20261126-101500-resnet18-a-7f3a}
+"""
+    config = parse_config(text)
+    assert config.training is None and config.epochs is None
+    with pytest.raises(ConfigError) as info:
+        parse_config(text.replace("{job:", "{weights: w.pt, job:"))
+    assert info.value.problems == ["evaluate: give exactly one of job (a finished job's id) or "
+                                   "weights (a weights file)"]

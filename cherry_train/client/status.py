@@ -63,8 +63,8 @@ def _row(v: JobView) -> dict[str, Any]:
         "worker_id": v.attempt.worker_id if v.attempt else (result.worker_id if result else None),
         "heartbeat_age_seconds": round(v.heartbeat_age, 1) if v.heartbeat_age is not None
         else None,
-        "phase": None, "epoch": None, "epochs": manifest.config.training.epochs if manifest
-        else None, "step": None, "total_steps": None, "loss": None, "accuracy": None,
+        "phase": None, "epoch": None, "epochs": manifest.config.epochs if manifest else None,
+        "step": None, "total_steps": None, "loss": None, "accuracy": None,
         "images_per_second": None, "eta_seconds": None, "device": None,
         "best_val_accuracy": None, "error": v.error, "cancel_requested": v.cancel_requested,
     }
@@ -81,6 +81,9 @@ def _row(v: JobView) -> dict[str, Any]:
                    accuracy=result.final_metrics.get("val_accuracy"),
                    best_val_accuracy=result.best.val_accuracy if result.best else None)
         row["epochs"] = result.epochs or row["epochs"]
+        if result.evaluation:  # an evaluation: its accuracy is the number people want
+            row.update(accuracy=result.evaluation.get("accuracy"),
+                       images_per_second=result.evaluation.get("images_per_second_batch64"))
     return row
 
 

@@ -80,6 +80,8 @@ def preflight(config: TrainingConfig, root_path: Path | None, smoke: bool = True
     takes a couple of training steps on the CPU."""
     if config.data.archive:
         return Preflight([("data", "an archive: checked by the worker after extracting it")])
+    if config.evaluate is not None:
+        return _preflight_evaluation(config, root_path)
     report, problems, images = Preflight(), [], {}
     report.checks.append(("model", check_model_name(config)))
     for name in ("train_path", "val_path"):
@@ -111,6 +113,26 @@ def preflight(config: TrainingConfig, root_path: Path | None, smoke: bool = True
     report.checks.append(("decode", _decode_sample(images)))
     if smoke:
         report.checks.append(("smoke", _smoke(config, root_path, images)))
+    return report
+
+
+def _preflight_evaluation(config: TrainingConfig, root_path: Path | None) -> Preflight:
+    report, ev = Preflight(), config.evaluate
+    name = "evaluate.data_path" if ev.data_path else "data.val_path"
+    try:
+        path = map_data_path(ev.data_path or config.data.val_path, root_path)
+        weights = map_data_path(ev.weights, root_path) if ev.weights else None
+    except PathMappingError as e:
+        raise ConfigError([f"{name}: {e}"]) from None
+    if not path.is_dir():
+        raise ConfigError([f"{name}: folder {path} does not exist"])
+    images = _class_images(path)
+    report.checks.append(("data", f"{path}: {sum(map(len, images.values()))} images "
+                                  f"({', '.join(f'{c} {len(v)}' for c, v in images.items())})"))
+    if weights is not None and not weights.is_file():
+        raise ConfigError([f"evaluate.weights: {weights} does not exist"])
+    report.checks.append(("weights", str(weights) if weights else f"job {ev.job}'s best.pt"))
+    report.checks.append(("decode", _decode_sample({name.split(".")[-1]: images})))
     return report
 
 

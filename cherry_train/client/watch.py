@@ -29,7 +29,7 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
     try:
         while True:
             view = queue.view(job_id)
-            epochs = view.manifest.config.training.epochs if view.manifest else None
+            epochs = view.manifest.config.epochs if view.manifest else None
             raw = queue.storage.read_text_or_none(paths.metrics) or ""
             records = [json.loads(x) for x in raw.splitlines() if x.strip()]
             epoch_records = [r for r in records if r.get("kind") == "epoch"]

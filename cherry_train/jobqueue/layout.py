@@ -102,8 +102,17 @@ class JobPaths:
     def result(self) -> str:
         return f"{self.dir}/result.json"
 
+    @property
+    def evaluation(self) -> str:
+        return f"{self.dir}/evaluation.json"
+
+    @property
+    def confusion(self) -> str:
+        return f"{self.dir}/confusion.png"
+
     def artifact_paths(self) -> dict[str, str]:
         """What a job leaves for people: name -> path (whichever of them exist)."""
         return {"config": self.config, "metrics": self.metrics, "curves": self.curves,
                 "log": self.log, "best_weights": self.best_weights,
-                "final_weights": self.final_weights}
+                "final_weights": self.final_weights, "evaluation": self.evaluation,
+                "confusion_matrix": self.confusion}

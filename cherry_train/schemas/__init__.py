@@ -13,6 +13,7 @@ from cherry_train.schemas.config import (
     AugmentationSection,
     CheckpointSection,
     DataSection,
+    EvaluateSection,
     Mode,
     ModelConfig,
     TrainingConfig,
@@ -34,8 +35,8 @@ from cherry_train.schemas.records import (
 
 __all__ = [
     "Amp", "Artifact", "Attempt", "AugmentationSection", "BestEpoch", "CheckpointSection",
-    "ConfigError", "DataSection", "ErrorInfo", "FailedManifest", "Heartbeat", "JobState",
-    "Manifest", "Mode", "ModelConfig", "Result", "TrainingConfig", "TrainingSection",
+    "ConfigError", "DataSection", "ErrorInfo", "EvaluateSection", "FailedManifest", "Heartbeat",
+    "JobState", "Manifest", "Mode", "ModelConfig", "Result", "TrainingConfig", "TrainingSection",
     "WorkerStatus",
     "config_json_schema", "parse_config", "validate_config",
 ]

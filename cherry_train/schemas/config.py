@@ -10,7 +10,14 @@ import re
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -18,6 +25,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 class Mode(str, Enum):
     development = "development"  # a small subset, few batches: does the job run at all?
     training = "training"
+    evaluation = "evaluation"  # no training: measure a trained model (see `evaluate`)
 
 
 class Amp(str, Enum):
@@ -72,9 +80,11 @@ class TrainingSection(_Section):
 
 
 class DataSection(_Section):
-    train_path: str = Field(min_length=1, description="ImageFolder root: one folder per class. "
-                            "/content/drive/MyDrive/... is mapped off Colab; relative paths are "
-                            "relative to the queue root.")
+    train_path: str | None = Field(
+        None, min_length=1,
+        description="ImageFolder root: one folder per class (required unless mode is "
+                    "evaluation). /content/drive/MyDrive/... is mapped off Colab; relative paths "
+                    "are relative to the queue root.")
     val_path: str = Field(min_length=1, description="Same class folders as train_path.")
     archive: str | None = Field(None, min_length=1, description="A .zip/.tar(.gz) holding the "
                                 "dataset; then train_path and val_path are folders inside it.")
@@ -107,6 +117,24 @@ class CheckpointSection(_Section):
     keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept (the best is kept too).")
 
 
+class EvaluateSection(_Section):
+    job: str | None = Field(None, min_length=1, description="A finished job: its best weights "
+                            "and its model are evaluated.")
+    weights: str | None = Field(None, min_length=1, description="Or a weights file (a state "
+                                "dict) for the model of this config.")
+    data_path: str | None = Field(None, min_length=1, description="The ImageFolder to evaluate "
+                                  "on (default: data.val_path), e.g. a held-out test set.")
+    latency: bool = Field(True, description="Also time inference: latency at batch 1 and "
+                          "throughput at batch 64 on the worker's device.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluateSection:
+        if (self.job is None) == (self.weights is None):
+            raise ValueError("give exactly one of job (a finished job's id) or weights (a "
+                             "weights file)")
+        return self
+
+
 class TrainingConfig(_Section):
     """A whole training job, as written in the user's YAML."""
 
@@ -135,10 +163,33 @@ class TrainingConfig(_Section):
     log_every_steps: int = Field(10, ge=1, description="Steps between train metrics lines.")
 
     model: ModelConfig
-    training: TrainingSection
+    training: TrainingSection | None = Field(None, description="Required unless mode is "
+                                             "evaluation.")
     data: DataSection
     augmentation: AugmentationSection = AugmentationSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    evaluate: EvaluateSection | None = Field(None, description="With mode: evaluation only.")
+
+    @model_validator(mode="after")
+    def _sections_for_the_mode(self) -> TrainingConfig:
+        evaluating = self.mode == Mode.evaluation
+        if evaluating and self.evaluate is None:
+            raise ValueError("evaluate: required with mode: evaluation (job: JOB_ID, or "
+                             "weights: PATH)")
+        if not evaluating:
+            if self.evaluate is not None:
+                raise ValueError("evaluate: only with mode: evaluation")
+            if self.training is None:
+                raise ValueError("training: required, but missing (only mode: evaluation "
+                                 "goes without it)")
+            if self.data.train_path is None:
+                raise ValueError("data.train_path: required, but missing (only mode: "
+                                 "evaluation goes without it)")
+        return self
+
+    @property
+    def epochs(self) -> int | None:
+        return self.training.epochs if self.training else None
 
     @field_validator("lease_seconds")
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import re
+import typing
 from collections.abc import Iterable
 
 from pydantic import BaseModel, ValidationError
@@ -21,10 +23,11 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the field at `loc` (for 'did you mean' hints)."""
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        candidates = typing.get_args(field.annotation) or (field.annotation,) if field else ()
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:  # `X | None` sections count too
             return None
-        model = annotation
+        model = sections[0]
     return model
 
 
@@ -51,7 +54,13 @@ def format_validation_error(error: ValidationError, model: type[BaseModel]) -> l
             message = err["msg"]
             if message.startswith("Value error, "):
                 message = message[len("Value error, "):]
-            if "input" in err and not isinstance(err["input"], dict | list):
+            named = re.match(r"^([a-z_][a-z0-9_.]*): (.*)$", message, re.S)
+            if named and kind == "value_error" and isinstance(err.get("input"), dict):
+                # A check across fields names the field itself ("evaluate: required ...").
+                inner = named.group(1)
+                field = inner if field == "(top level)" else f"{field}.{inner}"
+                message = named.group(2)
+            elif "input" in err and not isinstance(err["input"], dict | list):
                 message += f" (got {err['input']!r})"
         lines.append(f"{field}: {message}")
     # A union (e.g. bool | str) reports once per branch; one line per field is enough.

@@ -137,6 +137,7 @@ class Result(_Record):
     micro_batch: int | None = None  # < batch_size: gradient accumulation after CUDA OOM
     oom_backoffs: list[dict[str, int]] = []  # step and new micro-batch of each back-off
     dataset_sha256: str | None = None  # the content hash of the data the model saw
+    evaluation: dict[str, Any] | None = None  # mode: evaluation (also in evaluation.json)
     data_cache: dict[str, Any] = {}  # per folder (or archive): files, bytes, copy time, reuse
     artifacts: dict[str, Artifact] = {}  # what -> file, with its size and checksum
 

@@ -53,8 +53,12 @@ def _default(field) -> str:
 def _rows(model: type[BaseModel], prefix: str = ""):
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from _rows(annotation, f"{prefix}{name}.")
+        sections = [a for a in (typing.get_args(annotation) or (annotation,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        if sections:  # a section (`X` or `X | None`): its fields, dotted
+            if field.description:
+                yield (f"`{prefix}{name}`", "section", "", field.description)
+            yield from _rows(sections[0], f"{prefix}{name}.")
             continue
         kind = _type_name(annotation)
         bounds = _bounds(field)

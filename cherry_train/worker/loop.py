@@ -28,7 +28,7 @@ from cherry_train.jobqueue.protocol import (
     WorkerIdInUse,
     error_info,
 )
-from cherry_train.schemas import Artifact, BestEpoch, JobState, Result, WorkerStatus
+from cherry_train.schemas import Artifact, BestEpoch, JobState, Mode, Result, WorkerStatus
 from cherry_train.worker import runtime
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.reporting import Reporter, StopRequest
@@ -163,9 +163,9 @@ class Worker:
         try:
             reporter.start()
             owner.write(claim.paths.config, _resolved_yaml(claim))
-            outcome = self._trainer()(claim, reporter, self.stop, scratch,
-                                      self.queue.storage.local_path(""),
-                                      self.options.progress_bar)
+            outcome = self._runner(claim)(claim, reporter, self.stop, scratch,
+                                          self.queue.storage.local_path(""),
+                                          self.options.progress_bar)
             if outcome.completed:
                 result = _result(claim, outcome, JobState.succeeded, self.queue.clock.now())
             elif self.stop.reason == "cancel":
@@ -204,9 +204,14 @@ class Worker:
             log.warning("another attempt committed first; this result was discarded",
                         job_id=claim.job_id)
 
-    def _trainer(self) -> Callable:
+    def _runner(self, claim: Claim) -> Callable:
+        """What runs the job: the evaluator in mode: evaluation, else the trainer."""
+        if claim.manifest.config.mode == Mode.evaluation:
+            from cherry_train.worker.evaluate import evaluate  # torch is imported only for work
+
+            return evaluate
         if self.trainer is None:
-            from cherry_train.worker.train import train  # torch is imported only for work
+            from cherry_train.worker.train import train
 
             self.trainer = train
         return self.trainer
@@ -299,7 +304,7 @@ def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result
         device=outcome.device, amp=outcome.precision, torch_threads=outcome.threads,
         torch_version=_torch_version(), final_weights_sha256=outcome.final_weights_sha256,
         best_weights_sha256=state.best_weights_sha256, final_metrics=state.last_epoch,
-        epochs=claim.manifest.config.training.epochs,
+        epochs=claim.manifest.config.epochs, evaluation=outcome.evaluation,
         micro_batch=state.micro_batch or None, oom_backoffs=state.oom_backoffs,
         gpu_hours=round(gpu_hours, 4), compute_units=runtime.compute_units(outcome.device,
                                                                            gpu_hours),

@@ -35,3 +35,4 @@ class Outcome:
     threads: int
     final_weights_sha256: str | None = None
     data: dict[str, Any] = field(default_factory=dict)  # dataset_sha256 and the cache reports
+    evaluation: dict[str, Any] | None = None  # mode: evaluation's findings

@@ -1,0 +1,78 @@
+"""mode: evaluation on a tiny model: metrics, confusion matrix, timings, and clear failures."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torchvision
+from PIL import Image
+
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.schemas import JobState, Result, validate_config
+from cherry_train.storage import LocalStorage
+from cherry_train.worker.loop import Worker, WorkerOptions
+
+
+def run(root, cfg: dict) -> Result:
+    queue = JobQueue(LocalStorage(root))
+    job_id = queue.submit(validate_config(cfg)).job_id
+    Worker(queue, WorkerIdentity("w"), WorkerOptions(exit_when_idle=True)).run()
+    return Result.from_json((root / JobPaths(job_id).result).read_bytes())
+
+
+def evaluation_config(tiny_config, **evaluate) -> dict:
+    return {"name": "eval", "mode": "evaluation", "model": tiny_config["model"],
+            "data": {"val_path": "data/val", "image_size": 32, "num_workers": 0},
+            "evaluate": evaluate, "heartbeat_seconds": 0.2, "lease_seconds": 5}
+
+
+def test_evaluating_a_weights_file(root_with_data, tiny_config):
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), root_with_data / "w.pt")
+    result = run(root_with_data, evaluation_config(tiny_config, weights="w.pt"))
+    assert result.state == JobState.succeeded, result.error
+    ev = result.evaluation
+    assert ev["images"] == 32 and ev["classes"] == ["defect", "good"]
+    assert sum(map(sum, ev["confusion_matrix"])) == 32
+    assert 0 <= ev["accuracy"] <= 1
+    for name in ("defect", "good"):
+        assert set(ev["per_class"][name]) == {"precision", "recall", "f1", "support"}
+        assert ev["per_class"][name]["support"] == 16
+    assert ev["latency_ms_batch1"] > 0 and ev["images_per_second_batch64"] > 0
+    job_dir = root_with_data / "done" / result.job_id
+    assert json.loads((job_dir / "evaluation.json").read_text()) == ev
+    with Image.open(job_dir / "confusion.png") as img:
+        assert img.format == "PNG" and img.size == (370, 314)
+    assert {"evaluation", "confusion_matrix"} <= set(result.artifacts)
+    assert result.epochs is None and len(result.dataset_sha256) == 64
+
+
+def test_evaluating_a_finished_job_reproduces_its_best_val_accuracy(root_with_data,
+                                                                    tiny_config):
+    trained = run(root_with_data, tiny_config)
+    assert trained.state == JobState.succeeded
+    other_model = {**tiny_config, "model": {"name": "mobilenet_v3_small", "num_classes": 2}}
+    result = run(root_with_data, evaluation_config(other_model, job=trained.job_id,
+                                                   latency=False))
+    assert result.state == JobState.succeeded, result.error
+    ev = result.evaluation
+    assert ev["model"] == "resnet18"  # the job's own model, whatever this config says
+    assert abs(ev["accuracy"] - trained.best.val_accuracy) <= 1 / 32
+    assert trained.best_weights_sha256 in ev["weights"]
+    assert "latency_ms_batch1" not in ev
+
+
+def test_weights_that_do_not_fit_fail_clearly(root_with_data, tiny_config):
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), root_with_data / "w.pt")
+    result = run(root_with_data, evaluation_config(tiny_config, weights="w.pt"))
+    assert result.state == JobState.failed
+    assert "do not fit resnet18 with 2 classes" in result.error.message
+    assert result.error.traceback is None
+
+
+def test_evaluating_a_job_without_a_result_fails_clearly(root_with_data, tiny_config):
+    result = run(root_with_data, evaluation_config(tiny_config, job="20261126-000000-x-0000"))
+    assert result.state == JobState.failed
+    assert "has no result" in result.error.message
