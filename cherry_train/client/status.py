@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.protocol import JobQueue, JobView
 
 FINISHED = ("succeeded", "failed", "cancelled")
+STATUS_THREADS = 16
 
 
 def _cache_path(queue: JobQueue) -> Path:
@@ -35,14 +37,16 @@ def job_rows(queue: JobQueue, use_cache: bool = True) -> list[dict[str, Any]]:
             cache = json.loads(cache_file.read_text())
         except (FileNotFoundError, ValueError):
             cache = {}
-    rows, changed = [], False
-    for job_id in queue.job_ids():
-        row = cache.get(job_id)
-        if row is None:
-            row = _row(queue.view(job_id))
-            if row["state"] in FINISHED and use_cache:
-                cache[job_id], changed = row, True
-        rows.append(row)
+    job_ids = queue.job_ids()
+    todo = [j for j in job_ids if j not in cache]
+    # Each view is a few small reads: on a network mount, round trips. Overlap them.
+    with ThreadPoolExecutor(STATUS_THREADS) as pool:
+        fresh = dict(zip(todo, pool.map(lambda j: _row(queue.view(j)), todo), strict=True))
+    changed = False
+    for job_id, row in fresh.items():
+        if row["state"] in FINISHED and use_cache:
+            cache[job_id], changed = row, True
+    rows = [cache.get(j) or fresh[j] for j in job_ids]
     if changed:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
