@@ -8,7 +8,8 @@ import pytest
 
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import Fenced, JobQueue, WorkerIdentity, WorkerIdInUse
+from cherry_train.jobqueue.owner import Fenced
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity, WorkerIdInUse
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker

@@ -7,11 +7,11 @@ where it stopped; a file already here with the right checksum is not downloaded 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.protocol import JobQueue
@@ -32,13 +32,6 @@ class Fetched:
     bytes: int
     status: str  # downloaded | resumed | up to date | unverified
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def wanted_files(queue: JobQueue, job_id: str, checkpoints: bool) -> list[tuple[str, int | None,
@@ -67,7 +60,7 @@ def wanted_files(queue: JobQueue, job_id: str, checkpoints: bool) -> list[tuple[
 
 def fetch_file(queue: JobQueue, path: str, target: Path, size: int | None, sha256: str | None,
                progress: bool) -> Fetched:
-    if sha256 is not None and target.is_file() and _sha256(target) == sha256:
+    if sha256 is not None and target.is_file() and file_sha256(target) == sha256:
         return Fetched(target, target.stat().st_size, "up to date")
     if size is None:
         info = queue.storage.stat(path)
@@ -91,7 +84,7 @@ def fetch_file(queue: JobQueue, path: str, target: Path, size: int | None, sha25
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    if sha256 is not None and _sha256(partial) != sha256:
+    if sha256 is not None and file_sha256(partial) != sha256:
         partial.unlink()  # a corrupt copy must not be resumed from
         raise ChecksumMismatch(f"{path}: the download does not match its sha256; run the same "
                                "command again to download it afresh")

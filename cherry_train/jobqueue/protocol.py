@@ -9,15 +9,13 @@ worker completes if a crash interrupts it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
-import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -26,6 +24,7 @@ from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.clock import SystemClock, age_seconds
 from cherry_train.jobqueue.ids import new_job_id
 from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.owner import Fenced, journal
 from cherry_train.schemas import (
     Attempt,
     ErrorInfo,
@@ -39,9 +38,8 @@ from cherry_train.schemas import (
 )
 from cherry_train.storage import Storage
 
-
-class Fenced(Exception):
-    """A later attempt of this job exists: its owner must stop and write nothing more."""
+if TYPE_CHECKING:
+    from cherry_train.jobqueue.owner import Owner
 
 
 class WorkerIdInUse(Exception):
@@ -311,6 +309,8 @@ class JobQueue:
                 raise Fenced(f"job {job_id}: attempt {stem} took over from attempt {attempt}")
 
     def owner(self, claim: Claim) -> Owner:
+        from cherry_train.jobqueue.owner import Owner
+
         return Owner(self, claim)
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -398,74 +398,3 @@ class JobQueue:
                 return None
         return None
 
-
-class Owner:
-    """Every write the owner of an attempt makes, fenced first (DESIGN.md §3): once a later
-    attempt exists, the next write raises Fenced instead of writing. With $CHERRY_JOURNAL set,
-    each write is also journaled, so a test (or a post-mortem) can check fencing from history."""
-
-    def __init__(self, queue: JobQueue, claim: Claim):
-        self.queue, self.claim = queue, claim
-        self.storage = queue.storage
-        self.written: dict[str, tuple[int, str]] = {}  # path -> (bytes, sha256), for results
-
-    def fence(self) -> None:
-        self.queue.fence(self.claim.job_id, self.claim.attempt.n)
-
-    def write(self, path: str, data: bytes) -> None:
-        self._fenced(path)
-        self.storage.write_atomic(path, data)
-        self.written[path] = (len(data), hashlib.sha256(data).hexdigest())
-
-    def upload(self, local: Path, path: str) -> None:
-        self._fenced(path)
-        self.storage.upload(local, path)
-        self.written[path] = (local.stat().st_size, file_sha256(local))
-
-    def describe(self, path: str) -> tuple[int, str] | None:
-        """Size and sha256 of a job file: as written by this attempt, else read back (files
-        an earlier attempt wrote, such as best weights from before a disconnect)."""
-        if path in self.written:
-            return self.written[path]
-        try:
-            data = self.storage.read_bytes(path)
-        except FileNotFoundError:
-            return None
-        return len(data), hashlib.sha256(data).hexdigest()
-
-    def commit(self, result: Result) -> bool:
-        """Create result.json exclusively; True if ours is the result. Then tidy up."""
-        paths = self.claim.paths
-        self._fenced(paths.result)
-        faults.point("before-commit")
-        won = self.storage.create_exclusive(paths.result, result.to_json())
-        faults.point("after-commit")
-        self.queue.finish_bookkeeping(self.claim.job_id)
-        return won
-
-    def _fenced(self, path: str) -> None:
-        started = time.time()
-        self.fence()
-        journal("write", self.claim.job_id, self.claim.attempt.n, path=path, t=started)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def journal(event: str, job_id: str, attempt: int, **fields) -> None:
-    """Append one JSON line to $CHERRY_JOURNAL (O_APPEND: lines from many processes don't mix)."""
-    target = os.environ.get("CHERRY_JOURNAL")
-    if not target:
-        return
-    line = json.dumps({"event": event, "job_id": job_id, "attempt": attempt, "pid": os.getpid(),
-                       "t": fields.pop("t", time.time()), **fields}) + "\n"
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)

@@ -18,8 +18,9 @@ import structlog
 import torch
 
 from cherry_train import faults
+from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue import layout
-from cherry_train.jobqueue.protocol import Owner, file_sha256
+from cherry_train.jobqueue.owner import Owner
 
 log = structlog.get_logger(__name__)
 

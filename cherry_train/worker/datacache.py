@@ -28,6 +28,7 @@ import platformdirs
 import structlog
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue.roots import on_colab
 from cherry_train.storage.retrying import is_transient
 from cherry_train.worker.errors import JobError
@@ -75,13 +76,6 @@ def _entry(cache_dir: Path, source: Path) -> Path:
     return cache_dir / f"{source.name.split('.')[0][:40]}-{key}"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _listing(source: Path) -> dict[str, tuple[int, int]]:
     """relative path -> (size, mtime_ns) for every file under source (hidden files skipped)."""
@@ -108,7 +102,7 @@ def _copy_one(source: Path, target: Path, size: int) -> str:
             raise OSError(5, f"short copy of {source}: {tmp.stat().st_size} of {size} bytes")
 
     _retry(attempt)
-    digest = _file_sha256(tmp)
+    digest = file_sha256(tmp)
     os.replace(tmp, target)
     return digest
 

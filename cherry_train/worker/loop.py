@@ -20,9 +20,9 @@ import yaml
 
 from cherry_train import __version__
 from cherry_train.jobqueue.clock import age_seconds
+from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import (
     Claim,
-    Fenced,
     JobQueue,
     WorkerIdentity,
     WorkerIdInUse,

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from cherry_train import logs
-from cherry_train.jobqueue.protocol import Fenced, Owner
+from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.plots import render_curves
 from cherry_train.schemas import Heartbeat, WorkerStatus
 

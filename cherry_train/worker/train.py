@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from cherry_train import faults
-from cherry_train.jobqueue.protocol import Claim, Fenced
+from cherry_train.jobqueue.owner import Fenced
+from cherry_train.jobqueue.protocol import Claim
 from cherry_train.jobqueue.roots import PathMappingError, map_data_path
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.checkpoint import Checkpoints, rng_state, set_rng_state, weights_sha256
