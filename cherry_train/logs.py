@@ -34,6 +34,16 @@ def job_log_tap(logger, method_name, event_dict):
     return event_dict
 
 
+def _drop_below(min_level: int):
+    levels = logging.getLevelNamesMapping()
+
+    def processor(logger, method_name, event_dict):
+        if levels.get(str(event_dict.get("level", "info")).upper(), logging.INFO) < min_level:
+            raise structlog.DropEvent
+        return event_dict
+    return processor
+
+
 def configure(fmt: str = "console", level: str = "info") -> None:
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
@@ -46,11 +56,12 @@ def configure(fmt: str = "console", level: str = "info") -> None:
     # Tracebacks become data before the tap, so a job's worker.log keeps them too.
     processors.append(structlog.processors.dict_tracebacks if fmt == "json"
                       else structlog.processors.format_exc_info)
-    processors += [job_log_tap, renderer]
+    # A job's worker.log keeps its info events whatever the console shows: filter after the tap.
+    console_level = logging.getLevelNamesMapping()[level.upper()]
+    processors += [job_log_tap, _drop_below(console_level), renderer]
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(min(console_level, logging.INFO)),
         # Looked up per logger, not bound once: sys.stderr may be replaced (notebooks, tests).
         logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,

@@ -312,3 +312,15 @@ def test_each_job_has_its_own_json_log(root_with_data, tiny_config, monkeypatch)
     assert all(x["job_id"] == job_id and "timestamp" in x for x in lines)
     log_bytes = (root_with_data / JobPaths(job_id).log).read_bytes()
     assert result.artifacts["log"].bytes == len(log_bytes)
+
+
+def test_a_quiet_console_still_leaves_a_full_job_log(root_with_data, tiny_config, capsys):
+    from cherry_train import logs
+
+    logs.configure("json", "warning")
+    tiny_config["training"]["epochs"] = 1
+    result = run_job(root_with_data, tiny_config)
+    events = [json.loads(x)["event"] for x in
+              (root_with_data / JobPaths(result.job_id).log).read_text().splitlines()]
+    assert "epoch done" in events and "checkpoint saved" in events
+    assert "epoch done" not in capsys.readouterr().err  # the console shows warnings only

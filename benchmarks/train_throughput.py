@@ -1,0 +1,201 @@
+"""Training throughput on a GPU: cherry-train against the seed recipe and the hardware ceiling,
+in one run on one card (ResNet-50, 224 px, 2 classes, Adam).
+
+    python benchmarks/train_throughput.py [--images 20000] [--out DIR]
+
+Cases:
+- seed recipe, batch 32: torchvision ImageFolder + DataLoader(num_workers=min(8, cores),
+  pin_memory=True), RandomResizedCrop + flip, fp16 torch.amp.autocast + GradScaler, as in the
+  seed skill. Steady state: steps after a warm-up, timed with the GPU synchronised.
+- cherry-train, batch 32 and 256: a real job through the real worker; its images/s after the
+  first epoch, from its own metrics (the first epoch is reported apart).
+- synthetic ceiling, batch 256: cherry-train's model set-up (bf16, channels_last) on random
+  data already on the GPU: what the input pipeline could at best reach.
+- checkpoint: the time a ResNet-50 + Adam checkpoint takes out of training.
+The JPEG set is generated first (smooth random photos, 500x375, like the issue's set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+WARMUP, TIMED = 15, 60
+
+
+def _photo(args) -> None:
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)  # low-frequency content
+    img = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+    noisy = np.clip(np.asarray(img, np.int16) + rng.integers(-12, 13, (375, 500, 3)), 0, 255)
+    Image.fromarray(noisy.astype(np.uint8)).save(path, quality=90)
+
+
+def make_dataset(root: Path, images: int) -> Path:
+    jobs = []
+    for split, count in (("train", images), ("val", max(64, images // 20))):
+        for cls in ("defect", "good"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+        jobs += [(root / split / ("defect", "good")[i % 2] / f"{i:06d}.jpg",
+                  i + (0 if split == "train" else 10**7)) for i in range(count)]
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_photo, jobs, chunksize=64)
+    return root
+
+
+def _timed_steps(step, batches) -> float:
+    """Images per second over TIMED steps after WARMUP, the GPU synchronised at both ends."""
+    it = iter(batches)
+    for _ in range(WARMUP):
+        step(*next(it))
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    seen = 0
+    for _ in range(TIMED):
+        x, y = next(it)
+        step(x, y)
+        seen += y.shape[0]
+    torch.cuda.synchronize()
+    return seen / (time.perf_counter() - started)
+
+
+def seed_recipe(data: Path, batch: int) -> float:
+    from torchvision import transforms
+
+    t = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                            transforms.ToTensor()])
+    loader = torch.utils.data.DataLoader(
+        torchvision.datasets.ImageFolder(data / "train", t), batch_size=batch, shuffle=True,
+        num_workers=min(8, os.cpu_count() or 1), pin_memory=True, drop_last=True,
+        persistent_workers=True)
+    model = torchvision.models.resnet50(num_classes=2).cuda()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+
+    def step(x, y):
+        x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
+        with torch.amp.autocast("cuda", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def forever():
+        while True:
+            yield from loader
+    return _timed_steps(step, forever())
+
+
+def synthetic_ceiling(batch: int) -> float:
+    model = torchvision.models.resnet50(num_classes=2).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 1e-3, foreach=True)
+    x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch,), device="cuda")
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return _timed_steps(step, iter(lambda: (x, y), None))
+
+
+def cherry_train(root: Path, batch: int, epochs: int) -> dict:
+    """A real job through the real worker; steady images/s from its metrics after epoch 1."""
+    from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+    from cherry_train.schemas import Result, validate_config
+    from cherry_train.storage import LocalStorage
+    from cherry_train.worker.loop import Worker, WorkerOptions
+
+    queue = JobQueue(LocalStorage(root))
+    cfg = {"name": f"bench-{batch}", "model": {"name": "resnet50", "num_classes": 2},
+           "training": {"epochs": epochs, "batch_size": batch, "learning_rate": 0.001},
+           "data": {"train_path": "data/train", "val_path": "data/val", "image_size": 224},
+           "checkpoint": {"every_minutes": 60}, "log_every_steps": 10}
+    job_id = queue.submit(validate_config(cfg)).job_id
+    started = time.perf_counter()
+    Worker(queue, WorkerIdentity("bench"), WorkerOptions(exit_when_idle=True)).run()
+    wall = time.perf_counter() - started
+    job = root / "done" / job_id
+    result = Result.from_json((job / "result.json").read_bytes())
+    lines = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+    steady = [x["images_per_second"] for x in lines
+              if x["kind"] == "train" and x["epoch"] >= 1 and x["images_per_second"]]
+    first = [x["images_per_second"] for x in lines
+             if x["kind"] == "train" and x["epoch"] == 0 and x["images_per_second"]]
+    log = [json.loads(x) for x in (job / "worker.log").read_text().splitlines()] \
+        if (job / "worker.log").exists() else []
+    ckpt = [x["seconds"] for x in log if x.get("event") == "checkpoint saved"]
+    return {"steady": statistics.median(steady) if steady else None,
+            "first_epoch": statistics.median(first) if first else None,
+            "state": result.state.value, "wall_seconds": round(wall, 1),
+            "amp": result.amp, "checkpoint_seconds": statistics.median(ckpt) if ckpt else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    from cherry_train import logs
+
+    logs.configure("console", "warning")  # the worker's info events still reach its worker.log
+    torch.backends.cudnn.benchmark = True
+    card = torch.cuda.get_device_name()
+    print(f"card: {card}; torch {torch.__version__}; {os.cpu_count()} CPU cores", flush=True)
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        t = time.perf_counter()
+        make_dataset(root / "data", args.images)
+        print(f"dataset: {args.images} JPEGs 500x375 in {time.perf_counter() - t:.0f} s",
+              flush=True)
+        os.environ.setdefault("CHERRY_CACHE_DIR", str(Path(tmp) / "cache"))
+        figures["seed recipe, batch 32"] = seed_recipe(root / "data", 32)
+        print(f"seed recipe b32: {figures['seed recipe, batch 32']:.0f} img/s", flush=True)
+        figures["synthetic ceiling, batch 256"] = synthetic_ceiling(256)
+        print(f"ceiling b256: {figures['synthetic ceiling, batch 256']:.0f} img/s", flush=True)
+        for batch in (32, 256):
+            run = cherry_train(root, batch, epochs=2)
+            figures[f"cherry-train, batch {batch}"] = run["steady"]
+            figures[f"cherry-train, batch {batch}, first epoch"] = run["first_epoch"]
+            figures[f"cherry-train, batch {batch}, checkpoint s"] = run["checkpoint_seconds"]
+            print(f"cherry-train b{batch}: {run}", flush=True)
+    seed = figures["seed recipe, batch 32"]
+    ceiling = figures["synthetic ceiling, batch 256"]
+    print(f"\n{card}, ResNet-50, 224 px, {args.images} JPEGs")
+    print(f"{'setup':48s} {'images/s':>10s}  ratio")
+    for name, value in figures.items():
+        if value is None or name.endswith("checkpoint s"):
+            continue
+        ratio = f"{value / seed:4.2f}x seed, {value / ceiling:4.2f}x ceiling"
+        print(f"{name:48s} {value:10.0f}  {ratio}")
+    for batch in (32, 256):
+        print(f"checkpoint (synchronous), batch {batch} job: "
+              f"{figures[f'cherry-train, batch {batch}, checkpoint s']} s")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_throughput.json").write_text(json.dumps(
+            {"card": card, "torch": torch.__version__, "figures": figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
