@@ -179,17 +179,26 @@ def main() -> None:
             figures[f"cherry-train, batch {batch}, first epoch"] = run["first_epoch"]
             figures[f"cherry-train, batch {batch}, checkpoint s"] = run["checkpoint_seconds"]
             print(f"cherry-train b{batch}: {run}", flush=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from checkpoint_stall import measure
+
+    stall = measure("cuda")
+    figures["checkpoint, synchronous save s"] = stall["synchronous_s"]
+    figures["checkpoint, background stall s"] = stall["background_stall_s"]
+    print(f"checkpoint ({stall['bytes'] / 1e6:.0f} MB): synchronous {stall['synchronous_s']:.3f} s"
+          f", background {stall['background_stall_s']:.3f} s of training "
+          f"(write {stall['background_write_s']:.3f} s)", flush=True)
     seed = figures["seed recipe, batch 32"]
     ceiling = figures["synthetic ceiling, batch 256"]
     print(f"\n{card}, ResNet-50, 224 px, {args.images} JPEGs")
     print(f"{'setup':48s} {'images/s':>10s}  ratio")
     for name, value in figures.items():
-        if value is None or name.endswith("checkpoint s"):
+        if value is None or name.startswith("checkpoint") or name.endswith("checkpoint s"):
             continue
         ratio = f"{value / seed:4.2f}x seed, {value / ceiling:4.2f}x ceiling"
         print(f"{name:48s} {value:10.0f}  {ratio}")
     for batch in (32, 256):
-        print(f"checkpoint (synchronous), batch {batch} job: "
+        print(f"checkpoint stall in the batch {batch} job (median): "
               f"{figures[f'cherry-train, batch {batch}, checkpoint s']} s")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,13 @@ tensors and plain tuples.
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import hashlib
 import random
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +69,61 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Checkpoints:
-    """The checkpoints of one job in a queue root, written by the attempt that owns it."""
+def snapshot(obj: Any) -> Any:
+    """A copy of a (nested) state dict on the CPU, sharing nothing with the live tensors, so
+    training can go on while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
 
-    def __init__(self, owner: Owner, scratch: Path, keep_last: int):
+
+class Checkpoints:
+    """The checkpoints of one job in a queue root, written by the attempt that owns it.
+
+    `save_in_background` returns once the state is copied; writing, publishing and the checksum
+    happen on a thread, one checkpoint at a time. `on_durable(step, path)` is called when a
+    checkpoint is complete (only then may the heartbeat name it). `wait()` blocks until the
+    last write is done and raises its error, if it failed (for instance Fenced)."""
+
+    def __init__(self, owner: Owner, scratch: Path, keep_last: int,
+                 on_durable: Callable[[int, str], None] | None = None):
         self.owner, self.storage, self.paths = owner, owner.storage, owner.claim.paths
         self.scratch, self.keep_last = scratch, keep_last
+        self.on_durable = on_durable
+        self.requested_step: int | None = None  # the newest checkpoint asked for
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save_in_background(self, step: int, payload: dict[str, Any]) -> None:
+        self.wait()  # one write at a time; a failed one stops training here
+        self.requested_step = step
+        context = contextvars.copy_context()  # the job's log fields (job_id, attempt)
+        self._writer = threading.Thread(target=context.run, args=(self._write, step, payload),
+                                        name="cherry-checkpoint", daemon=True)
+        self._writer.start()
+
+    def _write(self, step: int, payload: dict[str, Any]) -> None:
+        try:
+            started = time.perf_counter()
+            path = self.save(step, payload)
+            log.info("checkpoint written", job_id=self.owner.claim.job_id, step=step,
+                     seconds=round(time.perf_counter() - started, 3))
+            if self.on_durable is not None:
+                self.on_durable(step, path)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def steps(self) -> list[int]:
         names = self.storage.list_dir(self.paths.checkpoints_dir)

@@ -7,6 +7,7 @@ reporter stops the trainer and writes nothing more.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 from contextlib import contextmanager
@@ -118,7 +119,9 @@ class Reporter:
     def start(self) -> None:
         self._log_before = self.queue.storage.read_text_or_none(self.claim.paths.log) or ""
         self.beat()
-        self._thread = threading.Thread(target=self._run, name="cherry-heartbeat", daemon=True)
+        context = contextvars.copy_context()  # the job's log fields (job_id, attempt)
+        self._thread = threading.Thread(target=context.run, args=(self._run,),
+                                        name="cherry-heartbeat", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

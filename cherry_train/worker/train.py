@@ -26,7 +26,13 @@ from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import Claim
 from cherry_train.jobqueue.roots import PathMappingError, map_data_path
 from cherry_train.schemas import TrainingConfig
-from cherry_train.worker.checkpoint import Checkpoints, rng_state, set_rng_state, weights_sha256
+from cherry_train.worker.checkpoint import (
+    Checkpoints,
+    rng_state,
+    set_rng_state,
+    snapshot,
+    weights_sha256,
+)
 from cherry_train.worker.data import Data, load_data, to_model_input
 from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.device import Precision, describe, pick_device, resolve_precision
@@ -158,17 +164,19 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
         optimizer=optimizer, scheduler=_make_scheduler(cfg, optimizer, total),
         scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
-        checkpoints=Checkpoints(reporter.owner, scratch, cfg.checkpoint.keep_last),
+        checkpoints=Checkpoints(reporter.owner, scratch, cfg.checkpoint.keep_last,
+                                on_durable=_checkpoint_durable(reporter)),
         reporter=reporter, stop=stop, scratch=scratch, data_info=data_reports)
 
 
 # -- checkpoints -------------------------------------------------------------------------------
 
 def save_checkpoint(job: Job, why: str) -> None:
+    """Copy the whole training state now; it is written in the background. Training waits only
+    for the copy (and for the previous checkpoint's write, if that is still going on)."""
     started = time.perf_counter()
-    job.reporter.update(phase="checkpointing")
     _update_wall(job)
-    payload = {
+    payload = snapshot({
         "format": CHECKPOINT_FORMAT,
         "model": job.model.state_dict(),
         "optimizer": job.optimizer.state_dict(),
@@ -177,14 +185,28 @@ def save_checkpoint(job: Job, why: str) -> None:
         "state": asdict(job.state),
         "rng": rng_state(),
         "torch_threads": torch.get_num_threads(),
-    }
+    })
     job.reporter.sync_metrics()  # first: the resume from this checkpoint keeps these lines
-    path = job.checkpoints.save(job.state.global_step, payload)
+    job.checkpoints.save_in_background(job.state.global_step, payload)
     job.last_checkpoint_at = time.perf_counter()
-    job.reporter.update(phase="training", last_checkpoint=path,
-                        last_checkpoint_step=job.state.global_step)
     log.info("checkpoint saved", job_id=job.claim.job_id, step=job.state.global_step, why=why,
-             seconds=round(time.perf_counter() - started, 3))
+             seconds=round(time.perf_counter() - started, 3))  # what training waited
+
+
+def _drain(job: Job) -> None:
+    """Let a background checkpoint write finish when training failed: its error (if any) is
+    logged, and the original error is the one reported."""
+    try:
+        job.checkpoints.wait()
+    except Exception as e:
+        log.warning("background checkpoint write failed", job_id=job.claim.job_id,
+                    error=f"{type(e).__name__}: {e}")
+
+
+def _checkpoint_durable(reporter: Reporter):
+    def on_durable(step: int, path: str) -> None:
+        reporter.update(last_checkpoint=path, last_checkpoint_step=step)
+    return on_durable
 
 
 def _update_wall(job: Job) -> None:
@@ -197,6 +219,7 @@ def resume(job: Job) -> None:
         job.reporter.resume_metrics(up_to_step=0)
         return
     step, payload = found
+    job.checkpoints.requested_step = step
     job.model.load_state_dict(payload["model"])
     job.optimizer.load_state_dict(payload["optimizer"])
     job.scheduler.load_state_dict(payload["scheduler"])
@@ -348,8 +371,9 @@ def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     if job.stop.reason == "fenced":
         raise Fenced(f"job {job.claim.job_id}: a later attempt took over")
     _fold_running_sums(job.state, loss_sum, correct)
-    if job.reporter.last_checkpoint_step() != job.state.global_step:  # e.g. right after an epoch
+    if job.checkpoints.requested_step != job.state.global_step:  # e.g. right after an epoch
         save_checkpoint(job, f"stop ({job.stop.reason})")
+    job.checkpoints.wait()  # durable before the job is handed back
 
 
 def _progress(enabled: bool, job: Job, total: int):
@@ -436,13 +460,18 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     outcome = Outcome(completed=False, state=job.state, device=device_name,
                       precision=job.precision.name, threads=torch.get_num_threads(),
                       data=job.data_info)
-    while job.state.epoch < job.cfg.training.epochs:
-        if stop.is_set():
-            _stop_here(job, torch.zeros(()), torch.zeros((), dtype=torch.int64))
-            return outcome
-        if not train_one_epoch(job, progress_bar):
-            return outcome
-        end_epoch(job)
+    try:
+        while job.state.epoch < job.cfg.training.epochs:
+            if stop.is_set():
+                _stop_here(job, torch.zeros(()), torch.zeros((), dtype=torch.int64))
+                return outcome
+            if not train_one_epoch(job, progress_bar):
+                return outcome
+            end_epoch(job)
+        job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
+    except BaseException:
+        _drain(job)
+        raise
     reporter.update(phase="finishing")
     _update_wall(job)
     outcome.completed = True
