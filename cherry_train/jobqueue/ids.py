@@ -6,7 +6,6 @@ import re
 import secrets
 from datetime import datetime
 
-JOB_ID_RE = re.compile(r"^\d{8}-\d{6}-[a-z0-9-]+-[0-9a-f]{4}$")
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -18,7 +17,3 @@ def slug(name: str, limit: int = 40) -> str:
 def new_job_id(name: str, now: datetime) -> str:
     """e.g. 20261126-101500-resnet50-baseline-7f3a (UTC)."""
     return f"{now:%Y%m%d-%H%M%S}-{slug(name)}-{secrets.token_hex(2)}"
-
-
-def is_job_id(text: str) -> bool:
-    return bool(JOB_ID_RE.match(text))

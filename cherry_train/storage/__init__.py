@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from cherry_train.storage.base import FileInfo, Storage, join
+from cherry_train.storage.base import FileInfo, Storage
 from cherry_train.storage.local import LocalStorage
 from cherry_train.storage.retrying import RetryingStorage
 
-__all__ = ["FileInfo", "LocalStorage", "RetryingStorage", "Storage", "join", "open_storage"]
+__all__ = ["FileInfo", "LocalStorage", "RetryingStorage", "Storage", "open_storage"]
 
 
 class UnsupportedRoot(ValueError):

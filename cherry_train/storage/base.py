@@ -7,7 +7,6 @@ contract test suite (tests/test_storage_contract.py) checks every backend the sa
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
@@ -81,16 +80,8 @@ class Storage(ABC):
     def exists(self, path: str) -> bool:
         return self.stat(path) is not None
 
-    def read_json(self, path: str) -> object:
-        return json.loads(self.read_bytes(path))
-
     def read_text_or_none(self, path: str) -> str | None:
         try:
             return self.read_bytes(path).decode()
         except FileNotFoundError:
             return None
-
-
-def join(*parts: str) -> str:
-    """Join root-relative path parts with '/'."""
-    return "/".join(p.strip("/") for p in parts if p)

@@ -78,7 +78,6 @@ class Reporter:
         self._log_before = ""  # worker.log of earlier attempts, kept as history
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
-        self.fenced = False
 
     # -- metrics ------------------------------------------------------------------------------
 
@@ -111,10 +110,6 @@ class Reporter:
     def update(self, **progress: Any) -> None:
         with self._lock:
             self._progress.update(progress)
-
-    def last_checkpoint_step(self) -> int | None:
-        with self._lock:
-            return self._progress.get("last_checkpoint_step")
 
     def start(self) -> None:
         self._log_before = self.queue.storage.read_text_or_none(self.claim.paths.log) or ""
@@ -200,7 +195,6 @@ class Reporter:
         try:
             yield
         except Fenced:
-            self.fenced = True
             self.stop.set("fenced")
             log.warning("fenced: a later attempt took over; stopping without further writes",
                         job_id=self.claim.job_id, attempt=self.claim.attempt.n)
