@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from cherry_train.jobqueue.clock import FakeClock
@@ -108,3 +110,18 @@ def test_worker_rejects_nonsense_durations(capsys):
         main(["worker", "--idle-shutdown", "0"])
     assert info.value.code == 2
     assert "--idle-shutdown" in capsys.readouterr().err
+
+
+def test_the_session_cap_counts_from_the_vms_start(queue, monkeypatch):
+    """On Colab the cap runs from the VM's boot (its uptime), computed once: a worker started
+    late in a session has less time, and the deadline does not drift as uptime grows."""
+    from cherry_train.worker import runtime
+
+    uptime = {"s": 3600.0}
+    monkeypatch.setattr(runtime, "runtime_started_at",
+                        lambda now: now - timedelta(seconds=uptime["s"]))
+    worker = Worker(queue, WorkerIdentity("w"), WorkerOptions(max_runtime_hours=2))
+    first = worker._budget().ends_at
+    uptime["s"] = 7000.0  # later calls see a larger uptime
+    assert worker._budget().ends_at == first
+    assert (first - worker.started_at).total_seconds() == 3600  # 2 h cap, 1 h already gone

@@ -64,6 +64,7 @@ class Worker:
         self.jobs_done = 0
         self.cap_reached = False
         self.started_at = queue.clock.now()
+        self._runtime_budget: runtime.RuntimeBudget | None = None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -115,8 +116,10 @@ class Worker:
         hours = self.options.max_runtime_hours
         if hours is None:
             return None
-        started = runtime.runtime_started_at(self.started_at)
-        return runtime.RuntimeBudget.from_hours(hours, started)
+        if self._runtime_budget is None:  # once: the VM's uptime grows, its start does not
+            started = runtime.runtime_started_at(self.started_at)
+            self._runtime_budget = runtime.RuntimeBudget.from_hours(hours, started)
+        return self._runtime_budget
 
     def run_once(self) -> bool:
         """Claim one job and see it through; False if there was nothing to do."""
