@@ -267,3 +267,40 @@ def test_preflight_of_an_evaluation_checks_its_data_and_weights(tmp_path, root_w
     (root_with_data / "missing.pt").write_bytes(b"x")
     assert main(["submit", str(cfg), "--root", str(root_with_data)]) == 0
     assert "32 images (defect 16, good 16)" in capsys.readouterr().out
+
+
+BLOCK_HEAVY = """
+import importlib.abc, importlib.util, sys
+HEAVY = {"torch", "torchvision", "numpy", "PIL", "matplotlib"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ImportError(f"{name} is not installed (blocked by the test)")
+sys.meta_path.insert(0, Block())
+real_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] in HEAVY \\
+    else real_find_spec(name, *a)
+from cherry_train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_the_client_runs_without_torch_numpy_pillow_or_matplotlib(tmp_path, root_with_data,
+                                                                  tiny_config):
+    cfg = write_config(tmp_path, tiny_config)
+
+    def cherry(*args):
+        return subprocess.run([sys.executable, "-c", BLOCK_HEAVY, *args], capture_output=True,
+                              text=True, timeout=60)
+
+    submit = cherry("submit", str(cfg), "--root", str(root_with_data))
+    assert submit.returncode == 0, submit.stderr
+    assert "not checked (no torchvision here" in submit.stdout
+    assert "no training steps tried (no torch here" in submit.stdout
+    job_id = submit.stdout.strip().splitlines()[-1]
+    for args in (("status", "--json"), ("cancel", job_id), ("watch", job_id, "--no-progress")):
+        proc = cherry(*args, "--root", str(root_with_data))
+        assert proc.returncode in (0, 3), (args, proc.stderr)
+    worker = cherry("worker", "--root", str(root_with_data))
+    assert worker.returncode == 2 and "needs torch" in worker.stderr
