@@ -26,6 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from cherry_train.jobqueue.roots import PathMappingError, map_data_path
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.errors import JobError
 
@@ -177,6 +178,15 @@ def default_num_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
     # On a GPU, decoding is the bottleneck: use the cores. On the CPU, training needs them.
     return min(8, cores) if device.type == "cuda" else 0
+
+
+def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
+    """Where a config's path is on this machine (the path mapping of DESIGN.md §5); a path
+    that cannot be mapped is the user's to fix, named by its field."""
+    try:
+        return map_data_path(path, root)
+    except PathMappingError as e:
+        raise JobError(f"{field_name}: {e}") from None
 
 
 def _classes(path: Path, field: str) -> list[str]:

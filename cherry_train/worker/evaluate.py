@@ -20,14 +20,18 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.protocol import Claim
 from cherry_train.plots import render_confusion
 from cherry_train.schemas import ModelConfig, Result
-from cherry_train.worker.data import ImageFolderSamples, Transform, to_model_input
+from cherry_train.worker.data import (
+    ImageFolderSamples,
+    Transform,
+    resolve_path,
+    to_model_input,
+)
 from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.device import describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.model import build_model, read_weights_file
 from cherry_train.worker.outcome import Outcome, TrainState
 from cherry_train.worker.reporting import Reporter, StopRequest
-from cherry_train.worker.train import _resolve
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +44,7 @@ def _source(claim: Claim, reporter: Reporter, scratch: Path, data_root: Path | N
     """The model config and the weights file to evaluate."""
     cfg, ev = claim.manifest.config, claim.manifest.config.evaluate
     if ev.weights:
-        return cfg.model, _resolve(ev.weights, "evaluate.weights", data_root), ev.weights
+        return cfg.model, resolve_path(ev.weights, "evaluate.weights", data_root), ev.weights
     storage, source = reporter.queue.storage, JobPaths(ev.job)
     raw = storage.read_text_or_none(source.result)
     if raw is None:
@@ -63,7 +67,7 @@ def _data_dir(claim: Claim, data_root: Path | None) -> tuple[Path, dict]:
     cfg = claim.manifest.config
     raw = cfg.evaluate.data_path or cfg.data.val_path
     name = "evaluate.data_path" if cfg.evaluate.data_path else "data.val_path"
-    path = _resolve(raw, name, data_root)
+    path = resolve_path(raw, name, data_root)
     if not path.is_dir():
         raise JobError(f"{name}: folder {path} does not exist")
     if not cfg.data.cache:

@@ -24,7 +24,6 @@ from torch import nn
 from cherry_train import faults
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import Claim
-from cherry_train.jobqueue.roots import PathMappingError, map_data_path
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.checkpoint import (
     Checkpoints,
@@ -33,7 +32,7 @@ from cherry_train.worker.checkpoint import (
     snapshot,
     weights_sha256,
 )
-from cherry_train.worker.data import Data, load_data, to_model_input
+from cherry_train.worker.data import Data, load_data, resolve_path, to_model_input
 from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.device import Precision, describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
@@ -75,30 +74,23 @@ class Job:
         return self.cfg.training.epochs * self.data.steps_per_epoch
 
 
-def _resolve(path: str, field_name: str, root: Path | None) -> Path:
-    try:
-        return map_data_path(path, root)
-    except PathMappingError as e:
-        raise JobError(f"{field_name}: {e}") from None
-
-
 def prepare_data(cfg: TrainingConfig, data_root: Path | None, reporter: Reporter):
     """The local folders to train from, after copying the data into the cache (unless
     data.cache is false), and what the result records about them."""
     d = cfg.data
     if not d.cache:
-        return (_resolve(d.train_path, "data.train_path", data_root),
-                _resolve(d.val_path, "data.val_path", data_root), {})
+        return (resolve_path(d.train_path, "data.train_path", data_root),
+                resolve_path(d.val_path, "data.val_path", data_root), {})
     reporter.update(phase="copying data")
     cache_dir = default_cache_dir()
     if d.archive:
-        report = cache_folder(_resolve(d.archive, "data.archive", data_root), cache_dir)
+        report = cache_folder(resolve_path(d.archive, "data.archive", data_root), cache_dir)
         base = Path(report.local)
         info = {"dataset_sha256": report.sha256, "archive": asdict(report)}
         return base / d.train_path, base / d.val_path, info
     reports = {}
     for name in ("train_path", "val_path"):
-        source = _resolve(getattr(d, name), f"data.{name}", data_root)
+        source = resolve_path(getattr(d, name), f"data.{name}", data_root)
         if not source.is_dir():
             raise JobError(f"data.{name}: folder {source} does not exist")
         reports[name.removesuffix("_path")] = cache_folder(source, cache_dir)
@@ -147,8 +139,8 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     train_dir, val_dir, data_reports = prepare_data(cfg, data_root, reporter)
     data = load_data(cfg, train_dir, val_dir, device)
     weights = cfg.model.pretrained
-    weights_file = _resolve(weights, "model.pretrained", data_root) if isinstance(weights, str) \
-        else None
+    weights_file = (resolve_path(weights, "model.pretrained", data_root)
+                    if isinstance(weights, str) else None)
     model = build_model(cfg.model, weights_file).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
