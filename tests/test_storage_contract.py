@@ -1,9 +1,11 @@
 """One contract, every backend: the primitives the queue protocol relies on.
 
-Each backend gets a fixture in `storage`; the Drive API backend joins this list when it lands.
-The local folder runs three times: on a real directory, under pyfakefs, and failing like a flaky
-Drive mount (Errno 107 / EIO on 30% of calls, half of them after the operation took effect)
-behind the retry wrapper.
+Each backend gets a fixture in `storage`. The local folder runs three times: on a real
+directory, under pyfakefs, and failing like a flaky Drive mount (Errno 107 / EIO on 30% of calls,
+half of them after the operation took effect) behind the retry wrapper. The Drive API backend
+runs twice, through the real google-api-python-client against the stateful fake Drive v3: as
+it is, and with 30% of requests failing (429/500/503/403 rate limit, or the response dropped
+after the server acted).
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ from flaky import FlakyStorage
 from cherry_train.storage import LocalStorage, RetryingStorage, Storage
 
 
-@pytest.fixture(params=["local", "local-fakefs", "flaky-mount-with-retries"])
+@pytest.fixture(params=["local", "local-fakefs", "flaky-mount-with-retries", "drive-api",
+                        "drive-api-30pct-faults"])
 def storage(request, tmp_path) -> Storage:
+    if request.param.startswith("drive-api"):
+        from cherry_train.testing.fakedrive import FakeDrive, fake_drive_storage
+
+        drive = FakeDrive(page_size_cap=2)  # every listing of 3+ entries takes several pages
+        rate = 0.3 if request.param.endswith("faults") else 0.0
+        return fake_drive_storage(drive, fault_rate=rate, seed=7)
     if request.param == "local-fakefs":
         request.getfixturevalue("fs")
         tmp_path.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 class FileInfo:
     size: int
     modified: datetime
+    is_dir: bool = False
 
 
 class Storage(ABC):
@@ -70,6 +71,24 @@ class Storage(ABC):
     @abstractmethod
     def download(self, path: str, local: Path) -> None:
         """Copy a stored file to a local path (written under a temp name, then renamed)."""
+
+    def list_entries(self, path: str) -> dict[str, FileInfo]:
+        """name -> FileInfo for every entry of a folder ({} if it does not exist). Backends
+        where one listing carries sizes and times (Drive) override this."""
+        found = {}
+        for name in self.list_dir(path):
+            info = self.stat(f"{path.rstrip('/')}/{name}" if path.strip("/") else name)
+            if info is not None:
+                found[name] = info
+        return found
+
+    def reserve_ids(self, count: int) -> list[str]:
+        """Ids to create files with later, for backends whose exclusive create needs them
+        (Drive: a second create of one id fails). [] where exclusive create is native."""
+        return []
+
+    def use_ids(self, ids: dict[str, str]) -> None:  # noqa: B027 (most backends need no ids)
+        """Create these paths with these reserved ids, if this backend uses ids at all."""
 
     def local_path(self, path: str) -> Path | None:
         """The path on this machine's file system, where the backend is a plain folder."""

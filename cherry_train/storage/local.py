@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISDIR
 
 from cherry_train.storage.base import FileInfo, Storage
 
@@ -118,7 +119,8 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return None
         return FileInfo(size=st.st_size,
-                        modified=datetime.fromtimestamp(st.st_mtime, tz=timezone.utc))
+                        modified=datetime.fromtimestamp(st.st_mtime, tz=timezone.utc),
+                        is_dir=S_ISDIR(st.st_mode))
 
     def move(self, src: str, dst: str) -> None:
         target = self._path(dst)

@@ -92,5 +92,14 @@ class RetryingStorage(Storage):
     def download(self, path: str, local: Path) -> None:
         self._call(self.inner.download, path, local)
 
+    def list_entries(self, path: str) -> dict[str, FileInfo]:
+        return self._call(self.inner.list_entries, path)
+
+    def reserve_ids(self, count: int) -> list[str]:
+        return self._call(self.inner.reserve_ids, count)
+
+    def use_ids(self, ids: dict[str, str]) -> None:
+        self.inner.use_ids(ids)
+
     def local_path(self, path: str) -> Path | None:
         return self.inner.local_path(path)

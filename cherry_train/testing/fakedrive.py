@@ -1,0 +1,477 @@
+"""A stateful fake of the Google Drive v3 REST API, for tests and benchmarks.
+
+It speaks HTTP as google-api-python-client does: the real client (`build('drive', 'v3', ...)`
+from its packaged discovery document) talks to it through `FakeHttp` (in process, in place of
+httplib2) or through `serve()` (a real local HTTP server, for CLI subprocesses via
+$CHERRY_DRIVE_ENDPOINT). What it implements is what cherry-train uses, with Drive's semantics:
+
+- files.create (metadata only, multipart, resumable), get (metadata, media with Range), list
+  (the `q` forms below, pageSize/pageToken, fields), update (metadata, addParents/removeParents,
+  media: multipart or resumable), delete (a folder takes its content with it), generateIds,
+  changes.getStartPageToken / changes.list;
+- duplicate names in one folder (Drive allows them), `trashed`, 409 for a create with an id in
+  use, 404 for unknown ids, a bearer token check (401) when one is configured;
+- faults (`FakeHttp(fault_rate=...)`): 429/500/503/403-rate-limit before the server acts, or the
+  connection dropped after it acted (the client never learns whether its request took effect).
+
+`q` forms: clauses joined by `and`: `'<id>' in parents`, `name = '<s>'`, `mimeType = '<s>'`,
+`mimeType != '<s>'`, `trashed = false|true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+import re
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from email import message_from_bytes
+from email.policy import HTTP
+
+FOLDER = "application/vnd.google-apps.folder"
+_EPOCH = datetime(2026, 11, 26, tzinfo=timezone.utc)
+
+
+@dataclass
+class FakeFile:
+    id: str
+    name: str
+    mime_type: str
+    parents: list[str]
+    created: int  # a tick of the fake's clock: strictly increasing, so order is never a tie
+    modified: int
+    content: bytes = b""
+    trashed: bool = False
+
+    def meta(self) -> dict:
+        m = {"kind": "drive#file", "id": self.id, "name": self.name, "mimeType": self.mime_type,
+             "parents": list(self.parents), "trashed": self.trashed,
+             "createdTime": _time(self.created), "modifiedTime": _time(self.modified)}
+        if self.mime_type != FOLDER:
+            m["size"] = str(len(self.content))
+            m["md5Checksum"] = hashlib.md5(self.content).hexdigest()
+        return m
+
+
+def _time(tick: int) -> str:
+    return (_EPOCH + timedelta(milliseconds=tick)).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+class HttpFailure(Exception):
+    def __init__(self, status: int, reason: str, message: str = ""):
+        super().__init__(message or reason)
+        self.status, self.reason, self.message = status, reason, message or reason
+
+
+@dataclass
+class Upload:
+    """A resumable upload session."""
+
+    method: str  # POST (create) or PATCH (update)
+    file_id: str | None
+    meta: dict
+    params: dict
+    total: int | None = None
+    data: bytearray = field(default_factory=bytearray)
+    done: dict | None = None
+
+
+class FakeDrive:
+    """The server's state and its request handler. Thread-safe (one lock)."""
+
+    def __init__(self, token: str | None = None, page_size_cap: int = 1000):
+        self.token = token  # when set, requests must carry "Authorization: Bearer <token>"
+        self.page_size_cap = page_size_cap  # Drive may return fewer items than asked for
+        self.files: dict[str, FakeFile] = {}
+        self.uploads: dict[str, Upload] = {}
+        self.changes: list[tuple[int, str]] = []  # (change number, file id)
+        self.requests: list[tuple[str, str]] = []  # (method, path?query) for every request
+        self.response_bytes = 0
+        self._lock = threading.RLock()
+        self._tick = itertools.count(1)
+        self._ids = (f"fake{n:010d}" for n in itertools.count(1))
+        self.files["root"] = FakeFile("root", "My Drive", FOLDER, [], 0, 0)
+
+    # -- helpers for tests ---------------------------------------------------------------------
+
+    def children(self, folder_id: str = "root") -> list[FakeFile]:
+        with self._lock:
+            return [f for f in self.files.values() if folder_id in f.parents and not f.trashed]
+
+    def find(self, path: str) -> list[FakeFile]:
+        """Every file at a '/'-separated path under My Drive (duplicates included)."""
+        current = [self.files["root"]]
+        for part in [p for p in path.split("/") if p]:
+            current = [c for f in current for c in self.children(f.id) if c.name == part]
+        return current
+
+    def count(self, method: str | None = None, path_prefix: str = "") -> int:
+        return sum(1 for m, p in self.requests
+                   if (method is None or m == method) and p.startswith(path_prefix))
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def handle(self, method: str, uri: str, headers: dict[str, str], body: bytes
+               ) -> tuple[int, dict[str, str], bytes]:
+        headers = {k.lower(): v for k, v in headers.items()}
+        parsed = urllib.parse.urlsplit(uri)
+        params = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
+        with self._lock:
+            self.requests.append((method, parsed.path + ("?" + parsed.query if parsed.query
+                                                         else "")))
+            try:
+                if self.token is not None and \
+                        headers.get("authorization") != f"Bearer {self.token}":
+                    raise HttpFailure(401, "authError", "Invalid Credentials")
+                status, out_headers, out = self._route(method, parsed.path, params, headers,
+                                                       body)
+            except HttpFailure as e:
+                status, out_headers = e.status, {"content-type": "application/json"}
+                out = json.dumps({"error": {"code": e.status, "message": e.message, "errors": [
+                    {"domain": "global", "reason": e.reason, "message": e.message}]}}).encode()
+            self.response_bytes += len(out)
+            return status, out_headers, out
+
+    def _route(self, method, path, params, headers, body):
+        path = re.sub(r"^/+", "/", path)
+        if path.startswith("/upload/drive/v3/resumable/"):
+            return self._resume(path.rsplit("/", 1)[1], headers, body)
+        m = re.fullmatch(r"(/upload)?/drive/v3/files(?:/([^/]+))?", path)
+        if m:
+            upload, file_id = bool(m.group(1)), m.group(2)
+            if file_id == "generateIds" and method == "GET":
+                return self._json(self._generate_ids(params))
+            if upload:
+                return self._upload(method, file_id, params, headers, body)
+            if method == "GET" and file_id is None:
+                return self._json(self._list(params))
+            if method == "GET":
+                return self._get(file_id, params, headers)
+            if method == "POST" and file_id is None:
+                return self._json(self._create(json.loads(body or b"{}"), b"", params), params)
+            if method == "PATCH":
+                return self._json(self._update(file_id, json.loads(body or b"{}"), None,
+                                               params), params)
+            if method == "DELETE":
+                self._delete(file_id)
+                return 204, {}, b""
+        if path == "/drive/v3/changes/startPageToken":
+            return self._json({"kind": "drive#startPageToken",
+                               "startPageToken": str(len(self.changes) + 1)})
+        if path == "/drive/v3/changes":
+            return self._json(self._changes(params), params)
+        raise HttpFailure(404, "notFound", f"no such endpoint: {method} {path}")
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _file(self, file_id: str) -> FakeFile:
+        f = self.files.get(file_id)
+        if f is None:
+            raise HttpFailure(404, "notFound", f"File not found: {file_id}.")
+        return f
+
+    def _touch(self, f: FakeFile) -> None:
+        f.modified = next(self._tick)
+        self.changes.append((len(self.changes) + 1, f.id))
+
+    def _generate_ids(self, params) -> dict:
+        count = int(params.get("count", 10))
+        if not 1 <= count <= 1000:
+            raise HttpFailure(400, "invalid", "count must be between 1 and 1000")
+        return {"kind": "drive#generatedIds", "space": "drive",
+                "ids": [f"gen{next(self._ids)}" for _ in range(count)]}
+
+    def _create(self, meta: dict, content: bytes, params) -> dict:
+        file_id = meta.get("id") or next(self._ids)
+        if file_id in self.files:
+            raise HttpFailure(409, "fileIdInUse", "A file already exists with the provided ID.")
+        parents = meta.get("parents") or ["root"]
+        for p in parents:
+            if self._file(p).mime_type != FOLDER:
+                raise HttpFailure(400, "invalidParent", f"{p} is not a folder")
+        tick = next(self._tick)
+        f = FakeFile(file_id, meta.get("name", "Untitled"),
+                     meta.get("mimeType") or "application/octet-stream", list(parents),
+                     tick, tick, content)
+        self.files[file_id] = f
+        self._touch(f)
+        return f.meta()
+
+    def _update(self, file_id: str, meta: dict, content: bytes | None, params) -> dict:
+        f = self._file(file_id)
+        if "name" in meta:
+            f.name = meta["name"]
+        if "trashed" in meta:
+            f.trashed = bool(meta["trashed"])
+        for p in filter(None, params.get("removeParents", "").split(",")):
+            if p in f.parents:  # removing a parent the file no longer has changes nothing
+                f.parents.remove(p)
+        for p in filter(None, params.get("addParents", "").split(",")):
+            if self._file(p).mime_type != FOLDER:
+                raise HttpFailure(400, "invalidParent", f"{p} is not a folder")
+            if p not in f.parents:
+                f.parents.append(p)
+        if content is not None:
+            f.content = content
+        self._touch(f)
+        return f.meta()
+
+    def _delete(self, file_id: str) -> None:
+        f = self._file(file_id)
+        for child in [c for c in self.files.values() if file_id in c.parents]:
+            self._delete(child.id)
+        del self.files[f.id]
+        self.changes.append((len(self.changes) + 1, f.id))
+
+    def _get(self, file_id: str, params, headers):
+        f = self._file(file_id)
+        if params.get("alt") != "media":
+            return self._json(f.meta(), params)
+        if f.mime_type == FOLDER:
+            raise HttpFailure(403, "fileNotDownloadable", "Only files with binary content "
+                              "can be downloaded.")
+        data, total = f.content, len(f.content)
+        rng = headers.get("range")
+        if not rng:
+            return 200, {"content-type": f.mime_type, "content-length": str(total)}, data
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
+        start = int(m.group(1))
+        end = min(int(m.group(2)) if m.group(2) else total - 1, total - 1)
+        if start >= total:
+            return 416, {"content-range": f"bytes */{total}"}, b""
+        return 206, {"content-type": f.mime_type, "content-range": f"bytes {start}-{end}/{total}",
+                     "content-length": str(end - start + 1)}, data[start:end + 1]
+
+    def _list(self, params) -> dict:
+        matches = self._query(params.get("q", ""))
+        matches.sort(key=lambda f: (f.created, f.id))  # a stable order for page tokens
+        start = int(params.get("pageToken", 0))
+        size = min(int(params.get("pageSize", 100)), self.page_size_cap)
+        page = matches[start:start + size]
+        out = {"kind": "drive#fileList", "incompleteSearch": False,
+               "files": [f.meta() for f in page]}
+        if start + size < len(matches):
+            out["nextPageToken"] = str(start + size)
+        return _fields(out, params.get("fields"))
+
+    def _query(self, q: str) -> list[FakeFile]:
+        tests = []
+        for clause in filter(None, (c.strip() for c in re.split(r"\s+and\s+", q))):
+            if m := re.fullmatch(r"'((?:[^'\\]|\\.)*)'\s+in\s+parents", clause):
+                parent = _unescape(m.group(1))
+                tests.append(lambda f, p=parent: p in f.parents)
+            elif m := re.fullmatch(r"(name|mimeType)\s*(=|!=)\s*'((?:[^'\\]|\\.)*)'", clause):
+                key = "name" if m.group(1) == "name" else "mime_type"
+                value, negate = _unescape(m.group(3)), m.group(2) == "!="
+                tests.append(lambda f, k=key, v=value, n=negate: (getattr(f, k) == v) != n)
+            elif m := re.fullmatch(r"trashed\s*=\s*(true|false)", clause):
+                wanted = m.group(1) == "true"
+                tests.append(lambda f, t=wanted: f.trashed == t)
+            else:
+                raise HttpFailure(400, "invalid", f"Invalid Value: unsupported query {clause!r}")
+        return [f for f in self.files.values() if f.id != "root" and all(t(f) for t in tests)]
+
+    def _changes(self, params) -> dict:
+        start = int(params["pageToken"])
+        size = min(int(params.get("pageSize", 100)), self.page_size_cap)
+        page = [c for c in self.changes if c[0] >= start][:size]
+        out = {"kind": "drive#changeList", "changes": []}
+        for _, file_id in page:
+            f = self.files.get(file_id)
+            out["changes"].append({"kind": "drive#change", "fileId": file_id,
+                                   "removed": f is None, **({"file": f.meta()} if f else {})})
+        if page and page[-1][0] < len(self.changes):
+            out["nextPageToken"] = str(page[-1][0] + 1)
+        else:
+            out["newStartPageToken"] = str(len(self.changes) + 1)
+        return out
+
+    # -- uploads -------------------------------------------------------------------------------
+
+    def _upload(self, method, file_id, params, headers, body):
+        kind = params.get("uploadType")
+        if kind == "multipart":
+            meta, content = _parse_multipart(headers["content-type"], body)
+            return self._json(self._apply(method, file_id, meta, content, params), params)
+        if kind == "media":
+            return self._json(self._apply(method, file_id, {}, body, params), params)
+        if kind == "resumable":
+            if file_id is not None:
+                self._file(file_id)
+            session = f"s{next(self._ids)}"
+            total = headers.get("x-upload-content-length")
+            self.uploads[session] = Upload(method, file_id, json.loads(body or b"{}"), params,
+                                           int(total) if total else None)
+            location = f"https://fake.invalid/upload/drive/v3/resumable/{session}"
+            return 200, {"location": location}, b""
+        raise HttpFailure(400, "invalid", f"unsupported uploadType {kind!r}")
+
+    def _apply(self, method, file_id, meta, content, params) -> dict:
+        if method == "POST":
+            return self._create(meta, content, params)
+        return self._update(file_id, meta, content, params)
+
+    def _resume(self, session: str, headers, body):
+        up = self.uploads.get(session)
+        if up is None:
+            raise HttpFailure(404, "notFound", "upload session expired")
+        if up.done is not None:
+            return self._json(up.done)
+        m = re.fullmatch(r"bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)", headers.get("content-range", ""))
+        if m is None:  # no range: the whole (here: empty) file in one request
+            up.data += body
+            up.total = len(up.data)
+        elif m.group(3) != "*":
+            up.total = int(m.group(3))
+        if m is not None and m.group(1) is not None:
+            start, end = int(m.group(1)), int(m.group(2))
+            if start != len(up.data):
+                raise HttpFailure(400, "badContentRange",
+                                  f"chunk starts at {start}, expected {len(up.data)}")
+            if len(body) != end - start + 1:
+                raise HttpFailure(400, "badContentRange", "chunk length mismatch")
+            up.data += body
+        if up.total is not None and len(up.data) >= up.total:
+            up.done = self._apply(up.method, up.file_id, up.meta, bytes(up.data), up.params)
+            return self._json(up.done)
+        out = {"range": f"bytes=0-{len(up.data) - 1}"} if up.data else {}
+        return 308, out, b""
+
+    @staticmethod
+    def _json(obj: dict, params: dict | None = None):
+        if params and params.get("fields") and "files" not in obj and "changes" not in obj:
+            obj = _fields(obj, params["fields"])
+        return 200, {"content-type": "application/json; charset=UTF-8"}, json.dumps(obj).encode()
+
+
+def _unescape(s: str) -> str:
+    return re.sub(r"\\(.)", r"\1", s)
+
+
+def _fields(obj: dict, spec: str | None) -> dict:
+    """A partial response: `a,b,files(c,d)` keeps those keys (one level of nesting)."""
+    if not spec or spec == "*":
+        return obj
+    wanted: dict[str, set[str] | None] = {}
+    for m in re.finditer(r"(\w+)(?:\(([^)]*)\))?", spec):
+        wanted[m.group(1)] = set(m.group(2).split(",")) if m.group(2) else None
+    out = {}
+    for key, sub in wanted.items():
+        if key not in obj:
+            continue
+        value = obj[key]
+        if sub is not None and isinstance(value, list):
+            value = [{k: v for k, v in item.items() if k in sub} for item in value]
+        out[key] = value
+    return out
+
+
+def _parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes]:
+    msg = message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body,
+                             policy=HTTP)
+    parts = list(msg.iter_parts())
+    meta = json.loads(parts[0].get_payload(decode=True) or b"{}")
+    content = parts[1].get_payload(decode=True) if len(parts) > 1 else b""
+    return meta, content
+
+
+# -- transports ----------------------------------------------------------------------------------
+
+class DroppedConnection(ConnectionResetError):
+    """The fake's stand-in for a connection lost after the server acted on the request."""
+
+
+class FakeHttp:
+    """An httplib2.Http stand-in that serves requests from a FakeDrive, with seeded faults.
+
+    fault_rate: the share of requests that fail; of those, half fail before the server acts
+    (429, 500, 503, 403 rateLimitExceeded) and half after it (the response is dropped)."""
+
+    def __init__(self, drive: FakeDrive, fault_rate: float = 0.0, seed: int = 0,
+                 token: str | None = None):
+        self.drive, self.fault_rate, self.token = drive, fault_rate, token
+        self.rng = random.Random(seed)
+        self.faults = 0
+        self._lock = threading.Lock()
+        self.redirect_codes = frozenset()
+
+    def request(self, uri, method="GET", body=None, headers=None, redirections=5,
+                connection_type=None):
+        import httplib2
+
+        headers = dict(headers or {})
+        if self.token is not None:
+            headers["authorization"] = f"Bearer {self.token}"
+        if hasattr(body, "read"):
+            body = body.read()
+        body = body.encode() if isinstance(body, str) else (body or b"")
+        with self._lock:
+            roll, kind = self.rng.random(), self.rng.randrange(5)
+        if roll < self.fault_rate:
+            self.faults += 1
+            if kind < 4:  # refused before anything happened
+                status, reason = [(429, "rateLimitExceeded"), (500, "backendError"),
+                                  (503, "backendError"), (403, "userRateLimitExceeded")][kind]
+                payload = json.dumps({"error": {"code": status, "message": reason, "errors": [
+                    {"domain": "usageLimits", "reason": reason, "message": reason}]}}).encode()
+                return httplib2.Response({"status": status,
+                                          "content-type": "application/json"}), payload
+            self.drive.handle(method, uri, headers, body)
+            raise DroppedConnection("connection reset by peer (the server did act)")
+        status, out_headers, out = self.drive.handle(method, uri, headers, body)
+        return httplib2.Response({"status": status, **out_headers}), out
+
+    def close(self):
+        pass
+
+
+def serve(drive: FakeDrive, host: str = "127.0.0.1", port: int = 0):
+    """Serve the fake over real HTTP on a thread; returns (server, endpoint URL). Stop it with
+    server.shutdown()."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _any(self):
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length) if length else b""
+            status, headers, out = drive.handle(self.command, self.path, dict(self.headers),
+                                                body)
+            self.send_response(status)
+            for k, v in headers.items():
+                if k.lower() == "location":
+                    v = v.replace("https://fake.invalid", endpoint.rstrip("/"))
+                if k.lower() != "content-length":
+                    self.send_header(k, v)
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _any
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    endpoint = f"http://{host}:{server.server_address[1]}/"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, endpoint
+
+
+def fake_drive_storage(drive: FakeDrive, folder: str = "traina", fault_rate: float = 0.0,
+                       seed: int = 0, chunk_bytes: int = 256 * 1024):
+    """A DriveStorage on the fake: the real client, no waiting between retries, small chunks
+    (so resumable uploads and chunked downloads take several requests even in small tests).
+    Each thread gets its own FakeHttp, as each gets its own httplib2.Http in real use."""
+    from cherry_train.storage.gdrive import DriveStorage
+
+    seeds = itertools.count(seed)
+    return DriveStorage(folder, lambda: FakeHttp(drive, fault_rate, seed=next(seeds)),
+                        sleep=lambda _s: None, chunk_bytes=chunk_bytes)
