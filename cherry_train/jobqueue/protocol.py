@@ -15,6 +15,7 @@ import socket
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -105,6 +106,12 @@ class JobQueue:
     def __init__(self, storage: Storage, clock=None):
         self.storage = storage
         self.clock = clock or SystemClock()
+        # What an idle worker remembers between polls, so that a poll costs one listing of
+        # queue/ (one request on Drive): manifests already read, and jobs that a live owner
+        # holds, with when their lease could run out at the earliest. Both are keyed by the
+        # manifest's listing entry, which changes when an owner releases its job.
+        self._manifests: dict[str, tuple[tuple, Manifest]] = {}
+        self._held: dict[str, tuple[tuple, datetime]] = {}
 
     # -- submit (client) -----------------------------------------------------------------------
 
@@ -119,9 +126,25 @@ class JobQueue:
                 break
         manifest = Manifest(job_id=job_id, name=config.name, priority=config.priority,
                             submitted_at=now, submitted_by=submitted_by, config_file=config_file,
-                            client_version=client_version, config=config)
+                            client_version=client_version, config=config,
+                            reserved_ids=self._reserve(JobPaths(job_id)))
         # Temp name, then rename: a worker never sees half a manifest.
         self.storage.write_atomic(JobPaths(job_id).queued_manifest, manifest.to_json())
+        return manifest
+
+    def _reserve(self, paths: JobPaths) -> dict[str, str]:
+        """Ids for the files whose creation must be exclusive or must not be duplicated, on
+        backends that need them ({} elsewhere). Every worker reads them from the manifest, so
+        the second create of, say, attempts/1.json is refused by the backend itself."""
+        wanted = [paths.dir, paths.attempts_dir, paths.checkpoints_dir, paths.attempt(1),
+                  paths.result, paths.cancel_request]
+        ids = self.storage.reserve_ids(len(wanted))
+        return dict(zip(wanted, ids, strict=True)) if ids else {}
+
+    def _learn(self, manifest: Manifest | None) -> Manifest | None:
+        """Tell the storage the ids this job's files are to be created with."""
+        if manifest is not None and manifest.reserved_ids:
+            self.storage.use_ids(manifest.reserved_ids)
         return manifest
 
     def request_cancel(self, job_id: str, requested_by: str = "") -> bool:
@@ -130,6 +153,7 @@ class JobQueue:
         record = json.dumps({"job_id": job_id, "requested_by": requested_by,
                              "at": self.clock.now().isoformat(),
                              "request": uuid.uuid4().hex}).encode()  # unique, as creates need
+        self._learn(self._manifest(job_id))
         return self.storage.create_exclusive(JobPaths(job_id).cancel_request, record)
 
     def _known(self, job_id: str) -> bool:
@@ -140,12 +164,21 @@ class JobQueue:
 
     def queued(self) -> tuple[list[Manifest], list[tuple[str, Exception]]]:
         """Manifests in queue/, in the order workers take them (priority, then submission),
-        and the entries that cannot be read or validated, with why."""
+        and the entries that cannot be read or validated, with why. Manifests are written once,
+        so one read each is enough: later polls only list the folder."""
         good, bad = [], []
-        for name in self.storage.list_dir(layout.QUEUE):
+        entries = self.storage.list_entries(layout.QUEUE)
+        for name in list(self._manifests):
+            if name not in entries:
+                del self._manifests[name]
+        for name, info in sorted(entries.items()):
             if not name.endswith(".json"):
                 continue
-            job_id = name[: -len(".json")]
+            job_id, key = name[: -len(".json")], (info.size, info.modified)
+            cached = self._manifests.get(name)
+            if cached is not None and cached[0] == key:
+                good.append(cached[1])
+                continue
             try:
                 manifest = Manifest.from_json(self.storage.read_bytes(f"{layout.QUEUE}/{name}"))
             except FileNotFoundError:
@@ -160,9 +193,35 @@ class JobQueue:
                 bad.append((job_id, ValueError(
                     f"manifest says job_id {manifest.job_id!r} but its file is {name!r}")))
                 continue
+            self._manifests[name] = (key, manifest)
             good.append(manifest)
         good.sort(key=lambda m: (-m.priority, m.submitted_at, m.job_id))
         return good, bad
+
+    def _listing_key(self, job_id: str) -> tuple | None:
+        cached = self._manifests.get(f"{job_id}.json")
+        return cached[0] if cached else None
+
+    def held_elsewhere(self, job_id: str) -> bool:
+        """Whether the last look found a live owner whose lease cannot have run out yet (and
+        the manifest's entry is unchanged: an owner that releases its job rewrites it)."""
+        held = self._held.get(job_id)
+        if held is None:
+            return False
+        key, until = held
+        if key != self._listing_key(job_id) or self.clock.now() >= until:
+            del self._held[job_id]
+            return False
+        return True
+
+    def announce_release(self, job_id: str) -> None:
+        """Rewrite the queued manifest (same bytes): its listing entry changes, so idle workers
+        look at the released job at their next poll instead of when its lease would end."""
+        path = JobPaths(job_id).queued_manifest
+        try:
+            self.storage.write_atomic(path, self.storage.read_bytes(path))
+        except FileNotFoundError:
+            pass
 
     def reject_manifest(self, job_id: str, error: Exception, worker_id: str) -> None:
         """Move an unusable manifest to failed/, with why beside it."""
@@ -188,7 +247,10 @@ class JobQueue:
                 continue
             path = paths.attempt(int(stem))
             try:
-                found.append(Attempt.from_json(self.storage.read_bytes(path)))
+                attempt = Attempt.from_json(self.storage.read_bytes(path))
+                found.append(attempt)
+                if attempt.next_id:
+                    self.storage.use_ids({paths.attempt(attempt.n + 1): attempt.next_id})
             except (FileNotFoundError, ValidationError, ValueError):
                 # A record being created without hard links may be briefly short; its number
                 # still counts (fencing and numbering never go backwards), and its age is the
@@ -217,6 +279,9 @@ class JobQueue:
         Raises WorkerIdInUse if a live process with our worker id owns it."""
         job_id, config = manifest.job_id, manifest.config
         paths = JobPaths(job_id)
+        if self.held_elsewhere(job_id):
+            return None
+        self._learn(manifest)
         if self.storage.exists(paths.result):
             self.finish_bookkeeping(job_id)  # a crash came between commit and the move
             return None
@@ -247,6 +312,8 @@ class JobQueue:
             elif age > config.lease_seconds:
                 reason = "lease-expired"
             else:
+                until = self.clock.now() + timedelta(seconds=config.lease_seconds - age)
+                self._held[job_id] = (self._listing_key(job_id), until)
                 return None
         if cancelled:  # its owner is gone (or handed it back): nobody else will end it
             self._commit_unclaimed(manifest, history, JobState.cancelled, me)
@@ -259,7 +326,8 @@ class JobQueue:
         attempt = Attempt(n=history[-1].n + 1 if history else 1,
                           worker_id=me.worker_id, incarnation=me.incarnation, host=me.host,
                           pid=me.pid, started_at=self.clock.now(), reason=reason,
-                          checkpoint_at_start=checkpoint)
+                          checkpoint_at_start=checkpoint,
+                          next_id=next(iter(self.storage.reserve_ids(1)), None))
         if not self.storage.create_exclusive(paths.attempt(attempt.n), attempt.to_json()):
             return None  # another worker claimed it first
         journal("claim", job_id, attempt.n, worker_id=me.worker_id)
@@ -356,7 +424,7 @@ class JobQueue:
         """A job's state, in DESIGN.md §3's order: result > failed/ > cancel request on a queued
         job > attempt > queue/."""
         paths = JobPaths(job_id)
-        manifest = self._manifest(job_id)
+        manifest = self._learn(self._manifest(job_id))
         raw = self.storage.read_text_or_none(paths.result)
         if raw is not None:
             try:

@@ -52,6 +52,10 @@ class Manifest(_Record):
     config_file: str = ""
     client_version: str = ""
     config: TrainingConfig
+    #: Root-relative path -> the id to create it with, on backends whose exclusive create needs
+    #: reserved ids (Drive API): the job's folders, attempts/1.json, result.json, the cancel
+    #: request. Empty for local folders.
+    reserved_ids: dict[str, str] = Field(default_factory=dict)
 
 
 class Attempt(_Record):
@@ -65,6 +69,7 @@ class Attempt(_Record):
     started_at: datetime
     reason: str = "fresh"  # fresh | lease-expired | same-worker | released
     checkpoint_at_start: int | None = None  # global step of the newest checkpoint when claimed
+    next_id: str | None = None  # reserved id for attempts/<n+1>.json (Drive API roots)
 
 
 class Heartbeat(_Record):

@@ -39,6 +39,9 @@ log = structlog.get_logger(__name__)
 #: to a poll every 30 s, which costs an idle Drive folder almost nothing.
 POLL_MIN_SECONDS = 1.0
 POLL_MAX_SECONDS = 30.0
+#: An idle worker refreshes its status file this often, not at every poll: on a Drive API root
+#: a poll is then one request (the listing of queue/), and the status one more per minute.
+STATUS_IDLE_SECONDS = 60.0
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Worker:
         self.cap_reached = False
         self.started_at = queue.clock.now()
         self._runtime_budget: runtime.RuntimeBudget | None = None
+        self._last_status: WorkerStatus | None = None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -94,7 +98,7 @@ class Worker:
                             idle >= options.idle_shutdown_minutes * 60:
                         reason = "idle shutdown"
                         break
-                    self._write_status("idle", interval=wait)
+                    self._idle_status(wait)
                     clock.wait(self.stop, wait)
                     wait = min(wait * 2, options.poll_max_seconds)
                 else:
@@ -178,6 +182,7 @@ class Worker:
                 log.info("job released", job_id=claim.job_id, reason=self.stop.reason,
                          step=outcome.state.global_step)
                 reporter.beat(phase="released", released=True)
+                self.queue.announce_release(claim.job_id)
                 reporter.finish()
                 return
         except Fenced as e:
@@ -251,6 +256,15 @@ class Worker:
                     "notebook or tab running? Stop it, or start this one with another "
                     "--worker-id.")
 
+    def _idle_status(self, wait: float) -> None:
+        """Announce "idle" when it is news, else only before the announced interval runs out
+        (a restarted worker with our id waits out 2x that interval to tell us from a ghost)."""
+        last = self._last_status
+        if last is not None and last.state == "idle" and \
+                age_seconds(self.queue.clock, last.at) + wait < STATUS_IDLE_SECONDS:
+            return
+        self._write_status("idle", interval=STATUS_IDLE_SECONDS)
+
     def _write_status(self, state: str, job_id: str | None = None,
                       interval: float = POLL_MAX_SECONDS) -> WorkerStatus:
         status = WorkerStatus(worker_id=self.me.worker_id, incarnation=self.me.incarnation,
@@ -259,6 +273,7 @@ class Worker:
                               version=__version__)
         try:
             self.queue.write_worker_status(status)
+            self._last_status = status
         except OSError as e:  # status is informational: never fail on it
             log.warning("could not write worker status", error=str(e))
         return status
