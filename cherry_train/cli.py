@@ -25,6 +25,7 @@ from cherry_train.jobqueue.roots import (
 )
 from cherry_train.schemas import ConfigError, config_json_schema
 from cherry_train.storage import UnsupportedRoot, open_storage
+from cherry_train.storage.gdrive import DriveAuthError, DriveError
 
 
 class UsageError(Exception):
@@ -43,7 +44,7 @@ def _root(args) -> tuple[ResolvedRoot, JobQueue]:
              f"folder {resolved.root}")
     try:
         return resolved, JobQueue(open_storage(resolved.root))
-    except UnsupportedRoot as e:
+    except (UnsupportedRoot, DriveAuthError) as e:
         raise UsageError(str(e)) from None
 
 
@@ -58,7 +59,7 @@ def cmd_submit(args) -> int:
         client.check_model_name(config)  # validation, not pre-flight: always
         report = None
     else:
-        report = client.preflight(config, queue.storage.local_path(""))
+        report = client.preflight(config, queue.storage.local_path(""), storage=queue.storage)
     manifest = client.submit(queue, config, str(Path(args.config).resolve()))
     print(f"root: {resolved.root} (from {resolved.source})")
     if report is not None:
@@ -89,6 +90,10 @@ def cmd_worker(args) -> int:
         hint = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
         raise UsageError(f"queue root {local} does not exist{hint}; create it, or pass --root "
                          "with the folder that `cherry submit` uses")
+    if local is None and queue.storage.stat("") is None:
+        raise UsageError(f"queue root {resolved.root} does not exist ({queue.storage.description})"
+                         "; submit a job to it first, or pass --root with the folder that "
+                         "`cherry submit` uses")
     worker_id = args.worker_id or os.environ.get("CHERRY_WORKER_ID") or _default_worker_id()
     if not WORKER_ID_RE.match(worker_id):
         raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
@@ -233,6 +238,16 @@ def cmd_demo(args) -> int:
     return 0 if result.state.value == "succeeded" else 1
 
 
+def cmd_drive_login(args) -> int:
+    from cherry_train.storage.gdrive_auth import login
+
+    path = login(Path(args.client_secrets), open_browser=not args.no_browser)
+    print(f"Drive access granted; token saved in {path} (readable only by you).\n"
+          "Use a Drive folder as the queue root with --root gdrive:<folder>, e.g. "
+          "`cherry init gdrive:traina`.")
+    return 0
+
+
 def cmd_schema(args) -> int:
     print(config_json_schema())
     return 0
@@ -262,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "folder: submit on a laptop, train on Colab.")
     p.add_argument("--version", action="version", version=f"cherry-train {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    root_help = "queue root: a folder (default: $CHERRY_ROOT, then `cherry init`'s)"
+    root_help = ("queue root: a folder, or gdrive:<folder> for the Drive API (default: "
+                 "$CHERRY_ROOT, then `cherry init`'s)")
 
     s = sub.add_parser("submit", help="validate a config and queue it as a job")
     s.add_argument("config", help="the training config (YAML)")
@@ -344,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     d.set_defaults(func=cmd_demo)
 
+    dr = sub.add_parser("drive", help="Google Drive API access (for gdrive: roots)")
+    drive_sub = dr.add_subparsers(dest="drive_command", required=True, metavar="ACTION")
+    dl = drive_sub.add_parser("login", help="allow cherry-train to use your Drive (OAuth in "
+                              "the browser; the token is saved for later runs)")
+    dl.add_argument("--client-secrets", required=True, metavar="JSON",
+                    help="the OAuth client (type 'Desktop app') downloaded from Google Cloud "
+                    "console; see the README")
+    dl.add_argument("--no-browser", action="store_true",
+                    help="print the URL instead of opening a browser")
+    dl.set_defaults(func=cmd_drive_login)
+
     sc = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
     sc.set_defaults(func=cmd_schema)
     return p
@@ -356,9 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _err(*e.problems)
         return 2
-    except (UsageError, WorkerIdInUse, NoSuchJob) as e:
+    except (UsageError, WorkerIdInUse, NoSuchJob, DriveAuthError) as e:
         _err(f"error: {e}")
         return 2
+    except DriveError as e:  # Drive stayed unreachable through all retries: not a bug
+        _err(f"error: {e}")
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -152,10 +152,11 @@ def test_schema_prints_json_schema(capsys):
     assert json.loads(capsys.readouterr().out)["title"] == "cherry-train training config"
 
 
-def test_gdrive_root_is_refused_clearly(tmp_path, tiny_config, capsys):
+def test_gdrive_root_without_credentials_is_one_clear_line(tmp_path, tiny_config, capsys):
     cfg = write_config(tmp_path, tiny_config)
     assert main(["submit", str(cfg), "--root", "gdrive:traina", "--no-preflight"]) == 2
-    assert "Drive API backend" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: no Drive credentials") and err.count("\n") == 1
 
 
 def test_bad_worker_id_is_refused(tmp_path, capsys):

@@ -5,14 +5,16 @@ from __future__ import annotations
 import getpass
 import importlib.util
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cherry_train import __version__
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.protocol import JobQueue
-from cherry_train.jobqueue.roots import PathMappingError, map_data_path
+from cherry_train.jobqueue.roots import PathMappingError, is_remote, map_data_path
 from cherry_train.schemas import ConfigError, Manifest, TrainingConfig, parse_config
+from cherry_train.storage.base import Storage
 
 #: A worker that wrote its status this recently is taken to be alive (it polls every <= 30 s).
 WORKER_FRESH_SECONDS = 120
@@ -65,6 +67,7 @@ class Preflight:
 
 #: Images per split that pre-flight decodes (spread over the classes).
 DECODE_SAMPLE = 16
+SMOKE_IMAGES_PER_CLASS = 4  # downloaded from a Drive API root for the training steps
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -73,35 +76,55 @@ def _class_images(path: Path) -> dict[str, list[Path]]:
             for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")}
 
 
-def preflight(config: TrainingConfig, root_path: Path | None, smoke: bool = True) -> Preflight:
+def preflight(config: TrainingConfig, root_path: Path | None, smoke: bool = True,
+              storage: Storage | None = None) -> Preflight:
     """Checks that catch most broken jobs before they reach the GPU queue: the data folders
     resolve (with the worker's path mapping), train and val have the same non-empty class
     folders, num_classes matches, a sample of images decodes, and (with torch here) the model
-    takes a couple of training steps on the CPU."""
+    takes a couple of training steps on the CPU. Data in a Drive API root is listed there, and
+    a few images per class are downloaded for the decode and training checks."""
     if config.data.archive:
         return Preflight([("data", "an archive: checked by the worker after extracting it")])
     if config.evaluate is not None:
         return _preflight_evaluation(config, root_path)
-    report, problems, images = Preflight(), [], {}
+    with tempfile.TemporaryDirectory(prefix="cherry-preflight-") as sample_dir:
+        return _preflight(config, root_path, smoke, storage, Path(sample_dir))
+
+
+def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
+               storage: Storage | None, sample_dir: Path) -> Preflight:
+    report, problems, images, local = Preflight(), [], {}, {}
     report.checks.append(("model", check_model_name(config)))
     for name in ("train_path", "val_path"):
         raw = getattr(config.data, name)
-        try:
-            path = map_data_path(raw, root_path)
-        except PathMappingError as e:
-            problems.append(f"data.{name}: {e}")
-            continue
-        if not path.is_dir():
-            problems.append(f"data.{name}: folder {path} does not exist (pass --no-preflight "
-                            "if only the worker can see it)")
-            continue
-        images[name] = _class_images(path)
-        counts = ", ".join(f"{c} {len(v)}" for c, v in images[name].items())
+        if storage is not None and is_remote(raw, root_path):
+            counts = _remote_class_counts(storage, raw)
+            if counts is None:
+                problems.append(f"data.{name}: folder {raw} does not exist under "
+                                f"{storage.description}")
+                continue
+            path, where = _download_sample(storage, raw, counts, sample_dir / name), raw
+            images[name] = _class_images(path)
+            totals = {c: len(files) for c, files in counts.items()}
+        else:
+            try:
+                path = where = map_data_path(raw, root_path)
+            except PathMappingError as e:
+                problems.append(f"data.{name}: {e}")
+                continue
+            if not path.is_dir():
+                problems.append(f"data.{name}: folder {path} does not exist (pass "
+                                "--no-preflight if only the worker can see it)")
+                continue
+            images[name] = _class_images(path)
+            totals = {c: len(v) for c, v in images[name].items()}
+        local[name] = path
+        counts_text = ", ".join(f"{c} {n}" for c, n in totals.items())
         report.checks.append((name.removesuffix("_path"),
-                              f"{path}: {sum(map(len, images[name].values()))} images "
-                              f"({counts or 'no class folders'})"))
+                              f"{where}: {sum(totals.values())} images "
+                              f"({counts_text or 'no class folders'})"))
         problems += [f"data.{name}: class folder {c!r} has no images"
-                     for c, v in images[name].items() if not v]
+                     for c, n in totals.items() if not n]
     if len(images) == 2 and list(images["train_path"]) != list(images["val_path"]):
         problems.append(f"data.val_path: class folders {list(images['val_path'])} differ from "
                         f"data.train_path's {list(images['train_path'])}")
@@ -112,8 +135,30 @@ def preflight(config: TrainingConfig, root_path: Path | None, smoke: bool = True
         raise ConfigError(problems)
     report.checks.append(("decode", _decode_sample(images)))
     if smoke:
-        report.checks.append(("smoke", _smoke(config, root_path, images)))
+        report.checks.append(("smoke", _smoke(config, root_path, local["train_path"],
+                                              images, storage, sample_dir)))
     return report
+
+
+def _remote_class_counts(storage: Storage, path: str) -> dict[str, list[str]] | None:
+    """class -> image file names, from one listing per class folder."""
+    if not storage.exists(path):
+        return None
+    return {c: sorted(n for n in storage.list_entries(f"{path}/{c}")
+                      if n.lower().endswith(IMAGE_SUFFIXES))
+            for c, info in sorted(storage.list_entries(path).items())
+            if info.is_dir and not c.startswith(".")}
+
+
+def _download_sample(storage: Storage, path: str, counts: dict[str, list[str]],
+                     target: Path) -> Path:
+    per_class = max(SMOKE_IMAGES_PER_CLASS, DECODE_SAMPLE // max(1, len(counts)))
+    for cls, files in counts.items():
+        (target / cls).mkdir(parents=True, exist_ok=True)
+        step = max(1, len(files) // per_class)
+        for name in files[::step][:per_class]:
+            storage.download(f"{path}/{cls}/{name}", target / cls / name)
+    return target
 
 
 def _preflight_evaluation(config: TrainingConfig, root_path: Path | None) -> Preflight:
@@ -158,17 +203,26 @@ def _decode_sample(images: dict[str, dict[str, list[Path]]]) -> str:
     return f"{checked} sampled images decode"
 
 
-def _smoke(config: TrainingConfig, root_path: Path | None, images) -> str:
+def _smoke(config: TrainingConfig, root_path: Path | None, train_dir: Path, images,
+           storage: Storage | None, sample_dir: Path) -> str:
     if importlib.util.find_spec("torch") is None:
         return "no training steps tried (no torch here; install cherry-train[worker] for it)"
     from cherry_train.worker.errors import JobError
     from cherry_train.worker.smoke import smoke_test
 
     weights = config.model.pretrained
-    weights_file = map_data_path(weights, root_path) if isinstance(weights, str) else None
+    weights_file = None
+    if isinstance(weights, str) and storage is not None and is_remote(weights, root_path):
+        weights_file = sample_dir / "weights" / Path(weights).name
+        try:
+            storage.download(weights, weights_file)
+        except FileNotFoundError:
+            raise ConfigError([f"model.pretrained: {weights} does not exist under "
+                               f"{storage.description}"]) from None
+    elif isinstance(weights, str):
+        weights_file = map_data_path(weights, root_path)
     try:
-        return smoke_test(config, map_data_path(config.data.train_path, root_path),
-                          list(images["train_path"]), weights_file)
+        return smoke_test(config, train_dir, list(images["train_path"]), weights_file)
     except JobError as e:
         raise ConfigError([str(e)]) from None
 

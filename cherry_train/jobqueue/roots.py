@@ -96,6 +96,12 @@ class PathMappingError(ValueError):
     pass
 
 
+def is_remote(path: str, root: Path | None) -> bool:
+    """A relative data path on a root that is no local folder (a Drive API root) names a
+    folder below that root: workers fetch it through the storage, not the file system."""
+    return root is None and not path.startswith(("/", "~")) and ":" not in path
+
+
 def map_data_path(path: str, root: Path | None) -> Path:
     """Where a config's data path is on this machine.
 

@@ -14,9 +14,14 @@ class UnsupportedRoot(ValueError):
 
 
 def open_storage(root: str) -> Storage:
-    """The backend for a root spec: `gdrive:<folder>` for the Drive API, else a local folder."""
+    """The backend for a root spec: `gdrive:<folder path>` (or `gdrive:id:<folder id>`) for
+    the Drive API, else a local folder (behind retries for a flaky mount)."""
     if root.startswith("gdrive:"):
-        raise UnsupportedRoot(
-            f"root {root!r}: the Drive API backend is not part of this version yet; use the "
-            "Drive folder through Drive for Desktop or the Colab mount (a local path) instead")
+        folder = root[len("gdrive:"):].strip("/")
+        if not folder:
+            raise UnsupportedRoot(f"root {root!r}: name a folder, e.g. gdrive:traina "
+                                  "(a path under My Drive) or gdrive:id:<folder id>")
+        from cherry_train.storage.gdrive_auth import open_drive
+
+        return open_drive(folder)
     return RetryingStorage(LocalStorage(root))

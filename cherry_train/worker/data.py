@@ -26,8 +26,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from cherry_train.jobqueue.roots import PathMappingError, map_data_path
+from cherry_train.jobqueue.roots import PathMappingError, is_remote, map_data_path
 from cherry_train.schemas import TrainingConfig
+from cherry_train.storage.base import Storage
+from cherry_train.worker.datacache import LocalSource, Source, StorageSource
 from cherry_train.worker.errors import JobError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -187,6 +189,27 @@ def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
         return map_data_path(path, root)
     except PathMappingError as e:
         raise JobError(f"{field_name}: {e}") from None
+
+
+def source_for(path: str, field_name: str, root: Path | None, storage: Storage) -> Source:
+    """What to cache for a config's data path: a folder here, or one in the queue's storage."""
+    if is_remote(path, root):
+        return StorageSource(storage, path)
+    return LocalSource(resolve_path(path, field_name, root))
+
+
+def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
+               scratch: Path) -> Path:
+    """A single file named by the config (weights), downloaded first if it is remote."""
+    if not is_remote(path, root):
+        return resolve_path(path, field_name, root)
+    target = scratch / "inputs" / Path(path).name
+    try:
+        storage.download(path, target)
+    except FileNotFoundError:
+        raise JobError(f"{field_name}: {path} does not exist under "
+                       f"{storage.description}") from None
+    return target
 
 
 def _classes(path: Path, field: str) -> list[str]:

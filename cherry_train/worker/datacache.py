@@ -30,6 +30,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue.roots import on_colab
+from cherry_train.storage.base import Storage
 from cherry_train.storage.retrying import is_transient
 from cherry_train.worker.errors import JobError
 
@@ -71,33 +72,106 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _entry(cache_dir: Path, source: Path) -> Path:
-    key = hashlib.sha1(str(source).encode()).hexdigest()[:12]
+def _entry(cache_dir: Path, source: Source) -> Path:
+    key = hashlib.sha1(source.label.encode()).hexdigest()[:12]
     return cache_dir / f"{source.name.split('.')[0][:40]}-{key}"
 
 
+class Source:
+    """A data folder or archive to cache: on this machine's file system (the Colab mount,
+    a local folder) or in a storage backend (a Drive API root). Listing and copying are
+    retried on transient errors."""
 
-def _listing(source: Path) -> dict[str, tuple[int, int]]:
-    """relative path -> (size, mtime_ns) for every file under source (hidden files skipped)."""
-    found = {}
-    for dirpath, dirnames, filenames in _retry(os.walk, source):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            st = _retry(path.stat)
-            found[path.relative_to(source).as_posix()] = (st.st_size, st.st_mtime_ns)
-    return found
+    name: str
+    label: str  # names the source in the cache key, logs and the result
+
+    def exists(self) -> bool:
+        raise NotImplementedError
+
+    def is_archive(self) -> bool:
+        return self.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+    def listing(self) -> dict[str, tuple[int, int]]:
+        """relative path -> (size, mtime_ns) of every file (the archive itself for one)."""
+        raise NotImplementedError
+
+    def copy(self, rel: str, target: Path, size: int) -> str:
+        """Copy one file to target (checked by size), return its sha256."""
+        raise NotImplementedError
 
 
-def _copy_one(source: Path, target: Path, size: int) -> str:
-    """Copy one file (retried), check its size, return its sha256."""
+class LocalSource(Source):
+    def __init__(self, path: Path):
+        self.path, self.name, self.label = Path(path), Path(path).name, str(path)
+
+    def exists(self) -> bool:
+        return _retry(self.path.exists)
+
+    def listing(self) -> dict[str, tuple[int, int]]:
+        if self.is_archive():
+            st = _retry(self.path.stat)
+            return {self.name: (st.st_size, st.st_mtime_ns)}
+        found = {}
+        for dirpath, dirnames, filenames in _retry(os.walk, self.path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                path = Path(dirpath) / name
+                st = _retry(path.stat)
+                found[path.relative_to(self.path).as_posix()] = (st.st_size, st.st_mtime_ns)
+        return found
+
+    def copy(self, rel: str, target: Path, size: int) -> str:
+        root = self.path.parent if self.is_archive() else self.path
+        return _copy_with(lambda tmp: shutil.copyfile(root / rel, tmp), root / rel, target, size)
+
+
+class StorageSource(Source):
+    """A folder (or archive) below a storage root, e.g. `data/train` of a `gdrive:` root."""
+
+    def __init__(self, storage: Storage, path: str):
+        self.storage, self.path = storage, path.strip("/")
+        self.name = self.path.rsplit("/", 1)[-1]
+        self.label = f"{storage.description}: {self.path}"
+
+    def exists(self) -> bool:
+        return self.storage.exists(self.path)
+
+    def listing(self) -> dict[str, tuple[int, int]]:
+        if self.is_archive():
+            info = self.storage.stat(self.path)
+            return {self.name: (info.size, _ns(info.modified))} if info else {}
+        found: dict[str, tuple[int, int]] = {}
+        folders = [""]
+        while folders:  # breadth first: one listing per folder
+            rel = folders.pop()
+            for name, info in self.storage.list_entries(f"{self.path}/{rel}".rstrip("/")).items():
+                if name.startswith("."):
+                    continue
+                child = f"{rel}/{name}".lstrip("/")
+                if info.is_dir:
+                    folders.append(child)
+                else:
+                    found[child] = (info.size, _ns(info.modified))
+        return found
+
+    def copy(self, rel: str, target: Path, size: int) -> str:
+        remote = self.path if self.is_archive() else f"{self.path}/{rel}"
+        return _copy_with(lambda tmp: self.storage.download(remote, tmp), remote, target, size)
+
+
+def _ns(when) -> int:
+    return int(when.timestamp() * 1_000_000_000)
+
+
+def _copy_with(fetch, source, target: Path, size: int) -> str:
+    """fetch(tmp) one file (retried), check its size, return its sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
 
     def attempt() -> None:
-        shutil.copyfile(source, tmp)
+        fetch(tmp)
         if tmp.stat().st_size != size:
             raise OSError(5, f"short copy of {source}: {tmp.stat().st_size} of {size} bytes")
 
@@ -131,26 +205,26 @@ def _locked(entry: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cache_folder(source: Path, cache_dir: Path, progress: bool = False) -> CacheReport:
+def cache_folder(source: Path | Source, cache_dir: Path, progress: bool = False) -> CacheReport:
     """Make (or refresh, or reuse) the local copy of one data folder or archive."""
-    if not _retry(source.exists):
-        raise JobError(f"data: {source} does not exist")
+    source = source if isinstance(source, Source) else LocalSource(source)
+    if not source.exists():
+        raise JobError(f"data: {source.label} does not exist")
     entry = _entry(cache_dir, source)
     with _locked(entry):
         return _cache(source, entry, progress)
 
 
-def _cache(source: Path, entry: Path, progress: bool) -> CacheReport:
+def _cache(source: Source, entry: Path, progress: bool) -> CacheReport:
     started = time.perf_counter()
     manifest_path = entry / MANIFEST
     try:
         old = json.loads(manifest_path.read_text())
     except (FileNotFoundError, ValueError):
         old = {"files": {}}
-    listing = {source.name: _stat_one(source)} if is_archive(source) else _listing(source)
+    listing = source.listing()
     if not listing:
-        raise JobError(f"data: {source} is empty")
-    root = source.parent if is_archive(source) else source
+        raise JobError(f"data: {source.label} is empty")
     files_dir = entry / "files"
 
     # Unchanged files (same path, size and mtime, present locally) are kept as they are.
@@ -169,7 +243,7 @@ def _cache(source: Path, entry: Path, progress: bool) -> CacheReport:
     if todo:
         bar = _bar(progress, len(todo), source.name)
         with ThreadPoolExecutor(COPY_THREADS) as pool:
-            digests = pool.map(lambda t: _copy_one(root / t[0], files_dir / t[0], t[1]), todo)
+            digests = pool.map(lambda t: source.copy(t[0], files_dir / t[0], t[1]), todo)
             for (rel, size, mtime), digest in zip(todo, digests, strict=True):
                 files[rel] = {"size": size, "mtime_ns": mtime, "sha256": digest}
                 if bar is not None:
@@ -178,24 +252,19 @@ def _cache(source: Path, entry: Path, progress: bool) -> CacheReport:
             bar.close()
     sha = _dataset_sha256(files)
     local = files_dir
-    if is_archive(source):
+    if source.is_archive():
         local = _extract(files_dir / source.name, entry / "extracted", sha,
                          fresh=bool(todo) or old.get("sha256") != sha)
-    manifest = {"source": str(source), "sha256": sha, "files": files}
+    manifest = {"source": source.label, "sha256": sha, "files": files}
     if todo or old.get("sha256") != sha:
         tmp = manifest_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(manifest))
         os.replace(tmp, manifest_path)  # last: a copy interrupted before this is redone
-    report = CacheReport(source=str(source), local=str(local), sha256=sha, files=len(files),
+    report = CacheReport(source=source.label, local=str(local), sha256=sha, files=len(files),
                          bytes=sum(f["size"] for f in files.values()), copied_files=len(todo),
                          copy_seconds=round(time.perf_counter() - started, 3))
     log.info("data cached" if todo else "data cache reused", **asdict(report))
     return report
-
-
-def _stat_one(path: Path) -> tuple[int, int]:
-    st = _retry(path.stat)
-    return st.st_size, st.st_mtime_ns
 
 
 def _extract(archive: Path, target: Path, sha: str, fresh: bool) -> Path:

@@ -20,13 +20,15 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.protocol import Claim
 from cherry_train.plots import render_confusion
 from cherry_train.schemas import ModelConfig, Result
+from cherry_train.storage.base import Storage
 from cherry_train.worker.data import (
     ImageFolderSamples,
     Transform,
-    resolve_path,
+    local_file,
+    source_for,
     to_model_input,
 )
-from cherry_train.worker.datacache import cache_folder, default_cache_dir
+from cherry_train.worker.datacache import LocalSource, cache_folder, default_cache_dir
 from cherry_train.worker.device import describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.model import build_model, read_weights_file
@@ -44,7 +46,9 @@ def _source(claim: Claim, reporter: Reporter, scratch: Path, data_root: Path | N
     """The model config and the weights file to evaluate."""
     cfg, ev = claim.manifest.config, claim.manifest.config.evaluate
     if ev.weights:
-        return cfg.model, resolve_path(ev.weights, "evaluate.weights", data_root), ev.weights
+        weights = local_file(ev.weights, "evaluate.weights", data_root, reporter.queue.storage,
+                             scratch)
+        return cfg.model, weights, ev.weights
     storage, source = reporter.queue.storage, JobPaths(ev.job)
     raw = storage.read_text_or_none(source.result)
     if raw is None:
@@ -63,16 +67,16 @@ def _source(claim: Claim, reporter: Reporter, scratch: Path, data_root: Path | N
     return model_cfg, local, f"job {ev.job} (best.pt, sha256 {result.best_weights_sha256})"
 
 
-def _data_dir(claim: Claim, data_root: Path | None) -> tuple[Path, dict]:
+def _data_dir(claim: Claim, data_root: Path | None, storage: Storage) -> tuple[Path, dict]:
     cfg = claim.manifest.config
     raw = cfg.evaluate.data_path or cfg.data.val_path
     name = "evaluate.data_path" if cfg.evaluate.data_path else "data.val_path"
-    path = resolve_path(raw, name, data_root)
-    if not path.is_dir():
-        raise JobError(f"{name}: folder {path} does not exist")
-    if not cfg.data.cache:
-        return path, {}
-    report = cache_folder(path, default_cache_dir())
+    source = source_for(raw, name, data_root, storage)
+    if not source.exists():
+        raise JobError(f"{name}: folder {source.label} does not exist")
+    if not cfg.data.cache and isinstance(source, LocalSource):
+        return source.path, {}
+    report = cache_folder(source, default_cache_dir())
     return Path(report.local), {"dataset_sha256": report.sha256, "eval": report.__dict__}
 
 
@@ -122,7 +126,7 @@ def evaluate(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     device = pick_device()
     precision = resolve_precision(cfg.amp, device)
     reporter.update(phase="copying data", device=describe(device))
-    data_dir, data_info = _data_dir(claim, data_root)
+    data_dir, data_info = _data_dir(claim, data_root, reporter.queue.storage)
     model_cfg, weights_file, source = _source(claim, reporter, scratch, data_root)
     from torchvision.datasets.folder import find_classes
 

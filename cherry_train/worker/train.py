@@ -24,6 +24,7 @@ from torch import nn
 from cherry_train import faults
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import Claim
+from cherry_train.jobqueue.roots import is_remote
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.checkpoint import (
     Checkpoints,
@@ -32,8 +33,15 @@ from cherry_train.worker.checkpoint import (
     snapshot,
     weights_sha256,
 )
-from cherry_train.worker.data import Data, load_data, resolve_path, to_model_input
-from cherry_train.worker.datacache import cache_folder, default_cache_dir
+from cherry_train.worker.data import (
+    Data,
+    load_data,
+    local_file,
+    resolve_path,
+    source_for,
+    to_model_input,
+)
+from cherry_train.worker.datacache import Source, cache_folder, default_cache_dir
 from cherry_train.worker.device import Precision, describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.model import build_model
@@ -76,24 +84,28 @@ class Job:
 
 def prepare_data(cfg: TrainingConfig, data_root: Path | None, reporter: Reporter):
     """The local folders to train from, after copying the data into the cache (unless
-    data.cache is false), and what the result records about them."""
-    d = cfg.data
-    if not d.cache:
+    data.cache is false and the data is on this machine), and what the result records."""
+    d, storage = cfg.data, reporter.queue.storage
+
+    def source(name: str) -> Source:
+        return source_for(getattr(d, name), f"data.{name}", data_root, storage)
+
+    if not d.cache and not any(is_remote(p, data_root) for p in (d.train_path, d.val_path)):
         return (resolve_path(d.train_path, "data.train_path", data_root),
                 resolve_path(d.val_path, "data.val_path", data_root), {})
     reporter.update(phase="copying data")
     cache_dir = default_cache_dir()
     if d.archive:
-        report = cache_folder(resolve_path(d.archive, "data.archive", data_root), cache_dir)
+        report = cache_folder(source("archive"), cache_dir)
         base = Path(report.local)
         info = {"dataset_sha256": report.sha256, "archive": asdict(report)}
         return base / d.train_path, base / d.val_path, info
     reports = {}
     for name in ("train_path", "val_path"):
-        source = resolve_path(getattr(d, name), f"data.{name}", data_root)
-        if not source.is_dir():
-            raise JobError(f"data.{name}: folder {source} does not exist")
-        reports[name.removesuffix("_path")] = cache_folder(source, cache_dir)
+        src = source(name)
+        if not src.exists():
+            raise JobError(f"data.{name}: folder {src.label} does not exist")
+        reports[name.removesuffix("_path")] = cache_folder(src, cache_dir)
     combined = hashlib.sha256(f"{reports['train'].sha256}\n{reports['val'].sha256}".encode())
     info = {"dataset_sha256": combined.hexdigest(), **{k: asdict(r) for k, r in reports.items()}}
     return Path(reports["train"].local), Path(reports["val"].local), info
@@ -139,8 +151,8 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     train_dir, val_dir, data_reports = prepare_data(cfg, data_root, reporter)
     data = load_data(cfg, train_dir, val_dir, device)
     weights = cfg.model.pretrained
-    weights_file = (resolve_path(weights, "model.pretrained", data_root)
-                    if isinstance(weights, str) else None)
+    weights_file = (local_file(weights, "model.pretrained", data_root, reporter.queue.storage,
+                               scratch) if isinstance(weights, str) else None)
     model = build_model(cfg.model, weights_file).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
