@@ -85,6 +85,8 @@ def cmd_worker(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     resolved, queue = _root(args)
+    if args.confirm_uploads:
+        queue = JobQueue(_confirmed_mount(resolved.root))
     local = queue.storage.local_path("")
     if local is not None and not local.is_dir():
         hint = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
@@ -109,6 +111,18 @@ def cmd_worker(args) -> int:
                             idle_shutdown_minutes=args.idle_shutdown,
                             max_runtime_hours=max_runtime)
     return Worker(queue, WorkerIdentity(worker_id), options).run()
+
+
+def _confirmed_mount(root: str):
+    from cherry_train.storage.confirmed import open_confirmed_mount
+
+    if root.startswith("gdrive:"):
+        raise UsageError("--confirm-uploads: an API root is confirmed already; the option is "
+                         "for a Drive mount root")
+    try:
+        return open_confirmed_mount(root)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _default_worker_id() -> str:
@@ -302,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the runtime's session cap: checkpoint and hand the job back before it, "
                    "start no job that cannot reach a checkpoint before it (default on Colab: "
                    "24, Colab Pro; use 12 on Colab Free; elsewhere: none)")
+    w.add_argument("--confirm-uploads", action="store_true",
+                   help="on a Drive mount root (Colab): count a checkpoint or result as saved "
+                   "only once the Drive API shows that Drive has it (the mount uploads later)")
     w.add_argument("--poll-seconds", type=float, default=30.0,
                    help="longest wait between polls of an idle queue (default 30)")
     w.add_argument("--progress", action="store_true", help="show a progress bar per epoch")

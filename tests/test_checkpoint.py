@@ -62,3 +62,72 @@ def test_a_failed_write_stops_training_at_the_next_wait(owner, tmp_path, monkeyp
     with pytest.raises(Fenced):
         checkpoints.save_in_background(2, {"w": torch.ones(1)})  # waits for the first
     assert checkpoints.steps() == []
+
+
+class FakeApi:
+    """The Drive API's view of the mount's folder: a file appears once 'uploaded'."""
+
+    def __init__(self, storage):
+        self.storage, self.uploaded = storage, set()
+
+    def md5(self, path):
+        import hashlib
+
+        if path not in self.uploaded:
+            return None
+        return hashlib.md5(self.storage.read_bytes(path)).hexdigest()
+
+
+@pytest.fixture
+def mount_owner(tmp_path, tiny_config):
+    from cherry_train.storage.confirmed import UploadConfirmedMount
+
+    waits = []
+    storage = UploadConfirmedMount(tmp_path / "mount", None, timeout=60, sleep=waits.append,
+                                   monotonic=lambda: float(len(waits)))
+    storage.api = FakeApi(storage)
+    queue = JobQueue(storage)
+    claim = queue.try_claim(queue.submit(validate_config(tiny_config)), WorkerIdentity("w"))
+    return queue.owner(claim)
+
+
+def test_on_a_mount_a_checkpoint_counts_only_once_drive_has_it(mount_owner, tmp_path):
+    storage, durable = mount_owner.storage, []
+    checkpoints = Checkpoints(mount_owner, tmp_path / "scratch", keep_last=1,
+                              on_durable=lambda step, path: durable.append(step))
+    paths = mount_owner.claim.paths
+    storage.api.uploaded |= {paths.checkpoint(1), paths.checkpoint_checksum(1)}
+    checkpoints.save_in_background(1, {"w": torch.ones(2)})
+    checkpoints.wait()
+    assert durable == [1]
+    checkpoints.save_in_background(2, {"w": torch.ones(2)})  # never reaches Drive
+    checkpoints.wait()
+    assert durable == [1]  # the heartbeat keeps naming step 1
+    assert checkpoints.steps() == [1, 2]  # and step 1 is not pruned for keep_last=1
+    storage.api.uploaded |= {paths.checkpoint(3), paths.checkpoint_checksum(3)}
+    checkpoints.save_in_background(3, {"w": torch.ones(2)})
+    checkpoints.wait()
+    assert durable == [1, 3] and checkpoints.steps() == [3]
+
+
+def test_confirmation_compares_content_not_just_names(mount_owner):
+    storage = mount_owner.storage
+    storage.write_atomic("x.bin", b"local")
+    storage.api.md5 = lambda path: "0" * 32  # Drive holds an older version
+    assert storage.confirm_durable("x.bin", timeout=10) is False
+    storage.api = FakeApi(storage)
+    storage.api.uploaded.add("x.bin")
+    assert storage.confirm_durable("x.bin") is True
+
+
+def test_confirm_uploads_needs_a_folder_inside_my_drive(tmp_path, monkeypatch):
+    from cherry_train.storage.confirmed import open_confirmed_mount
+
+    my_drive = tmp_path / "My Drive"
+    (my_drive / "traina").mkdir(parents=True)
+    monkeypatch.setenv("CHERRY_MYDRIVE", str(my_drive))
+    opened = []
+    storage = open_confirmed_mount(str(my_drive / "traina"), api_factory=opened.append)
+    assert opened == ["traina"] and storage.confirms_later
+    with pytest.raises(ValueError, match="not a folder inside My Drive"):
+        open_confirmed_mount(str(tmp_path / "elsewhere"), api_factory=opened.append)

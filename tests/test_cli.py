@@ -305,3 +305,9 @@ def test_the_client_runs_without_torch_numpy_pillow_or_matplotlib(tmp_path, root
         assert proc.returncode in (0, 3), (args, proc.stderr)
     worker = cherry("worker", "--root", str(root_with_data))
     assert worker.returncode == 2 and "needs torch" in worker.stderr
+
+
+def test_confirm_uploads_outside_my_drive_is_refused_clearly(tmp_path, capsys):
+    assert main(["worker", "--root", str(tmp_path), "--confirm-uploads",
+                 "--exit-when-idle"]) == 2
+    assert "--confirm-uploads" in capsys.readouterr().err

@@ -12,12 +12,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
+
 from cherry_train import faults
 from cherry_train.checksums import file_sha256
 from cherry_train.schemas import Result
 
 if TYPE_CHECKING:
     from cherry_train.jobqueue.protocol import Claim, JobQueue
+
+log = structlog.get_logger(__name__)
 
 
 class Fenced(Exception):
@@ -63,6 +67,9 @@ class Owner:
         faults.point("before-commit")
         won = self.storage.create_exclusive(paths.result, result.to_json())
         faults.point("after-commit")
+        if won and self.storage.confirms_later and not self.storage.confirm_durable(paths.result):
+            log.warning("result.json is written but Drive has not confirmed it yet; the mount "
+                        "uploads it later", job_id=self.claim.job_id)
         self.queue.finish_bookkeeping(self.claim.job_id)
         return won
 

@@ -90,6 +90,15 @@ class Storage(ABC):
     def use_ids(self, ids: dict[str, str]) -> None:  # noqa: B027 (most backends need no ids)
         """Create these paths with these reserved ids, if this backend uses ids at all."""
 
+    #: Whether a write may return before the file is safe (the Colab mount uploads later):
+    #: then confirm_durable() is worth waiting for, off the training thread.
+    confirms_later: bool = False
+
+    def confirm_durable(self, path: str, timeout: float | None = None) -> bool:
+        """True once the file at `path` is stored safely. Local disks and the Drive API: as soon
+        as the write returned. A mount that uploads in the background: once Drive has it."""
+        return True
+
     def local_path(self, path: str) -> Path | None:
         """The path on this machine's file system, where the backend is a plain folder."""
         return None

@@ -497,6 +497,11 @@ class DriveStorage(Storage):
             out.setdefault(m["name"], _info(m))  # earliest of duplicates
         return out
 
+    def md5(self, path: str) -> str | None:
+        """Drive's md5 of the file's content, or None if there is no such file."""
+        _, meta = self._lookup(path)
+        return None if meta is None else meta.get("md5Checksum")
+
     def stat(self, path: str) -> FileInfo | None:
         if not path.strip("/"):
             root = self._root_id(create=False)

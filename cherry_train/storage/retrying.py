@@ -103,3 +103,10 @@ class RetryingStorage(Storage):
 
     def local_path(self, path: str) -> Path | None:
         return self.inner.local_path(path)
+
+    @property
+    def confirms_later(self) -> bool:  # type: ignore[override]
+        return self.inner.confirms_later
+
+    def confirm_durable(self, path: str, timeout: float | None = None) -> bool:
+        return self.inner.confirm_durable(path, timeout)

@@ -95,11 +95,15 @@ class Checkpoints:
         self.scratch, self.keep_last = scratch, keep_last
         self.on_durable = on_durable
         self.requested_step: int | None = None  # the newest checkpoint asked for
+        self.durable_step: int | None = None  # the newest one known to be safe
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        # On a mount that uploads later, confirmation can take minutes: it runs on its own
+        # thread, so that training (and the next checkpoint) never waits for it.
+        self._confirming: list[threading.Thread] = []
 
     def save_in_background(self, step: int, payload: dict[str, Any]) -> None:
-        self.wait()  # one write at a time; a failed one stops training here
+        self.wait(confirmations=False)  # one write at a time; a failed one stops training here
         self.requested_step = step
         context = contextvars.copy_context()  # the job's log fields (job_id, attempt)
         self._writer = threading.Thread(target=context.run, args=(self._write, step, payload),
@@ -112,15 +116,42 @@ class Checkpoints:
             path = self.save(step, payload)
             log.info("checkpoint written", job_id=self.owner.claim.job_id, step=step,
                      seconds=round(time.perf_counter() - started, 3))
-            if self.on_durable is not None:
-                self.on_durable(step, path)
+            if not self.storage.confirms_later:
+                self._durable(step, path)
+                return
+            context = contextvars.copy_context()
+            confirm = threading.Thread(target=context.run, args=(self._confirm, step, path),
+                                       name="cherry-confirm", daemon=True)
+            self._confirming.append(confirm)
+            confirm.start()
         except BaseException as e:  # handed to the training thread by wait()
             self._error = e
 
-    def wait(self) -> None:
+    def _confirm(self, step: int, path: str) -> None:
+        started = time.perf_counter()
+        if self.storage.confirm_durable(path) and \
+                self.storage.confirm_durable(self.paths.checkpoint_checksum(step)):
+            log.info("checkpoint confirmed in Drive", job_id=self.owner.claim.job_id, step=step,
+                     seconds=round(time.perf_counter() - started, 1))
+            self._durable(step, path)
+
+    def _durable(self, step: int, path: str) -> None:
+        if self.durable_step is not None and step <= self.durable_step:
+            return  # confirmations may finish out of order: the newest one counts
+        self.durable_step = step
+        if self.on_durable is not None:
+            self.on_durable(step, path)
+        self.prune()
+
+    def wait(self, confirmations: bool = True) -> None:
+        """Until the last write is done (and, by default, confirmed or given up on); raises
+        the write's error, if it failed (for instance Fenced)."""
         if self._writer is not None:
             self._writer.join()
             self._writer = None
+        if confirmations:
+            while self._confirming:
+                self._confirming.pop(0).join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -141,12 +172,15 @@ class Checkpoints:
         tmp.unlink()
         faults.point("checkpoint-before-checksum")
         self.owner.write(self.paths.checkpoint_checksum(step), f"{digest}\n".encode())
-        self.prune()
         return self.paths.checkpoint(step)
 
     def prune(self) -> None:
-        for step in self.steps()[: -self.keep_last]:
-            self._delete(step)
+        """Keep the newest keep_last checkpoints, and never one newer than or equal to the
+        newest durable one (on a mount, those may be all that survives the VM)."""
+        steps = self.steps()
+        for step in steps[: -self.keep_last]:
+            if self.durable_step is None or step < self.durable_step:
+                self._delete(step)
 
     def _delete(self, step: int) -> None:
         self.storage.delete(self.paths.checkpoint_checksum(step))
