@@ -299,10 +299,18 @@ def test_an_idle_poll_is_one_request(drive, tiny_config):
         assert worker.run_once() is False
         counts.append(len(drive.requests) - before)
     assert counts == [1, 1, 1, 1, 1]
-    clock.advance(300)  # the lease may have run out now: the job is looked at again
+    from cherry_train.schemas import Heartbeat
+
+    hb = Heartbeat(job_id=claim.job_id, attempt=1, worker_id="busy", at=clock.now())
+    owner_queue.owner(claim).write(claim.paths.heartbeat, hb.to_json())
+    clock.advance(200)  # the lease could have run out by now: its heartbeat alone is read
     before = len(drive.requests)
-    worker.run_once()
-    assert len(drive.requests) - before > 1
+    assert worker.run_once() is False
+    assert len(drive.requests) - before == 3  # list queue/, find heartbeat.json, read it
+    clock.advance(400)  # and now it has: the job is looked at in full (and taken over)
+    taken = []
+    worker.execute = taken.append
+    assert worker.run_once() is True and taken[0].attempt.reason == "lease-expired"
 
 
 def test_a_released_job_is_noticed_at_the_next_poll(drive, tiny_config):

@@ -111,7 +111,7 @@ class JobQueue:
         # holds, with when their lease could run out at the earliest. Both are keyed by the
         # manifest's listing entry, which changes when an owner releases its job.
         self._manifests: dict[str, tuple[tuple, Manifest]] = {}
-        self._held: dict[str, tuple[tuple, datetime]] = {}
+        self._held: dict[str, tuple[tuple | None, datetime, int]] = {}
 
     # -- submit (client) -----------------------------------------------------------------------
 
@@ -202,16 +202,29 @@ class JobQueue:
         cached = self._manifests.get(f"{job_id}.json")
         return cached[0] if cached else None
 
-    def held_elsewhere(self, job_id: str) -> bool:
-        """Whether the last look found a live owner whose lease cannot have run out yet (and
-        the manifest's entry is unchanged: an owner that releases its job rewrites it)."""
+    def held_elsewhere(self, job_id: str, lease_seconds: float) -> bool:
+        """Whether a live owner still holds the job, as far as we can tell cheaply: until its
+        lease could run out, from memory; then from its heartbeat alone (one read). Forgotten
+        once the manifest's listing entry changes (an owner that releases its job rewrites it)."""
         held = self._held.get(job_id)
         if held is None:
             return False
-        key, until = held
-        if key != self._listing_key(job_id) or self.clock.now() >= until:
+        key, until, attempt = held
+        if key != self._listing_key(job_id):
             del self._held[job_id]
             return False
+        if self.clock.now() < until:
+            return True
+        hb = self.heartbeat(job_id)
+        if hb is None or hb.attempt != attempt or hb.released:
+            del self._held[job_id]
+            return False
+        age = age_seconds(self.clock, hb.at)
+        if age > lease_seconds:
+            del self._held[job_id]
+            return False
+        self._held[job_id] = (key, self.clock.now() + timedelta(seconds=lease_seconds - age),
+                              attempt)
         return True
 
     def announce_release(self, job_id: str) -> None:
@@ -279,7 +292,7 @@ class JobQueue:
         Raises WorkerIdInUse if a live process with our worker id owns it."""
         job_id, config = manifest.job_id, manifest.config
         paths = JobPaths(job_id)
-        if self.held_elsewhere(job_id):
+        if self.held_elsewhere(job_id, config.lease_seconds):
             return None
         self._learn(manifest)
         if self.storage.exists(paths.result):
@@ -313,7 +326,7 @@ class JobQueue:
                 reason = "lease-expired"
             else:
                 until = self.clock.now() + timedelta(seconds=config.lease_seconds - age)
-                self._held[job_id] = (self._listing_key(job_id), until)
+                self._held[job_id] = (self._listing_key(job_id), until, last.n)
                 return None
         if cancelled:  # its owner is gone (or handed it back): nobody else will end it
             self._commit_unclaimed(manifest, history, JobState.cancelled, me)

@@ -1,0 +1,119 @@
+"""What an idle worker's poll costs on a Drive API root: a listing of queue/ against the
+changes feed, and the worker's real poll before and after the poll cache.
+
+The scene, on the fake Drive v3 (cherry_train/testing/fakedrive.py) through the real client:
+a queue root with `--queued` jobs that busy workers hold (they rewrite a heartbeat every 30 s
+and their status every 60 s, append metrics), plus `--other-writes` writes a minute elsewhere
+in the user's Drive (Drive for Desktop syncing, other apps). An idle worker polls every 30 s for
+`--minutes`. Per poll, it reports requests and response bytes of:
+
+- `files.list` of queue/ (what cherry-train does: one request; fields limited to what is used);
+- `changes.list` from a saved page token (also one request when little changed, but it returns
+  every change in the whole Drive since the last poll, the busy workers' own writes included,
+  and cannot tell a new manifest without each change's parents);
+- the worker's poll as it is now (`Worker.run_once`, with the manifest and held-job cache), and
+  as it was before (every manifest and every job's state read at each poll).
+
+    python benchmarks/drive_poll.py [--queued 5] [--minutes 10] [--other-writes 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import timedelta
+
+from cherry_train.jobqueue.clock import FakeClock
+from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.schemas import Heartbeat, validate_config
+from cherry_train.testing.fakedrive import FakeDrive, fake_drive_storage
+from cherry_train.worker.loop import Worker
+
+CONFIG = {"model": {"name": "resnet50", "num_classes": 2},
+          "training": {"epochs": 30, "batch_size": 32, "learning_rate": 0.001},
+          "data": {"train_path": "data/train", "val_path": "data/val"}}
+POLL_SECONDS = 30
+
+
+def measure(drive: FakeDrive, fn) -> tuple[int, int]:
+    requests, sent = len(drive.requests), drive.response_bytes
+    fn()
+    return len(drive.requests) - requests, drive.response_bytes - sent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queued", type=int, default=5)
+    parser.add_argument("--minutes", type=int, default=10)
+    parser.add_argument("--other-writes", type=int, default=20, help="per minute, elsewhere")
+    args = parser.parse_args()
+
+    drive, clock = FakeDrive(), FakeClock()
+    busy = JobQueue(fake_drive_storage(drive), clock)
+    claims = []
+    for i in range(args.queued):
+        manifest = busy.submit(validate_config({**CONFIG, "name": f"job-{i}"}))
+        claims.append(busy.try_claim(manifest, WorkerIdentity(f"busy-{i}")))
+    other = fake_drive_storage(drive, folder="photos")
+
+    idle_queue = JobQueue(fake_drive_storage(drive), clock)
+    worker = Worker(idle_queue, WorkerIdentity("idle"))
+    lister = fake_drive_storage(drive)
+    queue_folder = lister._folder_id("queue", create=False)
+    feed = lister.service.changes()
+    token = feed.getStartPageToken().execute()["startPageToken"]
+
+    def list_queue():
+        if queue_folder is not None:
+            lister._children(queue_folder)
+
+    def changes():
+        nonlocal token
+        page_token = token
+        while page_token:
+            page = feed.list(pageToken=page_token, pageSize=1000, spaces="drive",
+                             fields="nextPageToken,newStartPageToken,"
+                                    "changes(fileId,removed,file(name,parents,modifiedTime))"
+                             ).execute()
+            page_token = page.get("nextPageToken")
+            token = page.get("newStartPageToken", token)
+
+    def old_poll():  # before the cache: every manifest, and each job's state, at every poll
+        fresh = JobQueue(fake_drive_storage(drive), clock)
+        manifests, _ = fresh.queued()
+        for m in manifests:
+            fresh.try_claim(m, WorkerIdentity("idle-old"))
+
+    worker.run_once()  # the first look reads everything once
+    totals = {k: [0, 0] for k in ("files.list of queue/", "changes.list",
+                                  "worker poll (now)", "worker poll (before)")}
+    polls = args.minutes * 60 // POLL_SECONDS
+    for n in range(polls):
+        for second in range(POLL_SECONDS):  # the rest of the world, second by second
+            clock.advance(1)
+            t = n * POLL_SECONDS + second
+            for i, claim in enumerate(claims):
+                owner = busy.owner(claim)
+                if t % 30 == i:
+                    hb = Heartbeat(job_id=claim.job_id, attempt=1, worker_id=f"busy-{i}",
+                                   at=clock.now(), step=t)
+                    owner.write(claim.paths.heartbeat, hb.to_json())
+                    owner.write(claim.paths.metrics, b'{"step": %d}\n' % t)
+                if t % 60 == i:
+                    busy.storage.write_atomic(f"workers/busy-{i}.json", b"{}")
+            if args.other_writes and t % max(1, 60 // args.other_writes) == 0:
+                other.write_atomic(f"sync/{t}.jpg", b"x" * 100)
+        for name, fn in (("files.list of queue/", list_queue), ("changes.list", changes),
+                         ("worker poll (now)", worker.run_once),
+                         ("worker poll (before)", old_poll)):
+            requests, sent = measure(drive, fn)
+            totals[name][0] += requests
+            totals[name][1] += sent
+    print(f"{args.queued} jobs held by live workers, {args.other_writes} other writes a minute, "
+          f"{polls} polls every {POLL_SECONDS} s ({timedelta(minutes=args.minutes)})")
+    print(f"{'per poll':<24}{'requests':>10}{'response bytes':>16}")
+    for name, (requests, sent) in totals.items():
+        print(f"{name:<24}{requests / polls:>10.2f}{sent / polls:>16,.0f}")
+
+
+if __name__ == "__main__":
+    main()
