@@ -410,3 +410,13 @@ def test_an_access_token_from_the_environment_is_used_as_is(monkeypatch):
 
     monkeypatch.setenv("CHERRY_DRIVE_TOKEN", "abc")
     assert credentials().token == "abc"
+
+
+def test_a_folder_deleted_by_another_machine_is_resolved_again(drive):
+    mine, theirs = fake_drive_storage(drive), fake_drive_storage(drive, seed=5)
+    mine.write_atomic("done/j/heartbeat.json", b"1")
+    theirs.delete("done/j")  # my cached folder id is stale now
+    mine.write_atomic("done/j/heartbeat.json", b"2")
+    mine.create_exclusive("done/j/result.json", b"r")
+    assert theirs.read_bytes("done/j/heartbeat.json") == b"2"
+    assert theirs.read_bytes("done/j/result.json") == b"r"

@@ -370,6 +370,27 @@ class DriveStorage(Storage):
 
     # -- the storage interface -----------------------------------------------------------------
 
+    def _with_fresh_folders(self, path: str, fn: Callable[[], Any]) -> Any:
+        """fn(); if Drive answers 404 because a cached folder was deleted meanwhile (by another
+        machine), resolve the folders again and repeat once."""
+        try:
+            return fn()
+        except Exception as e:
+            if not _is_http(e, 404):
+                raise
+        self._forget()
+        self._drop_written(path)
+        return fn()
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        self._with_fresh_folders(path, lambda: self._write_atomic(path, data))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        return self._with_fresh_folders(path, lambda: self._create_exclusive(path, data))
+
+    def upload(self, local: Path, path: str) -> None:
+        self._with_fresh_folders(path, lambda: self._upload(local, path))
+
     def read_bytes(self, path: str) -> bytes:
         _, meta = self._lookup(path)
         if meta is None:
@@ -402,7 +423,7 @@ class DriveStorage(Storage):
             return b""
         return self._media(path, meta["id"], f"bytes={offset}-{offset + length - 1}")
 
-    def write_atomic(self, path: str, data: bytes) -> None:
+    def _write_atomic(self, path: str, data: bytes) -> None:
         # Drive replaces a file's content in one step (a reader gets the old revision or the
         # new one), so updating in place is the atomic write; a new file is one create.
         key = path.strip("/")
@@ -457,7 +478,7 @@ class DriveStorage(Storage):
         return meta is not None and parent in meta.get("parents", []) and \
             meta.get("md5Checksum") == _md5(data) and meta.get("name") == name
 
-    def create_exclusive(self, path: str, data: bytes) -> bool:
+    def _create_exclusive(self, path: str, data: bytes) -> bool:
         parent, meta = self._lookup(path, create_parent=True)
         reserved = self._reserved.get(path.strip("/"))
         if meta is not None and (reserved is None or meta["id"] == reserved):
@@ -547,7 +568,7 @@ class DriveStorage(Storage):
                 for k in [k for k in self._written if k == key or k.startswith(key + "/")]:
                     del self._written[k]
 
-    def upload(self, local: Path, path: str) -> None:
+    def _upload(self, local: Path, path: str) -> None:
         local = Path(local)
         parent, meta = self._lookup(path, create_parent=True)
         size, md5 = local.stat().st_size, _file_md5(local)
