@@ -116,7 +116,7 @@ def synthetic_ceiling(batch: int) -> float:
     return _timed_steps(step, iter(lambda: (x, y), None))
 
 
-def cherry_train(root: Path, batch: int, epochs: int) -> dict:
+def cherry_train(root: Path, batch: int, epochs: int, performance: dict | None = None) -> dict:
     """A real job through the real worker; steady images/s from its metrics after epoch 1."""
     from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
     from cherry_train.schemas import Result, validate_config
@@ -127,7 +127,8 @@ def cherry_train(root: Path, batch: int, epochs: int) -> dict:
     cfg = {"name": f"bench-{batch}", "model": {"name": "resnet50", "num_classes": 2},
            "training": {"epochs": epochs, "batch_size": batch, "learning_rate": 0.001},
            "data": {"train_path": "data/train", "val_path": "data/val", "image_size": 224},
-           "checkpoint": {"every_minutes": 60}, "log_every_steps": 10}
+           "checkpoint": {"every_minutes": 60}, "log_every_steps": 10,
+           "performance": performance or {}}
     job_id = queue.submit(validate_config(cfg)).job_id
     started = time.perf_counter()
     Worker(queue, WorkerIdentity("bench"), WorkerOptions(exit_when_idle=True)).run()
@@ -142,7 +143,17 @@ def cherry_train(root: Path, batch: int, epochs: int) -> dict:
     log = [json.loads(x) for x in (job / "worker.log").read_text().splitlines()] \
         if (job / "worker.log").exists() else []
     ckpt = [x["seconds"] for x in log if x.get("event") == "checkpoint saved"]
+    events = {x.get("event"): x for x in log}
+    steady_epochs = {}
+    for x in lines:
+        if x["kind"] == "train" and x["epoch"] >= 1 and x["images_per_second"]:
+            steady_epochs.setdefault(x["epoch"], []).append(x["images_per_second"])
+    last = max(steady_epochs) if steady_epochs else None
     return {"steady": statistics.median(steady) if steady else None,
+            "last_epoch": statistics.median(steady_epochs[last]) if last is not None else None,
+            "decode_s": events.get("images decoded into memory", {}).get("seconds"),
+            "compile_s": events.get("model compiled", {}).get("seconds"),
+            "compile_mode": events.get("compiling the model", {}).get("mode"),
             "first_epoch": statistics.median(first) if first else None,
             "state": result.state.value, "wall_seconds": round(wall, 1),
             "amp": result.amp, "checkpoint_seconds": statistics.median(ckpt) if ckpt else None}
@@ -152,6 +163,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--variants", nargs="+", default=[
+        "loader workers", "gpu pipeline", "gpu pipeline + fused",
+        "gpu pipeline + fused + compile"])
+    parser.add_argument("--no-checkpoint-stall", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -173,21 +189,36 @@ def main() -> None:
         print(f"seed recipe b32: {figures['seed recipe, batch 32']:.0f} img/s", flush=True)
         figures["synthetic ceiling, batch 256"] = synthetic_ceiling(256)
         print(f"ceiling b256: {figures['synthetic ceiling, batch 256']:.0f} img/s", flush=True)
-        for batch in (32, 256):
-            run = cherry_train(root, batch, epochs=2)
-            figures[f"cherry-train, batch {batch}"] = run["steady"]
-            figures[f"cherry-train, batch {batch}, first epoch"] = run["first_epoch"]
-            figures[f"cherry-train, batch {batch}, checkpoint s"] = run["checkpoint_seconds"]
-            print(f"cherry-train b{batch}: {run}", flush=True)
+        variants = {  # each technique measured on its own, in this run
+            "loader workers": {"input_pipeline": "workers", "compile": "off",
+                               "fused_optimizer": False},
+            "gpu pipeline": {"input_pipeline": "gpu", "compile": "off", "fused_optimizer": False},
+            "gpu pipeline + fused": {"input_pipeline": "gpu", "compile": "off"},
+            "gpu pipeline + fused + compile": {"input_pipeline": "gpu", "compile": "on"},
+        }
+        for batch in args.batches:
+            for name, performance in variants.items():
+                if name not in args.variants:
+                    continue
+                epochs = 3 if performance["compile"] == "on" else 2
+                run = cherry_train(root, batch, epochs, performance)
+                key = f"cherry-train, batch {batch}, {name}"
+                # With compiling, the last epoch: the first steady one may still be warming up.
+                figures[key] = run["last_epoch"] if performance["compile"] == "on" \
+                    else run["steady"]
+                figures[f"{key}, first epoch"] = run["first_epoch"]
+                figures[f"{key}, checkpoint s"] = run["checkpoint_seconds"]
+                print(f"cherry-train b{batch} {name}: {run}", flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from checkpoint_stall import measure
 
-    stall = measure("cuda")
-    figures["checkpoint, synchronous save s"] = stall["synchronous_s"]
-    figures["checkpoint, background stall s"] = stall["background_stall_s"]
-    print(f"checkpoint ({stall['bytes'] / 1e6:.0f} MB): synchronous {stall['synchronous_s']:.3f} s"
-          f", background {stall['background_stall_s']:.3f} s of training "
-          f"(write {stall['background_write_s']:.3f} s)", flush=True)
+    if not args.no_checkpoint_stall:
+        stall = measure("cuda")
+        figures["checkpoint, synchronous save s"] = stall["synchronous_s"]
+        figures["checkpoint, background stall s"] = stall["background_stall_s"]
+        print(f"checkpoint ({stall['bytes'] / 1e6:.0f} MB): synchronous "
+              f"{stall['synchronous_s']:.3f} s, background {stall['background_stall_s']:.3f} s "
+              f"of training (write {stall['background_write_s']:.3f} s)", flush=True)
     seed = figures["seed recipe, batch 32"]
     ceiling = figures["synthetic ceiling, batch 256"]
     print(f"\n{card}, ResNet-50, 224 px, {args.images} JPEGs")
@@ -196,10 +227,10 @@ def main() -> None:
         if value is None or name.startswith("checkpoint") or name.endswith("checkpoint s"):
             continue
         ratio = f"{value / seed:4.2f}x seed, {value / ceiling:4.2f}x ceiling"
-        print(f"{name:48s} {value:10.0f}  {ratio}")
-    for batch in (32, 256):
-        print(f"checkpoint stall in the batch {batch} job (median): "
-              f"{figures[f'cherry-train, batch {batch}, checkpoint s']} s")
+        print(f"{name:64s} {value:10.0f}  {ratio}")
+    for name, value in figures.items():
+        if name.endswith("checkpoint s"):
+            print(f"checkpoint stall (median) in {name.removesuffix(', checkpoint s')}: {value} s")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "train_throughput.json").write_text(json.dumps(

@@ -84,3 +84,55 @@ def test_a_real_cuda_out_of_memory_backs_off(tmp_path, tiny_config, monkeypatch)
     assert result.steps_completed == 1
     assert result.oom_backoffs and result.micro_batch < 4096
     torch.cuda.empty_cache()
+
+
+def curves_of(tmp_path, cherry_images, tiny_config, monkeypatch, runs: dict[str, dict]):
+    """Run the tiny job once per variant of `performance`; its per-epoch train losses."""
+    curves = {}
+    for name, performance in runs.items():
+        root = tmp_path / name
+        root.mkdir()
+        (root / "data").symlink_to(cherry_images, target_is_directory=True)
+        result = run_on_gpu(root, {**tiny_config, "performance": performance}, monkeypatch)
+        assert result.state == JobState.succeeded, result.error
+        curves[name] = epoch_losses(root, result)
+    return curves
+
+
+def close(ref: list[float], got: list[float], share: float) -> bool:
+    return all(abs(g - r) <= share * abs(r) + 0.05 for r, g in zip(ref, got, strict=True))
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_the_gpu_input_pipeline_computes_the_same_thing(tmp_path, cherry_images, tiny_config,
+                                                        monkeypatch, augment):
+    """Decoded once, cropped and flipped on the GPU: the same draws and order as the loader
+    workers, resampled slightly differently; the loss curves agree."""
+    tiny_config["training"].update(epochs=4, learning_rate=0.0005)
+    tiny_config["augmentation"]["enabled"] = augment
+    tiny_config["data"]["num_workers"] = None
+    curves = curves_of(tmp_path, cherry_images, tiny_config, monkeypatch, {
+        "workers": {"input_pipeline": "workers", "compile": "off"},
+        "gpu": {"input_pipeline": "gpu", "compile": "off"}})
+    assert close(curves["workers"], curves["gpu"], 0.15), curves
+    assert curves["gpu"][-1] < curves["gpu"][0], curves
+
+
+def test_compiled_and_fused_steps_compute_the_same_thing(tmp_path, cherry_images, tiny_config,
+                                                         monkeypatch):
+    tiny_config["training"].update(epochs=3, learning_rate=0.0005)
+    tiny_config["augmentation"]["enabled"] = False
+    curves = curves_of(tmp_path, cherry_images, tiny_config, monkeypatch, {
+        "plain": {"input_pipeline": "gpu", "compile": "off", "fused_optimizer": False},
+        "fast": {"input_pipeline": "gpu", "compile": "on", "fused_optimizer": True}})
+    assert close(curves["plain"], curves["fast"], 0.1), curves
+
+
+def test_auto_picks_the_gpu_pipeline_and_skips_compiling_a_short_job(root_with_data,
+                                                                     tiny_config, monkeypatch):
+    tiny_config["training"]["epochs"] = 2
+    tiny_config["data"]["num_workers"] = None
+    result = run_on_gpu(root_with_data, tiny_config, monkeypatch)
+    assert result.state == JobState.succeeded, result.error
+    log = (root_with_data / "done" / result.job_id / "worker.log").read_text()
+    assert '"pipeline": "gpu"' in log and "not compiling the model" in log

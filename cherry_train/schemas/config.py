@@ -117,6 +117,18 @@ class CheckpointSection(_Section):
     keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept (the best is kept too).")
 
 
+class PerformanceSection(_Section):
+    input_pipeline: Literal["auto", "gpu", "workers"] = Field(
+        "auto", description="gpu: decode every image once into a uint8 cache in GPU memory and "
+        "crop, resize and flip whole batches on the GPU (same random draws as the workers). "
+        "workers: decode and augment every step in DataLoader processes. auto: gpu on a CUDA "
+        "device when the decoded set fits in a third of the free GPU memory, else workers.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the model. auto: on a CUDA device, when the training "
+        "time left (measured on the first steps) is long enough to pay back compiling.")
+    fused_optimizer: bool = Field(True, description="Fused Adam/AdamW/SGD kernels on CUDA.")
+
+
 class EvaluateSection(_Section):
     job: str | None = Field(None, min_length=1, description="A finished job: its best weights "
                             "and its model are evaluated.")
@@ -168,6 +180,7 @@ class TrainingConfig(_Section):
     data: DataSection
     augmentation: AugmentationSection = AugmentationSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    performance: PerformanceSection = PerformanceSection()
     evaluate: EvaluateSection | None = Field(None, description="With mode: evaluation only.")
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import structlog
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -31,6 +32,8 @@ from cherry_train.schemas import TrainingConfig
 from cherry_train.storage.base import Storage
 from cherry_train.worker.datacache import LocalSource, Source, StorageSource
 from cherry_train.worker.errors import JobError
+
+log = structlog.get_logger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -138,8 +141,24 @@ class Data:
     pin_memory: bool
     steps_per_epoch: int
     val_limit: int | None  # development mode validates on a prefix only
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    normalize: bool = True
+    pipeline: str = "workers"  # or "gpu": see gpudata.py
 
     _loaders: dict[str, DataLoader] = field(default_factory=dict)
+    _samplers: dict[str, EpochSampler] = field(default_factory=dict)
+    _decoded: dict = field(default_factory=dict)
+
+    def train_batches(self, epoch: int, start_step: int):
+        """This epoch's batches from `start_step` on, as (x, y) on the device, model-ready."""
+        if self.pipeline == "gpu":
+            return self._gpu_batches("train", epoch, start_step)
+        return _OnDevice(self.train_loader(epoch, start_step), self.device, self.normalize)
+
+    def val_batches(self):
+        if self.pipeline == "gpu":
+            return self._gpu_batches("val", 0, 0)
+        return _OnDevice(self.val_loader(), self.device, self.normalize)
 
     def train_loader(self, epoch: int, start_step: int) -> DataLoader:
         loader = self._loader("train", shuffle=True, stop=self.steps_per_epoch * self.batch_size)
@@ -148,6 +167,27 @@ class Data:
 
     def val_loader(self) -> DataLoader:
         return self._loader("val", shuffle=False, stop=self.val_limit)
+
+    def _gpu_batches(self, split: str, epoch: int, start_step: int):
+        from cherry_train.worker import gpudata
+
+        dataset = self.train if split == "train" else self.val
+        transform = dataset.transform
+        if split not in self._decoded:
+            side = gpudata.stored_side(transform.size, self.train.transform.min_scale)
+            decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers)
+            log.info("images decoded into memory", split=split, images=len(dataset), side=side,
+                     megabytes=round(decoded.images.numel() / 2**20),
+                     seconds=round(decoded.seconds, 1), device=str(self.device))
+            self._decoded[split] = decoded
+            stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
+            self._samplers[split] = EpochSampler(len(dataset), dataset.seed, split == "train",
+                                                 stop)
+        sampler = self._samplers[split]
+        sampler.set_position(epoch, start_step * self.batch_size)
+        return gpudata.GpuBatches(self._decoded[split], sampler, self.batch_size,
+                                  transform.size, transform.augment, transform.min_scale,
+                                  dataset.seed, self.normalize, drop_last=split == "train")
 
     def _loader(self, split: str, shuffle: bool, stop: int | None) -> DataLoader:
         if split not in self._loaders:
@@ -165,6 +205,23 @@ class Data:
                 # stream dropout uses whenever a resume starts an extra iterator mid-epoch.
                 generator=torch.Generator().manual_seed(dataset.seed))
         return self._loaders[split]
+
+
+class _OnDevice:
+    """A DataLoader's uint8 batches, moved to the device as model input."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, normalize: bool):
+        self.loader, self.device, self.normalize = loader, device, normalize
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            x = to_model_input(images, self.device, self.normalize)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, labels.to(self.device, non_blocking=True)
 
 
 def _worker_context() -> str | None:
@@ -255,7 +312,25 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
         default_num_workers(device)
     return Data(train=train, val=val, classes=train_classes, batch_size=batch,
                 num_workers=workers, pin_memory=device.type == "cuda", steps_per_epoch=steps,
-                val_limit=val_limit)
+                val_limit=val_limit, device=device, normalize=aug.normalize,
+                pipeline=choose_pipeline(cfg, device, len(train) + len(val)))
+
+
+def choose_pipeline(cfg: TrainingConfig, device: torch.device, n_images: int) -> str:
+    """performance.input_pipeline, with auto decided by where the decoded images would fit."""
+    wanted = cfg.performance.input_pipeline
+    if wanted != "auto":
+        return wanted
+    if device.type != "cuda":
+        return "workers"
+    from cherry_train.worker import gpudata
+
+    side = gpudata.stored_side(cfg.data.image_size, cfg.augmentation.min_crop_scale)
+    need = gpudata.decoded_bytes(n_images, side)
+    fits = gpudata.fits_on_gpu(need, device)
+    log.info("input pipeline chosen", pipeline="gpu" if fits else "workers",
+             decoded_megabytes=round(need / 2**20), side=side)
+    return "gpu" if fits else "workers"
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, normalize: bool) -> torch.Tensor:

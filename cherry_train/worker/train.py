@@ -26,6 +26,7 @@ from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import Claim
 from cherry_train.jobqueue.roots import is_remote
 from cherry_train.schemas import TrainingConfig
+from cherry_train.worker import compiling
 from cherry_train.worker.checkpoint import (
     Checkpoints,
     rng_state,
@@ -39,7 +40,6 @@ from cherry_train.worker.data import (
     local_file,
     resolve_path,
     source_for,
-    to_model_input,
 )
 from cherry_train.worker.datacache import Source, cache_folder, default_cache_dir
 from cherry_train.worker.device import Precision, describe, pick_device, resolve_precision
@@ -76,6 +76,10 @@ class Job:
     last_checkpoint_at: float = field(default_factory=time.perf_counter)
     attempt_started_at: float = field(default_factory=time.perf_counter)
     wall_before: float = 0.0  # wall_seconds of earlier attempts
+    compiled: Any = None  # torch.compile'd model (same parameters), once decided
+    compile_state: str = "undecided"  # undecided | first-step | on | off
+    probe: tuple[float, int] | None = None  # (time, step) where the eager timing began
+    attempt_steps: int = 0  # steps taken by this attempt
 
     @property
     def total_steps(self) -> int:
@@ -111,14 +115,18 @@ def prepare_data(cfg: TrainingConfig, data_root: Path | None, reporter: Reporter
     return Path(reports["train"].local), Path(reports["val"].local), info
 
 
-def _make_optimizer(cfg: TrainingConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(cfg: TrainingConfig, model: nn.Module,
+                    device: torch.device) -> torch.optim.Optimizer:
     t = cfg.training
-    # foreach: one kernel launch per group of tensors instead of one per tensor.
+    # fused (CUDA): the whole update in a few kernels; else foreach: one launch per group of
+    # tensors instead of one per tensor. Both compute the same update.
+    fused = cfg.performance.fused_optimizer and device.type == "cuda"
+    kind = {"fused": True} if fused else {"foreach": True}
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum,
-                               weight_decay=t.weight_decay, foreach=True)
+                               weight_decay=t.weight_decay, **kind)
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, foreach=True)
+    return cls(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, **kind)
 
 
 def _make_scheduler(cfg: TrainingConfig, optimizer, total_steps: int):
@@ -156,7 +164,7 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     model = build_model(cfg.model, weights_file).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _make_optimizer(cfg, model)
+    optimizer = _make_optimizer(cfg, model, device)
     precision = resolve_precision(cfg.amp, device)
     # The fp16 GradScaler skips the optimizer step when gradients overflow (mostly the first
     # few steps). The LR schedule still follows the step count, so that is intended; torch's
@@ -254,17 +262,13 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
     """Train the rest of the current epoch; False if a stop was requested (after a checkpoint)."""
     state, cfg = job.state, job.cfg
     job.model.train()
-    loader = job.data.train_loader(state.epoch, state.step_in_epoch)
+    batches = job.data.train_batches(state.epoch, state.step_in_epoch)
     loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
     correct = torch.zeros((), device=job.device, dtype=torch.int64)
     window_start, window_images = time.perf_counter(), 0
-    bar = _progress(progress_bar, job, len(loader))
+    bar = _progress(progress_bar, job, len(batches))
     step_started = time.perf_counter()
-    for images, labels in loader:
-        x = to_model_input(images, job.device, cfg.augmentation.normalize)
-        if job.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = labels.to(job.device, non_blocking=True)
+    for x, y in batches:
         step_loss, step_correct = train_step(job, x, y)
         loss_sum += step_loss * y.shape[0]
         correct += step_correct
@@ -278,6 +282,8 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
         if bar is not None:
             bar.update(1)
         faults.point("step")
+        if job.compile_state == "undecided":
+            _consider_compiling(job, y.shape[0])
 
         if state.global_step % cfg.log_every_steps == 0 or \
                 state.step_in_epoch == job.data.steps_per_epoch:
@@ -311,6 +317,31 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
     return True
 
 
+def _consider_compiling(job: Job, batch: int) -> None:
+    """performance.compile: decided at once where no timing is needed, else after timing a
+    few eager steps (two host syncs, once per attempt)."""
+    job.attempt_steps += 1
+    decided = compiling.fixed_decision(job.cfg.performance.compile, job.device,
+                                       job.cfg.deterministic)
+    if decided is None:
+        if job.attempt_steps == compiling.PROBE_SKIP:
+            torch.cuda.synchronize(job.device)
+            job.probe = (time.perf_counter(), job.attempt_steps)
+        if job.probe is None or job.attempt_steps < job.probe[1] + compiling.PROBE_STEPS:
+            return
+        torch.cuda.synchronize(job.device)
+        step_seconds = (time.perf_counter() - job.probe[0]) / (job.attempt_steps - job.probe[1])
+        decided = compiling.pays_back(job.total_steps - job.state.global_step, step_seconds)
+    compile_it, why = decided
+    if compile_it:
+        job.compiled, mode = compiling.compile_model(job.model, job.state.micro_batch or batch)
+        job.compile_state = "first-step"
+        log.info("compiling the model", mode=mode, why=why)
+    else:
+        job.compile_state = "off"
+        log.info("not compiling the model", why=why)
+
+
 #: Below this many images per micro-batch, an out-of-memory error fails the job.
 MIN_MICRO_BATCH = 1
 
@@ -326,6 +357,24 @@ def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _accumulated_step(job: Job, x: torch.Tensor, y: torch.Tensor):
+    if job.compile_state != "first-step":
+        return _step(job, x, y)
+    try:  # compiling happens here; if the compiler fails, eager training goes on
+        started = time.perf_counter()
+        out = _step(job, x, y)
+        job.compile_state = "on"
+        log.info("model compiled", seconds=round(time.perf_counter() - started, 1))
+        return out
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        log.warning("torch.compile failed; training goes on without it",
+                    error=f"{type(e).__name__}: {str(e)[:300]}")
+        job.compiled, job.compile_state = None, "off"
+        return _step(job, x, y)
+
+
+def _step(job: Job, x: torch.Tensor, y: torch.Tensor):
     amp, n = job.precision, y.shape[0]
     micro = job.state.micro_batch or n
     job.optimizer.zero_grad(set_to_none=True)
@@ -333,7 +382,7 @@ def _accumulated_step(job: Job, x: torch.Tensor, y: torch.Tensor):
     correct = torch.zeros((), device=job.device, dtype=torch.int64)
     for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
         with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
-            logits = job.model(xs)
+            logits = (job.compiled or job.model)(xs)
             # Weighted so the accumulated gradient is the whole batch's mean (x 1.0: exact).
             loss = job.criterion(logits, ys) * (ys.shape[0] / n)
         job.scaler.scale(loss).backward()
@@ -397,9 +446,7 @@ def evaluate(job: Job) -> tuple[float, float]:
     loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
     correct = torch.zeros((), device=job.device, dtype=torch.int64)
     seen = 0
-    for images, labels in job.data.val_loader():
-        x = to_model_input(images, job.device, job.cfg.augmentation.normalize)
-        y = labels.to(job.device, non_blocking=True)
+    for x, y in job.data.val_batches():
         micro = job.state.micro_batch or y.shape[0]  # what fitted in training fits here
         for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
             with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):

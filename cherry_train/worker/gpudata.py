@@ -1,0 +1,183 @@
+"""The GPU input pipeline: decode once, augment whole batches on the GPU.
+
+JPEG decoding and resizing on the CPU caps training far below what a GPU can do (under 2,000
+images/s on 16 cores for ResNet-50; a Colab VM has fewer). So, when the data set fits:
+
+1. Every image is decoded once (DataLoader worker processes, PIL's JPEG draft mode), resized
+   to side x side (aspect ratio not kept: the crop boxes below undo it) and stored as uint8 in
+   one tensor in GPU memory, with its original width and height.
+2. Each batch is gathered from that tensor, and the random-resized crop + horizontal flip of
+   every sample are applied in one `torchvision.ops.roi_align` call: each crop box is the same
+   box the CPU path would cut from the original image, drawn from the same per-sample generator
+   (seed, epoch, index) in the same order, mapped into the stored image's coordinates.
+
+So data order and augmentation draws are those of the worker path (resume stays exact within
+this path); pixels differ only by resampling (a box resampled from a 1.4x stored copy instead of
+from the original), which the `gpu` tests bound by comparing loss curves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import roi_align
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from cherry_train.worker.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EpochSampler,
+    ImageFolderSamples,
+    crop_params,
+)
+from cherry_train.worker.errors import JobError
+
+log = structlog.get_logger(__name__)
+
+#: Share of free GPU memory the decoded images may take (the model and activations need the
+#: rest; ResNet-50 at batch 256 in bf16 takes about 25 GB).
+GPU_SHARE = 1 / 3
+
+
+def stored_side(image_size: int, min_scale: float) -> int:
+    """The side of the stored copy: large enough that the smallest crop (area min_scale of the
+    image) still has image_size pixels across, capped at twice image_size."""
+    need = max(image_size / math.sqrt(min_scale), image_size * 4 / 3)
+    return int(min(2 * image_size, math.ceil(need)))
+
+
+def decoded_bytes(n_images: int, side: int) -> int:
+    return n_images * 3 * side * side
+
+
+def fits_on_gpu(total_bytes: int, device: torch.device) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    return total_bytes <= free * GPU_SHARE
+
+
+class _Decode(Dataset):
+    """Item i: image i of the folder, decoded and resized to side x side (uint8 CHW)."""
+
+    def __init__(self, samples: ImageFolderSamples, side: int):
+        self.samples, self.side = samples, side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, _ = self.samples.samples[index]
+        try:
+            with Image.open(path) as f:
+                size = f.size
+                f.draft("RGB", (self.side, self.side))  # JPEG: decode at a reduced scale
+                img = f.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            raise JobError(f"data: {path} does not decode as an image ({e}); remove or "
+                           "replace it") from None
+        img = F.resize(img, [self.side, self.side], InterpolationMode.BILINEAR, antialias=True)
+        return F.pil_to_tensor(img), torch.tensor(size)
+
+
+@dataclass
+class DecodedImages:
+    images: torch.Tensor  # N x 3 x side x side, uint8, on the device
+    sizes: np.ndarray  # N x 2: original (width, height)
+    labels: torch.Tensor  # N, int64, on the device
+    seconds: float
+
+    @property
+    def side(self) -> int:
+        return self.images.shape[-1]
+
+
+def decode_all(samples: ImageFolderSamples, side: int, device: torch.device,
+               num_workers: int) -> DecodedImages:
+    started = time.perf_counter()
+    n = len(samples)
+    images = torch.empty((n, 3, side, side), dtype=torch.uint8, device=device)
+    sizes = np.zeros((n, 2), dtype=np.int64)
+    loader = DataLoader(_Decode(samples, side), batch_size=256, num_workers=num_workers,
+                        pin_memory=device.type == "cuda",
+                        multiprocessing_context="forkserver" if num_workers else None)
+    at = 0
+    for batch, batch_sizes in loader:
+        images[at:at + len(batch)].copy_(batch, non_blocking=True)
+        sizes[at:at + len(batch)] = batch_sizes.numpy()
+        at += len(batch)
+    labels = torch.tensor([label for _, label in samples.samples], device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return DecodedImages(images, sizes, labels, time.perf_counter() - started)
+
+
+class GpuBatches:
+    """Batches of one epoch from decoded images: (x, y) ready for the model.
+
+    Iterating yields the batches from the sampler's position on, like a DataLoader."""
+
+    def __init__(self, decoded: DecodedImages, sampler: EpochSampler, batch_size: int,
+                 out_size: int, augment: bool, min_scale: float, seed: int, normalize: bool,
+                 drop_last: bool):
+        self.decoded, self.sampler, self.batch_size = decoded, sampler, batch_size
+        self.out_size, self.augment, self.min_scale = out_size, augment, min_scale
+        self.seed, self.normalize, self.drop_last = seed, normalize, drop_last
+        device = decoded.images.device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        order = [i for _, i in self.sampler]
+        epoch = self.sampler.epoch
+        for b in range(len(self)):
+            indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.batch(epoch, indices)
+
+    def boxes(self, epoch: int, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per sample: the crop box in stored coordinates (x1, y1, x2, y2) and the flip."""
+        side = self.decoded.side
+        boxes = np.empty((len(indices), 4), dtype=np.float32)
+        flips = np.zeros(len(indices), dtype=bool)
+        for k, index in enumerate(indices):
+            w, h = self.decoded.sizes[index]
+            if self.augment:  # the draws of data.Transform, in its order
+                rng = np.random.default_rng((self.seed, epoch, index))
+                top, left, ch, cw = crop_params(int(w), int(h), self.min_scale, rng)
+                flips[k] = rng.random() < 0.5
+            else:  # resize the shorter side, centre crop: the centred square
+                s = min(w, h)
+                top, left, ch, cw = (h - s) / 2, (w - s) / 2, s, s
+            boxes[k] = (left * side / w, top * side / h, (left + cw) * side / w,
+                        (top + ch) * side / h)
+        return boxes, flips
+
+    def batch(self, epoch: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.decoded.images.device
+        boxes, flips = self.boxes(epoch, indices)
+        idx = torch.as_tensor(indices, device=device)
+        rois = torch.cat([torch.arange(len(indices), dtype=torch.float32).view(-1, 1),
+                          torch.from_numpy(boxes)], dim=1).to(device, non_blocking=True)
+        images = self.decoded.images.index_select(0, idx).float()
+        x = roi_align(images, rois, output_size=(self.out_size, self.out_size),
+                      spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        if flips.any():
+            flip = torch.from_numpy(flips).to(device, non_blocking=True).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        else:
+            x = x / 255
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.decoded.labels.index_select(0, idx)
