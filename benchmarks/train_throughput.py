@@ -151,6 +151,7 @@ def cherry_train(root: Path, batch: int, epochs: int, performance: dict | None =
     last = max(steady_epochs) if steady_epochs else None
     return {"steady": statistics.median(steady) if steady else None,
             "last_epoch": statistics.median(steady_epochs[last]) if last is not None else None,
+            "first_step_s": events.get("first step", {}).get("seconds"),
             "decode_s": events.get("images decoded into memory", {}).get("seconds"),
             "compile_s": events.get("model compiled", {}).get("seconds"),
             "compile_mode": events.get("compiling the model", {}).get("mode"),

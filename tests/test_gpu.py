@@ -3,6 +3,7 @@ pinned memory. Run on a GPU machine with `pytest -m gpu`."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -54,6 +55,8 @@ def test_precisions_compute_the_same_thing(tmp_path, cherry_images, tiny_config,
     tiny_config["training"]["epochs"] = 3
     tiny_config["training"]["learning_rate"] = 0.0005
     tiny_config["augmentation"]["enabled"] = False
+    # The precisions alone (the fast paths are compared with the plain one below).
+    tiny_config["performance"] = {"input_pipeline": "workers", "fused_optimizer": False}
     curves = {}
     for amp in ("off", "bf16", "fp16"):
         root = tmp_path / amp
@@ -130,9 +133,42 @@ def test_compiled_and_fused_steps_compute_the_same_thing(tmp_path, cherry_images
 
 def test_auto_picks_the_gpu_pipeline_and_skips_compiling_a_short_job(root_with_data,
                                                                      tiny_config, monkeypatch):
+    from structlog.testing import capture_logs
+
     tiny_config["training"]["epochs"] = 2
     tiny_config["data"]["num_workers"] = None
-    result = run_on_gpu(root_with_data, tiny_config, monkeypatch)
+    with capture_logs() as events:
+        result = run_on_gpu(root_with_data, tiny_config, monkeypatch)
     assert result.state == JobState.succeeded, result.error
-    log = (root_with_data / "done" / result.job_id / "worker.log").read_text()
-    assert '"pipeline": "gpu"' in log and "not compiling the model" in log
+    chosen = [e for e in events if e["event"] == "input pipeline chosen"]
+    assert chosen and chosen[0]["pipeline"] == "gpu"
+    assert any(e["event"] == "not compiling the model" for e in events)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_fused_and_foreach_optimizers_take_the_same_fp16_scaled_step(optimizer):
+    from cherry_train.worker.train import _make_optimizer
+
+    cfgs = {fused: validate_config({
+        "model": {"name": "resnet18", "num_classes": 2},
+        "training": {"epochs": 1, "batch_size": 4, "learning_rate": 0.01,
+                     "optimizer": optimizer, "weight_decay": 0.01},
+        "data": {"train_path": "t", "val_path": "v"},
+        "performance": {"fused_optimizer": fused}}) for fused in (True, False)}
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x, y = torch.randn(32, 8, device="cuda"), torch.randint(0, 2, (32,), device="cuda")
+    params = {}
+    for fused, cfg in cfgs.items():
+        model = copy.deepcopy(base).cuda()
+        opt = _make_optimizer(cfg, model, torch.device("cuda"))
+        scaler = torch.amp.GradScaler("cuda")
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        params[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(params[True], params[False], atol=1e-5, rtol=1e-4)

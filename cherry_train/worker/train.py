@@ -80,6 +80,7 @@ class Job:
     compile_state: str = "undecided"  # undecided | first-step | on | off
     probe: tuple[float, int] | None = None  # (time, step) where the eager timing began
     attempt_steps: int = 0  # steps taken by this attempt
+    first_step_done: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -284,6 +285,9 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
         faults.point("step")
         if job.compile_state == "undecided":
             _consider_compiling(job, y.shape[0])
+        if not job.first_step_done:  # time to first step: data copy, decoding, model set-up
+            job.first_step_done = True
+            log.info("first step", seconds=round(time.perf_counter() - job.attempt_started_at, 1))
 
         if state.global_step % cfg.log_every_steps == 0 or \
                 state.step_in_epoch == job.data.steps_per_epoch:
@@ -382,7 +386,7 @@ def _step(job: Job, x: torch.Tensor, y: torch.Tensor):
     correct = torch.zeros((), device=job.device, dtype=torch.int64)
     for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
         with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
-            logits = (job.compiled or job.model)(xs)
+            logits = (job.model if job.compiled is None else job.compiled)(xs)
             # Weighted so the accumulated gradient is the whole batch's mean (x 1.0: exact).
             loss = job.criterion(logits, ys) * (ys.shape[0] / n)
         job.scaler.scale(loss).backward()
