@@ -101,15 +101,16 @@ def seed_recipe(data: Path, batch: int) -> float:
     return _timed_steps(step, forever())
 
 
-def synthetic_ceiling(batch: int) -> float:
+def synthetic_ceiling(batch: int, compiled: bool = False) -> float:
     model = torchvision.models.resnet50(num_classes=2).cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), 1e-3, foreach=True)
+    opt = torch.optim.Adam(model.parameters(), 1e-3, fused=compiled)
+    forward = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch,), device="cuda")
 
     def step(x, y):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -169,6 +170,8 @@ def main() -> None:
         "loader workers", "gpu pipeline", "gpu pipeline + fused",
         "gpu pipeline + fused + compile"])
     parser.add_argument("--no-checkpoint-stall", action="store_true")
+    parser.add_argument("--compiled-ceiling", action="store_true",
+                        help="also the ceiling with the trainer's compiled, fused set-up")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -190,6 +193,10 @@ def main() -> None:
         print(f"seed recipe b32: {figures['seed recipe, batch 32']:.0f} img/s", flush=True)
         figures["synthetic ceiling, batch 256"] = synthetic_ceiling(256)
         print(f"ceiling b256: {figures['synthetic ceiling, batch 256']:.0f} img/s", flush=True)
+        if args.compiled_ceiling:
+            key = "synthetic ceiling, batch 256, fused + compiled"
+            figures[key] = synthetic_ceiling(256, compiled=True)
+            print(f"compiled ceiling b256: {figures[key]:.0f} img/s", flush=True)
         variants = {  # each technique measured on its own, in this run
             "loader workers": {"input_pipeline": "workers", "compile": "off",
                                "fused_optimizer": False},

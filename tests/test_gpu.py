@@ -66,6 +66,7 @@ def test_precisions_compute_the_same_thing(tmp_path, cherry_images, tiny_config,
         result = run_on_gpu(root, tiny_config, monkeypatch)
         assert result.state == JobState.succeeded, result.error
         curves[amp] = epoch_losses(root, result)
+    print("precision curves", curves)
     for amp in ("bf16", "fp16"):
         for ref, got in zip(curves["off"], curves[amp], strict=True):
             assert abs(got - ref) <= 0.1 * abs(ref) + 0.05, (amp, curves)

@@ -100,22 +100,72 @@ class DecodedImages:
 
 def decode_all(samples: ImageFolderSamples, side: int, device: torch.device,
                num_workers: int) -> DecodedImages:
+    """On CUDA, JPEGs are decoded in batches by nvJPEG on the GPU and resized there; other
+    files (and JPEGs nvJPEG refuses) by PIL in loader processes."""
     started = time.perf_counter()
     n = len(samples)
     images = torch.empty((n, 3, side, side), dtype=torch.uint8, device=device)
     sizes = np.zeros((n, 2), dtype=np.int64)
-    loader = DataLoader(_Decode(samples, side), batch_size=256, num_workers=num_workers,
-                        pin_memory=device.type == "cuda",
-                        multiprocessing_context="forkserver" if num_workers else None)
-    at = 0
-    for batch, batch_sizes in loader:
-        images[at:at + len(batch)].copy_(batch, non_blocking=True)
-        sizes[at:at + len(batch)] = batch_sizes.numpy()
-        at += len(batch)
+    rest = list(range(n))
+    if device.type == "cuda":
+        rest = _decode_jpegs_on_gpu(samples, side, images, sizes)
+    if rest:
+        _decode_with_pil(samples, rest, side, images, sizes, num_workers)
     labels = torch.tensor([label for _, label in samples.samples], device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return DecodedImages(images, sizes, labels, time.perf_counter() - started)
+
+
+def _decode_with_pil(samples: ImageFolderSamples, indices: list[int], side: int,
+                     images: torch.Tensor, sizes: np.ndarray, num_workers: int) -> None:
+    subset = torch.utils.data.Subset(_Decode(samples, side), indices)
+    loader = DataLoader(subset, batch_size=256, num_workers=num_workers,
+                        pin_memory=images.device.type == "cuda",
+                        multiprocessing_context="forkserver" if num_workers else None)
+    at = 0
+    for batch, batch_sizes in loader:
+        where = torch.as_tensor(indices[at:at + len(batch)], device=images.device)
+        images.index_copy_(0, where, batch.to(images.device, non_blocking=True))
+        sizes[indices[at:at + len(batch)]] = batch_sizes.numpy()
+        at += len(batch)
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+NVJPEG_BATCH = 256
+
+
+def _decode_jpegs_on_gpu(samples: ImageFolderSamples, side: int, images: torch.Tensor,
+                         sizes: np.ndarray) -> list[int]:
+    """Decode the JPEGs with nvJPEG (files read by threads); the indices left to PIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [i for i, (path, _) in enumerate(samples.samples)
+             if path.lower().endswith(JPEG_SUFFIXES)]
+    left = sorted(set(range(len(samples))) - set(jpegs))
+
+    def read(i: int) -> torch.Tensor:
+        with open(samples.samples[i][0], "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+    with ThreadPoolExecutor(16) as pool:
+        for start in range(0, len(jpegs), NVJPEG_BATCH):
+            chunk = jpegs[start:start + NVJPEG_BATCH]
+            data = list(pool.map(read, chunk))
+            try:
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=images.device)
+            except RuntimeError:  # a file nvJPEG cannot take (CMYK, progressive, broken)
+                left += chunk
+                continue
+            for i, img in zip(chunk, decoded, strict=True):
+                sizes[i] = (img.shape[2], img.shape[1])
+                resized = torch.nn.functional.interpolate(
+                    img.unsqueeze(0).float(), size=(side, side), mode="bilinear",
+                    antialias=True, align_corners=False)
+                images[i] = resized.round_().clamp_(0, 255).to(torch.uint8)[0]
+    return sorted(left)
 
 
 class GpuBatches:

@@ -327,6 +327,8 @@ def _consider_compiling(job: Job, batch: int) -> None:
     job.attempt_steps += 1
     decided = compiling.fixed_decision(job.cfg.performance.compile, job.device,
                                        job.cfg.deterministic)
+    if decided is None and job.total_steps - job.state.global_step < 4 * compiling.PROBE_STEPS:
+        decided = False, "too few steps left to be worth timing, let alone compiling"
     if decided is None:
         if job.attempt_steps == compiling.PROBE_SKIP:
             torch.cuda.synchronize(job.device)
