@@ -52,8 +52,10 @@ def test_mixed_precision_trains_on_the_gpu(root_with_data, tiny_config, monkeypa
 
 def test_precisions_compute_the_same_thing(tmp_path, cherry_images, tiny_config, monkeypatch):
     """bf16/fp16 runs follow the fp32 run's loss curve within mixed-precision tolerance."""
+    # A small learning rate: with 6 steps an epoch, Adam at 5e-4 makes runs of one setup
+    # differ by more than the precisions do (measured on an H100).
     tiny_config["training"]["epochs"] = 3
-    tiny_config["training"]["learning_rate"] = 0.0005
+    tiny_config["training"]["learning_rate"] = 0.0001
     tiny_config["augmentation"]["enabled"] = False
     # The precisions alone (the fast paths are compared with the plain one below).
     tiny_config["performance"] = {"input_pipeline": "workers", "fused_optimizer": False}
@@ -66,7 +68,6 @@ def test_precisions_compute_the_same_thing(tmp_path, cherry_images, tiny_config,
         result = run_on_gpu(root, tiny_config, monkeypatch)
         assert result.state == JobState.succeeded, result.error
         curves[amp] = epoch_losses(root, result)
-    print("precision curves", curves)
     for amp in ("bf16", "fp16"):
         for ref, got in zip(curves["off"], curves[amp], strict=True):
             assert abs(got - ref) <= 0.1 * abs(ref) + 0.05, (amp, curves)
@@ -112,19 +113,20 @@ def test_the_gpu_input_pipeline_computes_the_same_thing(tmp_path, cherry_images,
                                                         monkeypatch, augment):
     """Decoded once, cropped and flipped on the GPU: the same draws and order as the loader
     workers, resampled slightly differently; the loss curves agree."""
-    tiny_config["training"].update(epochs=4, learning_rate=0.0005)
+    tiny_config["training"].update(epochs=4, learning_rate=0.0001)
     tiny_config["augmentation"]["enabled"] = augment
     tiny_config["data"]["num_workers"] = None
     curves = curves_of(tmp_path, cherry_images, tiny_config, monkeypatch, {
         "workers": {"input_pipeline": "workers", "compile": "off"},
         "gpu": {"input_pipeline": "gpu", "compile": "off"}})
+    print("pipeline curves", curves)
     assert close(curves["workers"], curves["gpu"], 0.15), curves
     assert curves["gpu"][-1] < curves["gpu"][0], curves
 
 
 def test_compiled_and_fused_steps_compute_the_same_thing(tmp_path, cherry_images, tiny_config,
                                                          monkeypatch):
-    tiny_config["training"].update(epochs=3, learning_rate=0.0005)
+    tiny_config["training"].update(epochs=3, learning_rate=0.0001)
     tiny_config["augmentation"]["enabled"] = False
     curves = curves_of(tmp_path, cherry_images, tiny_config, monkeypatch, {
         "plain": {"input_pipeline": "gpu", "compile": "off", "fused_optimizer": False},
