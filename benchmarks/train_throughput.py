@@ -203,13 +203,19 @@ def main() -> None:
             "gpu pipeline": {"input_pipeline": "gpu", "compile": "off", "fused_optimizer": False},
             "gpu pipeline + fused": {"input_pipeline": "gpu", "compile": "off"},
             "gpu pipeline + fused + compile": {"input_pipeline": "gpu", "compile": "on"},
+            "gpu pipeline + fused + compile, CUDA graphs at any batch": {
+                "input_pipeline": "gpu", "compile": "on", "cuda_graphs": True},
         }
         for batch in args.batches:
             for name, performance in variants.items():
                 if name not in args.variants:
                     continue
+                performance = dict(performance)
+                if performance.pop("cuda_graphs", False):
+                    os.environ["CHERRY_CUDA_GRAPHS_MAX_BATCH"] = "100000"
                 epochs = 3 if performance["compile"] == "on" else 2
                 run = cherry_train(root, batch, epochs, performance)
+                os.environ.pop("CHERRY_CUDA_GRAPHS_MAX_BATCH", None)
                 key = f"cherry-train, batch {batch}, {name}"
                 # With compiling, the last epoch: the first steady one may still be warming up.
                 figures[key] = run["last_epoch"] if performance["compile"] == "on" \

@@ -9,6 +9,8 @@ left is comfortably larger than the compile time.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ PROBE_SKIP, PROBE_STEPS = 5, 20
 COMPILE_SECONDS = 60.0
 SPEEDUP = 1.3
 #: Up to this micro-batch, CUDA graphs ("reduce-overhead"): per-kernel launch cost dominates.
+#: ($CHERRY_CUDA_GRAPHS_MAX_BATCH overrides it, for measuring.)
 CUDA_GRAPHS_MAX_BATCH = 64
 
 
@@ -43,5 +46,6 @@ def pays_back(remaining_steps: int, eager_step_seconds: float) -> tuple[bool, st
 
 
 def compile_model(model: nn.Module, micro_batch: int):
-    mode = "reduce-overhead" if micro_batch <= CUDA_GRAPHS_MAX_BATCH else "default"
+    limit = int(os.environ.get("CHERRY_CUDA_GRAPHS_MAX_BATCH", CUDA_GRAPHS_MAX_BATCH))
+    mode = "reduce-overhead" if micro_batch <= limit else "default"
     return torch.compile(model, mode=mode), mode

@@ -148,6 +148,7 @@ class Data:
     _loaders: dict[str, DataLoader] = field(default_factory=dict)
     _samplers: dict[str, EpochSampler] = field(default_factory=dict)
     _decoded: dict = field(default_factory=dict)
+    _gpu: dict = field(default_factory=dict)
 
     def train_batches(self, epoch: int, start_step: int):
         """This epoch's batches from `start_step` on, as (x, y) on the device, model-ready."""
@@ -183,11 +184,12 @@ class Data:
             stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
             self._samplers[split] = EpochSampler(len(dataset), dataset.seed, split == "train",
                                                  stop)
-        sampler = self._samplers[split]
-        sampler.set_position(epoch, start_step * self.batch_size)
-        return gpudata.GpuBatches(self._decoded[split], sampler, self.batch_size,
-                                  transform.size, transform.augment, transform.min_scale,
-                                  dataset.seed, self.normalize, drop_last=split == "train")
+            self._gpu[split] = gpudata.GpuBatches(
+                self._decoded[split], self._samplers[split], self.batch_size, transform.size,
+                transform.augment, transform.min_scale, dataset.seed, self.normalize,
+                drop_last=split == "train", num_workers=min(2, self.num_workers))
+        self._samplers[split].set_position(epoch, start_step * self.batch_size)
+        return self._gpu[split]
 
     def _loader(self, split: str, shuffle: bool, stop: int | None) -> DataLoader:
         if split not in self._loaders:
