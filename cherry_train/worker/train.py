@@ -337,7 +337,8 @@ def _consider_compiling(job: Job, batch: int) -> None:
             return
         torch.cuda.synchronize(job.device)
         step_seconds = (time.perf_counter() - job.probe[0]) / (job.attempt_steps - job.probe[1])
-        decided = compiling.pays_back(job.total_steps - job.state.global_step, step_seconds)
+        decided = compiling.pays_back(job.total_steps - job.state.global_step, step_seconds,
+                                      job.state.micro_batch or batch)
     compile_it, why = decided
     if compile_it:
         job.compiled, mode = compiling.compile_model(job.model, job.state.micro_batch or batch)
