@@ -39,9 +39,10 @@ log = structlog.get_logger(__name__)
 #: to a poll every 30 s, which costs an idle Drive folder almost nothing.
 POLL_MIN_SECONDS = 1.0
 POLL_MAX_SECONDS = 30.0
-#: An idle worker refreshes its status file this often, not at every poll: on a Drive API root
-#: a poll is then one request (the listing of queue/), and the status one more per minute.
-STATUS_IDLE_SECONDS = 60.0
+#: An idle worker refreshes its status file every this many longest poll waits (a minute by
+#: default), not at every poll: on a Drive API root a poll is then one request (the listing of
+#: queue/), and the status one more a minute.
+STATUS_IDLE_POLLS = 2
 
 
 @dataclass
@@ -259,11 +260,12 @@ class Worker:
     def _idle_status(self, wait: float) -> None:
         """Announce "idle" when it is news, else only before the announced interval runs out
         (a restarted worker with our id waits out 2x that interval to tell us from a ghost)."""
+        every = max(1.0, STATUS_IDLE_POLLS * self.options.poll_max_seconds)
         last = self._last_status
         if last is not None and last.state == "idle" and \
-                age_seconds(self.queue.clock, last.at) + wait < STATUS_IDLE_SECONDS:
+                age_seconds(self.queue.clock, last.at) + wait < every:
             return
-        self._write_status("idle", interval=STATUS_IDLE_SECONDS)
+        self._write_status("idle", interval=every)
 
     def _write_status(self, state: str, job_id: str | None = None,
                       interval: float = POLL_MAX_SECONDS) -> WorkerStatus:
