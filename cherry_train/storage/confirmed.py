@@ -10,13 +10,13 @@ durable: the heartbeat keeps naming the previous one, and older checkpoints are 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
+from cherry_train.checksums import file_md5
 from cherry_train.storage.base import Storage
 from cherry_train.storage.local import LocalStorage
 from cherry_train.storage.retrying import RetryingStorage
@@ -26,14 +26,6 @@ log = structlog.get_logger(__name__)
 #: How long to wait for the mount to upload a file before giving up on confirming it (the
 #: checkpoint then simply does not count; the next one is tried afresh).
 CONFIRM_TIMEOUT_SECONDS = 900.0
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class UploadConfirmedMount(RetryingStorage):
@@ -55,7 +47,7 @@ class UploadConfirmedMount(RetryingStorage):
     def confirm_durable(self, path: str, timeout: float | None = None) -> bool:
         local = self.inner.local_path(path)
         try:
-            want = _md5(local)
+            want = file_md5(local)
         except FileNotFoundError:
             return False
         deadline = self._monotonic() + (self.timeout if timeout is None else timeout)

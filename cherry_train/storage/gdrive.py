@@ -45,6 +45,7 @@ from tenacity import (
     wait_random,
 )
 
+from cherry_train.checksums import file_md5
 from cherry_train.storage.base import FileInfo, Storage
 
 log = structlog.get_logger(__name__)
@@ -109,14 +110,6 @@ def _is_http(exc: BaseException, *statuses: int) -> bool:
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
-
-
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _q(value: str) -> str:
@@ -571,7 +564,7 @@ class DriveStorage(Storage):
     def _upload(self, local: Path, path: str) -> None:
         local = Path(local)
         parent, meta = self._lookup(path, create_parent=True)
-        size, md5 = local.stat().st_size, _file_md5(local)
+        size, md5 = local.stat().st_size, file_md5(local)
         if meta is not None and meta.get("md5Checksum") == md5:
             return  # already there (a repeated upload)
         _, name = self._split(path)
@@ -650,7 +643,7 @@ class DriveStorage(Storage):
                 while not done:
                     _, done = self._retry("download " + path, downloader.next_chunk)
                     self.requests += 1
-            if _file_md5(tmp) != meta.get("md5Checksum", _file_md5(tmp)):
+            if file_md5(tmp) != meta.get("md5Checksum", file_md5(tmp)):
                 raise DriveError(f"Drive API: download of {path} does not match its md5")
             os.replace(tmp, local)
         finally:
