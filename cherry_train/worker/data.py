@@ -146,9 +146,7 @@ class Data:
     pipeline: str = "workers"  # or "gpu": see gpudata.py
 
     _loaders: dict[str, DataLoader] = field(default_factory=dict)
-    _samplers: dict[str, EpochSampler] = field(default_factory=dict)
-    _decoded: dict = field(default_factory=dict)
-    _gpu: dict = field(default_factory=dict)
+    _gpu: dict = field(default_factory=dict)  # split -> gpudata.GpuBatches
 
     def train_batches(self, epoch: int, start_step: int):
         """This epoch's batches from `start_step` on, as (x, y) on the device, model-ready."""
@@ -172,24 +170,23 @@ class Data:
     def _gpu_batches(self, split: str, epoch: int, start_step: int):
         from cherry_train.worker import gpudata
 
-        dataset = self.train if split == "train" else self.val
-        transform = dataset.transform
-        if split not in self._decoded:
+        if split not in self._gpu:  # decoded once per job, on first use
+            dataset = self.train if split == "train" else self.val
+            transform = dataset.transform
             side = gpudata.stored_side(transform.size, self.train.transform.min_scale)
             decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers)
             log.info("images decoded into memory", split=split, images=len(dataset), side=side,
                      megabytes=round(decoded.images.numel() / 2**20),
                      seconds=round(decoded.seconds, 1), device=str(self.device))
-            self._decoded[split] = decoded
             stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
-            self._samplers[split] = EpochSampler(len(dataset), dataset.seed, split == "train",
-                                                 stop)
             self._gpu[split] = gpudata.GpuBatches(
-                self._decoded[split], self._samplers[split], self.batch_size, transform.size,
-                transform.augment, transform.min_scale, dataset.seed, self.normalize,
-                drop_last=split == "train", num_workers=min(2, self.num_workers))
-        self._samplers[split].set_position(epoch, start_step * self.batch_size)
-        return self._gpu[split]
+                decoded, EpochSampler(len(dataset), dataset.seed, split == "train", stop),
+                self.batch_size, transform.size, transform.augment, transform.min_scale,
+                dataset.seed, self.normalize, drop_last=split == "train",
+                num_workers=min(2, self.num_workers))
+        batches = self._gpu[split]
+        batches.sampler.set_position(epoch, start_step * self.batch_size)
+        return batches
 
     def _loader(self, split: str, shuffle: bool, stop: int | None) -> DataLoader:
         if split not in self._loaders:
