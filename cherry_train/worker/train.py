@@ -285,7 +285,7 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
         faults.point("step")
         if job.compile_state == "undecided":
             _consider_compiling(job, y.shape[0])
-        if not job.first_step_done:  # time to first step: data copy, decoding, model set-up
+        if not job.first_step_done:  # from set-up to the first step: decoding, loader start-up
             job.first_step_done = True
             log.info("first step", seconds=round(time.perf_counter() - job.attempt_started_at, 1))
 
