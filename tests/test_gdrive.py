@@ -420,3 +420,40 @@ def test_a_folder_deleted_by_another_machine_is_resolved_again(drive):
     mine.create_exclusive("done/j/result.json", b"r")
     assert theirs.read_bytes("done/j/heartbeat.json") == b"2"
     assert theirs.read_bytes("done/j/result.json") == b"r"
+
+
+# -- data in Drive ---------------------------------------------------------------------------------
+
+def test_data_paths_on_an_api_root_are_fetched_through_the_api(drive, tmp_path, monkeypatch,
+                                                               cherry_images):
+    from cherry_train.jobqueue.roots import remote_location
+    from cherry_train.worker.datacache import cache_folder
+
+    queue_root = fake_drive_storage(drive)  # gdrive:traina
+    my_drive = queue_root.sibling("")
+    for path in sorted((cherry_images / "val").rglob("*.*"))[:6]:
+        rel = path.relative_to(cherry_images / "val").as_posix()
+        queue_root.upload(path, f"data/val/{rel}")  # below the queue folder
+        my_drive.upload(path, f"datasets/cherries/val/{rel}")  # elsewhere in My Drive
+    # Relative: below the queue folder. A Colab path, with no mount and no Drive for Desktop
+    # here: the same path under My Drive. A local root, or a My Drive folder here: the files.
+    where, path = remote_location("data/val", None, queue_root)
+    assert where is queue_root and path == "data/val"
+    where, path = remote_location("/content/drive/MyDrive/datasets/cherries/val", None,
+                                  queue_root)
+    assert where.folder == "" and path == "datasets/cherries/val"
+    assert remote_location("data/val", tmp_path, queue_root) is None
+    monkeypatch.setenv("CHERRY_MYDRIVE", str(tmp_path))
+    assert remote_location("/content/drive/MyDrive/datasets/cherries/val", None,
+                           queue_root) is None
+    monkeypatch.delenv("CHERRY_MYDRIVE")
+
+    from cherry_train.worker.datacache import StorageSource
+
+    reports = [cache_folder(StorageSource(where, path), tmp_path / "cache")
+               for where, path in (remote_location("data/val", None, queue_root),
+                                   remote_location("/content/drive/MyDrive/datasets/cherries/val",
+                                                   None, queue_root))]
+    assert [r.files for r in reports] == [6, 6] and reports[0].sha256 == reports[1].sha256
+    again = cache_folder(StorageSource(queue_root, "data/val"), tmp_path / "cache")
+    assert again.copied_files == 0  # unchanged in Drive: the local copy is reused

@@ -47,12 +47,16 @@ def cherry(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
 def test_submit_worker_status_fetch_on_a_drive_api_root(served, tmp_path, tiny_config):
     drive, _ = served
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(json.dumps({**tiny_config, "training": {**tiny_config["training"],
-                                                           "epochs": 1}}))
+    # train_path relative to the queue folder; val_path as the seed writes it, a Colab path,
+    # which on this machine (no mount, no Drive for Desktop) is read through the API.
+    data = {**tiny_config["data"], "val_path": "/content/drive/MyDrive/team/traina/data/val"}
+    cfg.write_text(json.dumps({**tiny_config, "data": data,
+                               "training": {**tiny_config["training"], "epochs": 1}}))
     root = ["--root", "gdrive:team/traina"]
     sub = cherry("submit", str(cfg), *root)
     assert sub.returncode == 0, sub.stderr
     assert "data/train: 96 images" in sub.stdout  # pre-flight listed the data in Drive
+    assert "MyDrive/team/traina/data/val: 32 images" in sub.stdout
     job_id = sub.stdout.strip().splitlines()[-1]
     worker = cherry("worker", *root, "--exit-when-idle", "--worker-id", "api-w1")
     assert worker.returncode == 0, worker.stderr

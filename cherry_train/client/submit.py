@@ -12,7 +12,7 @@ from pathlib import Path
 from cherry_train import __version__
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.protocol import JobQueue
-from cherry_train.jobqueue.roots import PathMappingError, is_remote, map_data_path
+from cherry_train.jobqueue.roots import PathMappingError, map_data_path, remote_location
 from cherry_train.schemas import ConfigError, Manifest, TrainingConfig, parse_config
 from cherry_train.storage.base import Storage
 
@@ -97,13 +97,15 @@ def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
     report.checks.append(("model", check_model_name(config)))
     for name in ("train_path", "val_path"):
         raw = getattr(config.data, name)
-        if storage is not None and is_remote(raw, root_path):
-            counts = _remote_class_counts(storage, raw)
+        remote = remote_location(raw, root_path, storage) if storage is not None else None
+        if remote is not None:
+            drive, remote_path = remote
+            counts = _remote_class_counts(drive, remote_path)
             if counts is None:
-                problems.append(f"data.{name}: folder {raw} does not exist under "
-                                f"{storage.description}")
+                problems.append(f"data.{name}: folder {remote_path} does not exist under "
+                                f"{drive.description}")
                 continue
-            path, where = _download_sample(storage, raw, counts, sample_dir / name), raw
+            path, where = _download_sample(drive, remote_path, counts, sample_dir / name), raw
             images[name] = _class_images(path)
             totals = {c: len(files) for c, files in counts.items()}
         else:
@@ -212,13 +214,16 @@ def _smoke(config: TrainingConfig, root_path: Path | None, train_dir: Path, imag
 
     weights = config.model.pretrained
     weights_file = None
-    if isinstance(weights, str) and storage is not None and is_remote(weights, root_path):
+    remote = remote_location(weights, root_path, storage) \
+        if isinstance(weights, str) and storage is not None else None
+    if remote is not None:
+        drive, remote_path = remote
         weights_file = sample_dir / "weights" / Path(weights).name
         try:
-            storage.download(weights, weights_file)
+            drive.download(remote_path, weights_file)
         except FileNotFoundError:
             raise ConfigError([f"model.pretrained: {weights} does not exist under "
-                               f"{storage.description}"]) from None
+                               f"{drive.description}"]) from None
     elif isinstance(weights, str):
         weights_file = map_data_path(weights, root_path)
     try:

@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -96,10 +97,21 @@ class PathMappingError(ValueError):
     pass
 
 
-def is_remote(path: str, root: Path | None) -> bool:
-    """A relative data path on a root that is no local folder (a Drive API root) names a
-    folder below that root: workers fetch it through the storage, not the file system."""
-    return root is None and not path.startswith(("/", "~")) and ":" not in path
+def remote_location(path: str, root: Path | None, storage) -> tuple[Any, str] | None:
+    """Where a config's path is when it must be fetched through a Drive API root's storage:
+    (storage, path in it), or None when the file system has it.
+
+    On an API root (no local folder), a relative path is below the queue folder, and a Colab
+    path (/content/drive/MyDrive/...) on a machine without that folder (no Colab mount, no
+    Drive for Desktop) is the same path under My Drive, read through the API."""
+    if root is not None:
+        return None
+    if not path.startswith(("/", "~")) and ":" not in path:
+        return storage, path
+    sibling = getattr(storage, "sibling", None)
+    if sibling is not None and path.startswith(COLAB_MYDRIVE + "/") and find_my_drive() is None:
+        return sibling(""), path[len(COLAB_MYDRIVE) + 1:]
+    return None
 
 
 def map_data_path(path: str, root: Path | None) -> Path:

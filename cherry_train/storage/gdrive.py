@@ -146,8 +146,10 @@ class DriveStorage(Storage):
                  retry_seconds: float = RETRY_SECONDS, max_tries: int = MAX_TRIES,
                  chunk_bytes: int = CHUNK_BYTES):
         self.folder = folder.strip("/")
-        self.description = f"Google Drive folder {self.folder} (API)"
+        self.description = f"Google Drive folder {self.folder or 'My Drive'} (API)"
         self._http_factory = http_factory
+        self._options = {"endpoint": endpoint, "sleep": sleep, "retry_seconds": retry_seconds,
+                         "max_tries": max_tries, "chunk_bytes": chunk_bytes}
         self._local = threading.local()
         self.service = load_service(self._http(), endpoint)
         self.chunk_bytes = chunk_bytes
@@ -163,6 +165,11 @@ class DriveStorage(Storage):
         self._written: dict[str, str] = {}  # path -> id of files this process wrote
         self._lock = threading.RLock()  # folder cache, id pool, folder creation
         self.requests = 0  # made by this process, for benchmarks and the poll-cost test
+
+    def sibling(self, folder: str) -> DriveStorage:
+        """Another folder of the same Drive, with the same credentials and settings ("" is My
+        Drive itself): for data paths outside the queue folder."""
+        return DriveStorage(folder, self._http_factory, **self._options)
 
     # -- plumbing ------------------------------------------------------------------------------
 

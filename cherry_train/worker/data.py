@@ -27,7 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from cherry_train.jobqueue.roots import PathMappingError, is_remote, map_data_path
+from cherry_train.jobqueue.roots import PathMappingError, map_data_path, remote_location
 from cherry_train.schemas import TrainingConfig
 from cherry_train.storage.base import Storage
 from cherry_train.worker.datacache import LocalSource, Source, StorageSource
@@ -248,23 +248,26 @@ def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
 
 
 def source_for(path: str, field_name: str, root: Path | None, storage: Storage) -> Source:
-    """What to cache for a config's data path: a folder here, or one in the queue's storage."""
-    if is_remote(path, root):
-        return StorageSource(storage, path)
+    """What to cache for a config's data path: a folder here, or one in Drive (API roots)."""
+    remote = remote_location(path, root, storage)
+    if remote is not None:
+        return StorageSource(*remote)
     return LocalSource(resolve_path(path, field_name, root))
 
 
 def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
                scratch: Path) -> Path:
     """A single file named by the config (weights), downloaded first if it is remote."""
-    if not is_remote(path, root):
+    remote = remote_location(path, root, storage)
+    if remote is None:
         return resolve_path(path, field_name, root)
+    where, remote_path = remote
     target = scratch / "inputs" / Path(path).name
     try:
-        storage.download(path, target)
+        where.download(remote_path, target)
     except FileNotFoundError:
         raise JobError(f"{field_name}: {path} does not exist under "
-                       f"{storage.description}") from None
+                       f"{where.description}") from None
     return target
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from cherry_train import faults
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import Claim
-from cherry_train.jobqueue.roots import is_remote
+from cherry_train.jobqueue.roots import remote_location
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker import compiling
 from cherry_train.worker.checkpoint import (
@@ -95,7 +95,8 @@ def prepare_data(cfg: TrainingConfig, data_root: Path | None, reporter: Reporter
     def source(name: str) -> Source:
         return source_for(getattr(d, name), f"data.{name}", data_root, storage)
 
-    if not d.cache and not any(is_remote(p, data_root) for p in (d.train_path, d.val_path)):
+    if not d.cache and not any(remote_location(p, data_root, storage)
+                               for p in (d.train_path, d.val_path)):
         return (resolve_path(d.train_path, "data.train_path", data_root),
                 resolve_path(d.val_path, "data.val_path", data_root), {})
     reporter.update(phase="copying data")
