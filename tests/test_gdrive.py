@@ -7,10 +7,10 @@ the stateful fake Drive v3 (cherry_train/testing/fakedrive.py)."""
 from __future__ import annotations
 
 import itertools
-import threading
 from collections import Counter
 
 import pytest
+from concurrently import at_once
 
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
@@ -189,18 +189,13 @@ def test_machines_racing_to_create_one_file_have_one_winner(drive, reserved, fau
         (file_id,) = machines[0].reserve_ids(1)
         for m in machines:
             m.use_ids({"done/j/attempts/1.json": file_id})
-    wins, barrier = [], threading.Barrier(len(machines))
+    wins = []
 
-    def claim(i):
-        barrier.wait()
+    def claim(i, _):
         if machines[i].create_exclusive("done/j/attempts/1.json", f"worker {i}".encode()):
             wins.append(i)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(machines))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(len(machines), claim)
     assert len(wins) == 1
     assert [f.content for f in drive.find("traina/done/j/attempts/1.json")] == \
         [f"worker {wins[0]}".encode()]
@@ -231,22 +226,20 @@ def test_two_workers_racing_for_one_job_over_the_api(drive, tiny_config):
     from test_queue import fake_trainer
 
     JobQueue(fake_drive_storage(drive), FakeClock()).submit(config(tiny_config))
-    ran, barrier = [], threading.Barrier(2)
+    ran = []
 
-    def work(i):
+    def look(i):  # both workers have seen the job before either claims it
         queue = JobQueue(fake_drive_storage(drive, fault_rate=0.3, seed=i), FakeClock())
-        worker = Worker(queue, WorkerIdentity(f"w{i}"), trainer=fake_trainer(ran))
-        manifests, _ = queue.queued()
-        barrier.wait()
-        claim = queue.try_claim(manifests[0], worker.me)
-        if claim is not None:
-            worker.execute(claim)
+        return queue, Worker(queue, WorkerIdentity(f"w{i}"), trainer=fake_trainer(ran)), \
+            queue.queued()[0][0]
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    def claim(i, seen):
+        queue, worker, manifest = seen
+        claimed = queue.try_claim(manifest, worker.me)
+        if claimed is not None:
+            worker.execute(claimed)
+
+    at_once(2, claim, prepare=look)
     assert len(ran) == 1
     queue = JobQueue(fake_drive_storage(drive), FakeClock())
     (job_id,) = queue.job_ids()
@@ -262,17 +255,13 @@ def test_a_whole_queue_under_30_percent_faults_loses_nothing(drive, tiny_config)
     submitted = {client.submit(config(tiny_config, name=f"job-{i}")).job_id for i in range(8)}
     ran = []
 
-    def work(i):
+    def work(i, _):
         queue = JobQueue(fake_drive_storage(drive, fault_rate=0.3, seed=1000 * i), FakeClock())
         worker = Worker(queue, WorkerIdentity(f"w{i}"), trainer=fake_trainer(ran))
         while worker.run_once():
             pass
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(3, work)
     assert sorted(ran) == sorted(submitted)  # each job trained once
     queue = JobQueue(fake_drive_storage(drive), FakeClock())
     assert set(queue.job_ids()) == submitted
@@ -346,17 +335,7 @@ def test_cancel_uses_the_reserved_id(drive, tiny_config):
 
 def test_folders_made_by_two_machines_at_once_end_up_one(drive):
     machines = [fake_drive_storage(drive, seed=i) for i in range(4)]
-    barrier = threading.Barrier(4)
-
-    def write(i):
-        barrier.wait()
-        machines[i].write_atomic(f"workers/w{i}.json", b"{}")
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(4, lambda i, _: machines[i].write_atomic(f"workers/w{i}.json", b"{}"))
     folders = [f for f in drive.find("traina/workers") if f.mime_type == FOLDER]
     assert len(folders) == 1
     assert fake_drive_storage(drive).list_dir("workers") == [f"w{i}.json" for i in range(4)]

@@ -6,10 +6,10 @@ subfolder and deletes it at the end."""
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 
 import pytest
+from concurrently import at_once
 
 pytestmark = pytest.mark.live
 
@@ -53,14 +53,10 @@ def test_a_reserved_id_is_refused_the_second_time(live):
     live.use_ids({"done/j/attempts/1.json": file_id})
     wins = []
 
-    def claim(i):
+    def claim(i, _):
         if live.create_exclusive("done/j/attempts/1.json", f"worker {i}".encode()):
             wins.append(i)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(4, claim)
     assert len(wins) == 1
     assert live.read_bytes("done/j/attempts/1.json") == f"worker {wins[0]}".encode()

@@ -10,9 +10,8 @@ after the server acted).
 
 from __future__ import annotations
 
-import threading
-
 import pytest
+from concurrently import at_once
 from flaky import FlakyStorage
 
 from cherry_train.storage import LocalStorage, RetryingStorage, Storage
@@ -55,18 +54,12 @@ def test_create_exclusive_only_once(storage):
 
 def test_create_exclusive_has_one_winner_among_threads(storage):
     wins = []
-    barrier = threading.Barrier(8)
 
-    def claim(i):
-        barrier.wait()
+    def claim(i, _):
         if storage.create_exclusive("x/result.json", f"{i}".encode()):
             wins.append(i)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(8, claim)
     assert len(wins) == 1
     assert storage.read_bytes("x/result.json") == str(wins[0]).encode()
 
