@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,31 @@ def one_thread():
     except ImportError:
         return
     torch.set_num_threads(1)
+
+
+LIVE_ROOT = os.environ.get("CHERRY_LIVE_DRIVE_ROOT", "")
+# The user's own Drive credentials, as they were before isolated_env hid them.
+REAL_CREDENTIALS = {k: os.environ.get(k) for k in ("CHERRY_DRIVE_TOKEN", "CHERRY_CONFIG_DIR",
+                                                   "CHERRY_DRIVE_ENDPOINT")}
+
+
+@pytest.fixture
+def live_folder(monkeypatch):
+    """A new subfolder of the live root, deleted afterwards (with the user's credentials)."""
+    if not LIVE_ROOT.startswith("gdrive:"):
+        pytest.skip("set CHERRY_LIVE_DRIVE_ROOT=gdrive:<folder> to run the live Drive tests")
+    for name, value in REAL_CREDENTIALS.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    from cherry_train.storage import open_storage
+    from cherry_train.storage.gdrive import DriveAuthError
+
+    run = f"run-{uuid.uuid4().hex[:8]}"
+    try:
+        storage = open_storage(f"{LIVE_ROOT.rstrip('/')}/{run}")
+    except DriveAuthError as e:
+        pytest.skip(str(e))
+    yield storage
+    open_storage(LIVE_ROOT).delete(run)

@@ -5,7 +5,8 @@ directory, under pyfakefs, and failing like a flaky Drive mount (Errno 107 / EIO
 half of them after the operation took effect) behind the retry wrapper. The Drive API backend
 runs twice, through the real google-api-python-client against the stateful fake Drive v3: as
 it is, and with 30% of requests failing (429/500/503/403 rate limit, or the response dropped
-after the server acted).
+after the server acted). With CHERRY_LIVE_DRIVE_ROOT set, `pytest -m live` runs it against a
+real Drive folder too.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from cherry_train.storage import LocalStorage, RetryingStorage, Storage
 
 
 @pytest.fixture(params=["local", "local-fakefs", "flaky-mount-with-retries", "drive-api",
-                        "drive-api-30pct-faults"])
+                        "drive-api-30pct-faults",
+                        pytest.param("drive-live", marks=pytest.mark.live)])
 def storage(request, tmp_path) -> Storage:
+    if request.param == "drive-live":  # a real Drive: see tests/test_gdrive_live.py
+        return request.getfixturevalue("live_folder")
     if request.param.startswith("drive-api"):
         from cherry_train.testing.fakedrive import FakeDrive, fake_drive_storage
 
