@@ -436,3 +436,18 @@ def test_data_paths_on_an_api_root_are_fetched_through_the_api(drive, tmp_path, 
     assert [r.files for r in reports] == [6, 6] and reports[0].sha256 == reports[1].sha256
     again = cache_folder(StorageSource(queue_root, "data/val"), tmp_path / "cache")
     assert again.copied_files == 0  # unchanged in Drive: the local copy is reused
+
+
+def test_a_download_that_does_not_match_drives_md5_is_refused(drive, tmp_path):
+    class Corrupting(FakeHttp):
+        def request(self, uri, method="GET", body=None, headers=None, **kw):
+            resp, content = super().request(uri, method, body, headers, **kw)
+            if "alt=media" in uri and content:
+                content = bytes([content[0] ^ 0xFF]) + content[1:]  # one bit flipped in transit
+            return resp, content
+
+    fake_drive_storage(drive).write_atomic("done/j/best.pt", b"weights" * 100)
+    storage = DriveStorage("traina", lambda: Corrupting(drive), sleep=lambda s: None)
+    with pytest.raises(DriveError, match="does not match its md5"):
+        storage.download("done/j/best.pt", tmp_path / "best.pt")
+    assert not (tmp_path / "best.pt").exists()
