@@ -68,10 +68,6 @@ def default_cache_dir() -> Path:
     return platformdirs.user_cache_path("cherry-train") / "datasets"
 
 
-def is_archive(path: Path) -> bool:
-    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
 def _entry(cache_dir: Path, source: Source) -> Path:
     key = hashlib.sha1(source.label.encode()).hexdigest()[:12]
     return cache_dir / f"{source.name.split('.')[0][:40]}-{key}"
