@@ -36,9 +36,9 @@ def test_save_returns_before_the_write_and_names_it_only_once_durable(owner, tmp
     release, durable = threading.Event(), []
     upload = owner.upload
 
-    def slow_upload(local, path):
+    def slow_upload(local, path, sha256=None):
         release.wait(10)
-        upload(local, path)
+        upload(local, path, sha256)
 
     monkeypatch.setattr(owner, "upload", slow_upload)
     checkpoints = Checkpoints(owner, tmp_path / "scratch", keep_last=2,
@@ -53,7 +53,7 @@ def test_save_returns_before_the_write_and_names_it_only_once_durable(owner, tmp
 
 
 def test_a_failed_write_stops_training_at_the_next_wait(owner, tmp_path, monkeypatch):
-    def fenced(local, path):
+    def fenced(local, path, sha256=None):
         raise Fenced("attempt 2 took over")
 
     monkeypatch.setattr(owner, "upload", fenced)

@@ -44,10 +44,12 @@ class Owner:
         self.storage.write_atomic(path, data)
         self.written[path] = (len(data), hashlib.sha256(data).hexdigest())
 
-    def upload(self, local: Path, path: str) -> None:
+    def upload(self, local: Path, path: str, sha256: str | None = None) -> None:
+        """Store a local file at `path`; `sha256`, when the caller has it, saves hashing it again
+        (checkpoints are hundreds of MB, hashed on the thread that shares the GIL with training)."""
         self._fenced(path)
         self.storage.upload(local, path)
-        self.written[path] = (local.stat().st_size, file_sha256(local))
+        self.written[path] = (local.stat().st_size, sha256 or file_sha256(local))
 
     def describe(self, path: str) -> tuple[int, str] | None:
         """Size and sha256 of a job file: as written by this attempt, else read back (files

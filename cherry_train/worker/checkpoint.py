@@ -168,7 +168,7 @@ class Checkpoints:
         torch.save(payload, tmp)
         faults.point("checkpoint-write", before_kill=lambda: _truncate_to_half(tmp))
         digest = file_sha256(tmp)
-        self.owner.upload(tmp, self.paths.checkpoint(step))
+        self.owner.upload(tmp, self.paths.checkpoint(step), sha256=digest)
         tmp.unlink()
         faults.point("checkpoint-before-checksum")
         self.owner.write(self.paths.checkpoint_checksum(step), f"{digest}\n".encode())
