@@ -206,26 +206,26 @@ class JobQueue:
         """Whether a live owner still holds the job, as far as we can tell cheaply: until its
         lease could run out, from memory; then from its heartbeat alone (one read). Forgotten
         once the manifest's listing entry changes (an owner that releases its job rewrites it)."""
-        held = self._held.get(job_id)
-        if held is None:
+        held = self._held.pop(job_id, None)
+        if held is None or held[0] != self._listing_key(job_id):
             return False
-        key, until, attempt = held
-        if key != self._listing_key(job_id):
-            del self._held[job_id]
-            return False
-        if self.clock.now() < until:
+        _, until, attempt = held
+        if self.clock.now() >= until:
+            hb = self.heartbeat(job_id)
+            if hb is None or hb.attempt != attempt or hb.released:
+                return False
+            age = age_seconds(self.clock, hb.at)
+            if age > lease_seconds:
+                return False
+            self._hold(job_id, attempt, lease_seconds - age)
             return True
-        hb = self.heartbeat(job_id)
-        if hb is None or hb.attempt != attempt or hb.released:
-            del self._held[job_id]
-            return False
-        age = age_seconds(self.clock, hb.at)
-        if age > lease_seconds:
-            del self._held[job_id]
-            return False
-        self._held[job_id] = (key, self.clock.now() + timedelta(seconds=lease_seconds - age),
-                              attempt)
+        self._held[job_id] = held
         return True
+
+    def _hold(self, job_id: str, attempt: int, seconds_left: float) -> None:
+        """Remember that attempt `attempt` holds the job for at least `seconds_left` more."""
+        until = self.clock.now() + timedelta(seconds=seconds_left)
+        self._held[job_id] = (self._listing_key(job_id), until, attempt)
 
     def announce_release(self, job_id: str) -> None:
         """Rewrite the queued manifest (same bytes): its listing entry changes, so idle workers
@@ -325,8 +325,7 @@ class JobQueue:
             elif age > config.lease_seconds:
                 reason = "lease-expired"
             else:
-                until = self.clock.now() + timedelta(seconds=config.lease_seconds - age)
-                self._held[job_id] = (self._listing_key(job_id), until, last.n)
+                self._hold(job_id, last.n, config.lease_seconds - age)
                 return None
         if cancelled:  # its owner is gone (or handed it back): nobody else will end it
             self._commit_unclaimed(manifest, history, JobState.cancelled, me)
