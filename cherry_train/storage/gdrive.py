@@ -22,6 +22,7 @@ Drive is not a file system, so each primitive of the storage interface is built 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import io
@@ -135,6 +136,23 @@ def load_service(http: Any, endpoint: str | None = None):
         doc["rootUrl"] = endpoint.rstrip("/") + "/"
         doc["baseUrl"] = doc["rootUrl"] + doc["servicePath"]
     return build_from_document(doc, http=http)
+
+
+def _fresh_folders(method):
+    """Run a storage operation; if Drive answers 404 because a cached folder id went stale (the
+    folder was deleted by another machine), forget the cached ids and run it once more."""
+    @functools.wraps(method)
+    def run(self, *args):
+        try:
+            return method(self, *args)
+        except Exception as e:
+            if not _is_http(e, 404):
+                raise
+        self._forget()
+        with self._lock:
+            self._written.clear()
+        return method(self, *args)
+    return run
 
 
 class DriveStorage(Storage):
@@ -327,22 +345,12 @@ class DriveStorage(Storage):
                 del self._folders[key]
 
     def _lookup(self, path: str, create_parent: bool = False) -> tuple[str | None, dict | None]:
-        """(parent folder id, the file's metadata or None). Re-resolves once if a cached
-        folder id has gone stale."""
+        """(parent folder id, the file's metadata or None)."""
         parent_path, name = self._split(path)
-        for attempt in (1, 2):
-            parent = self._folder_id(parent_path, create_parent)
-            if parent is None:
-                return None, None
-            try:
-                entries = self._children(parent, name)
-            except Exception as e:
-                if attempt == 2 or not _is_http(e, 404):
-                    raise
-                self._forget(parent_path)
-                continue
-            return parent, self._the_one(path, entries)
-        return None, None  # unreachable
+        parent = self._folder_id(parent_path, create_parent)
+        if parent is None:
+            return None, None
+        return parent, self._the_one(path, self._children(parent, name))
 
     def _the_one(self, path: str, entries: list[dict]) -> dict | None:
         reserved = self._reserved.get(path)
@@ -370,27 +378,7 @@ class DriveStorage(Storage):
 
     # -- the storage interface -----------------------------------------------------------------
 
-    def _with_fresh_folders(self, path: str, fn: Callable[[], Any]) -> Any:
-        """fn(); if Drive answers 404 because a cached folder was deleted meanwhile (by another
-        machine), resolve the folders again and repeat once."""
-        try:
-            return fn()
-        except Exception as e:
-            if not _is_http(e, 404):
-                raise
-        self._forget()
-        self._drop_written(path)
-        return fn()
-
-    def write_atomic(self, path: str, data: bytes) -> None:
-        self._with_fresh_folders(path, lambda: self._write_atomic(path, data))
-
-    def create_exclusive(self, path: str, data: bytes) -> bool:
-        return self._with_fresh_folders(path, lambda: self._create_exclusive(path, data))
-
-    def upload(self, local: Path, path: str) -> None:
-        self._with_fresh_folders(path, lambda: self._upload(local, path))
-
+    @_fresh_folders
     def read_bytes(self, path: str) -> bytes:
         _, meta = self._lookup(path)
         if meta is None:
@@ -415,6 +403,7 @@ class DriveStorage(Storage):
                 return b""
             raise
 
+    @_fresh_folders
     def read_range(self, path: str, offset: int, length: int) -> bytes:
         _, meta = self._lookup(path)
         if meta is None:
@@ -423,7 +412,8 @@ class DriveStorage(Storage):
             return b""
         return self._media(path, meta["id"], f"bytes={offset}-{offset + length - 1}")
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
+    @_fresh_folders
+    def write_atomic(self, path: str, data: bytes) -> None:
         # Drive replaces a file's content in one step (a reader gets the old revision or the
         # new one), so updating in place is the atomic write; a new file is one create.
         key = path.strip("/")
@@ -478,7 +468,8 @@ class DriveStorage(Storage):
         return meta is not None and parent in meta.get("parents", []) and \
             meta.get("md5Checksum") == _md5(data) and meta.get("name") == name
 
-    def _create_exclusive(self, path: str, data: bytes) -> bool:
+    @_fresh_folders
+    def create_exclusive(self, path: str, data: bytes) -> bool:
         parent, meta = self._lookup(path, create_parent=True)
         reserved = self._reserved.get(path.strip("/"))
         if meta is not None and (reserved is None or meta["id"] == reserved):
@@ -495,19 +486,12 @@ class DriveStorage(Storage):
         self._delete_id(mine)  # a later duplicate: the earliest created file is the one
         return winner.get("md5Checksum") == _md5(data)
 
+    @_fresh_folders
     def list_dir(self, path: str) -> list[str]:
         folder = self._folder_id(path.strip("/"), create=False)
-        if folder is None:
-            return []
-        try:
-            entries = self._children(folder)
-        except Exception as e:
-            if not _is_http(e, 404):
-                raise
-            self._forget(path.strip("/"))
-            return self.list_dir(path) if self._folder_id(path.strip("/"), False) else []
-        return sorted({m["name"] for m in entries})
+        return [] if folder is None else sorted({m["name"] for m in self._children(folder)})
 
+    @_fresh_folders
     def list_entries(self, path: str) -> dict[str, FileInfo]:
         """name -> size and time of every entry in a folder, in one listing."""
         folder = self._folder_id(path.strip("/"), create=False)
@@ -518,11 +502,13 @@ class DriveStorage(Storage):
             out.setdefault(m["name"], _info(m))  # earliest of duplicates
         return out
 
+    @_fresh_folders
     def md5(self, path: str) -> str | None:
         """Drive's md5 of the file's content, or None if there is no such file."""
         _, meta = self._lookup(path)
         return None if meta is None else meta.get("md5Checksum")
 
+    @_fresh_folders
     def stat(self, path: str) -> FileInfo | None:
         if not path.strip("/"):
             root = self._root_id(create=False)
@@ -530,6 +516,7 @@ class DriveStorage(Storage):
         _, meta = self._lookup(path)
         return None if meta is None else _info(meta)
 
+    @_fresh_folders
     def move(self, src: str, dst: str) -> None:
         src_parent, meta = self._lookup(src)
         if meta is None:
@@ -551,6 +538,7 @@ class DriveStorage(Storage):
             self._delete_id(file_id)
         self._drop_written(src, dst)
 
+    @_fresh_folders
     def delete(self, path: str) -> None:
         parent_path, name = self._split(path)
         parent = self._folder_id(parent_path, create=False)
@@ -568,7 +556,8 @@ class DriveStorage(Storage):
                 for k in [k for k in self._written if k == key or k.startswith(key + "/")]:
                     del self._written[k]
 
-    def _upload(self, local: Path, path: str) -> None:
+    @_fresh_folders
+    def upload(self, local: Path, path: str) -> None:
         local = Path(local)
         parent, meta = self._lookup(path, create_parent=True)
         size, md5 = local.stat().st_size, file_md5(local)
@@ -632,6 +621,7 @@ class DriveStorage(Storage):
             self._retry("upload " + path, step)
         return state["response"]
 
+    @_fresh_folders
     def download(self, path: str, local: Path) -> None:
         from googleapiclient.http import MediaIoBaseDownload
 
