@@ -1,16 +1,17 @@
 """Whether to torch.compile the model: only where compiling pays back within the job.
 
-Compiling ResNet-50's training graphs takes about a minute, cold (43-58 s on an H100), and
-then makes each step faster: by 12% at batch 256 (bf16, default mode) and 2.6x at batch 32,
-where CUDA graphs remove the per-kernel launch cost that dominates small batches (H100, same
-run, docs/benchmarks.md). So a short job should not compile and a long one should. `auto` times
-a few eager steps first, then compiles if the estimated saving over the steps left is
-comfortably larger than the compile time.
+Compiling ResNet-50's training graphs takes up to a minute (30-58 s on an H100; more on a Colab
+VM's slower CPU), and then makes each step faster: 1.39x at batch 256 (bf16, default mode) and
+2.41x at batch 32, where CUDA graphs remove the per-kernel launch cost that dominates small
+batches (real jobs on an H100, same run, docs/benchmarks.md). So a short job should not
+compile and a long one should. `auto` times a few eager steps first, then compiles if the
+estimated saving over the steps left is comfortably larger than the compile time.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 PROBE_SKIP, PROBE_STEPS = 5, 20
 #: Cold compile time and speed-ups assumed for the decision (measured, see the docstring).
 COMPILE_SECONDS = 60.0
-SPEEDUP = {"default": 1.12, "reduce-overhead": 2.5}
+SPEEDUP = {"default": 1.39, "reduce-overhead": 2.41}
 #: Up to this micro-batch, CUDA graphs ("reduce-overhead"): per-kernel launch cost dominates.
 #: ($CHERRY_CUDA_GRAPHS_MAX_BATCH overrides it, for measuring.)
 CUDA_GRAPHS_MAX_BATCH = 64
@@ -52,6 +53,14 @@ def pays_back(remaining_steps: int, eager_step_seconds: float,
                      f"{COMPILE_SECONDS:.0f} s of compiling")
 
 
-def compile_model(model: nn.Module, micro_batch: int):
+def compile_model(model: nn.Module, micro_batch: int, backend: str | Callable = "inductor"):
+    """The model compiled for this job, as if in a fresh process.
+
+    A worker trains many jobs in one process, and dynamo's caches are per code object, not per
+    model: a second job at another batch size would otherwise get a graph with a symbolic batch
+    dimension (automatic dynamic shapes), measured 30% slower than the static one at batch 256
+    on an H100, and after 8 jobs dynamo would stop compiling altogether (its recompile limit).
+    The batch shape is fixed within a job, so the graph is compiled static."""
+    torch._dynamo.reset()
     mode = mode_for(micro_batch)
-    return torch.compile(model, mode=mode), mode
+    return torch.compile(model, mode=mode, dynamic=False, backend=backend), mode
