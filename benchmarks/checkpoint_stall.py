@@ -1,6 +1,10 @@
 """How long a ResNet-50 + Adam checkpoint takes out of training: a synchronous save (torch.save,
 fsync, rename: what cherry-train did before) against cherry-train's background checkpoint (a copy
-of the state on the training thread, the write on another), in one run.
+of the state queued into pinned memory, the write on another thread), in one run.
+
+The background figure is the time until the training thread may go on, plus (on a GPU) until the
+queued copy has landed: the next step's kernels queue behind the copy, so that is what training
+loses at most.
 
     python benchmarks/checkpoint_stall.py [--device cuda|cpu]
 """
@@ -20,7 +24,7 @@ import torchvision
 from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
 from cherry_train.schemas import validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.checkpoint import Checkpoints, snapshot
+from cherry_train.worker.checkpoint import Checkpoints
 
 RUNS = 3
 
@@ -55,8 +59,10 @@ def measure(device: str) -> dict[str, float]:
         stall, total = [], []
         for i in range(RUNS):
             started = time.perf_counter()
-            payload = snapshot({"model": model.state_dict(), "optimizer": opt.state_dict()})
-            checkpoints.save_in_background(i + 1, payload)
+            checkpoints.save_in_background(
+                i + 1, lambda: {"model": model.state_dict(), "optimizer": opt.state_dict()})
+            if device == "cuda":
+                torch.cuda.synchronize()
             stall.append(time.perf_counter() - started)
             checkpoints.wait()
             total.append(time.perf_counter() - started)

@@ -11,7 +11,7 @@ from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
 from cherry_train.schemas import validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.checkpoint import Checkpoints, snapshot
+from cherry_train.worker.checkpoint import Checkpoints, StateCopier
 
 
 @pytest.fixture
@@ -21,9 +21,9 @@ def owner(tmp_path, tiny_config):
     return queue.owner(claim)
 
 
-def test_snapshot_shares_nothing_with_the_live_state():
+def test_the_copy_shares_nothing_with_the_live_state():
     live = {"w": torch.ones(3), "nested": [torch.zeros(2), {"n": 5}]}
-    copy = snapshot(live)
+    copy = StateCopier().copy(live).wait()
     live["w"].add_(1)
     live["nested"][0].add_(1)
     live["nested"][1]["n"] = 6
@@ -43,7 +43,7 @@ def test_save_returns_before_the_write_and_names_it_only_once_durable(owner, tmp
     monkeypatch.setattr(owner, "upload", slow_upload)
     checkpoints = Checkpoints(owner, tmp_path / "scratch", keep_last=2,
                               on_durable=lambda step, path: durable.append(step))
-    checkpoints.save_in_background(5, {"w": torch.ones(4)})
+    checkpoints.save_in_background(5, lambda: {"w": torch.ones(4)})
     assert durable == [] and checkpoints.steps() == []  # training goes on meanwhile
     release.set()
     checkpoints.wait()
@@ -58,9 +58,9 @@ def test_a_failed_write_stops_training_at_the_next_wait(owner, tmp_path, monkeyp
 
     monkeypatch.setattr(owner, "upload", fenced)
     checkpoints = Checkpoints(owner, tmp_path / "scratch", keep_last=2)
-    checkpoints.save_in_background(1, {"w": torch.ones(1)})
+    checkpoints.save_in_background(1, lambda: {"w": torch.ones(1)})
     with pytest.raises(Fenced):
-        checkpoints.save_in_background(2, {"w": torch.ones(1)})  # waits for the first
+        checkpoints.save_in_background(2, lambda: {"w": torch.ones(1)})  # waits for the first
     assert checkpoints.steps() == []
 
 
@@ -97,15 +97,15 @@ def test_on_a_mount_a_checkpoint_counts_only_once_drive_has_it(mount_owner, tmp_
                               on_durable=lambda step, path: durable.append(step))
     paths = mount_owner.claim.paths
     storage.api.uploaded |= {paths.checkpoint(1), paths.checkpoint_checksum(1)}
-    checkpoints.save_in_background(1, {"w": torch.ones(2)})
+    checkpoints.save_in_background(1, lambda: {"w": torch.ones(2)})
     checkpoints.wait()
     assert durable == [1]
-    checkpoints.save_in_background(2, {"w": torch.ones(2)})  # never reaches Drive
+    checkpoints.save_in_background(2, lambda: {"w": torch.ones(2)})  # never reaches Drive
     checkpoints.wait()
     assert durable == [1]  # the heartbeat keeps naming step 1
     assert checkpoints.steps() == [1, 2]  # and step 1 is not pruned for keep_last=1
     storage.api.uploaded |= {paths.checkpoint(3), paths.checkpoint_checksum(3)}
-    checkpoints.save_in_background(3, {"w": torch.ones(2)})
+    checkpoints.save_in_background(3, lambda: {"w": torch.ones(2)})
     checkpoints.wait()
     assert durable == [1, 3] and checkpoints.steps() == [3]
 
@@ -131,3 +131,22 @@ def test_confirm_uploads_needs_a_folder_inside_my_drive(tmp_path, monkeypatch):
     assert opened == ["traina"] and storage.confirms_later
     with pytest.raises(ValueError, match="not a folder inside My Drive"):
         open_confirmed_mount(str(tmp_path / "elsewhere"), api_factory=opened.append)
+
+
+def test_the_next_state_is_collected_after_the_previous_write(owner, tmp_path):
+    # before_write runs on the writer thread, on the copied state, before the checkpoint is
+    # published; what it changes (the best weights' hash) is in the next collected state.
+    live = {"w": torch.ones(2), "note": None}
+    checkpoints = Checkpoints(owner, tmp_path / "scratch", keep_last=5)
+    seen = []
+
+    def before_write(payload):
+        seen.append((payload["note"], payload["w"].tolist(), checkpoints.steps()))
+        live["note"] = f"written after step {len(seen)}"
+
+    checkpoints.save_in_background(1, lambda: dict(live), before_write)
+    live["w"].add_(1)  # training goes on: the copy already taken is not affected
+    checkpoints.save_in_background(2, lambda: dict(live), before_write)
+    checkpoints.wait()
+    assert seen == [(None, [1.0, 1.0], []), ("written after step 1", [2.0, 2.0], [1])]
+    assert checkpoints.load_latest()[1]["note"] == "written after step 1"

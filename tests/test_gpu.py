@@ -177,3 +177,37 @@ def test_fused_and_foreach_optimizers_take_the_same_fp16_scaled_step(optimizer):
             scaler.update()
         params[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.allclose(params[True], params[False], atol=1e-5, rtol=1e-4)
+
+
+def test_a_checkpoint_copy_is_the_state_of_its_step_while_training_goes_on():
+    # The copy is queued on the stream, not waited for: steps queued before it are in it, steps
+    # queued after it are not. The reference is a clone on the GPU queued at the same point.
+    from cherry_train.worker.checkpoint import StateCopier
+
+    model = torch.nn.Linear(4096, 4096).cuda()
+    opt = torch.optim.Adam(model.parameters(), 1e-3, fused=True)
+    x = torch.randn(8192, 4096, device="cuda")
+
+    def step():
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    copier, buffers = StateCopier(), set()
+    for _ in range(2):
+        for _ in range(5):
+            step()  # queued: the GPU is still busy with these when the copy is asked for
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        copied = copier.copy(state)
+        reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        moments = opt.state_dict()["state"][0]["exp_avg"].clone()
+        for _ in range(5):
+            step()  # queued behind the copy: must not leak into it
+        got = copied.wait()
+        for name, value in reference.items():
+            assert torch.equal(got["model"][name], value.cpu()), name
+        assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], moments.cpu())
+        assert not torch.equal(got["model"]["weight"], model.weight.detach().cpu())
+        assert got["model"]["weight"].is_pinned()
+        buffers.add(got["model"]["weight"].data_ptr())
+    assert len(buffers) == 1  # the pinned buffers are reused from one checkpoint to the next

@@ -69,25 +69,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def snapshot(obj: Any) -> Any:
-    """A copy of a (nested) state dict on the CPU, sharing nothing with the live tensors, so
-    training can go on while the copy is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(snapshot(v) for v in obj)
-    return copy.deepcopy(obj)
+class StateCopier:
+    """Copies of the training state on the CPU, taken without waiting for the GPU.
+
+    A plain `.cpu()` per tensor first waits for every kernel already queued, then copies
+    through pageable memory. Here each CUDA tensor is copied into a pinned buffer kept from one
+    checkpoint to the next, queued on its stream behind the current step (so it is exactly this
+    step's state) and ahead of the next one; whoever writes the copy waits for it to land
+    (`Copy.wait`). CPU tensors are cloned. The buffers are reused: one copy at a time."""
+
+    def __init__(self):
+        self._pinned: dict[tuple, torch.Tensor] = {}
+
+    def copy(self, obj: Any) -> Copy:
+        devices: set[torch.device] = set()
+        payload = self._copy(obj, (), devices)
+        events = []
+        for device in devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        return Copy(payload, events)
+
+    def _copy(self, obj: Any, key: tuple, devices: set) -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            if t.device.type != "cuda":
+                return t.to("cpu", copy=True)
+            buffer = self._pinned.get(key)
+            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
+                buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                self._pinned[key] = buffer
+            buffer.copy_(t, non_blocking=True)
+            devices.add(t.device)
+            return buffer
+        if isinstance(obj, dict):
+            return {k: self._copy(v, (*key, k), devices) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._copy(v, (*key, i), devices) for i, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+
+class Copy:
+    def __init__(self, payload: Any, events: list):
+        self.payload, self.events = payload, events
+
+    def wait(self) -> Any:
+        """The copied state, once every queued copy has landed."""
+        for event in self.events:
+            event.synchronize()
+        return self.payload
 
 
 class Checkpoints:
     """The checkpoints of one job in a queue root, written by the attempt that owns it.
 
-    `save_in_background` returns once the state is copied; writing, publishing and the checksum
-    happen on a thread, one checkpoint at a time. `on_durable(step, path)` is called when a
-    checkpoint is complete (only then may the heartbeat name it). `wait()` blocks until the
-    last write is done and raises its error, if it failed (for instance Fenced)."""
+    `save_in_background` returns once the state's copy is queued; writing, publishing and the
+    checksum happen on a thread, one checkpoint at a time. `before_write(payload)` runs on that
+    thread first (metrics that must be stored before the checkpoint, files derived from the
+    same state). `on_durable(step, path)` is called when a checkpoint is complete (only then
+    may the heartbeat name it). `wait()` blocks until the last write is done and raises its
+    error, if it failed (for instance Fenced)."""
 
     def __init__(self, owner: Owner, scratch: Path, keep_last: int,
                  on_durable: Callable[[int, str], None] | None = None):
@@ -96,23 +138,32 @@ class Checkpoints:
         self.on_durable = on_durable
         self.requested_step: int | None = None  # the newest checkpoint asked for
         self.durable_step: int | None = None  # the newest one known to be safe
+        self._copier = StateCopier()
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         # On a mount that uploads later, confirmation can take minutes: it runs on its own
         # thread, so that training (and the next checkpoint) never waits for it.
         self._confirming: list[threading.Thread] = []
 
-    def save_in_background(self, step: int, payload: dict[str, Any]) -> None:
+    def save_in_background(self, step: int, collect: Callable[[], dict[str, Any]],
+                           before_write: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Checkpoint `step`: `collect()` gives the live state, called once the previous
+        checkpoint is written (its `before_write` may have updated what is collected)."""
         self.wait(confirmations=False)  # one write at a time; a failed one stops training here
         self.requested_step = step
+        copied = self._copier.copy(collect())
         context = contextvars.copy_context()  # the job's log fields (job_id, attempt)
-        self._writer = threading.Thread(target=context.run, args=(self._write, step, payload),
+        self._writer = threading.Thread(target=context.run,
+                                        args=(self._write, step, copied, before_write),
                                         name="cherry-checkpoint", daemon=True)
         self._writer.start()
 
-    def _write(self, step: int, payload: dict[str, Any]) -> None:
+    def _write(self, step: int, copied: Copy, before_write) -> None:
         try:
             started = time.perf_counter()
+            payload = copied.wait()
+            if before_write is not None:
+                before_write(payload)
             path = self.save(step, payload)
             log.info("checkpoint written", job_id=self.owner.claim.job_id, step=step,
                      seconds=round(time.perf_counter() - started, 3))

@@ -73,6 +73,7 @@ class Reporter:
         self._metrics: list[str] = []
         self._metrics_synced = 0
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # held while metrics.jsonl is written
         self._log_lines = logs.open_tap(self.claim.job_id)  # this job's events, as JSON lines
         self._log_synced = 0
         self._log_before = ""  # worker.log of earlier attempts, kept as history
@@ -163,16 +164,19 @@ class Reporter:
 
     def sync_metrics(self) -> None:
         """Write metrics.jsonl if lines were added. Called at each heartbeat, and before each
-        checkpoint: a resume keeps the lines up to its checkpoint, so they must be stored."""
-        with self._lock:
-            if len(self._metrics) == self._metrics_synced:
-                return
-            count = len(self._metrics)
-            data = ("\n".join(self._metrics) + "\n").encode() if self._metrics else b""
-        with self._on_fenced():
-            self.owner.write(self.claim.paths.metrics, data)
-        with self._lock:
-            self._metrics_synced = count
+        checkpoint is written: a resume keeps the lines up to its checkpoint, so they must be
+        stored first. One writer at a time (heartbeat and checkpoint threads), so an older
+        snapshot of the lines can never land after a newer one."""
+        with self._sync_lock:
+            with self._lock:
+                if len(self._metrics) == self._metrics_synced:
+                    return
+                count = len(self._metrics)
+                data = ("\n".join(self._metrics) + "\n").encode() if self._metrics else b""
+            with self._on_fenced():
+                self.owner.write(self.claim.paths.metrics, data)
+            with self._lock:
+                self._metrics_synced = count
 
     def sync_log(self) -> None:
         """Rewrite worker.log if this attempt logged more (JSON lines, like the worker's)."""

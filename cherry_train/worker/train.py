@@ -31,7 +31,6 @@ from cherry_train.worker.checkpoint import (
     Checkpoints,
     rng_state,
     set_rng_state,
-    snapshot,
     weights_sha256,
 )
 from cherry_train.worker.data import (
@@ -185,23 +184,33 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
 
 # -- checkpoints -------------------------------------------------------------------------------
 
-def save_checkpoint(job: Job, why: str) -> None:
-    """Copy the whole training state now; it is written in the background. Training waits only
-    for the copy (and for the previous checkpoint's write, if that is still going on)."""
+def save_checkpoint(job: Job, why: str, best: bool = False) -> None:
+    """Queue a copy of the whole training state; it is written in the background. Training
+    waits only for the previous checkpoint's write, if that is still going on, and for the copy
+    to be queued; the GPU makes it between this step and the next. With `best`, the model's
+    weights in that copy are also published as best.pt (before the checkpoint)."""
     started = time.perf_counter()
     _update_wall(job)
-    payload = snapshot({
-        "format": CHECKPOINT_FORMAT,
-        "model": job.model.state_dict(),
-        "optimizer": job.optimizer.state_dict(),
-        "scheduler": job.scheduler.state_dict(),
-        "scaler": job.scaler.state_dict(),
-        "state": asdict(job.state),
-        "rng": rng_state(),
-        "torch_threads": torch.get_num_threads(),
-    })
-    job.reporter.sync_metrics()  # first: the resume from this checkpoint keeps these lines
-    job.checkpoints.save_in_background(job.state.global_step, payload)
+
+    def collect() -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": job.model.state_dict(),
+            "optimizer": job.optimizer.state_dict(),
+            "scheduler": job.scheduler.state_dict(),
+            "scaler": job.scaler.state_dict(),
+            "state": asdict(job.state),
+            "rng": rng_state(),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def before_write(payload: dict[str, Any]) -> None:
+        job.reporter.sync_metrics()  # first: the resume from this checkpoint keeps these lines
+        if best:
+            sha = _publish_weights(job, payload["model"], job.claim.paths.best_weights)
+            job.state.best_weights_sha256 = payload["state"]["best_weights_sha256"] = sha
+
+    job.checkpoints.save_in_background(job.state.global_step, collect, before_write)
     job.last_checkpoint_at = time.perf_counter()
     log.info("checkpoint saved", job_id=job.claim.job_id, step=job.state.global_step, why=why,
              seconds=round(time.perf_counter() - started, 3))  # what training waited
@@ -481,19 +490,19 @@ def end_epoch(job: Job) -> None:
              epochs=job.cfg.training.epochs,
              **{k: round(v, 4) for k, v in state.last_epoch.items() if k != "lr"})
     best = state.best
-    if best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
+    improved = best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"])
+    if improved:
         state.best = {"epoch": state.epoch, "val_accuracy": val_acc, "val_loss": val_loss}
-        state.best_weights_sha256 = _save_weights(job, job.claim.paths.best_weights)
     job.reporter.update(best_val_accuracy=state.best["val_accuracy"])
     state.epoch += 1
     state.step_in_epoch = 0
     state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0.0, 0, 0
-    save_checkpoint(job, "epoch end")
+    save_checkpoint(job, "epoch end", best=improved)  # best.pt from the same copy of the state
     job.reporter.write_curves(f"{job.claim.manifest.name} ({job.claim.job_id})")
 
 
-def _save_weights(job: Job, path: str) -> str:
-    state_dict = {k: v.detach().cpu() for k, v in job.model.state_dict().items()}
+def _publish_weights(job: Job, state_dict: dict[str, torch.Tensor], path: str) -> str:
+    """Store a CPU copy of the model's weights at `path`; their hash (weights_sha256)."""
     tmp = job.scratch / (Path(path).name + ".partial")
     job.scratch.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, tmp)
@@ -535,5 +544,6 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     _update_wall(job)
     outcome.completed = True
     outcome.state = job.state
-    outcome.final_weights_sha256 = _save_weights(job, claim.paths.final_weights)
+    weights = {k: v.detach().cpu() for k, v in job.model.state_dict().items()}
+    outcome.final_weights_sha256 = _publish_weights(job, weights, claim.paths.final_weights)
     return outcome
