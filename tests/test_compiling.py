@@ -50,3 +50,64 @@ def test_each_job_compiles_a_static_graph_in_a_long_lived_worker():
         assert out.shape == (batch, 2)
     assert [g["images"] for g in graphs] == [[(4, 3, 32, 32)], [(8, 3, 32, 32)], [(6, 3, 32, 32)]]
     assert all(not g["symbolic"] for g in graphs)
+
+
+def test_packed_kernels_are_loaded_only_into_the_same_set_up(monkeypatch):
+    saved, loaded = b"\x00inductor artifacts\n\xff", []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (saved, None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
+    key = {"torch": "2.11", "device": "NVIDIA H100", "mode": "default", "micro_batch": 256}
+    packed = compiling.pack_kernels(key)
+    assert compiling.unpack_kernels(packed, {**key, "device": "Tesla T4"}).startswith(
+        "compiled for another set-up")
+    assert compiling.unpack_kernels(b"something else", key) == "not a compiled-kernels file"
+    assert loaded == []
+    assert compiling.unpack_kernels(packed, dict(reversed(key.items()))) is None
+    assert loaded == [saved]  # the artifacts' bytes, unchanged
+
+
+def test_nothing_compiled_packs_nothing(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: None)
+    assert compiling.pack_kernels({"mode": "default"}) is None
+
+
+def test_stored_kernels_make_compiling_pay_back_sooner():
+    # 3,000 steps left at 66 ms: 56 s saved. Not worth a cold compile; worth a warm one.
+    assert compiling.pays_back(3_000, 0.066, 256)[0] is False
+    assert compiling.pays_back(3_000, 0.066, 256, warm=True)[0] is True
+
+
+def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_data,
+                                                                      tiny_config, monkeypatch):
+    # Nothing compiles on the CPU: the seams are the compile decision and torch's cache calls.
+    from cherry_train.jobqueue.layout import JobPaths
+    from cherry_train.jobqueue.protocol import JobQueue
+    from cherry_train.schemas import JobState, validate_config
+    from cherry_train.storage import LocalStorage
+    from tests.test_training import finish
+
+    packed, loaded = [], []
+    monkeypatch.setattr(compiling, "fixed_decision", lambda *args: (True, "test"))
+    monkeypatch.setattr(compiling, "compile_model", lambda model, micro: (model, "default"))
+    monkeypatch.setattr(compiling, "kernels_key", lambda mode, micro, device: {"mode": mode})
+
+    def pack(key):
+        packed.append(key)
+        return f"kernels {len(packed)}".encode()
+
+    def unpack(data, key):
+        loaded.append(data)
+        return None
+
+    monkeypatch.setattr(compiling, "pack_kernels", pack)
+    monkeypatch.setattr(compiling, "unpack_kernels", unpack)
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    kernels = root_with_data / JobPaths(job_id).compiled_kernels
+    assert finish(queue, job_id, stop_at_step=3, monkeypatch=monkeypatch) is None
+    assert kernels.read_bytes() == b"kernels 1"  # stored with the checkpoint it was packed for
+    result = finish(queue, job_id)
+    assert result.state == JobState.succeeded and result.attempts == 2
+    assert loaded == [b"kernels 1"] and packed == [{"mode": "default"}]  # nothing new to pack
+    assert not kernels.exists()  # a finished job keeps no kernels
+    assert "compiled_kernels" not in result.artifacts

@@ -184,9 +184,11 @@ def test_a_checkpoint_copy_is_the_state_of_its_step_while_training_goes_on():
     # queued after it are not. The reference is a clone on the GPU queued at the same point.
     from cherry_train.worker.checkpoint import StateCopier
 
-    model = torch.nn.Linear(4096, 4096).cuda()
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3), torch.nn.Flatten(),
+                                torch.nn.Linear(64 * 30 * 30, 512)).cuda()
+    model = model.to(memory_format=torch.channels_last)  # as the trainer's models on a GPU
     opt = torch.optim.Adam(model.parameters(), 1e-3, fused=True)
-    x = torch.randn(8192, 4096, device="cuda")
+    x = torch.randn(256, 64, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
 
     def step():
         model(x).square().mean().backward()
@@ -207,7 +209,58 @@ def test_a_checkpoint_copy_is_the_state_of_its_step_while_training_goes_on():
         for name, value in reference.items():
             assert torch.equal(got["model"][name], value.cpu()), name
         assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], moments.cpu())
-        assert not torch.equal(got["model"]["weight"], model.weight.detach().cpu())
-        assert got["model"]["weight"].is_pinned()
-        buffers.add(got["model"]["weight"].data_ptr())
+        assert not torch.equal(got["model"]["2.weight"], model[2].weight.detach().cpu())
+        assert got["model"]["2.weight"].is_pinned()
+        # Strides kept: a resumed fused Adam refuses moments in another layout than the weights.
+        assert got["model"]["0.weight"].stride() == model[0].weight.stride()
+        assert got["optimizer"]["state"][0]["exp_avg"].stride() == model[0].weight.stride()
+        buffers.add(got["model"]["2.weight"].data_ptr())
     assert len(buffers) == 1  # the pinned buffers are reused from one checkpoint to the next
+
+
+def test_a_resumed_attempt_compiles_from_the_kernels_the_first_one_stored(tmp_path,
+                                                                          cherry_images,
+                                                                          tiny_config):
+    # Two real worker processes, each with an empty inductor cache of its own, as on two
+    # fresh VMs: the first is killed after its compiled steps and a checkpoint.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from cherry_train.jobqueue.layout import JobPaths
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "data").symlink_to(cherry_images, target_is_directory=True)
+    tiny_config["training"]["epochs"] = 4
+    tiny_config["checkpoint"]["every_steps"] = 2
+    tiny_config["lease_seconds"] = 2
+    tiny_config["performance"] = {"input_pipeline": "gpu", "compile": "on"}
+    job_id = JobQueue(LocalStorage(root)).submit(validate_config(tiny_config)).job_id
+
+    def worker(n: int, fault: str | None = None) -> None:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{n}"),
+               "CHERRY_DEVICE": "cuda"}
+        env.pop("TRITON_CACHE_DIR", None)
+        env.pop("CHERRY_FAULT", None)
+        if fault:
+            env["CHERRY_FAULT"] = fault
+        subprocess.run([sys.executable, "-m", "cherry_train", "worker", "--root", str(root),
+                        "--worker-id", "gpu", "--exit-when-idle", "--poll-seconds", "0.2"],
+                       env=env, check=False, timeout=600)
+
+    worker(1, fault="step@8")
+    kernels = root / JobPaths(job_id).compiled_kernels
+    assert kernels.stat().st_size > 0
+    time.sleep(2.5)  # the killed attempt's lease runs out
+    worker(2)
+    result = Result.from_json((root / JobPaths(job_id).result).read_bytes())
+    assert result.state == JobState.succeeded and result.attempts == 2, result.error
+    events = [json.loads(x) for x in (root / JobPaths(job_id).log).read_text().splitlines()]
+    asked = {e["attempt"]: e for e in events if e["event"] == "compiling the model"}
+    compiled = {e["attempt"]: e for e in events if e["event"] == "model compiled"}
+    assert asked[1]["earlier_kernels"] == "none stored" and compiled[1]["cache_hits"] == 0
+    assert asked[2]["earlier_kernels"].startswith("loaded"), asked[2]
+    assert compiled[2]["cache_hits"] > 0 and compiled[2]["cache_misses"] == 0, compiled[2]
+    assert not kernels.exists()  # the finished job keeps none

@@ -87,6 +87,11 @@ class JobPaths:
         return self.checkpoint(step) + ".sha256"
 
     @property
+    def compiled_kernels(self) -> str:
+        # torch.compile's output, for the next attempt (usually on a fresh VM); removed at the end.
+        return f"{self.dir}/compiled-kernels.bin"
+
+    @property
     def best_weights(self) -> str:
         return f"{self.dir}/best.pt"
 

@@ -96,9 +96,15 @@ class StateCopier:
             t = obj.detach()
             if t.device.type != "cuda":
                 return t.to("cpu", copy=True)
+            if not _owns_dense_storage(t):
+                t = t.contiguous()
             buffer = self._pinned.get(key)
-            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
-                buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype) != \
+                    (t.shape, t.stride(), t.dtype):
+                # Same strides as the live tensor: optimizer states of channels_last weights
+                # must come back channels_last (fused Adam refuses mixed layouts).
+                buffer = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                             pin_memory=True)
                 self._pinned[key] = buffer
             buffer.copy_(t, non_blocking=True)
             devices.add(t.device)
@@ -108,6 +114,12 @@ class StateCopier:
         if isinstance(obj, list | tuple):
             return type(obj)(self._copy(v, (*key, i), devices) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
+
+
+def _owns_dense_storage(t: torch.Tensor) -> bool:
+    """Whether the tensor's elements fill its whole storage (so its strides can be copied)."""
+    return t.storage_offset() == 0 and \
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 class Copy:

@@ -204,6 +204,7 @@ class Worker:
                      best=result.best.model_dump() if result.best else None)
             reporter.beat(phase="finished")
             reporter.finish()
+            _forget_compiled_kernels(owner)
             result.artifacts = _artifacts(owner)
             won = owner.commit(result)
         except Fenced:
@@ -330,6 +331,14 @@ def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result
                                                                            gpu_hours),
         dataset_sha256=outcome.data.get("dataset_sha256"),
         data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"})
+
+
+def _forget_compiled_kernels(owner) -> None:
+    """Compiled kernels are kept for resumed attempts only; a finished job has none."""
+    try:
+        owner.storage.delete(owner.claim.paths.compiled_kernels)
+    except Exception as e:  # tens of MB left behind, nothing worse: the result still counts
+        log.warning("could not remove the compiled kernels", error=f"{type(e).__name__}: {e}")
 
 
 def _artifacts(owner) -> dict[str, Artifact]:

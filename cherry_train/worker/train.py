@@ -78,6 +78,8 @@ class Job:
     compiled: Any = None  # torch.compile'd model (same parameters), once decided
     compile_state: str = "undecided"  # undecided | first-step | on | off
     probe: tuple[float, int] | None = None  # (time, step) where the eager timing began
+    kernels_key: dict | None = None  # what the compiled kernels are for (compiling.kernels_key)
+    kernels: bytes | None = None  # packed compiled kernels, stored with the next checkpoint
     attempt_steps: int = 0  # steps taken by this attempt
     first_step_done: bool = False
 
@@ -204,8 +206,12 @@ def save_checkpoint(job: Job, why: str, best: bool = False) -> None:
             "torch_threads": torch.get_num_threads(),
         }
 
+    kernels, job.kernels = job.kernels, None
+
     def before_write(payload: dict[str, Any]) -> None:
         job.reporter.sync_metrics()  # first: the resume from this checkpoint keeps these lines
+        if kernels is not None:
+            job.reporter.owner.write(job.claim.paths.compiled_kernels, kernels)
         if best:
             sha = _publish_weights(job, payload["model"], job.claim.paths.best_weights)
             job.state.best_weights_sha256 = payload["state"]["best_weights_sha256"] = sha
@@ -347,16 +353,48 @@ def _consider_compiling(job: Job, batch: int) -> None:
             return
         torch.cuda.synchronize(job.device)
         step_seconds = (time.perf_counter() - job.probe[0]) / (job.attempt_steps - job.probe[1])
+        stored = job.reporter.queue.storage.exists(job.claim.paths.compiled_kernels)
         decided = compiling.pays_back(job.total_steps - job.state.global_step, step_seconds,
-                                      job.state.micro_batch or batch)
+                                      job.state.micro_batch or batch, warm=stored)
     compile_it, why = decided
     if compile_it:
-        job.compiled, mode = compiling.compile_model(job.model, job.state.micro_batch or batch)
+        micro = job.state.micro_batch or batch
+        job.compiled, mode = compiling.compile_model(job.model, micro)
         job.compile_state = "first-step"
-        log.info("compiling the model", mode=mode, why=why)
+        job.kernels_key = compiling.kernels_key(mode, micro, job.device)
+        log.info("compiling the model", mode=mode, why=why,
+                 earlier_kernels=_load_kernels(job))
     else:
         job.compile_state = "off"
         log.info("not compiling the model", why=why)
+
+
+def _load_kernels(job: Job) -> str:
+    """The kernels an earlier attempt of this job compiled, loaded into torch's caches: a
+    resumed attempt on a fresh VM then compiles from cache. Says what happened."""
+    try:
+        data = job.reporter.queue.storage.read_bytes(job.claim.paths.compiled_kernels)
+    except FileNotFoundError:
+        return "none stored"
+    try:
+        refused = compiling.unpack_kernels(data, job.kernels_key)
+    except Exception as e:  # a cache problem must never cost the job: compile from scratch
+        refused = f"{type(e).__name__}: {str(e)[:200]}"
+    if refused:
+        return f"not used: {refused}"
+    job.kernels_key = None  # already stored: nothing to write back
+    return f"loaded ({len(data) / 2**20:.1f} MB)"
+
+
+def _pack_kernels(job: Job) -> None:
+    """Keep what this compile produced, to be stored with the next checkpoint."""
+    if job.kernels_key is None:
+        return
+    try:
+        job.kernels = compiling.pack_kernels(job.kernels_key)
+    except Exception as e:
+        log.warning("could not pack the compiled kernels; a resumed attempt will compile "
+                    "from scratch", error=f"{type(e).__name__}: {str(e)[:200]}")
 
 
 #: Below this many images per micro-batch, an out-of-memory error fails the job.
@@ -377,10 +415,12 @@ def _accumulated_step(job: Job, x: torch.Tensor, y: torch.Tensor):
     if job.compile_state != "first-step":
         return _step(job, x, y)
     try:  # compiling happens here; if the compiler fails, eager training goes on
-        started = time.perf_counter()
+        started, before = time.perf_counter(), compiling.cache_counts()
         out = _step(job, x, y)
         job.compile_state = "on"
-        log.info("model compiled", seconds=round(time.perf_counter() - started, 1))
+        log.info("model compiled", seconds=round(time.perf_counter() - started, 1),
+                 **{k: v - before[k] for k, v in compiling.cache_counts().items()})
+        _pack_kernels(job)
         return out
     except torch.OutOfMemoryError:
         raise
