@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cherry_train.worker import compiling
@@ -111,3 +112,24 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
     assert loaded == [b"kernels 1"] and packed == [{"mode": "default"}]  # nothing new to pack
     assert not kernels.exists()  # a finished job keeps no kernels
     assert "compiled_kernels" not in result.artifacts
+
+
+def test_a_worker_can_refuse_stored_kernels(root_with_data, tiny_config, monkeypatch):
+    # They are code: a worker whose folder others can write to turns them off.
+    from cherry_train.jobqueue.layout import JobPaths
+    from cherry_train.jobqueue.protocol import JobQueue
+    from cherry_train.schemas import JobState, validate_config
+    from cherry_train.storage import LocalStorage
+    from tests.test_training import finish
+
+    monkeypatch.setenv("CHERRY_STORED_KERNELS", "0")
+    monkeypatch.setattr(compiling, "fixed_decision", lambda *args: (True, "test"))
+    monkeypatch.setattr(compiling, "compile_model", lambda model, micro: (model, "default"))
+    monkeypatch.setattr(compiling, "pack_kernels", lambda key: pytest.fail("packed"))
+    monkeypatch.setattr(compiling, "unpack_kernels", lambda data, key: pytest.fail("loaded"))
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    planted = root_with_data / JobPaths(job_id).compiled_kernels
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"someone else's code")
+    assert finish(queue, job_id).state == JobState.succeeded

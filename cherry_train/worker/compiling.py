@@ -83,6 +83,14 @@ def compile_model(model: nn.Module, micro_batch: int, backend: str | Callable = 
 _MAGIC = b"cherry-train compiled kernels\n"
 
 
+def kernels_enabled() -> bool:
+    """Compiled kernels are code the worker runs, unlike checkpoints (loaded weights_only): a
+    worker whose queue folder is writable by people it should not run code for sets
+    CHERRY_STORED_KERNELS=0, and then neither stores nor loads them."""
+    return os.environ.get("CHERRY_STORED_KERNELS", "1").strip().lower() not in ("0", "off",
+                                                                                "false", "no")
+
+
 def _forget_recorded_kernels() -> None:
     """torch records every compile of the process for packing; a job packs only its own."""
     try:

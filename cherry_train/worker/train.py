@@ -353,7 +353,8 @@ def _consider_compiling(job: Job, batch: int) -> None:
             return
         torch.cuda.synchronize(job.device)
         step_seconds = (time.perf_counter() - job.probe[0]) / (job.attempt_steps - job.probe[1])
-        stored = job.reporter.queue.storage.exists(job.claim.paths.compiled_kernels)
+        stored = compiling.kernels_enabled() and \
+            job.reporter.queue.storage.exists(job.claim.paths.compiled_kernels)
         decided = compiling.pays_back(job.total_steps - job.state.global_step, step_seconds,
                                       job.state.micro_batch or batch, warm=stored)
     compile_it, why = decided
@@ -361,7 +362,8 @@ def _consider_compiling(job: Job, batch: int) -> None:
         micro = job.state.micro_batch or batch
         job.compiled, mode = compiling.compile_model(job.model, micro)
         job.compile_state = "first-step"
-        job.kernels_key = compiling.kernels_key(mode, micro, job.device)
+        if compiling.kernels_enabled():
+            job.kernels_key = compiling.kernels_key(mode, micro, job.device)
         log.info("compiling the model", mode=mode, why=why,
                  earlier_kernels=_load_kernels(job))
     else:
@@ -372,6 +374,8 @@ def _consider_compiling(job: Job, batch: int) -> None:
 def _load_kernels(job: Job) -> str:
     """The kernels an earlier attempt of this job compiled, loaded into torch's caches: a
     resumed attempt on a fresh VM then compiles from cache. Says what happened."""
+    if job.kernels_key is None:
+        return "off (CHERRY_STORED_KERNELS=0)"
     try:
         data = job.reporter.queue.storage.read_bytes(job.claim.paths.compiled_kernels)
     except FileNotFoundError:
