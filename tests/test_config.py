@@ -59,6 +59,9 @@ BAD = [
     ("training", _with("training", _DELETE), "required, but missing"),
     ("amp", _with("amp", "fp8"), "'auto', 'bf16', 'fp16' or 'off'"),
     ("lease_seconds", _with("lease_seconds", 40), "twice heartbeat_seconds"),
+    ("performance.compile", _with("deterministic", True).replace(
+        "deterministic: true", "deterministic: true\nperformance: {compile: 'on'}"),
+     "contradicts deterministic: true"),
     ("heartbeat_seconds", _with("heartbeat_seconds", 0), "greater than 0"),
     ("max_attempts", _with("max_attempts", 0), "greater than or equal to 1"),
     ("checkpoint.every_minutes", _with("checkpoint.every_minutes", 0), "greater than 0"),

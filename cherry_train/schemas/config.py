@@ -200,6 +200,14 @@ class TrainingConfig(_Section):
                                  "evaluation goes without it)")
         return self
 
+    @model_validator(mode="after")
+    def _compile_or_deterministic(self) -> TrainingConfig:
+        if self.deterministic and self.performance.compile == "on":
+            raise ValueError("performance.compile: 'on' contradicts deterministic: true "
+                             "(compiled kernels may differ from run to run); use 'auto' or "
+                             "'off', which never compile a deterministic job")
+        return self
+
     @property
     def epochs(self) -> int | None:
         return self.training.epochs if self.training else None
