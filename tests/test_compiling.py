@@ -102,11 +102,22 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
 
     monkeypatch.setattr(compiling, "pack_kernels", pack)
     monkeypatch.setattr(compiling, "unpack_kernels", unpack)
+    from cherry_train.worker.reporting import Reporter
+
+    phases, update = [], Reporter.update
+
+    def record_phase(self, **progress):
+        if "phase" in progress and (not phases or phases[-1] != progress["phase"]):
+            phases.append(progress["phase"])
+        update(self, **progress)
+
+    monkeypatch.setattr(Reporter, "update", record_phase)
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
     kernels = root_with_data / JobPaths(job_id).compiled_kernels
     assert finish(queue, job_id, stop_at_step=3, monkeypatch=monkeypatch) is None
     assert kernels.read_bytes() == b"kernels 1"  # stored with the checkpoint it was packed for
+    assert phases[:3] == ["copying data", "compiling", "training"]  # what `cherry status` shows
     result = finish(queue, job_id)
     assert result.state == JobState.succeeded and result.attempts == 2
     assert loaded == [b"kernels 1"] and packed == [{"mode": "default"}]  # nothing new to pack

@@ -79,7 +79,9 @@ class Heartbeat(_Record):
     attempt: int
     worker_id: str
     at: datetime
-    phase: str = "starting"  # starting | training | validating | checkpointing | finishing
+    # starting | copying data | compiling | training | validating | finishing | released |
+    # finished (mode: evaluation: evaluating)
+    phase: str = "starting"
     released: bool = False  # the owner stopped on purpose: the next worker may take over now
     epoch: int = 0  # 0-based epoch in progress
     epochs: int = 0

@@ -419,8 +419,10 @@ def _accumulated_step(job: Job, x: torch.Tensor, y: torch.Tensor):
     if job.compile_state != "first-step":
         return _step(job, x, y)
     try:  # compiling happens here; if the compiler fails, eager training goes on
+        job.reporter.update(phase="compiling")  # a minute on one step: say why, in status
         started, before = time.perf_counter(), compiling.cache_counts()
         out = _step(job, x, y)
+        job.reporter.update(phase="training")
         job.compile_state = "on"
         log.info("model compiled", seconds=round(time.perf_counter() - started, 1),
                  **{k: v - before[k] for k, v in compiling.cache_counts().items()})
@@ -432,6 +434,7 @@ def _accumulated_step(job: Job, x: torch.Tensor, y: torch.Tensor):
         log.warning("torch.compile failed; training goes on without it",
                     error=f"{type(e).__name__}: {str(e)[:300]}")
         job.compiled, job.compile_state = None, "off"
+        job.reporter.update(phase="training")
         return _step(job, x, y)
 
 
