@@ -160,20 +160,21 @@ def cherry_train(root: Path, batch: int, epochs: int, performance: dict | None =
         if (job / "worker.log").exists() else []
     ckpt = [x["seconds"] for x in log if x.get("event") == "checkpoint saved"]
     events = {x.get("event"): x for x in log}
-    steady_epochs = {}
+    windows: dict[int, list[float]] = {}  # epoch -> images/s of each 10-step window
     for x in lines:
-        if x["kind"] == "train" and x["epoch"] >= 1 and x["images_per_second"]:
-            steady_epochs.setdefault(x["epoch"], []).append(x["images_per_second"])
-    last = max(steady_epochs) if steady_epochs else None
+        if x["kind"] == "train" and x["images_per_second"]:
+            windows.setdefault(x["epoch"], []).append(x["images_per_second"])
+    last = max(windows) if len(windows) > 1 else None
     return {"steady": statistics.median(steady) if steady else None,
-            "last_epoch": statistics.median(steady_epochs[last]) if last is not None else None,
+            "last_epoch": statistics.median(windows[last]) if last is not None else None,
             "first_step_s": events.get("first step", {}).get("seconds"),
             "decode_s": events.get("images decoded into memory", {}).get("seconds"),
             "compile_s": events.get("model compiled", {}).get("seconds"),
             "compile_mode": events.get("compiling the model", {}).get("mode"),
             "first_epoch": statistics.median(first) if first else None,
             "state": result.state.value, "wall_seconds": round(wall, 1),
-            "amp": result.amp, "checkpoint_seconds": statistics.median(ckpt) if ckpt else None}
+            "amp": result.amp, "checkpoint_seconds": statistics.median(ckpt) if ckpt else None,
+            "windows": windows, "checkpoints_s": ckpt}
 
 
 def main() -> None:
@@ -196,7 +197,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     card = torch.cuda.get_device_name()
     print(f"card: {card}; torch {torch.__version__}; {os.cpu_count()} CPU cores", flush=True)
-    figures = {}
+    figures, jobs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"
         t = time.perf_counter()
@@ -237,7 +238,9 @@ def main() -> None:
                     else run["steady"]
                 figures[f"{key}, first epoch"] = run["first_epoch"]
                 figures[f"{key}, checkpoint s"] = run["checkpoint_seconds"]
-                print(f"cherry-train b{batch} {name}: {run}", flush=True)
+                jobs[key] = run  # with every window's figure, for the JSON
+                print(f"cherry-train b{batch} {name}: "
+                      f"{ {k: v for k, v in run.items() if k != 'windows'} }", flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from checkpoint_stall import measure
 
@@ -268,7 +271,8 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "train_throughput.json").write_text(json.dumps(
-            {"card": card, "torch": torch.__version__, "figures": figures}, indent=2))
+            {"card": card, "torch": torch.__version__, "figures": figures, "jobs": jobs},
+            indent=2))
 
 
 if __name__ == "__main__":
