@@ -66,8 +66,8 @@ def compile_model(model: nn.Module, micro_batch: int, backend: str | Callable = 
 
     A worker trains many jobs in one process, and dynamo's caches are per code object, not per
     model: a second job at another batch size would otherwise get a graph with a symbolic batch
-    dimension (automatic dynamic shapes), measured 30% slower than the static one at batch 256
-    on an H100, and after 8 jobs dynamo would stop compiling altogether (its recompile limit).
+    dimension (automatic dynamic shapes): 4,210 images/s against 5,352 static at batch 256 (two
+    H100 runs); and after 8 jobs dynamo would stop compiling altogether (its recompile limit).
     The batch shape is fixed within a job, so the graph is compiled static."""
     torch._dynamo.reset()
     _forget_recorded_kernels()
