@@ -79,7 +79,7 @@ class StateCopier:
     (`Copy.wait`). CPU tensors are cloned. The buffers are reused: one copy at a time."""
 
     def __init__(self):
-        self._pinned: dict[tuple, torch.Tensor] = {}
+        self._pinned: dict[tuple, tuple] = {}  # key -> (shape, strides, dtype), buffer
 
     def copy(self, obj: Any) -> Copy:
         devices: set[torch.device] = set()
@@ -96,16 +96,14 @@ class StateCopier:
             t = obj.detach()
             if t.device.type != "cuda":
                 return t.to("cpu", copy=True)
-            if not _owns_dense_storage(t):
-                t = t.contiguous()
-            buffer = self._pinned.get(key)
-            if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype) != \
-                    (t.shape, t.stride(), t.dtype):
-                # Same strides as the live tensor: optimizer states of channels_last weights
-                # must come back channels_last (fused Adam refuses mixed layouts).
-                buffer = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
-                                             pin_memory=True)
-                self._pinned[key] = buffer
+            like = (t.shape, t.stride(), t.dtype)
+            kept = self._pinned.get(key)
+            if kept is None or kept[0] != like:
+                # empty_like keeps the live tensor's layout: optimizer states of channels_last
+                # weights must come back channels_last (fused Adam refuses mixed layouts).
+                kept = like, torch.empty_like(t, device="cpu", pin_memory=True)
+                self._pinned[key] = kept
+            buffer = kept[1]
             buffer.copy_(t, non_blocking=True)
             devices.add(t.device)
             return buffer
@@ -114,12 +112,6 @@ class StateCopier:
         if isinstance(obj, list | tuple):
             return type(obj)(self._copy(v, (*key, i), devices) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
-
-
-def _owns_dense_storage(t: torch.Tensor) -> bool:
-    """Whether the tensor's elements fill its whole storage (so its strides can be copied)."""
-    return t.storage_offset() == 0 and \
-        t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 class Copy:
