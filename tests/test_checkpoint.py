@@ -150,3 +150,37 @@ def test_the_next_state_is_collected_after_the_previous_write(owner, tmp_path):
     checkpoints.wait()
     assert seen == [(None, [1.0, 1.0], []), ("written after step 1", [2.0, 2.0], [1])]
     assert checkpoints.load_latest()[1]["note"] == "written after step 1"
+
+
+def test_metrics_are_never_overwritten_by_an_older_snapshot(owner, monkeypatch):
+    # The heartbeat thread and the checkpoint thread both sync metrics.jsonl. A slow write of
+    # an older snapshot must not land after a newer one (a resume would lose lines).
+    from datetime import UTC, datetime
+
+    from cherry_train.schemas import WorkerStatus
+    from cherry_train.worker.reporting import Reporter, StopRequest
+
+    status = WorkerStatus(worker_id="w", incarnation="i", at=datetime.now(UTC), state="busy")
+    reporter = Reporter(owner, status, StopRequest())
+    entered, release, write = threading.Event(), threading.Event(), owner.write
+
+    def slow_first_write(path, data):
+        if not entered.is_set():
+            entered.set()
+            release.wait(10)
+        write(path, data)
+
+    monkeypatch.setattr(owner, "write", slow_first_write)
+    reporter.metric({"kind": "train", "step": 1})
+    first = threading.Thread(target=reporter.sync_metrics)
+    first.start()
+    entered.wait(10)
+    reporter.metric({"kind": "train", "step": 2})
+    second = threading.Thread(target=reporter.sync_metrics)
+    second.start()
+    second.join(0.3)  # without one writer at a time, the newer snapshot is written now
+    release.set()
+    first.join()
+    second.join()
+    lines = owner.storage.read_text_or_none(owner.claim.paths.metrics).splitlines()
+    assert len(lines) == 2
