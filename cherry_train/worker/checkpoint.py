@@ -115,6 +115,8 @@ class StateCopier:
 
 
 class Copy:
+    """A state copy in flight: its payload (CPU tensors) is complete once `wait` returns."""
+
     def __init__(self, payload: Any, events: list):
         self.payload, self.events = payload, events
 
