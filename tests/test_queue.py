@@ -183,6 +183,10 @@ def test_takeover_only_after_the_lease_expires(queue, clock, tiny_config):
         queue.owner(first).commit(Result(job_id=first.job_id, state=JobState.succeeded,
                                          attempts=1, finished_at=clock.now()))
     assert not queue.storage.exists(first.paths.result)
+    queue.owner(second).write(second.paths.compiled_kernels, b"the new owner's kernels")
+    with pytest.raises(Fenced):  # deleting is writing too
+        queue.owner(first).delete(first.paths.compiled_kernels)
+    assert queue.storage.exists(second.paths.compiled_kernels)
 
 
 def test_same_worker_id_takes_its_job_back_fast(queue, clock, tiny_config):

@@ -51,6 +51,11 @@ class Owner:
         self.storage.upload(local, path)
         self.written[path] = (local.stat().st_size, sha256 or file_sha256(local))
 
+    def delete(self, path: str) -> None:
+        self._fenced(path)
+        self.storage.delete(path)
+        self.written.pop(path, None)
+
     def describe(self, path: str) -> tuple[int, str] | None:
         """Size and sha256 of a job file: as written by this attempt, else read back (files
         an earlier attempt wrote, such as best weights from before a disconnect)."""

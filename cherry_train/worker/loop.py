@@ -336,7 +336,9 @@ def _result(claim: Claim, outcome, job_state: JobState, now: datetime) -> Result
 def _forget_compiled_kernels(owner) -> None:
     """Compiled kernels are kept for resumed attempts only; a finished job has none."""
     try:
-        owner.storage.delete(owner.claim.paths.compiled_kernels)
+        owner.delete(owner.claim.paths.compiled_kernels)  # fenced, like every write of the job
+    except Fenced:
+        raise
     except Exception as e:  # tens of MB left behind, nothing worse: the result still counts
         log.warning("could not remove the compiled kernels", error=f"{type(e).__name__}: {e}")
 
