@@ -130,7 +130,7 @@ def unpack_kernels(data: bytes, key: dict) -> str | None:
         stored = json.loads(header)
     except ValueError:
         return "unreadable header"
-    if stored != json.loads(json.dumps(key, sort_keys=True)):
+    if stored != key:
         return f"compiled for another set-up ({stored})"
     load(artifacts)
     return None
