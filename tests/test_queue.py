@@ -265,6 +265,24 @@ def test_exit_when_idle_stops_on_an_empty_queue(queue):
     assert status.state == "stopped"
 
 
+def test_a_started_worker_removes_what_its_killed_incarnation_left_in_scratch(fs, queue):
+    """A SIGKILL during torch.save leaves a partial checkpoint in local scratch; a restarted
+    worker with the same id clears its own, and never another live worker's."""
+    from pathlib import Path
+
+    from cherry_train.worker.loop import WorkerOptions
+
+    mine, theirs = Path("/scratch/w1/job-a"), Path("/scratch/w2/job-b")
+    for folder in (mine, theirs):
+        fs.create_file(folder / "step-000000003.pt.partial", contents="x" * 1000)
+    worker = Worker(queue, WorkerIdentity("w1"),
+                    WorkerOptions(exit_when_idle=True, scratch=Path("/scratch")),
+                    trainer=fake_trainer([]))
+    assert worker.run() == 0
+    assert not Path("/scratch/w1").exists()
+    assert (theirs / "step-000000003.pt.partial").is_file()
+
+
 def test_state_derivation_order(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))
     paths = JobPaths(manifest.job_id)

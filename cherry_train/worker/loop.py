@@ -78,6 +78,7 @@ class Worker:
         log.info("worker started", worker_id=self.me.worker_id, incarnation=self.me.incarnation,
                  root=self.queue.storage.description, version=__version__)
         self.refuse_if_id_in_use()
+        self._clear_dead_scratch()
         clock, options = self.queue.clock, self.options
         wait = options.poll_min_seconds
         reason = "stopped"
@@ -226,11 +227,22 @@ class Worker:
             self.trainer = train
         return self.trainer
 
-    def _scratch(self, claim: Claim) -> Path:
+    def _scratch(self, claim: Claim | None = None) -> Path:
         # Local disk, never the queue root: torch.save must not write through a flaky mount.
         # Publishing is then one copy (or a rename, on the same file system), and retryable.
         base = self.options.scratch or Path(tempfile.gettempdir()) / "cherry-train-scratch"
-        return base / f"{self.me.worker_id}-{claim.job_id}"
+        mine = base / self.me.worker_id
+        return mine / claim.job_id if claim is not None else mine
+
+    def _clear_dead_scratch(self) -> None:
+        """Remove what killed incarnations of this worker left in scratch (a checkpoint being
+        written when SIGKILL came: hundreds of MB each on a ResNet-50). No live process shares
+        our worker id (checked just before), so everything under it is dead."""
+        mine = self._scratch()
+        left = sorted(p.name for p in mine.iterdir()) if mine.is_dir() else []
+        if left:
+            log.info("removing a killed worker's scratch files", path=str(mine), jobs=left)
+        shutil.rmtree(mine, ignore_errors=True)
 
     # -- identity and status -----------------------------------------------------------------
 
