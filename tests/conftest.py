@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -58,8 +60,15 @@ def isolated_env(tmp_path_factory, monkeypatch):
                 "CHERRY_DRIVE_TOKEN", "CHERRY_DRIVE_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CHERRY_DEVICE", os.environ.get("CHERRY_TEST_DEVICE", "cpu"))
+    # Subprocesses (workers the crash tests kill mid-checkpoint) keep their scratch in here.
+    # This process keeps its own temp dir: multiprocessing makes its folder there once, and
+    # removes it at exit, long after this test's folder is gone.
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.gettempdir())
+    (home / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(home / "tmp"))
     yield
     structlog.reset_defaults()  # a CLI call in one test must not set another's log format
+    shutil.rmtree(home, ignore_errors=True)  # data caches and scratch: nothing to look at
 
 
 @pytest.fixture
