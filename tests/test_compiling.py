@@ -144,3 +144,54 @@ def test_a_worker_can_refuse_stored_kernels(root_with_data, tiny_config, monkeyp
     planted.parent.mkdir(parents=True)
     planted.write_bytes(b"someone else's code")
     assert finish(queue, job_id).state == JobState.succeeded
+
+
+def test_an_out_of_memory_back_off_recompiles_and_stores_kernels_a_resumed_attempt_can_use(
+        root_with_data, tiny_config, monkeypatch):
+    """Out of memory on a compiled job: the smaller micro-batch is compiled afresh, and its
+    kernels, not the refused batch's, are stored under the key the resumed attempt asks for."""
+    from cherry_train.jobqueue.layout import JobPaths
+    from cherry_train.jobqueue.protocol import JobQueue
+    from cherry_train.schemas import JobState, validate_config
+    from cherry_train.storage import LocalStorage
+    from cherry_train.worker import train as train_module
+    from tests.test_training import finish
+
+    real_build = train_module.build_model
+
+    def build_small_gpu_model(*args):  # compiled, "CUDA out of memory" above 4 images at once
+        model = real_build(*args)
+        real_forward = model.forward
+
+        def forward(x):
+            if compiled_for and x.shape[0] > 4 and model.training:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real_forward(x)
+        model.forward = forward
+        return model
+
+    compiled_for, packed, loaded = [], [], []
+
+    def compile_model(model, micro):
+        compiled_for.append(micro)
+        return model, "default"
+
+    monkeypatch.setattr(train_module, "build_model", build_small_gpu_model)
+    monkeypatch.setattr(compiling, "fixed_decision", lambda *args: (True, "test"))
+    monkeypatch.setattr(compiling, "compile_model", compile_model)
+    monkeypatch.setattr(compiling, "kernels_key", lambda mode, micro, device: {"micro": micro})
+    monkeypatch.setattr(compiling, "pack_kernels", lambda key: packed.append(key) or repr(key)
+                        .encode())
+    monkeypatch.setattr(compiling, "unpack_kernels",
+                        lambda data, key: loaded.append(key) if data == repr(key).encode()
+                        else "another set-up")
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    assert finish(queue, job_id, stop_at_step=3, monkeypatch=monkeypatch) is None
+    assert compiled_for == [16, 8, 4]
+    assert packed == [{"micro": 4}]
+    stored = root_with_data / JobPaths(job_id).compiled_kernels
+    assert stored.read_bytes() == repr({"micro": 4}).encode()
+    result = finish(queue, job_id)
+    assert result.state == JobState.succeeded and result.micro_batch == 4
+    assert compiled_for[3:] == [4] and loaded == [{"micro": 4}]  # the resumed attempt used them

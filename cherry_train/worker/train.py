@@ -359,16 +359,21 @@ def _consider_compiling(job: Job, batch: int) -> None:
                                       job.state.micro_batch or batch, warm=stored)
     compile_it, why = decided
     if compile_it:
-        micro = job.state.micro_batch or batch
-        job.compiled, mode = compiling.compile_model(job.model, micro)
-        job.compile_state = "first-step"
-        if compiling.kernels_enabled():
-            job.kernels_key = compiling.kernels_key(mode, micro, job.device)
+        mode = _compile(job, job.state.micro_batch or batch)
         log.info("compiling the model", mode=mode, why=why,
                  earlier_kernels=_load_kernels(job))
     else:
         job.compile_state = "off"
         log.info("not compiling the model", why=why)
+
+
+def _compile(job: Job, micro: int) -> str:
+    """Compile for this micro-batch (the next step runs the compiler); the mode chosen."""
+    job.compiled, mode = compiling.compile_model(job.model, micro)
+    job.compile_state = "first-step"
+    job.kernels_key = compiling.kernels_key(mode, micro, job.device) \
+        if compiling.kernels_enabled() else None
+    return mode
 
 
 def _load_kernels(job: Job) -> str:
@@ -474,6 +479,12 @@ def _back_off(job: Job, batch: int) -> None:
     log.warning("CUDA out of memory: retrying the step in smaller micro-batches",
                 job_id=job.claim.job_id, step=state.global_step, micro_batch=state.micro_batch,
                 batch_size=batch, accumulation_steps=-(-batch // state.micro_batch))
+    if job.compiled is not None:
+        # Compile afresh, exactly as a resumed attempt will for this micro-batch (same mode,
+        # same stored-kernels key, so what this compile packs serves it); the old graphs, and
+        # any CUDA graph memory they hold, go.
+        mode = _compile(job, state.micro_batch)
+        log.info("compiling the model for the smaller micro-batch", mode=mode)
 
 
 def _fold_running_sums(state: TrainState, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
