@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import pytest
@@ -62,6 +63,32 @@ def test_a_failed_write_stops_training_at_the_next_wait(owner, tmp_path, monkeyp
     with pytest.raises(Fenced):
         checkpoints.save_in_background(2, lambda: {"w": torch.ones(1)})  # waits for the first
     assert checkpoints.steps() == []
+
+
+def test_a_write_that_fails_for_want_of_space_lets_training_go_on(owner, tmp_path, monkeypatch):
+    """Drive full (or a mount down past its retries): the state is still in memory, so the
+    failure is reported and the next checkpoint tries again; nothing half-written is left."""
+    upload, failing = owner.upload, [True]
+
+    def full(local, path, sha256=None):
+        if failing[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        upload(local, path, sha256)
+
+    monkeypatch.setattr(owner, "upload", full)
+    failed, durable = [], []
+    checkpoints = Checkpoints(owner, tmp_path / "scratch", keep_last=2,
+                              on_durable=lambda step, path: durable.append(step),
+                              on_failed=lambda step, error: failed.append((step, error)))
+    checkpoints.save_in_background(1, lambda: {"w": torch.ones(1)})
+    checkpoints.wait()  # does not raise
+    assert failed == [(1, "OSError: [Errno 28] No space left on device")]
+    assert durable == [] and checkpoints.steps() == []
+    assert list((tmp_path / "scratch").iterdir()) == []  # the partial file is gone
+    failing[0] = False
+    checkpoints.save_in_background(2, lambda: {"w": torch.ones(1)})
+    checkpoints.wait()
+    assert durable == [2] and checkpoints.steps() == [2] and len(failed) == 1
 
 
 class FakeApi:

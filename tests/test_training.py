@@ -3,9 +3,11 @@ torch writes through its own C++ file code, which pyfakefs cannot see)."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
+import structlog
 import torch
 import torchvision
 
@@ -326,3 +328,35 @@ def test_a_quiet_console_still_leaves_a_full_job_log(root_with_data, tiny_config
               (root_with_data / JobPaths(result.job_id).log).read_text().splitlines()]
     assert "epoch done" in events and "checkpoint saved" in events
     assert "epoch done" not in capsys.readouterr().err  # the console shows warnings only
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_checkpoints_that_cannot_be_written_do_not_end_the_job(root_with_data, tiny_config,
+                                                               monkeypatch, epochs):
+    """Every checkpoint fails (Drive full) and so does the first best.pt: training goes on,
+    and best.pt still ends up holding the weights the result names, stored with the next
+    epoch's checkpoint (2 epochs) or at the end (1 epoch)."""
+    from cherry_train.jobqueue.owner import Owner
+    from cherry_train.worker.checkpoint import weights_sha256
+
+    upload, best_failures = Owner.upload, []
+
+    def drive_full(self, local, path, sha256=None):
+        if "/checkpoints/" in path or (path.endswith("best.pt") and not best_failures):
+            best_failures.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return upload(self, local, path, sha256)
+
+    monkeypatch.setattr(Owner, "upload", drive_full)
+    tiny_config["training"]["epochs"] = epochs
+    with structlog.testing.capture_logs() as logs:
+        result = run_job(root_with_data, tiny_config)
+    assert result.state == JobState.succeeded, result.error
+    assert result.epochs_completed == epochs
+    job_dir = root_with_data / "done" / result.job_id
+    assert not list((job_dir / "checkpoints").glob("*.pt"))
+    best = torch.load(job_dir / "best.pt", weights_only=True)
+    assert weights_sha256(best) == result.best_weights_sha256
+    failures = [x for x in logs if x["event"].startswith("checkpoint not written")]
+    full = "OSError: [Errno 28] No space left on device"
+    assert [x["error"] for x in failures] == [full] * epochs

@@ -93,6 +93,9 @@ class Heartbeat(_Record):
     eta_seconds: float | None = None
     last_checkpoint: str | None = None
     last_checkpoint_step: int | None = None
+    # Set when the newest checkpoint could not be written (Drive full, say); training goes on
+    # and a resume would start from last_checkpoint_step. Cleared by the next one written.
+    checkpoint_error: str | None = None
     best_val_accuracy: float | None = None
     device: str | None = None
 

@@ -25,7 +25,7 @@ import torch
 from cherry_train import faults
 from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue import layout
-from cherry_train.jobqueue.owner import Owner
+from cherry_train.jobqueue.owner import Fenced, Owner
 
 log = structlog.get_logger(__name__)
 
@@ -134,14 +134,20 @@ class Checkpoints:
     checksum happen on a thread, one checkpoint at a time. `before_write(payload)` runs on that
     thread first (metrics that must be stored before the checkpoint, files derived from the
     same state). `on_durable(step, path)` is called when a checkpoint is complete (only then
-    may the heartbeat name it). `wait()` blocks until the last write is done and raises its
-    error, if it failed (for instance Fenced)."""
+    may the heartbeat name it). `wait()` blocks until the last write is done and raises
+    Fenced if a later attempt took over.
+
+    Any other failure (Drive full, a mount down for longer than its retries, local disk full)
+    does not end training: the state is still in memory, and a failed job would lose hours
+    of it. The failure is logged and passed to `on_failed(step, error)`; the next checkpoint
+    tries again, and until one succeeds a resume starts from the newest durable one."""
 
     def __init__(self, owner: Owner, scratch: Path, keep_last: int,
-                 on_durable: Callable[[int, str], None] | None = None):
+                 on_durable: Callable[[int, str], None] | None = None,
+                 on_failed: Callable[[int, str], None] | None = None):
         self.owner, self.storage, self.paths = owner, owner.storage, owner.claim.paths
         self.scratch, self.keep_last = scratch, keep_last
-        self.on_durable = on_durable
+        self.on_durable, self.on_failed = on_durable, on_failed
         self.requested_step: int | None = None  # the newest checkpoint asked for
         self.durable_step: int | None = None  # the newest one known to be safe
         self._copier = StateCopier()
@@ -181,8 +187,20 @@ class Checkpoints:
                                        name="cherry-confirm", daemon=True)
             self._confirming.append(confirm)
             confirm.start()
-        except BaseException as e:  # handed to the training thread by wait()
+        except Fenced as e:  # handed to the training thread by wait(): it must stop
             self._error = e
+        except Exception as e:
+            self._failed(step, e)
+        except BaseException as e:
+            self._error = e
+
+    def _failed(self, step: int, e: Exception) -> None:
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+        log.error("checkpoint not written; training goes on and the next checkpoint tries again",
+                  job_id=self.owner.claim.job_id, step=step, error=error,
+                  resume_would_start_at=self.durable_step or 0)
+        if self.on_failed is not None:
+            self.on_failed(step, error)
 
     def _confirm(self, step: int, path: str) -> None:
         started = time.perf_counter()
@@ -222,11 +240,13 @@ class Checkpoints:
         its checksum. A kill at any point leaves the previous checkpoints as they were."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         tmp = self.scratch / f"step-{step:09d}.pt.partial"
-        torch.save(payload, tmp)
-        faults.point("checkpoint-write", before_kill=lambda: _truncate_to_half(tmp))
-        digest = file_sha256(tmp)
-        self.owner.upload(tmp, self.paths.checkpoint(step), sha256=digest)
-        tmp.unlink()
+        try:
+            torch.save(payload, tmp)
+            faults.point("checkpoint-write", before_kill=lambda: _truncate_to_half(tmp))
+            digest = file_sha256(tmp)
+            self.owner.upload(tmp, self.paths.checkpoint(step), sha256=digest)
+        finally:
+            tmp.unlink(missing_ok=True)  # hundreds of MB: never left behind, even on failure
         faults.point("checkpoint-before-checksum")
         self.owner.write(self.paths.checkpoint_checksum(step), f"{digest}\n".encode())
         return self.paths.checkpoint(step)

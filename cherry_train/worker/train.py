@@ -80,6 +80,9 @@ class Job:
     probe: tuple[float, int] | None = None  # (time, step) where the eager timing began
     kernels_key: dict | None = None  # what the compiled kernels are for (compiling.kernels_key)
     kernels: bytes | None = None  # packed compiled kernels, stored with the next checkpoint
+    # The best epoch's weights when storing them as best.pt failed: the next checkpoint (or the
+    # end of the job) stores them, so best.pt always holds the epoch the result names.
+    pending_best: dict[str, torch.Tensor] | None = None
     attempt_steps: int = 0  # steps taken by this attempt
     first_step_done: bool = False
 
@@ -180,7 +183,8 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
         scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
         checkpoints=Checkpoints(reporter.owner, scratch, cfg.checkpoint.keep_last,
-                                on_durable=_checkpoint_durable(reporter)),
+                                on_durable=_checkpoint_durable(reporter),
+                                on_failed=_checkpoint_failed(reporter)),
         reporter=reporter, stop=stop, scratch=scratch, data_info=data_reports)
 
 
@@ -209,12 +213,23 @@ def save_checkpoint(job: Job, why: str, best: bool = False) -> None:
     kernels, job.kernels = job.kernels, None
 
     def before_write(payload: dict[str, Any]) -> None:
-        job.reporter.sync_metrics()  # first: the resume from this checkpoint keeps these lines
-        if kernels is not None:
-            job.reporter.owner.write(job.claim.paths.compiled_kernels, kernels)
-        if best:
-            sha = _publish_weights(job, payload["model"], job.claim.paths.best_weights)
-            job.state.best_weights_sha256 = payload["state"]["best_weights_sha256"] = sha
+        # On the writer thread, after the previous write ended: pending_best is settled.
+        pending, job.pending_best = job.pending_best, None
+        try:
+            job.reporter.sync_metrics()  # first: the resume from this checkpoint keeps them
+            if kernels is not None:
+                job.reporter.owner.write(job.claim.paths.compiled_kernels, kernels)
+            if best or pending is not None:
+                payload["state"]["best_weights_sha256"] = \
+                    _publish_best(job, payload["model"] if best else pending)
+        except Fenced:
+            raise
+        except Exception:  # the checkpoint fails too; what was not stored goes with the next
+            if job.kernels is None:
+                job.kernels = kernels
+            job.pending_best = pending if not best else \
+                {k: v.detach().clone() for k, v in payload["model"].items()}
+            raise
 
     job.checkpoints.save_in_background(job.state.global_step, collect, before_write)
     job.last_checkpoint_at = time.perf_counter()
@@ -232,10 +247,21 @@ def _drain(job: Job) -> None:
                     error=f"{type(e).__name__}: {e}")
 
 
+def _publish_best(job: Job, weights: dict[str, torch.Tensor]) -> str:
+    job.state.best_weights_sha256 = _publish_weights(job, weights, job.claim.paths.best_weights)
+    return job.state.best_weights_sha256
+
+
 def _checkpoint_durable(reporter: Reporter):
     def on_durable(step: int, path: str) -> None:
-        reporter.update(last_checkpoint=path, last_checkpoint_step=step)
+        reporter.update(last_checkpoint=path, last_checkpoint_step=step, checkpoint_error=None)
     return on_durable
+
+
+def _checkpoint_failed(reporter: Reporter):
+    def on_failed(step: int, error: str) -> None:
+        reporter.update(checkpoint_error=f"step {step}: {error}")  # `cherry status` shows it
+    return on_failed
 
 
 def _update_wall(job: Job) -> None:
@@ -563,9 +589,11 @@ def _publish_weights(job: Job, state_dict: dict[str, torch.Tensor], path: str) -
     """Store a CPU copy of the model's weights at `path`; their hash (weights_sha256)."""
     tmp = job.scratch / (Path(path).name + ".partial")
     job.scratch.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, tmp)
-    job.reporter.owner.upload(tmp, path)
-    tmp.unlink()
+    try:
+        torch.save(state_dict, tmp)
+        job.reporter.owner.upload(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return weights_sha256(state_dict)
 
 
@@ -595,6 +623,9 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
                 return outcome
             end_epoch(job)
         job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
+        if job.pending_best is not None:  # its checkpoints failed: the result needs best.pt
+            _publish_best(job, job.pending_best)
+            job.pending_best = None
     except BaseException:
         _drain(job)
         raise
