@@ -31,13 +31,17 @@ def epoch_record(epoch: int, lr: float) -> dict:
             "train_accuracy": 1 - loss, "val_loss": loss * 1.1, "val_accuracy": 0.95 - loss}
 
 
-def fake_trainer(epochs=3, weights_bytes=3 << 20, pause=0.0):
-    """Writes what a real trainer writes (metrics, curves, best weights), without torch."""
+def fake_trainer(epochs=3, weights_bytes=3 << 20, pause=0.0, checkpoint_errors=()):
+    """Writes what a real trainer writes (metrics, curves, best weights), without torch;
+    `checkpoint_errors`: the epochs whose checkpoint could not be written."""
     def train(claim, reporter, stop, scratch, data_root, progress_bar):
         lr = claim.manifest.config.training.learning_rate
         for epoch in range(epochs):
+            failed = epoch in checkpoint_errors
             reporter.update(phase="training", epoch=epoch, step=(epoch + 1) * 6, epochs=epochs,
-                            steps_per_epoch=6, loss=0.5, images_per_second=123.0)
+                            steps_per_epoch=6, loss=0.5, images_per_second=123.0,
+                            checkpoint_error="step 12: OSError: no space" if failed else None,
+                            last_checkpoint_step=epoch * 6 if failed else (epoch + 1) * 6)
             reporter.metric(epoch_record(epoch, lr))
             reporter.beat()
             time.sleep(pause)
@@ -82,7 +86,9 @@ def test_status_shows_every_state_with_the_right_details(queue, tiny_config):
         hb = Heartbeat(job_id=claim.job_id, attempt=1, worker_id=worker, at=clock.now(),
                        phase="training", epoch=1, epochs=2, step=9, steps_per_epoch=6,
                        loss=0.41, accuracy=0.8, images_per_second=880.0, eta_seconds=95,
-                       device="NVIDIA L4")
+                       device="NVIDIA L4", last_checkpoint_step=6,
+                       checkpoint_error="step 9: OSError: [Errno 28] No space left on device"
+                       if worker == "w2" else None)
         queue.owner(claim).write(claim.paths.heartbeat, hb.to_json())
         if worker == "w3":
             clock.advance(10)  # the stalled one's heartbeat is now older than its 5 s lease
@@ -103,6 +109,10 @@ def test_status_shows_every_state_with_the_right_details(queue, tiny_config):
     assert "########.." in table  # 9 of 12 steps
     assert "L4" in table and "880" in table and "1m" not in table.split(queued)[1][:20]
     assert "failed: not a valid manifest: Invalid JSON" in table  # the broken one, and why
+    live_id = rows["live"]["job_id"]
+    assert f"! {live_id}: checkpoint not written (step 9: OSError: [Errno 28] No space left " \
+           "on device); training goes on, but a disconnect now resumes from step 6" in table
+    assert table.count("checkpoint not written") == 1
 
 
 def test_status_json_schema(queue, tiny_config, capsys):
@@ -199,6 +209,22 @@ def test_watch_follows_a_job_to_its_end(tmp_path, tiny_config):
     assert [x.split(":")[0] for x in lines if x.startswith("epoch")] == \
         ["epoch 1/2", "epoch 2/2", "epoch 3/2"]
     assert lines[-1].startswith(f"{job_id}: succeeded, best val accuracy 0.900")
+
+
+def test_watch_says_once_when_checkpoints_cannot_be_written(tmp_path, tiny_config):
+    queue = JobQueue(LocalStorage(tmp_path / "root"))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+                    trainer=fake_trainer(epochs=3, pause=0.3, checkpoint_errors={1}))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    lines = []
+    watch(queue, job_id, say=lines.append, poll_seconds=0.1, progress=False)
+    thread.join()
+    warnings = [x for x in lines if x.startswith("checkpoint not written")]
+    assert warnings == ["checkpoint not written (step 12: OSError: no space); training goes on, "
+                        "but a disconnect now resumes from step 6. Is the queue root's storage "
+                        "full or its mount down? The next checkpoint tries again"]
 
 
 @pytest.mark.parametrize(("png", "size"), [

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 
+from cherry_train.client.status import checkpoint_warning
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.protocol import JobQueue
 from cherry_train.schemas import JobState
@@ -25,7 +26,7 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
           poll_seconds: float = 5.0, progress: bool = True, sleep=time.sleep) -> JobState:
     """Print each epoch as it is logged and show progress, until the job has a result."""
     paths = JobPaths(job_id)
-    shown_epochs, bar, last_attempt, stalled_said = 0, None, None, False
+    shown_epochs, bar, last_attempt, stalled_said, error_said = 0, None, None, False, None
     try:
         while True:
             view = queue.view(job_id)
@@ -47,6 +48,10 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
                 _write(bar, say, f"no heartbeat for {view.heartbeat_age:.0f} s: the worker is "
                                  "probably gone; the next worker start resumes the job")
             stalled_said = view.stalled
+            error = hb.checkpoint_error if hb is not None else None
+            if error and error != error_said:
+                _write(bar, say, checkpoint_warning(error, hb.last_checkpoint_step))
+            error_said = error
             if hb is not None and hb.steps_per_epoch and progress:
                 bar = _update_bar(bar, hb, job_id)
             sleep(poll_seconds)
