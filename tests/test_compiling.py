@@ -154,21 +154,7 @@ def test_an_out_of_memory_back_off_recompiles_and_stores_kernels_a_resumed_attem
     from cherry_train.jobqueue.protocol import JobQueue
     from cherry_train.schemas import JobState, validate_config
     from cherry_train.storage import LocalStorage
-    from cherry_train.worker import train as train_module
-    from tests.test_training import finish
-
-    real_build = train_module.build_model
-
-    def build_small_gpu_model(*args):  # compiled, "CUDA out of memory" above 4 images at once
-        model = real_build(*args)
-        real_forward = model.forward
-
-        def forward(x):
-            if compiled_for and x.shape[0] > 4 and model.training:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return real_forward(x)
-        model.forward = forward
-        return model
+    from tests.test_training import finish, fit_only
 
     compiled_for, packed, loaded = [], [], []
 
@@ -176,7 +162,7 @@ def test_an_out_of_memory_back_off_recompiles_and_stores_kernels_a_resumed_attem
         compiled_for.append(micro)
         return model, "default"
 
-    monkeypatch.setattr(train_module, "build_model", build_small_gpu_model)
+    fit_only(4, monkeypatch, when=lambda: bool(compiled_for))  # compiled: out of memory above 4
     monkeypatch.setattr(compiling, "fixed_decision", lambda *args: (True, "test"))
     monkeypatch.setattr(compiling, "compile_model", compile_model)
     monkeypatch.setattr(compiling, "kernels_key", lambda mode, micro, device: {"micro": micro})

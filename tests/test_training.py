@@ -243,10 +243,9 @@ def test_the_same_data_gives_the_same_dataset_hash(root_with_data, tiny_config):
     assert second.data_cache["train"]["copied_files"] == 0  # reused across jobs
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
-        root_with_data, tiny_config, monkeypatch):
-    """An injected CUDA OOM for more than 4 images at once: the job still trains every step of
-    batch 16, as 4 micro-batches of 4, and says so in its result."""
+def fit_only(images: int, monkeypatch, when=lambda: True) -> None:
+    """Models built from now on raise CUDA out of memory for more than `images` at once in
+    training (while `when()`): a small GPU, on the CPU."""
     real_build = train_module.build_model
 
     def build_small_gpu_model(*args):
@@ -254,13 +253,20 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
         real_forward = model.forward
 
         def forward(x):
-            if x.shape[0] > 4 and model.training:
+            if x.shape[0] > images and model.training and when():
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return real_forward(x)
         model.forward = forward
         return model
 
     monkeypatch.setattr(train_module, "build_model", build_small_gpu_model)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
+        root_with_data, tiny_config, monkeypatch):
+    """An injected CUDA OOM for more than 4 images at once: the job still trains every step of
+    batch 16, as 4 micro-batches of 4, and says so in its result."""
+    fit_only(4, monkeypatch)
     result = run_job(root_with_data, tiny_config)
     assert result.state == JobState.succeeded, result.error
     assert result.steps_completed == 12  # 2 epochs x 96 / 16: the effective batch is kept
