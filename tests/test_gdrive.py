@@ -451,3 +451,18 @@ def test_a_download_that_does_not_match_drives_md5_is_refused(drive, tmp_path):
     with pytest.raises(DriveError, match="does not match its md5"):
         storage.download("done/j/best.pt", tmp_path / "best.pt")
     assert not (tmp_path / "best.pt").exists()
+
+
+def test_a_full_drive_is_one_clear_error_and_not_retried(tmp_path):
+    drive = FakeDrive(quota_bytes=300_000)
+    storage = fake_drive_storage(drive)
+    storage.write_atomic("queue/a.json", b"x" * 1000)
+    big = tmp_path / "step-000000006.pt"
+    big.write_bytes(b"w" * 400_000)
+    uploads = drive.count("POST", "/upload/")
+    with pytest.raises(gdrive.DriveFull, match=r"the Drive's storage is full "
+                                               r"\(storageQuotaExceeded\); free space in it"):
+        storage.upload(big, "done/job/checkpoints/step-000000006.pt")
+    assert drive.count("POST", "/upload/") - uploads == 1  # a full Drive is not retried
+    assert not storage.exists("done/job/checkpoints/step-000000006.pt")
+    assert storage.read_bytes("queue/a.json") == b"x" * 1000  # what was there is untouched

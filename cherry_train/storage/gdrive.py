@@ -61,6 +61,8 @@ RETRY_SECONDS = 300.0
 MAX_TRIES = 25
 _FILE_FIELDS = "id,name,mimeType,size,md5Checksum,createdTime,modifiedTime,parents"
 _RATE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "sharingRateLimitExceeded"}
+#: 403 reasons that mean the Drive's storage is full (the second seen with service accounts).
+_FULL_REASONS = {"storageQuotaExceeded", "quotaExceeded"}
 
 
 class DriveError(RuntimeError):
@@ -69,6 +71,10 @@ class DriveError(RuntimeError):
 
 class DriveAuthError(DriveError):
     """Missing, expired or refused credentials: one line saying what to do."""
+
+
+class DriveFull(DriveError):
+    """The Drive's storage quota is used up: nothing can be written until space is freed."""
 
 
 AUTH_HINT = ("run `cherry drive login --client-secrets <client_secret.json>` on this machine "
@@ -216,6 +222,10 @@ class DriveStorage(Storage):
         except Exception as e:
             if _is_http(e, 401):
                 raise DriveAuthError(f"Drive refused the credentials (401): {AUTH_HINT}") from None
+            if _is_http(e, 403) and _reason(e) in _FULL_REASONS:
+                raise DriveFull(f"Drive API: {what}: the Drive's storage is full "
+                                f"({_reason(e)}); free space in it (trashed files count too)"
+                                ) from None
             if is_transient(e):
                 raise DriveError(f"Drive API: {what} still failing after retries: "
                                  f"{_describe(e)}") from e

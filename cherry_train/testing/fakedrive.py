@@ -10,7 +10,8 @@ $CHERRY_DRIVE_ENDPOINT). What it implements is what cherry-train uses, with Driv
   media: multipart or resumable), delete (a folder takes its content with it), generateIds,
   changes.getStartPageToken / changes.list;
 - duplicate names in one folder (Drive allows them), `trashed`, 409 for a create with an id in
-  use, 404 for unknown ids, a bearer token check (401) when one is configured;
+  use, 404 for unknown ids, a bearer token check (401) when one is configured, a storage quota
+  (403 storageQuotaExceeded) when one is configured;
 - faults (`FakeHttp(fault_rate=...)`): 429/500/503/403-rate-limit before the server acts, or the
   connection dropped after it acted (the client never learns whether its request took effect).
 
@@ -84,9 +85,11 @@ class Upload:
 class FakeDrive:
     """The server's state and its request handler. Thread-safe (one lock)."""
 
-    def __init__(self, token: str | None = None, page_size_cap: int = 1000):
+    def __init__(self, token: str | None = None, page_size_cap: int = 1000,
+                 quota_bytes: int | None = None):
         self.token = token  # when set, requests must carry "Authorization: Bearer <token>"
         self.page_size_cap = page_size_cap  # Drive may return fewer items than asked for
+        self.quota_bytes = quota_bytes  # storage quota: content beyond it is refused (403)
         self.files: dict[str, FakeFile] = {}
         self.uploads: dict[str, Upload] = {}
         self.changes: list[tuple[int, str]] = []  # (change number, file id)
@@ -179,6 +182,15 @@ class FakeDrive:
         f.modified = next(self._tick)
         self.changes.append((len(self.changes) + 1, f.id))
 
+    def _charge(self, old: int, new: int) -> None:
+        """Refuse content that would take the Drive past its quota (trashed files count)."""
+        if self.quota_bytes is None:
+            return
+        used = sum(len(f.content) for f in self.files.values())
+        if used - old + new > self.quota_bytes:
+            raise HttpFailure(403, "storageQuotaExceeded",
+                              "The user's Drive storage quota has been exceeded.")
+
     def _generate_ids(self, params) -> dict:
         count = int(params.get("count", 10))
         if not 1 <= count <= 1000:
@@ -194,6 +206,7 @@ class FakeDrive:
         for p in parents:
             if self._file(p).mime_type != FOLDER:
                 raise HttpFailure(400, "invalidParent", f"{p} is not a folder")
+        self._charge(0, len(content))
         tick = next(self._tick)
         f = FakeFile(file_id, meta.get("name", "Untitled"),
                      meta.get("mimeType") or "application/octet-stream", list(parents),
@@ -204,6 +217,8 @@ class FakeDrive:
 
     def _update(self, file_id: str, meta: dict, content: bytes | None, params) -> dict:
         f = self._file(file_id)
+        if content is not None:
+            self._charge(len(f.content), len(content))
         if "name" in meta:
             f.name = meta["name"]
         if "trashed" in meta:
