@@ -40,7 +40,8 @@ def fake_trainer(epochs=3, weights_bytes=3 << 20, pause=0.0, checkpoint_errors=(
             failed = epoch in checkpoint_errors
             reporter.update(phase="training", epoch=epoch, step=(epoch + 1) * 6, epochs=epochs,
                             steps_per_epoch=6, loss=0.5, images_per_second=123.0,
-                            checkpoint_error="step 12: OSError: no space" if failed else None,
+                            storage_error="checkpoint at step 12 not written (OSError: no "
+                                          "space); training goes on" if failed else None,
                             last_checkpoint_step=epoch * 6 if failed else (epoch + 1) * 6)
             reporter.metric(epoch_record(epoch, lr))
             reporter.beat()
@@ -87,7 +88,8 @@ def test_status_shows_every_state_with_the_right_details(queue, tiny_config):
                        phase="training", epoch=1, epochs=2, step=9, steps_per_epoch=6,
                        loss=0.41, accuracy=0.8, images_per_second=880.0, eta_seconds=95,
                        device="NVIDIA L4", last_checkpoint_step=6,
-                       checkpoint_error="step 9: OSError: [Errno 28] No space left on device"
+                       storage_error="checkpoint at step 9 not written (OSError: [Errno 28] "
+                                     "No space left on device); training goes on"
                        if worker == "w2" else None)
         queue.owner(claim).write(claim.paths.heartbeat, hb.to_json())
         if worker == "w3":
@@ -110,9 +112,9 @@ def test_status_shows_every_state_with_the_right_details(queue, tiny_config):
     assert "L4" in table and "880" in table and "1m" not in table.split(queued)[1][:20]
     assert "failed: not a valid manifest: Invalid JSON" in table  # the broken one, and why
     live_id = rows["live"]["job_id"]
-    assert f"! {live_id}: checkpoint not written (step 9: OSError: [Errno 28] No space left " \
-           "on device); training goes on, but a disconnect now resumes from step 6" in table
-    assert table.count("checkpoint not written") == 1
+    assert f"! {live_id}: checkpoint at step 9 not written (OSError: [Errno 28] No space left " \
+           "on device); training goes on. A disconnect now would resume from step 6" in table
+    assert table.count("not written") == 1
 
 
 def test_status_json_schema(queue, tiny_config, capsys):
@@ -221,10 +223,10 @@ def test_watch_says_once_when_checkpoints_cannot_be_written(tmp_path, tiny_confi
     lines = []
     watch(queue, job_id, say=lines.append, poll_seconds=0.1, progress=False)
     thread.join()
-    warnings = [x for x in lines if x.startswith("checkpoint not written")]
-    assert warnings == ["checkpoint not written (step 12: OSError: no space); training goes on, "
-                        "but a disconnect now resumes from step 6. Is the queue root's storage "
-                        "full or its mount down? The next checkpoint tries again"]
+    warnings = [x for x in lines if "not written" in x]
+    assert warnings == ["checkpoint at step 12 not written (OSError: no space); training goes "
+                        "on. A disconnect now would resume from step 6. Is the queue root's "
+                        "storage full, or its mount down?"]
 
 
 @pytest.mark.parametrize(("png", "size"), [

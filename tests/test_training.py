@@ -366,3 +366,40 @@ def test_checkpoints_that_cannot_be_written_do_not_end_the_job(root_with_data, t
     failures = [x for x in logs if x["event"].startswith("checkpoint not written")]
     full = "OSError: [Errno 28] No space left on device"
     assert [x["error"] for x in failures] == [full] * epochs
+
+
+@pytest.mark.parametrize("drive_comes_back", [True, False])
+def test_final_weights_that_cannot_be_stored_are_tried_again_before_the_job_fails(
+        root_with_data, tiny_config, monkeypatch, drive_comes_back):
+    """Drive full at the very end: the finished run is worth waiting for. If space comes back
+    (someone frees it) the job succeeds; if not, it fails once the wait is over, saying why."""
+    from cherry_train.jobqueue.owner import Owner
+    from cherry_train.worker.checkpoint import weights_sha256
+
+    upload, refused = Owner.upload, []
+
+    def drive_full(self, local, path, sha256=None):
+        if path.endswith("final.pt") and (len(refused) < 2 or not drive_comes_back):
+            refused.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return upload(self, local, path, sha256)
+
+    monkeypatch.setattr(Owner, "upload", drive_full)
+    monkeypatch.setattr(train_module, "STORE_RESULTS_FIRST_WAIT", 0.01)
+    monkeypatch.setattr(train_module, "STORE_RESULTS_SECONDS", 0.5)
+    with structlog.testing.capture_logs() as logs:
+        result = run_job(root_with_data, tiny_config)
+    retries = [x for x in logs if x["event"] == "could not store the job's results; trying again"]
+    assert retries and {x["file"] for x in retries} == {"final.pt"}
+    job_dir = root_with_data / "done" / result.job_id
+    if drive_comes_back:
+        assert result.state == JobState.succeeded, result.error
+        assert len(retries) == 2
+        final = torch.load(job_dir / "final.pt", weights_only=True)
+        assert weights_sha256(final) == result.final_weights_sha256
+        assert Heartbeat.from_json((job_dir / "heartbeat.json").read_bytes()).storage_error \
+            is None
+    else:
+        assert result.state == JobState.failed
+        assert "No space left on device" in result.error.message
+        assert len(retries) >= 3 and not (job_dir / "final.pt").exists()

@@ -71,14 +71,14 @@ def _row(v: JobView) -> dict[str, Any]:
         "step": None, "total_steps": None, "loss": None, "accuracy": None,
         "images_per_second": None, "eta_seconds": None, "device": None,
         "best_val_accuracy": None, "error": v.error, "cancel_requested": v.cancel_requested,
-        "checkpoint_error": None, "last_checkpoint_step": None,
+        "storage_error": None, "last_checkpoint_step": None,
     }
     if hb is not None and v.state.value == "running":
         row.update(phase=hb.phase, epoch=hb.epoch, step=hb.step,
                    total_steps=hb.epochs * hb.steps_per_epoch or None, loss=hb.loss,
                    accuracy=hb.accuracy, images_per_second=hb.images_per_second,
                    eta_seconds=hb.eta_seconds, device=hb.device,
-                   best_val_accuracy=hb.best_val_accuracy, checkpoint_error=hb.checkpoint_error,
+                   best_val_accuracy=hb.best_val_accuracy, storage_error=hb.storage_error,
                    last_checkpoint_step=hb.last_checkpoint_step)
     if result is not None:
         row.update(epoch=result.epochs_completed, step=result.steps_completed,
@@ -146,8 +146,8 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
                              " start takes it over and resumes from the last checkpoint")
             elif r["state"] == "failed" and r["error"]:
                 lines.append(f"! {r['job_id']} failed: {r['error'].splitlines()[0]}")
-            if r["checkpoint_error"] and r["state"] == "running":
-                warning = checkpoint_warning(r["checkpoint_error"], r["last_checkpoint_step"])
+            if r["storage_error"] and r["state"] == "running":
+                warning = storage_warning(r["storage_error"], r["last_checkpoint_step"])
                 lines.append(f"! {r['job_id']}: {warning}")
     lines.append("")
     if workers:
@@ -160,10 +160,9 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
     return "\n".join(lines)
 
 
-def checkpoint_warning(error: str, last_step: int | None) -> str:
-    return (f"checkpoint not written ({error}); training goes on, but a disconnect now resumes "
-            f"from step {last_step or 0}. Is the queue root's storage full or its mount down? "
-            "The next checkpoint tries again")
+def storage_warning(error: str, last_step: int | None) -> str:
+    return (f"{error}. A disconnect now would resume from step {last_step or 0}. Is the queue "
+            "root's storage full, or its mount down?")
 
 
 def worker_rows(queue: JobQueue) -> list[dict[str, Any]]:

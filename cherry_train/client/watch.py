@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable
 
-from cherry_train.client.status import checkpoint_warning
+from cherry_train.client.status import storage_warning
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.protocol import JobQueue
 from cherry_train.schemas import JobState
@@ -48,9 +48,9 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
                 _write(bar, say, f"no heartbeat for {view.heartbeat_age:.0f} s: the worker is "
                                  "probably gone; the next worker start resumes the job")
             stalled_said = view.stalled
-            error = hb.checkpoint_error if hb is not None else None
+            error = hb.storage_error if hb is not None else None
             if error and error != error_said:
-                _write(bar, say, checkpoint_warning(error, hb.last_checkpoint_step))
+                _write(bar, say, storage_warning(error, hb.last_checkpoint_step))
             error_said = error
             if hb is not None and hb.steps_per_epoch and progress:
                 bar = _update_bar(bar, hb, job_id)

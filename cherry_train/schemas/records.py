@@ -79,8 +79,8 @@ class Heartbeat(_Record):
     attempt: int
     worker_id: str
     at: datetime
-    # starting | copying data | compiling | training | validating | finishing | released |
-    # finished (mode: evaluation: evaluating)
+    # starting | copying data | compiling | training | validating | finishing |
+    # waiting for storage | released | finished (mode: evaluation: evaluating)
     phase: str = "starting"
     released: bool = False  # the owner stopped on purpose: the next worker may take over now
     epoch: int = 0  # 0-based epoch in progress
@@ -93,9 +93,10 @@ class Heartbeat(_Record):
     eta_seconds: float | None = None
     last_checkpoint: str | None = None
     last_checkpoint_step: int | None = None
-    # Set when the newest checkpoint could not be written (Drive full, say); training goes on
-    # and a resume would start from last_checkpoint_step. Cleared by the next one written.
-    checkpoint_error: str | None = None
+    # What could not be written to the queue root, and why (Drive full, say): the newest
+    # checkpoint (training goes on; a resume would start from last_checkpoint_step) or, at the
+    # end, the final weights (tried again for a while). Cleared once a write succeeds.
+    storage_error: str | None = None
     best_val_accuracy: float | None = None
     device: str | None = None
 

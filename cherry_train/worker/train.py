@@ -12,6 +12,7 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,13 +255,15 @@ def _publish_best(job: Job, weights: dict[str, torch.Tensor]) -> str:
 
 def _checkpoint_durable(reporter: Reporter):
     def on_durable(step: int, path: str) -> None:
-        reporter.update(last_checkpoint=path, last_checkpoint_step=step, checkpoint_error=None)
+        reporter.update(last_checkpoint=path, last_checkpoint_step=step, storage_error=None)
     return on_durable
 
 
 def _checkpoint_failed(reporter: Reporter):
     def on_failed(step: int, error: str) -> None:
-        reporter.update(checkpoint_error=f"step {step}: {error}")  # `cherry status` shows it
+        # `cherry status` and `cherry watch` show it
+        reporter.update(storage_error=f"checkpoint at step {step} not written ({error}); "
+                                      "training goes on")
     return on_failed
 
 
@@ -623,16 +626,45 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
                 return outcome
             end_epoch(job)
         job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
-        if job.pending_best is not None:  # its checkpoints failed: the result needs best.pt
-            _publish_best(job, job.pending_best)
-            job.pending_best = None
     except BaseException:
         _drain(job)
         raise
     reporter.update(phase="finishing")
     _update_wall(job)
+    if job.pending_best is not None:  # its checkpoints failed: the result needs best.pt
+        _store_result(job, "best.pt", lambda: _publish_best(job, job.pending_best))
+        job.pending_best = None
     outcome.completed = True
     outcome.state = job.state
     weights = {k: v.detach().cpu() for k, v in job.model.state_dict().items()}
-    outcome.final_weights_sha256 = _publish_weights(job, weights, claim.paths.final_weights)
+    outcome.final_weights_sha256 = _store_result(
+        job, "final.pt", lambda: _publish_weights(job, weights, claim.paths.final_weights))
     return outcome
+
+
+#: A finished run's weights are worth waiting for: when storing them fails (Drive full, a mount
+#: down past its retries), try again for up to this long, saying so in the heartbeat, before
+#: the job fails. The waits double from the first, up to 2 minutes.
+STORE_RESULTS_SECONDS, STORE_RESULTS_FIRST_WAIT = 600.0, 5.0
+
+
+def _store_result(job: Job, name: str, store: Callable[[], str]) -> str:
+    deadline, wait = time.monotonic() + STORE_RESULTS_SECONDS, STORE_RESULTS_FIRST_WAIT
+    while True:
+        try:
+            stored = store()
+            job.reporter.update(phase="finishing", storage_error=None)
+            return stored
+        except Fenced:
+            raise
+        except Exception as e:
+            if job.stop.is_set() or time.monotonic() + wait > deadline:
+                raise
+            error = f"{type(e).__name__}: {str(e)[:300]}"
+            log.error("could not store the job's results; trying again", file=name, error=error,
+                      retry_in_seconds=wait)
+            job.reporter.update(phase="waiting for storage", storage_error=(
+                f"{name} not written ({error}); trying again for up to "
+                f"{STORE_RESULTS_SECONDS / 60:.0f} minutes before the job fails"))
+            job.stop.wait(wait)
+            wait = min(2 * wait, 120.0)
