@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
+import structlog
 
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
@@ -281,6 +283,73 @@ def test_a_started_worker_removes_what_its_killed_incarnation_left_in_scratch(fs
     assert worker.run() == 0
     assert not Path("/scratch/w1").exists()
     assert (theirs / "step-000000003.pt.partial").is_file()
+
+
+class Unreachable(LocalStorage):
+    """A queue root whose next `failures` listings fail past the storage's own retries."""
+
+    failures = 0
+
+    def list_dir(self, path):
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+        return super().list_dir(path)
+
+
+def test_a_worker_left_running_outlives_an_outage_of_its_queue_root(fs, clock, tiny_config):
+    from cherry_train.worker.loop import WorkerOptions
+
+    storage = Unreachable(ROOT)
+    queue = JobQueue(storage, clock)
+    manifest = queue.submit(config(tiny_config))
+    storage.failures = 3
+    ran = []
+    worker = Worker(queue, WorkerIdentity("w1"),
+                    WorkerOptions(idle_shutdown_minutes=1, release_runtime=lambda: None),
+                    trainer=fake_trainer(ran))
+    with structlog.testing.capture_logs() as logs:
+        assert worker.run() == 0  # idle shutdown, once the job is done
+    outages = [x for x in logs if x["event"] == "the queue root cannot be reached; trying again"]
+    assert [x["retry_in_seconds"] for x in outages] == [1.0, 2.0, 4.0]  # backing off
+    assert ran == [manifest.job_id]
+    assert queue.view(manifest.job_id).state == JobState.succeeded
+
+
+def test_a_job_whose_commit_met_an_outage_is_taken_up_again_by_the_same_worker(fs, clock,
+                                                                             tiny_config):
+    from cherry_train.worker.loop import WorkerOptions
+
+    class CommitFails(LocalStorage):
+        failed = []
+
+        def create_exclusive(self, path, data):
+            if path.endswith("result.json") and not self.failed:
+                self.failed.append(path)
+                raise OSError(errno.EIO, "Input/output error")
+            return super().create_exclusive(path, data)
+
+    queue = JobQueue(CommitFails(ROOT), clock)
+    manifest = queue.submit(config(tiny_config))
+    ran = []
+    worker = Worker(queue, WorkerIdentity("w1"),
+                    WorkerOptions(idle_shutdown_minutes=1, release_runtime=lambda: None),
+                    trainer=fake_trainer(ran))
+    assert worker.run() == 0
+    assert ran == [manifest.job_id] * 2  # the lost commit, then its retake
+    result = Result.from_json(queue.storage.read_bytes(JobPaths(manifest.job_id).result))
+    assert result.state == JobState.succeeded and result.attempts == 2
+
+
+def test_a_worker_run_by_a_script_does_not_wait_out_an_outage(fs, clock, tiny_config):
+    from cherry_train.worker.loop import WorkerOptions
+
+    storage = Unreachable(ROOT)
+    storage.failures = 1
+    worker = Worker(JobQueue(storage, clock), WorkerIdentity("w1"),
+                    WorkerOptions(exit_when_idle=True), trainer=fake_trainer([]))
+    with pytest.raises(OSError, match="not connected"):
+        worker.run()
 
 
 def test_state_derivation_order(queue, clock, tiny_config):

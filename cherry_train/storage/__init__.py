@@ -6,7 +6,17 @@ from cherry_train.storage.base import FileInfo, Storage
 from cherry_train.storage.local import LocalStorage
 from cherry_train.storage.retrying import RetryingStorage
 
-__all__ = ["FileInfo", "LocalStorage", "RetryingStorage", "Storage", "open_storage"]
+__all__ = ["FileInfo", "LocalStorage", "RetryingStorage", "Storage", "is_outage",
+           "open_storage"]
+
+
+def is_outage(exc: BaseException) -> bool:
+    """An error of the queue root's storage that outlasted the backend's own retries and may
+    yet go away: the mount's OS errors, a failing Drive API. Not refused credentials: those
+    need the user."""
+    from cherry_train.storage.gdrive import DriveAuthError, DriveError
+
+    return isinstance(exc, OSError | DriveError) and not isinstance(exc, DriveAuthError)
 
 
 class UnsupportedRoot(ValueError):

@@ -29,6 +29,7 @@ from cherry_train.jobqueue.protocol import (
     error_info,
 )
 from cherry_train.schemas import Artifact, BestEpoch, JobState, Mode, Result, WorkerStatus
+from cherry_train.storage import is_outage
 from cherry_train.worker import runtime
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.reporting import Reporter, StopRequest
@@ -86,21 +87,31 @@ class Worker:
         with self._signals():
             try:
                 while not self.stop.is_set():
-                    if self.run_once():
-                        wait, idle_since = options.poll_min_seconds, clock.now()
-                        continue
-                    if self.cap_reached:
-                        reason = "runtime cap near: no job can reach a checkpoint before it"
-                        break
-                    if options.exit_when_idle:
-                        reason = "idle"
-                        break
-                    idle = age_seconds(clock, idle_since)
-                    if options.idle_shutdown_minutes is not None and \
-                            idle >= options.idle_shutdown_minutes * 60:
-                        reason = "idle shutdown"
-                        break
-                    self._idle_status(wait)
+                    try:
+                        if self.run_once():
+                            wait, idle_since = options.poll_min_seconds, clock.now()
+                            continue
+                        if self.cap_reached:
+                            reason = "runtime cap near: no job can reach a checkpoint before it"
+                            break
+                        if options.exit_when_idle:
+                            reason = "idle"
+                            break
+                        idle = age_seconds(clock, idle_since)
+                        if options.idle_shutdown_minutes is not None and \
+                                idle >= options.idle_shutdown_minutes * 60:
+                            reason = "idle shutdown"
+                            break
+                        self._idle_status(wait)
+                    except Exception as e:
+                        # A worker left running outlives a Drive outage (or a full Drive); a
+                        # script does not wait for one. A job caught in it resumes from its
+                        # newest checkpoint, as after a disconnect.
+                        if options.exit_when_idle or not is_outage(e):
+                            raise
+                        log.error("the queue root cannot be reached; trying again",
+                                  error=f"{type(e).__name__}: {str(e)[:300]}",
+                                  retry_in_seconds=wait)
                     clock.wait(self.stop, wait)
                     wait = min(wait * 2, options.poll_max_seconds)
                 else:
@@ -110,7 +121,7 @@ class Worker:
                 raise  # and leave the status file alone: it is the live worker's
             finally:
                 if reason != "worker id in use":
-                    self._write_status("stopped", interval=0)
+                    self._write_final_status()
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
                          jobs_done=self.jobs_done)
         if reason == "idle shutdown" or (self.cap_reached and
@@ -279,6 +290,14 @@ class Worker:
                 age_seconds(self.queue.clock, last.at) + wait < every:
             return
         self._write_status("idle", interval=every)
+
+    def _write_final_status(self) -> None:
+        try:
+            self._write_status("stopped", interval=0)
+        except Exception as e:  # an outage must not hide why the loop ended
+            if not is_outage(e):
+                raise
+            log.warning("could not write the worker's final status", error=str(e)[:300])
 
     def _write_status(self, state: str, job_id: str | None = None,
                       interval: float = POLL_MAX_SECONDS) -> WorkerStatus:
