@@ -450,6 +450,36 @@ def test_a_running_job_sees_the_cancel_at_its_next_heartbeat(queue, tiny_config)
     assert not worker.stop.is_set()  # the cancel ended the job, not the worker
 
 
+def test_an_outage_of_heartbeats_is_one_traceback_not_one_per_beat(queue, tiny_config):
+    import time
+
+    queue.submit(config(tiny_config))  # heartbeat_seconds: 0.2
+    failures = 3
+
+    def trainer(claim, reporter, stop, *args):
+        write, left = reporter.owner.write, [failures]
+
+        def flaky(path, data):
+            if path.endswith("heartbeat.json") and left[0] > 0:
+                left[0] -= 1
+                raise OSError(errno.EIO, "Input/output error")
+            return write(path, data)
+
+        reporter.owner.write = flaky
+        deadline = time.monotonic() + 10  # the outage, then one good beat
+        while not any(x["event"] == "heartbeat written again" for x in logs) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        return Outcome(completed=False, state=TrainState(), device="fake", precision="off",
+                       threads=1)
+
+    with structlog.testing.capture_logs() as logs:
+        Worker(queue, WorkerIdentity("w1"), trainer=trainer).run_once()
+    events = [x["event"] for x in logs if "heartbeat" in x["event"]]
+    assert events == ["heartbeat failed; trying again at every beat", "heartbeat still failing",
+                      "heartbeat still failing", "heartbeat written again"]
+
+
 def test_journal_records_claims_and_fenced_writes(queue, clock, tiny_config,
                                                   monkeypatch):
     journal = "/journal.jsonl"

@@ -121,13 +121,25 @@ class Reporter:
         self._thread.start()
 
     def _run(self) -> None:
+        failing = 0  # beats failed in a row: one traceback per outage, not one per beat
         while not self._done.wait(self.interval):
             try:
                 self.beat()
             except Fenced:
                 return
-            except Exception:  # a failed beat (flaky mount) must not kill the job; retry later
-                log.exception("heartbeat failed", job_id=self.claim.job_id)
+            except Exception as e:  # a failed beat (flaky mount) must not kill the job
+                failing += 1
+                if failing == 1:
+                    log.exception("heartbeat failed; trying again at every beat",
+                                  job_id=self.claim.job_id)
+                else:
+                    log.warning("heartbeat still failing", job_id=self.claim.job_id,
+                                failed_beats=failing, error=f"{type(e).__name__}: {e}"[:300])
+                continue
+            if failing:
+                log.info("heartbeat written again", job_id=self.claim.job_id,
+                         failed_beats=failing)
+                failing = 0
 
     def close(self) -> None:
         self._done.set()
