@@ -403,3 +403,35 @@ def test_final_weights_that_cannot_be_stored_are_tried_again_before_the_job_fail
         assert result.state == JobState.failed
         assert "No space left on device" in result.error.message
         assert len(retries) >= 3 and not (job_dir / "final.pt").exists()
+
+
+def test_a_stop_while_final_weights_cannot_be_stored_hands_the_job_back(root_with_data,
+                                                                        tiny_config,
+                                                                        monkeypatch):
+    """SIGTERM while waiting for storage at the end: handed back, not failed; the next attempt
+    resumes from the finished state's checkpoint and only stores the results."""
+    from cherry_train.jobqueue.owner import Owner
+    from cherry_train.worker.loop import WorkerOptions
+
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True))
+    upload = Owner.upload
+
+    def drive_full(self, local, path, sha256=None):
+        if path.endswith("final.pt"):
+            worker.stop.set("SIGTERM")  # the notebook is stopped meanwhile
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return upload(self, local, path, sha256)
+
+    monkeypatch.setattr(Owner, "upload", drive_full)
+    worker.run()
+    paths = JobPaths(job_id)
+    assert not (root_with_data / paths.result).exists()  # not failed
+    assert Heartbeat.from_json((root_with_data / paths.heartbeat).read_bytes()).released
+    monkeypatch.setattr(Owner, "upload", upload)
+    with structlog.testing.capture_logs() as logs:
+        result = finish(queue, job_id)
+    assert result.state == JobState.succeeded and result.attempts == 2
+    assert result.steps_completed == 12
+    assert not [x for x in logs if x["event"] == "first step"]  # nothing trained again

@@ -632,13 +632,13 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     reporter.update(phase="finishing")
     _update_wall(job)
     if job.pending_best is not None:  # its checkpoints failed: the result needs best.pt
-        _store_result(job, "best.pt", lambda: _publish_best(job, job.pending_best))
+        if _store_result(job, "best.pt", lambda: _publish_best(job, job.pending_best)) is None:
+            return outcome
         job.pending_best = None
-    outcome.completed = True
-    outcome.state = job.state
     weights = {k: v.detach().cpu() for k, v in job.model.state_dict().items()}
     outcome.final_weights_sha256 = _store_result(
         job, "final.pt", lambda: _publish_weights(job, weights, claim.paths.final_weights))
+    outcome.completed = outcome.final_weights_sha256 is not None
     return outcome
 
 
@@ -648,7 +648,10 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
 STORE_RESULTS_SECONDS, STORE_RESULTS_FIRST_WAIT = 600.0, 5.0
 
 
-def _store_result(job: Job, name: str, store: Callable[[], str]) -> str:
+def _store_result(job: Job, name: str, store: Callable[[], str]) -> str | None:
+    """store(), tried again while it fails; None if the worker is asked to stop meanwhile:
+    the job is then handed back (or cancelled), not failed, and the next attempt resumes from
+    the newest checkpoint — the finished state, when that one was written."""
     deadline, wait = time.monotonic() + STORE_RESULTS_SECONDS, STORE_RESULTS_FIRST_WAIT
     while True:
         try:
@@ -658,7 +661,11 @@ def _store_result(job: Job, name: str, store: Callable[[], str]) -> str:
         except Fenced:
             raise
         except Exception as e:
-            if job.stop.is_set() or time.monotonic() + wait > deadline:
+            if job.stop.is_set():
+                log.warning("stopped while the job's results could not be stored",
+                            file=name, reason=job.stop.reason)
+                return None
+            if time.monotonic() + wait > deadline:
                 raise
             error = f"{type(e).__name__}: {str(e)[:300]}"
             log.error("could not store the job's results; trying again", file=name, error=error,
