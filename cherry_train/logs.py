@@ -14,6 +14,11 @@ _taps: dict[str, list[str]] = {}
 _taps_lock = threading.Lock()
 
 
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """An error in one log field: its type and the start of its message."""
+    return f"{type(exc).__name__}: {str(exc)[:limit]}"
+
+
 def open_tap(job_id: str) -> list[str]:
     """Start collecting this job's log events; the list grows as they are logged."""
     with _taps_lock:

@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 import torch
 
-from cherry_train import faults
+from cherry_train import faults, logs
 from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.owner import Fenced, Owner
@@ -195,7 +195,7 @@ class Checkpoints:
             self._error = e
 
     def _failed(self, step: int, e: Exception) -> None:
-        error = f"{type(e).__name__}: {str(e)[:300]}"
+        error = logs.brief(e)
         log.error("checkpoint not written; training goes on and the next checkpoint tries again",
                   job_id=self.owner.claim.job_id, step=step, error=error,
                   resume_would_start_at=self.durable_step or 0)

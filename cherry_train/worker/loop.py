@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 import yaml
 
-from cherry_train import __version__
+from cherry_train import __version__, logs
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import (
@@ -110,7 +110,7 @@ class Worker:
                         if options.exit_when_idle or not is_outage(e):
                             raise
                         log.error("the queue root cannot be reached; trying again",
-                                  error=f"{type(e).__name__}: {str(e)[:300]}",
+                                  error=logs.brief(e),
                                   retry_in_seconds=wait)
                     clock.wait(self.stop, wait)
                     wait = min(wait * 2, options.poll_max_seconds)

@@ -134,7 +134,7 @@ class Reporter:
                                   job_id=self.claim.job_id)
                 else:
                     log.warning("heartbeat still failing", job_id=self.claim.job_id,
-                                failed_beats=failing, error=f"{type(e).__name__}: {e}"[:300])
+                                failed_beats=failing, error=logs.brief(e))
                 continue
             if failing:
                 log.info("heartbeat written again", job_id=self.claim.job_id,

@@ -22,7 +22,7 @@ import structlog
 import torch
 from torch import nn
 
-from cherry_train import faults
+from cherry_train import faults, logs
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.protocol import Claim
 from cherry_train.jobqueue.roots import remote_location
@@ -417,7 +417,7 @@ def _load_kernels(job: Job) -> str:
     try:
         refused = compiling.unpack_kernels(data, job.kernels_key)
     except Exception as e:  # a cache problem must never cost the job: compile from scratch
-        refused = f"{type(e).__name__}: {str(e)[:200]}"
+        refused = logs.brief(e, 200)
     if refused:
         return f"not used: {refused}"
     job.kernels_key = None  # already stored: nothing to write back
@@ -432,7 +432,7 @@ def _pack_kernels(job: Job) -> None:
         job.kernels = compiling.pack_kernels(job.kernels_key)
     except Exception as e:
         log.warning("could not pack the compiled kernels; a resumed attempt will compile "
-                    "from scratch", error=f"{type(e).__name__}: {str(e)[:200]}")
+                    "from scratch", error=logs.brief(e, 200))
 
 
 #: Below this many images per micro-batch, an out-of-memory error fails the job.
@@ -466,7 +466,7 @@ def _accumulated_step(job: Job, x: torch.Tensor, y: torch.Tensor):
         raise
     except Exception as e:
         log.warning("torch.compile failed; training goes on without it",
-                    error=f"{type(e).__name__}: {str(e)[:300]}")
+                    error=logs.brief(e))
         job.compiled, job.compile_state = None, "off"
         job.reporter.update(phase="training")
         return _step(job, x, y)
@@ -667,7 +667,7 @@ def _store_result(job: Job, name: str, store: Callable[[], str]) -> str | None:
                 return None
             if time.monotonic() + wait > deadline:
                 raise
-            error = f"{type(e).__name__}: {str(e)[:300]}"
+            error = logs.brief(e)
             log.error("could not store the job's results; trying again", file=name, error=error,
                       retry_in_seconds=wait)
             job.reporter.update(phase="waiting for storage", storage_error=(
