@@ -15,7 +15,7 @@ from pathlib import Path
 from cherry_train import __version__
 from cherry_train.client.jobs import NoSuchJob, find_job, find_jobs
 from cherry_train.jobqueue.ids import WORKER_ID_RE
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity, WorkerIdInUse
+from cherry_train.jobqueue.protocol import JobQueue, NotRetryable, WorkerIdentity, WorkerIdInUse
 from cherry_train.jobqueue.roots import (
     ResolvedRoot,
     default_local_root,
@@ -87,15 +87,7 @@ def cmd_worker(args) -> int:
     resolved, queue = _root(args)
     if args.confirm_uploads:
         queue = JobQueue(_confirmed_mount(resolved.root))
-    local = queue.storage.local_path("")
-    if local is not None and not local.is_dir():
-        hint = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
-        raise UsageError(f"queue root {local} does not exist{hint}; create it, or pass --root "
-                         "with the folder that `cherry submit` uses")
-    if local is None and queue.storage.stat("") is None:
-        raise UsageError(f"queue root {resolved.root} does not exist ({queue.storage.description})"
-                         "; submit a job to it first, or pass --root with the folder that "
-                         "`cherry submit` uses")
+    _require_root(resolved, queue)
     worker_id = args.worker_id or os.environ.get("CHERRY_WORKER_ID") or _default_worker_id()
     if not WORKER_ID_RE.match(worker_id):
         raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
@@ -111,6 +103,26 @@ def cmd_worker(args) -> int:
                             idle_shutdown_minutes=args.idle_shutdown,
                             max_runtime_hours=max_runtime)
     return Worker(queue, WorkerIdentity(worker_id), options).run()
+
+
+def _require_root(resolved: ResolvedRoot, queue: JobQueue) -> None:
+    """A root that does not exist is a mistyped one (or an unmounted Drive): say so, rather
+    than show an empty queue or wait on one. The local default root (no root configured) is
+    said to be used already, and is empty until the first submit."""
+    if resolved.is_fallback and queue.storage.local_path("") is not None:
+        return
+    local = queue.storage.local_path("")
+    if local is not None and not local.is_dir():
+        mount = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
+        raise UsageError(f"queue root {local} does not exist (from {resolved.source}){mount}; "
+                         f"pass --root {_ROOT_HINT}")
+    if local is None and queue.storage.stat("") is None:
+        raise UsageError(f"queue root {resolved.root} does not exist (from {resolved.source}), or "
+                         f"this account cannot see it ({queue.storage.description}); pass --root "
+                         f"{_ROOT_HINT}")
+
+
+_ROOT_HINT = "with the folder that `cherry submit` uses (it creates the root)"
 
 
 def _confirmed_mount(root: str):
@@ -136,6 +148,7 @@ def cmd_status(args) -> int:
     from cherry_train.client.status import job_rows, render_table, worker_rows
 
     resolved, queue = _root(args)
+    _require_root(resolved, queue)
     rows = job_rows(queue)
     if args.state:
         rows = [r for r in rows if r["state"] == args.state]
@@ -152,6 +165,7 @@ def cmd_cancel(args) -> int:
     import socket
 
     resolved, queue = _root(args)
+    _require_root(resolved, queue)
     job_id = find_job(queue, args.job)
     view = queue.view(job_id)
     if view.state.finished:
@@ -168,10 +182,23 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_retry(args) -> int:
+    resolved, queue = _root(args)
+    _require_root(resolved, queue)
+    job_id = find_job(queue, args.job)
+    manifest = queue.retry(job_id)
+    step = queue.latest_checkpoint_step(job_id)
+    where = f"from its checkpoint at step {step}" if step is not None else "from the start"
+    print(f"queued {job_id} again: its next attempt resumes {where}, with the crash-loop count "
+          f"started afresh (attempt {(manifest.retried_after_attempt or 0) + 1})")
+    return 0
+
+
 def cmd_watch(args) -> int:
     from cherry_train.client.watch import EXIT_CODES, watch
 
-    _, queue = _root(args)
+    resolved, queue = _root(args)
+    _require_root(resolved, queue)
     state = watch(queue, find_job(queue, args.job), poll_seconds=args.poll_seconds,
                   progress=not args.no_progress)
     return EXIT_CODES[state]
@@ -180,7 +207,8 @@ def cmd_watch(args) -> int:
 def cmd_fetch(args) -> int:
     from cherry_train.client.fetch import ChecksumMismatch, fetch
 
-    _, queue = _root(args)
+    resolved, queue = _root(args)
+    _require_root(resolved, queue)
     job_id = find_job(queue, args.job)
     dest = Path(args.dest) / job_id
     try:
@@ -338,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--root", help=root_help)
     c.set_defaults(func=cmd_cancel)
 
+    r = sub.add_parser("retry", help="put a failed or cancelled job back in the queue; it "
+                       "resumes from its newest checkpoint")
+    r.add_argument("job", metavar="JOB", help="the job id (or its unique end, e.g. 7f3a)")
+    r.add_argument("--root", help=root_help)
+    r.set_defaults(func=cmd_retry)
+
     wa = sub.add_parser("watch", help="follow a job live until it ends (exit 0 succeeded, "
                         "1 failed, 3 cancelled)")
     wa.add_argument("job", metavar="JOB", help="the job id (or its unique end)")
@@ -400,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _err(*e.problems)
         return 2
-    except (UsageError, WorkerIdInUse, NoSuchJob, DriveAuthError) as e:
+    except (UsageError, WorkerIdInUse, NoSuchJob, NotRetryable, DriveAuthError) as e:
         _err(f"error: {e}")
         return 2
     except DriveError as e:  # Drive stayed unreachable through all retries: not a bug

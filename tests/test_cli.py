@@ -118,6 +118,8 @@ def test_status_json_lists_jobs_with_state(tmp_path, root_with_data, tiny_config
 
 def test_root_resolution_order(tmp_path, monkeypatch, capsys):
     saved, env, flag = tmp_path / "saved", tmp_path / "env", tmp_path / "flag"
+    env.mkdir()
+    flag.mkdir()
     assert main(["init", str(saved)]) == 0
     capsys.readouterr()
     assert main(["status"]) == 0
@@ -201,6 +203,14 @@ def test_worker_refuses_a_root_that_does_not_exist(tmp_path, capsys):
     assert main(["worker", "--root", str(tmp_path / "typo"), "--exit-when-idle"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["cancel", "abcd"],
+                                     ["retry", "abcd"], ["fetch", "abcd"], ["watch", "abcd"]])
+def test_reading_commands_say_a_mistyped_root_does_not_exist(tmp_path, capsys, command):
+    assert main([*command, "--root", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert "typo does not exist (from --root)" in err and "pass --root" in err
 
 
 def test_model_name_is_checked_even_without_preflight(tmp_path, tiny_config, capsys):

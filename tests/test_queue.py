@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import structlog
@@ -11,10 +13,17 @@ import structlog
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.owner import Fenced
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity, WorkerIdInUse
+from cherry_train.jobqueue.protocol import (
+    JobQueue,
+    NotRetryable,
+    WorkerIdentity,
+    WorkerIdInUse,
+    setup_death_bound,
+)
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.loop import Worker
+from cherry_train.worker.errors import JobError
+from cherry_train.worker.loop import EXIT_GPU_FAILED, Worker, WorkerOptions
 from cherry_train.worker.outcome import Outcome, TrainState
 
 ROOT = "/queue-root"
@@ -137,7 +146,7 @@ def test_unreadable_manifest_goes_to_failed_and_the_next_job_runs(queue, tiny_co
     assert view.state == JobState.failed and view.error
 
 
-def test_a_failing_job_gets_a_failed_result_and_the_loop_goes_on(queue, tiny_config, clock):
+def test_a_users_error_fails_the_job_at_once_and_the_loop_goes_on(queue, tiny_config, clock):
     bad = queue.submit(config(tiny_config, name="bad"))
     clock.advance(1)
     good = queue.submit(config(tiny_config, name="good"))
@@ -146,16 +155,84 @@ def test_a_failing_job_gets_a_failed_result_and_the_loop_goes_on(queue, tiny_con
 
     def trainer(claim, *args):
         if claim.job_id == bad.job_id:
-            raise RuntimeError("CUDA error: device-side assert triggered")
+            raise JobError("data.train_path: folder data/trian does not exist")
         return ok(claim, *args)
 
     worker = Worker(queue, WorkerIdentity("w1"), trainer=trainer)
     assert worker.run_once() and worker.run_once()
     failed = Result.from_json(queue.storage.read_bytes(JobPaths(bad.job_id).result))
-    assert failed.state == JobState.failed
-    assert failed.error.type == "RuntimeError" and "device-side assert" in failed.error.message
-    assert "Traceback" in failed.error.traceback
+    assert failed.state == JobState.failed and failed.attempts == 1
+    assert failed.error.type == "JobError" and "data.train_path" in failed.error.message
+    assert failed.error.traceback is None  # the user's to fix: a message, not a stack trace
     assert queue.view(good.job_id).state == JobState.succeeded
+
+
+def test_an_unexpected_error_hands_the_job_back_until_max_attempts(queue, tiny_config, clock,
+                                                                    capsys):
+    bad = queue.submit(config(tiny_config, name="bad", max_attempts=3))
+    clock.advance(1)
+    good = queue.submit(config(tiny_config, name="good"))
+    ran = []
+    ok = fake_trainer(ran)
+
+    def trainer(claim, *args):
+        if claim.job_id == bad.job_id:
+            raise KeyError("a bug, not the job's fault")
+        return ok(claim, *args)
+
+    worker = Worker(queue, WorkerIdentity("w1"), trainer=trainer)
+    assert worker.run_once()  # attempt 1 ends by the error: handed back, not failed
+    view = queue.view(bad.job_id)
+    assert view.state == JobState.running and not view.stalled
+    assert view.heartbeat.released and view.heartbeat.error.type == "KeyError"
+    from cherry_train.client.status import job_rows, render_table
+
+    rows = job_rows(queue)
+    assert "handed back after an error" in render_table(rows, [])
+    assert "KeyError" in next(r for r in rows if r["job_id"] == bad.job_id)["error"]
+
+    assert worker.run_once() and worker.run_once()  # attempts 2 and 3, the same error
+    assert ran == []
+    second = queue.attempts(bad.job_id)[1]
+    assert second.reason == "after-error" and second.previous.error.type == "KeyError"
+    assert worker.run_once() and ran == [good.job_id]  # bad gives up; the loop goes on
+    failed = Result.from_json(queue.storage.read_bytes(JobPaths(bad.job_id).result))
+    assert failed.state == JobState.failed and failed.error.type == "CrashLoop"
+    assert "3 consecutive attempts" in failed.error.message
+    assert "the last error: KeyError" in failed.error.message
+    assert "Traceback" in failed.error.traceback
+    assert f"cherry retry {bad.job_id}" in failed.error.message
+
+
+def test_a_cuda_error_hands_the_job_back_and_ends_the_worker(queue, tiny_config):
+    job = queue.submit(config(tiny_config, name="gpu"))
+
+    def trainer(claim, *args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(poll_min_seconds=0.01),
+                    trainer=trainer)
+    assert worker.run() == EXIT_GPU_FAILED  # its CUDA context is unusable: start afresh
+    assert len(queue.attempts(job.job_id)) == 1  # it did not take the job again
+    hb = queue.view(job.job_id).heartbeat
+    assert hb.released and "illegal memory access" in hb.error.message
+    assert not queue.storage.exists(JobPaths(job.job_id).result)
+
+
+def test_an_error_after_a_stop_request_hands_the_job_back_as_released(queue, tiny_config):
+    job = queue.submit(config(tiny_config))
+    worker = Worker(queue, WorkerIdentity("w1"))
+
+    def trainer(claim, reporter, stop, *args):
+        worker.stop.set("SIGTERM")  # the signal came; a loader process died of it
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    worker.trainer = trainer
+    assert worker.run() == 0
+    hb = queue.view(job.job_id).heartbeat
+    assert hb.released and hb.error is None  # a stop, not a crash: not counted
+    claim = queue.try_claim(queue.queued()[0][0], WorkerIdentity("w2"))
+    assert claim.attempt.reason == "released"
 
 
 def test_heartbeat_age_marks_a_running_job_stalled(queue, clock, tiny_config):
@@ -213,13 +290,88 @@ def test_released_job_can_be_taken_at_once(queue, clock, tiny_config):
 def test_crash_loop_gives_up_after_max_attempts(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config, max_attempts=2))
     for worker in ("a", "b"):
-        assert queue.try_claim(manifest, WorkerIdentity(worker)) is not None
-        clock.advance(6)  # dies without a checkpoint; the lease runs out
+        claim = queue.try_claim(manifest, WorkerIdentity(worker))
+        beat(queue, claim, phase="training", trained=True, step=1)
+        clock.advance(6)  # dies while training, before a checkpoint; the lease runs out
     assert queue.try_claim(manifest, WorkerIdentity("c")) is None
     result = Result.from_json(queue.storage.read_bytes(JobPaths(manifest.job_id).result))
     assert result.state == JobState.failed and result.error.type == "CrashLoop"
     assert [a.worker_id for a in result.attempt_history] == ["a", "b"]
     assert queue.storage.list_dir("queue") == []
+
+
+def test_deaths_in_set_up_count_against_a_larger_bound(queue, clock, tiny_config):
+    """A Colab tab closed while the job copied its data is not the job's fault; a set-up that
+    kills its worker every time still ends."""
+    manifest = queue.submit(config(tiny_config, max_attempts=2))
+    bound = setup_death_bound(2)
+    assert bound > 2
+    for i in range(bound):
+        claim = queue.try_claim(manifest, WorkerIdentity(f"w{i}"))
+        assert claim is not None, f"gave up after {i} set-up deaths"
+        beat(queue, claim, phase="copying data")
+        clock.advance(6)
+    assert queue.try_claim(manifest, WorkerIdentity("last")) is None
+    result = Result.from_json(queue.storage.read_bytes(JobPaths(manifest.job_id).result))
+    assert result.error.type == "CrashLoop" and "before their first training step" in \
+        result.error.message
+
+
+def test_a_stop_on_purpose_between_crashes_does_not_reset_nor_count(queue, clock, tiny_config):
+    manifest = queue.submit(config(tiny_config, max_attempts=2))
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))
+    beat(queue, claim, trained=True)
+    clock.advance(6)  # crash 1
+    claim = queue.try_claim(manifest, WorkerIdentity("b"))
+    beat(queue, claim, trained=True, released=True)  # SIGTERM: handed back, not a crash
+    claim = queue.try_claim(manifest, WorkerIdentity("c"))
+    assert claim is not None and claim.attempt.reason == "released"
+    beat(queue, claim, trained=True)
+    clock.advance(6)  # crash 2
+    assert queue.try_claim(manifest, WorkerIdentity("d")) is None
+
+
+def test_retry_puts_a_failed_job_back_with_the_count_afresh(queue, clock, tiny_config, capsys):
+    manifest = queue.submit(config(tiny_config, max_attempts=1))
+    paths = JobPaths(manifest.job_id)
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))
+    queue.storage.write_atomic(paths.checkpoint(4), b"ckpt")
+    queue.storage.write_atomic(paths.checkpoint_checksum(4), b"sum")
+    clock.advance(6)  # killed after its checkpoint
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))  # resumed from step 4 ...
+    beat(queue, claim, trained=True)
+    clock.advance(6)  # ... and killed before its next checkpoint: max_attempts=1 is spent
+    assert queue.try_claim(manifest, WorkerIdentity("b")) is None
+    assert queue.view(manifest.job_id).state == JobState.failed
+
+    other = queue.submit(config(tiny_config, name="other"))
+    with pytest.raises(NotRetryable, match="not finished"):
+        queue.retry(other.job_id)
+    queue.retry(manifest.job_id)
+    view = queue.view(manifest.job_id)
+    assert view.state == JobState.queued
+    assert queue.storage.list_dir(f"{paths.dir}/results") == ["1.json"]  # the old result, kept
+    requeued = next(m for m in queue.queued()[0] if m.job_id == manifest.job_id)
+    assert requeued.retried_after_attempt == 2
+    claim = queue.try_claim(requeued, WorkerIdentity("b"))  # at once: no lease to wait for
+    assert claim is not None and claim.attempt.reason == "retried"
+    assert claim.attempt.n == 3 and claim.attempt.checkpoint_at_start == 4
+    with pytest.raises(NotRetryable, match="not finished"):
+        queue.retry(manifest.job_id)
+
+
+def test_retry_of_a_cancelled_job_and_of_a_succeeded_one(queue, tiny_config):
+    manifest = queue.submit(config(tiny_config))
+    assert queue.request_cancel(manifest.job_id)
+    assert queue.try_claim(manifest, WorkerIdentity("a")) is None  # committed: cancelled
+    assert queue.view(manifest.job_id).state == JobState.cancelled
+    queue.retry(manifest.job_id)
+    assert not queue.cancel_requested(manifest.job_id)
+    worker = Worker(queue, WorkerIdentity("a"), trainer=fake_trainer([]))
+    assert worker.run_once()
+    assert queue.view(manifest.job_id).state == JobState.succeeded
+    with pytest.raises(NotRetryable, match="succeeded"):
+        queue.retry(manifest.job_id)
 
 
 def test_attempts_that_checkpoint_do_not_count_as_a_crash_loop(queue, clock, tiny_config):
@@ -267,22 +419,36 @@ def test_exit_when_idle_stops_on_an_empty_queue(queue):
     assert status.state == "stopped"
 
 
-def test_a_started_worker_removes_what_its_killed_incarnation_left_in_scratch(fs, queue):
+def test_a_started_worker_removes_only_its_own_dead_incarnations_scratch(fs, queue):
     """A SIGKILL during torch.save leaves a partial checkpoint in local scratch; a restarted
-    worker with the same id clears its own, and never another live worker's."""
-    from pathlib import Path
-
+    worker with the same id on the same root clears what dead processes left, and never what
+    a live one has, nor what a worker with the same id on another root has."""
     from cherry_train.worker.loop import WorkerOptions
 
-    mine, theirs = Path("/scratch/w1/job-a"), Path("/scratch/w2/job-b")
-    for folder in (mine, theirs):
+    options = WorkerOptions(exit_when_idle=True, scratch=Path("/scratch"))
+    worker = Worker(queue, WorkerIdentity("w1"), options, trainer=fake_trainer([]))
+    base = worker._scratch_base()
+    dead_pid = 2**22 + 12345  # above any pid_max: no such process
+    dead, live = base / f"{dead_pid}-0ld1nc4rn4t1" / "job-a", base / f"{os.getpid()}-l1ve" / "job-b"
+    other_root = Worker(JobQueue(LocalStorage("/other-root"), queue.clock),
+                        WorkerIdentity("w1"), options)._scratch_base() / f"{dead_pid}-x" / "job-c"
+    assert other_root.parent.parent != base
+    for folder in (dead, live, other_root):
         fs.create_file(folder / "step-000000003.pt.partial", contents="x" * 1000)
-    worker = Worker(queue, WorkerIdentity("w1"),
-                    WorkerOptions(exit_when_idle=True, scratch=Path("/scratch")),
-                    trainer=fake_trainer([]))
     assert worker.run() == 0
-    assert not Path("/scratch/w1").exists()
-    assert (theirs / "step-000000003.pt.partial").is_file()
+    assert not dead.parent.exists()
+    assert (live / "step-000000003.pt.partial").is_file()
+    assert (other_root / "step-000000003.pt.partial").is_file()
+    assert not worker._scratch().exists()  # its own goes at exit
+
+
+def test_a_worker_leaves_no_empty_scratch_folders(fs, queue, tiny_config):
+    from cherry_train.worker.loop import WorkerOptions
+
+    queue.submit(config(tiny_config))
+    options = WorkerOptions(exit_when_idle=True, scratch=Path("/scratch"))
+    assert Worker(queue, WorkerIdentity("w1"), options, trainer=fake_trainer([])).run() == 0
+    assert not Path("/scratch").exists()
 
 
 class Unreachable(LocalStorage):

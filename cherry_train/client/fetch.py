@@ -7,6 +7,7 @@ where it stopped; a file already here with the right checksum is not downloaded 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,9 @@ def wanted_files(queue: JobQueue, job_id: str, checkpoints: bool) -> list[tuple[
     files: list[tuple[str, int | None, str | None]] = []
     if raw is not None:
         result = Result.from_json(raw)
-        files.append((paths.result, None, None))  # the record itself
+        # The record itself, checked against the copy just read (it never changes once written).
+        data = raw.encode()
+        files.append((paths.result, len(data), hashlib.sha256(data).hexdigest()))
         files += [(f"{paths.dir}/{a.path}", a.bytes, a.sha256) for a in result.artifacts.values()]
     else:  # still running: what exists now, unverified
         files += [(p, None, None) for p in paths.artifact_paths().values()

@@ -38,6 +38,9 @@ def job_rows(queue: JobQueue, use_cache: bool = True) -> list[dict[str, Any]]:
         except (FileNotFoundError, ValueError):
             cache = {}
     job_ids = queue.job_ids()
+    # A finished job's row never changes, unless `cherry retry` put it back in queue/.
+    for job_id in queue.queued_job_ids() & cache.keys():
+        del cache[job_id]
     todo = [j for j in job_ids if j not in cache]
     # Each view is a few small reads: on a network mount, round trips. Overlap them.
     with ThreadPoolExecutor(STATUS_THREADS) as pool:
@@ -80,6 +83,8 @@ def _row(v: JobView) -> dict[str, Any]:
                    eta_seconds=hb.eta_seconds, device=hb.device,
                    best_val_accuracy=hb.best_val_accuracy, storage_error=hb.storage_error,
                    last_checkpoint_step=hb.last_checkpoint_step)
+        if hb.released and hb.error is not None:  # waiting for its next attempt: say why
+            row["error"] = f"{hb.error.type}: {hb.error.message}"
     if result is not None:
         row.update(epoch=result.epochs_completed, step=result.steps_completed,
                    device=result.device, images_per_second=result.images_per_second,
@@ -145,7 +150,12 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
                              f" - its worker ({r['worker_id']}) is probably gone; the next worker"
                              " start takes it over and resumes from the last checkpoint")
             elif r["state"] == "failed" and r["error"]:
-                lines.append(f"! {r['job_id']} failed: {r['error'].splitlines()[0]}")
+                lines.append(f"! {r['job_id']} failed: {r['error'].splitlines()[0]}"
+                             f" (`cherry retry {r['job_id']}` runs it again from its newest "
+                             "checkpoint)")
+            elif r["state"] == "running" and r["error"]:
+                lines.append(f"! {r['job_id']}: handed back after an error, waiting for its "
+                             f"next attempt: {r['error'].splitlines()[0]}")
             if r["storage_error"] and r["state"] == "running":
                 warning = storage_warning(r["storage_error"], r["last_checkpoint_step"])
                 lines.append(f"! {r['job_id']}: {warning}")

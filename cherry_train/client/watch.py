@@ -43,7 +43,7 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
             if view.attempt is not None and view.attempt.n != last_attempt:
                 last_attempt = view.attempt.n
                 _write(bar, say, f"attempt {view.attempt.n} on {view.attempt.worker_id} "
-                                 f"({view.attempt.reason})")
+                                 f"({view.attempt.reason.value})")
             if view.stalled and not stalled_said:
                 _write(bar, say, f"no heartbeat for {view.heartbeat_age:.0f} s: the worker is "
                                  "probably gone; the next worker start resumes the job")

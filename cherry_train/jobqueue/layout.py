@@ -107,6 +107,10 @@ class JobPaths:
     def result(self) -> str:
         return f"{self.dir}/result.json"
 
+    def earlier_result(self, k: int) -> str:
+        # A result that `cherry retry` put aside (the job ran again): kept as history.
+        return f"{self.dir}/results/{k}.json"
+
     @property
     def evaluation(self) -> str:
         return f"{self.dir}/evaluation.json"

@@ -16,7 +16,8 @@ import structlog
 
 from cherry_train import faults
 from cherry_train.checksums import file_sha256
-from cherry_train.schemas import Result
+from cherry_train.schemas import Result, WorkerStatus
+from cherry_train.storage.base import ReadOnlyStorage
 
 if TYPE_CHECKING:
     from cherry_train.jobqueue.protocol import Claim, JobQueue
@@ -33,27 +34,43 @@ class Owner:
 
     def __init__(self, queue: JobQueue, claim: Claim):
         self.queue, self.claim = queue, claim
-        self.storage = queue.storage
+        self._storage = queue.storage  # written only by the methods below, each fenced
+        self.reader = ReadOnlyStorage(queue.storage)  # reads: the job's files, data, other jobs
+        self.clock = queue.clock
         self.written: dict[str, tuple[int, str]] = {}  # path -> (bytes, sha256), for results
+
+    # -- what the attempt asks of the queue -------------------------------------------------------
+
+    def cancel_requested(self) -> bool:
+        return self.queue.cancel_requested(self.claim.job_id)
+
+    def write_worker_status(self, status: WorkerStatus) -> None:
+        self.queue.write_worker_status(status)
+
+    def manifest_of(self, job_id: str):
+        """Another job's manifest (evaluation of a trained job), or None."""
+        return self.queue.view(job_id).manifest
+
+    # -- the job's files, each write fenced ----------------------------------------------------
 
     def fence(self) -> None:
         self.queue.fence(self.claim.job_id, self.claim.attempt.n)
 
     def write(self, path: str, data: bytes) -> None:
         self._fenced(path)
-        self.storage.write_atomic(path, data)
+        self._storage.write_atomic(path, data)
         self.written[path] = (len(data), hashlib.sha256(data).hexdigest())
 
     def upload(self, local: Path, path: str, sha256: str | None = None) -> None:
         """Store a local file at `path`; `sha256`, when the caller has it, saves hashing it again
         (checkpoints are hundreds of MB, hashed on the thread that shares the GIL with training)."""
         self._fenced(path)
-        self.storage.upload(local, path)
+        self._storage.upload(local, path)
         self.written[path] = (local.stat().st_size, sha256 or file_sha256(local))
 
     def delete(self, path: str) -> None:
         self._fenced(path)
-        self.storage.delete(path)
+        self._storage.delete(path)
         self.written.pop(path, None)
 
     def describe(self, path: str) -> tuple[int, str] | None:
@@ -62,7 +79,7 @@ class Owner:
         if path in self.written:
             return self.written[path]
         try:
-            data = self.storage.read_bytes(path)
+            data = self._storage.read_bytes(path)
         except FileNotFoundError:
             return None
         return len(data), hashlib.sha256(data).hexdigest()
@@ -72,9 +89,10 @@ class Owner:
         paths = self.claim.paths
         self._fenced(paths.result)
         faults.point("before-commit")
-        won = self.storage.create_exclusive(paths.result, result.to_json())
+        won = self._storage.create_exclusive(paths.result, result.to_json())
         faults.point("after-commit")
-        if won and self.storage.confirms_later and not self.storage.confirm_durable(paths.result):
+        if won and self._storage.confirms_later and \
+                not self._storage.confirm_durable(paths.result):
             log.warning("result.json is written but Drive has not confirmed it yet; the mount "
                         "uploads it later", job_id=self.claim.job_id)
         self.queue.finish_bookkeeping(self.claim.job_id)

@@ -28,6 +28,8 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.owner import Fenced, journal
 from cherry_train.schemas import (
     Attempt,
+    AttemptEnd,
+    AttemptReason,
     ErrorInfo,
     FailedManifest,
     Heartbeat,
@@ -45,6 +47,18 @@ if TYPE_CHECKING:
 
 class WorkerIdInUse(Exception):
     """Another live process already works under this worker id (a second notebook tab?)."""
+
+
+class NotRetryable(Exception):
+    """`cherry retry` of a job that is not failed or cancelled: one line for the user."""
+
+
+def setup_death_bound(max_attempts: int) -> int:
+    """Consecutive attempts that died before their first training step (in set-up: data copy,
+    model build) before the job fails. Larger than max_attempts: on Colab such deaths are
+    mostly a closed tab or a disconnect, not the job; still bounded, so a job whose set-up
+    kills its worker every time ends."""
+    return max(10, 3 * max_attempts)
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,41 @@ def _concise(error: ValidationError) -> str:
 def error_info(exc: BaseException, with_traceback: bool = True) -> ErrorInfo:
     tb = "".join(traceback.format_exception(exc)) if with_traceback else None
     return ErrorInfo(type=type(exc).__name__, message=str(exc) or type(exc).__name__, traceback=tb)
+
+
+def _ending(hb: Heartbeat | None) -> AttemptEnd:
+    """How the last attempt ended, from its last heartbeat (a killed one writes no more)."""
+    if hb is None:
+        return AttemptEnd()
+    return AttemptEnd(phase=hb.phase, step=hb.step, trained=hb.trained, released=hb.released,
+                      error=hb.error, loader_processes=hb.loader_processes)
+
+
+def _attempts_without_progress(history: list[Attempt], checkpoint: int | None,
+                               last_end: AttemptEnd | None,
+                               retried_after: int | None) -> tuple[int, int]:
+    """Consecutive latest attempts that ended without a new checkpoint (a crash loop), as
+    (crashes, set-up deaths). A crash: the attempt trained, or handed the job back after an
+    error. A set-up death: the process died silently before its first training step, which on
+    Colab is mostly a closed tab, so those count against a larger bound. An attempt that
+    handed the job back on request (SIGTERM, runtime cap) is neither. `cherry retry` starts
+    the count afresh."""
+    crashes = setup_deaths = 0
+    for i in range(len(history) - 1, -1, -1):
+        attempt = history[i]
+        if attempt.checkpoint_at_start != checkpoint or \
+                (retried_after is not None and attempt.n <= retried_after):
+            break
+        end = history[i + 1].previous if i + 1 < len(history) else last_end
+        if end is None:  # written by a version that did not record it: count it as before
+            end = AttemptEnd(trained=True)
+        if end.released and end.error is None:
+            continue
+        if end.trained or end.error is not None:
+            crashes += 1
+        else:
+            setup_deaths += 1
+    return crashes, setup_deaths
 
 
 class JobQueue:
@@ -303,14 +352,17 @@ class JobQueue:
         if cancelled and not history:
             self._commit_unclaimed(manifest, history, JobState.cancelled, me)
             return None
-        reason = "fresh"
+        reason, previous = AttemptReason.fresh, None
         if history:
             last = history[-1]
             hb = self.heartbeat(job_id)
             hb = hb if hb is not None and hb.attempt == last.n else None
+            previous = _ending(hb)
             age = age_seconds(self.clock, hb.at if hb else last.started_at)
-            if hb is not None and hb.released:
-                reason = "released"
+            if manifest.retried_after_attempt == last.n:
+                reason = AttemptReason.retried  # its result was put aside: nobody holds it
+            elif hb is not None and hb.released:
+                reason = AttemptReason.after_error if hb.error else AttemptReason.released
             elif last.worker_id == me.worker_id and last.incarnation != me.incarnation:
                 # The fast path after a Colab disconnect: our own id, a silent heartbeat.
                 if age <= 2 * config.heartbeat_seconds:
@@ -319,11 +371,11 @@ class JobQueue:
                         f"(heartbeat {age:.0f} s ago, host {last.host or '?'}, pid {last.pid}). "
                         "Is a second notebook or tab running? Stop it, or give this worker "
                         "another --worker-id.")
-                reason = "same-worker"
+                reason = AttemptReason.same_worker
             elif last.worker_id == me.worker_id:
-                reason = "same-worker"  # our own process gave the job back earlier
+                reason = AttemptReason.same_worker  # our own process gave the job back earlier
             elif age > config.lease_seconds:
-                reason = "lease-expired"
+                reason = AttemptReason.lease_expired
             else:
                 self._hold(job_id, last.n, config.lease_seconds - age)
                 return None
@@ -331,14 +383,16 @@ class JobQueue:
             self._commit_unclaimed(manifest, history, JobState.cancelled, me)
             return None
         checkpoint = self.latest_checkpoint_step(job_id)
-        stuck = self._attempts_without_progress(history, checkpoint, reason)
-        if stuck >= config.max_attempts:
-            self._give_up(manifest, history, stuck, me)
+        crashes, setup_deaths = _attempts_without_progress(history, checkpoint, previous,
+                                                           manifest.retried_after_attempt)
+        if crashes >= config.max_attempts or \
+                setup_deaths >= setup_death_bound(config.max_attempts):
+            self._give_up(manifest, history, previous, crashes, setup_deaths, me)
             return None
         attempt = Attempt(n=history[-1].n + 1 if history else 1,
                           worker_id=me.worker_id, incarnation=me.incarnation, host=me.host,
                           pid=me.pid, started_at=self.clock.now(), reason=reason,
-                          checkpoint_at_start=checkpoint,
+                          checkpoint_at_start=checkpoint, previous=previous,
                           next_id=next(iter(self.storage.reserve_ids(1)), None))
         if not self.storage.create_exclusive(paths.attempt(attempt.n), attempt.to_json()):
             return None  # another worker claimed it first
@@ -346,27 +400,27 @@ class JobQueue:
         faults.point("after-claim")
         return Claim(manifest=manifest, attempt=attempt, history=[*history, attempt])
 
-    @staticmethod
-    def _attempts_without_progress(history: list[Attempt], checkpoint: int | None,
-                                   next_reason: str) -> int:
-        """Consecutive latest attempts that ended without a new checkpoint (a crash loop).
-        An attempt that released the job on purpose (SIGTERM, runtime cap) is no crash."""
-        count = 0
-        for i in range(len(history) - 1, -1, -1):
-            if history[i].checkpoint_at_start != checkpoint:
-                break
-            followed_by = history[i + 1].reason if i + 1 < len(history) else next_reason
-            if followed_by != "released":
-                count += 1
-        return count
-
-    def _give_up(self, manifest: Manifest, history: list[Attempt], stuck: int,
-                 me: WorkerIdentity) -> None:
+    def _give_up(self, manifest: Manifest, history: list[Attempt], last_end: AttemptEnd,
+                 crashes: int, setup_deaths: int, me: WorkerIdentity) -> None:
+        max_attempts = manifest.config.max_attempts
+        if crashes >= max_attempts:
+            what = (f"{crashes} consecutive attempts ended without writing a checkpoint "
+                    f"(max_attempts={max_attempts}); the job crashes its attempts, or the worker "
+                    "process dies while training it (out of memory?)")
+        else:
+            what = (f"{setup_deaths} consecutive attempts died before their first training step "
+                    f"(at most {setup_death_bound(max_attempts)}); the worker process probably "
+                    "dies while setting this job up (copying its data, building its model)")
+        ends = [a.previous for a in history[1:]] + [last_end]
+        last_error = next((e.error for e in reversed(ends) if e is not None and e.error), None)
         error = ErrorInfo(
             type="CrashLoop",
-            message=f"{stuck} consecutive attempts ended without writing a checkpoint "
-                    f"(max_attempts={manifest.config.max_attempts}); the worker process probably "
-                    "dies while training this job (out of memory?). See attempts/ and worker logs.")
+            message=f"{what}. See attempts/ and worker.log"
+                    + (f"; the last error: {last_error.type}: {last_error.message}"
+                       if last_error else "")
+                    + f". `cherry retry {manifest.job_id}` puts it back in the queue, to resume "
+                    "from its newest checkpoint.",
+            traceback=last_error.traceback if last_error else None)
         self._commit_unclaimed(manifest, history, JobState.failed, me, error)
 
     def _commit_unclaimed(self, manifest: Manifest, history: list[Attempt], state: JobState,
@@ -378,6 +432,50 @@ class JobQueue:
                         worker_id=me.worker_id, error=error)
         self.storage.create_exclusive(JobPaths(manifest.job_id).result, result.to_json())
         self.finish_bookkeeping(manifest.job_id)
+
+    # -- retry (client) ------------------------------------------------------------------------
+
+    def retry(self, job_id: str) -> Manifest:
+        """Put a failed or cancelled job back in the queue: its next attempt resumes from the
+        newest checkpoint, and the crash-loop count starts afresh. The result is put aside
+        (done/<job>/results/<k>.json), not lost. Safe to repeat after an interruption: a job
+        whose result went aside but whose manifest is not back in queue/ yet is completed."""
+        paths = JobPaths(job_id)
+        if self.storage.exists(paths.failed_manifest):
+            raise NotRetryable(f"{job_id} was never claimed: its manifest is not valid (see "
+                               f"{paths.failed_error}); fix the config and submit it again")
+        raw = self.storage.read_text_or_none(paths.result)
+        if raw is None:
+            if self.storage.exists(paths.queued_manifest):
+                raise NotRetryable(f"{job_id} is not finished; nothing to retry")
+            manifest = self._manifest(job_id)  # a retry interrupted after the result went aside
+            if manifest is None:
+                raise NotRetryable(f"{job_id}: no such job")
+        else:
+            state = Result.from_json(raw).state
+            if state not in (JobState.failed, JobState.cancelled):
+                raise NotRetryable(f"{job_id} {state.value}; only a failed or cancelled job can "
+                                   "be retried (submit the config again for a new run)")
+            manifest = self._learn(self._manifest(job_id))
+            if manifest is None:
+                raise NotRetryable(f"{job_id}: its manifest cannot be read")
+            earlier = self.storage.list_dir(f"{paths.dir}/results")
+            self.storage.write_atomic(paths.earlier_result(len(earlier) + 1), raw.encode())
+            self.storage.delete(paths.cancel_request)
+            self.storage.delete(paths.result)
+        history = self.attempts(job_id)
+        update: dict = {"retried_after_attempt": history[-1].n if history else 0}
+        # Backends that create exclusively through reserved ids (Drive API) need new ones for
+        # the files made again: the next result and cancel request.
+        ids = self.storage.reserve_ids(2)
+        if ids and manifest.reserved_ids:
+            update["reserved_ids"] = {**manifest.reserved_ids, paths.result: ids[0],
+                                      paths.cancel_request: ids[1]}
+        manifest = manifest.model_copy(update=update)
+        self.storage.write_atomic(paths.queued_manifest, manifest.to_json())
+        self.storage.delete(paths.done_manifest)
+        self._learn(manifest)
+        return manifest
 
     # -- while running -------------------------------------------------------------------------
 
@@ -425,8 +523,12 @@ class JobQueue:
 
     # -- state, as `status` derives it ---------------------------------------------------------
 
+    def queued_job_ids(self) -> set[str]:
+        """Jobs whose manifest is in queue/: not finished (or put back by `cherry retry`)."""
+        return {n[:-5] for n in self.storage.list_dir(layout.QUEUE) if n.endswith(".json")}
+
     def job_ids(self) -> list[str]:
-        ids = {n[:-5] for n in self.storage.list_dir(layout.QUEUE) if n.endswith(".json")}
+        ids = self.queued_job_ids()
         ids.update(self.storage.list_dir(layout.DONE))
         ids.update(n[:-5] for n in self.storage.list_dir(layout.FAILED)
                    if n.endswith(".json") and not n.endswith(".error.json"))
@@ -456,6 +558,8 @@ class JobQueue:
         cancel = self.cancel_requested(job_id)
         if cancel and not history:
             return JobView(job_id, JobState.cancelled, manifest=manifest, cancel_requested=True)
+        if history and manifest is not None and manifest.retried_after_attempt == history[-1].n:
+            return JobView(job_id, JobState.queued, manifest=manifest, attempt=history[-1])
         if history:
             hb = self.heartbeat(job_id)
             hb = hb if hb is not None and hb.attempt == history[-1].n else None

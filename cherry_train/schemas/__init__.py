@@ -23,6 +23,8 @@ from cherry_train.schemas.errors import ConfigError, format_validation_error
 from cherry_train.schemas.records import (
     Artifact,
     Attempt,
+    AttemptEnd,
+    AttemptReason,
     BestEpoch,
     ErrorInfo,
     FailedManifest,
@@ -34,7 +36,8 @@ from cherry_train.schemas.records import (
 )
 
 __all__ = [
-    "Amp", "Artifact", "Attempt", "AugmentationSection", "BestEpoch", "CheckpointSection",
+    "Amp", "Artifact", "Attempt", "AttemptEnd", "AttemptReason", "AugmentationSection",
+    "BestEpoch", "CheckpointSection",
     "ConfigError", "DataSection", "ErrorInfo", "EvaluateSection", "FailedManifest", "Heartbeat",
     "JobState", "Manifest", "Mode", "ModelConfig", "Result", "TrainingConfig", "TrainingSection",
     "WorkerStatus",

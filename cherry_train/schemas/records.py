@@ -29,6 +29,17 @@ class JobState(str, Enum):
         return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
 
 
+class AttemptReason(str, Enum):
+    """Why an attempt was started (DESIGN.md §3)."""
+
+    fresh = "fresh"  # the job's first attempt
+    released = "released"  # the previous owner stopped on purpose (signal, runtime cap)
+    after_error = "after-error"  # the previous owner handed the job back after an error
+    same_worker = "same-worker"  # our worker id's previous process went silent (disconnect)
+    lease_expired = "lease-expired"  # another worker went silent for longer than the lease
+    retried = "retried"  # `cherry retry` put the finished job back in the queue
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -56,6 +67,27 @@ class Manifest(_Record):
     #: reserved ids (Drive API): the job's folders, attempts/1.json, result.json, the cancel
     #: request. Empty for local folders.
     reserved_ids: dict[str, str] = Field(default_factory=dict)
+    #: Set by `cherry retry`: the attempts up to this one ended in a result that was put aside;
+    #: the next attempt resumes from the newest checkpoint with the crash-loop count afresh.
+    retried_after_attempt: int | None = None
+
+
+class ErrorInfo(_Record):
+    type: str
+    message: str
+    traceback: str | None = None  # for bugs; a user error (bad data path) needs no traceback
+
+
+class AttemptEnd(_Record):
+    """How an attempt ended, as its last heartbeat told the worker that claimed the job next
+    (a killed process writes nothing more, so this is all there is to know)."""
+
+    phase: str | None = None  # None: it never wrote a heartbeat
+    step: int = 0
+    trained: bool = False  # it took at least one training step
+    released: bool = False  # it handed the job back (on request, or after an error)
+    error: ErrorInfo | None = None  # why it handed the job back, when an error ended it
+    loader_processes: int | None = None  # how many it used
 
 
 class Attempt(_Record):
@@ -67,9 +99,10 @@ class Attempt(_Record):
     host: str = ""
     pid: int = 0
     started_at: datetime
-    reason: str = "fresh"  # fresh | lease-expired | same-worker | released
+    reason: AttemptReason = AttemptReason.fresh
     checkpoint_at_start: int | None = None  # global step of the newest checkpoint when claimed
     next_id: str | None = None  # reserved id for attempts/<n+1>.json (Drive API roots)
+    previous: AttemptEnd | None = None  # how attempt n-1 ended (None for the first)
 
 
 class Heartbeat(_Record):
@@ -82,7 +115,12 @@ class Heartbeat(_Record):
     # starting | copying data | compiling | training | validating | finishing |
     # waiting for storage | released | finished (mode: evaluation: evaluating)
     phase: str = "starting"
-    released: bool = False  # the owner stopped on purpose: the next worker may take over now
+    released: bool = False  # the owner handed the job back: the next worker may take it now
+    # Why the owner handed the job back, when an error (not a stop request) ended the attempt:
+    # `cherry status` shows it while the job waits; the next attempt records it in its history.
+    error: ErrorInfo | None = None
+    trained: bool = False  # this attempt took a training step (written at once when it does)
+    loader_processes: int | None = None  # data loader processes this attempt uses
     epoch: int = 0  # 0-based epoch in progress
     epochs: int = 0
     step: int = 0  # global optimizer steps done
@@ -105,12 +143,6 @@ class BestEpoch(_Record):
     epoch: int
     val_accuracy: float
     val_loss: float
-
-
-class ErrorInfo(_Record):
-    type: str
-    message: str
-    traceback: str | None = None  # for bugs; a user error (bad data path) needs no traceback
 
 
 class Artifact(_Record):
