@@ -119,7 +119,7 @@ def mount_owner(tmp_path, tiny_config):
 
 
 def test_on_a_mount_a_checkpoint_counts_only_once_drive_has_it(mount_owner, tmp_path):
-    storage, durable = mount_owner.storage, []
+    storage, durable = mount_owner.queue.storage, []
     checkpoints = Checkpoints(mount_owner, tmp_path / "scratch", keep_last=1,
                               on_durable=lambda step, path: durable.append(step))
     paths = mount_owner.claim.paths
@@ -138,7 +138,7 @@ def test_on_a_mount_a_checkpoint_counts_only_once_drive_has_it(mount_owner, tmp_
 
 
 def test_confirmation_compares_content_not_just_names(mount_owner):
-    storage = mount_owner.storage
+    storage = mount_owner.queue.storage
     storage.write_atomic("x.bin", b"local")
     storage.api.md5 = lambda path: "0" * 32  # Drive holds an older version
     assert storage.confirm_durable("x.bin", timeout=10) is False
@@ -209,5 +209,24 @@ def test_metrics_are_never_overwritten_by_an_older_snapshot(owner, monkeypatch):
     release.set()
     first.join()
     second.join()
-    lines = owner.storage.read_text_or_none(owner.claim.paths.metrics).splitlines()
+    lines = owner.queue.storage.read_text_or_none(owner.claim.paths.metrics).splitlines()
     assert len(lines) == 2
+
+
+def test_a_stale_attempts_prune_is_fenced_and_removes_nothing(owner, tmp_path, tiny_config):
+    """Checkpoints write and delete only through the owner: after a takeover, the old
+    attempt's pruning raises Fenced instead of removing the new owner's checkpoints."""
+    queue, paths = owner.queue, owner.claim.paths
+    stale = Checkpoints(owner, tmp_path / "scratch-old", keep_last=1)
+    stale.save(5, {"w": torch.ones(2)})
+    # Attempt 2 takes over (the lease ran out) and writes its own checkpoints.
+    queue.storage.write_atomic(paths.attempt(2), owner.claim.attempt.model_copy(
+        update={"n": 2, "worker_id": "w2"}).to_json())
+    for step in (10, 12):
+        queue.storage.write_atomic(paths.checkpoint(step), b"new owner's")
+        queue.storage.write_atomic(paths.checkpoint_checksum(step), b"sum")
+    with pytest.raises(Fenced):
+        stale.prune()
+    assert set(stale.steps()) == {5, 10, 12}
+    with pytest.raises(AttributeError, match="read-only"):
+        stale.storage.delete(paths.checkpoint(10))  # no raw write path to reach for

@@ -106,6 +106,7 @@ def heartbeat(root: Path, job_id: str) -> Heartbeat | None:
         return None
 
 
+@pytest.mark.timeout(900)  # 14 worker starts, each waited on for at most 120 s
 def test_killed_again_and_again_the_job_ends_with_the_uninterrupted_weights(
         tmp_path, cherry_images):
     rng = random.Random(20261126)
@@ -160,6 +161,11 @@ def test_killed_again_and_again_the_job_ends_with_the_uninterrupted_weights(
 MIN_LIFE = 3.0
 
 
+#: The farm's own deadline, and pytest's timeout for it: room to fail with a message first.
+FARM_DEADLINE = 360
+
+
+@pytest.mark.timeout(FARM_DEADLINE + 180)
 def test_three_workers_twenty_jobs_random_kills(tmp_path, cherry_images):
     rng = random.Random(7)
     root = make_root(tmp_path, cherry_images, "farm")
@@ -174,7 +180,7 @@ def test_three_workers_twenty_jobs_random_kills(tmp_path, cherry_images):
                for wid in ("w1", "w2", "w3")}
     started = dict.fromkeys(workers, time.monotonic())
     kills = 0
-    deadline = time.monotonic() + 360
+    deadline = time.monotonic() + FARM_DEADLINE
     try:
         while time.monotonic() < deadline:
             done = sum((root / JobPaths(j).result).exists() for j in job_ids)

@@ -302,6 +302,60 @@ def test_an_idle_poll_is_one_request(drive, tiny_config):
     assert worker.run_once() is True and taken[0].attempt.reason == "lease-expired"
 
 
+def test_an_unknown_folder_id_is_a_root_that_does_not_exist(drive, capsys, monkeypatch):
+    storage = fake_drive_storage(drive, folder="id:no-such-id")
+    assert storage.stat("") is None  # 404 on the root itself: no KeyError, no traceback
+
+
+def test_a_tls_verification_failure_is_one_clear_error_at_once(drive):
+    import ssl
+
+    from cherry_train.storage import is_outage
+
+    class BadTLS(FakeHttp):
+        def request(self, *args, **kwargs):
+            raise ssl.SSLCertVerificationError(
+                1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed "
+                   "certificate in certificate chain")
+
+    waits = []
+    storage = DriveStorage("traina", lambda: BadTLS(drive), sleep=waits.append)
+    with pytest.raises(DriveError, match="TLS certificate cannot be verified") as info:
+        storage.list_dir("queue")
+    assert waits == []  # not retried: it fails the same way every time
+    assert not is_outage(info.value)  # a worker left running says so, rather than wait on it
+    assert "HTTPLIB2_CA_CERTS" in str(info.value)
+
+
+def test_an_idle_worker_makes_one_request_per_poll_and_a_status_a_minute(drive):
+    """Ten idle minutes of the worker loop itself (not one run_once): each poll lists queue/,
+    and the worker's status file is written once a minute, not at every poll."""
+    from cherry_train.worker.loop import WorkerOptions
+
+    clock = FakeClock()
+    queue = JobQueue(fake_drive_storage(drive), clock)
+    queue.storage.write_atomic("queue/.keep", b"")  # an existing, empty queue
+    polls = []
+    wait = clock.wait
+
+    def counted_wait(stop, seconds):
+        polls.append((seconds, len(drive.requests)))
+        return wait(stop, seconds)
+
+    clock.wait = counted_wait
+    worker = Worker(queue, WorkerIdentity("idle"),
+                    WorkerOptions(idle_shutdown_minutes=10, release_runtime=lambda: None))
+    start = len(drive.requests)
+    assert worker.run() == 0
+    steady = [(polls[i + 1][1] - polls[i][1]) for i in range(len(polls) - 1)
+              if polls[i][0] == 30]  # requests of each 30 s poll, start-up back-off left out
+    assert len(steady) >= 15
+    status_writes = sum(1 for n in steady if n > 1)
+    assert sum(steady) <= len(steady) + 3 * status_writes
+    assert 7 <= status_writes <= 11, steady  # about one a minute over ~9.5 minutes of 30 s polls
+    assert len(drive.requests) - start < 3 * len(polls) + 20
+
+
 def test_a_released_job_is_noticed_at_the_next_poll(drive, tiny_config):
     clock = FakeClock()
     owner_queue = JobQueue(fake_drive_storage(drive), clock)

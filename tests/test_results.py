@@ -178,7 +178,10 @@ def test_fetch_cli_with_checkpoints(queue, tiny_config, tmp_path, capsys):
                  "--checkpoints"]) == 0
     assert (tmp_path / "d" / job_id / "checkpoints" / "step-000000006.pt").read_bytes() == \
         b"checkpoint bytes"
-    assert capsys.readouterr().out.strip().endswith(job_id)
+    captured = capsys.readouterr()
+    assert captured.out.strip().endswith(job_id)
+    assert "unverified" not in captured.out + captured.err  # a finished job: all verified
+    assert "no result yet" not in captured.err
 
 
 def test_compare_two_jobs(queue, tiny_config, tmp_path, capsys):

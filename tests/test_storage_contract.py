@@ -11,6 +11,9 @@ real Drive folder too.
 
 from __future__ import annotations
 
+import errno
+import time
+
 import pytest
 from concurrently import at_once
 from flaky import FlakyStorage
@@ -120,15 +123,42 @@ def test_paths_cannot_leave_the_root(storage):
         storage.write_atomic("../outside.json", b"x")
 
 
-def test_transient_errors_are_retried_then_raised(tmp_path):
-    import errno
+class FailsFirst(LocalStorage):
+    """The mount reconnecting: the first `n` calls fail with Errno 107, then all is well."""
 
+    def __init__(self, root, n: int):
+        super().__init__(root)
+        self.left = n
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        if self.left > 0:
+            self.left -= 1
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+        super().write_atomic(path, data)
+
+
+def test_transient_errors_are_retried_with_growing_waits(tmp_path):
     waits = []
-    storage = RetryingStorage(FlakyStorage(tmp_path, rate=2.0), sleep=waits.append,
-                              give_up_seconds=0)
+    storage = RetryingStorage(FailsFirst(tmp_path, n=4), sleep=waits.append)
+    storage.write_atomic("x", b"1")  # the fifth try goes through
+    assert storage.read_bytes("x") == b"1"
+    assert len(waits) == 4
+    assert waits[-1] > waits[0] and all(w <= 30.5 for w in waits)  # backing off, capped
+
+
+def test_transient_errors_that_last_are_raised_once_retrying_gives_up(tmp_path):
+    waits = []
+
+    def sleep(seconds: float) -> None:  # real time must pass for the give-up to come
+        waits.append(seconds)
+        time.sleep(0.05)
+
+    storage = RetryingStorage(FlakyStorage(tmp_path, rate=2.0), sleep=sleep,
+                              give_up_seconds=0.3)
     with pytest.raises(OSError) as info:
         storage.write_atomic("x", b"1")
     assert info.value.errno in (errno.ENOTCONN, errno.EIO)
+    assert len(waits) >= 2  # it was tried again before it gave up
 
 
 def test_other_errors_are_not_retried(tmp_path):

@@ -113,3 +113,24 @@ class Storage(ABC):
             return self.read_bytes(path).decode()
         except FileNotFoundError:
             return None
+
+
+class ReadOnlyStorage:
+    """The read half of a storage. Training, checkpoints and reporting hold this, never the
+    storage itself: every write or delete of a job's files goes through the attempt's fenced
+    Owner (DESIGN.md §9), so a stale attempt cannot touch the live owner's files by accident."""
+
+    READS = frozenset({"read_bytes", "read_range", "read_text_or_none", "exists", "stat",
+                       "list_dir", "list_entries", "download", "local_path", "description",
+                       "confirms_later", "confirm_durable"})
+
+    def __init__(self, inner: Storage):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        if name == "sibling" and hasattr(self._inner, "sibling"):  # another Drive folder (data)
+            return lambda path: ReadOnlyStorage(self._inner.sibling(path))
+        if name not in self.READS:
+            raise AttributeError(f"{name!r}: this storage is read-only here; a job's files are "
+                                 "written through its Owner")
+        return getattr(self._inner, name)

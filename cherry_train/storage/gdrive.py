@@ -28,6 +28,7 @@ import http.client
 import io
 import json
 import os
+import ssl
 import threading
 import uuid
 from collections.abc import Callable
@@ -77,6 +78,11 @@ class DriveFull(DriveError):
     """The Drive's storage quota is used up: nothing can be written until space is freed."""
 
 
+class DriveSetupError(DriveError):
+    """An error no retry can fix, that this machine's set-up causes (TLS that cannot be
+    verified): one line saying what to check, at once."""
+
+
 AUTH_HINT = ("run `cherry drive login --client-secrets <client_secret.json>` on this machine "
              "(README: 'Google Drive API root'), or set CHERRY_DRIVE_TOKEN")
 
@@ -105,6 +111,8 @@ def is_transient(exc: BaseException) -> bool:
             (status == 403 and _reason(exc) in _RATE_REASONS)
     import httplib2
 
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False  # the same certificate fails the same way every time
     # Timeouts, resets, refused connections, lost DNS: the request may or may not have acted.
     return isinstance(exc, (OSError, httplib2.HttpLib2Error, http.client.HTTPException))
 
@@ -222,6 +230,13 @@ class DriveStorage(Storage):
         except Exception as e:
             if _is_http(e, 401):
                 raise DriveAuthError(f"Drive refused the credentials (401): {AUTH_HINT}") from None
+            if isinstance(e, ssl.SSLCertVerificationError):
+                why = getattr(e, "verify_message", None) or e  # set by ssl's own handshake
+                raise DriveSetupError(
+                    f"Drive API: {what}: the server's TLS certificate cannot be verified "
+                    f"({why}). A proxy that intercepts TLS, or a machine "
+                    "without the CA certificates? Point HTTPLIB2_CA_CERTS at the CA bundle to "
+                    "trust") from None
             if _is_http(e, 403) and _reason(e) in _FULL_REASONS:
                 raise DriveFull(f"Drive API: {what}: the Drive's storage is full "
                                 f"({_reason(e)}); free space in it (trashed files count too)"
@@ -522,7 +537,8 @@ class DriveStorage(Storage):
     def stat(self, path: str) -> FileInfo | None:
         if not path.strip("/"):
             root = self._root_id(create=False)
-            return None if root is None else _info(self._meta(root) or {})
+            meta = None if root is None else self._meta(root)  # None: no such (visible) folder
+            return None if meta is None else _info(meta)
         _, meta = self._lookup(path)
         return None if meta is None else _info(meta)
 

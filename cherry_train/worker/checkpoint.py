@@ -145,7 +145,8 @@ class Checkpoints:
     def __init__(self, owner: Owner, scratch: Path, keep_last: int,
                  on_durable: Callable[[int, str], None] | None = None,
                  on_failed: Callable[[int, str], None] | None = None):
-        self.owner, self.storage, self.paths = owner, owner.storage, owner.claim.paths
+        # Reads through the read-only view; every write and delete through the fenced owner.
+        self.owner, self.storage, self.paths = owner, owner.reader, owner.claim.paths
         self.scratch, self.keep_last = scratch, keep_last
         self.on_durable, self.on_failed = on_durable, on_failed
         self.requested_step: int | None = None  # the newest checkpoint asked for
@@ -260,8 +261,8 @@ class Checkpoints:
                 self._delete(step)
 
     def _delete(self, step: int) -> None:
-        self.storage.delete(self.paths.checkpoint_checksum(step))
-        self.storage.delete(self.paths.checkpoint(step))
+        self.owner.delete(self.paths.checkpoint_checksum(step))
+        self.owner.delete(self.paths.checkpoint(step))
 
     def load_latest(self) -> tuple[int, dict[str, Any]] | None:
         """The newest checkpoint that verifies; corrupt or unfinished ones are skipped and

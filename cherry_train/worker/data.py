@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,7 +200,7 @@ class Data:
                 sampler=EpochSampler(len(dataset), dataset.seed, shuffle, stop),
                 drop_last=split == "train", num_workers=workers, pin_memory=self.pin_memory,
                 persistent_workers=workers > 0,  # started once per job, not once per epoch
-                multiprocessing_context=worker_context() if workers > 0 else None,
+                **loader_processes(workers),
                 # Every iter() draws a base seed; from the global RNG that would shift the
                 # stream dropout uses whenever a resume starts an extra iterator mid-epoch.
                 generator=torch.Generator().manual_seed(dataset.seed))
@@ -221,6 +224,27 @@ class _OnDevice:
             yield x, labels.to(self.device, non_blocking=True)
 
 
+#: Signals that stop the worker. Colab, systemd, `docker stop`, `timeout` and Ctrl-C in a
+#: terminal send them to the whole process group: loader processes must not die of them while
+#: the main process, which alone decides to stop, finishes its step and checkpoints.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
+    """Loader processes ignore stop signals (a DataLoader worker_init_fn). The main process
+    ends them when it is done with them."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def loader_processes(num_workers: int) -> dict:
+    """DataLoader arguments for `num_workers` loader processes: where they start, and that
+    they leave stopping to the main process."""
+    if not num_workers:
+        return {}
+    return {"multiprocessing_context": worker_context(), "worker_init_fn": ignore_stop_signals}
+
+
 def worker_context() -> multiprocessing.context.BaseContext | None:
     """Where loader processes start: a fork server, never a fork of this process (its heartbeat
     thread could hold a lock at fork time and deadlock the child).
@@ -229,25 +253,53 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     fraction of a second instead of importing them itself (on the 2-core dev VM: a second pair
     of loader processes 0.1 s instead of 6-8 s; eight of them on a small Colab VM would import
     torch eight times over on two cores). The first call starts the server, whose imports then
-    run while the job builds its model and decodes its images."""
+    run while the job builds its model and decodes its images.
+
+    The server is started with the stop signals ignored, which it keeps across its exec and
+    hands to every process it forks: a signal to the process group then neither kills it (no
+    loader could start after that) nor a loader between its fork and its worker_init_fn."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     from multiprocessing import forkserver
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["cherry_train.worker.gpudata"])  # imports this module too
-    forkserver.ensure_running()
+    with _stop_signals_ignored():
+        forkserver.ensure_running()
     return context
+
+
+@contextmanager
+def _stop_signals_ignored():
+    """Ignore the stop signals in this process while the body starts a child. A signal that
+    arrives meanwhile is lost, which for starting one process is a few milliseconds."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal.signal only works there; the notebook and the CLI train on it
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 DEVELOPMENT_TRAIN_BATCHES = 8
 DEVELOPMENT_VAL_BATCHES = 4
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than the
+    machine has: os.cpu_count() would count them all)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_num_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
     # On a GPU, decoding is the bottleneck: use the cores. On the CPU, training needs them.
-    return min(8, cores) if device.type == "cuda" else 0
+    return min(8, usable_cores()) if device.type == "cuda" else 0
 
 
 def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
@@ -295,7 +347,9 @@ def _classes(path: Path, field: str) -> list[str]:
 
 
 def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
-              device: torch.device) -> Data:
+              device: torch.device, max_workers: int | None = None) -> Data:
+    """The job's data; `max_workers` caps the loader processes (after a loader process of the
+    previous attempt died)."""
     train_classes = _classes(train_path, "data.train_path")
     val_classes = _classes(val_path, "data.val_path")
     if train_classes != val_classes:
@@ -324,6 +378,10 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
         val_limit = DEVELOPMENT_VAL_BATCHES * batch
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else \
         default_num_workers(device)
+    if max_workers is not None and workers > max_workers:
+        log.warning("fewer loader processes: one died in the previous attempt (killed for "
+                    "memory?)", loader_processes=max_workers, configured=workers)
+        workers = max_workers
     if workers:
         worker_context()  # the loader processes' server starts importing now
     return Data(train=train, val=val, classes=train_classes, batch_size=batch,

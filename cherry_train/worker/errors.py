@@ -1,5 +1,36 @@
-"""Errors that end a job with a readable message and no traceback: the user's to fix."""
+"""What can end an attempt, sorted by whose it is to fix (DESIGN.md §9).
+
+A `JobError` is the user's: the job fails at once with its message, no traceback. Anything
+else (a loader process killed, a CUDA error, a bug) is not the job's fault: the attempt hands
+the job back with the error in its history, and `max_attempts` ends crash loops.
+"""
 
 
 class JobError(Exception):
     """The job cannot run as configured (missing data, unknown model, bad weights file)."""
+
+
+class LoaderDied(Exception):
+    """A data loader process died under training (most often killed by the kernel for memory).
+    The next attempt uses half as many loader processes."""
+
+
+def is_loader_death(error: BaseException) -> bool:
+    # torch's words: "DataLoader worker (pid(s) ...) exited unexpectedly" or "... is killed by
+    # signal: ..."
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+
+
+def is_cuda_error(error: BaseException) -> bool:
+    """A CUDA error that leaves this process's CUDA context unusable: every later CUDA call
+    fails too, so the worker process must end (out of memory is not one: it is recoverable)."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if type(error).__name__ == "AcceleratorError":  # torch >= 2.8 raises this for CUDA errors
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("CUDA error", "CUBLAS_STATUS", "cuDNN error",
+                                      "CUDNN_STATUS", "NCCL error"))

@@ -24,6 +24,7 @@ from cherry_train.storage.base import Storage
 from cherry_train.worker.data import (
     ImageFolderSamples,
     Transform,
+    loader_processes,
     local_file,
     source_for,
     to_model_input,
@@ -31,7 +32,7 @@ from cherry_train.worker.data import (
 from cherry_train.worker.datacache import LocalSource, cache_folder, default_cache_dir
 from cherry_train.worker.device import describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.model import build_model, read_weights_file
+from cherry_train.worker.model import build_model, forward, read_weights_file
 from cherry_train.worker.outcome import Outcome, TrainState
 from cherry_train.worker.reporting import Reporter, StopRequest
 
@@ -46,10 +47,10 @@ def _source(claim: Claim, reporter: Reporter, scratch: Path, data_root: Path | N
     """The model config and the weights file to evaluate."""
     cfg, ev = claim.manifest.config, claim.manifest.config.evaluate
     if ev.weights:
-        weights = local_file(ev.weights, "evaluate.weights", data_root, reporter.queue.storage,
+        weights = local_file(ev.weights, "evaluate.weights", data_root, reporter.owner.reader,
                              scratch)
         return cfg.model, weights, ev.weights
-    storage, source = reporter.queue.storage, JobPaths(ev.job)
+    storage, source = reporter.owner.reader, JobPaths(ev.job)
     raw = storage.read_text_or_none(source.result)
     if raw is None:
         raise JobError(f"evaluate.job: job {ev.job} has no result (yet) under "
@@ -58,7 +59,7 @@ def _source(claim: Claim, reporter: Reporter, scratch: Path, data_root: Path | N
     if result.state.value != "succeeded" or not storage.exists(source.best_weights):
         raise JobError(f"evaluate.job: job {ev.job} {result.state.value} without best weights")
     # The job's own model, so the weights fit whatever this config's model section says.
-    trained = reporter.queue.view(ev.job).manifest
+    trained = reporter.owner.manifest_of(ev.job)
     model_cfg = trained.config.model if trained else cfg.model
     local = storage.local_path(source.best_weights)
     if local is None:
@@ -107,7 +108,7 @@ def _timings(model, device, precision, size: int, normalize: bool) -> dict[str, 
                 torch.cuda.synchronize()
             started = time.perf_counter()
             with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.enabled):
-                model(x)
+                forward(model, x)
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the work is asynchronous until here
             if i >= 3:
@@ -126,7 +127,7 @@ def evaluate(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     device = pick_device()
     precision = resolve_precision(cfg.amp, device)
     reporter.update(phase="copying data", device=describe(device))
-    data_dir, data_info = _data_dir(claim, data_root, reporter.queue.storage)
+    data_dir, data_info = _data_dir(claim, data_root, reporter.owner.reader)
     model_cfg, weights_file, source = _source(claim, reporter, scratch, data_root)
     from torchvision.datasets.folder import find_classes
 
@@ -148,7 +149,8 @@ def evaluate(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
                                  cfg.seed)
     loader = DataLoader(dataset, batch_size=EVAL_BATCH,
                         sampler=[(0, i) for i in range(len(dataset))],
-                        num_workers=cfg.data.num_workers or 0)
+                        num_workers=cfg.data.num_workers or 0,
+                        **loader_processes(cfg.data.num_workers or 0))
     n = len(classes)
     matrix = [[0] * n for _ in range(n)]
     started = time.perf_counter()
@@ -156,7 +158,7 @@ def evaluate(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
         for images, labels in loader:
             x = to_model_input(images, device, cfg.augmentation.normalize)
             with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.enabled):
-                predicted = model(x).argmax(1).cpu()
+                predicted = forward(model, x)[0].argmax(1).cpu()
             for t, p in zip(labels.tolist(), predicted.tolist(), strict=True):
                 matrix[t][p] += 1
     seconds = time.perf_counter() - started

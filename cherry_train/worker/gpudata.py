@@ -37,7 +37,7 @@ from cherry_train.worker.data import (
     EpochSampler,
     ImageFolderSamples,
     crop_params,
-    worker_context,
+    loader_processes,
 )
 from cherry_train.worker.errors import JobError
 
@@ -122,8 +122,7 @@ def _decode_with_pil(samples: ImageFolderSamples, indices: list[int], side: int,
                      images: torch.Tensor, sizes: np.ndarray, num_workers: int) -> None:
     subset = torch.utils.data.Subset(_Decode(samples, side), indices)
     loader = DataLoader(subset, batch_size=256, num_workers=num_workers,
-                        pin_memory=images.device.type == "cuda",
-                        multiprocessing_context=worker_context() if num_workers else None)
+                        pin_memory=images.device.type == "cuda", **loader_processes(num_workers))
     at = 0
     for batch, batch_sizes in loader:
         where = torch.as_tensor(indices[at:at + len(batch)], device=images.device)
@@ -216,7 +215,7 @@ class GpuBatches:
             self.boxes_data, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
             num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0, prefetch_factor=8 if num_workers else None,
-            multiprocessing_context=worker_context() if num_workers else None)
+            **loader_processes(num_workers))
 
     def __len__(self) -> int:
         return len(self.loader)

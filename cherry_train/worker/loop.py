@@ -6,6 +6,8 @@ trains it and commits it. A job's failure is recorded in its result and never en
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import signal
 import tempfile
@@ -31,7 +33,7 @@ from cherry_train.jobqueue.protocol import (
 from cherry_train.schemas import Artifact, BestEpoch, JobState, Mode, Result, WorkerStatus
 from cherry_train.storage import is_outage
 from cherry_train.worker import runtime
-from cherry_train.worker.errors import JobError
+from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.reporting import Reporter, StopRequest
 
 log = structlog.get_logger(__name__)
@@ -44,6 +46,8 @@ POLL_MAX_SECONDS = 30.0
 #: default), not at every poll: on a Drive API root a poll is then one request (the listing of
 #: queue/), and the status one more a minute.
 STATUS_IDLE_POLLS = 2
+#: The exit code of a worker that stopped because its GPU failed (EX_TEMPFAIL: start it again).
+EXIT_GPU_FAILED = 75
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Worker:
         self.trainer = trainer
         self.stop = StopRequest()
         self.jobs_done = 0
+        self.exit_code = 0
         self.cap_reached = False
         self.started_at = queue.clock.now()
         self._runtime_budget: runtime.RuntimeBudget | None = None
@@ -120,6 +125,7 @@ class Worker:
                 reason = "worker id in use"
                 raise  # and leave the status file alone: it is the live worker's
             finally:
+                self._remove_scratch()
                 if reason != "worker id in use":
                     self._write_final_status()
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
@@ -127,7 +133,7 @@ class Worker:
         if reason == "idle shutdown" or (self.cap_reached and
                                          options.idle_shutdown_minutes is not None):
             options.release_runtime()  # compute units stop burning
-        return 0
+        return self.exit_code
 
     def _budget(self) -> runtime.RuntimeBudget | None:
         hours = self.options.max_runtime_hours
@@ -176,7 +182,7 @@ class Worker:
         reporter = Reporter(owner, status, self.stop,
                             deadline=budget.stop_at() if budget is not None else None)
         log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
-                 reason=claim.attempt.reason, worker_id=self.me.worker_id, host=self.me.host)
+                 reason=claim.attempt.reason.value, worker_id=self.me.worker_id, host=self.me.host)
         scratch = self._scratch(claim)
         shutil.rmtree(scratch, ignore_errors=True)  # a killed predecessor's half-written files
         result: Result | None = None
@@ -201,12 +207,17 @@ class Worker:
         except Fenced as e:
             log.warning("job taken over; this attempt stops", job_id=claim.job_id, detail=str(e))
             return
-        except JobError as e:
-            log.error("job failed", job_id=claim.job_id, error=str(e))
-            result = _failed(claim, e, self.queue.clock.now(), with_traceback=False)
-        except Exception as e:  # a bug, or the data/model broke at run time: keep the loop going
-            log.exception("job crashed", job_id=claim.job_id)
-            result = _failed(claim, e, self.queue.clock.now(), with_traceback=True)
+        except Exception as e:
+            now = self.queue.clock.now()
+            if self.stop.reason == "cancel":  # asked to end it: an error on the way changes nothing
+                log.warning("job cancelled; an error came on the way", error=logs.brief(e))
+                result = _failed(claim, e, now, with_traceback=True, state=JobState.cancelled)
+            elif isinstance(e, JobError) and not self.stop.is_set():
+                log.error("job failed", job_id=claim.job_id, error=str(e))
+                result = _failed(claim, e, now, with_traceback=False)
+            else:
+                self._hand_back(claim, reporter, e)
+                return
         finally:
             reporter.close()
             shutil.rmtree(scratch, ignore_errors=True)
@@ -226,6 +237,36 @@ class Worker:
             log.warning("another attempt committed first; this result was discarded",
                         job_id=claim.job_id)
 
+    def _hand_back(self, claim: Claim, reporter: Reporter, error: Exception) -> None:
+        """End the attempt without ending the job: it is not the job's fault (DESIGN.md §9). The
+        heartbeat says why; the next attempt (this worker's next poll, or another worker's)
+        resumes from the newest checkpoint and records the error in its history."""
+        stopping = self.stop.is_set()  # the error most likely came of the stop itself
+        if stopping:
+            log.warning("error while stopping; the job is handed back", job_id=claim.job_id,
+                        reason=self.stop.reason, error=logs.brief(error))
+        else:
+            log.error("attempt ended by an error that is not the job's; the job is handed back "
+                      "and resumes from its newest checkpoint", job_id=claim.job_id,
+                      error=logs.brief(error), exc_info=error)
+        cuda = is_cuda_error(error)
+        if cuda:
+            # Every later CUDA call of this process fails too: hand back, then exit.
+            self.stop.set("cuda-error")
+            self.exit_code = EXIT_GPU_FAILED
+            log.error("the GPU's CUDA context is unusable after this error: the worker exits. "
+                      "Start it again (on Colab: Runtime > Restart session, then run the worker "
+                      "cell); the job resumes from its newest checkpoint",
+                      error=logs.brief(error))
+        reporter.close()
+        try:
+            reporter.beat(phase="released", released=True,
+                          error=None if stopping else error_info(error, with_traceback=True))
+            self.queue.announce_release(claim.job_id)
+            reporter.finish()
+        except Fenced:
+            log.warning("job taken over meanwhile; nothing more written", job_id=claim.job_id)
+
     def _runner(self, claim: Claim) -> Callable:
         """What runs the job: the evaluator in mode: evaluation, else the trainer."""
         if claim.manifest.config.mode == Mode.evaluation:
@@ -238,22 +279,43 @@ class Worker:
             self.trainer = train
         return self.trainer
 
+    def _scratch_base(self) -> Path:
+        """This worker id's scratch on this root: <scratch>/<worker id>-<hash of root and id>.
+        A worker with the same id on another root (the default id is the host name) has its
+        own, and never touches this one."""
+        base = self.options.scratch or Path(tempfile.gettempdir()) / "cherry-train-scratch"
+        key = hashlib.sha256(f"{self.queue.storage.description}\n{self.me.worker_id}".encode())
+        return base / f"{self.me.worker_id}-{key.hexdigest()[:12]}"
+
     def _scratch(self, claim: Claim | None = None) -> Path:
         # Local disk, never the queue root: torch.save must not write through a flaky mount.
         # Publishing is then one copy (or a rename, on the same file system), and retryable.
-        base = self.options.scratch or Path(tempfile.gettempdir()) / "cherry-train-scratch"
-        mine = base / self.me.worker_id
+        # One folder per process (pid, incarnation): what it left is known to be dead's once
+        # that pid is gone.
+        mine = self._scratch_base() / f"{self.me.pid}-{self.me.incarnation}"
         return mine / claim.job_id if claim is not None else mine
 
     def _clear_dead_scratch(self) -> None:
-        """Remove what killed incarnations of this worker left in scratch (a checkpoint being
-        written when SIGKILL came: hundreds of MB each on a ResNet-50). No live process shares
-        our worker id (checked just before), so everything under it is dead."""
+        """Remove what dead incarnations of this worker on this root left in scratch (a
+        checkpoint being written when SIGKILL came: hundreds of MB each on a ResNet-50): the
+        folders of processes no longer alive on this host."""
+        base = self._scratch_base()
+        dead = [p for p in base.iterdir() if not _alive(p.name)] if base.is_dir() else []
+        if dead:
+            log.info("removing a killed worker's scratch files", path=str(base),
+                     jobs=sorted(j.name for p in dead if p.is_dir() for j in p.iterdir()))
+        for folder in dead:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _remove_scratch(self) -> None:
+        """At exit: this process's scratch, and the folders above it once they are empty."""
         mine = self._scratch()
-        left = sorted(p.name for p in mine.iterdir()) if mine.is_dir() else []
-        if left:
-            log.info("removing a killed worker's scratch files", path=str(mine), jobs=left)
         shutil.rmtree(mine, ignore_errors=True)
+        for folder in (mine.parent, mine.parent.parent):
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (another incarnation, another worker) or gone already
 
     # -- identity and status -----------------------------------------------------------------
 
@@ -282,14 +344,17 @@ class Worker:
                     "--worker-id.")
 
     def _idle_status(self, wait: float) -> None:
-        """Announce "idle" when it is news, else only before the announced interval runs out
-        (a restarted worker with our id waits out 2x that interval to tell us from a ghost)."""
+        """Announce "idle" when it is news, else once every STATUS_IDLE_POLLS longest polls
+        (a minute by default). The interval announced is one poll longer than that, since the
+        refresh comes at the first poll after it is due; a restarted worker with our id waits
+        out 2x the announced interval to tell us from a ghost."""
         every = max(1.0, STATUS_IDLE_POLLS * self.options.poll_max_seconds)
         last = self._last_status
+        # Half a wait of slack: polls come a little later than their wait, never earlier.
         if last is not None and last.state == "idle" and \
-                age_seconds(self.queue.clock, last.at) + wait < every:
+                age_seconds(self.queue.clock, last.at) + wait / 2 < every:
             return
-        self._write_status("idle", interval=every)
+        self._write_status("idle", interval=every + self.options.poll_max_seconds)
 
     def _write_final_status(self) -> None:
         try:
@@ -332,6 +397,21 @@ class Worker:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _alive(scratch_name: str) -> bool:
+    """Whether the process that owns a scratch folder ("<pid>-<incarnation>") runs on this
+    host. A pid taken over by another process reads as alive: its folder is left alone."""
+    pid = scratch_name.split("-", 1)[0]
+    if not pid.isdigit():
+        return True  # not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _resolved_yaml(claim: Claim) -> bytes:
@@ -385,8 +465,9 @@ def _artifacts(owner) -> dict[str, Artifact]:
     return found
 
 
-def _failed(claim: Claim, error: Exception, now: datetime, with_traceback: bool) -> Result:
-    return Result(job_id=claim.job_id, state=JobState.failed, attempts=claim.attempt.n,
+def _failed(claim: Claim, error: Exception, now: datetime, with_traceback: bool,
+            state: JobState = JobState.failed) -> Result:
+    return Result(job_id=claim.job_id, state=state, attempts=claim.attempt.n,
                   attempt_history=claim.history, finished_at=now,
                   worker_id=claim.attempt.worker_id,
                   error=error_info(error, with_traceback=with_traceback))

@@ -16,6 +16,17 @@ from cherry_train.worker.errors import JobError
 log = structlog.get_logger(__name__)
 
 
+def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
+            loss=nn.functional.cross_entropy) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The class scores for a batch and, given labels, the loss: the one forward pass of
+    training, validation, evaluation and pre-flight, so they cannot disagree about a model.
+    googlenet and inception_v3 return their auxiliary heads' scores too while training: the
+    main head's are the ones trained and judged."""
+    out = model(x)
+    logits = out.logits if hasattr(out, "logits") else out
+    return logits, (loss(logits, y) if y is not None else None)
+
+
 def classification_models() -> list[str]:
     # Only the top-level module: no detection/segmentation/video models.
     return torchvision.models.list_models(module=torchvision.models)
@@ -31,6 +42,13 @@ def check_model_name(name: str) -> None:
                    f"(available: {', '.join(known)})")
 
 
+#: Auxiliary classifier heads (googlenet, inception_v3) only add a training loss that is not
+#: used here, and inception_v3's needs 299 px to run at all in training: built without them,
+#: it trains from its documented 75 px. Their pretrained weights load the same (the heads'
+#: tensors are left out).
+AUX_HEADS_OFF = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_logits": False}}
+
+
 def build_model(cfg: ModelConfig, weights_file: Path | None) -> nn.Module:
     """The model with `num_classes` outputs, its weights loaded as `pretrained` says.
 
@@ -38,7 +56,8 @@ def build_model(cfg: ModelConfig, weights_file: Path | None) -> nn.Module:
     tensor whose shape matches. Only the classifier head differs, so it stays freshly initialised
     whatever attribute the architecture keeps it in (fc, classifier[-1], heads.head, ...)."""
     check_model_name(cfg.name)
-    model = torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes)
+    model = torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes,
+                                         **AUX_HEADS_OFF.get(cfg.name, {}))
     if cfg.pretrained is True:
         load_matching(model, _torchvision_weights(cfg.name), source="torchvision DEFAULT weights")
     elif weights_file is not None:

@@ -65,7 +65,7 @@ class Reporter:
                  deadline: datetime | None = None):
         self.owner, self.stop = owner, stop
         self.deadline = deadline  # the runtime cap, less the time to checkpoint and release
-        self.queue, self.claim = owner.queue, owner.claim
+        self.claim = owner.claim
         self.worker_status = worker_status
         config = owner.claim.manifest.config
         self.interval = config.heartbeat_seconds
@@ -85,7 +85,7 @@ class Reporter:
     def resume_metrics(self, up_to_step: int) -> None:
         """Keep the lines of earlier attempts up to the checkpoint we resume from, so no step
         is logged twice."""
-        raw = self.queue.storage.read_text_or_none(self.claim.paths.metrics) or ""
+        raw = self.owner.reader.read_text_or_none(self.claim.paths.metrics) or ""
         kept = []
         for line in raw.splitlines():
             try:
@@ -113,12 +113,22 @@ class Reporter:
             self._progress.update(progress)
 
     def start(self) -> None:
-        self._log_before = self.queue.storage.read_text_or_none(self.claim.paths.log) or ""
+        self._log_before = self.owner.reader.read_text_or_none(self.claim.paths.log) or ""
         self.beat()
         context = contextvars.copy_context()  # the job's log fields (job_id, attempt)
         self._thread = threading.Thread(target=context.run, args=(self._run,),
                                         name="cherry-heartbeat", daemon=True)
         self._thread.start()
+
+    def beat_now(self) -> None:
+        """Write the heartbeat now, from the calling thread; if that fails, the heartbeat
+        thread tries at its next beat (a failed beat never ends training)."""
+        try:
+            self.beat()
+        except Fenced:
+            raise
+        except Exception as e:
+            log.warning("heartbeat failed; the next beat tries again", error=logs.brief(e))
 
     def _run(self) -> None:
         failing = 0  # beats failed in a row: one traceback per outage, not one per beat
@@ -156,21 +166,21 @@ class Reporter:
         """Write the heartbeat and sync metrics (fenced); notice a cancel request."""
         with self._lock:
             progress = {**self._progress, **final}
-        claim, now = self.claim, self.queue.clock.now()
+        claim, now = self.claim, self.owner.clock.now()
         heartbeat = Heartbeat(job_id=claim.job_id, attempt=claim.attempt.n,
                               worker_id=claim.attempt.worker_id, at=now, **progress)
         with self._on_fenced():
             self.owner.write(claim.paths.heartbeat, heartbeat.to_json())
         self.sync_metrics()
         self.sync_log()
-        self.queue.write_worker_status(self.worker_status.model_copy(update={"at": now}))
+        self.owner.write_worker_status(self.worker_status.model_copy(update={"at": now}))
         training = not self._done.is_set()  # the final beats after close() look no further
         if training and self.deadline is not None and now >= self.deadline:
             if not self.stop.is_set():
                 log.info("runtime cap near: checkpointing and handing the job back",
                          job_id=claim.job_id)
             self.stop.set("max-runtime")
-        if training and not self.stop.is_set() and self.queue.cancel_requested(claim.job_id):
+        if training and not self.stop.is_set() and self.owner.cancel_requested():
             log.info("cancel requested: checkpointing, then stopping", job_id=claim.job_id)
             self.stop.set("cancel")
 
@@ -201,10 +211,18 @@ class Reporter:
         self._log_synced = count
 
     def write_curves(self, title: str) -> None:
+        """curves.png, best effort: a picture that cannot be stored (Drive full, say) is logged,
+        never worth the job; the next epoch draws it again."""
         epochs = self.epoch_records()
-        if epochs:
+        if not epochs:
+            return
+        try:
             with self._on_fenced():
                 self.owner.write(self.claim.paths.curves, render_curves(epochs, title))
+        except Fenced:
+            raise
+        except Exception as e:
+            log.warning("could not store curves.png; training goes on", error=logs.brief(e))
 
     @contextmanager
     def _on_fenced(self):

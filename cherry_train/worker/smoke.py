@@ -7,12 +7,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.data import ImageFolderSamples, Transform, to_model_input
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.model import build_model
+from cherry_train.worker.model import build_model, forward
 
 SMOKE_STEPS = 2
 SMOKE_BATCH = 2
@@ -39,15 +38,16 @@ def smoke_test(cfg: TrainingConfig, train_dir: Path, classes: list[str],
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     try:
         for _ in range(SMOKE_STEPS):
-            out = model(x)
-            logits = out.logits if hasattr(out, "logits") else out  # inception/googlenet
-            loss = nn.functional.cross_entropy(logits, labels)
+            _, loss = forward(model, x, labels)  # the worker's own forward pass and loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    except RuntimeError as e:  # shapes: the image size does not suit the architecture
+    except (RuntimeError, AssertionError, ValueError) as e:
+        # Shapes: the image size does not suit the architecture (a layer's RuntimeError, ViT's
+        # AssertionError "Wrong image height!", a pooling ValueError).
         raise JobError(f"data.image_size: {cfg.model.name} cannot train at "
-                       f"{cfg.data.image_size} px ({str(e).splitlines()[0]})") from None
+                       f"{cfg.data.image_size} px ({(str(e) or type(e).__name__).splitlines()[0]})"
+                       ) from None
     seconds = time.perf_counter() - started
     return (f"{SMOKE_STEPS} training steps of {cfg.model.name} at {cfg.data.image_size} px on "
             f"the CPU: loss {loss.item():.3f} ({seconds:.1f} s)")

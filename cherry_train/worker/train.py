@@ -43,8 +43,8 @@ from cherry_train.worker.data import (
 )
 from cherry_train.worker.datacache import Source, cache_folder, default_cache_dir
 from cherry_train.worker.device import Precision, describe, pick_device, resolve_precision
-from cherry_train.worker.errors import JobError
-from cherry_train.worker.model import build_model
+from cherry_train.worker.errors import JobError, LoaderDied, is_cuda_error, is_loader_death
+from cherry_train.worker.model import build_model, forward
 from cherry_train.worker.outcome import Outcome, TrainState
 from cherry_train.worker.reporting import Reporter, StopRequest
 
@@ -86,6 +86,7 @@ class Job:
     pending_best: dict[str, torch.Tensor] | None = None
     attempt_steps: int = 0  # steps taken by this attempt
     first_step_done: bool = False
+    mid_step: bool = False  # True while a step changes the model: its state is then torn
 
     @property
     def total_steps(self) -> int:
@@ -95,7 +96,7 @@ class Job:
 def prepare_data(cfg: TrainingConfig, data_root: Path | None, reporter: Reporter):
     """The local folders to train from, after copying the data into the cache (unless
     data.cache is false and the data is on this machine), and what the result records."""
-    d, storage = cfg.data, reporter.queue.storage
+    d, storage = cfg.data, reporter.owner.reader
 
     def source(name: str) -> Source:
         return source_for(getattr(d, name), f"data.{name}", data_root, storage)
@@ -164,9 +165,9 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     np.random.seed(cfg.seed)
 
     train_dir, val_dir, data_reports = prepare_data(cfg, data_root, reporter)
-    data = load_data(cfg, train_dir, val_dir, device)
+    data = load_data(cfg, train_dir, val_dir, device, max_workers=_loader_cap(claim))
     weights = cfg.model.pretrained
-    weights_file = (local_file(weights, "model.pretrained", data_root, reporter.queue.storage,
+    weights_file = (local_file(weights, "model.pretrained", data_root, reporter.owner.reader,
                                scratch) if isinstance(weights, str) else None)
     model = build_model(cfg.model, weights_file).to(device)
     if device.type == "cuda":
@@ -187,6 +188,15 @@ def setup(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
                                 on_durable=_checkpoint_durable(reporter),
                                 on_failed=_checkpoint_failed(reporter)),
         reporter=reporter, stop=stop, scratch=scratch, data_info=data_reports)
+
+
+def _loader_cap(claim: Claim) -> int | None:
+    """Half the previous attempt's loader processes when one of them died (killed for memory,
+    most likely: fewer processes need less of it); else no cap."""
+    previous = claim.attempt.previous
+    if previous is None or previous.error is None or previous.error.type != "LoaderDied":
+        return None
+    return (previous.loader_processes or 0) // 2
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -306,15 +316,34 @@ def _checkpoint_due(job: Job) -> bool:
 
 def train_one_epoch(job: Job, progress_bar: bool) -> bool:
     """Train the rest of the current epoch; False if a stop was requested (after a checkpoint)."""
+    loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
+    correct = torch.zeros((), device=job.device, dtype=torch.int64)
+    try:
+        return _epoch_steps(job, progress_bar, loss_sum, correct)
+    except Exception as e:
+        if isinstance(e, Fenced | JobError) or job.mid_step or is_cuda_error(e):
+            raise
+        # Between two steps the training state is whole (a loader process died, say): keep it,
+        # so the next attempt resumes from here, not from the last interval checkpoint.
+        _keep_state(job, loss_sum, correct, why=f"before handing back ({type(e).__name__})")
+        if job.stop.is_set():
+            return False  # the stop that was asked for (its signal may have caused this)
+        if is_loader_death(e):
+            raise LoaderDied(f"a data loader process died ({str(e).splitlines()[0]}); killed "
+                             "for memory? The next attempt uses half as many") from e
+        raise
+
+
+def _epoch_steps(job: Job, progress_bar: bool, loss_sum: torch.Tensor,
+                 correct: torch.Tensor) -> bool:
     state, cfg = job.state, job.cfg
     job.model.train()
     batches = job.data.train_batches(state.epoch, state.step_in_epoch)
-    loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
-    correct = torch.zeros((), device=job.device, dtype=torch.int64)
     window_start, window_images = time.perf_counter(), 0
     bar = _progress(progress_bar, job, len(batches))
     step_started = time.perf_counter()
     for x, y in batches:
+        job.mid_step = True
         step_loss, step_correct = train_step(job, x, y)
         loss_sum += step_loss * y.shape[0]
         correct += step_correct
@@ -322,17 +351,22 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
         state.global_step += 1
         state.epoch_seen += y.shape[0]
         state.images_seen += y.shape[0]
+        job.mid_step = False
         window_images += y.shape[0]
         now = time.perf_counter()
         state.train_seconds += now - step_started
         if bar is not None:
             bar.update(1)
-        faults.point("step")
-        if job.compile_state == "undecided":
-            _consider_compiling(job, y.shape[0])
         if not job.first_step_done:  # from set-up to the first step: decoding, loader start-up
             job.first_step_done = True
             log.info("first step", seconds=round(time.perf_counter() - job.attempt_started_at, 1))
+            # Said at once (one heartbeat per attempt on this thread): an attempt that dies from
+            # here on counts as a crash of training, before as a death in set-up (jobqueue).
+            job.reporter.update(phase="training", trained=True, step=state.global_step)
+            job.reporter.beat_now()
+        faults.point("step")
+        if job.compile_state == "undecided":
+            _consider_compiling(job, y.shape[0])
 
         if state.global_step % cfg.log_every_steps == 0 or \
                 state.step_in_epoch == job.data.steps_per_epoch:
@@ -383,7 +417,7 @@ def _consider_compiling(job: Job, batch: int) -> None:
         torch.cuda.synchronize(job.device)
         step_seconds = (time.perf_counter() - job.probe[0]) / (job.attempt_steps - job.probe[1])
         stored = compiling.kernels_enabled() and \
-            job.reporter.queue.storage.exists(job.claim.paths.compiled_kernels)
+            job.reporter.owner.reader.exists(job.claim.paths.compiled_kernels)
         decided = compiling.pays_back(job.total_steps - job.state.global_step, step_seconds,
                                       job.state.micro_batch or batch, warm=stored)
     compile_it, why = decided
@@ -411,7 +445,7 @@ def _load_kernels(job: Job) -> str:
     if job.kernels_key is None:
         return "off (CHERRY_STORED_KERNELS=0)"
     try:
-        data = job.reporter.queue.storage.read_bytes(job.claim.paths.compiled_kernels)
+        data = job.reporter.owner.reader.read_bytes(job.claim.paths.compiled_kernels)
     except FileNotFoundError:
         return "none stored"
     try:
@@ -480,9 +514,10 @@ def _step(job: Job, x: torch.Tensor, y: torch.Tensor):
     correct = torch.zeros((), device=job.device, dtype=torch.int64)
     for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
         with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
-            logits = (job.model if job.compiled is None else job.compiled)(xs)
+            logits, loss = forward(job.model if job.compiled is None else job.compiled, xs, ys,
+                                   job.criterion)
             # Weighted so the accumulated gradient is the whole batch's mean (x 1.0: exact).
-            loss = job.criterion(logits, ys) * (ys.shape[0] / n)
+            loss = loss * (ys.shape[0] / n)
         job.scaler.scale(loss).backward()
         loss_sum += loss.detach().float()
         correct += (logits.detach().argmax(1) == ys).sum()
@@ -524,6 +559,20 @@ def _fold_running_sums(state: TrainState, loss_sum: torch.Tensor, correct: torch
     correct.zero_()
 
 
+def _keep_state(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, why: str) -> None:
+    """Checkpoint the (whole) state before the attempt ends by an error, if it is newer than
+    the last checkpoint; a failure here is logged, and the original error goes on."""
+    try:
+        _fold_running_sums(job.state, loss_sum, correct)
+        if job.checkpoints.requested_step != job.state.global_step:
+            save_checkpoint(job, why)
+        job.checkpoints.wait()
+    except Fenced:
+        raise
+    except Exception as e:
+        log.warning("could not checkpoint before handing the job back", error=logs.brief(e))
+
+
 def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     if job.stop.reason == "fenced":
         raise Fenced(f"job {job.claim.job_id}: a later attempt took over")
@@ -542,6 +591,10 @@ def _progress(enabled: bool, job: Job, total: int):
                 unit="step", leave=False, dynamic_ncols=True)
 
 
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+
+
 @torch.no_grad()
 def evaluate(job: Job) -> tuple[float, float]:
     """Validation loss and accuracy over the val folder (a prefix of it in development mode)."""
@@ -554,8 +607,8 @@ def evaluate(job: Job) -> tuple[float, float]:
         micro = job.state.micro_batch or y.shape[0]  # what fitted in training fits here
         for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
             with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
-                logits = job.model(xs)
-            loss_sum += nn.functional.cross_entropy(logits.float(), ys, reduction="sum")
+                logits, loss = forward(job.model, xs, ys, _summed_loss)
+            loss_sum += loss
             correct += (logits.argmax(1) == ys).sum()
         seen += y.shape[0]
     return loss_sum.item() / max(1, seen), correct.item() / max(1, seen)
@@ -607,7 +660,8 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     job = setup(claim, reporter, stop, scratch, data_root)
     device_name = describe(job.device)
     reporter.update(device=device_name, epochs=job.cfg.training.epochs,
-                    steps_per_epoch=job.data.steps_per_epoch)
+                    steps_per_epoch=job.data.steps_per_epoch,
+                    loader_processes=job.data.num_workers)
     resume(job)
     log.info("training", job_id=claim.job_id, attempt=claim.attempt.n, model=job.cfg.model.name,
              device=device_name, precision=job.precision.name, epochs=job.cfg.training.epochs,
