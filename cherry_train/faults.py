@@ -6,12 +6,16 @@
 Random kills from outside rarely land inside a write that takes milliseconds; this does.
 Points: after-claim, step, checkpoint-write (leaves a half-written temp file),
 checkpoint-before-checksum, before-commit, after-commit.
+
+    CHERRY_SLOW=decode:0.03              every image decode takes 30 ms longer (an input-bound
+                                         job, as on a 2-core Colab VM, on a fast test machine)
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -29,3 +33,15 @@ def point(name: str, before_kill: Callable[[], None] | None = None) -> None:
             if before_kill is not None:
                 before_kill()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow(name: str) -> None:
+    """Sleep as $CHERRY_SLOW says for this point (read at every call: loader processes have
+    the environment of the worker that started them)."""
+    spec = os.environ.get("CHERRY_SLOW")
+    if not spec:
+        return
+    for item in spec.split(","):
+        target, _, seconds = item.strip().partition(":")
+        if target == name:
+            time.sleep(float(seconds))

@@ -283,3 +283,143 @@ def test_a_crash_loop_fails_the_job_with_its_history(tmp_path, cherry_images):
     assert result.state == JobState.failed and result.error.type == "CrashLoop"
     assert len(result.attempt_history) == 2
 
+
+
+# -- faults that are not the user's: the job is never failed by them -----------------------------
+
+#: Input-bound, as on a 2-core Colab VM: two loader processes, each image 30 ms to decode.
+CHAOS_CONFIG = {**CRASH_CONFIG, "name": "chaos",
+                "training": {"epochs": 5, "batch_size": 8, "learning_rate": 0.002},
+                "data": {**CRASH_CONFIG["data"], "num_workers": 2},
+                "checkpoint": {"every_steps": 3, "keep_last": 2}, "max_attempts": 3}
+SLOW_DECODE = {"CHERRY_SLOW": "decode:0.03"}
+
+
+def start_in_own_group(root: Path, worker_id: str, journal: Path, env: dict) -> subprocess.Popen:
+    """A worker as Colab (or systemd, docker, a terminal) runs it: the leader of its own
+    process group, which the signals below are sent to whole."""
+    cmd = [sys.executable, "-m", "cherry_train", "worker", "--root", str(root), "--worker-id",
+           worker_id, "--threads", "1", "--poll-seconds", "0.2", "--exit-when-idle"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CHERRY_DEVICE": "cpu",
+                "CHERRY_JOURNAL": str(journal), "PYTHONUNBUFFERED": "1", **env}
+    full_env.pop("CHERRY_FAULT", None)
+    log = open(root / f"worker-{worker_id}.log", "ab")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def loader_processes(worker: int) -> list[int]:
+    """The worker's data loader processes: children of its fork server (itself a child)."""
+    return [c for server in children(worker) for c in children(server)]
+
+
+def run_straight(tmp_path: Path, cherry_images: Path, cfg: dict, env: dict) -> Result:
+    root = make_root(tmp_path, cherry_images, f"straight-{cfg['name']}")
+    JobQueue(LocalStorage(root)).submit(validate_config(cfg))
+    assert start_in_own_group(root, "ref", tmp_path / "ref.jsonl", env).wait(timeout=240) == 0
+    result = Result.from_json(next((root / "done").glob("*/result.json")).read_bytes())
+    assert result.state == JobState.succeeded and result.attempts == 1
+    return result
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(600)
+def test_group_signals_and_killed_loaders_never_fail_an_input_bound_job(tmp_path,
+                                                                         cherry_images):
+    rng = random.Random(20261202)
+    straight = run_straight(tmp_path, cherry_images, CHAOS_CONFIG, SLOW_DECODE)
+    root = make_root(tmp_path, cherry_images, "chaos")
+    queue = JobQueue(LocalStorage(root))
+    job_id = queue.submit(validate_config(CHAOS_CONFIG)).job_id
+    journal = tmp_path / "journal.jsonl"
+    # A loader kill is followed by a group signal: the attempt after a dead loader uses half
+    # as many, and the next worker process (the previous attempt stopped on request) all again.
+    plan = ["TERM", "INT", "kill-loader", "TERM", "INT", "kill-loader", "TERM", "TERM",
+            "kill-loader", "INT", "TERM", "INT", "TERM"]
+    signals = loader_kills = 0
+    proc = None
+    try:
+        for event in plan:
+            if (root / JobPaths(job_id).result).exists():
+                break
+            if proc is None or proc.poll() is not None:
+                proc = start_in_own_group(root, "colab", journal, SLOW_DECODE)
+                # Signals at random moments once the job is the worker's: copying data,
+                # starting loaders, waiting for a batch, in a checkpoint, validating.
+                wait_for(lambda p=proc: (s := queue.worker_status("colab")) and s.pid == p.pid
+                         and s.state == "busy", 120, "the worker to claim the job")
+            if event == "kill-loader":
+                loaders = wait_for(lambda p=proc: loader_processes(p.pid), 60, "loaders")
+                time.sleep(rng.uniform(0.0, 1.0))
+                os.kill(rng.choice(loaders), signal.SIGKILL)
+                loader_kills += 1
+                # The worker checkpoints, hands the job back and takes it again itself.
+                wait_for(lambda: len(queue.attempts(job_id)) >= 2 and
+                         queue.attempts(job_id)[-1].reason == "after-error", 60, "hand-back")
+                continue
+            time.sleep(rng.uniform(0.2, 2.5))
+            os.killpg(proc.pid, getattr(signal, f"SIG{event}"))
+            signals += 1
+            assert proc.wait(timeout=120) == 0, f"SIG{event}: the worker did not stop cleanly"
+        final = start_in_own_group(root, "colab", journal, SLOW_DECODE)
+        assert final.wait(timeout=240) == 0
+    finally:
+        for p in (proc, locals().get("final")):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert signals >= 10 and loader_kills >= 3
+    results = list((root / "done").glob("*/result*.json"))
+    assert [r.name for r in results] == ["result.json"]
+    result = Result.from_json(results[0].read_bytes())
+    assert result.state == JobState.succeeded, result.error
+    assert result.final_weights_sha256 == straight.final_weights_sha256
+    attempts = queue.attempts(job_id)
+    died = [a for a in attempts if a.previous and a.previous.error]
+    assert len(died) >= 3 and {a.previous.error.type for a in died} == {"LoaderDied"}
+    assert all(a.previous.loader_processes == 2 for a in died)  # each kill in a fresh process
+    assert_fencing_held(read_journal(journal))
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(600)
+def test_a_job_killed_every_few_seconds_fails_as_a_crash_loop_then_retry_finishes_it(
+        tmp_path, cherry_images, capsys):
+    """A Colab tab closed again and again within one checkpoint interval: each attempt trains
+    and dies before it checkpoints. max_attempts ends it; `cherry retry` puts it back, and it
+    ends with the uninterrupted run's weights."""
+    cfg = {**CRASH_CONFIG, "max_attempts": 3}
+    straight = run_straight(tmp_path, cherry_images, cfg, {})
+    root = make_root(tmp_path, cherry_images, "closed-tabs")
+    queue = JobQueue(LocalStorage(root))
+    job_id = queue.submit(validate_config(cfg)).job_id
+    journal = tmp_path / "j.jsonl"
+    kills = 0
+    for _ in range(2):
+        while queue.view(job_id).state != JobState.failed:
+            # Dies right after its first step, before the checkpoint at step 2.
+            proc = start_worker(root, "colab", journal, fault="step@1")
+            if proc.wait(timeout=120) == -signal.SIGKILL:
+                kills += 1
+            assert kills <= 12, "the crash loop was never ended"
+        result = Result.from_json((root / JobPaths(job_id).result).read_bytes())
+        assert result.error.type == "CrashLoop", result.error
+        assert main(["retry", job_id[-6:], "--root", str(root)]) == 0
+        assert "resumes from the start" in capsys.readouterr().out
+    assert kills >= 6
+    assert start_worker(root, "colab", journal).wait(timeout=120) == 0
+    result = Result.from_json((root / JobPaths(job_id).result).read_bytes())
+    assert result.state == JobState.succeeded, result.error
+    assert result.final_weights_sha256 == straight.final_weights_sha256
+    assert len(list((root / JobPaths(job_id).dir / "results").iterdir())) == 2  # both kept

@@ -30,6 +30,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from cherry_train import faults
 from cherry_train.jobqueue.roots import PathMappingError, map_data_path, remote_location
 from cherry_train.schemas import TrainingConfig
 from cherry_train.storage.base import Storage
@@ -96,6 +97,7 @@ class ImageFolderSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path, label = self.samples[index]
+        faults.slow("decode")
         try:
             with Image.open(path) as f:
                 img = f.convert("RGB")

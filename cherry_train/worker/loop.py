@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ POLL_MAX_SECONDS = 30.0
 #: default), not at every poll: on a Drive API root a poll is then one request (the listing of
 #: queue/), and the status one more a minute.
 STATUS_IDLE_POLLS = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: The exit code of a worker that stopped because its GPU failed (EX_TEMPFAIL: start it again).
 EXIT_GPU_FAILED = 75
 
@@ -379,24 +381,47 @@ class Worker:
 
     @contextmanager
     def _signals(self):
-        """SIGTERM/SIGINT: finish the step, checkpoint, release the job, exit 0."""
+        """SIGTERM/SIGINT/SIGHUP: finish the step, checkpoint, release the job, exit 0; a second
+        one: exit now.
+
+        The handler only writes the signal's number to a pipe. It runs on the main thread
+        between any two bytecodes, perhaps inside a log call or an Event's lock: logging or
+        setting the stop flag there can deadlock (seen: a worker hung for good on a SIGTERM that
+        came during a log line). A thread reads the pipe and does both."""
+        read_fd, write_fd = os.pipe()
+        received: list[int] = []
+
         def handler(signum, _frame):
-            name = signal.Signals(signum).name
-            if self.stop.is_set():
-                log.warning("second signal: exiting now", signal=name)
-                raise KeyboardInterrupt
-            log.info("stop requested: finishing the current step", signal=name)
-            self.stop.set(name)
+            os.write(write_fd, bytes([signum]))
+            if received:
+                raise KeyboardInterrupt  # the second signal
+            received.append(signum)
+
+        def watch():
+            seen = 0
+            while data := os.read(read_fd, 16):
+                for signum in data:
+                    name, seen = signal.Signals(signum).name, seen + 1
+                    if seen > 1:
+                        log.warning("second signal: exiting now", signal=name)
+                        continue
+                    log.info("stop requested: finishing the current step", signal=name)
+                    self.stop.set(name)
+            os.close(read_fd)
 
         try:
-            previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+            previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         except ValueError:  # not the main thread (a notebook thread): no handlers to install
             previous = {}
+        watcher = threading.Thread(target=watch, name="cherry-signals", daemon=True)
+        watcher.start()
         try:
             yield
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            os.close(write_fd)  # the watcher reads what is left, then ends
+            watcher.join(timeout=5)
 
 
 def _alive(scratch_name: str) -> bool:
