@@ -230,3 +230,28 @@ def test_a_stale_attempts_prune_is_fenced_and_removes_nothing(owner, tmp_path, t
     assert set(stale.steps()) == {5, 10, 12}
     with pytest.raises(AttributeError, match="read-only"):
         stale.storage.delete(paths.checkpoint(10))  # no raw write path to reach for
+
+
+def test_curves_that_cannot_be_stored_do_not_end_the_job(owner, monkeypatch):
+    """A picture is not worth a job: a permanent write error on curves.png is logged, and the
+    reporter (training) goes on; fencing still stops it."""
+    from cherry_train.schemas import WorkerStatus
+    from cherry_train.worker.reporting import Reporter, StopRequest
+
+    status = WorkerStatus(worker_id="w", incarnation="i", at=owner.clock.now(), state="busy")
+    reporter = Reporter(owner, status, StopRequest())
+    reporter.metric({"kind": "epoch", "epoch": 0, "step": 1, "train_loss": 1.0,
+                     "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5})
+    write = owner.write
+
+    def refuse_curves(path, data):
+        if path.endswith("curves.png"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        write(path, data)
+
+    monkeypatch.setattr(owner, "write", refuse_curves)
+    reporter.write_curves("job")  # logged, not raised
+    monkeypatch.setattr(owner, "write", lambda path, data: (_ for _ in ()).throw(Fenced("2")))
+    with pytest.raises(Fenced):
+        reporter.write_curves("job")
+    assert reporter.stop.reason == "fenced"
