@@ -264,3 +264,77 @@ def test_a_resumed_attempt_compiles_from_the_kernels_the_first_one_stored(tmp_pa
     assert asked[2]["earlier_kernels"].startswith("loaded"), asked[2]
     assert compiled[2]["cache_hits"] > 0 and compiled[2]["cache_misses"] == 0, compiled[2]
     assert not kernels.exists()  # the finished job keeps none
+
+
+def test_a_real_cuda_error_hands_the_job_back_and_ends_the_worker(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cherry_train.worker.loop import EXIT_GPU_FAILED
+
+    script = Path(__file__).with_name("cuda_error_worker.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == EXIT_GPU_FAILED, proc.stderr[-3000:]
+    assert "Restart session" in proc.stdout + proc.stderr
+    (job,) = (tmp_path / "done").iterdir()
+    from cherry_train.schemas import Heartbeat
+
+    hb = Heartbeat.from_json((job / "heartbeat.json").read_bytes())
+    assert hb.released and ("CUDA error" in hb.error.message or
+                            "device-side" in hb.error.message), hb.error
+    assert not (job / "result.json").exists()  # handed back, not failed
+
+
+def test_group_signals_and_a_killed_loader_on_a_gpu_job_never_fail_it(tmp_path, cherry_images):
+    """The issue's own case: a job with loader processes, signalled as a whole process group
+    (timeout -s TERM, docker stop, a Colab VM's shutdown) while it waits for batches."""
+    import os
+    import signal
+
+    from test_crash import (
+        CRASH_CONFIG,
+        loader_processes,
+        make_root,
+        start_in_own_group,
+        wait_for,
+    )
+
+    from cherry_train.jobqueue.layout import JobPaths
+    from cherry_train.schemas import Heartbeat
+
+    root = make_root(tmp_path, cherry_images, "gpu-signals")
+    queue = JobQueue(LocalStorage(root))
+    cfg = {**CRASH_CONFIG, "name": "gpu-signals", "deterministic": False,
+           "model": {"name": "resnet18", "num_classes": 2},
+           "training": {"epochs": 200, "batch_size": 8, "learning_rate": 0.001},
+           "data": {**CRASH_CONFIG["data"], "image_size": 64, "num_workers": 4},
+           "performance": {"input_pipeline": "workers", "compile": "off"},
+           "checkpoint": {"every_steps": 20, "keep_last": 2}}
+    job_id = queue.submit(validate_config(cfg)).job_id
+    env = {"CHERRY_DEVICE": "cuda", "CHERRY_SLOW": "decode:0.02"}  # input-bound
+    for event in ("TERM", "kill-loader", "INT", "TERM"):
+        proc = start_in_own_group(root, "gpu", tmp_path / "j.jsonl", env)
+        try:
+            wait_for(lambda: (hb := queue.heartbeat(job_id)) and hb.attempt ==
+                     len(queue.attempts(job_id)) and hb.trained and not hb.released,
+                     180, "training on the GPU")
+            if event == "kill-loader":
+                os.kill(loader_processes(proc.pid)[0], signal.SIGKILL)
+                wait_for(lambda: queue.attempts(job_id)[-1].reason == "after-error", 120,
+                         "the hand-back")
+                wait_for(lambda: (hb := queue.heartbeat(job_id)) and hb.trained and
+                         hb.attempt == queue.attempts(job_id)[-1].n, 180, "the next attempt")
+                assert queue.heartbeat(job_id).loader_processes == 2  # half of 4
+                event = "TERM"
+            os.killpg(proc.pid, getattr(signal, f"SIG{event}"))
+            assert proc.wait(timeout=120) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        hb = Heartbeat.from_json((root / JobPaths(job_id).heartbeat).read_bytes())
+        assert hb.released and hb.error is None, hb.error
+        assert not (root / JobPaths(job_id).result).exists()
+    died = [a for a in queue.attempts(job_id) if a.previous and a.previous.error]
+    assert [a.previous.error.type for a in died] == ["LoaderDied"]
