@@ -146,8 +146,9 @@ def test_unreadable_manifest_goes_to_failed_and_the_next_job_runs(queue, tiny_co
     assert view.state == JobState.failed and view.error
 
 
-def test_a_users_error_fails_the_job_at_once_and_the_loop_goes_on(queue, tiny_config, clock):
-    bad = queue.submit(config(tiny_config, name="bad"))
+def bad_and_good(queue, clock, tiny_config, error: Exception, **bad_config):
+    """A job whose trainer raises `error`, then one that trains; the worker, and what ran."""
+    bad = queue.submit(config(tiny_config, name="bad", **bad_config))
     clock.advance(1)
     good = queue.submit(config(tiny_config, name="good"))
     ran = []
@@ -155,10 +156,15 @@ def test_a_users_error_fails_the_job_at_once_and_the_loop_goes_on(queue, tiny_co
 
     def trainer(claim, *args):
         if claim.job_id == bad.job_id:
-            raise JobError("data.train_path: folder data/trian does not exist")
+            raise error
         return ok(claim, *args)
 
-    worker = Worker(queue, WorkerIdentity("w1"), trainer=trainer)
+    return bad, good, Worker(queue, WorkerIdentity("w1"), trainer=trainer), ran
+
+
+def test_a_users_error_fails_the_job_at_once_and_the_loop_goes_on(queue, tiny_config, clock):
+    bad, good, worker, _ = bad_and_good(
+        queue, clock, tiny_config, JobError("data.train_path: folder data/trian does not exist"))
     assert worker.run_once() and worker.run_once()
     failed = Result.from_json(queue.storage.read_bytes(JobPaths(bad.job_id).result))
     assert failed.state == JobState.failed and failed.attempts == 1
@@ -167,20 +173,9 @@ def test_a_users_error_fails_the_job_at_once_and_the_loop_goes_on(queue, tiny_co
     assert queue.view(good.job_id).state == JobState.succeeded
 
 
-def test_an_unexpected_error_hands_the_job_back_until_max_attempts(queue, tiny_config, clock,
-                                                                    capsys):
-    bad = queue.submit(config(tiny_config, name="bad", max_attempts=3))
-    clock.advance(1)
-    good = queue.submit(config(tiny_config, name="good"))
-    ran = []
-    ok = fake_trainer(ran)
-
-    def trainer(claim, *args):
-        if claim.job_id == bad.job_id:
-            raise KeyError("a bug, not the job's fault")
-        return ok(claim, *args)
-
-    worker = Worker(queue, WorkerIdentity("w1"), trainer=trainer)
+def test_an_unexpected_error_hands_the_job_back_until_max_attempts(queue, tiny_config, clock):
+    bad, good, worker, ran = bad_and_good(queue, clock, tiny_config,
+                                          KeyError("a bug, not the job's fault"), max_attempts=3)
     assert worker.run_once()  # attempt 1 ends by the error: handed back, not failed
     view = queue.view(bad.job_id)
     assert view.state == JobState.running and not view.stalled
