@@ -251,8 +251,7 @@ class Worker:
             log.error("attempt ended by an error that is not the job's; the job is handed back "
                       "and resumes from its newest checkpoint", job_id=claim.job_id,
                       error=logs.brief(error), exc_info=error)
-        cuda = is_cuda_error(error)
-        if cuda:
+        if is_cuda_error(error):
             # Every later CUDA call of this process fails too: hand back, then exit.
             self.stop.set("cuda-error")
             self.exit_code = EXIT_GPU_FAILED

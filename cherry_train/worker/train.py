@@ -559,14 +559,20 @@ def _fold_running_sums(state: TrainState, loss_sum: torch.Tensor, correct: torch
     correct.zero_()
 
 
+def _checkpoint_now(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, why: str) -> None:
+    """Checkpoint the state as it is, unless the last checkpoint already holds it (right after
+    an epoch, say), and wait until it is durable: the job is about to be handed back."""
+    _fold_running_sums(job.state, loss_sum, correct)
+    if job.checkpoints.requested_step != job.state.global_step:
+        save_checkpoint(job, why)
+    job.checkpoints.wait()
+
+
 def _keep_state(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, why: str) -> None:
-    """Checkpoint the (whole) state before the attempt ends by an error, if it is newer than
-    the last checkpoint; a failure here is logged, and the original error goes on."""
+    """_checkpoint_now before the attempt ends by an error; a failure here is logged, and the
+    original error goes on."""
     try:
-        _fold_running_sums(job.state, loss_sum, correct)
-        if job.checkpoints.requested_step != job.state.global_step:
-            save_checkpoint(job, why)
-        job.checkpoints.wait()
+        _checkpoint_now(job, loss_sum, correct, why)
     except Fenced:
         raise
     except Exception as e:
@@ -576,10 +582,7 @@ def _keep_state(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, why: st
 def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     if job.stop.reason == "fenced":
         raise Fenced(f"job {job.claim.job_id}: a later attempt took over")
-    _fold_running_sums(job.state, loss_sum, correct)
-    if job.checkpoints.requested_step != job.state.global_step:  # e.g. right after an epoch
-        save_checkpoint(job, f"stop ({job.stop.reason})")
-    job.checkpoints.wait()  # durable before the job is handed back
+    _checkpoint_now(job, loss_sum, correct, f"stop ({job.stop.reason})")
 
 
 def _progress(enabled: bool, job: Job, total: int):
