@@ -520,3 +520,25 @@ def test_a_full_drive_is_one_clear_error_and_not_retried(tmp_path):
     assert drive.count("POST", "/upload/") - uploads == 1  # a full Drive is not retried
     assert not storage.exists("done/job/checkpoints/step-000000006.pt")
     assert storage.read_bytes("queue/a.json") == b"x" * 1000  # what was there is untouched
+
+
+def test_a_retried_job_commits_again_through_new_reserved_ids(drive, tiny_config):
+    """On the API root, result.json and the cancel request are created with ids reserved in the
+    manifest; `cherry retry` puts the old result aside, so the next commit needs a new id (the
+    old one belongs to a file Drive has seen)."""
+    from test_queue import fake_trainer
+
+    queue = JobQueue(fake_drive_storage(drive), FakeClock())
+    manifest = queue.submit(config(tiny_config, name="again"))
+    assert queue.request_cancel(manifest.job_id)
+    assert queue.try_claim(manifest, WorkerIdentity("w")) is None  # cancelled while queued
+    assert queue.view(manifest.job_id).state == JobState.cancelled
+    retried = queue.retry(manifest.job_id)
+    paths = JobPaths(manifest.job_id)
+    assert retried.reserved_ids[paths.result] != manifest.reserved_ids[paths.result]
+    worker = Worker(JobQueue(fake_drive_storage(drive), FakeClock()), WorkerIdentity("w"),
+                    trainer=fake_trainer([]))
+    assert worker.run_once()
+    assert queue.view(manifest.job_id).state == JobState.succeeded
+    assert queue.storage.list_dir(f"{paths.dir}/results") == ["1.json"]
+    no_duplicates(drive)
