@@ -429,3 +429,14 @@ def test_a_job_killed_every_few_seconds_fails_as_a_crash_loop_then_retry_finishe
     assert result.state == JobState.succeeded, result.error
     assert result.final_weights_sha256 == straight.final_weights_sha256
     assert len(list((root / JobPaths(job_id).dir / "results").iterdir())) == 2  # both kept
+
+
+def test_a_worker_exits_even_when_a_loader_process_outlived_its_job(tmp_path):
+    """Loader processes ignore SIGTERM (group signals are the worker's to handle), and
+    SIGTERM is all multiprocessing's exit hook sends before it waits for them without a
+    timeout: one left behind kept a stopped worker alive for good (seen in the chaos test)."""
+    script = Path(__file__).with_name("lingering_loader_worker.py")
+    (tmp_path / "root").mkdir()
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "root")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

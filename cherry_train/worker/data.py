@@ -193,6 +193,13 @@ class Data:
         batches.sampler.set_position(epoch, start_step * self.batch_size)
         return batches
 
+    def close(self) -> None:
+        """Stop this job's loader processes now, not when the garbage collector reaches them:
+        a long-lived worker would gather them job after job, and at exit, where they ignore
+        SIGTERM, they would hold the process up."""
+        for loader in [*self._loaders.values(), *(b.loader for b in self._gpu.values())]:
+            shut_down(loader)
+
     def _loader(self, split: str, shuffle: bool, stop: int | None) -> DataLoader:
         if split not in self._loaders:
             dataset = self.train if split == "train" else self.val
@@ -245,6 +252,16 @@ def loader_processes(num_workers: int) -> dict:
     if not num_workers:
         return {}
     return {"multiprocessing_context": worker_context(), "worker_init_fn": ignore_stop_signals}
+
+
+def shut_down(loader: DataLoader) -> None:
+    """End a DataLoader's persistent loader processes (each gets its end-of-work message and
+    exits by itself; torch's own shutdown, which its iterator otherwise runs when collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
 
 
 def worker_context() -> multiprocessing.context.BaseContext | None:

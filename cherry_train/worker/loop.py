@@ -7,6 +7,7 @@ trains it and commits it. A job's failure is recorded in its result and never en
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import shutil
 import signal
@@ -128,6 +129,7 @@ class Worker:
                 raise  # and leave the status file alone: it is the live worker's
             finally:
                 self._remove_scratch()
+                _end_helper_processes()
                 if reason != "worker id in use":
                     self._write_final_status()
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
@@ -421,6 +423,15 @@ class Worker:
                 signal.signal(s, h)
             os.close(write_fd)  # the watcher reads what is left, then ends
             watcher.join(timeout=5)
+
+
+def _end_helper_processes() -> None:
+    """At exit: kill loader processes still alive (an attempt's own are shut down when it
+    ends; this is the safety net). They ignore SIGTERM, which is all multiprocessing's exit
+    hook sends them before it waits for them without a timeout: the worker would never exit."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
 
 
 def _alive(scratch_name: str) -> bool:

@@ -686,6 +686,8 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
     except BaseException:
         _drain(job)
         raise
+    finally:
+        job.data.close()  # no loader process outlives its attempt
     reporter.update(phase="finishing")
     _update_wall(job)
     if job.pending_best is not None:  # its checkpoints failed: the result needs best.pt
