@@ -105,24 +105,23 @@ def cmd_worker(args) -> int:
     return Worker(queue, WorkerIdentity(worker_id), options).run()
 
 
+_ROOT_HINT = "with the folder that `cherry submit` uses (it creates the root)"
+
+
 def _require_root(resolved: ResolvedRoot, queue: JobQueue) -> None:
     """A root that does not exist is a mistyped one (or an unmounted Drive): say so, rather
     than show an empty queue or wait on one. The local default root (no root configured) is
     said to be used already, and is empty until the first submit."""
-    if resolved.is_fallback and queue.storage.local_path("") is not None:
-        return
     local = queue.storage.local_path("")
-    if local is not None and not local.is_dir():
+    if local is None:
+        if queue.storage.stat("") is None:
+            raise UsageError(f"queue root {resolved.root} does not exist (from {resolved.source}),"
+                             f" or this account cannot see it ({queue.storage.description}); "
+                             f"pass --root {_ROOT_HINT}")
+    elif not local.is_dir() and not resolved.is_fallback:
         mount = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
         raise UsageError(f"queue root {local} does not exist (from {resolved.source}){mount}; "
                          f"pass --root {_ROOT_HINT}")
-    if local is None and queue.storage.stat("") is None:
-        raise UsageError(f"queue root {resolved.root} does not exist (from {resolved.source}), or "
-                         f"this account cannot see it ({queue.storage.description}); pass --root "
-                         f"{_ROOT_HINT}")
-
-
-_ROOT_HINT = "with the folder that `cherry submit` uses (it creates the root)"
 
 
 def _confirmed_mount(root: str):

@@ -36,6 +36,7 @@ from cherry_train.schemas import TrainingConfig
 from cherry_train.storage.base import Storage
 from cherry_train.worker.datacache import LocalSource, Source, StorageSource
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.runtime import STOP_SIGNALS
 
 log = structlog.get_logger(__name__)
 
@@ -231,12 +232,6 @@ class _OnDevice:
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels.to(self.device, non_blocking=True)
-
-
-#: Signals that stop the worker. Colab, systemd, `docker stop`, `timeout` and Ctrl-C in a
-#: terminal send them to the whole process group: loader processes must not die of them while
-#: the main process, which alone decides to stop, finishes its step and checkpoints.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:

@@ -48,7 +48,6 @@ POLL_MAX_SECONDS = 30.0
 #: default), not at every poll: on a Drive API root a poll is then one request (the listing of
 #: queue/), and the status one more a minute.
 STATUS_IDLE_POLLS = 2
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: The exit code of a worker that stopped because its GPU failed (EX_TEMPFAIL: start it again).
 EXIT_GPU_FAILED = 75
 
@@ -411,7 +410,7 @@ class Worker:
             os.close(read_fd)
 
         try:
-            previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+            previous = {s: signal.signal(s, handler) for s in runtime.STOP_SIGNALS}
         except ValueError:  # not the main thread (a notebook thread): no handlers to install
             previous = {}
         watcher = threading.Thread(target=watch, name="cherry-signals", daemon=True)
