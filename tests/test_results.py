@@ -19,8 +19,9 @@ from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
 from cherry_train.plots import render_confusion, render_curves, render_overlay
-from cherry_train.schemas import Heartbeat, validate_config
+from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
+from cherry_train.worker.errors import JobError
 from cherry_train.worker.loop import Worker, WorkerOptions
 from cherry_train.worker.outcome import Outcome, TrainState
 
@@ -241,3 +242,61 @@ def test_pictures_are_real_pngs_of_the_right_size(png, size):
     with Image.open(io.BytesIO(png())) as img:
         img.load()
         assert img.format == "PNG" and img.size == size
+
+
+def checkpointing_trainer(steps=(6, 12, 18), fail=False):
+    """Writes checkpoints as the real one does (file, then checksum); fails at the end if asked."""
+    inner = fake_trainer()
+
+    def train(claim, reporter, stop, scratch, data_root, progress_bar):
+        for step in steps:
+            reporter.owner.write(claim.paths.checkpoint(step), b"c" * 1000)
+            reporter.owner.write(claim.paths.checkpoint_checksum(step), b"x\n")
+        if fail:
+            raise JobError("data.image_size: too small for this model")
+        return inner(claim, reporter, stop, scratch, data_root, progress_bar)
+    return train
+
+
+@pytest.mark.parametrize(("fail", "keep", "left"), [(False, 0, []), (False, 1, [18]),
+                                                     (True, 0, [18]), (True, 2, [12, 18])])
+def test_a_finished_job_keeps_only_the_checkpoints_it_may_need(queue, tiny_config, fail, keep,
+                                                               left):
+    cfg = {**tiny_config, "checkpoint": {"keep_last": 5, "keep_after_finish": keep}}
+    job_id = queue.submit(validate_config(cfg)).job_id
+    Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+           trainer=checkpointing_trainer(fail=fail)).run()
+    assert queue.view(job_id).state.value == ("failed" if fail else "succeeded")
+    names = queue.storage.list_dir(JobPaths(job_id).checkpoints_dir)
+    assert sorted(n for n in names if n.endswith(".pt")) == \
+        [f"step-{s:09d}.pt" for s in left]
+    assert len(names) == 2 * len(left)  # each with its checksum
+    (row,) = job_rows(queue, use_cache=False)
+    assert row["checkpoint_bytes"] == 1000 * len(left) + 2 * len(left)
+    assert row["bytes"] >= row["checkpoint_bytes"] + (0 if fail else 3 << 20)  # best.pt
+
+
+def test_checkpoints_left_by_a_crash_after_the_commit_go_at_the_next_claim(queue, tiny_config):
+    manifest = queue.submit(validate_config(tiny_config))
+    claim = queue.try_claim(manifest, WorkerIdentity("w1"))
+    owner = queue.owner(claim)
+    for step in (6, 12):
+        owner.write(claim.paths.checkpoint(step), b"c")
+        owner.write(claim.paths.checkpoint_checksum(step), b"x\n")
+    # The worker died right after creating result.json: manifest still queued, checkpoints kept.
+    result = Result(job_id=claim.job_id, state=JobState.succeeded, attempts=1,
+                    finished_at=queue.clock.now(), worker_id="w1")
+    queue.storage.create_exclusive(claim.paths.result, result.to_json())
+    assert queue.try_claim(manifest, WorkerIdentity("w2")) is None
+    assert queue.storage.list_dir(claim.paths.checkpoints_dir) == []
+    assert queue.storage.exists(claim.paths.done_manifest)
+
+
+def test_status_says_how_much_the_root_holds(queue, tiny_config):
+    cfg = {**tiny_config, "checkpoint": {"keep_after_finish": 1}}
+    job_id = queue.submit(validate_config(cfg)).job_id
+    Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+           trainer=checkpointing_trainer()).run()
+    table = render_table(job_rows(queue), worker_rows(queue))
+    assert "storage: 1 job holds 3.2 MB, 1.0 kB of it checkpoints" in table, table
+    assert job_id in table

@@ -44,7 +44,8 @@ def job_rows(queue: JobQueue, use_cache: bool = True) -> list[dict[str, Any]]:
     todo = [j for j in job_ids if j not in cache]
     # Each view is a few small reads: on a network mount, round trips. Overlap them.
     with ThreadPoolExecutor(STATUS_THREADS) as pool:
-        fresh = dict(zip(todo, pool.map(lambda j: _row(queue.view(j)), todo), strict=True))
+        fresh = dict(zip(todo, pool.map(lambda j: _row(queue.view(j), queue.footprint(j)), todo),
+                         strict=True))
     changed = False
     for job_id, row in fresh.items():
         if row["state"] in FINISHED and use_cache:
@@ -58,7 +59,7 @@ def job_rows(queue: JobQueue, use_cache: bool = True) -> list[dict[str, Any]]:
     return rows
 
 
-def _row(v: JobView) -> dict[str, Any]:
+def _row(v: JobView, footprint: tuple[int, int] = (0, 0)) -> dict[str, Any]:
     hb, result, manifest = v.heartbeat, v.result, v.manifest
     row: dict[str, Any] = {
         "job_id": v.job_id,
@@ -75,6 +76,7 @@ def _row(v: JobView) -> dict[str, Any]:
         "images_per_second": None, "eta_seconds": None, "device": None,
         "best_val_accuracy": None, "error": v.error, "cancel_requested": v.cancel_requested,
         "storage_error": None, "last_checkpoint_step": None,
+        "bytes": footprint[0], "checkpoint_bytes": footprint[1],
     }
     if hb is not None and v.state.value == "running":
         row.update(phase=hb.phase, epoch=hb.epoch, step=hb.step,
@@ -159,6 +161,8 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
             if r["storage_error"] and r["state"] == "running":
                 warning = storage_warning(r["storage_error"], r["last_checkpoint_step"])
                 lines.append(f"! {r['job_id']}: {warning}")
+    if rows:
+        lines.append(usage_line(rows))
     lines.append("")
     if workers:
         lines.append("workers: " + ", ".join(
@@ -168,6 +172,25 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
     else:
         lines.append("workers: none has written a heartbeat to this root yet")
     return "\n".join(lines)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def usage_line(rows: list[dict[str, Any]]) -> str:
+    """What the jobs cost in Drive space (a free account has 15 GB)."""
+    total = sum(r.get("bytes") or 0 for r in rows)
+    checkpoints = sum(r.get("checkpoint_bytes") or 0 for r in rows)
+    jobs = f"{len(rows)} job holds" if len(rows) == 1 else f"{len(rows)} jobs hold"
+    line = f"storage: {jobs} {human_bytes(total)}"
+    if checkpoints:
+        line += (f", {human_bytes(checkpoints)} of it checkpoints (kept for resume; removed when a job "
+                 "succeeds, the newest kept when it fails or is cancelled)")
+    return line
 
 
 def storage_warning(error: str, last_step: int | None) -> str:

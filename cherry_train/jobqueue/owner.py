@@ -95,7 +95,7 @@ class Owner:
                 not self._storage.confirm_durable(paths.result):
             log.warning("result.json is written but Drive has not confirmed it yet; the mount "
                         "uploads it later", job_id=self.claim.job_id)
-        self.queue.finish_bookkeeping(self.claim.job_id)
+        self.queue.finish_bookkeeping(self.claim.manifest, result.state if won else None)
         return won
 
     def _fenced(self, path: str) -> None:

@@ -328,6 +328,14 @@ class JobQueue:
         except (FileNotFoundError, ValidationError, ValueError):
             return None
 
+    def footprint(self, job_id: str) -> tuple[int, int]:
+        """Bytes a job's folder holds, and how many of them are checkpoints (two listings)."""
+        paths = JobPaths(job_id)
+        files = sum(i.size for i in self.storage.list_entries(paths.dir).values() if not i.is_dir)
+        checkpoints = sum(i.size for i in self.storage.list_entries(paths.checkpoints_dir).values()
+                          if not i.is_dir)
+        return files + checkpoints, checkpoints
+
     def latest_checkpoint_step(self, job_id: str) -> int | None:
         """The newest checkpoint that was finished (has its checksum), by name only."""
         names = set(self.storage.list_dir(JobPaths(job_id).checkpoints_dir))
@@ -345,7 +353,7 @@ class JobQueue:
             return None
         self._learn(manifest)
         if self.storage.exists(paths.result):
-            self.finish_bookkeeping(job_id)  # a crash came between commit and the move
+            self.finish_bookkeeping(manifest)  # a crash came between commit and the move
             return None
         history = self.attempts(job_id)
         cancelled = self.cancel_requested(job_id)
@@ -431,7 +439,7 @@ class JobQueue:
                         attempt_history=history, finished_at=self.clock.now(),
                         worker_id=me.worker_id, error=error)
         self.storage.create_exclusive(JobPaths(manifest.job_id).result, result.to_json())
-        self.finish_bookkeeping(manifest.job_id)
+        self.finish_bookkeeping(manifest)
 
     # -- retry (client) ------------------------------------------------------------------------
 
@@ -494,13 +502,35 @@ class JobQueue:
     def cancel_requested(self, job_id: str) -> bool:
         return self.storage.exists(JobPaths(job_id).cancel_request)
 
-    def finish_bookkeeping(self, job_id: str) -> None:
-        """After a result exists: the manifest moves beside it (it may have moved already)."""
-        paths = JobPaths(job_id)
+    def finish_bookkeeping(self, manifest: Manifest, state: JobState | None = None) -> None:
+        """After a result exists: checkpoints no longer needed go, then the manifest moves
+        beside the result (either may have happened already: a crash came in between)."""
+        paths = JobPaths(manifest.job_id)
+        if state is None:
+            raw = self.storage.read_text_or_none(paths.result)
+            state = Result.from_json(raw).state if raw is not None else None
+        if state is not None:
+            self._tidy_checkpoints(manifest, state)
         try:
             self.storage.move(paths.queued_manifest, paths.done_manifest)
         except FileNotFoundError:
             pass
+
+    def _tidy_checkpoints(self, manifest: Manifest, state: JobState) -> None:
+        """A finished job's checkpoints only served resume: a succeeded job keeps
+        `checkpoint.keep_after_finish` of them (0 by default: best.pt and final.pt hold its
+        weights), a failed or cancelled one at least its newest, which `cherry retry` resumes
+        from. Without this a ResNet-50 job leaves ~750 MB, and twenty fill a free Drive."""
+        keep = manifest.config.checkpoint.keep_after_finish
+        if state != JobState.succeeded:
+            keep = max(1, keep)
+        paths = JobPaths(manifest.job_id)
+        steps = sorted(s for n in self.storage.list_dir(paths.checkpoints_dir)
+                       if (s := layout.checkpoint_step(n)) is not None)
+        for step in steps[:len(steps) - keep]:
+            # The checksum first: a checkpoint without one is unfinished, never resumed from.
+            self.storage.delete(paths.checkpoint_checksum(step))
+            self.storage.delete(paths.checkpoint(step))
 
     # -- workers' own heartbeats ---------------------------------------------------------------
 

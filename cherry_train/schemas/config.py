@@ -115,6 +115,10 @@ class CheckpointSection(_Section):
                                  description="Wall time between checkpoints (plus one per epoch).")
     every_steps: int | None = Field(None, ge=1, description="Also checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, le=100, description="Checkpoints kept (the best is kept too).")
+    keep_after_finish: int = Field(
+        0, ge=0, le=100, description="Checkpoints kept once the job has succeeded (they only "
+        "serve resume; best.pt and final.pt hold the weights). A failed or cancelled job keeps "
+        "at least its newest, for `cherry retry`.")
 
 
 class PerformanceSection(_Section):
