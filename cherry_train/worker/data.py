@@ -311,9 +311,56 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_num_workers(device: torch.device) -> int:
-    # On a GPU, decoding is the bottleneck: use the cores. On the CPU, training needs them.
-    return min(8, usable_cores()) if device.type == "cuda" else 0
+#: What one loader process costs in RAM besides its batches: a forked Python with torch,
+#: PIL and numpy imported (about 350 MB resident measured on the dev VM), with headroom.
+LOADER_PROCESS_BYTES = 500 << 20
+
+
+def available_memory() -> int | None:
+    """RAM this process may still use: the kernel's MemAvailable, or less if a cgroup limit
+    (a container) leaves less. None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def size_loader_pool(configured: int | None, on_gpu: bool, batch_size: int, image_size: int,
+                     cores: int, free: int | None) -> tuple[int, str]:
+    """How many loader processes, and why: on a GPU as many as the cores this process may use
+    (at most 8), on the CPU none (training needs the cores); never more than the cores (a
+    Colab VM has 2: eight decoders there only fight over them), nor more than half the
+    available RAM (`free` bytes) holds: each is a whole Python with torch, plus its prefetched
+    batches."""
+    if configured is not None:
+        wanted, why = configured, "data.num_workers"
+    elif on_gpu:
+        wanted, why = min(8, cores), f"{cores} usable cores"
+    else:
+        return 0, "training on the CPU needs its cores"
+    if wanted > cores:
+        wanted, why = cores, f"capped at the {cores} cores this process may use"
+    if wanted and free is not None:
+        each = LOADER_PROCESS_BYTES + 2 * batch_size * 3 * image_size * image_size  # prefetch 2
+        fits = max(1, int(free / 2 // each))
+        if fits < wanted:
+            wanted, why = fits, (f"capped by RAM: {free / 2**30:.1f} GiB available, about "
+                                 f"{each / 2**20:.0f} MiB each")
+    return wanted, why
 
 
 def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
@@ -390,12 +437,13 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
     if cfg.mode.value == "development":
         steps = min(steps, DEVELOPMENT_TRAIN_BATCHES)
         val_limit = DEVELOPMENT_VAL_BATCHES * batch
-    workers = cfg.data.num_workers if cfg.data.num_workers is not None else \
-        default_num_workers(device)
+    workers, why = size_loader_pool(cfg.data.num_workers, device.type == "cuda", batch, size,
+                                    usable_cores(), available_memory())
     if max_workers is not None and workers > max_workers:
-        log.warning("fewer loader processes: one died in the previous attempt (killed for "
-                    "memory?)", loader_processes=max_workers, configured=workers)
-        workers = max_workers
+        workers, why = max_workers, ("one died in the previous attempt (killed for memory?): "
+                                     "half as many")
+    log.info("loader processes", loader_processes=workers, why=why,
+             configured=cfg.data.num_workers)
     if workers:
         worker_context()  # the loader processes' server starts importing now
     return Data(train=train, val=val, classes=train_classes, batch_size=batch,
