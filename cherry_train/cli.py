@@ -289,6 +289,32 @@ def cmd_drive_login(args) -> int:
     return 0
 
 
+def cmd_data_pack(args) -> int:
+    from cherry_train import datapack
+    from cherry_train.sizes import human_bytes
+
+    folder = Path(args.path)
+    if not folder.is_dir():
+        raise UsageError(f"{args.path} is not a folder (give the data folder itself, e.g. "
+                         "data/train, whose class folders hold the images)")
+    try:
+        index, place, built = datapack.pack_folder(folder, args.shard_mb << 20,
+                                                   progress=not args.no_progress)
+    except datapack.PackError as e:
+        raise UsageError(str(e)) from None
+    size = human_bytes(index.bytes)
+    if not built:
+        print(f"{place.description} is current: {len(index.files)} files in "
+              f"{len(index.shards)} shards ({size}); nothing to do")
+        return 0
+    print(f"packed {len(index.files)} files of {folder} into {len(index.shards)} shards "
+          f"({size}), checked against the folder: {place.description}\n"
+          f"It takes {size} of Drive space beside the folder. Workers copy these shards "
+          "instead of each file, and rebuild them when the folder changes (data.pack: off "
+          "in a config does without).")
+    return 0
+
+
 def cmd_schema(args) -> int:
     print(config_json_schema())
     return 0
@@ -420,6 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--no-browser", action="store_true",
                     help="print the URL instead of opening a browser")
     dl.set_defaults(func=cmd_drive_login)
+
+    da = sub.add_parser("data", help="prepare data folders for workers")
+    data_sub = da.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dp = data_sub.add_parser(
+        "pack", help="pack a data folder into a few large shards beside it "
+        "(<folder>.cherry-pack/), which workers copy much faster through the Drive mount than "
+        "thousands of small files")
+    dp.add_argument("path", help="the data folder (one folder per class inside)")
+    dp.add_argument("--shard-mb", type=_positive_int, default=256,
+                    help="shard size in MB (default: 256)")
+    dp.add_argument("--no-progress", action="store_true")
+    dp.set_defaults(func=cmd_data_pack)
 
     sc = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
     sc.set_defaults(func=cmd_schema)

@@ -119,11 +119,12 @@ def test_stopped_job_resumes_from_its_checkpoint_and_finishes(root_with_data, ti
     assert steps == sorted(set(steps)), "no step is logged twice"
 
 
-@pytest.mark.parametrize("pipeline", ["workers", "gpu"])
+@pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream"])
 def test_deterministic_resume_ends_with_identical_weights(tmp_path, cherry_images, tiny_config,
                                                           monkeypatch, pipeline):
     tiny_config["deterministic"] = True
-    tiny_config["performance"] = {"input_pipeline": pipeline}  # "gpu" runs on the CPU here
+    # "gpu" and "stream" run on the CPU here (same logic, CPU kernels)
+    tiny_config["performance"] = {"input_pipeline": pipeline}
     roots = []
     for name in ("straight", "interrupted"):
         root = tmp_path / name

@@ -16,6 +16,7 @@ from typing import Any
 import platformdirs
 
 from cherry_train.jobqueue.clock import age_seconds
+from cherry_train.sizes import human_bytes
 from cherry_train.jobqueue.protocol import JobQueue, JobView
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -172,13 +173,6 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
     else:
         lines.append("workers: none has written a heartbeat to this root yet")
     return "\n".join(lines)
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def usage_line(rows: list[dict[str, Any]]) -> str:

@@ -62,6 +62,20 @@ def crop_params(width: int, height: int, min_scale: float, rng: np.random.Genera
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+def crop_box(width: int, height: int, seed: int, epoch: int, index: int, augment: bool,
+             min_scale: float) -> tuple[float, float, float, float, bool]:
+    """The (left, top, right, bottom) box in the original image's pixels that Transform cuts
+    for this sample, and its flip: the same draws from the same generator, so the GPU
+    pipelines crop what the loader processes would."""
+    if augment:
+        rng = np.random.default_rng((seed, epoch, index))
+        top, left, h, w = crop_params(width, height, min_scale, rng)
+        return left, top, left + w, top + h, bool(rng.random() < 0.5)
+    s = min(width, height)  # resize the shorter side, centre crop: the centred square
+    left, top = (width - s) / 2, (height - s) / 2
+    return left, top, left + s, top + s, False
+
+
 @dataclass(frozen=True)
 class Transform:
     size: int
@@ -156,12 +170,12 @@ class Data:
 
     def train_batches(self, epoch: int, start_step: int):
         """This epoch's batches from `start_step` on, as (x, y) on the device, model-ready."""
-        if self.pipeline == "gpu":
+        if self.pipeline != "workers":
             return self._gpu_batches("train", epoch, start_step)
         return _OnDevice(self.train_loader(epoch, start_step), self.device, self.normalize)
 
     def val_batches(self):
-        if self.pipeline == "gpu":
+        if self.pipeline != "workers":
             return self._gpu_batches("val", 0, 0)
         return _OnDevice(self.val_loader(), self.device, self.normalize)
 
@@ -174,25 +188,41 @@ class Data:
         return self._loader("val", shuffle=False, stop=self.val_limit)
 
     def _gpu_batches(self, split: str, epoch: int, start_step: int):
-        from cherry_train.worker import gpudata
-
-        if split not in self._gpu:  # decoded once per job, on first use
-            dataset = self.train if split == "train" else self.val
-            transform = dataset.transform
-            side = gpudata.stored_side(transform.size, self.train.transform.min_scale)
-            decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers)
-            log.info("images decoded into memory", split=split, images=len(dataset), side=side,
-                     megabytes=round(decoded.images.numel() / 2**20),
-                     seconds=round(decoded.seconds, 1), device=str(self.device))
-            stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
-            self._gpu[split] = gpudata.GpuBatches(
-                decoded, EpochSampler(len(dataset), dataset.seed, split == "train", stop),
-                self.batch_size, transform.size, transform.augment, transform.min_scale,
-                dataset.seed, self.normalize, drop_last=split == "train",
-                num_workers=min(2, self.num_workers))
+        if split not in self._gpu:
+            self._gpu[split] = (self._streamed if self.pipeline == "stream" else
+                                self._decoded)(split)
         batches = self._gpu[split]
         batches.sampler.set_position(epoch, start_step * self.batch_size)
         return batches
+
+    def _streamed(self, split: str):
+        from cherry_train.worker.gpustream import StreamedBatches
+
+        dataset = self.train if split == "train" else self.val
+        transform = dataset.transform
+        stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
+        return StreamedBatches(
+            dataset, EpochSampler(len(dataset), dataset.seed, split == "train", stop),
+            self.batch_size, transform.size, transform.augment, transform.min_scale,
+            self.normalize, drop_last=split == "train", device=self.device,
+            num_workers=self.num_workers)
+
+    def _decoded(self, split: str):
+        from cherry_train.worker import gpudata
+
+        dataset = self.train if split == "train" else self.val  # decoded once, on first use
+        transform = dataset.transform
+        side = gpudata.stored_side(transform.size, self.train.transform.min_scale)
+        decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers)
+        log.info("images decoded into memory", split=split, images=len(dataset), side=side,
+                 megabytes=round(decoded.images.numel() / 2**20),
+                 seconds=round(decoded.seconds, 1), device=str(self.device))
+        stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
+        return gpudata.GpuBatches(
+            decoded, EpochSampler(len(dataset), dataset.seed, split == "train", stop),
+            self.batch_size, transform.size, transform.augment, transform.min_scale,
+            dataset.seed, self.normalize, drop_last=split == "train",
+            num_workers=min(2, self.num_workers))
 
     def close(self) -> None:
         """Stop this job's loader processes now, not when the garbage collector reaches them:
@@ -449,24 +479,42 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
     return Data(train=train, val=val, classes=train_classes, batch_size=batch,
                 num_workers=workers, pin_memory=device.type == "cuda", steps_per_epoch=steps,
                 val_limit=val_limit, device=device, normalize=aug.normalize,
-                pipeline=choose_pipeline(cfg, device, len(train) + len(val)))
+                pipeline=choose_pipeline(cfg, device, train, val))
 
 
-def choose_pipeline(cfg: TrainingConfig, device: torch.device, n_images: int) -> str:
-    """performance.input_pipeline, with auto decided by where the decoded images would fit."""
+def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolderSamples,
+                    val: ImageFolderSamples) -> str:
+    """performance.input_pipeline; auto: the decoded cache in GPU memory if it fits, else
+    JPEGs streamed through nvJPEG per batch, else loader processes. The choice is logged with
+    its reason: it decides the job's speed on a small VM."""
     wanted = cfg.performance.input_pipeline
     if wanted != "auto":
+        log.info("input pipeline", pipeline=wanted, why="performance.input_pipeline")
         return wanted
     if device.type != "cuda":
+        log.info("input pipeline", pipeline="workers", why="not on a CUDA device")
         return "workers"
-    from cherry_train.worker import gpudata
+    from cherry_train.worker import gpudata, gpustream
 
     side = gpudata.stored_side(cfg.data.image_size, cfg.augmentation.min_crop_scale)
-    need = gpudata.decoded_bytes(n_images, side)
-    fits = gpudata.fits_on_gpu(need, device)
-    log.info("input pipeline chosen", pipeline="gpu" if fits else "workers",
-             decoded_megabytes=round(need / 2**20), side=side)
-    return "gpu" if fits else "workers"
+    need = gpudata.decoded_bytes(len(train) + len(val), side)
+    free, _ = torch.cuda.mem_get_info(device)
+    facts = {"decoded_megabytes": round(need / 2**20), "gpu_free_megabytes": round(free / 2**20),
+             "side": side}
+    if need <= free * gpudata.GPU_SHARE:
+        log.info("input pipeline", pipeline="gpu", why="the decoded images fit in a third of "
+                 "the free GPU memory", **facts)
+        return "gpu"
+    share = gpustream.jpeg_share(train)
+    if share >= 0.5:
+        log.info("input pipeline", pipeline="stream", why="the decoded images would not fit "
+                 "in a third of the free GPU memory: JPEGs decoded on the GPU per batch",
+                 jpeg_share=round(share, 3), **facts)
+        return "stream"
+    log.info("input pipeline", pipeline="workers", why="the decoded images would not fit in "
+             "GPU memory and most files are not JPEGs (nvJPEG decodes only those)",
+             jpeg_share=round(share, 3), **facts)
+    return "workers"
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, normalize: bool) -> torch.Tensor:

@@ -28,8 +28,10 @@ import platformdirs
 import structlog
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from cherry_train import datapack, faults
 from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue.roots import on_colab
+from cherry_train.sizes import human_bytes
 from cherry_train.storage.base import Storage
 from cherry_train.storage.retrying import is_transient
 from cherry_train.worker.errors import JobError
@@ -58,6 +60,8 @@ class CacheReport:
     bytes: int
     copied_files: int  # 0 when the cached copy was reused as it was
     copy_seconds: float
+    unpacked_files: int = 0  # of the copied ones, those taken from the folder's data pack
+    pack: str | None = None  # "built" (this copy made it), "current", or None (no pack)
 
 
 def default_cache_dir() -> Path:
@@ -95,6 +99,13 @@ class Source:
         """Copy one file to target (checked by size), return its sha256."""
         raise NotImplementedError
 
+    def pack_place(self) -> datapack.PackPlace | None:
+        """Where this folder's data pack is (see datapack.py), or None where it has none."""
+        return None
+
+    def can_build_pack(self) -> bool:
+        return False
+
 
 class LocalSource(Source):
     def __init__(self, path: Path):
@@ -107,20 +118,23 @@ class LocalSource(Source):
         if self.is_archive():
             st = _retry(self.path.stat)
             return {self.name: (st.st_size, st.st_mtime_ns)}
-        found = {}
-        for dirpath, dirnames, filenames in _retry(os.walk, self.path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                path = Path(dirpath) / name
-                st = _retry(path.stat)
-                found[path.relative_to(self.path).as_posix()] = (st.st_size, st.st_mtime_ns)
-        return found
+        return datapack.list_folder(self.path, stat=lambda p: _retry(p.stat),
+                                    walk=lambda p: _retry(os.walk, p))
 
     def copy(self, rel: str, target: Path, size: int) -> str:
         root = self.path.parent if self.is_archive() else self.path
-        return _copy_with(lambda tmp: shutil.copyfile(root / rel, tmp), root / rel, target, size)
+
+        def fetch(tmp: Path) -> None:
+            faults.slow("open")  # a simulated network mount: one round trip per file opened
+            shutil.copyfile(root / rel, tmp)
+
+        return _copy_with(fetch, root / rel, target, size)
+
+    def pack_place(self) -> datapack.PackPlace:
+        return datapack.FolderPackPlace(self.path.parent / f"{self.name}{datapack.PACK_SUFFIX}")
+
+    def can_build_pack(self) -> bool:
+        return True
 
 
 class StorageSource(Source):
@@ -155,6 +169,11 @@ class StorageSource(Source):
     def copy(self, rel: str, target: Path, size: int) -> str:
         remote = self.path if self.is_archive() else f"{self.path}/{rel}"
         return _copy_with(lambda tmp: self.storage.download(remote, tmp), remote, target, size)
+
+    def pack_place(self) -> datapack.PackPlace:
+        # Read only: the worker reads an API root through a read-only view, so packs of such
+        # roots are built with `cherry data pack` on a machine that syncs the folder.
+        return datapack.StoragePackPlace(self.storage, f"{self.path}{datapack.PACK_SUFFIX}")
 
 
 def _ns(when) -> int:
@@ -201,17 +220,19 @@ def _locked(entry: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cache_folder(source: Path | Source, cache_dir: Path, progress: bool = False) -> CacheReport:
-    """Make (or refresh, or reuse) the local copy of one data folder or archive."""
+def cache_folder(source: Path | Source, cache_dir: Path, progress: bool = False,
+                 pack: str = "auto") -> CacheReport:
+    """Make (or refresh, or reuse) the local copy of one data folder or archive. `pack`
+    (data.pack): whether to unpack the folder's data pack and build one (datapack.py)."""
     source = source if isinstance(source, Source) else LocalSource(source)
     if not source.exists():
         raise JobError(f"data: {source.label} does not exist")
     entry = _entry(cache_dir, source)
     with _locked(entry):
-        return _cache(source, entry, progress)
+        return _cache(source, entry, progress, pack)
 
 
-def _cache(source: Source, entry: Path, progress: bool) -> CacheReport:
+def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto") -> CacheReport:
     started = time.perf_counter()
     manifest_path = entry / MANIFEST
     try:
@@ -236,6 +257,11 @@ def _cache(source: Source, entry: Path, progress: bool) -> CacheReport:
     for rel in set(old["files"]) - set(listing):  # deleted at the source
         (files_dir / rel).unlink(missing_ok=True)
 
+    place = source.pack_place() if pack != "off" and not source.is_archive() else None
+    index = None
+    unpacked = 0
+    if todo and place is not None and (index := place.index()) is not None:
+        unpacked, todo = _unpack(index, place, todo, files, files_dir, entry, progress)
     if todo:
         bar = _bar(progress, len(todo), source.name)
         with ThreadPoolExecutor(COPY_THREADS) as pool:
@@ -251,16 +277,92 @@ def _cache(source: Source, entry: Path, progress: bool) -> CacheReport:
     if source.is_archive():
         local = _extract(files_dir / source.name, entry / "extracted", sha,
                          fresh=bool(todo) or old.get("sha256") != sha)
-    manifest = {"source": source.label, "sha256": sha, "files": files}
-    if todo or old.get("sha256") != sha:
+    copied = len(todo) + unpacked
+    pack_state = None
+    if place is not None:
+        pack_state = _pack_state(source, place, pack, index, listing, files, files_dir, entry,
+                                 old.get("pack_fingerprint"), progress)
+    manifest = {"source": source.label, "sha256": sha, "files": files,
+                "pack_fingerprint": _fingerprint(listing) if pack_state else None}
+    if copied or old.get("sha256") != sha or \
+            old.get("pack_fingerprint") != manifest["pack_fingerprint"]:
         tmp = manifest_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(manifest))
         os.replace(tmp, manifest_path)  # last: a copy interrupted before this is redone
     report = CacheReport(source=source.label, local=str(local), sha256=sha, files=len(files),
-                         bytes=sum(f["size"] for f in files.values()), copied_files=len(todo),
-                         copy_seconds=round(time.perf_counter() - started, 3))
-    log.info("data cached" if todo else "data cache reused", **asdict(report))
+                         bytes=sum(f["size"] for f in files.values()), copied_files=copied,
+                         copy_seconds=round(time.perf_counter() - started, 3),
+                         unpacked_files=unpacked, pack=pack_state)
+    log.info("data cached" if copied else "data cache reused", **asdict(report))
     return report
+
+
+def _unpack(index: datapack.PackIndex, place: datapack.PackPlace, todo: list, files: dict,
+            files_dir: Path, entry: Path, progress: bool) -> tuple[int, list]:
+    """Take what the pack holds unchanged from it; the files left to copy one by one."""
+    usable = index.matching({rel: (size, mtime) for rel, size, mtime in todo})
+    if not usable:
+        return 0, todo
+    started = time.perf_counter()
+    bar = _bar(progress, len(usable), f"unpacking {place.description}")
+    try:
+        digests = datapack.unpack(index, place, usable, files_dir, entry / "unpack",
+                                  bar.update if bar is not None else None)
+    except datapack.PackError as e:
+        log.warning("data pack not used; copying file by file", pack=place.description,
+                    error=str(e))
+        return 0, todo
+    finally:
+        if bar is not None:
+            bar.close()
+    for rel, size, mtime in todo:
+        if rel in digests:
+            files[rel] = {"size": size, "mtime_ns": mtime, "sha256": digests[rel]}
+    log.info("data unpacked", pack=place.description, files=len(digests),
+             seconds=round(time.perf_counter() - started, 2))
+    return len(digests), [t for t in todo if t[0] not in digests]
+
+
+def _fingerprint(listing: dict[str, tuple[int, int]]) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(listing):
+        h.update(f"{rel}\0{listing[rel][0]}\0{listing[rel][1] // 10**9}\n".encode())
+    return h.hexdigest()
+
+
+def _pack_state(source: Source, place: datapack.PackPlace, pack: str,
+                index: datapack.PackIndex | None, listing: dict, files: dict, files_dir: Path,
+                entry: Path, known_fingerprint: str | None, progress: bool) -> str | None:
+    """"current" when the folder's pack matches it, "built" when this call built it, None when
+    it has none (and need not, or cannot, have one). A failed build is logged; the job goes on."""
+    if known_fingerprint == _fingerprint(listing):
+        return "current"  # checked when this cache was last filled; the folder is unchanged
+    if index is None:
+        index = place.index()
+    if index is not None and index.is_current(listing):
+        return "current"
+    wanted = pack == "on" or (pack == "auto" and len(listing) >= datapack.AUTO_MIN_FILES)
+    if not wanted or not source.can_build_pack():
+        return None
+    started = time.perf_counter()
+    bar = _bar(progress, len(listing), f"packing {source.name}")
+    try:
+        built = datapack.build_pack(files_dir, listing, place, entry / "pack", source.label,
+                                    known={rel: f["sha256"] for rel, f in files.items()},
+                                    progress=bar.update if bar is not None else None)
+    except (OSError, datapack.PackError) as e:
+        log.warning("data pack not built; the next worker copies file by file again",
+                    pack=place.description, error=f"{type(e).__name__}: {e}")
+        return None
+    finally:
+        if bar is not None:
+            bar.close()
+    log.info("data pack built: later workers unpack a few large files instead of copying "
+             f"{len(listing)} small ones; it takes {human_bytes(built.bytes)} of Drive space "
+             "beside the folder (data.pack: off to do without)", pack=place.description,
+             shards=len(built.shards), files=len(built.files),
+             seconds=round(time.perf_counter() - started, 1))
+    return "built"
 
 
 def _extract(archive: Path, target: Path, sha: str, fresh: bool) -> Path:

@@ -36,7 +36,7 @@ from cherry_train.worker.data import (
     IMAGENET_STD,
     EpochSampler,
     ImageFolderSamples,
-    crop_params,
+    crop_box,
     loader_processes,
 )
 from cherry_train.worker.errors import JobError
@@ -57,11 +57,6 @@ def stored_side(image_size: int, min_scale: float) -> int:
 
 def decoded_bytes(n_images: int, side: int) -> int:
     return n_images * 3 * side * side
-
-
-def fits_on_gpu(total_bytes: int, device: torch.device) -> bool:
-    free, _ = torch.cuda.mem_get_info(device)
-    return total_bytes <= free * GPU_SHARE
 
 
 class _Decode(Dataset):
@@ -184,17 +179,11 @@ class _CropBoxes(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         epoch, index = key
         w, h = (int(v) for v in self.sizes[index])
-        flip = 0.0
-        if self.augment:
-            rng = np.random.default_rng((self.seed, epoch, index))
-            top, left, ch, cw = crop_params(w, h, self.min_scale, rng)
-            flip = float(rng.random() < 0.5)
-        else:  # resize the shorter side, centre crop: the centred square
-            s = min(w, h)
-            top, left, ch, cw = (h - s) / 2, (w - s) / 2, s, s
-        side = self.side
-        return torch.tensor([left * side / w, top * side / h, (left + cw) * side / w,
-                             (top + ch) * side / h, flip, index], dtype=torch.float64)
+        x1, y1, x2, y2, flip = crop_box(w, h, self.seed, epoch, index, self.augment,
+                                        self.min_scale)
+        sx, sy = self.side / w, self.side / h
+        return torch.tensor([x1 * sx, y1 * sy, x2 * sx, y2 * sy, float(flip), index],
+                            dtype=torch.float64)
 
 
 class GpuBatches:

@@ -117,7 +117,7 @@ def prepare_data(cfg: TrainingConfig, data_root: Path | None, reporter: Reporter
         src = source(name)
         if not src.exists():
             raise JobError(f"data.{name}: folder {src.label} does not exist")
-        reports[name.removesuffix("_path")] = cache_folder(src, cache_dir)
+        reports[name.removesuffix("_path")] = cache_folder(src, cache_dir, pack=d.pack)
     combined = hashlib.sha256(f"{reports['train'].sha256}\n{reports['val'].sha256}".encode())
     info = {"dataset_sha256": combined.hexdigest(), **{k: asdict(r) for k, r in reports.items()}}
     return Path(reports["train"].local), Path(reports["val"].local), info

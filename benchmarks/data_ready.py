@@ -1,0 +1,121 @@
+"""How long a fresh VM waits for its data: file by file vs. through a data pack, on a slow mount.
+
+Builds a data folder of N JPEG files (two classes), then, for a VM with an empty cache:
+
+1. file by file (data.pack: off): what every worker did before packs;
+2. through the pack (built ahead, as `cherry data pack` does);
+
+each with a simulated network mount: every file opened through it waits `--open-ms`
+(CHERRY_SLOW=open:..., in the cache's copy and the pack's reads; `--stat-ms` slows each stat
+of the listing too, which both ways pay alike). Then, with the data local, the time from
+`load_data` to the first training batch on the CPU (ImageFolder scan, cache check, loader
+start): what a job waits after its data is there.
+
+    python benchmarks/data_ready.py [--files 60000] [--file-kb 58] [--open-ms 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from cherry_train import datapack
+from cherry_train.worker.datacache import cache_folder
+
+
+def make_folder(root: Path, files: int, file_kb: int) -> None:
+    """`files` JPEGs of about `file_kb` KB each: a few distinct images written round robin
+    (their count and size are what the copy costs, not their pixels)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    side = max(32, int((file_kb * 1024 / 0.45) ** 0.5))  # noisy JPEG ~0.45 B/px at q90
+    blobs = []
+    for _ in range(16):
+        pixels = rng.integers(0, 255, (side * 3 // 4, side, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    for c in ("good", "defect"):
+        (root / c).mkdir(parents=True)
+    for i in range(files):
+        (root / ("good", "defect")[i % 2] / f"{i:06d}.jpg").write_bytes(blobs[i % len(blobs)])
+
+
+def timed(fn):
+    started = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - started, out
+
+
+def first_batch_seconds(train: Path) -> float:
+    """load_data to the first batch, data already local (a job's start after the copy)."""
+    import torch
+
+    from cherry_train.schemas import validate_config
+    from cherry_train.worker.data import load_data
+
+    cfg = validate_config({
+        "model": {"name": "resnet18", "num_classes": 2},
+        "training": {"epochs": 1, "batch_size": 256, "learning_rate": 0.001},
+        "data": {"train_path": str(train), "val_path": str(train), "image_size": 64,
+                 "num_workers": 2}})
+    started = time.perf_counter()
+    data = load_data(cfg, train, train, torch.device("cpu"))
+    next(iter(data.train_batches(0, 0)))
+    seconds = time.perf_counter() - started
+    data.close()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=60_000)
+    parser.add_argument("--file-kb", type=int, default=58, help="500x375 JPEGs: ~58 KB")
+    parser.add_argument("--open-ms", type=float, default=20.0)
+    parser.add_argument("--stat-ms", type=float, default=0.0)
+    parser.add_argument("--work", type=Path, help="working folder (default: a temp folder)")
+    args = parser.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="cherry-data-ready-"))
+    folder = work / "drive" / "train"
+    t, _ = timed(lambda: make_folder(folder, args.files, args.file_kb))
+    size = sum(f.stat().st_size for f in folder.rglob("*.jpg"))
+    print(f"{args.files} files, {size / 1e9:.2f} GB, made in {t:.0f} s; mount: "
+          f"{args.open_ms:g} ms per open, {args.stat_ms:g} ms per stat; {os.cpu_count()} cores")
+    t_pack, (index, _, _) = timed(lambda: datapack.pack_folder(folder))
+    print(f"pack built ahead (not timed below, done once): {len(index.shards)} shards in "
+          f"{t_pack:.0f} s")
+
+    os.environ["CHERRY_SLOW"] = f"open:{args.open_ms / 1000},stat:{args.stat_ms / 1000}"
+    rows = []
+    for name, pack in (("file by file", "off"), ("data pack", "auto")):
+        cache = work / f"cache-{pack}"
+        t, report = timed(lambda p=pack, c=cache: cache_folder(folder, c, pack=p))
+        assert report.files == args.files
+        rows.append((name, t, report))
+    os.environ.pop("CHERRY_SLOW")
+    assert rows[0][2].sha256 == rows[1][2].sha256, "both ways must give the same data"
+    base = rows[0][1]
+    print("\n| a fresh VM's data ready | seconds | vs file by file |\n|---|---|---|")
+    for name, t, report in rows:
+        print(f"| {name} ({report.unpacked_files} unpacked) | {t:.1f} | {base / t:.1f}x |")
+
+    local = Path(rows[1][2].local)
+    t_reuse, _ = timed(lambda: cache_folder(folder, work / "cache-auto"))
+    first = first_batch_seconds(local)
+    print(f"\ndata local: cache check {t_reuse:.1f} s, load_data to first batch {first:.1f} s "
+          f"(2 loader processes, 64 px): {t_reuse + first:.1f} s to the first step's data")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
