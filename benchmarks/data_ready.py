@@ -11,38 +11,34 @@ of the listing too, which both ways pay alike). Then, with the data local, the t
 `load_data` to the first training batch on the CPU (ImageFolder scan, cache check, loader
 start): what a job waits after its data is there.
 
-    python benchmarks/data_ready.py [--files 60000] [--file-kb 58] [--open-ms 20]
+    python benchmarks/data_ready.py [--files 60000] [--open-ms 20] [--stat-ms 0]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
-
-from PIL import Image
 
 from cherry_train import datapack
 from cherry_train.worker.datacache import cache_folder
 
 
-def make_folder(root: Path, files: int, file_kb: int) -> None:
-    """`files` JPEGs of about `file_kb` KB each: a few distinct images written round robin
-    (their count and size are what the copy costs, not their pixels)."""
-    import numpy as np
+def make_folder(root: Path, files: int) -> None:
+    """`files` JPEGs 500x375 like train_throughput.py's (~58 KB each): 16 distinct photos
+    written round robin (their count and size are what the copy costs, not their pixels)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_throughput import _photo
 
-    rng = np.random.default_rng(0)
-    side = max(32, int((file_kb * 1024 / 0.45) ** 0.5))  # noisy JPEG ~0.45 B/px at q90
     blobs = []
-    for _ in range(16):
-        pixels = rng.integers(0, 255, (side * 3 // 4, side, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-        blobs.append(buf.getvalue())
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(16):
+            _photo((Path(tmp) / f"{i}.jpg", i))
+            blobs.append((Path(tmp) / f"{i}.jpg").read_bytes())
     for c in ("good", "defect"):
         (root / c).mkdir(parents=True)
     for i in range(files):
@@ -78,7 +74,6 @@ def first_batch_seconds(train: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=60_000)
-    parser.add_argument("--file-kb", type=int, default=58, help="500x375 JPEGs: ~58 KB")
     parser.add_argument("--open-ms", type=float, default=20.0)
     parser.add_argument("--stat-ms", type=float, default=0.0)
     parser.add_argument("--work", type=Path, help="working folder (default: a temp folder)")
@@ -86,7 +81,7 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="cherry-data-ready-"))
     folder = work / "drive" / "train"
-    t, _ = timed(lambda: make_folder(folder, args.files, args.file_kb))
+    t, _ = timed(lambda: make_folder(folder, args.files))
     size = sum(f.stat().st_size for f in folder.rglob("*.jpg"))
     print(f"{args.files} files, {size / 1e9:.2f} GB, made in {t:.0f} s; mount: "
           f"{args.open_ms:g} ms per open, {args.stat_ms:g} ms per stat; {os.cpu_count()} cores")

@@ -215,6 +215,7 @@ class _Hashing(io.RawIOBase):
 # -- building ---------------------------------------------------------------------------------
 
 LIST_THREADS = 16
+LIST_CHUNK = 64
 
 
 def list_folder(folder: Path, stat=os.stat, walk=os.walk) -> dict[str, tuple[int, int]]:
@@ -224,15 +225,21 @@ def list_folder(folder: Path, stat=os.stat, walk=os.walk) -> dict[str, tuple[int
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         paths += [Path(dirpath) / n for n in filenames if not n.startswith(".")]
 
-    def size_and_time(path: Path) -> tuple[int, int]:
-        faults.slow("stat")
-        st = stat(path)
-        return st.st_size, st.st_mtime_ns
+    def sizes_and_times(chunk: list[Path]) -> list[tuple[int, int]]:
+        found = []
+        for path in chunk:
+            faults.slow("stat")
+            st = stat(path)
+            found.append((st.st_size, st.st_mtime_ns))
+        return found
 
-    # On a network mount each stat is a round trip: many at once hide the latency.
+    # On a network mount each stat is a round trip: many at once hide the latency. In chunks:
+    # one task per file costs more than the stat itself on a local disk.
+    chunks = [paths[i:i + LIST_CHUNK] for i in range(0, len(paths), LIST_CHUNK)]
     with ThreadPoolExecutor(LIST_THREADS) as pool:
-        found = pool.map(size_and_time, paths)
-        return {p.relative_to(folder).as_posix(): s for p, s in zip(paths, found, strict=True)}
+        found = [s for part in pool.map(sizes_and_times, chunks) for s in part]
+    base = len(str(folder)) + 1
+    return {str(p)[base:].replace(os.sep, "/"): s for p, s in zip(paths, found, strict=True)}
 
 
 def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | None = None,
@@ -308,7 +315,9 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
                         "files": len(group)}
         for rel in group:
             size, mtime = listing[rel]
-            files[rel] = {"size": size, "mtime_ns": mtime, "sha256": digests[rel], "shard": name}
+            sha256, offset = digests[rel]
+            files[rel] = {"size": size, "mtime_ns": mtime, "sha256": sha256, "shard": name,
+                          "offset": offset}
     index = PackIndex(source=label, files=files, shards=shards)
     tmp = scratch / f"{INDEX}.{os.getpid()}"
     tmp.write_bytes(index.to_json())
@@ -324,7 +333,9 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
 
 def _write_shard(folder: Path, group: list[str], listing: dict[str, tuple[int, int]],
                  target: Path, known: dict[str, str],
-                 progress: Callable[[int], None] | None) -> dict[str, str]:
+                 progress: Callable[[int], None] | None) -> dict[str, tuple[str, int]]:
+    """A plain tar of the group's files (`tar xf` opens it too); rel -> (sha256, offset of
+    the file's bytes in the shard), so that unpacking reads the bytes without parsing tar."""
     digests = {}
     with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as tar:
         for rel in group:
@@ -334,11 +345,13 @@ def _write_shard(folder: Path, group: list[str], listing: dict[str, tuple[int, i
             with open(folder / rel, "rb") as f:
                 if rel in known:
                     tar.addfile(info, f)
-                    digests[rel] = known[rel]
+                    digest = known[rel]
                 else:
                     hashing = _Hashing(f)
                     tar.addfile(info, io.BufferedReader(hashing))
-                    digests[rel] = hashing.sha.hexdigest()
+                    digest = hashing.sha.hexdigest()
+            # addfile leaves tar.offset after the data, padded to whole 512-byte blocks.
+            digests[rel] = digest, tar.offset - -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if os.path.getsize(folder / rel) != size:
                 raise PackError(f"{rel} changed while it was packed; pack again")
             if progress is not None:
@@ -378,49 +391,59 @@ def unpack(index: PackIndex, place: PackPlace, wanted: Iterable[str], target: Pa
 
 def _unpack_shard(index: PackIndex, place: PackPlace, shard: str, wanted: set[str],
                   target: Path, scratch: Path, progress) -> dict[str, str]:
+    """Read the shard once, front to back, writing the wanted files: each file's bytes are at
+    its offset (no tar parsing), each checked against its size and sha256 as it is written.
+    No temp names: the cache manifest, written after, is what makes a file count."""
+    members = sorted(wanted, key=lambda rel: index.files[rel]["offset"])
     done: dict[str, str] = {}
+    made: set[Path] = set()
     try:
-        with place.open(shard, scratch) as raw:
-            hashing = _Hashing(raw)
-            stream = io.BufferedReader(hashing, buffer_size=1 << 20)
-            with tarfile.open(fileobj=stream, mode="r|") as tar:  # one pass, front to back
-                for member in tar:
-                    if member.name in wanted and member.isfile():
-                        done[member.name] = _extract(tar, member, index.files[member.name],
-                                                     target)
-                        if progress is not None:
-                            progress(1)
-            while stream.read(8 << 20):  # the rest (tar's end blocks), for the shard's hash
-                pass
-    except (OSError, tarfile.TarError) as e:
+        with place.open(shard, scratch) as f:
+            at = 0
+            for rel in members:
+                entry = index.files[rel]
+                if entry["offset"] < at:
+                    raise PackError(f"shard {shard}: overlapping files in its index")
+                _skip(f, entry["offset"] - at)
+                path = target / _safe(rel)
+                if path.parent not in made:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(path.parent)
+                h = hashlib.sha256()
+                left = entry["size"]
+                with open(path, "wb") as out:
+                    while left:
+                        chunk = f.read(min(left, 4 << 20))
+                        if not chunk:
+                            raise PackError(f"shard {shard} ends inside {rel}")
+                        h.update(chunk)
+                        out.write(chunk)
+                        left -= len(chunk)
+                at = entry["offset"] + entry["size"]
+                if h.hexdigest() != entry["sha256"]:
+                    path.unlink(missing_ok=True)
+                    raise PackError(f"{rel} in {place.description}/{shard} does not match "
+                                    "its sha256 in the index")
+                done[rel] = entry["sha256"]
+                if progress is not None:
+                    progress(1)
+    except OSError as e:
         raise PackError(f"shard {shard} of {place.description} cannot be read: "
                         f"{type(e).__name__}: {e}") from e
-    if hashing.sha.hexdigest() != index.shards[shard]["sha256"]:
-        raise PackError(f"shard {shard} of {place.description} does not match its index")
-    missing = wanted - set(done)
-    if missing:
-        raise PackError(f"shard {shard} of {place.description} lacks {len(missing)} files its "
-                        f"index names, e.g. {sorted(missing)[0]}")
     return done
 
 
-def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, expected: dict,
-             target: Path) -> str:
-    path = target / member.name
-    if not path.resolve().is_relative_to(target.resolve()):
-        raise PackError(f"pack member {member.name!r} would be written outside the cache")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.unpack")
-    h = hashlib.sha256()
-    src = tar.extractfile(member)
-    with open(tmp, "wb") as out:
-        while chunk := src.read(1 << 20):
-            h.update(chunk)
-            out.write(chunk)
-    sha = h.hexdigest()
-    if member.size != expected["size"] or sha != expected["sha256"]:
-        tmp.unlink(missing_ok=True)
-        raise PackError(f"{member.name} in the pack does not match its index (size or sha256)")
-    os.replace(tmp, path)
-    return sha
+def _skip(f: BinaryIO, n: int) -> None:
+    while n > 0:  # read rather than seek: the stream may be a download or a pipe
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise PackError("shard ends before a file's bytes")
+        n -= len(chunk)
 
+
+def _safe(rel: str) -> str:
+    """A path from an index: relative, inside the target (an index is data, not trusted)."""
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise PackError(f"pack member {rel!r} would be written outside the cache")
+    return rel

@@ -111,19 +111,108 @@ def close(ref: list[float], got: list[float], share: float) -> bool:
 
 
 @pytest.mark.parametrize("augment", [True, False])
-def test_the_gpu_input_pipeline_computes_the_same_thing(tmp_path, cherry_images, tiny_config,
+def test_the_gpu_input_pipelines_compute_the_same_thing(tmp_path, cherry_images, tiny_config,
                                                         monkeypatch, augment):
-    """Decoded once, cropped and flipped on the GPU: the same draws and order as the loader
-    workers, resampled slightly differently; the loss curves agree."""
+    """Decoded once (gpu) or per batch by nvJPEG (stream), cropped and flipped on the GPU: the
+    same draws and order as the loader workers, resampled slightly differently; the loss
+    curves agree."""
     tiny_config["training"].update(epochs=4, learning_rate=0.0001)
     tiny_config["augmentation"]["enabled"] = augment
     tiny_config["data"]["num_workers"] = None
     curves = curves_of(tmp_path, cherry_images, tiny_config, monkeypatch, {
         "workers": {"input_pipeline": "workers", "compile": "off"},
-        "gpu": {"input_pipeline": "gpu", "compile": "off"}})
+        "gpu": {"input_pipeline": "gpu", "compile": "off"},
+        "stream": {"input_pipeline": "stream", "compile": "off"}})
     print("pipeline curves", curves)
-    assert close(curves["workers"], curves["gpu"], 0.15), curves
-    assert curves["gpu"][-1] < curves["gpu"][0], curves
+    for pipeline in ("gpu", "stream"):
+        assert close(curves["workers"], curves[pipeline], 0.15), curves
+        assert curves[pipeline][-1] < curves[pipeline][0], curves
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
+    import numpy as np
+    from PIL import Image
+
+    from cherry_train.worker.data import EpochSampler, ImageFolderSamples, Transform
+    from cherry_train.worker.gpustream import StreamedBatches
+
+    classes = sorted(p.name for p in (cherry_images / "train").iterdir())
+    samples = ImageFolderSamples(cherry_images / "train", classes,
+                                 Transform(32, augment=augment, min_scale=0.5), seed=3)
+    stream = StreamedBatches(samples, EpochSampler(len(samples), 3, shuffle=True), 16, 32,
+                             augment, 0.5, False, drop_last=True, device=torch.device("cuda"),
+                             num_workers=2)
+    stream.sampler.set_position(epoch=1, start=0)
+    batches = list(stream)  # through the prefetching thread and its stream
+    assert len(batches) == len(samples) // 16
+    x, y = batches[0]
+    assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+    for k, index in enumerate(stream.sampler.order()[:16].tolist()):
+        path, label = samples.samples[index]
+        with Image.open(path) as f:
+            img = f.convert("RGB")
+        expected = Transform(32, augment, 0.5)(img, np.random.default_rng((3, 1, index)))
+        assert y[k].item() == label
+        diff = (x[k].cpu() - expected.float() / 255).abs().mean().item()
+        assert diff < 0.03, f"sample {index}: mean abs difference {diff:.3f}"
+    stream.sampler.set_position(epoch=1, start=2 * 16)  # a resume: the same batches on
+    for (xa, ya), (xb, yb) in zip(batches[2:], stream, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    from cherry_train.worker.data import shut_down
+
+    shut_down(stream.loader)
+
+
+def test_a_killed_streamed_job_resumes_exactly(tmp_path, cherry_images, tiny_config):
+    """deterministic: true with the stream pipeline on CUDA: killed at a step (SIGKILL, real
+    worker processes) and resumed, it ends with the uninterrupted run's weights."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from cherry_train.jobqueue.layout import JobPaths
+
+    tiny_config.update(deterministic=True, lease_seconds=2)
+    tiny_config["training"]["epochs"] = 3
+    tiny_config["checkpoint"]["every_steps"] = 2
+    tiny_config["performance"] = {"input_pipeline": "stream", "compile": "off"}
+    results = {}
+    for run in ("straight", "killed"):
+        root = tmp_path / run
+        root.mkdir()
+        (root / "data").symlink_to(cherry_images, target_is_directory=True)
+        job_id = JobQueue(LocalStorage(root)).submit(validate_config(tiny_config)).job_id
+        for fault in (["step@7"] if run == "killed" else []) + [None]:
+            env = {**os.environ, "CHERRY_DEVICE": "cuda"}
+            env.pop("CHERRY_FAULT", None)
+            if fault:
+                env["CHERRY_FAULT"] = fault
+            subprocess.run([sys.executable, "-m", "cherry_train", "worker", "--root", str(root),
+                            "--worker-id", "gpu", "--exit-when-idle", "--poll-seconds", "0.2"],
+                           env=env, check=False, timeout=600)
+            if fault:
+                assert not (root / JobPaths(job_id).result).exists()
+                time.sleep(2.5)  # the killed attempt's lease runs out
+        results[run] = Result.from_json((root / JobPaths(job_id).result).read_bytes())
+    assert results["killed"].attempts == 2, results["killed"]
+    assert results["straight"].final_weights_sha256 == results["killed"].final_weights_sha256
+
+
+def test_auto_streams_a_set_too_large_for_gpu_memory(root_with_data, tiny_config, monkeypatch):
+    from structlog.testing import capture_logs
+
+    from cherry_train.worker import gpudata
+
+    monkeypatch.setattr(gpudata, "GPU_SHARE", 1e-9)  # nothing fits: as 60,000 JPEGs on a T4
+    tiny_config["training"]["epochs"] = 1
+    tiny_config["amp"] = "fp16"
+    with capture_logs() as events:
+        result = run_on_gpu(root_with_data, tiny_config, monkeypatch)
+    assert result.state == JobState.succeeded, result.error
+    (chosen,) = [e for e in events if e["event"] == "input pipeline"]
+    assert chosen["pipeline"] == "stream" and "would not fit" in chosen["why"], chosen
 
 
 def test_compiled_and_fused_steps_compute_the_same_thing(tmp_path, cherry_images, tiny_config,
@@ -145,7 +234,7 @@ def test_auto_picks_the_gpu_pipeline_and_skips_compiling_a_short_job(root_with_d
     with capture_logs() as events:
         result = run_on_gpu(root_with_data, tiny_config, monkeypatch)
     assert result.state == JobState.succeeded, result.error
-    chosen = [e for e in events if e["event"] == "input pipeline chosen"]
+    chosen = [e for e in events if e["event"] == "input pipeline"]
     assert chosen and chosen[0]["pipeline"] == "gpu"
     assert any(e["event"] == "not compiling the model" for e in events)
 

@@ -16,8 +16,8 @@ from typing import Any
 import platformdirs
 
 from cherry_train.jobqueue.clock import age_seconds
-from cherry_train.sizes import human_bytes
 from cherry_train.jobqueue.protocol import JobQueue, JobView
+from cherry_train.sizes import human_bytes
 
 FINISHED = ("succeeded", "failed", "cancelled")
 STATUS_THREADS = 16

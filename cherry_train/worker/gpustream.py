@@ -115,7 +115,17 @@ class _EncodedCrops(Dataset):
 
 
 def _collate(items):
-    return [data for data, _ in items], torch.stack([row for _, row in items])
+    """One flat byte tensor and its offsets: a loader process hands its batch over in two
+    shared-memory blocks, where a list of 256 tensors would pass 256 file descriptors."""
+    sizes = torch.tensor([len(data) for data, _ in items], dtype=torch.int64)
+    offsets = torch.zeros(len(items) + 1, dtype=torch.int64)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    return torch.cat([data for data, _ in items]), offsets, torch.stack([row for _, row in items])
+
+
+def _split(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    bounds = offsets.tolist()
+    return [flat[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 class StreamedBatches:
@@ -141,27 +151,31 @@ class StreamedBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type != "cuda":
-            for encoded, meta in self.loader:
-                yield self.batch(encoded, meta)
+            for flat, offsets, meta in self.loader:
+                yield self.batch(flat, offsets, meta)
             return
         yield from _Prefetched(self)
 
-    def batch(self, encoded: list[torch.Tensor], meta: torch.Tensor):
+    def batch(self, flat: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor):
         """Decode, crop, flip and normalise one batch (on the current CUDA stream)."""
-        images = self._decode(encoded, meta)
-        x = torch.empty((len(meta), 3, self.out_size, self.out_size), device=self.device,
-                        dtype=torch.half if self.device.type == "cuda" else torch.float)
+        images = self._decode(_split(flat, offsets), meta)
+        dtype = torch.half if self.device.type == "cuda" else torch.float  # 0..255 exact in it
         boxes = meta[:, :4].to(self.device, non_blocking=True)
+        crops, order = [], []
         for members in _by_shape(images).values():
             # One roi_align per image size: the images of that size stacked, one box each.
-            stacked = torch.stack([images[k] for k in members]).to(x.dtype)
+            stacked = torch.stack([images[k] for k in members]).to(dtype)
             where = torch.tensor(members, device=self.device)
             rois = torch.cat([torch.arange(len(members), device=self.device,
                                            dtype=boxes.dtype)[:, None],
                               boxes.index_select(0, where)], dim=1)
-            x.index_copy_(0, where, roi_align(
-                stacked, rois.to(x.dtype), output_size=(self.out_size, self.out_size),
-                spatial_scale=1.0, sampling_ratio=-1, aligned=True))
+            crops.append(roi_align(stacked, rois.to(dtype),
+                                   output_size=(self.out_size, self.out_size),
+                                   spatial_scale=1.0, sampling_ratio=-1, aligned=True))
+            order += members
+        x = crops[0] if len(crops) == 1 else torch.cat(crops)
+        if order != sorted(order):  # back into the batch's order
+            x = x.index_select(0, torch.tensor(order, device=self.device).argsort())
         x = x.float()
         flip = meta[:, 4].to(self.device).view(-1, 1, 1, 1) > 0.5
         x = torch.where(flip, x.flip(-1), x)
@@ -245,10 +259,10 @@ class _Prefetched:
     def _produce(self) -> None:
         try:
             with torch.cuda.stream(self.stream):
-                for encoded, meta in self.batches.loader:
+                for flat, offsets, meta in self.batches.loader:
                     if self.closed.is_set():
                         return
-                    batch = self.batches.batch(encoded, meta)
+                    batch = self.batches.batch(flat, offsets, meta)
                     event = torch.cuda.Event()
                     event.record(self.stream)
                     if not self._put((batch, event)):

@@ -1,0 +1,200 @@
+"""Training speed on a Colab-sized VM, reproduced on a big GPU box, in one run.
+
+A Colab worker has 2 vCPUs (standard runtime), a T4/L4/A100 with 15-40 GB, and a data set that
+often does not fit in GPU memory once decoded. This script makes those conditions on any CUDA
+machine and measures what our users get (ResNet-50, 224 px, batch 256, 500x375 JPEGs):
+
+- the CPU: this process and every process it starts are pinned to `--cores` cores
+  (`os.sched_setaffinity`, what `taskset -c 0,1` does), after the data set is generated;
+- the GPU memory: another process holds all but `--gpu-free-gb` of it;
+- the precision: `--amp fp16` forces a T4's fp16 + GradScaler;
+- the data: `--images` training JPEGs (the large set; 60,000 at 317 px decoded is 18 GB) and a
+  `--fit-images` subset of them (one that fits in a third of the free memory).
+
+Rows: the seed recipe (ImageFolder + DataLoader + fp16 autocast, batch 32) on the same cores;
+cherry-train through the real worker with `input_pipeline: auto` on the large set (what it
+chooses, and why, is printed), `workers` forced, and `auto` on the fitting subset (the `gpu`
+pipeline): the figure the large set is held to. Then, optionally, the large set again with
+`--t4-free-gb` free and fp16. Steady images/s from each job's own metrics after its first
+steps; compiling off by default (`--compile on`: every cherry-train row compiled).
+
+    python benchmarks/colab_vm.py [--cores 2] [--gpu-free-gb 40] [--images 60000]
+                                  [--fit-images 20000] [--t4-free-gb 16] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import make_dataset, seed_recipe  # noqa: E402
+
+
+def hold_gpu_memory(free_gb: float) -> subprocess.Popen | None:
+    """Start a process that takes GPU memory until `free_gb` GB are left; None if there is
+    already no more than that."""
+    torch.cuda.empty_cache()  # what earlier jobs of this process cached counts as used
+    free, _ = torch.cuda.mem_get_info()
+    take = free - int(free_gb * 2**30) - (600 << 20)  # the holder's own context takes ~0.5 GB
+    if take <= 0:
+        return None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, torch\n"
+         f"x = torch.empty({take}, dtype=torch.uint8, device='cuda')\n"
+         "print('held', flush=True)\ntime.sleep(86400)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def release(holder: subprocess.Popen | None) -> None:
+    if holder is not None:
+        holder.kill()
+        holder.wait()
+        time.sleep(1)
+
+
+def job(root: Path, train: str, epochs: int, performance: dict, amp: str,
+        compile: str = "off", skip_steps: int = 40) -> dict:
+    """One job through the real worker; steady images/s = the median of its 10-step windows
+    after the first `skip_steps` steps (the loaders' and allocator's warm-up)."""
+    from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+    from cherry_train.schemas import Result, validate_config
+    from cherry_train.storage import LocalStorage
+    from cherry_train.worker.loop import Worker, WorkerOptions
+
+    queue = JobQueue(LocalStorage(root))
+    cfg = {"name": "colab-vm", "amp": amp, "model": {"name": "resnet50", "num_classes": 2},
+           "training": {"epochs": epochs, "batch_size": 256, "learning_rate": 0.001},
+           "data": {"train_path": train, "val_path": "data/val", "image_size": 224,
+                    "pack": "off"},
+           "checkpoint": {"every_minutes": 60}, "log_every_steps": 10,
+           "performance": {"compile": compile, **performance}}
+    job_id = queue.submit(validate_config(cfg)).job_id
+    started = time.perf_counter()
+    Worker(queue, WorkerIdentity("bench"), WorkerOptions(exit_when_idle=True)).run()
+    wall = time.perf_counter() - started
+    folder = root / "done" / job_id
+    result = Result.from_json((folder / "result.json").read_bytes())
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    windows = [x["images_per_second"] for x in lines
+               if x["kind"] == "train" and x["images_per_second"] and x["step"] > skip_steps]
+    log = [json.loads(x) for x in (folder / "worker.log").read_text().splitlines()]
+    events = {x.get("event"): x for x in log}
+    chosen = events.get("input pipeline", {})
+    return {"images_per_second": statistics.median(windows) if windows else None,
+            "windows": len(windows), "state": result.state.value, "amp": result.amp,
+            "pipeline": chosen.get("pipeline"), "why": chosen.get("why"),
+            "first_step_s": events.get("first step", {}).get("seconds"),
+            "loader_processes": events.get("loader processes", {}).get("loader_processes"),
+            "micro_batch": result.micro_batch, "wall_seconds": round(wall, 1),
+            "error": result.error.message if result.error else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--gpu-free-gb", type=float, default=40.0)
+    parser.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16"))
+    parser.add_argument("--images", type=int, default=60_000)
+    parser.add_argument("--fit-images", type=int, default=20_000)
+    parser.add_argument("--t4-free-gb", type=float, default=16.0,
+                        help="then the large set with this much free and fp16 (0: skip)")
+    parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out: seed, "
+                        "workers, fit, t4")
+    parser.add_argument("--compile", default="off", choices=("off", "on"),
+                        help="compile the model in the cherry-train rows (their first steps, "
+                        "compiling included, are left out of the figure)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    from cherry_train import logs
+
+    logs.configure("console", "warning")  # the jobs' info events still reach their worker.log
+    card = torch.cuda.get_device_name()
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        t = time.perf_counter()
+        make_dataset(root / "data", args.images)  # on every core: setting up is not measured
+        train = root / "data" / "train"
+        fit = root / "data" / "fit"
+        for cls in ("defect", "good"):  # the first fit-images of the large set, linked
+            (fit / cls).mkdir(parents=True)
+            for path in sorted((train / cls).iterdir())[: args.fit_images // 2]:
+                (fit / cls / path.name).symlink_to(path)
+        print(f"data: {args.images} JPEGs 500x375 (+{args.images // 20} val) made in "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+        os.environ["CHERRY_CACHE_DIR"] = str(Path(tmp) / "cache")
+
+        cores = sorted(os.sched_getaffinity(0))[: args.cores]
+        os.sched_setaffinity(0, cores)  # inherited by every loader process started from here
+        torch.set_num_threads(len(cores))
+        holder = hold_gpu_memory(args.gpu_free_gb)
+        free = torch.cuda.mem_get_info()[0] / 2**30
+        print(f"{card}: pinned to cores {cores}, {free:.1f} GiB GPU memory free", flush=True)
+        try:
+            if "seed" not in args.skip:
+                rows["seed recipe, batch 32"] = {"images_per_second": seed_recipe(root / "data",
+                                                                                  32)}
+                print("seed:", rows["seed recipe, batch 32"], flush=True)
+            rows["cherry-train auto, large set"] = job(root, "data/train", 2, {}, args.amp,
+                                                       args.compile)
+            print("auto, large:", rows["cherry-train auto, large set"], flush=True)
+            if "workers" not in args.skip:
+                rows["cherry-train workers"] = job(root, "data/fit", 1,
+                                                   {"input_pipeline": "workers"}, args.amp,
+                                                   args.compile)
+                print("workers:", rows["cherry-train workers"], flush=True)
+            if "fit" not in args.skip:
+                rows["cherry-train auto, fitting set"] = job(root, "data/fit", 3, {}, args.amp,
+                                                             args.compile)
+                print("auto, fit:", rows["cherry-train auto, fitting set"], flush=True)
+        finally:
+            release(holder)
+        if args.t4_free_gb and "t4" not in args.skip:
+            holder = hold_gpu_memory(args.t4_free_gb)
+            try:
+                t4 = job(root, "data/train", 1, {}, "fp16", args.compile)
+                t4["gpu_free_gib"] = round(torch.cuda.mem_get_info()[0] / 2**30, 1)
+                rows[f"cherry-train auto, large set, {args.t4_free_gb:g} GB free, fp16"] = t4
+                print("t4-like:", t4, flush=True)
+            finally:
+                release(holder)
+
+    seed = rows.get("seed recipe, batch 32", {}).get("images_per_second")
+    fits = rows.get("cherry-train auto, fitting set", {}).get("images_per_second")
+    print(f"\n{card}, {len(cores)} cores, {free:.1f} GiB free, ResNet-50 224 px, batch 256 "
+          f"(seed: 32), compile {args.compile}, "
+          f"{args.images} JPEGs (fitting set {args.fit_images})\n")
+    print("| setup | pipeline | images/s | vs seed | vs fitting set |\n|---|---|---|---|---|")
+    for name, row in rows.items():
+        value = row.get("images_per_second")
+        cells = [f"{value:.0f}" if value else "-",
+                 f"{value / seed:.2f}x" if value and seed else "-",
+                 f"{value / fits:.2f}x" if value and fits else "-"]
+        print(f"| {name} | {row.get('pipeline', '-')} | " + " | ".join(cells) + " |")
+    for name, row in rows.items():
+        if row.get("why"):
+            print(f"- {name}: {row['pipeline']} because {row['why']}; first step after "
+                  f"{row.get('first_step_s')} s, {row.get('loader_processes')} loader "
+                  f"processes, micro-batch {row.get('micro_batch')}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "colab_vm.json").write_text(json.dumps(
+            {"card": card, "cores": cores, "torch": torch.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
