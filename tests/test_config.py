@@ -99,7 +99,8 @@ def test_defaults_are_filled_in_and_round_trip():
     config = parse_config(SEED_YAML, default_name="my config (v2)")
     assert config.name == "my-config-v2"
     dumped = config.model_dump(mode="json")
-    assert dumped["checkpoint"] == {"every_minutes": 10.0, "every_steps": None, "keep_last": 2}
+    assert dumped["checkpoint"] == {"every_minutes": 10.0, "every_steps": None, "keep_last": 2,
+                                    "keep_after_finish": 0}
     assert TrainingConfig.model_validate(dumped) == config
 
 
