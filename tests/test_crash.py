@@ -179,12 +179,15 @@ def test_three_workers_a_dozen_jobs_random_kills(tmp_path, cherry_images):
     root = make_root(tmp_path, cherry_images, "farm")
     queue = JobQueue(LocalStorage(root))
     job_cfg = {**CRASH_CONFIG, "deterministic": False,
-               "training": {"epochs": 1, "batch_size": 16, "learning_rate": 0.002},
+               "training": {"epochs": 2, "batch_size": 16, "learning_rate": 0.002},
                "checkpoint": {"every_steps": 3, "keep_last": 1}}
     job_ids = [queue.submit(validate_config({**job_cfg, "name": f"job{i}"})).job_id
                for i in range(FARM_JOBS)]
     journal = tmp_path / "journal.jsonl"
-    workers = {wid: start_worker(root, wid, journal, exit_when_idle=False)
+    # Each step takes at least 16 x 20 ms of decoding: on a fast machine the farm was done
+    # before any worker had been up long enough to be a victim, and the test proved nothing.
+    slow = {"CHERRY_SLOW": "decode:0.02"}
+    workers = {wid: start_worker(root, wid, journal, exit_when_idle=False, env=slow)
                for wid in ("w1", "w2", "w3")}
     up_since: dict[str, float] = {}
     kills = 0
@@ -211,7 +214,7 @@ def test_three_workers_a_dozen_jobs_random_kills(tmp_path, cherry_images):
             kills += kill(workers[victim])
             fault = rng.choice([None, None, "checkpoint-write@1", "after-claim", "step@2"])
             workers[victim] = start_worker(root, victim, journal, fault=fault,
-                                           exit_when_idle=False)
+                                           exit_when_idle=False, env=slow)
             up_since.pop(victim, None)
         else:
             pytest.fail("the jobs did not all finish in time")
