@@ -226,6 +226,10 @@ def test_cancel_a_queued_job_by_its_short_id(tmp_path, tiny_config, capsys):
     root = str(tmp_path / "r")
     main(["submit", str(cfg), "--root", root, "--no-preflight"])
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["cancel", job_id[-1:], "--root", root]) == 2  # unique, but one char is a guess
+    assert "give at least 4 characters" in capsys.readouterr().err
+    assert json.loads((main(["status", "--root", root, "--json"]), capsys.readouterr().out)[1]
+                      )[0]["state"] == "queued"
     assert main(["cancel", job_id[-4:], "--root", root]) == 0
     assert "it will not start" in capsys.readouterr().out
     main(["status", "--root", root, "--json"])
@@ -259,12 +263,16 @@ def test_preflight_catches_broken_data(tmp_path, cherry_images, tiny_config, bre
     assert not (root / "queue").exists()
 
 
+@pytest.mark.parametrize("model", [
+    "inception_v3",  # needs at least 75 px: a RuntimeError deep inside
+    "vit_b_16",  # needs exactly 224: an AssertionError ("Wrong image height!")
+])
 def test_preflight_smoke_test_catches_a_model_that_cannot_run_at_that_size(
-        tmp_path, root_with_data, tiny_config, capsys):
-    tiny_config["model"]["name"] = "inception_v3"  # needs at least 75 px
+        tmp_path, root_with_data, tiny_config, capsys, model):
+    tiny_config["model"]["name"] = model
     cfg = write_config(tmp_path, tiny_config)
     assert main(["submit", str(cfg), "--root", str(root_with_data)]) == 2
-    assert "data.image_size: inception_v3 cannot train at 32 px" in capsys.readouterr().err
+    assert f"data.image_size: {model} cannot train at 32 px" in capsys.readouterr().err
     assert not (root_with_data / "queue").exists()
 
 

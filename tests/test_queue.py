@@ -275,6 +275,29 @@ def test_same_worker_id_takes_its_job_back_fast(queue, clock, tiny_config):
 
 
 
+def test_a_dead_pid_on_this_host_is_no_second_worker(queue, clock, tiny_config):
+    """A double Ctrl-C: the process died without releasing, its heartbeat is fresh, but its pid
+    on this very host is gone. The restart takes the job back at once."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    manifest = queue.submit(config(tiny_config))
+    here = socket.gethostname()
+    queue.try_claim(manifest, WorkerIdentity("vm", incarnation="killed", host=here,
+                                             pid=gone.pid))
+    claim = queue.try_claim(manifest, WorkerIdentity("vm", incarnation="restarted", host=here))
+    assert claim is not None and claim.attempt.reason == "same-worker"
+    # The same on another host, or with a live pid here, is still refused: it may be running.
+    for host, pid in (("other-vm", gone.pid), (here, os.getppid())):
+        other = queue.submit(config({**tiny_config, "name": f"x{pid}"}))
+        queue.try_claim(other, WorkerIdentity("vm", incarnation="a", host=host, pid=pid))
+        with pytest.raises(WorkerIdInUse, match="clears once its heartbeat is 0.4 s old"):
+            queue.try_claim(other, WorkerIdentity("vm", incarnation="b", host=here))
+
+
 def test_released_job_can_be_taken_at_once(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))
     beat(queue, queue.try_claim(manifest, WorkerIdentity("a")), released=True)

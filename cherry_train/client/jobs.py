@@ -12,10 +12,19 @@ class NoSuchJob(ValueError):
     pass
 
 
+#: A job's id ends in 4 random hex digits: fewer characters than that match by accident (`b`
+#: cancelled a job because it happened to be the only id ending in b).
+MIN_SHORT_ID = 4
+
+
 def find_job(queue: JobQueue, text: str) -> str:
     ids = queue.job_ids()
     if text in ids:
         return text
+    if len(text) < MIN_SHORT_ID:
+        raise NoSuchJob(f"JOB: {text!r} is too short to name a job safely; give at least "
+                        f"{MIN_SHORT_ID} characters of its id (its end, e.g. 7f3a, or its "
+                        "start), or the whole id")
     matches = [i for i in ids if i.endswith(text) or i.startswith(text)]
     if len(matches) == 1:
         return matches[0]

@@ -45,6 +45,20 @@ if TYPE_CHECKING:
     from cherry_train.jobqueue.owner import Owner
 
 
+def gone_from_here(host: str | None, pid: int | None, me: WorkerIdentity) -> bool:
+    """A process of ours that ran on this host and no longer exists: proof that a fresh
+    heartbeat under our worker id is a ghost's, not a second live worker's."""
+    if not host or host != me.host or not pid or pid == me.pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class WorkerIdInUse(Exception):
     """Another live process already works under this worker id (a second notebook tab?)."""
 
@@ -372,13 +386,16 @@ class JobQueue:
             elif hb is not None and hb.released:
                 reason = AttemptReason.after_error if hb.error else AttemptReason.released
             elif last.worker_id == me.worker_id and last.incarnation != me.incarnation:
-                # The fast path after a Colab disconnect: our own id, a silent heartbeat.
-                if age <= 2 * config.heartbeat_seconds:
+                # The fast path after a Colab disconnect: our own id, a silent heartbeat. A
+                # fresh heartbeat means another live process, unless that process is known
+                # dead: same host, its pid gone (a double Ctrl-C, a killed notebook kernel).
+                if age <= 2 * config.heartbeat_seconds and not gone_from_here(last.host, last.pid, me):
                     raise WorkerIdInUse(
                         f"worker id {me.worker_id!r} is already running job {job_id} "
                         f"(heartbeat {age:.0f} s ago, host {last.host or '?'}, pid {last.pid}). "
                         "Is a second notebook or tab running? Stop it, or give this worker "
-                        "another --worker-id.")
+                        "another --worker-id. If that process is gone, this clears once its "
+                        f"heartbeat is {2 * config.heartbeat_seconds:g} s old.")
                 reason = AttemptReason.same_worker
             elif last.worker_id == me.worker_id:
                 reason = AttemptReason.same_worker  # our own process gave the job back earlier

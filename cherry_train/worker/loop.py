@@ -31,6 +31,7 @@ from cherry_train.jobqueue.protocol import (
     WorkerIdentity,
     WorkerIdInUse,
     error_info,
+    gone_from_here,
 )
 from cherry_train.schemas import Artifact, BestEpoch, JobState, Mode, Result, WorkerStatus
 from cherry_train.storage import is_outage
@@ -330,7 +331,8 @@ class Worker:
         if other is None or other.incarnation == self.me.incarnation or other.state == "stopped":
             return
         window = 2 * other.interval_seconds
-        if age_seconds(self.queue.clock, other.at) > window:
+        if age_seconds(self.queue.clock, other.at) > window or \
+                gone_from_here(other.host, other.pid, self.me):
             return
         log.info("a worker with this id was seen recently; checking whether it is alive",
                  worker_id=self.me.worker_id, seconds=round(window, 1))
