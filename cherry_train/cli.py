@@ -55,6 +55,7 @@ def cmd_submit(args) -> int:
 
     config = client.load_config_file(Path(args.config), name=args.name, priority=args.priority)
     resolved, queue = _root(args)
+    config = client.resolve_evaluated_job(queue, config)
     if args.no_preflight:
         client.check_model_name(config)  # validation, not pre-flight: always
         report = None

@@ -106,7 +106,7 @@ def test_defaults_are_filled_in_and_round_trip():
 
 def test_json_schema_describes_every_section():
     schema = json.loads(config_json_schema())
-    assert set(schema["required"]) == {"model", "data"}  # training: unless evaluating
+    assert set(schema["required"]) == {"data"}  # model and training: unless evaluating
     assert {"model", "training", "data", "augmentation", "checkpoint", "amp", "mode"} <= \
         set(schema["properties"])
     assert schema["additionalProperties"] is False

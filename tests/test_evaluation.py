@@ -76,3 +76,44 @@ def test_evaluating_a_job_without_a_result_fails_clearly(root_with_data, tiny_co
     result = run(root_with_data, evaluation_config(tiny_config, job="20261126-000000-x-0000"))
     assert result.state == JobState.failed
     assert "has no result" in result.error.message
+
+
+def test_submit_resolves_a_short_evaluate_job_and_takes_its_model(root_with_data, tiny_config,
+                                                                  tmp_path, capsys):
+    """`evaluate.job: fce0` as `cancel` and `fetch` take it, and no `model:` section: the CLI
+    stores the full id and the job's model, and the worker evaluates it."""
+    import yaml
+
+    from cherry_train.cli import main
+
+    trained = run(root_with_data, tiny_config)
+    cfg = evaluation_config(tiny_config, job=trained.job_id[-4:], latency=False)
+    del cfg["model"]
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["submit", str(path), "--root", str(root_with_data)]) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    queued = JobQueue(LocalStorage(root_with_data)).view(job_id).manifest.config
+    assert queued.evaluate.job == trained.job_id
+    assert queued.model.name == "resnet18"
+    Worker(JobQueue(LocalStorage(root_with_data)), WorkerIdentity("w"),
+           WorkerOptions(exit_when_idle=True)).run()
+    result = Result.from_json((root_with_data / JobPaths(job_id).result).read_bytes())
+    assert result.state == JobState.succeeded, result.error
+
+    for job, expected in (("zzzz", "evaluate.job: no job 'zzzz'"),
+                          (job_id, "has no best weights (an evaluation itself?)")):
+        cfg["evaluate"]["job"] = job
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["submit", str(path), "--root", str(root_with_data)]) == 2
+        assert expected in capsys.readouterr().err
+
+
+def test_model_may_be_left_out_only_for_a_job_evaluation(tiny_config):
+    import pytest
+
+    from cherry_train.schemas import ConfigError
+
+    cfg = {k: v for k, v in tiny_config.items() if k != "model"}
+    with pytest.raises(ConfigError, match="model: required, but missing"):
+        validate_config(cfg)

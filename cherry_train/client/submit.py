@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cherry_train import __version__
 from cherry_train.jobqueue.clock import age_seconds
+from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.protocol import JobQueue
 from cherry_train.jobqueue.roots import PathMappingError, map_data_path, remote_location
 from cherry_train.schemas import ConfigError, Manifest, TrainingConfig, parse_config
@@ -40,6 +41,34 @@ def load_config_file(path: Path, name: str | None = None,
 
         config = validate_config({**config.model_dump(exclude_none=True), **overrides})
     return config
+
+
+def resolve_evaluated_job(queue: JobQueue, config: TrainingConfig) -> TrainingConfig:
+    """For evaluate.job: the full id in place of a short one (`cancel` and `fetch` take those
+    too, the worker does not search), the job checked to have best weights to evaluate, and
+    its model filled in when the config leaves `model:` out. Other configs as they are."""
+    ev = config.evaluate
+    if ev is None or ev.job is None:
+        return config
+    from cherry_train.client.jobs import NoSuchJob, find_job
+
+    try:
+        job_id = find_job(queue, ev.job)
+    except NoSuchJob as e:
+        raise ConfigError([f"evaluate.job: {str(e).removeprefix('JOB: ')}"]) from None
+    view = queue.view(job_id)
+    if view.state.value != "succeeded":
+        raise ConfigError([f"evaluate.job: job {job_id} is {view.state.value}; only a "
+                           "succeeded job's best weights can be evaluated"])
+    if not queue.storage.exists(JobPaths(job_id).best_weights):
+        raise ConfigError([f"evaluate.job: job {job_id} has no best weights (an evaluation "
+                           "itself?); only a succeeded training job's can be evaluated"])
+    update: dict = {"evaluate": {**ev.model_dump(), "job": job_id}}
+    if config.model is None and view.manifest is not None:
+        update["model"] = view.manifest.config.model.model_dump()
+    from cherry_train.schemas import validate_config
+
+    return validate_config({**config.model_dump(exclude_none=True), **update})
 
 
 def check_model_name(config: TrainingConfig) -> str:

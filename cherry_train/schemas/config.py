@@ -187,7 +187,8 @@ class TrainingConfig(_Section):
                                  "heartbeat is older than this may be taken over.")
     log_every_steps: int = Field(10, ge=1, description="Steps between train metrics lines.")
 
-    model: ModelConfig
+    model: ModelConfig | None = Field(None, description="Required, except in mode: evaluation "
+                                      "with evaluate.job (the job's own model is used).")
     training: TrainingSection | None = Field(None, description="Required unless mode is "
                                              "evaluation.")
     data: DataSection
@@ -199,6 +200,9 @@ class TrainingConfig(_Section):
     @model_validator(mode="after")
     def _sections_for_the_mode(self) -> TrainingConfig:
         evaluating = self.mode == Mode.evaluation
+        if self.model is None and not (evaluating and self.evaluate and self.evaluate.job):
+            raise ValueError("model: required, but missing (only mode: evaluation with "
+                             "evaluate.job goes without it: the job's own model is used)")
         if evaluating and self.evaluate is None:
             raise ValueError("evaluate: required with mode: evaluation (job: JOB_ID, or "
                              "weights: PATH)")
