@@ -66,19 +66,46 @@ def render_overlay(series: dict[str, list[dict]], title: str = "") -> bytes:
     return _png(fig)
 
 
+CONFUSION_CMAP = "Blues"
+
+
+def _luminance(rgb) -> float:
+    """Relative luminance (WCAG 2) of an sRGB colour with channels in 0..1."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (linear(c) for c in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a, b) -> float:
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_color(share: float) -> str:
+    """Black or white, whichever reads better on the cell colour of `share` (0..1 of the
+    largest count): decided from the colour itself, not from a fixed threshold."""
+    import matplotlib
+
+    cell = matplotlib.colormaps[CONFUSION_CMAP](share)
+    return "black" if contrast(cell, (0, 0, 0)) >= contrast(cell, (1, 1, 1)) else "white"
+
+
 def render_confusion(matrix: list[list[int]], classes: list[str], title: str) -> bytes:
     """A confusion matrix: rows the true class, columns the predicted one, counts in cells."""
     plt = _pyplot()
     n = len(classes)
     side = min(12, 2.5 + 0.6 * n)
     fig, ax = plt.subplots(figsize=(side, side * 0.85), dpi=100)
-    ax.imshow(matrix, cmap="Blues")
     peak = max((max(row) for row in matrix), default=0) or 1
+    # From 0, not from the smallest count: with every cell busy, the smallest would be drawn
+    # white, whatever its count.
+    ax.imshow(matrix, cmap=CONFUSION_CMAP, vmin=0, vmax=peak)
     if n <= 30:
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
-                        color="white" if matrix[i][j] > peak / 2 else "black")
+                        color=text_color(matrix[i][j] / peak))
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")

@@ -300,3 +300,16 @@ def test_status_says_how_much_the_root_holds(queue, tiny_config):
     table = render_table(job_rows(queue), worker_rows(queue))
     assert "storage: 1 job holds 3.2 MB, 1.0 kB of it checkpoints" in table, table
     assert job_id in table
+
+
+def test_confusion_counts_are_readable_on_every_cell():
+    import matplotlib
+
+    from cherry_train.plots import CONFUSION_CMAP, contrast, text_color
+
+    for share in [i / 20 for i in range(21)]:
+        cell = matplotlib.colormaps[CONFUSION_CMAP](share)
+        ink = (0, 0, 0) if text_color(share) == "black" else (1, 1, 1)
+        assert contrast(cell, ink) >= 4.5, (share, text_color(share))  # WCAG AA
+    # Every cell busy: the smallest count (10 of 16) is drawn from 0, not as the lightest cell.
+    assert render_confusion([[16, 10], [12, 16]], ["defect", "good"], "t")[:4] == b"\x89PNG"
