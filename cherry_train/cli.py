@@ -376,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--poll-seconds", type=float, default=30.0,
                    help="longest wait between polls of an idle queue (default 30)")
     w.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
-    w.add_argument("--log-format", choices=("json", "console"), default="json")
+    w.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                   help="auto (default): readable lines in a terminal, JSON lines when the "
+                   "output goes to a pipe or file")
     w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     w.set_defaults(func=cmd_worker)
 

@@ -49,7 +49,15 @@ def _drop_below(min_level: int):
     return processor
 
 
+def resolve_format(fmt: str) -> str:
+    """auto: readable lines for a person at a terminal, JSON lines for whatever reads a pipe."""
+    if fmt != "auto":
+        return fmt
+    return "console" if sys.stderr.isatty() else "json"
+
+
 def configure(fmt: str = "console", level: str = "info") -> None:
+    fmt = resolve_format(fmt)
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     processors = [

@@ -125,3 +125,30 @@ def test_the_session_cap_counts_from_the_vms_start(queue, monkeypatch):
     uptime["s"] = 7000.0  # later calls see a larger uptime
     assert worker._budget().ends_at == first
     assert (first - worker.started_at).total_seconds() == 3600  # 2 h cap, 1 h already gone
+
+
+def test_an_idle_worker_says_it_waits_now_and_then(queue):
+    from structlog.testing import capture_logs
+
+    options = WorkerOptions(idle_shutdown_minutes=12, release_runtime=lambda: None)
+    with capture_logs() as events:
+        Worker(queue, WorkerIdentity("colab-1"), options).run()
+    waiting = [e for e in events if e["event"] == "waiting for jobs"]
+    assert [round(e["idle_minutes"]) for e in waiting] == [0, 5, 10]  # at once, then every 5
+    assert "cherry submit" in waiting[0]["hint"]
+
+
+@pytest.mark.parametrize(("tty", "expected"), [(True, "console"), (False, "json")])
+def test_logs_are_for_people_in_a_terminal_and_json_in_a_pipe(monkeypatch, tty, expected):
+    import io
+    import sys
+
+    from cherry_train import logs
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    assert logs.resolve_format("auto") == expected
+    assert logs.resolve_format("json") == "json"

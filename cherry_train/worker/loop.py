@@ -49,6 +49,8 @@ POLL_MAX_SECONDS = 30.0
 #: default), not at every poll: on a Drive API root a poll is then one request (the listing of
 #: queue/), and the status one more a minute.
 STATUS_IDLE_POLLS = 2
+#: An idle worker says it waits at once, then every this many seconds.
+IDLE_LINE_SECONDS = 300.0
 #: The exit code of a worker that stopped because its GPU failed (EX_TEMPFAIL: start it again).
 EXIT_GPU_FAILED = 75
 
@@ -79,6 +81,7 @@ class Worker:
         self.started_at = queue.clock.now()
         self._runtime_budget: runtime.RuntimeBudget | None = None
         self._last_status: WorkerStatus | None = None
+        self._idle_said_at: float | None = None  # idle seconds at the last "waiting for jobs"
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -98,6 +101,7 @@ class Worker:
                     try:
                         if self.run_once():
                             wait, idle_since = options.poll_min_seconds, clock.now()
+                            self._idle_said_at = None
                             continue
                         if self.cap_reached:
                             reason = "runtime cap near: no job can reach a checkpoint before it"
@@ -111,6 +115,7 @@ class Worker:
                             reason = "idle shutdown"
                             break
                         self._idle_status(wait)
+                        self._idle_line(idle, wait)
                     except Exception as e:
                         # A worker left running outlives a Drive outage (or a full Drive); a
                         # script does not wait for one. A job caught in it resumes from its
@@ -346,6 +351,17 @@ class Worker:
                     f"{latest.host or '?'}, pid {latest.pid}, {latest.state}). Is a second "
                     "notebook or tab running? Stop it, or start this one with another "
                     "--worker-id.")
+
+    def _idle_line(self, idle: float, wait: float) -> None:
+        """Say that the worker waits, at once and then every IDLE_LINE_SECONDS: a worker left
+        running in a notebook is otherwise silent, and silence looks like a hang."""
+        if self._idle_said_at is not None and idle - self._idle_said_at < IDLE_LINE_SECONDS:
+            return
+        self._idle_said_at = idle
+        log.info("waiting for jobs", root=self.queue.storage.description,
+                 idle_minutes=round(idle / 60, 1), next_poll_seconds=round(wait, 1),
+                 polls_back_off_to=self.options.poll_max_seconds,
+                 hint="submit one with `cherry submit CONFIG.yaml`")
 
     def _idle_status(self, wait: float) -> None:
         """Announce "idle" when it is news, else once every STATUS_IDLE_POLLS longest polls
