@@ -175,6 +175,11 @@ def test_reduced_demo_end_to_end_in_a_subprocess(tmp_path):
          "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "succeeded" in proc.stdout and "best      val accuracy" in proc.stdout
+    demo_root = str(tmp_path / "demo")
+    steps = proc.stdout.split("next:")[1]  # what to do after the demo, with commands that work
+    assert f"cherry status --root {demo_root}" in steps and "cherry submit" in steps
+    fetch = steps.split("cherry fetch ")[1].split()[0]
+    assert main(["fetch", fetch, "--root", demo_root, "--dest", str(tmp_path / "f")]) == 0
     curves = proc.stdout.split("curves    ")[1].splitlines()[0]
     assert Path(curves).read_bytes()[:4] == b"\x89PNG"
     # The demo's job is visible to `cherry status` like any other.
