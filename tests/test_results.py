@@ -313,3 +313,36 @@ def test_confusion_counts_are_readable_on_every_cell():
         assert contrast(cell, ink) >= 4.5, (share, text_color(share))  # WCAG AA
     # Every cell busy: the smallest count (10 of 16) is drawn from 0, not as the lightest cell.
     assert render_confusion([[16, 10], [12, 16]], ["defect", "good"], "t")[:4] == b"\x89PNG"
+
+
+def test_a_handed_back_job_says_it_waits_for_a_worker(queue, tiny_config):
+    """After Ctrl-C the job is checkpointed and released: nobody trains it, so status shows no
+    ETA nor fresh heartbeat, and watch says once what it waits for instead of a climbing ETA."""
+    clock = queue.clock
+    manifest = queue.submit(validate_config(tiny_config))
+    claim = queue.try_claim(manifest, WorkerIdentity("vm"))
+    hb = Heartbeat(job_id=claim.job_id, attempt=1, worker_id="vm", at=clock.now(),
+                   phase="released", released=True, epoch=1, epochs=2, step=9,
+                   steps_per_epoch=6, loss=0.4, images_per_second=800.0, eta_seconds=95,
+                   last_checkpoint_step=9)
+    queue.owner(claim).write(claim.paths.heartbeat, hb.to_json())
+    (row,) = job_rows(queue, use_cache=False)
+    assert row["released"] and row["eta_seconds"] is None and row["state"] == "running"
+    table = render_table([row], [])
+    assert "waiting (handed back)" in table and "1m" not in table  # no ETA
+    assert f"! {claim.job_id}: handed back (its worker was stopped); waits for a worker to " \
+           "resume it from step 9" in table
+    said, polls = [], []
+
+    def sleep(_seconds):  # the third poll finds it finished by a restarted worker
+        polls.append(1)
+        if len(polls) == 3:
+            result = Result(job_id=claim.job_id, state=JobState.succeeded, attempts=2,
+                            finished_at=clock.now(), worker_id="vm")
+            queue.storage.create_exclusive(claim.paths.result, result.to_json())
+    assert watch(queue, claim.job_id, say=said.append, poll_seconds=0, progress=False,
+                 sleep=sleep) == JobState.succeeded
+    waiting = [s for s in said if s.startswith("handed back")]
+    assert waiting == ["handed back at step 9 (its worker was stopped); waiting for a worker to "
+                       "resume it from step 9 (start one: the Colab notebook, or "
+                       "`cherry worker`)"]

@@ -77,7 +77,7 @@ def _row(v: JobView, footprint: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         "images_per_second": None, "eta_seconds": None, "device": None,
         "best_val_accuracy": None, "error": v.error, "cancel_requested": v.cancel_requested,
         "storage_error": None, "last_checkpoint_step": None,
-        "bytes": footprint[0], "checkpoint_bytes": footprint[1],
+        "bytes": footprint[0], "checkpoint_bytes": footprint[1], "released": False,
     }
     if hb is not None and v.state.value == "running":
         row.update(phase=hb.phase, epoch=hb.epoch, step=hb.step,
@@ -86,8 +86,10 @@ def _row(v: JobView, footprint: tuple[int, int] = (0, 0)) -> dict[str, Any]:
                    eta_seconds=hb.eta_seconds, device=hb.device,
                    best_val_accuracy=hb.best_val_accuracy, storage_error=hb.storage_error,
                    last_checkpoint_step=hb.last_checkpoint_step)
-        if hb.released and hb.error is not None:  # waiting for its next attempt: say why
-            row["error"] = f"{hb.error.type}: {hb.error.message}"
+        if hb.released:  # nobody trains it: no ETA, no speed, and say what it waits for
+            row.update(released=True, eta_seconds=None, images_per_second=None)
+            if hb.error is not None:
+                row["error"] = f"{hb.error.type}: {hb.error.message}"
     if result is not None:
         row.update(epoch=result.epochs_completed, step=result.steps_completed,
                    device=result.device, images_per_second=result.images_per_second,
@@ -130,8 +132,10 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
                   "ETA", "WORKER", "GPU", "HEARTBEAT")
         table = [header]
         for r in rows:
-            running = r["state"] == "running"
-            state = r["state"] + (" (stalled)" if r["stalled"] else "") + \
+            released = r.get("released", False)
+            running = r["state"] == "running" and not released
+            state = ("waiting (handed back)" if released else r["state"]) + \
+                (" (stalled)" if r["stalled"] and not released else "") + \
                 (" (cancelling)" if r["cancel_requested"] and running else "")
             epoch = (f"{r['epoch'] + (1 if running else 0)}/{r['epochs']}"
                      if r["epoch"] is not None and r["epochs"] else "-")
@@ -156,9 +160,11 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
                 lines.append(f"! {r['job_id']} failed: {r['error'].splitlines()[0]}"
                              f" (`cherry retry {r['job_id']}` runs it again from its newest "
                              "checkpoint)")
-            elif r["state"] == "running" and r["error"]:
-                lines.append(f"! {r['job_id']}: handed back after an error, waiting for its "
-                             f"next attempt: {r['error'].splitlines()[0]}")
+            elif r.get("released"):
+                why = f"after an error: {r['error'].splitlines()[0]}" if r["error"] else \
+                    "(its worker was stopped)"
+                lines.append(f"! {r['job_id']}: handed back {why}; waits for a worker to resume "
+                             f"it from step {r['last_checkpoint_step'] or 0}")
             if r["storage_error"] and r["state"] == "running":
                 warning = storage_warning(r["storage_error"], r["last_checkpoint_step"])
                 lines.append(f"! {r['job_id']}: {warning}")

@@ -27,6 +27,7 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
     """Print each epoch as it is logged and show progress, until the job has a result."""
     paths = JobPaths(job_id)
     shown_epochs, bar, last_attempt, stalled_said, error_said = 0, None, None, False, None
+    released_said = None  # the attempt whose hand-back was said
     try:
         while True:
             view = queue.view(job_id)
@@ -48,6 +49,12 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
                 _write(bar, say, f"no heartbeat for {view.heartbeat_age:.0f} s: the worker is "
                                  "probably gone; the next worker start resumes the job")
             stalled_said = view.stalled
+            if hb is not None and hb.released:
+                if released_said != hb.attempt:  # nobody trains it now: say so, once
+                    released_said = hb.attempt
+                    _write(bar, say, released_line(hb))
+                sleep(poll_seconds)  # and no progress bar: its ETA would only climb
+                continue
             error = hb.storage_error if hb is not None else None
             if error and error != error_said:
                 _write(bar, say, storage_warning(error, hb.last_checkpoint_step))
@@ -67,6 +74,15 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
         summary += f": {view.error.splitlines()[0]}"
     say(summary)
     return view.state
+
+
+def released_line(hb) -> str:
+    """What a handed-back job waits for, in a sentence."""
+    why = f"after an error ({hb.error.type}: {hb.error.message.splitlines()[0]})" \
+        if hb.error else "(its worker was stopped)"
+    resume = f"step {hb.last_checkpoint_step}" if hb.last_checkpoint_step else "the start"
+    return (f"handed back at step {hb.step} {why}; waiting for a worker to resume it from "
+            f"{resume} (start one: the Colab notebook, or `cherry worker`)")
 
 
 def _write(bar, say, text: str) -> None:
