@@ -379,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
                    help="auto (default): readable lines in a terminal, JSON lines when the "
                    "output goes to a pipe or file")
-    w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="the least important log lines shown (default: info; each job's "
+                   "worker.log keeps its info lines anyway)")
     w.set_defaults(func=cmd_worker)
 
     st = sub.add_parser("status", help="show jobs and workers")
@@ -390,26 +392,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     c = sub.add_parser("cancel", help="cancel a queued or running job")
-    c.add_argument("job", metavar="JOB", help="the job id (or its unique end, e.g. 7f3a)")
+    c.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
     c.add_argument("--root", help=root_help)
     c.set_defaults(func=cmd_cancel)
 
     r = sub.add_parser("retry", help="put a failed or cancelled job back in the queue; it "
                        "resumes from its newest checkpoint")
-    r.add_argument("job", metavar="JOB", help="the job id (or its unique end, e.g. 7f3a)")
+    r.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
     r.add_argument("--root", help=root_help)
     r.set_defaults(func=cmd_retry)
 
     wa = sub.add_parser("watch", help="follow a job live until it ends (exit 0 succeeded, "
                         "1 failed, 3 cancelled)")
-    wa.add_argument("job", metavar="JOB", help="the job id (or its unique end)")
+    wa.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
     wa.add_argument("--root", help=root_help)
-    wa.add_argument("--poll-seconds", type=_positive_float, default=5.0)
+    wa.add_argument("--poll-seconds", type=_positive_float, default=5.0,
+                    help="how often to read the job's heartbeat and metrics (default: 5)")
     wa.add_argument("--no-progress", action="store_true", help="no progress bar")
     wa.set_defaults(func=cmd_watch)
 
     f = sub.add_parser("fetch", help="download a job's results, verified and resumable")
-    f.add_argument("job", metavar="JOB", help="the job id (or its unique end)")
+    f.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
     f.add_argument("--root", help=root_help)
     f.add_argument("--dest", default=".", help="folder to put <job_id>/ in (default: here)")
     f.add_argument("--checkpoints", action="store_true", help="the checkpoints too")
@@ -419,24 +422,32 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("jobs", metavar="JOB", nargs="+",
                     help="job ids (or unique ends), or globs of experiment names ('lr-*')")
     cp.add_argument("--root", help=root_help)
-    cp.add_argument("--out", default="cherry-compare.png", help="the overlay plot (PNG)")
-    cp.add_argument("--json", action="store_true")
+    cp.add_argument("--out", default="cherry-compare.png", help="where to write the curves of "
+                    "all the jobs overlaid, as a PNG (default: cherry-compare.png)")
+    cp.add_argument("--json", action="store_true", help="print the table as JSON (one object "
+                    "per job) instead")
     cp.set_defaults(func=cmd_compare)
 
     i = sub.add_parser("init", help="remember a default queue root")
-    i.add_argument("root", nargs="?", help="the folder (default: <My Drive>/traina of Drive for "
+    i.add_argument("root", nargs="?", help="a folder, or gdrive:<folder> for a folder in your "
+                   "Drive through the Drive API (default: <My Drive>/traina of Drive for "
                    "Desktop, if found)")
     i.set_defaults(func=cmd_init)
 
     d = sub.add_parser("demo", help="synthetic cherries -> submit -> train -> results")
     d.add_argument("--root", help="folder for the demo queue (default: a local demo folder)")
-    d.add_argument("--train-images", type=_positive_int, default=1200)
-    d.add_argument("--val-images", type=_positive_int, default=400)
-    d.add_argument("--epochs", type=_positive_int, default=8)
-    d.add_argument("--image-size", type=_positive_int, default=48)
-    d.add_argument("--model", default="resnet18")
-    d.add_argument("--no-progress", action="store_true")
-    d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    d.add_argument("--train-images", type=_positive_int, default=1200,
+                   help="synthetic training images, half good, half defective (default: 1200)")
+    d.add_argument("--val-images", type=_positive_int, default=400,
+                   help="synthetic validation images (default: 400)")
+    d.add_argument("--epochs", type=_positive_int, default=8, help="(default: 8)")
+    d.add_argument("--image-size", type=_positive_int, default=48,
+                   help="training input size in pixels (default: 48, fast on a CPU)")
+    d.add_argument("--model", default="resnet18",
+                   help="any torchvision classification model (default: resnet18)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="the least important log lines shown (default: info)")
     d.set_defaults(func=cmd_demo)
 
     dr = sub.add_parser("drive", help="Google Drive API access (for gdrive: roots)")
@@ -459,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("path", help="the data folder (one folder per class inside)")
     dp.add_argument("--shard-mb", type=_positive_int, default=256,
                     help="shard size in MB (default: 256)")
-    dp.add_argument("--no-progress", action="store_true")
+    dp.add_argument("--no-progress", action="store_true", help="no progress bar")
     dp.set_defaults(func=cmd_data_pack)
 
     sc = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -334,3 +335,31 @@ def test_confirm_uploads_outside_my_drive_is_refused_clearly(tmp_path, capsys):
     assert main(["worker", "--root", str(tmp_path), "--confirm-uploads",
                  "--exit-when-idle"]) == 2
     assert "--confirm-uploads" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    from cherry_train.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    missing = [f"{p.prog} {a.option_strings or a.dest}" for p in parsers(build_parser())
+               for a in p._actions
+               if not isinstance(a, argparse._SubParsersAction) and not a.help]
+    assert missing == []
+
+
+def test_a_bad_name_is_answered_in_words(tmp_path, tiny_config, capsys):
+    from cherry_train.schemas.config import NAME_PATTERN
+    from cherry_train.schemas.errors import PATTERN_WORDS
+
+    assert NAME_PATTERN in PATTERN_WORDS
+    cfg = write_config(tmp_path, tiny_config)
+    assert main(["submit", str(cfg), "--root", str(tmp_path / "r"), "--name", "bad name!",
+                 "--no-preflight"]) == 2
+    err = capsys.readouterr().err
+    assert "letters, digits, '.', '_' or '-'" in err and "[A-Za-z" not in err

@@ -31,6 +31,13 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+#: Patterns in words: a regular expression is no answer to someone who mistyped a name.
+PATTERN_WORDS = {
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$": "use 1 to 64 letters, digits, '.', '_' or '-', "
+    "starting with a letter or digit (e.g. resnet50-lr3e-4)",
+}
+
+
 def format_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
     lines = []
     for err in error.errors(include_url=False):
@@ -47,6 +54,9 @@ def format_validation_error(error: ValidationError, model: type[BaseModel]) -> l
             message = f"expected a mapping of keys, got {err['input']!r}"
         elif kind == "missing":
             message = "required, but missing"
+        elif kind == "string_pattern_mismatch":
+            pattern = err.get("ctx", {}).get("pattern", "")
+            message = f"{err['input']!r} is not allowed; {PATTERN_WORDS.get(pattern, pattern)}"
         elif kind in ("literal_error", "enum"):
             allowed = err.get("ctx", {}).get("expected", "")
             message = f"{err['input']!r} is not allowed; expected {allowed}"
