@@ -65,7 +65,7 @@ BAD = [
     ("heartbeat_seconds", _with("heartbeat_seconds", 0), "greater than 0"),
     ("max_attempts", _with("max_attempts", 0), "greater than or equal to 1"),
     ("checkpoint.every_minutes", _with("checkpoint.every_minutes", 0), "greater than 0"),
-    ("name", _with("name", "my experiment!"), "pattern"),
+    ("name", _with("name", "my experiment!"), "letters, digits"),
     ("epochs", _with("epochs", 10), "unknown key"),
     ("model", "model: [1, 2]\ntraining: {}\n", "expected a mapping"),
     ("(top level)", "- just\n- a list\n", "expected a mapping"),
