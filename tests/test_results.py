@@ -346,3 +346,14 @@ def test_a_handed_back_job_says_it_waits_for_a_worker(queue, tiny_config):
     assert waiting == ["handed back at step 9 (its worker was stopped); waiting for a worker to "
                        "resume it from step 9 (start one: the Colab notebook, or "
                        "`cherry worker`)"]
+
+
+def test_status_columns_hold_one_thing_each(queue, tiny_config):
+    job_id = run(queue, tiny_config)
+    (row,) = job_rows(queue, use_cache=False)
+    # Finished: the last epoch's training figures, as while running; validation in BEST VAL.
+    assert row["loss"] == 0.2 and row["accuracy"] is None and row["best_val_accuracy"] == 0.9
+    header = render_table([row], []).splitlines()[0]
+    assert header.split()[:11] == ["JOB", "STATE", "TRY", "PROGRESS", "EPOCH", "TRAIN", "LOSS",
+                                   "TRAIN", "ACC", "BEST", "VAL"]
+    assert job_id in render_table([row], [])

@@ -91,14 +91,17 @@ def _row(v: JobView, footprint: tuple[int, int] = (0, 0)) -> dict[str, Any]:
             if hb.error is not None:
                 row["error"] = f"{hb.error.type}: {hb.error.message}"
     if result is not None:
+        # loss and accuracy are the training set's, running or finished: one meaning per
+        # column. The validation figure is best_val_accuracy.
         row.update(epoch=result.epochs_completed, step=result.steps_completed,
                    device=result.device, images_per_second=result.images_per_second,
                    loss=result.final_metrics.get("train_loss"),
-                   accuracy=result.final_metrics.get("val_accuracy"),
+                   accuracy=result.final_metrics.get("train_accuracy"),
                    best_val_accuracy=result.best.val_accuracy if result.best else None)
         row["epochs"] = result.epochs or row["epochs"]
         if result.evaluation:  # an evaluation: its accuracy is the number people want
-            row.update(accuracy=result.evaluation.get("accuracy"),
+            row.update(best_val_accuracy=result.evaluation.get("accuracy"),
+                       evaluation_accuracy=result.evaluation.get("accuracy"),
                        images_per_second=result.evaluation.get("images_per_second_batch64"))
     return row
 
@@ -128,8 +131,8 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
     if not rows:
         lines = ["no jobs"]
     else:
-        header = ("JOB", "STATE", "TRY", "PROGRESS", "EPOCH", "LOSS", "ACC", "BEST", "IMG/S",
-                  "ETA", "WORKER", "GPU", "HEARTBEAT")
+        header = ("JOB", "STATE", "TRY", "PROGRESS", "EPOCH", "TRAIN LOSS", "TRAIN ACC",
+                  "BEST VAL", "IMG/S", "ETA", "WORKER", "GPU", "HEARTBEAT")
         table = [header]
         for r in rows:
             released = r.get("released", False)
