@@ -106,6 +106,7 @@ def prepare_data(cfg: TrainingConfig, data_root: Path | None, reporter: Reporter
         return (resolve_path(d.train_path, "data.train_path", data_root),
                 resolve_path(d.val_path, "data.val_path", data_root), {})
     reporter.update(phase="copying data")
+    reporter.beat_now()  # minutes, on a first copy through the mount: say so in status now
     cache_dir = default_cache_dir()
     if d.archive:
         report = cache_folder(source("archive"), cache_dir)
@@ -362,7 +363,8 @@ def _epoch_steps(job: Job, progress_bar: bool, loss_sum: torch.Tensor,
             log.info("first step", seconds=round(time.perf_counter() - job.attempt_started_at, 1))
             # Said at once (one heartbeat per attempt on this thread): an attempt that dies from
             # here on counts as a crash of training, before as a death in set-up (jobqueue).
-            job.reporter.update(phase="training", trained=True, step=state.global_step)
+            job.reporter.update(phase="training", trained=True, epoch=state.epoch,
+                                step=state.global_step)
             job.reporter.beat_now()
         faults.point("step")
         if job.compile_state == "undecided":
@@ -666,6 +668,9 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
                     steps_per_epoch=job.data.steps_per_epoch,
                     loader_processes=job.data.num_workers)
     resume(job)
+    # Where this attempt starts, in status at once, not one heartbeat interval later.
+    reporter.update(phase="starting", epoch=job.state.epoch, step=job.state.global_step)
+    reporter.beat_now()
     log.info("training", job_id=claim.job_id, attempt=claim.attempt.n, model=job.cfg.model.name,
              device=device_name, precision=job.precision.name, epochs=job.cfg.training.epochs,
              steps_per_epoch=job.data.steps_per_epoch, batch_size=job.data.batch_size,
