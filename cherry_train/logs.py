@@ -49,6 +49,22 @@ def _drop_below(min_level: int):
     return processor
 
 
+class _BarSafeLogger(structlog.PrintLogger):
+    """Prints above any tqdm progress bar on the screen instead of into it (tqdm.write clears
+    the bars, prints, and draws them again)."""
+
+    def msg(self, message: str) -> None:
+        tqdm = sys.modules.get("tqdm")
+        bars = getattr(getattr(tqdm, "tqdm", None), "_instances", None)
+        if bars:
+            tqdm.tqdm.write(message, file=self._file)
+        else:
+            super().msg(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+    failure = msg
+
+
 def resolve_format(fmt: str) -> str:
     """auto: readable lines for a person at a terminal, JSON lines for whatever reads a pipe."""
     if fmt != "auto":
@@ -76,6 +92,6 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(min(console_level, logging.INFO)),
         # Looked up per logger, not bound once: sys.stderr may be replaced (notebooks, tests).
-        logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
+        logger_factory=lambda *args: _BarSafeLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 
 import pytest
@@ -152,3 +153,22 @@ def test_logs_are_for_people_in_a_terminal_and_json_in_a_pipe(monkeypatch, tty, 
     monkeypatch.setattr(sys, "stderr", Stream())
     assert logs.resolve_format("auto") == expected
     assert logs.resolve_format("json") == "json"
+
+
+def test_log_lines_go_above_a_progress_bar_not_into_it(capsys):
+    import structlog
+    from tqdm import tqdm
+
+    from cherry_train import logs
+
+    logs.configure("console", "info")
+    try:
+        bar = tqdm(total=10, desc="epoch 1/2", file=sys.stderr, ascii=True)
+        bar.update(3)
+        structlog.get_logger("t").info("checkpoint written", step=3)
+        bar.close()
+    finally:
+        logs.configure("console", "info")
+    err = capsys.readouterr().err
+    line = next(x for x in err.replace("\r", "\n").splitlines() if "checkpoint written" in x)
+    assert "epoch 1/2" not in line  # on a line of its own, not glued to the bar

@@ -96,8 +96,9 @@ def _update_bar(bar, hb, job_id: str):
     from tqdm.auto import tqdm
 
     total = hb.epochs * hb.steps_per_epoch
-    if bar is None:
-        bar = tqdm(total=total, desc=job_id[-20:], unit="step", dynamic_ncols=True)
+    if bar is None:  # from the step it is at: counted from 0, the first rate was absurd
+        bar = tqdm(total=total, initial=min(hb.step, total), desc=f"job {job_id[-4:]}",
+                   unit="step", dynamic_ncols=True)
     bar.total = total
     bar.n = min(hb.step, total)
     postfix = {"epoch": f"{hb.epoch + 1}/{hb.epochs}", "phase": hb.phase}

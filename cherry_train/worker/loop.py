@@ -423,7 +423,9 @@ class Worker:
                     if seen > 1:
                         log.warning("second signal: exiting now", signal=name)
                         continue
-                    log.info("stop requested: finishing the current step", signal=name)
+                    busy = self._last_status is not None and self._last_status.state == "busy"
+                    log.info("stop requested: " + ("checkpointing after the current step, then "
+                             "handing the job back" if busy else "exiting"), signal=name)
                     self.stop.set(name)
             os.close(read_fd)
 

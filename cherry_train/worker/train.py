@@ -341,7 +341,7 @@ def _epoch_steps(job: Job, progress_bar: bool, loss_sum: torch.Tensor,
     job.model.train()
     batches = job.data.train_batches(state.epoch, state.step_in_epoch)
     window_start, window_images = time.perf_counter(), 0
-    bar = _progress(progress_bar, job, len(batches))
+    bar = _progress(progress_bar, job, job.data.steps_per_epoch, job.state.step_in_epoch)
     step_started = time.perf_counter()
     for x, y in batches:
         job.mid_step = True
@@ -587,13 +587,14 @@ def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     _checkpoint_now(job, loss_sum, correct, f"stop ({job.stop.reason})")
 
 
-def _progress(enabled: bool, job: Job, total: int):
+def _progress(enabled: bool, job: Job, total: int, done: int):
+    """The epoch's bar, from where this attempt starts in it (17/37 after a resume, not 1/20)."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"epoch {job.state.epoch + 1}/{job.cfg.training.epochs}",
-                unit="step", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, unit="step", leave=False, dynamic_ncols=True,
+                desc=f"epoch {job.state.epoch + 1}/{job.cfg.training.epochs}")
 
 
 def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
