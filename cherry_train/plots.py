@@ -56,10 +56,14 @@ def render_overlay(series: dict[str, list[dict]], title: str = "") -> bytes:
     ax_loss.set_title("loss (val solid, train dashed)")
     ax_acc.set_title("val accuracy")
     ax_acc.set_ylim(0, 1.02)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 1, 2: never 1.5
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize="small")
+    if series:
+        ax_acc.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -357,3 +357,34 @@ def test_status_columns_hold_one_thing_each(queue, tiny_config):
     assert header.split()[:11] == ["JOB", "STATE", "TRY", "PROGRESS", "EPOCH", "TRAIN", "LOSS",
                                    "TRAIN", "ACC", "BEST", "VAL"]
     assert job_id in render_table([row], [])
+
+
+def test_compare_leaves_out_what_says_nothing(queue, tiny_config, tmp_path, capsys,
+                                             monkeypatch):
+    """A cancelled job has no curve (so no legend entry), and no data hash: the data did not
+    differ between the jobs that ran, so no dataset column."""
+    from cherry_train import plots
+
+    a = run(queue, tiny_config, name="lr-a")
+    b = run(queue, {**tiny_config, "training": {**tiny_config["training"],
+                                                 "learning_rate": 0.01}}, name="lr-b")
+    for job in (a, b):  # the same data for both
+        path = JobPaths(job).result
+        result = json.loads(queue.storage.read_bytes(path))
+        queue.storage.write_atomic(path, json.dumps({**result, "dataset_sha256": "ab" * 32})
+                                   .encode())
+    cancelled = queue.submit(validate_config({**tiny_config, "name": "lr-c"})).job_id
+    queue.request_cancel(cancelled)
+    Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True)).run_once()
+    drawn = {}
+    original = plots.render_overlay
+    monkeypatch.setattr(plots, "render_overlay",
+                        lambda series, title="": drawn.update(series, title=title) or
+                        original(series, title))
+    root = str(queue.storage.local_path(""))
+    assert main(["compare", "lr-*", "--root", root, "--out", str(tmp_path / "c.png")]) == 0
+    text = capsys.readouterr().out
+    assert "dataset_sha256" not in text and cancelled in text
+    labels = [k for k in drawn if k != "title"]
+    assert len(labels) == 2 and all(cancelled[-4:] not in k for k in labels)
+    assert f"no epoch yet: lr-c ({cancelled[-4:]})" in drawn["title"]

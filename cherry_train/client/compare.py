@@ -50,7 +50,7 @@ def comparison(queue: JobQueue, job_ids: list[str]) -> tuple[list[str], list[dic
 def render(differing: list[str], rows: list[dict[str, Any]]) -> str:
     columns = ["job_id", "state", *differing, "best_val_accuracy", "best_epoch",
                "best_val_loss", "epochs_completed", "images_per_second", "wall_seconds"]
-    if len({r["dataset_sha256"] for r in rows}) > 1:
+    if len({r["dataset_sha256"] for r in rows if r["dataset_sha256"]}) > 1:  # jobs that ran
         columns.append("dataset_sha256")  # different data: say so, it explains a lot
     headers = [c.upper() if c in ("job_id", "state") else c for c in columns]
     table = [headers] + [[_cell(r[c]) for c in columns] for r in rows]
@@ -81,4 +81,8 @@ def overlay_png(queue: JobQueue, job_ids: list[str]) -> bytes:
         view = queue.view(job_id)
         label = f"{view.manifest.name if view.manifest else '?'} ({job_id[-4:]})"
         series[label] = epochs
-    return render_overlay(series, title=f"{len(job_ids)} jobs")
+    drawn = {label: epochs for label, epochs in series.items() if epochs}
+    title = f"{len(drawn)} jobs"
+    if len(drawn) < len(series):  # in the legend with no line, they only puzzled people
+        title += f" (no epoch yet: {', '.join(lb for lb in series if lb not in drawn)})"
+    return render_overlay(drawn, title=title)
