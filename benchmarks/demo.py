@@ -29,7 +29,7 @@ def run_once(root: Path) -> dict:
         sys.exit(f"demo failed:\n{proc.stderr[-3000:]}")
     result = json.loads(next((root / "done").glob("*/result.json")).read_text())
     return {"seconds": seconds, "best_val_accuracy": result["best"]["val_accuracy"],
-            "best_epoch": result["best"]["epoch"] + 1, "train_seconds": result["wall_seconds"],
+            "best_epoch": result["best"]["epoch"], "train_seconds": result["wall_seconds"],
             "images_per_second": result["images_per_second"], "device": result["device"]}
 
 

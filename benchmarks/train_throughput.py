@@ -153,9 +153,9 @@ def cherry_train(root: Path, batch: int, epochs: int, performance: dict | None =
     result = Result.from_json((job / "result.json").read_bytes())
     lines = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
     steady = [x["images_per_second"] for x in lines
-              if x["kind"] == "train" and x["epoch"] >= 1 and x["images_per_second"]]
+              if x["kind"] == "train" and x["epoch"] >= 2 and x["images_per_second"]]
     first = [x["images_per_second"] for x in lines
-             if x["kind"] == "train" and x["epoch"] == 0 and x["images_per_second"]]
+             if x["kind"] == "train" and x["epoch"] == 1 and x["images_per_second"]]
     log = [json.loads(x) for x in (job / "worker.log").read_text().splitlines()] \
         if (job / "worker.log").exists() else []
     ckpt = [x["seconds"] for x in log if x.get("event") == "checkpoint saved"]

@@ -25,7 +25,7 @@ def _png(fig) -> bytes:
 def render_curves(epochs: list[dict], title: str) -> bytes:
     """curves.png: loss and accuracy per epoch, train and val (the `kind: epoch` records)."""
     plt = _pyplot()
-    xs = [e["epoch"] + 1 for e in epochs]
+    xs = [e["epoch"] for e in epochs]  # 1-based, as every epoch a person reads
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
         ax.plot(xs, [e[f"train_{key}"] for e in epochs], "o-", label="train", ms=3)
@@ -49,7 +49,7 @@ def render_overlay(series: dict[str, list[dict]], title: str = "") -> bytes:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     for i, (label, epochs) in enumerate(series.items()):
         colour = f"C{i % 10}"
-        xs = [e["epoch"] + 1 for e in epochs]
+        xs = [e["epoch"] for e in epochs]
         ax_loss.plot(xs, [e["val_loss"] for e in epochs], "-", color=colour, label=label)
         ax_loss.plot(xs, [e["train_loss"] for e in epochs], "--", color=colour, alpha=0.6)
         ax_acc.plot(xs, [e["val_accuracy"] for e in epochs], "-", color=colour, label=label)

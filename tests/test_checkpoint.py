@@ -240,7 +240,7 @@ def test_curves_that_cannot_be_stored_do_not_end_the_job(owner, monkeypatch):
 
     status = WorkerStatus(worker_id="w", incarnation="i", at=owner.clock.now(), state="busy")
     reporter = Reporter(owner, status, StopRequest())
-    reporter.metric({"kind": "epoch", "epoch": 0, "step": 1, "train_loss": 1.0,
+    reporter.metric({"kind": "epoch", "epoch": 1, "step": 1, "train_loss": 1.0,
                      "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5})
     write = owner.write
 

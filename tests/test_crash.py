@@ -156,7 +156,7 @@ def test_killed_again_and_again_the_job_ends_with_the_uninterrupted_weights(
     lines = [json.loads(x) for x in (root / JobPaths(job_id).metrics).read_text().splitlines()]
     steps = [x["step"] for x in lines if x["kind"] == "train"]
     assert steps == list(range(2, straight.steps_completed + 1, 2))
-    assert [x["epoch"] for x in lines if x["kind"] == "epoch"] == [0, 1, 2, 3]
+    assert [x["epoch"] for x in lines if x["kind"] == "epoch"] == [1, 2, 3, 4]  # 1-based
     assert not list((root / "queue").iterdir())
     assert_fencing_held(read_journal(journal))
 

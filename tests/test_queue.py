@@ -54,9 +54,9 @@ def fake_trainer(record):
     """Stands in for train.train: 'trains' instantly, remembering what it was given."""
     def train(claim, reporter, stop, scratch, data_root, progress_bar):
         record.append(claim.job_id)
-        reporter.metric({"kind": "epoch", "epoch": 0, "step": 1, "train_loss": 1.0,
+        reporter.metric({"kind": "epoch", "epoch": 1, "step": 1, "train_loss": 1.0,
                          "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5})
-        state = TrainState(epoch=1, global_step=1, best={"epoch": 0, "val_accuracy": 0.5,
+        state = TrainState(epoch=1, global_step=1, best={"epoch": 1, "val_accuracy": 0.5,
                                                          "val_loss": 1.0})
         return Outcome(completed=True, state=state, device="fake", precision="off", threads=1,
                        final_weights_sha256="ab" * 32)

@@ -27,8 +27,9 @@ from cherry_train.worker.outcome import Outcome, TrainState
 
 
 def epoch_record(epoch: int, lr: float) -> dict:
-    loss = 0.7 / (1 + epoch * lr * 1000)
-    return {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * 6, "train_loss": loss,
+    """Epoch `epoch` (1-based, as the worker writes it)."""
+    loss = 0.7 / (1 + (epoch - 1) * lr * 1000)
+    return {"kind": "epoch", "epoch": epoch, "step": epoch * 6, "train_loss": loss,
             "train_accuracy": 1 - loss, "val_loss": loss * 1.1, "val_accuracy": 0.95 - loss}
 
 
@@ -39,12 +40,13 @@ def fake_trainer(epochs=3, weights_bytes=3 << 20, pause=0.0, checkpoint_errors=(
         lr = claim.manifest.config.training.learning_rate
         for epoch in range(epochs):
             failed = epoch in checkpoint_errors
-            reporter.update(phase="training", epoch=epoch, step=(epoch + 1) * 6, epochs=epochs,
+            reporter.update(phase="training", epoch=epoch + 1, step=(epoch + 1) * 6,
+                            epochs=epochs,
                             steps_per_epoch=6, loss=0.5, images_per_second=123.0,
                             storage_error="checkpoint at step 12 not written (OSError: no "
                                           "space); training goes on" if failed else None,
                             last_checkpoint_step=epoch * 6 if failed else (epoch + 1) * 6)
-            reporter.metric(epoch_record(epoch, lr))
+            reporter.metric(epoch_record(epoch + 1, lr))
             reporter.beat()
             time.sleep(pause)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,7 @@ def fake_trainer(epochs=3, weights_bytes=3 << 20, pause=0.0, checkpoint_errors=(
         reporter.write_curves(claim.job_id)
         state = TrainState(epoch=epochs, global_step=epochs * 6, wall_seconds=12.0,
                            train_seconds=10.0, images_seen=1200,
-                           best={"epoch": epochs - 1, "val_accuracy": 0.9, "val_loss": 0.3},
+                           best={"epoch": epochs, "val_accuracy": 0.9, "val_loss": 0.3},
                            last_epoch={"train_loss": 0.2, "val_accuracy": 0.9})
         return Outcome(completed=True, state=state, device="Tesla T4", precision="fp16",
                        threads=1)
@@ -234,8 +236,8 @@ def test_watch_says_once_when_checkpoints_cannot_be_written(tmp_path, tiny_confi
 
 
 @pytest.mark.parametrize(("png", "size"), [
-    (lambda: render_curves([epoch_record(e, 0.001) for e in range(4)], "t"), (1000, 400)),
-    (lambda: render_overlay({"a": [epoch_record(0, 0.001)], "b": []}), (1100, 420)),
+    (lambda: render_curves([epoch_record(e, 0.001) for e in range(1, 5)], "t"), (1000, 400)),
+    (lambda: render_overlay({"a": [epoch_record(1, 0.001)], "b": []}), (1100, 420)),
     (lambda: render_confusion([[5, 1], [2, 7]], ["defect", "good"], "t"), (370, 314)),
 ])
 def test_pictures_are_real_pngs_of_the_right_size(png, size):

@@ -37,7 +37,7 @@ def comparison(queue: JobQueue, job_ids: list[str]) -> tuple[list[str], list[dic
             "job_id": view.job_id, "name": view.manifest.name if view.manifest else None,
             "state": view.state.value, **{k: config.get(k) for k in differing},
             "best_val_accuracy": r.best.val_accuracy if r and r.best else None,
-            "best_epoch": r.best.epoch + 1 if r and r.best else None,
+            "best_epoch": r.best.epoch if r and r.best else None,
             "best_val_loss": r.best.val_loss if r and r.best else None,
             "epochs_completed": r.epochs_completed if r else None,
             "images_per_second": r.images_per_second if r else None,

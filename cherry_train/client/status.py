@@ -140,7 +140,7 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
             state = ("waiting (handed back)" if released else r["state"]) + \
                 (" (stalled)" if r["stalled"] and not released else "") + \
                 (" (cancelling)" if r["cancel_requested"] and running else "")
-            epoch = (f"{r['epoch'] + (1 if running else 0)}/{r['epochs']}"
+            epoch = (f"{r['epoch']}/{r['epochs']}"
                      if r["epoch"] is not None and r["epochs"] else "-")
             table.append((
                 r["job_id"], state, str(r["attempt"] or "-"),

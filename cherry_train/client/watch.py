@@ -17,7 +17,7 @@ EXIT_CODES = {JobState.succeeded: 0, JobState.failed: 1, JobState.cancelled: 3}
 
 def epoch_line(record: dict, epochs: int | None) -> str:
     of = f"/{epochs}" if epochs else ""
-    return (f"epoch {record['epoch'] + 1}{of}: train loss {record['train_loss']:.4f} "
+    return (f"epoch {record['epoch']}{of}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
             f"acc {record['val_accuracy']:.3f}")
 
@@ -69,7 +69,7 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
     summary = f"{job_id}: {view.state.value}"
     if result is not None and result.best is not None:
         summary += (f", best val accuracy {result.best.val_accuracy:.3f} "
-                    f"(epoch {result.best.epoch + 1})")
+                    f"(epoch {result.best.epoch})")
     if view.error:
         summary += f": {view.error.splitlines()[0]}"
     say(summary)
@@ -101,7 +101,7 @@ def _update_bar(bar, hb, job_id: str):
                    unit="step", dynamic_ncols=True)
     bar.total = total
     bar.n = min(hb.step, total)
-    postfix = {"epoch": f"{hb.epoch + 1}/{hb.epochs}", "phase": hb.phase}
+    postfix = {"epoch": f"{hb.epoch}/{hb.epochs}", "phase": hb.phase}
     if hb.loss is not None:
         postfix["loss"] = f"{hb.loss:.4f}"
     if hb.images_per_second:

@@ -83,7 +83,7 @@ def run_demo(root: Path, size: DemoSize = DemoSize(), say=print, progress_bar: b
         say(f"error     {result.error.message if result.error else '?'}")
         return result
     say(f"best      val accuracy {result.best.val_accuracy:.3f} "
-        f"(epoch {result.best.epoch + 1} of {result.epochs_completed})")
+        f"(epoch {result.best.epoch} of {result.epochs_completed})")
     say(f"speed     {result.images_per_second:.0f} images/s on {result.device}, "
         f"{result.wall_seconds:.0f} s of training")
     say(f"curves    {job_dir / 'curves.png'}")

@@ -121,7 +121,7 @@ class Heartbeat(_Record):
     error: ErrorInfo | None = None
     trained: bool = False  # this attempt took a training step (written at once when it does)
     loader_processes: int | None = None  # data loader processes this attempt uses
-    epoch: int = 0  # 0-based epoch in progress
+    epoch: int = 0  # the epoch in progress, 1-based (0: not started)
     epochs: int = 0
     step: int = 0  # global optimizer steps done
     steps_per_epoch: int = 0
@@ -140,7 +140,7 @@ class Heartbeat(_Record):
 
 
 class BestEpoch(_Record):
-    epoch: int
+    epoch: int  # 1-based, as every epoch a person reads
     val_accuracy: float
     val_loss: float
 

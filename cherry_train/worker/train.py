@@ -363,7 +363,7 @@ def _epoch_steps(job: Job, progress_bar: bool, loss_sum: torch.Tensor,
             log.info("first step", seconds=round(time.perf_counter() - job.attempt_started_at, 1))
             # Said at once (one heartbeat per attempt on this thread): an attempt that dies from
             # here on counts as a crash of training, before as a death in set-up (jobqueue).
-            job.reporter.update(phase="training", trained=True, epoch=state.epoch,
+            job.reporter.update(phase="training", trained=True, epoch=state.epoch + 1,
                                 step=state.global_step)
             job.reporter.beat_now()
         faults.point("step")
@@ -376,12 +376,13 @@ def _epoch_steps(job: Job, progress_bar: bool, loss_sum: torch.Tensor,
             elapsed = time.perf_counter() - window_start
             ips = window_images / elapsed if elapsed > 0 else None
             train_loss = state.epoch_loss_sum / max(1, state.epoch_seen)
-            job.reporter.metric({"kind": "train", "epoch": state.epoch, "step": state.global_step,
+            job.reporter.metric({"kind": "train", "epoch": state.epoch + 1,
+                                 "step": state.global_step,
                                  "loss": round(train_loss, 6), "lr": job.scheduler.get_last_lr()[0],
                                  "images_per_second": round(ips, 1) if ips else None})
             remaining = job.total_steps - state.global_step
             steps_per_s = state.global_step / max(state.train_seconds, 1e-9)
-            job.reporter.update(phase="training", epoch=state.epoch, step=state.global_step,
+            job.reporter.update(phase="training", epoch=state.epoch + 1, step=state.global_step,
                                 loss=train_loss,
                                 accuracy=state.epoch_correct / max(1, state.epoch_seen),
                                 images_per_second=ips,
@@ -625,7 +626,7 @@ def end_epoch(job: Job) -> None:
     job.reporter.update(phase="validating")
     val_loss, val_acc = evaluate(job)
     record = {
-        "kind": "epoch", "epoch": state.epoch, "step": state.global_step,
+        "kind": "epoch", "epoch": state.epoch + 1, "step": state.global_step,
         "train_loss": state.epoch_loss_sum / max(1, state.epoch_seen),
         "train_accuracy": state.epoch_correct / max(1, state.epoch_seen),
         "val_loss": val_loss, "val_accuracy": val_acc, "lr": job.scheduler.get_last_lr()[0],
@@ -638,7 +639,7 @@ def end_epoch(job: Job) -> None:
     best = state.best
     improved = best is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"])
     if improved:
-        state.best = {"epoch": state.epoch, "val_accuracy": val_acc, "val_loss": val_loss}
+        state.best = {"epoch": state.epoch + 1, "val_accuracy": val_acc, "val_loss": val_loss}
     job.reporter.update(best_val_accuracy=state.best["val_accuracy"])
     state.epoch += 1
     state.step_in_epoch = 0
@@ -670,7 +671,7 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
                     loader_processes=job.data.num_workers)
     resume(job)
     # Where this attempt starts, in status at once, not one heartbeat interval later.
-    reporter.update(phase="starting", epoch=job.state.epoch, step=job.state.global_step)
+    reporter.update(phase="starting", epoch=job.state.epoch + 1, step=job.state.global_step)
     reporter.beat_now()
     log.info("training", job_id=claim.job_id, attempt=claim.attempt.n, model=job.cfg.model.name,
              device=device_name, precision=job.precision.name, epochs=job.cfg.training.epochs,
