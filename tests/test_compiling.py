@@ -118,7 +118,7 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
     assert finish(queue, job_id, stop_at_step=3, monkeypatch=monkeypatch) is None
     assert kernels.read_bytes() == b"kernels 1"  # stored with the checkpoint it was packed for
     # What `cherry status` shows: the first step runs eager (it decides), the next compiles.
-    assert phases[:4] == ["copying data", "training", "compiling", "training"]
+    assert phases[:5] == ["copying data", "starting", "training", "compiling", "training"]
     result = finish(queue, job_id)
     assert result.state == JobState.succeeded and result.attempts == 2
     assert loaded == [b"kernels 1"] and packed == [{"mode": "default"}]  # nothing new to pack
