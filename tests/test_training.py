@@ -443,3 +443,26 @@ def test_a_stop_while_final_weights_cannot_be_stored_hands_the_job_back(root_wit
     assert result.state == JobState.succeeded and result.attempts == 2
     assert result.steps_completed == 12
     assert not [x for x in logs if x["event"] == "first step"]  # nothing trained again
+
+
+def test_a_loader_death_during_validation_is_a_loader_death(root_with_data, tiny_config,
+                                                            monkeypatch):
+    """Validation has loader processes too: one killed there hands the job back as LoaderDied
+    (the next attempt uses half as many), not as an unknown error. Seen in the chaos test."""
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    original, calls = train_module.evaluate, []
+
+    def dies_once(job):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+        return original(job)
+    monkeypatch.setattr(train_module, "evaluate", dies_once)
+    worker = Worker(queue, WorkerIdentity("w1"))
+    assert worker.run_once()
+    hb = queue.heartbeat(job_id)
+    assert hb.released and hb.error.type == "LoaderDied", hb.error
+    result = finish(queue, job_id)
+    assert result.state == JobState.succeeded
+    assert result.attempt_history[1].previous.error.type == "LoaderDied"

@@ -329,10 +329,18 @@ def train_one_epoch(job: Job, progress_bar: bool) -> bool:
         _keep_state(job, loss_sum, correct, why=f"before handing back ({type(e).__name__})")
         if job.stop.is_set():
             return False  # the stop that was asked for (its signal may have caused this)
-        if is_loader_death(e):
-            raise LoaderDied(f"a data loader process died ({str(e).splitlines()[0]}); killed "
-                             "for memory? The next attempt uses half as many") from e
-        raise
+        if _named(e) is e:
+            raise
+        raise _named(e) from e
+
+
+def _named(error: Exception) -> Exception:
+    """A dead loader process as LoaderDied (the next attempt then uses half as many); any
+    other error as it is."""
+    if is_loader_death(error) and not isinstance(error, LoaderDied):
+        return LoaderDied(f"a data loader process died ({str(error).splitlines()[0]}); killed "
+                          "for memory? The next attempt uses half as many")
+    return error
 
 
 def _epoch_steps(job: Job, progress_bar: bool, loss_sum: torch.Tensor,
@@ -688,7 +696,12 @@ def train(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
                 return outcome
             if not train_one_epoch(job, progress_bar):
                 return outcome
-            end_epoch(job)
+            try:
+                end_epoch(job)
+            except Exception as e:  # validation has loader processes too
+                if job.stop.is_set() or _named(e) is e:
+                    raise
+                raise _named(e) from e
         job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
     except BaseException:
         _drain(job)
