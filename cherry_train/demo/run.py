@@ -91,11 +91,15 @@ def run_demo(root: Path, size: DemoSize = DemoSize(), say=print, progress_bar: b
     say(f"results   {job_dir / 'result.json'}")
     say("")
     say("next:")
-    say(f"  cherry status --root {root}             the demo's jobs (this root is its own)")
-    say(f"  cherry fetch {result.job_id[-4:]} --root {root}      its results in ./{result.job_id}")
-    say(f"  cherry submit {config_path}  your own config: start from this one, point "
-        "data.train_path and data.val_path at your class folders, and submit it to your queue "
-        "root (`cherry init ROOT` once remembers it); then run the Colab notebook or "
-        "`cherry worker`")
-    say(f"  rm -r {root}   when you are done with the demo")
+    for command, why in (
+            (f"cherry status --root {root}", "the demo's jobs (this root is its own)"),
+            (f"cherry fetch {result.job_id[-4:]} --root {root}",
+             f"its results, verified, into ./{result.job_id}"),
+            (f"cherry submit {config_path} --root YOUR_ROOT",
+             "your own job: copy this config, point data.train_path and data.val_path at your "
+             "class folders; `cherry init YOUR_ROOT` remembers the root; then run the Colab "
+             "notebook or `cherry worker`"),
+            (f"rm -r {root}", "when you are done with the demo")):
+        say(f"  {command}")
+        say(f"      # {why}")
     return result
