@@ -40,8 +40,14 @@ from cherry_train.worker.runtime import STOP_SIGNALS
 
 log = structlog.get_logger(__name__)
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def undecodable(path: str, error: Exception) -> JobError:
+    """The one message for a data file that is not an image, whichever pipeline met it."""
+    return JobError(f"data: {path} does not decode as an image ({error}); remove or replace it")
 
 
 def crop_params(width: int, height: int, min_scale: float, rng: np.random.Generator):
@@ -117,8 +123,7 @@ class ImageFolderSamples(Dataset):
             with Image.open(path) as f:
                 img = f.convert("RGB")
         except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
-            raise JobError(f"data: {path} does not decode as an image ({e}); remove or "
-                           "replace it") from None
+            raise undecodable(path, e) from None
         rng = np.random.default_rng((self.seed, epoch, index))
         return self.transform(img, rng), label
 

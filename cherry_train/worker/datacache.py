@@ -278,12 +278,13 @@ def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto") -> C
         local = _extract(files_dir / source.name, entry / "extracted", sha,
                          fresh=bool(todo) or old.get("sha256") != sha)
     copied = len(todo) + unpacked
-    pack_state = None
+    pack_state = fingerprint = None
     if place is not None:
+        fingerprint = _fingerprint(listing)
         pack_state = _pack_state(source, place, pack, index, listing, files, files_dir, entry,
-                                 old.get("pack_fingerprint"), progress)
+                                 fingerprint == old.get("pack_fingerprint"), progress)
     manifest = {"source": source.label, "sha256": sha, "files": files,
-                "pack_fingerprint": _fingerprint(listing) if pack_state else None}
+                "pack_fingerprint": fingerprint if pack_state else None}
     if copied or old.get("sha256") != sha or \
             old.get("pack_fingerprint") != manifest["pack_fingerprint"]:
         tmp = manifest_path.with_suffix(".tmp")
@@ -332,10 +333,10 @@ def _fingerprint(listing: dict[str, tuple[int, int]]) -> str:
 
 def _pack_state(source: Source, place: datapack.PackPlace, pack: str,
                 index: datapack.PackIndex | None, listing: dict, files: dict, files_dir: Path,
-                entry: Path, known_fingerprint: str | None, progress: bool) -> str | None:
+                entry: Path, known_current: bool, progress: bool) -> str | None:
     """"current" when the folder's pack matches it, "built" when this call built it, None when
     it has none (and need not, or cannot, have one). A failed build is logged; the job goes on."""
-    if known_fingerprint == _fingerprint(listing):
+    if known_current:
         return "current"  # checked when this cache was last filled; the folder is unchanged
     if index is None:
         index = place.index()

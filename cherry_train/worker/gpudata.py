@@ -34,12 +34,13 @@ from torchvision.transforms import functional as F
 from cherry_train.worker.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,
     crop_box,
     loader_processes,
+    undecodable,
 )
-from cherry_train.worker.errors import JobError
 
 log = structlog.get_logger(__name__)
 
@@ -76,8 +77,7 @@ class _Decode(Dataset):
                 f.draft("RGB", (self.side, self.side))  # JPEG: decode at a reduced scale
                 img = f.convert("RGB")
         except (OSError, SyntaxError, ValueError) as e:
-            raise JobError(f"data: {path} does not decode as an image ({e}); remove or "
-                           "replace it") from None
+            raise undecodable(path, e) from None
         img = F.resize(img, [self.side, self.side], InterpolationMode.BILINEAR, antialias=True)
         return F.pil_to_tensor(img), torch.tensor(size)
 
@@ -126,7 +126,6 @@ def _decode_with_pil(samples: ImageFolderSamples, indices: list[int], side: int,
         at += len(batch)
 
 
-JPEG_SUFFIXES = (".jpg", ".jpeg")
 NVJPEG_BATCH = 256
 
 
@@ -186,6 +185,24 @@ class _CropBoxes(Dataset):
                             dtype=torch.float64)
 
 
+class BatchFinish:
+    """What every GPU pipeline does last to a batch of crops (float, 0..255): flip the flagged
+    ones, scale to 0..1 or ImageNet-normalise, and channels_last on CUDA."""
+
+    def __init__(self, device: torch.device, normalize: bool):
+        self.normalize, self.device = normalize, device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        flip = flips.to(self.device).view(-1, 1, 1, 1) > 0.5
+        x = torch.where(flip, x.flip(-1), x)
+        x = (x - self.mean) / self.std if self.normalize else x / 255
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
 class GpuBatches:
     """Batches of one epoch from decoded images: (x, y) ready for the model.
 
@@ -197,8 +214,7 @@ class GpuBatches:
         self.decoded, self.sampler, self.batch_size = decoded, sampler, batch_size
         self.out_size, self.normalize, self.drop_last = out_size, normalize, drop_last
         device = decoded.images.device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.finish = BatchFinish(device, normalize)
         self.boxes_data = _CropBoxes(decoded.sizes, decoded.side, seed, augment, min_scale)
         self.loader = DataLoader(
             self.boxes_data, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
@@ -231,12 +247,4 @@ class GpuBatches:
         images = self.decoded.images.index_select(0, idx).to(dtype)
         x = roi_align(images, rois.to(dtype), output_size=(self.out_size, self.out_size),
                       spatial_scale=1.0, sampling_ratio=-1, aligned=True).float()
-        flip = meta[:, 4].view(-1, 1, 1, 1) > 0.5
-        x = torch.where(flip, x.flip(-1), x)
-        if self.normalize:
-            x = (x - self.mean) / self.std
-        else:
-            x = x / 255
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.decoded.labels.index_select(0, idx)
+        return self.finish(x, meta[:, 4]), self.decoded.labels.index_select(0, idx)

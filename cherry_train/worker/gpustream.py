@@ -33,16 +33,15 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
 from cherry_train.worker.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,
     crop_box,
     loader_processes,
+    undecodable,
 )
-from cherry_train.worker.errors import JobError
+from cherry_train.worker.gpudata import BatchFinish
 
-JPEG_SUFFIXES = (".jpg", ".jpeg")
 PREFETCH_BATCHES = 2  # decoded batches waiting for the model: enough to hide a slow one
 
 
@@ -85,8 +84,7 @@ def image_size(data: bytes, path: str) -> tuple[int, int]:
         with Image.open(BytesIO(data)) as f:
             return f.size
     except (OSError, SyntaxError, ValueError) as e:
-        raise JobError(f"data: {path} does not decode as an image ({e}); remove or "
-                       "replace it") from None
+        raise undecodable(path, e) from None
 
 
 class _EncodedCrops(Dataset):
@@ -138,8 +136,7 @@ class StreamedBatches:
         self.samples, self.sampler, self.device = samples, sampler, device
         self.out_size, self.normalize = out_size, normalize
         self.labels = torch.tensor([label for _, label in samples.samples], device=device)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.finish = BatchFinish(device, normalize)
         self.loader = DataLoader(
             _EncodedCrops(samples, samples.seed, augment, min_scale), batch_size=batch_size,
             sampler=sampler, drop_last=drop_last, num_workers=num_workers,
@@ -177,13 +174,8 @@ class StreamedBatches:
         if order != sorted(order):  # back into the batch's order
             x = x.index_select(0, torch.tensor(order, device=self.device).argsort())
         x = x.float()
-        flip = meta[:, 4].to(self.device).view(-1, 1, 1, 1) > 0.5
-        x = torch.where(flip, x.flip(-1), x)
-        x = (x - self.mean) / self.std if self.normalize else x / 255
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         idx = meta[:, 5].long().to(self.device)
-        return x, self.labels.index_select(0, idx)
+        return self.finish(x, meta[:, 4]), self.labels.index_select(0, idx)
 
     def _decode(self, encoded: list[torch.Tensor], meta: torch.Tensor) -> list[torch.Tensor]:
         """CHW uint8 images on the device: JPEGs in one batched (nvJPEG) call, the rest and
@@ -208,8 +200,7 @@ class StreamedBatches:
         try:
             return decode_image(data, mode=ImageReadMode.RGB).to(self.device)
         except RuntimeError as e:
-            raise JobError(f"data: {path} does not decode as an image ({e}); remove or "
-                           "replace it") from None
+            raise undecodable(path, e) from None
 
 
 def _by_shape(images: list[torch.Tensor]) -> dict[tuple, list[int]]:
