@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.checkpoint import Checkpoints

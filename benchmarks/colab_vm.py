@@ -68,7 +68,8 @@ def job(root: Path, train: str, epochs: int, performance: dict, amp: str,
         compile: str = "off", skip_steps: int = 40) -> dict:
     """One job through the real worker; steady images/s = the median of its 10-step windows
     after the first `skip_steps` steps (the loaders' and allocator's warm-up)."""
-    from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+    from cherry_train.jobqueue.claims import WorkerIdentity
+    from cherry_train.jobqueue.lifecycle import JobQueue
     from cherry_train.schemas import Result, validate_config
     from cherry_train.storage import LocalStorage
     from cherry_train.worker.loop import Worker, WorkerOptions

@@ -67,7 +67,7 @@ def main() -> None:
     from train_throughput import make_dataset
 
     from cherry_train.jobqueue.layout import JobPaths
-    from cherry_train.jobqueue.protocol import JobQueue
+    from cherry_train.jobqueue.lifecycle import JobQueue
     from cherry_train.schemas import validate_config
     from cherry_train.storage import LocalStorage
 

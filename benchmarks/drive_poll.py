@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 from datetime import timedelta
 
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.clock import FakeClock
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Heartbeat, validate_config
-from cherry_train.testing.fakedrive import FakeDrive, fake_drive_storage
+from cherry_train.testing.fakedrive import FakeDrive
+from cherry_train.testing.fakehttp import fake_drive_storage
 from cherry_train.worker.loop import Worker
 
 CONFIG = {"model": {"name": "resnet50", "num_classes": 2},
@@ -38,6 +40,21 @@ def measure(drive: FakeDrive, fn) -> tuple[int, int]:
     requests, sent = len(drive.requests), drive.response_bytes
     fn()
     return len(drive.requests) - requests, drive.response_bytes - sent
+
+
+def world_second(t: int, busy, claims, other, other_writes: int) -> None:
+    """What the busy workers and the rest of the Drive write in second `t`."""
+    for i, claim in enumerate(claims):
+        owner = busy.owner(claim)
+        if t % 30 == i:
+            hb = Heartbeat(job_id=claim.job_id, attempt=1, worker_id=f"busy-{i}",
+                           at=busy.clock.now(), step=t)
+            owner.write(claim.paths.heartbeat, hb.to_json())
+            owner.write(claim.paths.metrics, b'{"step": %d}\n' % t)
+        if t % 60 == i:
+            busy.storage.write_atomic(f"workers/busy-{i}.json", b"{}")
+    if other_writes and t % max(1, 60 // other_writes) == 0:
+        other.write_atomic(f"sync/{t}.jpg", b"x" * 100)
 
 
 def main() -> None:
@@ -79,7 +96,7 @@ def main() -> None:
 
     def old_poll():  # before the cache: every manifest, and each job's state, at every poll
         fresh = JobQueue(fake_drive_storage(drive), clock)
-        manifests, _ = fresh.queued()
+        manifests, _ = fresh.poll.queued()
         for m in manifests:
             fresh.try_claim(m, WorkerIdentity("idle-old"))
 
@@ -90,18 +107,7 @@ def main() -> None:
     for n in range(polls):
         for second in range(POLL_SECONDS):  # the rest of the world, second by second
             clock.advance(1)
-            t = n * POLL_SECONDS + second
-            for i, claim in enumerate(claims):
-                owner = busy.owner(claim)
-                if t % 30 == i:
-                    hb = Heartbeat(job_id=claim.job_id, attempt=1, worker_id=f"busy-{i}",
-                                   at=clock.now(), step=t)
-                    owner.write(claim.paths.heartbeat, hb.to_json())
-                    owner.write(claim.paths.metrics, b'{"step": %d}\n' % t)
-                if t % 60 == i:
-                    busy.storage.write_atomic(f"workers/busy-{i}.json", b"{}")
-            if args.other_writes and t % max(1, 60 // args.other_writes) == 0:
-                other.write_atomic(f"sync/{t}.jpg", b"x" * 100)
+            world_second(n * POLL_SECONDS + second, busy, claims, other, args.other_writes)
         for name, fn in (("files.list of queue/", list_queue), ("changes.list", changes),
                          ("worker poll (now)", worker.run_once),
                          ("worker poll (before)", old_poll)):

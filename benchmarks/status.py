@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cherry_train.client.status import job_rows
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import BestEpoch, Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 

@@ -100,8 +100,8 @@ def timed_windows(step, batches, windows: int, sync_every: int | None = None) ->
 
 
 def pipeline(batch: int, images: int, workers: int):
-    from cherry_train.worker.data import EpochSampler
     from cherry_train.worker.gpudata import DecodedImages, GpuBatches
+    from cherry_train.worker.samples import EpochSampler
 
     side = 317
     decoded = DecodedImages(torch.randint(0, 256, (images, 3, side, side), dtype=torch.uint8,
@@ -121,20 +121,19 @@ def pipeline(batch: int, images: int, workers: int):
 
 
 class StepProbe:
-    """Wraps train.train_step: host seconds inside each step and between steps (loop, next
-    batch), and a profiler trace of `trace_steps` steps from step `trace_from` on."""
+    """The step seam around steps.train_step: host seconds inside each step and between steps
+    (loop, next batch), and a profiler trace of `trace_steps` steps from step `trace_from` on."""
 
     def __init__(self, out: Path, trace_from: int, trace_steps: int):
-        from cherry_train.worker import train
+        from cherry_train.worker.steps import train_step
 
-        self.train, self.original = train, train.train_step
+        self.original = train_step
         self.out, self.trace_from, self.trace_steps = out, trace_from, trace_steps
         self.inside: list[float] = []
         self.between: list[float] = []
         self.last_exit: float | None = None
         self.n = 0
         self.prof = None
-        train.train_step = self
 
     def __call__(self, job, x, y):
         entered = time.perf_counter()
@@ -163,9 +162,6 @@ class StepProbe:
             self.prof = None
         self.last_exit = time.perf_counter()
         return out
-
-    def restore(self) -> None:
-        self.train.train_step = self.original
 
 
 def main() -> None:
@@ -222,8 +218,10 @@ def main() -> None:
             probe = StepProbe(args.out, trace_from=steps_per_epoch * (epochs - 1) + 12,
                               trace_steps=6)
             clocks.mark("cherry-train job")
-            run = cherry_train(root, b, epochs, {"input_pipeline": "gpu", "compile": "on"})
-            probe.restore()
+            from cherry_train.worker.train import Seams, Training
+
+            run = cherry_train(root, b, epochs, {"input_pipeline": "gpu", "compile": "on"},
+                               trainer=Training(Seams(step=probe)))
             print(f"cherry-train job: {run}", flush=True)
             steady = slice(steps_per_epoch * (epochs - 1), None)
             inside, between = probe.inside[steady], probe.between[steady]

@@ -132,9 +132,12 @@ def synthetic_ceiling(batch: int, compiled: bool = False) -> float:
     return _timed_steps(ceiling_step(compiled), iter(lambda: (x, y), None))
 
 
-def cherry_train(root: Path, batch: int, epochs: int, performance: dict | None = None) -> dict:
-    """A real job through the real worker; steady images/s from its metrics after epoch 1."""
-    from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+def cherry_train(root: Path, batch: int, epochs: int, performance: dict | None = None,
+                 trainer=None) -> dict:
+    """A real job through the real worker; steady images/s from its metrics after epoch 1.
+    `trainer`: a train.Training with seams (a probe around the step), else the default."""
+    from cherry_train.jobqueue.claims import WorkerIdentity
+    from cherry_train.jobqueue.lifecycle import JobQueue
     from cherry_train.schemas import Result, validate_config
     from cherry_train.storage import LocalStorage
     from cherry_train.worker.loop import Worker, WorkerOptions
@@ -147,7 +150,8 @@ def cherry_train(root: Path, batch: int, epochs: int, performance: dict | None =
            "performance": performance or {}}
     job_id = queue.submit(validate_config(cfg)).job_id
     started = time.perf_counter()
-    Worker(queue, WorkerIdentity("bench"), WorkerOptions(exit_when_idle=True)).run()
+    Worker(queue, WorkerIdentity("bench"), WorkerOptions(exit_when_idle=True),
+           trainer=trainer).run()
     wall = time.perf_counter() - started
     job = root / "done" / job_id
     result = Result.from_json((job / "result.json").read_bytes())
@@ -175,6 +179,40 @@ def cherry_train(root: Path, batch: int, epochs: int, performance: dict | None =
             "state": result.state.value, "wall_seconds": round(wall, 1),
             "amp": result.amp, "checkpoint_seconds": statistics.median(ckpt) if ckpt else None,
             "windows": windows, "checkpoints_s": ckpt}
+
+
+#: Each technique measured on its own, in one run.
+VARIANTS = {
+    "loader workers": {"input_pipeline": "workers", "compile": "off", "fused_optimizer": False},
+    "gpu pipeline": {"input_pipeline": "gpu", "compile": "off", "fused_optimizer": False},
+    "gpu pipeline + fused": {"input_pipeline": "gpu", "compile": "off"},
+    "gpu pipeline + fused + compile": {"input_pipeline": "gpu", "compile": "on"},
+    "gpu pipeline + fused + compile, CUDA graphs at any batch": {
+        "input_pipeline": "gpu", "compile": "on", "cuda_graphs": True},
+}
+
+
+def run_variants(root: Path, batches: list[int], wanted: list[str], figures: dict,
+                 jobs: dict) -> None:
+    """A real job per batch size and wanted variant; its figures into `figures`."""
+    for batch in batches:
+        for name, performance in VARIANTS.items():
+            if name not in wanted:
+                continue
+            performance = dict(performance)
+            if performance.pop("cuda_graphs", False):
+                os.environ["CHERRY_CUDA_GRAPHS_MAX_BATCH"] = "100000"
+            epochs = 3 if performance["compile"] == "on" else 2
+            run = cherry_train(root, batch, epochs, performance)
+            os.environ.pop("CHERRY_CUDA_GRAPHS_MAX_BATCH", None)
+            key = f"cherry-train, batch {batch}, {name}"
+            # With compiling, the last epoch: the first steady one may still be warming up.
+            figures[key] = run["last_epoch"] if performance["compile"] == "on" else run["steady"]
+            figures[f"{key}, first epoch"] = run["first_epoch"]
+            figures[f"{key}, checkpoint s"] = run["checkpoint_seconds"]
+            jobs[key] = run  # with every window's figure, for the JSON
+            print(f"cherry-train b{batch} {name}: "
+                  f"{ {k: v for k, v in run.items() if k != 'windows'} }", flush=True)
 
 
 def main() -> None:
@@ -213,34 +251,7 @@ def main() -> None:
             key = "synthetic ceiling, batch 256, fused + compiled"
             figures[key] = synthetic_ceiling(256, compiled=True)
             print(f"compiled ceiling b256: {figures[key]:.0f} img/s", flush=True)
-        variants = {  # each technique measured on its own, in this run
-            "loader workers": {"input_pipeline": "workers", "compile": "off",
-                               "fused_optimizer": False},
-            "gpu pipeline": {"input_pipeline": "gpu", "compile": "off", "fused_optimizer": False},
-            "gpu pipeline + fused": {"input_pipeline": "gpu", "compile": "off"},
-            "gpu pipeline + fused + compile": {"input_pipeline": "gpu", "compile": "on"},
-            "gpu pipeline + fused + compile, CUDA graphs at any batch": {
-                "input_pipeline": "gpu", "compile": "on", "cuda_graphs": True},
-        }
-        for batch in args.batches:
-            for name, performance in variants.items():
-                if name not in args.variants:
-                    continue
-                performance = dict(performance)
-                if performance.pop("cuda_graphs", False):
-                    os.environ["CHERRY_CUDA_GRAPHS_MAX_BATCH"] = "100000"
-                epochs = 3 if performance["compile"] == "on" else 2
-                run = cherry_train(root, batch, epochs, performance)
-                os.environ.pop("CHERRY_CUDA_GRAPHS_MAX_BATCH", None)
-                key = f"cherry-train, batch {batch}, {name}"
-                # With compiling, the last epoch: the first steady one may still be warming up.
-                figures[key] = run["last_epoch"] if performance["compile"] == "on" \
-                    else run["steady"]
-                figures[f"{key}, first epoch"] = run["first_epoch"]
-                figures[f"{key}, checkpoint s"] = run["checkpoint_seconds"]
-                jobs[key] = run  # with every window's figure, for the JSON
-                print(f"cherry-train b{batch} {name}: "
-                      f"{ {k: v for k, v in run.items() if k != 'windows'} }", flush=True)
+        run_variants(root, args.batches, args.variants, figures, jobs)
     sys.path.insert(0, str(Path(__file__).parent))
     from checkpoint_stall import measure
 

@@ -121,7 +121,7 @@ def live_folder(monkeypatch):
         else:
             monkeypatch.setenv(name, value)
     from cherry_train.storage import open_storage
-    from cherry_train.storage.gdrive import DriveAuthError
+    from cherry_train.storage.gdrive_api import DriveAuthError
 
     run = f"run-{uuid.uuid4().hex[:8]}"
     try:

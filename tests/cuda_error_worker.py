@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker, WorkerOptions
 
 
-def trainer(claim, *args):
+def trainer(run):
     index = torch.tensor([5], device="cuda")
     torch.zeros(2, device="cuda")[index].sum().item()  # out of bounds: device-side assert
     raise AssertionError("the CUDA error did not come")

@@ -11,7 +11,8 @@ import signal
 import sys
 import time
 
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker, WorkerOptions
 

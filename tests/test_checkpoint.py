@@ -8,8 +8,9 @@ import threading
 import pytest
 import torch
 
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.owner import Fenced
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
 from cherry_train.schemas import validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.checkpoint import Checkpoints, StateCopier
@@ -188,7 +189,8 @@ def test_metrics_are_never_overwritten_by_an_older_snapshot(owner, monkeypatch):
     from cherry_train.worker.reporting import Reporter, StopRequest
 
     status = WorkerStatus(worker_id="w", incarnation="i", at=datetime.now(UTC), state="busy")
-    reporter = Reporter(owner, status, StopRequest())
+    reporter = Reporter(owner, status, StopRequest(),
+                        interval=owner.claim.manifest.config.heartbeat_seconds)
     entered, release, write = threading.Event(), threading.Event(), owner.write
 
     def slow_first_write(path, data):
@@ -239,7 +241,8 @@ def test_curves_that_cannot_be_stored_do_not_end_the_job(owner, monkeypatch):
     from cherry_train.worker.reporting import Reporter, StopRequest
 
     status = WorkerStatus(worker_id="w", incarnation="i", at=owner.clock.now(), state="busy")
-    reporter = Reporter(owner, status, StopRequest())
+    reporter = Reporter(owner, status, StopRequest(),
+                        interval=owner.claim.manifest.config.heartbeat_seconds)
     reporter.metric({"kind": "epoch", "epoch": 1, "step": 1, "train_loss": 1.0,
                      "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5})
     write = owner.write

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from cherry_train.worker import compiling
+from cherry_train.worker.train import Seams
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+class FakeCompiler(compiling.TorchCompiler):
+    """Decides to compile at once and 'compiles' to the model itself (nothing compiles on a
+    CPU); keys, packs and unpacks kernels as the test says."""
+
+    def __init__(self, pack, unpack, key=lambda mode, micro, device: {"mode": mode},
+                 compile=lambda model, micro: (model, "default")):
+        self.key, self.pack, self.unpack, self.compile = key, pack, unpack, compile
+
+    @staticmethod
+    def decide(*args):
+        return True, "test"
 
 
 def test_fixed_decisions():
@@ -82,15 +98,12 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
                                                                       tiny_config, monkeypatch):
     # Nothing compiles on the CPU: the seams are the compile decision and torch's cache calls.
     from cherry_train.jobqueue.layout import JobPaths
-    from cherry_train.jobqueue.protocol import JobQueue
+    from cherry_train.jobqueue.lifecycle import JobQueue
     from cherry_train.schemas import JobState, validate_config
     from cherry_train.storage import LocalStorage
     from tests.test_training import finish
 
     packed, loaded = [], []
-    monkeypatch.setattr(compiling, "fixed_decision", lambda *args: (True, "test"))
-    monkeypatch.setattr(compiling, "compile_model", lambda model, micro: (model, "default"))
-    monkeypatch.setattr(compiling, "kernels_key", lambda mode, micro, device: {"mode": mode})
 
     def pack(key):
         packed.append(key)
@@ -100,8 +113,7 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
         loaded.append(data)
         return None
 
-    monkeypatch.setattr(compiling, "pack_kernels", pack)
-    monkeypatch.setattr(compiling, "unpack_kernels", unpack)
+    seams = Seams(compiler=FakeCompiler(pack, unpack))
     from cherry_train.worker.reporting import Reporter
 
     phases, update = [], Reporter.update
@@ -115,11 +127,11 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
     kernels = root_with_data / JobPaths(job_id).compiled_kernels
-    assert finish(queue, job_id, stop_at_step=3, monkeypatch=monkeypatch) is None
+    assert finish(queue, job_id, stop_at_step=3, seams=seams) is None
     assert kernels.read_bytes() == b"kernels 1"  # stored with the checkpoint it was packed for
     # What `cherry status` shows: the first step runs eager (it decides), the next compiles.
     assert phases[:5] == ["copying data", "starting", "training", "compiling", "training"]
-    result = finish(queue, job_id)
+    result = finish(queue, job_id, seams=seams)
     assert result.state == JobState.succeeded and result.attempts == 2
     assert loaded == [b"kernels 1"] and packed == [{"mode": "default"}]  # nothing new to pack
     assert not kernels.exists()  # a finished job keeps no kernels
@@ -129,22 +141,20 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
 def test_a_worker_can_refuse_stored_kernels(root_with_data, tiny_config, monkeypatch):
     # They are code: a worker whose folder others can write to turns them off.
     from cherry_train.jobqueue.layout import JobPaths
-    from cherry_train.jobqueue.protocol import JobQueue
+    from cherry_train.jobqueue.lifecycle import JobQueue
     from cherry_train.schemas import JobState, validate_config
     from cherry_train.storage import LocalStorage
     from tests.test_training import finish
 
     monkeypatch.setenv("CHERRY_STORED_KERNELS", "0")
-    monkeypatch.setattr(compiling, "fixed_decision", lambda *args: (True, "test"))
-    monkeypatch.setattr(compiling, "compile_model", lambda model, micro: (model, "default"))
-    monkeypatch.setattr(compiling, "pack_kernels", lambda key: pytest.fail("packed"))
-    monkeypatch.setattr(compiling, "unpack_kernels", lambda data, key: pytest.fail("loaded"))
+    seams = Seams(compiler=FakeCompiler(pack=lambda key: pytest.fail("packed"),
+                                        unpack=lambda data, key: pytest.fail("loaded")))
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
     planted = root_with_data / JobPaths(job_id).compiled_kernels
     planted.parent.mkdir(parents=True)
     planted.write_bytes(b"someone else's code")
-    assert finish(queue, job_id).state == JobState.succeeded
+    assert finish(queue, job_id, seams=seams).state == JobState.succeeded
 
 
 def test_an_out_of_memory_back_off_recompiles_and_stores_kernels_a_resumed_attempt_can_use(
@@ -152,7 +162,7 @@ def test_an_out_of_memory_back_off_recompiles_and_stores_kernels_a_resumed_attem
     """Out of memory on a compiled job: the smaller micro-batch is compiled afresh, and its
     kernels, not the refused batch's, are stored under the key the resumed attempt asks for."""
     from cherry_train.jobqueue.layout import JobPaths
-    from cherry_train.jobqueue.protocol import JobQueue
+    from cherry_train.jobqueue.lifecycle import JobQueue
     from cherry_train.schemas import JobState, validate_config
     from cherry_train.storage import LocalStorage
     from tests.test_training import finish, fit_only
@@ -163,22 +173,20 @@ def test_an_out_of_memory_back_off_recompiles_and_stores_kernels_a_resumed_attem
         compiled_for.append(micro)
         return model, "default"
 
-    fit_only(4, monkeypatch, when=lambda: bool(compiled_for))  # compiled: out of memory above 4
-    monkeypatch.setattr(compiling, "fixed_decision", lambda *args: (True, "test"))
-    monkeypatch.setattr(compiling, "compile_model", compile_model)
-    monkeypatch.setattr(compiling, "kernels_key", lambda mode, micro, device: {"micro": micro})
-    monkeypatch.setattr(compiling, "pack_kernels", lambda key: packed.append(key) or repr(key)
-                        .encode())
-    monkeypatch.setattr(compiling, "unpack_kernels",
-                        lambda data, key: loaded.append(key) if data == repr(key).encode()
-                        else "another set-up")
+    compiler = FakeCompiler(
+        key=lambda mode, micro, device: {"micro": micro}, compile=compile_model,
+        pack=lambda key: packed.append(key) or repr(key).encode(),
+        unpack=lambda data, key: loaded.append(key) if data == repr(key).encode()
+        else "another set-up")
+    # Compiled: out of memory above 4 images.
+    seams = replace(fit_only(4, when=lambda: bool(compiled_for)), compiler=compiler)
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
-    assert finish(queue, job_id, stop_at_step=3, monkeypatch=monkeypatch) is None
+    assert finish(queue, job_id, stop_at_step=3, seams=seams) is None
     assert compiled_for == [16, 8, 4]
     assert packed == [{"micro": 4}]
     stored = root_with_data / JobPaths(job_id).compiled_kernels
     assert stored.read_bytes() == repr({"micro": 4}).encode()
-    result = finish(queue, job_id)
+    result = finish(queue, job_id, seams=seams)
     assert result.state == JobState.succeeded and result.micro_batch == 4
     assert compiled_for[3:] == [4] and loaded == [{"micro": 4}]  # the resumed attempt used them

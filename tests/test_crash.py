@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from cherry_train.cli import main
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import job_view
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 
@@ -264,7 +266,7 @@ def test_sigterm_checkpoints_releases_the_job_and_exits_0(tmp_path, cherry_image
     assert (root / JobPaths(job_id).checkpoint(hb.last_checkpoint_step)).is_file()
     assert hb.last_checkpoint_step >= 3
     # Another worker may take it at once: no waiting for the lease.
-    manifest = queue.queued()[0][0]
+    manifest = queue.poll.queued()[0][0]
     claim = queue.try_claim(manifest, WorkerIdentity("b"))
     assert claim is not None and claim.attempt.reason == "released"
     assert claim.attempt.checkpoint_at_start == hb.last_checkpoint_step
@@ -416,7 +418,7 @@ def test_a_job_killed_every_few_seconds_fails_as_a_crash_loop_then_retry_finishe
     journal = tmp_path / "j.jsonl"
     kills = 0
     for _ in range(2):
-        while queue.view(job_id).state != JobState.failed:
+        while job_view(queue, job_id).state != JobState.failed:
             # Dies right after its first step, before the checkpoint at step 2.
             proc = start_worker(root, "colab", journal, fault="step@1")
             if proc.wait(timeout=120) == -signal.SIGKILL:

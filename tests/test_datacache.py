@@ -9,10 +9,9 @@ import tarfile
 import zipfile
 
 import pytest
-from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
-from cherry_train.storage.retrying import is_transient
-from cherry_train.worker import datacache
+from cherry_train.backoff import Backoff
+from cherry_train.worker import sources
 from cherry_train.worker.datacache import cache_folder
 from cherry_train.worker.errors import JobError
 
@@ -77,9 +76,7 @@ def test_archive_members_cannot_escape_the_cache(tmp_path):
 
 
 def test_transient_errors_while_copying_are_retried(tmp_path, source, monkeypatch):
-    monkeypatch.setattr(datacache, "_RETRYING", Retrying(
-        retry=retry_if_exception(is_transient), stop=stop_after_attempt(5), reraise=True,
-        sleep=lambda s: None))
+    monkeypatch.setattr(sources, "COPY_BACKOFF", Backoff(first=0, tries=5))
     real_copy = shutil.copyfile
     failed = []
 

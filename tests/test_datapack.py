@@ -12,7 +12,8 @@ import pytest
 from cherry_train import datapack
 from cherry_train.cli import main
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.datacache import StorageSource, cache_folder
+from cherry_train.worker.datacache import cache_folder
+from cherry_train.worker.sources import StorageSource
 
 
 @pytest.fixture

@@ -8,8 +8,10 @@ import torch
 import torchvision
 from PIL import Image
 
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import job_view
 from cherry_train.schemas import JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker, WorkerOptions
@@ -93,7 +95,7 @@ def test_submit_resolves_a_short_evaluate_job_and_takes_its_model(root_with_data
     path.write_text(yaml.safe_dump(cfg))
     assert main(["submit", str(path), "--root", str(root_with_data)]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
-    queued = JobQueue(LocalStorage(root_with_data)).view(job_id).manifest.config
+    queued = job_view(JobQueue(LocalStorage(root_with_data)), job_id).manifest.config
     assert queued.evaluate.job == trained.job_id
     assert queued.model.name == "resnet18"
     Worker(JobQueue(LocalStorage(root_with_data)), WorkerIdentity("w"),

@@ -12,13 +12,17 @@ from collections import Counter
 import pytest
 from concurrently import at_once
 
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import all_job_ids, job_view
 from cherry_train.schemas import JobState, validate_config
 from cherry_train.storage import gdrive
-from cherry_train.storage.gdrive import DriveAuthError, DriveError, DriveStorage
-from cherry_train.testing.fakedrive import FOLDER, FakeDrive, FakeHttp, fake_drive_storage
+from cherry_train.storage.gdrive import DriveStorage
+from cherry_train.storage.gdrive_api import DriveAuthError, DriveError, DriveFull
+from cherry_train.testing.fakedrive import FOLDER, FakeDrive
+from cherry_train.testing.fakehttp import FakeHttp, fake_drive_storage
 from cherry_train.worker.loop import Worker
 
 
@@ -214,7 +218,7 @@ def test_submit_reserves_ids_and_claims_use_them(drive, tiny_config):
     assert set(manifest.reserved_ids) == {paths.dir, paths.attempts_dir, paths.checkpoints_dir,
                                           paths.attempt(1), paths.result, paths.cancel_request}
     worker = JobQueue(fake_drive_storage(drive), FakeClock())  # another machine
-    (seen,), _ = worker.queued()
+    (seen,), _ = worker.poll.queued()
     claim = worker.try_claim(seen, WorkerIdentity("w1"))
     assert claim is not None and claim.attempt.next_id
     (attempt,) = drive.find(f"traina/{paths.attempt(1)}")
@@ -231,7 +235,7 @@ def test_two_workers_racing_for_one_job_over_the_api(drive, tiny_config):
     def look(i):  # both workers have seen the job before either claims it
         queue = JobQueue(fake_drive_storage(drive, fault_rate=0.3, seed=i), FakeClock())
         return queue, Worker(queue, WorkerIdentity(f"w{i}"), trainer=fake_trainer(ran)), \
-            queue.queued()[0][0]
+            queue.poll.queued()[0][0]
 
     def claim(i, seen):
         queue, worker, manifest = seen
@@ -242,8 +246,8 @@ def test_two_workers_racing_for_one_job_over_the_api(drive, tiny_config):
     at_once(2, claim, prepare=look)
     assert len(ran) == 1
     queue = JobQueue(fake_drive_storage(drive), FakeClock())
-    (job_id,) = queue.job_ids()
-    assert queue.view(job_id).state == JobState.succeeded
+    (job_id,) = all_job_ids(queue)
+    assert job_view(queue, job_id).state == JobState.succeeded
     assert len(drive.find(f"traina/done/{job_id}/attempts/1.json")) == 1
     no_duplicates(drive)
 
@@ -264,8 +268,8 @@ def test_a_whole_queue_under_30_percent_faults_loses_nothing(drive, tiny_config)
     at_once(3, work)
     assert sorted(ran) == sorted(submitted)  # each job trained once
     queue = JobQueue(fake_drive_storage(drive), FakeClock())
-    assert set(queue.job_ids()) == submitted
-    assert {queue.view(j).state for j in submitted} == {JobState.succeeded}
+    assert set(all_job_ids(queue)) == submitted
+    assert {job_view(queue, j).state for j in submitted} == {JobState.succeeded}
     assert queue.storage.list_dir("queue") == []
     no_duplicates(drive)
 
@@ -362,16 +366,15 @@ def test_a_released_job_is_noticed_at_the_next_poll(drive, tiny_config):
     manifest = owner_queue.submit(config(tiny_config, lease_seconds=300))
     claim = owner_queue.try_claim(manifest, WorkerIdentity("busy"))
     idle = JobQueue(fake_drive_storage(drive), clock)
-    manifests, _ = idle.queued()
+    manifests, _ = idle.poll.queued()
     assert idle.try_claim(manifests[0], WorkerIdentity("idle")) is None
     from cherry_train.schemas import Heartbeat
 
     hb = Heartbeat(job_id=claim.job_id, attempt=1, worker_id="busy", at=clock.now(),
                    released=True)
-    owner_queue.owner(claim).write(claim.paths.heartbeat, hb.to_json())
-    owner_queue.announce_release(claim.job_id)
+    owner_queue.release(owner_queue.owner(claim), hb)
     clock.advance(1)
-    manifests, _ = idle.queued()
+    manifests, _ = idle.poll.queued()
     taken = idle.try_claim(manifests[0], WorkerIdentity("idle"))
     assert taken is not None and taken.attempt.reason == "released"
 
@@ -459,7 +462,7 @@ def test_a_folder_deleted_by_another_machine_is_resolved_again(drive):
 
 def test_data_paths_on_an_api_root_are_fetched_through_the_api(drive, tmp_path, monkeypatch,
                                                                cherry_images):
-    from cherry_train.jobqueue.roots import remote_location
+    from cherry_train.places import remote_location
     from cherry_train.worker.datacache import cache_folder
 
     queue_root = fake_drive_storage(drive)  # gdrive:traina
@@ -481,7 +484,7 @@ def test_data_paths_on_an_api_root_are_fetched_through_the_api(drive, tmp_path, 
                            queue_root) is None
     monkeypatch.delenv("CHERRY_MYDRIVE")
 
-    from cherry_train.worker.datacache import StorageSource
+    from cherry_train.worker.sources import StorageSource
 
     reports = [cache_folder(StorageSource(where, path), tmp_path / "cache")
                for where, path in (remote_location("data/val", None, queue_root),
@@ -514,7 +517,7 @@ def test_a_full_drive_is_one_clear_error_and_not_retried(tmp_path):
     big = tmp_path / "step-000000006.pt"
     big.write_bytes(b"w" * 400_000)
     uploads = drive.count("POST", "/upload/")
-    with pytest.raises(gdrive.DriveFull, match=r"the Drive's storage is full "
+    with pytest.raises(DriveFull, match=r"the Drive's storage is full "
                                                r"\(storageQuotaExceeded\); free space in it"):
         storage.upload(big, "done/job/checkpoints/step-000000006.pt")
     assert drive.count("POST", "/upload/") - uploads == 1  # a full Drive is not retried
@@ -532,13 +535,13 @@ def test_a_retried_job_commits_again_through_new_reserved_ids(drive, tiny_config
     manifest = queue.submit(config(tiny_config, name="again"))
     assert queue.request_cancel(manifest.job_id)
     assert queue.try_claim(manifest, WorkerIdentity("w")) is None  # cancelled while queued
-    assert queue.view(manifest.job_id).state == JobState.cancelled
+    assert job_view(queue, manifest.job_id).state == JobState.cancelled
     retried = queue.retry(manifest.job_id)
     paths = JobPaths(manifest.job_id)
     assert retried.reserved_ids[paths.result] != manifest.reserved_ids[paths.result]
     worker = Worker(JobQueue(fake_drive_storage(drive), FakeClock()), WorkerIdentity("w"),
                     trainer=fake_trainer([]))
     assert worker.run_once()
-    assert queue.view(manifest.job_id).state == JobState.succeeded
+    assert job_view(queue, manifest.job_id).state == JobState.succeeded
     assert queue.storage.list_dir(f"{paths.dir}/results") == ["1.json"]
     no_duplicates(drive)

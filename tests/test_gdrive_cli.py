@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from cherry_train.testing.fakedrive import FakeDrive, serve
+from cherry_train.testing.fakedrive import FakeDrive
+from cherry_train.testing.fakehttp import serve
 
 pytestmark = pytest.mark.slow
 TOKEN = "ya29.secret-token-for-the-fake"

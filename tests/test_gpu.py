@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker, WorkerOptions
@@ -134,8 +135,8 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     import numpy as np
     from PIL import Image
 
-    from cherry_train.worker.data import EpochSampler, ImageFolderSamples, Transform
     from cherry_train.worker.gpustream import StreamedBatches
+    from cherry_train.worker.samples import EpochSampler, ImageFolderSamples, Transform
 
     classes = sorted(p.name for p in (cherry_images / "train").iterdir())
     samples = ImageFolderSamples(cherry_images / "train", classes,
@@ -159,7 +160,7 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     stream.sampler.set_position(epoch=1, start=2 * 16)  # a resume: the same batches on
     for (xa, ya), (xb, yb) in zip(batches[2:], stream, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    from cherry_train.worker.data import shut_down
+    from cherry_train.worker.processes import shut_down
 
     shut_down(stream.loader)
 
@@ -241,7 +242,7 @@ def test_auto_picks_the_gpu_pipeline_and_skips_compiling_a_short_job(root_with_d
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_fused_and_foreach_optimizers_take_the_same_fp16_scaled_step(optimizer):
-    from cherry_train.worker.train import _make_optimizer
+    from cherry_train.worker.optim import make_optimizer
 
     cfgs = {fused: validate_config({
         "model": {"name": "resnet18", "num_classes": 2},
@@ -255,7 +256,7 @@ def test_fused_and_foreach_optimizers_take_the_same_fp16_scaled_step(optimizer):
     params = {}
     for fused, cfg in cfgs.items():
         model = copy.deepcopy(base).cuda()
-        opt = _make_optimizer(cfg, model, torch.device("cuda"))
+        opt = make_optimizer(cfg, model, torch.device("cuda"))
         scaler = torch.amp.GradScaler("cuda")
         for _ in range(3):
             opt.zero_grad()

@@ -10,7 +10,9 @@ import warnings
 import pytest
 
 from cherry_train.client.submit import preflight
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import job_view
 from cherry_train.schemas import JobState, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker, WorkerOptions
@@ -77,6 +79,6 @@ def test_a_real_one_step_worker_job_for_each_family(tmp_path, few_cherries):
                     WorkerOptions(exit_when_idle=True, poll_min_seconds=0.01))
     assert worker.run() == 0
     for name, job_id in jobs.items():
-        view = queue.view(job_id)
+        view = job_view(queue, job_id)
         assert view.state == JobState.succeeded, (name, view.error)
         assert view.result.steps_completed == 1, name

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from cherry_train.jobqueue.protocol import JobQueue
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Result, validate_config
 from cherry_train.storage import LocalStorage
 

@@ -10,16 +10,12 @@ from pathlib import Path
 import pytest
 import structlog
 
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.lifecycle import JobQueue, NotRetryable, WorkerIdInUse, setup_death_bound
 from cherry_train.jobqueue.owner import Fenced
-from cherry_train.jobqueue.protocol import (
-    JobQueue,
-    NotRetryable,
-    WorkerIdentity,
-    WorkerIdInUse,
-    setup_death_bound,
-)
+from cherry_train.jobqueue.views import all_job_ids, job_view
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.errors import JobError
@@ -52,7 +48,8 @@ def config(tiny_config, **overrides):
 
 def fake_trainer(record):
     """Stands in for train.train: 'trains' instantly, remembering what it was given."""
-    def train(claim, reporter, stop, scratch, data_root, progress_bar):
+    def train(run):
+        claim, reporter = run.claim, run.reporter
         record.append(claim.job_id)
         reporter.metric({"kind": "epoch", "epoch": 1, "step": 1, "train_loss": 1.0,
                          "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5})
@@ -69,7 +66,7 @@ def test_submit_writes_one_manifest_atomically(queue, tiny_config):
     stored = json.loads(queue.storage.read_bytes(f"queue/{manifest.job_id}.json"))
     assert stored["config"]["model"]["name"] == "resnet18"
     assert manifest.job_id.startswith("20261126-100000-tiny-")
-    assert queue.view(manifest.job_id).state == JobState.queued
+    assert job_view(queue, manifest.job_id).state == JobState.queued
 
 
 def test_workers_take_jobs_by_priority_then_submission(queue, clock, tiny_config):
@@ -78,7 +75,7 @@ def test_workers_take_jobs_by_priority_then_submission(queue, clock, tiny_config
     high = queue.submit(config(tiny_config, name="high", priority=5))
     clock.advance(1)
     low2 = queue.submit(config(tiny_config, name="low2"))
-    manifests, bad = queue.queued()
+    manifests, bad = queue.poll.queued()
     assert [m.job_id for m in manifests] == [high.job_id, low.job_id, low2.job_id]
     assert bad == []
     ran = []
@@ -93,7 +90,7 @@ def test_two_claimants_exactly_one_wins(queue, tiny_config):
     assert a is not None and a.attempt.n == 1
     assert b is None
     assert queue.storage.list_dir(JobPaths(manifest.job_id).attempts_dir) == ["1.json"]
-    assert queue.view(manifest.job_id).state == JobState.running
+    assert job_view(queue, manifest.job_id).state == JobState.running
 
 
 def test_full_lifecycle_through_the_worker(queue, tiny_config):
@@ -122,9 +119,9 @@ def test_commit_is_exclusive(queue, tiny_config):
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
     result = Result(job_id=manifest.job_id, state=JobState.succeeded, attempts=1,
                     finished_at=queue.clock.now())
-    assert queue.owner(claim).commit(result) is True
+    assert queue.commit(queue.owner(claim), result) is True
     other = result.model_copy(update={"state": JobState.failed})
-    assert queue.owner(claim).commit(other) is False
+    assert queue.commit(queue.owner(claim), other) is False
     stored = Result.from_json(queue.storage.read_bytes(claim.paths.result))
     assert stored.state == JobState.succeeded
 
@@ -142,7 +139,7 @@ def test_unreadable_manifest_goes_to_failed_and_the_next_job_runs(queue, tiny_co
     assert queue.storage.read_bytes("failed/00000000-000000-junk-0000.json") == content
     error = json.loads(queue.storage.read_bytes("failed/00000000-000000-junk-0000.error.json"))
     assert error["error"]["message"]
-    view = queue.view("00000000-000000-junk-0000")
+    view = job_view(queue, "00000000-000000-junk-0000")
     assert view.state == JobState.failed and view.error
 
 
@@ -154,10 +151,10 @@ def bad_and_good(queue, clock, tiny_config, error: Exception, **bad_config):
     ran = []
     ok = fake_trainer(ran)
 
-    def trainer(claim, *args):
-        if claim.job_id == bad.job_id:
+    def trainer(run):
+        if run.claim.job_id == bad.job_id:
             raise error
-        return ok(claim, *args)
+        return ok(run)
 
     return bad, good, Worker(queue, WorkerIdentity("w1"), trainer=trainer), ran
 
@@ -170,14 +167,14 @@ def test_a_users_error_fails_the_job_at_once_and_the_loop_goes_on(queue, tiny_co
     assert failed.state == JobState.failed and failed.attempts == 1
     assert failed.error.type == "JobError" and "data.train_path" in failed.error.message
     assert failed.error.traceback is None  # the user's to fix: a message, not a stack trace
-    assert queue.view(good.job_id).state == JobState.succeeded
+    assert job_view(queue, good.job_id).state == JobState.succeeded
 
 
 def test_an_unexpected_error_hands_the_job_back_until_max_attempts(queue, tiny_config, clock):
     bad, good, worker, ran = bad_and_good(queue, clock, tiny_config,
                                           KeyError("a bug, not the job's fault"), max_attempts=3)
     assert worker.run_once()  # attempt 1 ends by the error: handed back, not failed
-    view = queue.view(bad.job_id)
+    view = job_view(queue, bad.job_id)
     assert view.state == JobState.running and not view.stalled
     assert view.heartbeat.released and view.heartbeat.error.type == "KeyError"
     from cherry_train.client.status import job_rows, render_table
@@ -202,14 +199,14 @@ def test_an_unexpected_error_hands_the_job_back_until_max_attempts(queue, tiny_c
 def test_a_cuda_error_hands_the_job_back_and_ends_the_worker(queue, tiny_config):
     job = queue.submit(config(tiny_config, name="gpu"))
 
-    def trainer(claim, *args):
+    def trainer(run):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(poll_min_seconds=0.01),
                     trainer=trainer)
     assert worker.run() == EXIT_GPU_FAILED  # its CUDA context is unusable: start afresh
     assert len(queue.attempts(job.job_id)) == 1  # it did not take the job again
-    hb = queue.view(job.job_id).heartbeat
+    hb = job_view(queue, job.job_id).heartbeat
     assert hb.released and "illegal memory access" in hb.error.message
     assert not queue.storage.exists(JobPaths(job.job_id).result)
 
@@ -218,15 +215,15 @@ def test_an_error_after_a_stop_request_hands_the_job_back_as_released(queue, tin
     job = queue.submit(config(tiny_config))
     worker = Worker(queue, WorkerIdentity("w1"))
 
-    def trainer(claim, reporter, stop, *args):
+    def trainer(run):
         worker.stop.set("SIGTERM")  # the signal came; a loader process died of it
         raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
 
     worker.trainer = trainer
     assert worker.run() == 0
-    hb = queue.view(job.job_id).heartbeat
+    hb = job_view(queue, job.job_id).heartbeat
     assert hb.released and hb.error is None  # a stop, not a crash: not counted
-    claim = queue.try_claim(queue.queued()[0][0], WorkerIdentity("w2"))
+    claim = queue.try_claim(queue.poll.queued()[0][0], WorkerIdentity("w2"))
     assert claim.attempt.reason == "released"
 
 
@@ -235,9 +232,9 @@ def test_heartbeat_age_marks_a_running_job_stalled(queue, clock, tiny_config):
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
     beat(queue, claim)
     clock.advance(4)
-    assert queue.view(claim.job_id).stalled is False
+    assert job_view(queue, claim.job_id).stalled is False
     clock.advance(2)
-    view = queue.view(claim.job_id)
+    view = job_view(queue, claim.job_id)
     assert view.state == JobState.running and view.stalled is True
 
 
@@ -254,7 +251,7 @@ def test_takeover_only_after_the_lease_expires(queue, clock, tiny_config):
     with pytest.raises(Fenced):
         beat(queue, first)
     with pytest.raises(Fenced):
-        queue.owner(first).commit(Result(job_id=first.job_id, state=JobState.succeeded,
+        queue.commit(queue.owner(first), Result(job_id=first.job_id, state=JobState.succeeded,
                                          attempts=1, finished_at=clock.now()))
     assert not queue.storage.exists(first.paths.result)
     queue.owner(second).write(second.paths.compiled_kernels, b"the new owner's kernels")
@@ -360,16 +357,16 @@ def test_retry_puts_a_failed_job_back_with_the_count_afresh(queue, clock, tiny_c
     beat(queue, claim, trained=True)
     clock.advance(6)  # ... and killed before its next checkpoint: max_attempts=1 is spent
     assert queue.try_claim(manifest, WorkerIdentity("b")) is None
-    assert queue.view(manifest.job_id).state == JobState.failed
+    assert job_view(queue, manifest.job_id).state == JobState.failed
 
     other = queue.submit(config(tiny_config, name="other"))
     with pytest.raises(NotRetryable, match="not finished"):
         queue.retry(other.job_id)
     queue.retry(manifest.job_id)
-    view = queue.view(manifest.job_id)
+    view = job_view(queue, manifest.job_id)
     assert view.state == JobState.queued
     assert queue.storage.list_dir(f"{paths.dir}/results") == ["1.json"]  # the old result, kept
-    requeued = next(m for m in queue.queued()[0] if m.job_id == manifest.job_id)
+    requeued = next(m for m in queue.poll.queued()[0] if m.job_id == manifest.job_id)
     assert requeued.retried_after_attempt == 2
     claim = queue.try_claim(requeued, WorkerIdentity("b"))  # at once: no lease to wait for
     assert claim is not None and claim.attempt.reason == "retried"
@@ -382,12 +379,12 @@ def test_retry_of_a_cancelled_job_and_of_a_succeeded_one(queue, tiny_config):
     manifest = queue.submit(config(tiny_config))
     assert queue.request_cancel(manifest.job_id)
     assert queue.try_claim(manifest, WorkerIdentity("a")) is None  # committed: cancelled
-    assert queue.view(manifest.job_id).state == JobState.cancelled
+    assert job_view(queue, manifest.job_id).state == JobState.cancelled
     queue.retry(manifest.job_id)
     assert not queue.cancel_requested(manifest.job_id)
     worker = Worker(queue, WorkerIdentity("a"), trainer=fake_trainer([]))
     assert worker.run_once()
-    assert queue.view(manifest.job_id).state == JobState.succeeded
+    assert job_view(queue, manifest.job_id).state == JobState.succeeded
     with pytest.raises(NotRetryable, match="succeeded"):
         queue.retry(manifest.job_id)
 
@@ -445,11 +442,11 @@ def test_a_started_worker_removes_only_its_own_dead_incarnations_scratch(fs, que
 
     options = WorkerOptions(exit_when_idle=True, scratch=Path("/scratch"))
     worker = Worker(queue, WorkerIdentity("w1"), options, trainer=fake_trainer([]))
-    base = worker._scratch_base()
+    base = worker.scratch.base()
     dead_pid = 2**22 + 12345  # above any pid_max: no such process
     dead, live = base / f"{dead_pid}-0ld1nc4rn4t1" / "job-a", base / f"{os.getpid()}-l1ve" / "job-b"
     other_root = Worker(JobQueue(LocalStorage("/other-root"), queue.clock),
-                        WorkerIdentity("w1"), options)._scratch_base() / f"{dead_pid}-x" / "job-c"
+                        WorkerIdentity("w1"), options).scratch.base() / f"{dead_pid}-x" / "job-c"
     assert other_root.parent.parent != base
     for folder in (dead, live, other_root):
         fs.create_file(folder / "step-000000003.pt.partial", contents="x" * 1000)
@@ -457,7 +454,7 @@ def test_a_started_worker_removes_only_its_own_dead_incarnations_scratch(fs, que
     assert not dead.parent.exists()
     assert (live / "step-000000003.pt.partial").is_file()
     assert (other_root / "step-000000003.pt.partial").is_file()
-    assert not worker._scratch().exists()  # its own goes at exit
+    assert not worker.scratch.mine().exists()  # its own goes at exit
 
 
 def test_a_worker_leaves_no_empty_scratch_folders(fs, queue, tiny_config):
@@ -497,7 +494,7 @@ def test_a_worker_left_running_outlives_an_outage_of_its_queue_root(fs, clock, t
     outages = [x for x in logs if x["event"] == "the queue root cannot be reached; trying again"]
     assert [x["retry_in_seconds"] for x in outages] == [1.0, 2.0, 4.0]  # backing off
     assert ran == [manifest.job_id]
-    assert queue.view(manifest.job_id).state == JobState.succeeded
+    assert job_view(queue, manifest.job_id).state == JobState.succeeded
 
 
 def test_a_job_whose_commit_met_an_outage_is_taken_up_again_by_the_same_worker(fs, clock,
@@ -539,14 +536,14 @@ def test_a_worker_run_by_a_script_does_not_wait_out_an_outage(fs, clock, tiny_co
 def test_state_derivation_order(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))
     paths = JobPaths(manifest.job_id)
-    assert queue.view(manifest.job_id).state == JobState.queued
+    assert job_view(queue, manifest.job_id).state == JobState.queued
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
-    assert queue.view(manifest.job_id).state == JobState.running
-    queue.owner(claim).commit(Result(job_id=claim.job_id, state=JobState.cancelled,
+    assert job_view(queue, manifest.job_id).state == JobState.running
+    queue.commit(queue.owner(claim), Result(job_id=claim.job_id, state=JobState.cancelled,
                                      attempts=1, finished_at=clock.now()))
-    assert queue.view(manifest.job_id).state == JobState.cancelled  # result wins over all
+    assert job_view(queue, manifest.job_id).state == JobState.cancelled  # result wins over all
     assert queue.storage.exists(paths.done_manifest)
-    assert queue.job_ids() == [manifest.job_id]
+    assert all_job_ids(queue) == [manifest.job_id]
 
 
 def test_a_crash_between_commit_and_move_is_completed_by_the_next_worker(queue, tiny_config):
@@ -566,9 +563,9 @@ def test_a_fresh_takeover_is_not_shown_stalled_by_the_old_heartbeat(queue, clock
     manifest = queue.submit(config(tiny_config))
     beat(queue, queue.try_claim(manifest, WorkerIdentity("a")))
     clock.advance(60)
-    assert queue.view(manifest.job_id).stalled is True
+    assert job_view(queue, manifest.job_id).stalled is True
     queue.try_claim(manifest, WorkerIdentity("b"))  # attempt 2, no heartbeat of its own yet
-    view = queue.view(manifest.job_id)
+    view = job_view(queue, manifest.job_id)
     assert view.attempt.n == 2 and view.stalled is False and view.heartbeat is None
 
 
@@ -592,7 +589,7 @@ def test_cancelled_queued_job_never_starts(queue, tiny_config):
     manifest = queue.submit(config(tiny_config))
     assert queue.request_cancel(manifest.job_id) is True
     assert queue.request_cancel(manifest.job_id) is False  # asked before: nothing new
-    assert queue.view(manifest.job_id).state == JobState.cancelled  # before any worker acts
+    assert job_view(queue, manifest.job_id).state == JobState.cancelled  # before any worker acts
     ran = []
     Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran)).run_once()
     assert ran == []
@@ -606,20 +603,21 @@ def test_cancelled_stalled_job_is_ended_by_the_next_worker(queue, clock, tiny_co
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
     beat(queue, claim)
     queue.request_cancel(manifest.job_id)
-    assert queue.view(manifest.job_id).state == JobState.running  # its owner may still act
-    assert queue.view(manifest.job_id).cancel_requested
+    assert job_view(queue, manifest.job_id).state == JobState.running  # its owner may still act
+    assert job_view(queue, manifest.job_id).cancel_requested
     clock.advance(6)  # the owner died: lease expired
     ran = []
     Worker(queue, WorkerIdentity("b"), trainer=fake_trainer(ran)).run_once()
     assert ran == []
-    assert queue.view(manifest.job_id).state == JobState.cancelled
+    assert job_view(queue, manifest.job_id).state == JobState.cancelled
 
 
 def test_a_running_job_sees_the_cancel_at_its_next_heartbeat(queue, tiny_config):
     manifest = queue.submit(config(tiny_config))
     seen = []
 
-    def trainer(claim, reporter, stop, *args):
+    def trainer(run):
+        claim, reporter, stop = run.claim, run.reporter, run.stop
         queue.request_cancel(claim.job_id)
         reporter.beat()
         seen.append(stop.reason)
@@ -640,7 +638,8 @@ def test_an_outage_of_heartbeats_is_one_traceback_not_one_per_beat(queue, tiny_c
     queue.submit(config(tiny_config))  # heartbeat_seconds: 0.2
     failures = 3
 
-    def trainer(claim, reporter, stop, *args):
+    def trainer(run):
+        reporter = run.reporter
         write, left = reporter.owner.write, [failures]
 
         def flaky(path, data):
@@ -675,6 +674,6 @@ def test_journal_records_claims_and_fenced_writes(queue, clock, tiny_config,
     queue.try_claim(manifest, WorkerIdentity("b"))
     with pytest.raises(Fenced):
         beat(queue, first)
-    events = [json.loads(line) for line in open(journal)]
+    events = [json.loads(line) for line in Path(journal).read_text().splitlines()]
     assert [(e["event"], e["attempt"]) for e in events] == [
         ("claim", 1), ("write", 1), ("claim", 2)]  # the fenced write never happened

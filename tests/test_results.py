@@ -15,9 +15,11 @@ from cherry_train.cli import main
 from cherry_train.client.fetch import ChecksumMismatch, fetch
 from cherry_train.client.status import job_rows, render_table, worker_rows
 from cherry_train.client.watch import watch
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import job_view
 from cherry_train.plots import render_confusion, render_curves, render_overlay
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
@@ -36,7 +38,8 @@ def epoch_record(epoch: int, lr: float) -> dict:
 def fake_trainer(epochs=3, weights_bytes=3 << 20, pause=0.0, checkpoint_errors=()):
     """Writes what a real trainer writes (metrics, curves, best weights), without torch;
     `checkpoint_errors`: the epochs whose checkpoint could not be written."""
-    def train(claim, reporter, stop, scratch, data_root, progress_bar):
+    def train(run):
+        claim, reporter, scratch = run.claim, run.reporter, run.scratch
         lr = claim.manifest.config.training.learning_rate
         for epoch in range(epochs):
             failed = epoch in checkpoint_errors
@@ -250,13 +253,14 @@ def checkpointing_trainer(steps=(6, 12, 18), fail=False):
     """Writes checkpoints as the real one does (file, then checksum); fails at the end if asked."""
     inner = fake_trainer()
 
-    def train(claim, reporter, stop, scratch, data_root, progress_bar):
+    def train(run):
+        claim, reporter = run.claim, run.reporter
         for step in steps:
             reporter.owner.write(claim.paths.checkpoint(step), b"c" * 1000)
             reporter.owner.write(claim.paths.checkpoint_checksum(step), b"x\n")
         if fail:
             raise JobError("data.image_size: too small for this model")
-        return inner(claim, reporter, stop, scratch, data_root, progress_bar)
+        return inner(run)
     return train
 
 
@@ -268,7 +272,7 @@ def test_a_finished_job_keeps_only_the_checkpoints_it_may_need(queue, tiny_confi
     job_id = queue.submit(validate_config(cfg)).job_id
     Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
            trainer=checkpointing_trainer(fail=fail)).run()
-    assert queue.view(job_id).state.value == ("failed" if fail else "succeeded")
+    assert job_view(queue, job_id).state.value == ("failed" if fail else "succeeded")
     names = queue.storage.list_dir(JobPaths(job_id).checkpoints_dir)
     assert sorted(n for n in names if n.endswith(".pt")) == \
         [f"step-{s:09d}.pt" for s in left]

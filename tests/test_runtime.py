@@ -7,9 +7,10 @@ from datetime import timedelta
 
 import pytest
 
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Heartbeat, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker, WorkerOptions
@@ -36,7 +37,7 @@ def test_idle_shutdown_releases_the_runtime(queue):
 def test_work_resets_the_idle_timer(queue, tiny_config):
     released, ran = [], []
 
-    def trainer(claim, reporter, *args):
+    def trainer(run):
         ran.append(queue.clock.now())
         queue.clock.advance(3600)  # an hour of training is not idle time
         return Outcome(completed=True, state=TrainState(epoch=2), device="fake",
@@ -56,7 +57,7 @@ def test_a_job_that_cannot_reach_a_checkpoint_before_the_cap_is_not_started(queu
     tiny_config["checkpoint"] = {"every_minutes": 30}
     slow = queue.submit(validate_config(tiny_config))
     ran = []
-    trainer = lambda claim, *a: ran.append(claim.job_id)  # noqa: E731
+    trainer = lambda run: ran.append(run.claim.job_id)  # noqa: E731
     worker = Worker(queue, WorkerIdentity("w"), WorkerOptions(max_runtime_hours=0.5),
                     trainer=trainer)  # 30 min left < 5 setup + 30 to a checkpoint + 5 margin
     assert worker.run() == 0
@@ -69,7 +70,8 @@ def test_near_the_cap_a_running_job_is_checkpointed_and_handed_back(queue, tiny_
     manifest = queue.submit(validate_config(tiny_config))
     seen = []
 
-    def trainer(claim, reporter, stop, *args):
+    def trainer(run):
+        reporter, stop = run.reporter, run.stop
         queue.clock.advance(56 * 60)  # past the cap less the 5-minute margin to checkpoint
         reporter.beat()
         seen.append(stop.reason)

@@ -28,7 +28,8 @@ def storage(request, tmp_path) -> Storage:
     if request.param == "drive-live":  # a real Drive: see tests/test_gdrive_live.py
         return request.getfixturevalue("live_folder")
     if request.param.startswith("drive-api"):
-        from cherry_train.testing.fakedrive import FakeDrive, fake_drive_storage
+        from cherry_train.testing.fakedrive import FakeDrive
+        from cherry_train.testing.fakehttp import fake_drive_storage
 
         drive = FakeDrive(page_size_cap=2)  # every listing of 3+ entries takes several pages
         rate = 0.3 if request.param.endswith("faults") else 0.0

@@ -3,6 +3,7 @@ torch writes through its own C++ file code, which pyfakefs cannot see)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 
@@ -11,48 +12,64 @@ import structlog
 import torch
 import torchvision
 
+from cherry_train.backoff import Backoff
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker import train as train_module
 from cherry_train.worker.loop import Worker
+from cherry_train.worker.model import build_model
+from cherry_train.worker.train import Seams, Training, evaluate
 
 REQUIRED_RESULT_FIELDS = ("job_id", "state", "attempts", "best", "epochs_completed",
                           "wall_seconds", "images_per_second", "device", "final_weights_sha256",
                           "best_weights_sha256", "amp", "torch_threads")
 
 
-def run_job(root, cfg: dict, worker_id="w1", stop_at_step=None, monkeypatch=None) -> Result:
+def run_job(root, cfg: dict, worker_id="w1", stop_at_step=None, seams=None,
+            storage=None) -> Result:
     """Submit `cfg` to a fresh queue on `root` and let one worker run until idle."""
-    queue = JobQueue(LocalStorage(root))
+    queue = JobQueue(storage or LocalStorage(root))
     manifest = queue.submit(validate_config(cfg))
-    return finish(queue, manifest.job_id, worker_id, stop_at_step, monkeypatch)
+    return finish(queue, manifest.job_id, worker_id, stop_at_step, seams)
 
 
-def finish(queue, job_id, worker_id="w1", stop_at_step=None, monkeypatch=None):
+def finish(queue, job_id, worker_id="w1", stop_at_step=None, seams=None):
     from cherry_train.worker.loop import WorkerOptions
 
-    worker = Worker(queue, WorkerIdentity(worker_id), WorkerOptions(exit_when_idle=True))
+    seams = seams or Seams()
     if stop_at_step is not None:
-        # Ask for a stop (as SIGTERM does) once training passes this step.
-        original = train_module.train_one_epoch
-
-        def train_one_epoch(job, progress_bar):
-            original_stop = job.stop.is_set
-
-            def is_set():
-                if job.state.global_step >= stop_at_step:
-                    job.stop.set("SIGTERM")
-                return original_stop()
-            job.stop.is_set = is_set
-            return original(job, progress_bar)
-        monkeypatch.setattr(train_module, "train_one_epoch", train_one_epoch)
+        seams = dataclasses.replace(seams, step=stopping_at(stop_at_step, seams.step))
+    worker = Worker(queue, WorkerIdentity(worker_id), WorkerOptions(exit_when_idle=True),
+                    trainer=Training(seams))
     worker.run()
-    if stop_at_step is not None:
-        monkeypatch.setattr(train_module, "train_one_epoch", original)
     path = JobPaths(job_id).result
     return Result.from_json(queue.storage.read_bytes(path)) if queue.storage.exists(path) else None
+
+
+def stopping_at(step_number: int, step):
+    """The step seam, asking for a stop (as SIGTERM does) once training reaches this step."""
+    def stepped(job, x, y):
+        out = step(job, x, y)
+        if job.state.global_step + 1 >= step_number:  # the loop counts this step next
+            job.stop.set("SIGTERM")
+        return out
+    return stepped
+
+
+class RefusingStorage(LocalStorage):
+    """A queue folder whose uploads `refuse(path)` turns down with 'No space left' (Drive
+    full), for as long as `refusing` holds."""
+
+    def __init__(self, root, refuse):
+        super().__init__(root)
+        self.refuse, self.refusing = refuse, True
+
+    def upload(self, local, path):
+        if self.refusing and self.refuse(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().upload(local, path)
 
 
 def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
@@ -102,11 +119,10 @@ def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
     assert not (root_with_data / "queue").exists() or not list((root_with_data / "queue").iterdir())
 
 
-def test_stopped_job_resumes_from_its_checkpoint_and_finishes(root_with_data, tiny_config,
-                                                              monkeypatch):
+def test_stopped_job_resumes_from_its_checkpoint_and_finishes(root_with_data, tiny_config):
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
-    assert finish(queue, job_id, stop_at_step=3, monkeypatch=monkeypatch) is None
+    assert finish(queue, job_id, stop_at_step=3) is None
     hb = Heartbeat.from_json(queue.storage.read_bytes(JobPaths(job_id).heartbeat))
     assert hb.released and hb.last_checkpoint_step == 3
 
@@ -122,7 +138,7 @@ def test_stopped_job_resumes_from_its_checkpoint_and_finishes(root_with_data, ti
 
 @pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream"])
 def test_deterministic_resume_ends_with_identical_weights(tmp_path, cherry_images, tiny_config,
-                                                          monkeypatch, pipeline):
+                                                          pipeline):
     tiny_config["deterministic"] = True
     # "gpu" and "stream" run on the CPU here (same logic, CPU kernels)
     tiny_config["performance"] = {"input_pipeline": pipeline}
@@ -135,8 +151,8 @@ def test_deterministic_resume_ends_with_identical_weights(tmp_path, cherry_image
     straight = run_job(roots[0], tiny_config)
     queue = JobQueue(LocalStorage(roots[1]))
     job_id = queue.submit(validate_config(tiny_config)).job_id
-    finish(queue, job_id, stop_at_step=2, monkeypatch=monkeypatch)  # mid-epoch 1
-    finish(queue, job_id, stop_at_step=8, monkeypatch=monkeypatch)  # mid-epoch 2
+    finish(queue, job_id, stop_at_step=2)  # mid-epoch 1
+    finish(queue, job_id, stop_at_step=8)  # mid-epoch 2
     resumed = finish(queue, job_id)
     assert resumed.attempts == 3
     assert resumed.final_weights_sha256 == straight.final_weights_sha256
@@ -196,10 +212,10 @@ def test_pretrained_without_internet_says_what_to_do(monkeypatch):
         build_model(ModelConfig(name="resnet18", num_classes=2, pretrained=True), None)
 
 
-def test_corrupt_newest_checkpoint_is_skipped(root_with_data, tiny_config, monkeypatch):
+def test_corrupt_newest_checkpoint_is_skipped(root_with_data, tiny_config):
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
-    finish(queue, job_id, stop_at_step=8, monkeypatch=monkeypatch)  # checkpoints at 6 and 8
+    finish(queue, job_id, stop_at_step=8)  # checkpoints at 6 and 8
     paths = JobPaths(job_id)
     newest = root_with_data / paths.checkpoint(8)
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated
@@ -250,13 +266,11 @@ def test_the_same_data_gives_the_same_dataset_hash(root_with_data, tiny_config):
     assert second.data_cache["train"]["copied_files"] == 0  # reused across jobs
 
 
-def fit_only(images: int, monkeypatch, when=lambda: True) -> None:
-    """Models built from now on raise CUDA out of memory for more than `images` at once in
-    training (while `when()`): a small GPU, on the CPU."""
-    real_build = train_module.build_model
-
+def fit_only(images: int, when=lambda: True) -> Seams:
+    """Seams whose models raise CUDA out of memory for more than `images` at once in training
+    (while `when()`): a small GPU, on the CPU."""
     def build_small_gpu_model(*args):
-        model = real_build(*args)
+        model = build_model(*args)
         real_forward = model.forward
 
         def forward(x):
@@ -266,34 +280,30 @@ def fit_only(images: int, monkeypatch, when=lambda: True) -> None:
         model.forward = forward
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_small_gpu_model)
+    return Seams(build_model=build_small_gpu_model)
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(
-        root_with_data, tiny_config, monkeypatch):
+        root_with_data, tiny_config):
     """An injected CUDA OOM for more than 4 images at once: the job still trains every step of
     batch 16, as 4 micro-batches of 4, and says so in its result."""
-    fit_only(4, monkeypatch)
-    result = run_job(root_with_data, tiny_config)
+    result = run_job(root_with_data, tiny_config, seams=fit_only(4))
     assert result.state == JobState.succeeded, result.error
     assert result.steps_completed == 12  # 2 epochs x 96 / 16: the effective batch is kept
     assert result.micro_batch == 4
     assert [b["micro_batch"] for b in result.oom_backoffs] == [8, 4]
 
 
-def test_out_of_memory_at_the_floor_fails_clearly(root_with_data, tiny_config, monkeypatch):
-    real_build = train_module.build_model
-
+def test_out_of_memory_at_the_floor_fails_clearly(root_with_data, tiny_config):
     def build_hopeless_model(*args):
-        model = real_build(*args)
+        model = build_model(*args)
 
         def forward(x):
             raise torch.OutOfMemoryError("CUDA out of memory")
         model.forward = forward
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_hopeless_model)
-    result = run_job(root_with_data, tiny_config)
+    result = run_job(root_with_data, tiny_config, seams=Seams(build_model=build_hopeless_model))
     assert result.state == JobState.failed
     assert "out of memory even with micro-batches of 1" in result.error.message
     assert result.error.traceback is None
@@ -312,14 +322,14 @@ def test_an_undecodable_image_fails_the_job_naming_the_file(tmp_path, cherry_ima
     assert broken.name in result.error.message and "does not decode" in result.error.message
 
 
-def test_each_job_has_its_own_json_log(root_with_data, tiny_config, monkeypatch):
+def test_each_job_has_its_own_json_log(root_with_data, tiny_config):
     from cherry_train import logs
 
     logs.configure("json")
     tiny_config["training"]["epochs"] = 1
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
-    finish(queue, job_id, stop_at_step=2, monkeypatch=monkeypatch)  # attempt 1, released
+    finish(queue, job_id, stop_at_step=2)  # attempt 1, released
     result = finish(queue, job_id)  # attempt 2
     lines = [json.loads(x) for x in
              (root_with_data / JobPaths(job_id).log).read_text().splitlines()]
@@ -344,26 +354,24 @@ def test_a_quiet_console_still_leaves_a_full_job_log(root_with_data, tiny_config
 
 
 @pytest.mark.parametrize("epochs", [1, 2])
-def test_checkpoints_that_cannot_be_written_do_not_end_the_job(root_with_data, tiny_config,
-                                                               monkeypatch, epochs):
+def test_checkpoints_that_cannot_be_written_do_not_end_the_job(root_with_data, tiny_config, epochs):
     """Every checkpoint fails (Drive full) and so does the first best.pt: training goes on,
     and best.pt still ends up holding the weights the result names, stored with the next
     epoch's checkpoint (2 epochs) or at the end (1 epoch)."""
-    from cherry_train.jobqueue.owner import Owner
     from cherry_train.worker.checkpoint import weights_sha256
 
-    upload, best_failures = Owner.upload, []
+    best_failures = []
 
-    def drive_full(self, local, path, sha256=None):
+    def drive_full(path):
         if "/checkpoints/" in path or (path.endswith("best.pt") and not best_failures):
             best_failures.append(path)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return upload(self, local, path, sha256)
+            return True
+        return False
 
-    monkeypatch.setattr(Owner, "upload", drive_full)
     tiny_config["training"]["epochs"] = epochs
     with structlog.testing.capture_logs() as logs:
-        result = run_job(root_with_data, tiny_config)
+        result = run_job(root_with_data, tiny_config,
+                         storage=RefusingStorage(root_with_data, drive_full))
     assert result.state == JobState.succeeded, result.error
     assert result.epochs_completed == epochs
     job_dir = root_with_data / "done" / result.job_id
@@ -377,26 +385,24 @@ def test_checkpoints_that_cannot_be_written_do_not_end_the_job(root_with_data, t
 
 @pytest.mark.parametrize("drive_comes_back", [True, False])
 def test_final_weights_that_cannot_be_stored_are_tried_again_before_the_job_fails(
-        root_with_data, tiny_config, monkeypatch, drive_comes_back):
+        root_with_data, tiny_config, drive_comes_back):
     """Drive full at the very end: the finished run is worth waiting for. If space comes back
     (someone frees it) the job succeeds; if not, it fails once the wait is over, saying why."""
-    from cherry_train.jobqueue.owner import Owner
     from cherry_train.worker.checkpoint import weights_sha256
 
-    upload, refused = Owner.upload, []
+    refused = []
 
-    def drive_full(self, local, path, sha256=None):
+    def drive_full(path):
         if path.endswith("final.pt") and (len(refused) < 2 or not drive_comes_back):
             refused.append(path)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return upload(self, local, path, sha256)
+            return True
+        return False
 
-    monkeypatch.setattr(Owner, "upload", drive_full)
-    monkeypatch.setattr(train_module, "STORE_RESULTS_FIRST_WAIT", 0.01)
     # Long enough for a few tries even on a loaded machine (each saves 43 MB first).
-    monkeypatch.setattr(train_module, "STORE_RESULTS_SECONDS", 60 if drive_comes_back else 3)
+    waits = Backoff(first=0.01, cap=120, give_up_after=60 if drive_comes_back else 3)
     with structlog.testing.capture_logs() as logs:
-        result = run_job(root_with_data, tiny_config)
+        result = run_job(root_with_data, tiny_config, seams=Seams(store_results=waits),
+                         storage=RefusingStorage(root_with_data, drive_full))
     retries = [x for x in logs if x["event"] == "could not store the job's results; trying again"]
     assert retries and {x["file"] for x in retries} == {"final.pt"}
     job_dir = root_with_data / "done" / result.job_id
@@ -414,30 +420,26 @@ def test_final_weights_that_cannot_be_stored_are_tried_again_before_the_job_fail
 
 
 def test_a_stop_while_final_weights_cannot_be_stored_hands_the_job_back(root_with_data,
-                                                                        tiny_config,
-                                                                        monkeypatch):
+                                                                        tiny_config):
     """SIGTERM while waiting for storage at the end: handed back, not failed; the next attempt
     resumes from the finished state's checkpoint and only stores the results."""
-    from cherry_train.jobqueue.owner import Owner
     from cherry_train.worker.loop import WorkerOptions
 
-    queue = JobQueue(LocalStorage(root_with_data))
-    job_id = queue.submit(validate_config(tiny_config)).job_id
-    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True))
-    upload = Owner.upload
-
-    def drive_full(self, local, path, sha256=None):
+    def drive_full(path):
         if path.endswith("final.pt"):
             worker.stop.set("SIGTERM")  # the notebook is stopped meanwhile
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return upload(self, local, path, sha256)
+            return True
+        return False
 
-    monkeypatch.setattr(Owner, "upload", drive_full)
+    storage = RefusingStorage(root_with_data, drive_full)
+    queue = JobQueue(storage)
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True))
     worker.run()
     paths = JobPaths(job_id)
     assert not (root_with_data / paths.result).exists()  # not failed
     assert Heartbeat.from_json((root_with_data / paths.heartbeat).read_bytes()).released
-    monkeypatch.setattr(Owner, "upload", upload)
+    storage.refusing = False  # space came back
     with structlog.testing.capture_logs() as logs:
         result = finish(queue, job_id)
     assert result.state == JobState.succeeded and result.attempts == 2
@@ -445,21 +447,19 @@ def test_a_stop_while_final_weights_cannot_be_stored_hands_the_job_back(root_wit
     assert not [x for x in logs if x["event"] == "first step"]  # nothing trained again
 
 
-def test_a_loader_death_during_validation_is_a_loader_death(root_with_data, tiny_config,
-                                                            monkeypatch):
+def test_a_loader_death_during_validation_is_a_loader_death(root_with_data, tiny_config):
     """Validation has loader processes too: one killed there hands the job back as LoaderDied
     (the next attempt uses half as many), not as an unknown error. Seen in the chaos test."""
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
-    original, calls = train_module.evaluate, []
+    calls = []
 
     def dies_once(job):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
-        return original(job)
-    monkeypatch.setattr(train_module, "evaluate", dies_once)
-    worker = Worker(queue, WorkerIdentity("w1"))
+        return evaluate(job)
+    worker = Worker(queue, WorkerIdentity("w1"), trainer=Training(Seams(validate=dies_once)))
     assert worker.run_once()
     hb = queue.heartbeat(job_id)
     assert hb.released and hb.error.type == "LoaderDied", hb.error

@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import job_view
 
 #: Never "differences" worth a column: the name is shown anyway.
 IGNORED = {"name"}
@@ -25,7 +26,7 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 def comparison(queue: JobQueue, job_ids: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """(the config fields that differ, one row per job with those fields and the results)."""
-    views = [queue.view(j) for j in job_ids]
+    views = [job_view(queue, j) for j in job_ids]
     configs = [_flatten(v.manifest.config.model_dump(mode="json")) if v.manifest else {}
                for v in views]
     keys = sorted({k for c in configs for k in c} - IGNORED)
@@ -78,7 +79,7 @@ def overlay_png(queue: JobQueue, job_ids: list[str]) -> bytes:
         raw = queue.storage.read_text_or_none(JobPaths(job_id).metrics) or ""
         epochs = [r for r in map(json.loads, filter(None, raw.splitlines()))
                   if r.get("kind") == "epoch"]
-        view = queue.view(job_id)
+        view = job_view(queue, job_id)
         label = f"{view.manifest.name if view.manifest else '?'} ({job_id[-4:]})"
         series[label] = epochs
     drawn = {label: epochs for label, epochs in series.items() if epochs}

@@ -15,7 +15,7 @@ from pathlib import Path
 from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Result
 
 CHUNK = 8 << 20

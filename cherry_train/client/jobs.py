@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import fnmatch
 
-from cherry_train.jobqueue.protocol import JobQueue
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import all_job_ids, job_view
 
 
 class NoSuchJob(ValueError):
@@ -18,7 +19,7 @@ MIN_SHORT_ID = 4
 
 
 def find_job(queue: JobQueue, text: str) -> str:
-    ids = queue.job_ids()
+    ids = all_job_ids(queue)
     if text in ids:
         return text
     if len(text) < MIN_SHORT_ID:
@@ -40,7 +41,7 @@ def find_jobs(queue: JobQueue, patterns: list[str]) -> list[str]:
     found: list[str] = []
     for pattern in patterns:
         if any(c in pattern for c in "*?["):
-            hits = [j for j in queue.job_ids()
+            hits = [j for j in all_job_ids(queue)
                     if fnmatch.fnmatch(j, pattern) or fnmatch.fnmatch(_name(queue, j), pattern)]
             if not hits:
                 raise NoSuchJob(f"JOB: nothing matches {pattern!r}")
@@ -51,5 +52,5 @@ def find_jobs(queue: JobQueue, patterns: list[str]) -> list[str]:
 
 
 def _name(queue: JobQueue, job_id: str) -> str:
-    view = queue.view(job_id)
+    view = job_view(queue, job_id)
     return view.manifest.name if view.manifest else ""

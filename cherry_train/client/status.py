@@ -15,11 +15,13 @@ from typing import Any
 
 import platformdirs
 
+from cherry_train import files
 from cherry_train.jobqueue.clock import age_seconds
-from cherry_train.jobqueue.protocol import JobQueue, JobView
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import JobView, all_job_ids, job_view, queued_job_ids
+from cherry_train.schemas import JobState
 from cherry_train.sizes import human_bytes
 
-FINISHED = ("succeeded", "failed", "cancelled")
 STATUS_THREADS = 16
 
 
@@ -38,25 +40,22 @@ def job_rows(queue: JobQueue, use_cache: bool = True) -> list[dict[str, Any]]:
             cache = json.loads(cache_file.read_text())
         except (FileNotFoundError, ValueError):
             cache = {}
-    job_ids = queue.job_ids()
+    job_ids = all_job_ids(queue)
     # A finished job's row never changes, unless `cherry retry` put it back in queue/.
-    for job_id in queue.queued_job_ids() & cache.keys():
+    for job_id in queued_job_ids(queue) & cache.keys():
         del cache[job_id]
     todo = [j for j in job_ids if j not in cache]
     # Each view is a few small reads: on a network mount, round trips. Overlap them.
     with ThreadPoolExecutor(STATUS_THREADS) as pool:
-        fresh = dict(zip(todo, pool.map(lambda j: _row(queue.view(j), queue.footprint(j)), todo),
-                         strict=True))
+        rows = pool.map(lambda j: _row(job_view(queue, j), queue.footprint(j)), todo)
+        fresh = dict(zip(todo, rows, strict=True))
     changed = False
     for job_id, row in fresh.items():
-        if row["state"] in FINISHED and use_cache:
+        if JobState(row["state"]).finished and use_cache:
             cache[job_id], changed = row, True
     rows = [cache.get(j) or fresh[j] for j in job_ids]
     if changed:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        files.write_atomic(cache_file, json.dumps(cache).encode())
     return rows
 
 
@@ -191,8 +190,8 @@ def usage_line(rows: list[dict[str, Any]]) -> str:
     jobs = f"{len(rows)} job holds" if len(rows) == 1 else f"{len(rows)} jobs hold"
     line = f"storage: {jobs} {human_bytes(total)}"
     if checkpoints:
-        line += (f", {human_bytes(checkpoints)} of it checkpoints (kept for resume; removed when a job "
-                 "succeeds, the newest kept when it fails or is cancelled)")
+        line += (f", {human_bytes(checkpoints)} of it checkpoints (kept for resume; removed "
+                 "when a job succeeds, the newest kept when it fails or is cancelled)")
     return line
 
 

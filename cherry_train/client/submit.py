@@ -9,11 +9,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cherry_train import __version__
+from cherry_train import __version__, datachecks
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue
-from cherry_train.jobqueue.roots import PathMappingError, map_data_path, remote_location
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import job_view
+from cherry_train.places import PathMappingError, map_data_path, remote_location
 from cherry_train.schemas import ConfigError, Manifest, TrainingConfig, parse_config
 from cherry_train.storage.base import Storage
 
@@ -56,7 +57,7 @@ def resolve_evaluated_job(queue: JobQueue, config: TrainingConfig) -> TrainingCo
         job_id = find_job(queue, ev.job)
     except NoSuchJob as e:
         raise ConfigError([f"evaluate.job: {str(e).removeprefix('JOB: ')}"]) from None
-    view = queue.view(job_id)
+    view = job_view(queue, job_id)
     if view.state.value != "succeeded":
         raise ConfigError([f"evaluate.job: job {job_id} is {view.state.value}; only a "
                            "succeeded job's best weights can be evaluated"])
@@ -131,8 +132,8 @@ def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
             drive, remote_path = remote
             counts = _remote_class_counts(drive, remote_path)
             if counts is None:
-                problems.append(f"data.{name}: folder {remote_path} does not exist under "
-                                f"{drive.description}")
+                problems.append(datachecks.missing_folder(f"data.{name}", remote_path,
+                                                          under=drive.description))
                 continue
             path, where = _download_sample(drive, remote_path, counts, sample_dir / name), raw
             images[name] = _class_images(path)
@@ -144,8 +145,8 @@ def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
                 problems.append(f"data.{name}: {e}")
                 continue
             if not path.is_dir():
-                problems.append(f"data.{name}: folder {path} does not exist (pass "
-                                "--no-preflight if only the worker can see it)")
+                problems.append(datachecks.missing_folder(f"data.{name}", path) +
+                                " (pass --no-preflight if only the worker can see it)")
                 continue
             images[name] = _class_images(path)
             totals = {c: len(v) for c, v in images[name].items()}
@@ -154,14 +155,12 @@ def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
         report.checks.append((name.removesuffix("_path"),
                               f"{where}: {sum(totals.values())} images "
                               f"({counts_text or 'no class folders'})"))
-        problems += [f"data.{name}: class folder {c!r} has no images"
+        problems += [datachecks.empty_class(f"data.{name}", c)
                      for c, n in totals.items() if not n]
-    if len(images) == 2 and list(images["train_path"]) != list(images["val_path"]):
-        problems.append(f"data.val_path: class folders {list(images['val_path'])} differ from "
-                        f"data.train_path's {list(images['train_path'])}")
-    if "train_path" in images and len(images["train_path"]) != config.model.num_classes:
-        problems.append(f"model.num_classes: is {config.model.num_classes}, but data.train_path "
-                        f"has {len(images['train_path'])} class folders")
+    if "train_path" in images:
+        val = list(images["val_path"]) if "val_path" in images else None
+        problems += datachecks.class_problems(list(images["train_path"]), val,
+                                              config.model.num_classes)
     if problems:
         raise ConfigError(problems)
     report.checks.append(("decode", _decode_sample(images)))
@@ -201,7 +200,7 @@ def _preflight_evaluation(config: TrainingConfig, root_path: Path | None) -> Pre
     except PathMappingError as e:
         raise ConfigError([f"{name}: {e}"]) from None
     if not path.is_dir():
-        raise ConfigError([f"{name}: folder {path} does not exist"])
+        raise ConfigError([datachecks.missing_folder(name, path)])
     images = _class_images(path)
     report.checks.append(("data", f"{path}: {sum(map(len, images.values()))} images "
                                   f"({', '.join(f'{c} {len(v)}' for c, v in images.items())})"))

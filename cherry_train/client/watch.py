@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from cherry_train.client.status import storage_warning
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.views import JobView, job_view
 from cherry_train.schemas import JobState
 
 #: Exit codes of `cherry watch`: the job's outcome (2 stays "your input is wrong").
@@ -22,49 +25,33 @@ def epoch_line(record: dict, epochs: int | None) -> str:
             f"acc {record['val_accuracy']:.3f}")
 
 
+@dataclass
+class _Said:
+    """What `watch` has told already, so that each piece of news is told once."""
+
+    epochs: int = 0
+    attempt: int | None = None
+    stalled: bool = False
+    storage_error: str | None = None
+    released: int | None = None  # the attempt whose hand-back was told
+    bar: Any = None
+
+
 def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
           poll_seconds: float = 5.0, progress: bool = True, sleep=time.sleep) -> JobState:
     """Print each epoch as it is logged and show progress, until the job has a result."""
-    paths = JobPaths(job_id)
-    shown_epochs, bar, last_attempt, stalled_said, error_said = 0, None, None, False, None
-    released_said = None  # the attempt whose hand-back was said
+    said = _Said()
     try:
         while True:
-            view = queue.view(job_id)
-            epochs = view.manifest.config.epochs if view.manifest else None
-            raw = queue.storage.read_text_or_none(paths.metrics) or ""
-            records = [json.loads(x) for x in raw.splitlines() if x.strip()]
-            epoch_records = [r for r in records if r.get("kind") == "epoch"]
-            for record in epoch_records[shown_epochs:]:
-                _write(bar, say, epoch_line(record, epochs))
-            shown_epochs = max(shown_epochs, len(epoch_records))
+            view = job_view(queue, job_id)
+            _tell_epochs(queue, view, said, say)
             if view.state.finished:
                 break
-            hb = view.heartbeat
-            if view.attempt is not None and view.attempt.n != last_attempt:
-                last_attempt = view.attempt.n
-                _write(bar, say, f"attempt {view.attempt.n} on {view.attempt.worker_id} "
-                                 f"({view.attempt.reason.value})")
-            if view.stalled and not stalled_said:
-                _write(bar, say, f"no heartbeat for {view.heartbeat_age:.0f} s: the worker is "
-                                 "probably gone; the next worker start resumes the job")
-            stalled_said = view.stalled
-            if hb is not None and hb.released:
-                if released_said != hb.attempt:  # nobody trains it now: say so, once
-                    released_said = hb.attempt
-                    _write(bar, say, released_line(hb))
-                sleep(poll_seconds)  # and no progress bar: its ETA would only climb
-                continue
-            error = hb.storage_error if hb is not None else None
-            if error and error != error_said:
-                _write(bar, say, storage_warning(error, hb.last_checkpoint_step))
-            error_said = error
-            if hb is not None and hb.steps_per_epoch and progress:
-                bar = _update_bar(bar, hb, job_id)
+            _tell_news(view, said, say, progress)
             sleep(poll_seconds)
     finally:
-        if bar is not None:
-            bar.close()
+        if said.bar is not None:
+            said.bar.close()
     result = view.result
     summary = f"{job_id}: {view.state.value}"
     if result is not None and result.best is not None:
@@ -74,6 +61,40 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
         summary += f": {view.error.splitlines()[0]}"
     say(summary)
     return view.state
+
+
+def _tell_epochs(queue: JobQueue, view: JobView, said: _Said, say) -> None:
+    epochs = view.manifest.config.epochs if view.manifest else None
+    raw = queue.storage.read_text_or_none(JobPaths(view.job_id).metrics) or ""
+    records = [json.loads(x) for x in raw.splitlines() if x.strip()]
+    epoch_records = [r for r in records if r.get("kind") == "epoch"]
+    for record in epoch_records[said.epochs:]:
+        _write(said.bar, say, epoch_line(record, epochs))
+    said.epochs = max(said.epochs, len(epoch_records))
+
+
+def _tell_news(view: JobView, said: _Said, say, progress: bool) -> None:
+    """A new attempt, a stall, a hand-back, a storage problem; then the progress bar."""
+    hb = view.heartbeat
+    if view.attempt is not None and view.attempt.n != said.attempt:
+        said.attempt = view.attempt.n
+        _write(said.bar, say, f"attempt {view.attempt.n} on {view.attempt.worker_id} "
+                              f"({view.attempt.reason.value})")
+    if view.stalled and not said.stalled:
+        _write(said.bar, say, f"no heartbeat for {view.heartbeat_age:.0f} s: the worker is "
+                              "probably gone; the next worker start resumes the job")
+    said.stalled = view.stalled
+    if hb is not None and hb.released:
+        if said.released != hb.attempt:  # nobody trains it now: say so, once
+            said.released = hb.attempt
+            _write(said.bar, say, released_line(hb))
+        return  # and no progress bar: its ETA would only climb
+    error = hb.storage_error if hb is not None else None
+    if error and error != said.storage_error:
+        _write(said.bar, say, storage_warning(error, hb.last_checkpoint_step))
+    said.storage_error = error
+    if hb is not None and hb.steps_per_epoch and progress:
+        said.bar = _update_bar(said.bar, hb, view.job_id)
 
 
 def released_line(hb) -> str:

@@ -9,8 +9,9 @@ from pathlib import Path
 import yaml
 
 from cherry_train.client.submit import load_config_file, submit
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import JobQueue, WorkerIdentity
+from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import JobState, Result
 from cherry_train.storage import LocalStorage
 

@@ -10,29 +10,29 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
 from cherry_train import faults
 from cherry_train.checksums import file_sha256
-from cherry_train.schemas import Result, WorkerStatus
+from cherry_train.jobqueue.claims import Claim
+from cherry_train.jobqueue.jobfiles import JobFiles
+from cherry_train.schemas import Manifest, Result, WorkerStatus
 from cherry_train.storage.base import ReadOnlyStorage
-
-if TYPE_CHECKING:
-    from cherry_train.jobqueue.protocol import Claim, JobQueue
 
 log = structlog.get_logger(__name__)
 
 
 class Fenced(Exception):
     """A later attempt of this job exists: its owner must stop and write nothing more."""
+
+
 class Owner:
     """Every write the owner of an attempt makes, fenced first (DESIGN.md §3): once a later
     attempt exists, the next write raises Fenced instead of writing. With $CHERRY_JOURNAL set,
     each write is also journaled, so a test (or a post-mortem) can check fencing from history."""
 
-    def __init__(self, queue: JobQueue, claim: Claim):
+    def __init__(self, queue: JobFiles, claim: Claim):
         self.queue, self.claim = queue, claim
         self._storage = queue.storage  # written only by the methods below, each fenced
         self.reader = ReadOnlyStorage(queue.storage)  # reads: the job's files, data, other jobs
@@ -47,14 +47,18 @@ class Owner:
     def write_worker_status(self, status: WorkerStatus) -> None:
         self.queue.write_worker_status(status)
 
-    def manifest_of(self, job_id: str):
+    def manifest_of(self, job_id: str) -> Manifest | None:
         """Another job's manifest (evaluation of a trained job), or None."""
-        return self.queue.view(job_id).manifest
+        return self.queue.learn(self.queue.manifest(job_id))
 
     # -- the job's files, each write fenced ----------------------------------------------------
 
     def fence(self) -> None:
-        self.queue.fence(self.claim.job_id, self.claim.attempt.n)
+        """Raise Fenced if an attempt later than ours exists."""
+        job_id, mine = self.claim.job_id, self.claim.attempt.n
+        later = self.queue.later_attempt(job_id, mine)
+        if later is not None:
+            raise Fenced(f"job {job_id}: attempt {later} took over from attempt {mine}")
 
     def write(self, path: str, data: bytes) -> None:
         self._fenced(path)
@@ -84,25 +88,22 @@ class Owner:
             return None
         return len(data), hashlib.sha256(data).hexdigest()
 
-    def commit(self, result: Result) -> bool:
-        """Create result.json exclusively; True if ours is the result. Then tidy up."""
-        paths = self.claim.paths
-        self._fenced(paths.result)
+    def create_result(self, result: Result) -> bool:
+        """Create result.json exclusively; True if ours is the result (lifecycle.commit)."""
+        path = self.claim.paths.result
+        self._fenced(path)
         faults.point("before-commit")
-        won = self._storage.create_exclusive(paths.result, result.to_json())
+        won = self._storage.create_exclusive(path, result.to_json())
         faults.point("after-commit")
-        if won and self._storage.confirms_later and \
-                not self._storage.confirm_durable(paths.result):
+        if won and self._storage.confirms_later and not self._storage.confirm_durable(path):
             log.warning("result.json is written but Drive has not confirmed it yet; the mount "
                         "uploads it later", job_id=self.claim.job_id)
-        self.queue.finish_bookkeeping(self.claim.manifest, result.state if won else None)
         return won
 
     def _fenced(self, path: str) -> None:
         started = time.time()
         self.fence()
         journal("write", self.claim.job_id, self.claim.attempt.n, path=path, t=started)
-
 
 
 def journal(event: str, job_id: str, attempt: int, **fields) -> None:

@@ -31,7 +31,9 @@ from cherry_train.schemas.records import (
     Heartbeat,
     JobState,
     Manifest,
+    Phase,
     Result,
+    WorkerState,
     WorkerStatus,
 )
 
@@ -39,8 +41,9 @@ __all__ = [
     "Amp", "Artifact", "Attempt", "AttemptEnd", "AttemptReason", "AugmentationSection",
     "BestEpoch", "CheckpointSection",
     "ConfigError", "DataSection", "ErrorInfo", "EvaluateSection", "FailedManifest", "Heartbeat",
-    "JobState", "Manifest", "Mode", "ModelConfig", "Result", "TrainingConfig", "TrainingSection",
-    "WorkerStatus",
+    "JobState", "Manifest", "Mode", "ModelConfig", "Phase", "Result", "TrainingConfig",
+    "TrainingSection",
+    "WorkerState", "WorkerStatus",
     "config_json_schema", "parse_config", "validate_config",
 ]
 

@@ -70,11 +70,19 @@ def format_validation_error(error: ValidationError, model: type[BaseModel]) -> l
                 inner = named.group(1)
                 field = inner if field == "(top level)" else f"{field}.{inner}"
                 message = named.group(2)
-            elif "input" in err and not isinstance(err["input"], dict | list):
+            elif "input" in err and not isinstance(err["input"], dict | list) and \
+                    kind != "json_invalid":  # the input is then the whole file
                 message += f" (got {err['input']!r})"
         lines.append(f"{field}: {message}")
     # A union (e.g. bool | str) reports once per branch; one line per field is enough.
     return list(dict.fromkeys(_first_per_field(lines)))
+
+
+def one_line(error: ValidationError, model: type[BaseModel], what: str, limit: int = 3) -> str:
+    """A record's problems on one line (a log line, a status row): the first `limit` of them."""
+    lines = format_validation_error(error, model)
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return f"{what}: " + "; ".join(x.removeprefix("(top level): ") for x in lines[:limit]) + more
 
 
 def _is_union_branch(part: object) -> bool:

@@ -17,7 +17,18 @@ from cherry_train.schemas.config import TrainingConfig
 SCHEMA_VERSION = 1
 
 
-class JobState(str, Enum):
+class Word(str, Enum):
+    """A word written in a record and shown to people as it is ("training", not
+    "Phase.training"), on every Python (3.12 changed how mixed-in enums format)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class JobState(Word):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -26,10 +37,19 @@ class JobState(str, Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+        return self in FINISHED
+
+    @property
+    def retryable(self) -> bool:
+        """`cherry retry` puts it back in the queue."""
+        return self in (JobState.failed, JobState.cancelled)
 
 
-class AttemptReason(str, Enum):
+#: The states a result records: the job is over.
+FINISHED = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+
+class AttemptReason(Word):
     """Why an attempt was started (DESIGN.md §3)."""
 
     fresh = "fresh"  # the job's first attempt
@@ -38,6 +58,29 @@ class AttemptReason(str, Enum):
     same_worker = "same-worker"  # our worker id's previous process went silent (disconnect)
     lease_expired = "lease-expired"  # another worker went silent for longer than the lease
     retried = "retried"  # `cherry retry` put the finished job back in the queue
+
+
+class Phase(Word):
+    """What the owner of a job is doing, as its heartbeat says (`cherry status` shows it)."""
+
+    starting = "starting"  # set up, or resumed, and about to train
+    copying_data = "copying data"
+    compiling = "compiling"
+    training = "training"
+    validating = "validating"
+    evaluating = "evaluating"  # mode: evaluation
+    finishing = "finishing"  # storing final weights
+    waiting_for_storage = "waiting for storage"  # final weights refused (Drive full): retrying
+    released = "released"  # handed back: the next claim resumes it
+    finished = "finished"  # the result follows
+
+
+class WorkerState(Word):
+    """What a worker's status file says it does."""
+
+    idle = "idle"
+    busy = "busy"
+    stopped = "stopped"
 
 
 class _Record(BaseModel):
@@ -82,7 +125,7 @@ class AttemptEnd(_Record):
     """How an attempt ended, as its last heartbeat told the worker that claimed the job next
     (a killed process writes nothing more, so this is all there is to know)."""
 
-    phase: str | None = None  # None: it never wrote a heartbeat
+    phase: Phase | str | None = None  # None: it never wrote a heartbeat; str: a newer word
     step: int = 0
     trained: bool = False  # it took at least one training step
     released: bool = False  # it handed the job back (on request, or after an error)
@@ -112,9 +155,8 @@ class Heartbeat(_Record):
     attempt: int
     worker_id: str
     at: datetime
-    # starting | copying data | compiling | training | validating | finishing |
-    # waiting for storage | released | finished (mode: evaluation: evaluating)
-    phase: str = "starting"
+    # A newer worker's word for a phase is kept as it is: readers show it, never reject it.
+    phase: Phase | str = Phase.starting
     released: bool = False  # the owner handed the job back: the next worker may take it now
     # Why the owner handed the job back, when an error (not a stop request) ended the attempt:
     # `cherry status` shows it while the job waits; the next attempt records it in its history.
@@ -191,7 +233,7 @@ class WorkerStatus(_Record):
     worker_id: str
     incarnation: str
     at: datetime
-    state: str  # idle | busy | stopped
+    state: WorkerState | str  # str: a newer worker's word
     interval_seconds: float = 30.0  # it writes this file again within this long, while alive
     host: str = ""
     pid: int = 0

@@ -14,7 +14,7 @@ def is_outage(exc: BaseException) -> bool:
     """An error of the queue root's storage that outlasted the backend's own retries and may
     yet go away: the mount's OS errors, a failing Drive API. Not refused credentials: those
     need the user, nor a machine whose TLS cannot be verified."""
-    from cherry_train.storage.gdrive import DriveAuthError, DriveError, DriveSetupError
+    from cherry_train.storage.gdrive_api import DriveAuthError, DriveError, DriveSetupError
 
     return isinstance(exc, OSError | DriveError) and \
         not isinstance(exc, DriveAuthError | DriveSetupError)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from cherry_train.backoff import Backoff
 from cherry_train.checksums import file_md5
 from cherry_train.storage.base import Storage
 from cherry_train.storage.local import LocalStorage
@@ -50,8 +51,8 @@ class UploadConfirmedMount(RetryingStorage):
             want = file_md5(local)
         except FileNotFoundError:
             return False
-        deadline = self._monotonic() + (self.timeout if timeout is None else timeout)
-        wait = 2.0
+        limit = self.timeout if timeout is None else timeout
+        waits = Backoff(first=2.0, cap=30.0, give_up_after=limit).waits(self._monotonic)
         while True:
             try:
                 if self.api.md5(path) == want:
@@ -59,18 +60,17 @@ class UploadConfirmedMount(RetryingStorage):
             except Exception as e:  # the API is a second opinion: its errors never fail a job
                 log.warning("could not ask the Drive API about an upload", path=path,
                             error=f"{type(e).__name__}: {e}")
-            if self._monotonic() + wait > deadline:
+            wait = next(waits, None)
+            if wait is None:
                 log.warning("Drive has not received the file yet; it does not count as saved",
-                            path=path, waited_seconds=round(self.timeout if timeout is None
-                                                            else timeout))
+                            path=path, waited_seconds=round(limit))
                 return False
             self._sleep(wait)
-            wait = min(wait * 2, 30.0)
 
 
 def my_drive_folder(root: Path) -> str | None:
     """The path under My Drive of a folder of the Colab mount or of Drive for Desktop."""
-    from cherry_train.jobqueue.roots import find_my_drive
+    from cherry_train.places import find_my_drive
 
     my_drive = find_my_drive()
     root = Path(root).absolute()

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cherry_train.jobqueue.roots import config_dir, on_colab
-from cherry_train.storage.gdrive import AUTH_HINT, SCOPE, DriveAuthError
+from cherry_train import files
+from cherry_train.places import config_dir, on_colab
+from cherry_train.storage.gdrive_api import AUTH_HINT, SCOPE, DriveAuthError
 
 HTTP_TIMEOUT_SECONDS = 120
 
@@ -89,13 +90,7 @@ def _refresh(creds, path: Path) -> None:
 def save_token(token_json: str, path: Path | None = None) -> Path:
     """Write the token readable by its owner only, atomically (never briefly world-readable)."""
     path = path or token_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token_json)
-    os.chmod(tmp, 0o600)  # in case the file existed with wider permissions
-    os.replace(tmp, path)
+    files.write_atomic(path, token_json.encode(), mode=0o600)
     return path
 
 

@@ -5,28 +5,15 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from stat import S_ISDIR
 
+from cherry_train import files
+from cherry_train.files import is_temp, temp_beside, write_synced
 from cherry_train.storage.base import FileInfo, Storage
-
-_TMP_MARK = ".tmp-"
-
-
-def _tmp_name(target: Path) -> Path:
-    # Hidden, unique per writer, in the target's own folder so the rename stays on one device.
-    return target.with_name(f".{target.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _holds(target: Path, data: bytes) -> bool:
@@ -55,7 +42,7 @@ class LocalStorage(Storage):
         """The target (its folder created) and a temp name beside it, removed afterwards."""
         target = self._path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(target)
+        tmp = temp_beside(target)
         try:
             yield target, tmp
         finally:
@@ -73,13 +60,11 @@ class LocalStorage(Storage):
             return f.read(length)
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        with self._staged(path) as (target, tmp):
-            _write_synced(tmp, data)
-            os.replace(tmp, target)
+        files.write_atomic(self._path(path), data)
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         with self._staged(path) as (target, tmp):
-            _write_synced(tmp, data)
+            write_synced(tmp, data)
             try:
                 # link() publishes the complete file under the final name, or fails if the name
                 # is taken: exclusive and never half-written, on every POSIX file system.
@@ -111,7 +96,7 @@ class LocalStorage(Storage):
             names = os.listdir(self._path(path))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(n for n in names if not (n.startswith(".") and _TMP_MARK in n))
+        return sorted(n for n in names if not is_temp(n))
 
     def stat(self, path: str) -> FileInfo | None:
         try:
@@ -135,21 +120,14 @@ class LocalStorage(Storage):
             target.unlink(missing_ok=True)
 
     def upload(self, local: Path, path: str) -> None:
-        with self._staged(path) as (target, tmp):
+        with files.replacing(self._path(path)) as tmp:
             try:
                 os.link(local, tmp)  # same file system: no copy needed
             except OSError:
                 shutil.copyfile(local, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
 
     def download(self, path: str, local: Path) -> None:
-        local = Path(local)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(local)
-        try:
+        with files.replacing(Path(local)) as tmp:
             shutil.copyfile(self._path(path), tmp)
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)

@@ -9,19 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import structlog
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_delay,
-    wait_exponential,
-    wait_random,
-)
-
+from cherry_train.backoff import Backoff
 from cherry_train.storage.base import FileInfo, Storage
-
-log = structlog.get_logger(__name__)
 
 #: Errors a Drive mount gives while it reconnects. Others (no such file, permission) are real.
 TRANSIENT_ERRNOS = frozenset({errno.ENOTCONN, errno.EIO, errno.ESTALE, errno.EAGAIN,
@@ -36,12 +25,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
 
 
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    log.warning("storage error, retrying", error=str(exc), attempt=state.attempt_number,
-                wait_seconds=round(state.next_action.sleep, 2) if state.next_action else None)
-
-
 class RetryingStorage(Storage):
     """Wraps any backend; every primitive is retried on transient OS errors."""
 
@@ -49,12 +32,8 @@ class RetryingStorage(Storage):
                  give_up_seconds: float = GIVE_UP_SECONDS):
         self.inner = inner
         self.description = inner.description
-        kwargs = {"sleep": sleep} if sleep is not None else {}
-        self._retrying = Retrying(
-            retry=retry_if_exception(is_transient),
-            wait=wait_exponential(multiplier=0.5, max=30) + wait_random(0, 0.5),
-            stop=stop_after_delay(give_up_seconds),
-            before_sleep=_log_retry, reraise=True, **kwargs)
+        self._retrying = Backoff(first=0.5, cap=30, give_up_after=give_up_seconds, jitter=0.5) \
+            .retrying(is_transient, event="storage error, retrying", sleep=sleep)
 
     def _call(self, fn: Callable[..., T], *args) -> T:
         # A copy per call: the heartbeat thread and the trainer share this storage.

@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
+from enum import Enum
+from typing import TypeVar
 
+import structlog
 import torch
 from torch import nn
+
+from cherry_train import logs
+from cherry_train.schemas import Phase
+from cherry_train.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 #: Eager steps skipped (cudnn autotuning, allocator warm-up), then timed.
 PROBE_SKIP, PROBE_STEPS = 5, 20
@@ -145,3 +156,145 @@ def cache_counts() -> dict[str, int]:
     inductor = counters["inductor"]
     return {"cache_hits": inductor["fxgraph_cache_hit"],
             "cache_misses": inductor["fxgraph_cache_miss"]}
+
+
+# -- one attempt's decision, and its compiled model ------------------------------------------------
+
+class CompileState(Enum):
+    undecided = "undecided"  # timing eager steps (auto), or not yet looked at
+    first_step = "first-step"  # compiled: the next step runs the compiler
+    on = "on"
+    off = "off"
+
+
+class TorchCompiler:
+    """torch.compile and torch's kernel cache, as Compilation uses them: the seam tests replace
+    (nothing compiles on a CPU)."""
+
+    decide = staticmethod(fixed_decision)
+    compile = staticmethod(compile_model)
+    key = staticmethod(kernels_key)
+    pack = staticmethod(pack_kernels)
+    unpack = staticmethod(unpack_kernels)
+
+
+class Compilation:
+    """Whether and when this attempt compiles its model, the compiled model once it does, and
+    the kernels it packs for the next attempt (stored with the next checkpoint)."""
+
+    def __init__(self, compiler: TorchCompiler, model: nn.Module, device: torch.device,
+                 mode: str, deterministic: bool, reader: Storage, kernels_path: str,
+                 report: Callable[..., None]):
+        self.compiler, self.model, self.device = compiler, model, device
+        self.mode, self.deterministic = mode, deterministic
+        self.reader, self.kernels_path, self.report = reader, kernels_path, report
+        self.state = CompileState.undecided
+        self.compiled: nn.Module | None = None  # same parameters as the model
+        self.steps = 0  # steps this attempt has taken while undecided
+        self.probe: tuple[float, int] | None = None  # (time, step) where eager timing began
+        self.key: dict | None = None  # what the compiled kernels are for
+        self.kernels: bytes | None = None  # packed, waiting for the next checkpoint
+
+    def model_for_step(self) -> nn.Module:
+        return self.model if self.compiled is None else self.compiled
+
+    def consider(self, micro: int, steps_left: int) -> None:
+        """performance.compile: decided at once where no timing is needed, else after timing a
+        few eager steps (two host syncs, once per attempt). Called after each step while
+        undecided."""
+        self.steps += 1
+        decided = self.compiler.decide(self.mode, self.device, self.deterministic)
+        if decided is None and steps_left < 4 * PROBE_STEPS:
+            decided = False, "too few steps left to be worth timing, let alone compiling"
+        if decided is None:
+            if self.steps == PROBE_SKIP:
+                torch.cuda.synchronize(self.device)
+                self.probe = (time.perf_counter(), self.steps)
+            if self.probe is None or self.steps < self.probe[1] + PROBE_STEPS:
+                return
+            torch.cuda.synchronize(self.device)
+            step_seconds = (time.perf_counter() - self.probe[0]) / (self.steps - self.probe[1])
+            stored = kernels_enabled() and self.reader.exists(self.kernels_path)
+            decided = pays_back(steps_left, step_seconds, micro, warm=stored)
+        compile_it, why = decided
+        if compile_it:
+            mode = self._compile(micro)
+            log.info("compiling the model", mode=mode, why=why,
+                     earlier_kernels=self._load_kernels())
+        else:
+            self.state = CompileState.off
+            log.info("not compiling the model", why=why)
+
+    def recompile(self, micro: int) -> None:
+        """After an out-of-memory back-off: compile afresh, exactly as a resumed attempt will
+        for this micro-batch (same mode, same stored-kernels key, so what this compile packs
+        serves it); the old graphs, and any CUDA graph memory they hold, go."""
+        if self.compiled is not None:
+            log.info("compiling the model for the smaller micro-batch", mode=self._compile(micro))
+
+    def step(self, run: Callable[[], T]) -> T:
+        """run() one training step; the first one after compiling runs the compiler, and if
+        the compiler fails, eager training goes on."""
+        if self.state != CompileState.first_step:
+            return run()
+        try:
+            self.report(phase=Phase.compiling)  # a minute on one step: say why, in status
+            started, before = time.perf_counter(), cache_counts()
+            out = run()
+            self.report(phase=Phase.training)
+            self.state = CompileState.on
+            log.info("model compiled", seconds=round(time.perf_counter() - started, 1),
+                     **{k: v - before[k] for k, v in cache_counts().items()})
+            self._pack_kernels()
+            return out
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            log.warning("torch.compile failed; training goes on without it", error=logs.brief(e))
+            self.compiled, self.state = None, CompileState.off
+            self.report(phase=Phase.training)
+            return run()
+
+    def take_kernels(self) -> bytes | None:
+        """The packed kernels, for the next checkpoint to store (put_back if that fails)."""
+        kernels, self.kernels = self.kernels, None
+        return kernels
+
+    def put_back(self, kernels: bytes | None) -> None:
+        if self.kernels is None:
+            self.kernels = kernels
+
+    def _compile(self, micro: int) -> str:
+        """Compile for this micro-batch (the next step runs the compiler); the mode chosen."""
+        self.compiled, mode = self.compiler.compile(self.model, micro)
+        self.state = CompileState.first_step
+        self.key = self.compiler.key(mode, micro, self.device) if kernels_enabled() else None
+        return mode
+
+    def _load_kernels(self) -> str:
+        """The kernels an earlier attempt of this job compiled, loaded into torch's caches: a
+        resumed attempt on a fresh VM then compiles from cache. Says what happened."""
+        if self.key is None:
+            return "off (CHERRY_STORED_KERNELS=0)"
+        try:
+            data = self.reader.read_bytes(self.kernels_path)
+        except FileNotFoundError:
+            return "none stored"
+        try:
+            refused = self.compiler.unpack(data, self.key)
+        except Exception as e:  # a cache problem must never cost the job: compile from scratch
+            refused = logs.brief(e, 200)
+        if refused:
+            return f"not used: {refused}"
+        self.key = None  # already stored: nothing to write back
+        return f"loaded ({len(data) / 2**20:.1f} MB)"
+
+    def _pack_kernels(self) -> None:
+        """Keep what this compile produced, to be stored with the next checkpoint."""
+        if self.key is None:
+            return
+        try:
+            self.kernels = self.compiler.pack(self.key)
+        except Exception as e:
+            log.warning("could not pack the compiled kernels; a resumed attempt will compile "
+                        "from scratch", error=logs.brief(e, 200))

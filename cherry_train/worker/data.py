@@ -1,159 +1,44 @@
-"""ImageFolder data with augmentation that is a pure function of (seed, epoch, sample index).
+"""A job's data: its folders found and checked, the input pipeline chosen, and batches served
+on the device, from loader processes (here), or decoded on the GPU (gpudata, gpustream).
 
-Why not torchvision's transforms as they are: they draw from the global RNG, whose state
-depends on which DataLoader process handled which batch. Seeding each sample's randomness
-from (seed, epoch, index) makes the data of step k the same in an uninterrupted run and in one
-resumed at step k, whatever `num_workers` is — which is what exact resume needs.
-
-Samples leave the loader as uint8 tensors (4x less to copy than float); `to_model_input`
-converts and normalises them on the training device.
+How each sample is read and augmented is in samples.py; the loader processes in processes.py;
+the copy of the data onto this VM in datacache.py.
 """
 
 from __future__ import annotations
 
-import math
-import multiprocessing
-import os
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import structlog
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
+from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-from cherry_train import faults
-from cherry_train.jobqueue.roots import PathMappingError, map_data_path, remote_location
+from cherry_train import datachecks
+from cherry_train.places import PathMappingError, map_data_path, remote_location
 from cherry_train.schemas import TrainingConfig
 from cherry_train.storage.base import Storage
-from cherry_train.worker.datacache import LocalSource, Source, StorageSource
+from cherry_train.worker import gpudata, gpustream
+from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.runtime import STOP_SIGNALS
+from cherry_train.worker.processes import (
+    available_memory,
+    loader_processes,
+    shut_down,
+    size_loader_pool,
+    usable_cores,
+    worker_context,
+)
+from cherry_train.worker.samples import EpochSampler, ImageFolderSamples, Transform, to_model_input
+from cherry_train.worker.sources import LocalSource, Source, StorageSource
 
 log = structlog.get_logger(__name__)
 
-JPEG_SUFFIXES = (".jpg", ".jpeg")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def undecodable(path: str, error: Exception) -> JobError:
-    """The one message for a data file that is not an image, whichever pipeline met it."""
-    return JobError(f"data: {path} does not decode as an image ({error}); remove or replace it")
-
-
-def crop_params(width: int, height: int, min_scale: float, rng: np.random.Generator):
-    """RandomResizedCrop's parameters (area scale in [min_scale, 1], ratio in [3/4, 4/3]),
-    drawn from `rng`. Same algorithm as torchvision's, with the centre crop fallback."""
-    area = width * height
-    log_ratio = (math.log(3 / 4), math.log(4 / 3))
-    for _ in range(10):
-        target_area = area * rng.uniform(min_scale, 1.0)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    side = min(width, height)
-    return (height - side) // 2, (width - side) // 2, side, side
-
-
-def crop_box(width: int, height: int, seed: int, epoch: int, index: int, augment: bool,
-             min_scale: float) -> tuple[float, float, float, float, bool]:
-    """The (left, top, right, bottom) box in the original image's pixels that Transform cuts
-    for this sample, and its flip: the same draws from the same generator, so the GPU
-    pipelines crop what the loader processes would."""
-    if augment:
-        rng = np.random.default_rng((seed, epoch, index))
-        top, left, h, w = crop_params(width, height, min_scale, rng)
-        return left, top, left + w, top + h, bool(rng.random() < 0.5)
-    s = min(width, height)  # resize the shorter side, centre crop: the centred square
-    left, top = (width - s) / 2, (height - s) / 2
-    return left, top, left + s, top + s, False
-
-
-@dataclass(frozen=True)
-class Transform:
-    size: int
-    augment: bool
-    min_scale: float = 0.5
-
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        if self.augment:
-            top, left, h, w = crop_params(img.width, img.height, self.min_scale, rng)
-            img = F.resized_crop(img, top, left, h, w, [self.size, self.size],
-                                 InterpolationMode.BILINEAR, antialias=True)
-            if rng.random() < 0.5:
-                img = F.hflip(img)
-        else:
-            img = F.center_crop(F.resize(img, self.size, InterpolationMode.BILINEAR,
-                                         antialias=True), self.size)
-        return F.pil_to_tensor(img)
-
-
-class ImageFolderSamples(Dataset):
-    """An ImageFolder whose items are looked up by (epoch, index)."""
-
-    def __init__(self, root: Path, classes: list[str], transform: Transform, seed: int):
-        self.root = root
-        self.classes = classes
-        self.samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)},
-                                    extensions=IMG_EXTENSIONS)
-        self.transform = transform
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        path, label = self.samples[index]
-        faults.slow("decode")
-        try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
-            raise undecodable(path, e) from None
-        rng = np.random.default_rng((self.seed, epoch, index))
-        return self.transform(img, rng), label
-
-
-class EpochSampler(Sampler):
-    """Yields (epoch, index): a permutation regenerated from (seed, epoch), from `start` on.
-
-    The position is set before each pass (like DistributedSampler.set_epoch), so one loader
-    with persistent worker processes serves every epoch and every resume point."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool, stop: int | None = None):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.stop = n if stop is None else min(stop, n)
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.n)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self.order()[self.start:self.stop].tolist():
-            yield self.epoch, i
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+DEVELOPMENT_TRAIN_BATCHES = 8
+DEVELOPMENT_VAL_BATCHES = 4
 
 
 @dataclass
@@ -201,20 +86,16 @@ class Data:
         return batches
 
     def _streamed(self, split: str):
-        from cherry_train.worker.gpustream import StreamedBatches
-
         dataset = self.train if split == "train" else self.val
         transform = dataset.transform
         stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
-        return StreamedBatches(
+        return gpustream.StreamedBatches(
             dataset, EpochSampler(len(dataset), dataset.seed, split == "train", stop),
             self.batch_size, transform.size, transform.augment, transform.min_scale,
             self.normalize, drop_last=split == "train", device=self.device,
             num_workers=self.num_workers)
 
     def _decoded(self, split: str):
-        from cherry_train.worker import gpudata
-
         dataset = self.train if split == "train" else self.val  # decoded once, on first use
         transform = dataset.transform
         side = gpudata.stored_side(transform.size, self.train.transform.min_scale)
@@ -269,135 +150,6 @@ class _OnDevice:
             yield x, labels.to(self.device, non_blocking=True)
 
 
-def ignore_stop_signals(_worker_id: int | None = None) -> None:
-    """Loader processes ignore stop signals (a DataLoader worker_init_fn). The main process
-    ends them when it is done with them."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
-
-def loader_processes(num_workers: int) -> dict:
-    """DataLoader arguments for `num_workers` loader processes: where they start, and that
-    they leave stopping to the main process."""
-    if not num_workers:
-        return {}
-    return {"multiprocessing_context": worker_context(), "worker_init_fn": ignore_stop_signals}
-
-
-def shut_down(loader: DataLoader) -> None:
-    """End a DataLoader's persistent loader processes (each gets its end-of-work message and
-    exits by itself; torch's own shutdown, which its iterator otherwise runs when collected)."""
-    iterator = getattr(loader, "_iterator", None)
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-    loader._iterator = None
-
-
-def worker_context() -> multiprocessing.context.BaseContext | None:
-    """Where loader processes start: a fork server, never a fork of this process (its heartbeat
-    thread could hold a lock at fork time and deadlock the child).
-
-    The server imports torch and the data modules once, so each loader process starts in a
-    fraction of a second instead of importing them itself (on the 2-core dev VM: a second pair
-    of loader processes 0.1 s instead of 6-8 s; eight of them on a small Colab VM would import
-    torch eight times over on two cores). The first call starts the server, whose imports then
-    run while the job builds its model and decodes its images.
-
-    The server is started with the stop signals ignored, which it keeps across its exec and
-    hands to every process it forks: a signal to the process group then neither kills it (no
-    loader could start after that) nor a loader between its fork and its worker_init_fn."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    from multiprocessing import forkserver
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["cherry_train.worker.gpudata"])  # imports this module too
-    with _stop_signals_ignored():
-        forkserver.ensure_running()
-    return context
-
-
-@contextmanager
-def _stop_signals_ignored():
-    """Ignore the stop signals in this process while the body starts a child. A signal that
-    arrives meanwhile is lost, which for starting one process is a few milliseconds."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal.signal only works there; the notebook and the CLI train on it
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-DEVELOPMENT_TRAIN_BATCHES = 8
-DEVELOPMENT_VAL_BATCHES = 4
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container or `taskset` may allow fewer than the
-    machine has: os.cpu_count() would count them all)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-#: What one loader process costs in RAM besides its batches: a forked Python with torch,
-#: PIL and numpy imported (about 350 MB resident measured on the dev VM), with headroom.
-LOADER_PROCESS_BYTES = 500 << 20
-
-
-def available_memory() -> int | None:
-    """RAM this process may still use: the kernel's MemAvailable, or less if a cgroup limit
-    (a container) leaves less. None where neither can be read."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            found.append(int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
-
-
-def size_loader_pool(configured: int | None, on_gpu: bool, batch_size: int, image_size: int,
-                     cores: int, free: int | None) -> tuple[int, str]:
-    """How many loader processes, and why: on a GPU as many as the cores this process may use
-    (at most 8), on the CPU none (training needs the cores); never more than the cores (a
-    Colab VM has 2: eight decoders there only fight over them), nor more than half the
-    available RAM (`free` bytes) holds: each is a whole Python with torch, plus its prefetched
-    batches."""
-    if configured is not None:
-        wanted, why = configured, "data.num_workers"
-    elif on_gpu:
-        wanted, why = min(8, cores), f"{cores} usable cores"
-    else:
-        return 0, "training on the CPU needs its cores"
-    if wanted > cores:
-        wanted, why = cores, f"capped at the {cores} cores this process may use"
-    if wanted and free is not None:
-        each = LOADER_PROCESS_BYTES + 2 * batch_size * 3 * image_size * image_size  # prefetch 2
-        fits = max(1, int(free / 2 // each))
-        if fits < wanted:
-            wanted, why = fits, (f"capped by RAM: {free / 2**30:.1f} GiB available, about "
-                                 f"{each / 2**20:.0f} MiB each")
-    return wanted, why
-
-
 def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
     """Where a config's path is on this machine (the path mapping of DESIGN.md §5); a path
     that cannot be mapped is the user's to fix, named by its field."""
@@ -433,12 +185,11 @@ def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
 
 def _classes(path: Path, field: str) -> list[str]:
     if not path.is_dir():
-        raise JobError(f"{field}: folder {path} does not exist")
+        raise JobError(datachecks.missing_folder(field, path))
     try:
         classes, _ = find_classes(str(path))
     except FileNotFoundError:
-        raise JobError(f"{field}: {path} has no class folders (expected one folder per class, "
-                       "e.g. good/ and defect/)") from None
+        raise JobError(datachecks.no_class_folders(field, path)) from None
     return classes
 
 
@@ -448,12 +199,9 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
     previous attempt died)."""
     train_classes = _classes(train_path, "data.train_path")
     val_classes = _classes(val_path, "data.val_path")
-    if train_classes != val_classes:
-        raise JobError(f"data.val_path: class folders {val_classes} differ from "
-                       f"data.train_path's {train_classes}")
-    if len(train_classes) != cfg.model.num_classes:
-        raise JobError(f"model.num_classes: is {cfg.model.num_classes}, but data.train_path "
-                       f"has {len(train_classes)} class folders: {', '.join(train_classes)}")
+    problems = datachecks.class_problems(train_classes, val_classes, cfg.model.num_classes)
+    if problems:
+        raise JobError(problems[0])
     aug = cfg.augmentation
     size = cfg.data.image_size
     train = ImageFolderSamples(train_path, train_classes,
@@ -499,8 +247,6 @@ def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolde
     if device.type != "cuda":
         log.info("input pipeline", pipeline="workers", why="not on a CUDA device")
         return "workers"
-    from cherry_train.worker import gpudata, gpustream
-
     side = gpudata.stored_side(cfg.data.image_size, cfg.augmentation.min_crop_scale)
     need = gpudata.decoded_bytes(len(train) + len(val), side)
     free, _ = torch.cuda.mem_get_info(device)
@@ -522,11 +268,33 @@ def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolde
     return "workers"
 
 
-def to_model_input(images: torch.Tensor, device: torch.device, normalize: bool) -> torch.Tensor:
-    """uint8 NCHW from the loader -> float on the device, in [0, 1] or ImageNet-normalised."""
-    x = images.to(device, non_blocking=True).float().div_(255)
-    if normalize:
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x
+def prepare_data(cfg: TrainingConfig, data_root: Path | None, storage: Storage,
+                 copying: Callable[[], None]):
+    """The local folders to train from, after copying the data into the cache (unless
+    data.cache is false and the data is on this machine), and what the result records.
+    `copying()` is called before a copy starts: minutes, on a first copy through the mount."""
+    d = cfg.data
+
+    def source(name: str) -> Source:
+        return source_for(getattr(d, name), f"data.{name}", data_root, storage)
+
+    if not d.cache and not any(remote_location(p, data_root, storage)
+                               for p in (d.train_path, d.val_path)):
+        return (resolve_path(d.train_path, "data.train_path", data_root),
+                resolve_path(d.val_path, "data.val_path", data_root), {})
+    copying()
+    cache_dir = default_cache_dir()
+    if d.archive:
+        report = cache_folder(source("archive"), cache_dir)
+        base = Path(report.local)
+        info = {"dataset_sha256": report.sha256, "archive": asdict(report)}
+        return base / d.train_path, base / d.val_path, info
+    reports = {}
+    for name in ("train_path", "val_path"):
+        src = source(name)
+        if not src.exists():
+            raise JobError(datachecks.missing_folder(f"data.{name}", src.label))
+        reports[name.removesuffix("_path")] = cache_folder(src, cache_dir, pack=d.pack)
+    combined = hashlib.sha256(f"{reports['train'].sha256}\n{reports['val'].sha256}".encode())
+    info = {"dataset_sha256": combined.hexdigest(), **{k: asdict(r) for k, r in reports.items()}}
+    return Path(reports["train"].local), Path(reports["val"].local), info

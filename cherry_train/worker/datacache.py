@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import tarfile
-import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -26,29 +25,18 @@ from pathlib import Path
 
 import platformdirs
 import structlog
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from cherry_train import datapack, faults
-from cherry_train.checksums import file_sha256
-from cherry_train.jobqueue.roots import on_colab
+from cherry_train import datapack
+from cherry_train.files import write_atomic
+from cherry_train.places import on_colab
 from cherry_train.sizes import human_bytes
-from cherry_train.storage.base import Storage
-from cherry_train.storage.retrying import is_transient
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.sources import LocalSource, Source
 
 log = structlog.get_logger(__name__)
 
 MANIFEST = ".cherry-dataset.json"
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 COPY_THREADS = 16  # I/O bound: the mount answers many requests at once much faster than one
-_RETRYING = Retrying(retry=retry_if_exception(is_transient), wait=wait_exponential(0.5, max=20),
-                     stop=stop_after_delay(300), reraise=True)
-
-
-def _retry(fn, *args):
-    return _RETRYING.copy()(fn, *args)  # a copy per call: copies run on many threads
-
-
 @dataclass
 class CacheReport:
     """What the result records about one data folder."""
@@ -75,125 +63,6 @@ def default_cache_dir() -> Path:
 def _entry(cache_dir: Path, source: Source) -> Path:
     key = hashlib.sha1(source.label.encode()).hexdigest()[:12]
     return cache_dir / f"{source.name.split('.')[0][:40]}-{key}"
-
-
-class Source:
-    """A data folder or archive to cache: on this machine's file system (the Colab mount,
-    a local folder) or in a storage backend (a Drive API root). Listing and copying are
-    retried on transient errors."""
-
-    name: str
-    label: str  # names the source in the cache key, logs and the result
-
-    def exists(self) -> bool:
-        raise NotImplementedError
-
-    def is_archive(self) -> bool:
-        return self.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-    def listing(self) -> dict[str, tuple[int, int]]:
-        """relative path -> (size, mtime_ns) of every file (the archive itself for one)."""
-        raise NotImplementedError
-
-    def copy(self, rel: str, target: Path, size: int) -> str:
-        """Copy one file to target (checked by size), return its sha256."""
-        raise NotImplementedError
-
-    def pack_place(self) -> datapack.PackPlace | None:
-        """Where this folder's data pack is (see datapack.py), or None where it has none."""
-        return None
-
-    def can_build_pack(self) -> bool:
-        return False
-
-
-class LocalSource(Source):
-    def __init__(self, path: Path):
-        self.path, self.name, self.label = Path(path), Path(path).name, str(path)
-
-    def exists(self) -> bool:
-        return _retry(self.path.exists)
-
-    def listing(self) -> dict[str, tuple[int, int]]:
-        if self.is_archive():
-            st = _retry(self.path.stat)
-            return {self.name: (st.st_size, st.st_mtime_ns)}
-        return datapack.list_folder(self.path, stat=lambda p: _retry(p.stat),
-                                    walk=lambda p: _retry(os.walk, p))
-
-    def copy(self, rel: str, target: Path, size: int) -> str:
-        root = self.path.parent if self.is_archive() else self.path
-
-        def fetch(tmp: Path) -> None:
-            faults.slow("open")  # a simulated network mount: one round trip per file opened
-            shutil.copyfile(root / rel, tmp)
-
-        return _copy_with(fetch, root / rel, target, size)
-
-    def pack_place(self) -> datapack.PackPlace:
-        return datapack.FolderPackPlace(self.path.parent / f"{self.name}{datapack.PACK_SUFFIX}")
-
-    def can_build_pack(self) -> bool:
-        return True
-
-
-class StorageSource(Source):
-    """A folder (or archive) below a storage root, e.g. `data/train` of a `gdrive:` root."""
-
-    def __init__(self, storage: Storage, path: str):
-        self.storage, self.path = storage, path.strip("/")
-        self.name = self.path.rsplit("/", 1)[-1]
-        self.label = f"{storage.description}: {self.path}"
-
-    def exists(self) -> bool:
-        return self.storage.exists(self.path)
-
-    def listing(self) -> dict[str, tuple[int, int]]:
-        if self.is_archive():
-            info = self.storage.stat(self.path)
-            return {self.name: (info.size, _ns(info.modified))} if info else {}
-        found: dict[str, tuple[int, int]] = {}
-        folders = [""]
-        while folders:  # breadth first: one listing per folder
-            rel = folders.pop()
-            for name, info in self.storage.list_entries(f"{self.path}/{rel}".rstrip("/")).items():
-                if name.startswith("."):
-                    continue
-                child = f"{rel}/{name}".lstrip("/")
-                if info.is_dir:
-                    folders.append(child)
-                else:
-                    found[child] = (info.size, _ns(info.modified))
-        return found
-
-    def copy(self, rel: str, target: Path, size: int) -> str:
-        remote = self.path if self.is_archive() else f"{self.path}/{rel}"
-        return _copy_with(lambda tmp: self.storage.download(remote, tmp), remote, target, size)
-
-    def pack_place(self) -> datapack.PackPlace:
-        # Read only: the worker reads an API root through a read-only view, so packs of such
-        # roots are built with `cherry data pack` on a machine that syncs the folder.
-        return datapack.StoragePackPlace(self.storage, f"{self.path}{datapack.PACK_SUFFIX}")
-
-
-def _ns(when) -> int:
-    return int(when.timestamp() * 1_000_000_000)
-
-
-def _copy_with(fetch, source, target: Path, size: int) -> str:
-    """fetch(tmp) one file (retried), check its size, return its sha256."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
-
-    def attempt() -> None:
-        fetch(tmp)
-        if tmp.stat().st_size != size:
-            raise OSError(5, f"short copy of {source}: {tmp.stat().st_size} of {size} bytes")
-
-    _retry(attempt)
-    digest = file_sha256(tmp)
-    os.replace(tmp, target)
-    return digest
 
 
 def _dataset_sha256(files: dict[str, dict]) -> str:
@@ -244,34 +113,14 @@ def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto") -> C
         raise JobError(f"data: {source.label} is empty")
     files_dir = entry / "files"
 
-    # Unchanged files (same path, size and mtime, present locally) are kept as they are.
-    files: dict[str, dict] = {}
-    todo = []
-    for rel, (size, mtime) in listing.items():
-        known = old["files"].get(rel)
-        if known and known["size"] == size and known["mtime_ns"] == mtime and \
-                (files_dir / rel).is_file():
-            files[rel] = known
-        else:
-            todo.append((rel, size, mtime))
-    for rel in set(old["files"]) - set(listing):  # deleted at the source
-        (files_dir / rel).unlink(missing_ok=True)
-
+    files, todo = _unchanged(old["files"], listing, files_dir)
     place = source.pack_place() if pack != "off" and not source.is_archive() else None
     index = None
     unpacked = 0
     if todo and place is not None and (index := place.index()) is not None:
         unpacked, todo = _unpack(index, place, todo, files, files_dir, entry, progress)
     if todo:
-        bar = _bar(progress, len(todo), source.name)
-        with ThreadPoolExecutor(COPY_THREADS) as pool:
-            digests = pool.map(lambda t: source.copy(t[0], files_dir / t[0], t[1]), todo)
-            for (rel, size, mtime), digest in zip(todo, digests, strict=True):
-                files[rel] = {"size": size, "mtime_ns": mtime, "sha256": digest}
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        _copy_all(source, todo, files, files_dir, progress)
     sha = _dataset_sha256(files)
     local = files_dir
     if source.is_archive():
@@ -287,15 +136,45 @@ def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto") -> C
                 "pack_fingerprint": fingerprint if pack_state else None}
     if copied or old.get("sha256") != sha or \
             old.get("pack_fingerprint") != manifest["pack_fingerprint"]:
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, manifest_path)  # last: a copy interrupted before this is redone
+        # Last: a copy interrupted before this is redone.
+        write_atomic(manifest_path, json.dumps(manifest).encode())
     report = CacheReport(source=source.label, local=str(local), sha256=sha, files=len(files),
                          bytes=sum(f["size"] for f in files.values()), copied_files=copied,
                          copy_seconds=round(time.perf_counter() - started, 3),
                          unpacked_files=unpacked, pack=pack_state)
     log.info("data cached" if copied else "data cache reused", **asdict(report))
     return report
+
+
+def _unchanged(known: dict[str, dict], listing: dict[str, tuple[int, int]],
+               files_dir: Path) -> tuple[dict[str, dict], list]:
+    """The files kept as they are (same path, size and mtime, present here), and the rest to
+    copy; files deleted at the source go here too."""
+    files: dict[str, dict] = {}
+    todo = []
+    for rel, (size, mtime) in listing.items():
+        entry = known.get(rel)
+        if entry and entry["size"] == size and entry["mtime_ns"] == mtime and \
+                (files_dir / rel).is_file():
+            files[rel] = entry
+        else:
+            todo.append((rel, size, mtime))
+    for rel in set(known) - set(listing):
+        (files_dir / rel).unlink(missing_ok=True)
+    return files, todo
+
+
+def _copy_all(source: Source, todo: list, files: dict, files_dir: Path, progress: bool) -> None:
+    """Copy the files in `todo` from the source, many at a time, recording each in `files`."""
+    bar = _bar(progress, len(todo), source.name)
+    with ThreadPoolExecutor(COPY_THREADS) as pool:
+        digests = pool.map(lambda t: source.copy(t[0], files_dir / t[0], t[1]), todo)
+        for (rel, size, mtime), digest in zip(todo, digests, strict=True):
+            files[rel] = {"size": size, "mtime_ns": mtime, "sha256": digest}
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 def _unpack(index: datapack.PackIndex, place: datapack.PackPlace, todo: list, files: dict,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cherry_train.schemas import Amp
@@ -45,3 +47,19 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def seed_and_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
+    """The initial weights come from the seed (later randomness is restored from checkpoints);
+    `deterministic` trades speed for bitwise repeatable kernels."""
+    if deterministic and device.type == "cuda":
+        # cuBLAS is only deterministic with a fixed workspace; read when its handle is created.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)

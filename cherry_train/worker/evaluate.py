@@ -16,25 +16,21 @@ import structlog
 import torch
 from torch.utils.data import DataLoader
 
+from cherry_train.jobqueue.claims import Claim
 from cherry_train.jobqueue.layout import JobPaths
-from cherry_train.jobqueue.protocol import Claim
 from cherry_train.plots import render_confusion
-from cherry_train.schemas import ModelConfig, Result
+from cherry_train.schemas import ModelConfig, Phase, Result
 from cherry_train.storage.base import Storage
-from cherry_train.worker.data import (
-    ImageFolderSamples,
-    Transform,
-    loader_processes,
-    local_file,
-    source_for,
-    to_model_input,
-)
-from cherry_train.worker.datacache import LocalSource, cache_folder, default_cache_dir
+from cherry_train.worker.data import local_file, source_for
+from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.device import describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.model import build_model, forward, read_weights_file
-from cherry_train.worker.outcome import Outcome, TrainState
-from cherry_train.worker.reporting import Reporter, StopRequest
+from cherry_train.worker.outcome import JobRun, Outcome, TrainState
+from cherry_train.worker.processes import loader_processes
+from cherry_train.worker.reporting import Reporter
+from cherry_train.worker.samples import ImageFolderSamples, Transform, to_model_input
+from cherry_train.worker.sources import LocalSource
 
 log = structlog.get_logger(__name__)
 
@@ -121,12 +117,13 @@ def _timings(model, device, precision, size: int, normalize: bool) -> dict[str, 
             "images_per_second_batch64": round(throughput, 1)}
 
 
-def evaluate(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
-             data_root: Path | None, progress_bar: bool = False) -> Outcome:
+def evaluate(run: JobRun) -> Outcome:
+    """mode: evaluation (a Runner): the trained job's best weights on the evaluation data."""
+    claim, reporter, scratch, data_root = run.claim, run.reporter, run.scratch, run.data_root
     cfg = claim.manifest.config
     device = pick_device()
     precision = resolve_precision(cfg.amp, device)
-    reporter.update(phase="copying data", device=describe(device))
+    reporter.update(phase=Phase.copying_data, device=describe(device))
     data_dir, data_info = _data_dir(claim, data_root, reporter.owner.reader)
     model_cfg, weights_file, source = _source(claim, reporter, scratch, data_root)
     from torchvision.datasets.folder import find_classes
@@ -144,7 +141,7 @@ def evaluate(claim: Claim, reporter: Reporter, stop: StopRequest, scratch: Path,
                        f"{model_cfg.num_classes} classes ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
 
-    reporter.update(phase="evaluating")
+    reporter.update(phase=Phase.evaluating)
     dataset = ImageFolderSamples(data_dir, classes, Transform(cfg.data.image_size, False),
                                  cfg.seed)
     loader = DataLoader(dataset, batch_size=EVAL_BATCH,

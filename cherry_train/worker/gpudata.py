@@ -31,14 +31,14 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from cherry_train.worker.data import (
+from cherry_train.worker.processes import loader_processes
+from cherry_train.worker.samples import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,
     crop_box,
-    loader_processes,
     undecodable,
 )
 

@@ -22,6 +22,7 @@ box, PIL filters it), which the `gpu` tests bound.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -32,15 +33,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
-from cherry_train.worker.data import (
+from cherry_train.worker.gpudata import BatchFinish
+from cherry_train.worker.processes import loader_processes
+from cherry_train.worker.samples import (
     JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,
     crop_box,
-    loader_processes,
     undecodable,
 )
-from cherry_train.worker.gpudata import BatchFinish
 
 PREFETCH_BATCHES = 2  # decoded batches waiting for the model: enough to hide a slow one
 
@@ -242,10 +243,8 @@ class _Prefetched:
         finally:
             self.closed.set()
             while self.thread.is_alive():  # unblock a producer waiting to put
-                try:
+                with contextlib.suppress(queue.Empty):
                     self.ready.get(timeout=0.1)
-                except queue.Empty:
-                    pass
 
     def _produce(self) -> None:
         try:

@@ -1,9 +1,15 @@
-"""What training leaves behind for the result: torch-free, so queue tests can fake a trainer."""
+"""The contract between the worker loop and whoever runs an attempt (the trainer, the
+evaluator, a test's fake): what it is handed (JobRun), what it returns (Outcome), and the
+interface itself (Runner). Torch-free, so queue tests can fake a trainer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+
+from cherry_train.jobqueue.claims import Claim
+from cherry_train.worker.reporting import Reporter, StopRequest
 
 
 @dataclass
@@ -36,3 +42,22 @@ class Outcome:
     final_weights_sha256: str | None = None
     data: dict[str, Any] = field(default_factory=dict)  # dataset_sha256 and the cache reports
     evaluation: dict[str, Any] | None = None  # mode: evaluation's findings
+
+
+@dataclass
+class JobRun:
+    """What the worker hands whoever runs one attempt of a job."""
+
+    claim: Claim
+    reporter: Reporter  # heartbeats, metrics, the owner's fenced writes (reporter.owner)
+    stop: StopRequest  # checked at every step: a signal, a cancel, the runtime cap, a takeover
+    scratch: Path  # this attempt's own local folder, emptied before and after
+    data_root: Path | None  # the queue root's local folder: relative data paths start there
+    progress_bar: bool = False
+
+
+class Runner(Protocol):
+    """Runs one attempt: returns an Outcome (completed, or stopped after a checkpoint on
+    request); raises JobError for the job's own faults, anything else to hand the job back."""
+
+    def __call__(self, run: JobRun) -> Outcome: ...

@@ -19,7 +19,7 @@ import structlog
 from cherry_train import logs
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.plots import render_curves
-from cherry_train.schemas import Heartbeat, WorkerStatus
+from cherry_train.schemas import Heartbeat, Phase, WorkerStatus
 
 log = structlog.get_logger(__name__)
 
@@ -62,14 +62,13 @@ class StopRequest:
 
 class Reporter:
     def __init__(self, owner: Owner, worker_status: WorkerStatus, stop: StopRequest,
-                 deadline: datetime | None = None):
+                 interval: float, deadline: datetime | None = None):
         self.owner, self.stop = owner, stop
+        self.interval = interval  # the job's heartbeat_seconds
         self.deadline = deadline  # the runtime cap, less the time to checkpoint and release
         self.claim = owner.claim
         self.worker_status = worker_status
-        config = owner.claim.manifest.config
-        self.interval = config.heartbeat_seconds
-        self._progress: dict[str, Any] = {"phase": "starting"}
+        self._progress: dict[str, Any] = {"phase": Phase.starting}
         self._metrics: list[str] = []
         self._metrics_synced = 0
         self._lock = threading.Lock()
@@ -162,13 +161,18 @@ class Reporter:
         self.sync_log()
         logs.close_tap(self.claim.job_id)
 
-    def beat(self, **final: Any) -> None:
-        """Write the heartbeat and sync metrics (fenced); notice a cancel request."""
+    def heartbeat(self, **final: Any) -> Heartbeat:
+        """The heartbeat record as things stand, with `final` fields on top (a release's)."""
         with self._lock:
             progress = {**self._progress, **final}
-        claim, now = self.claim, self.owner.clock.now()
-        heartbeat = Heartbeat(job_id=claim.job_id, attempt=claim.attempt.n,
-                              worker_id=claim.attempt.worker_id, at=now, **progress)
+        claim = self.claim
+        return Heartbeat(job_id=claim.job_id, attempt=claim.attempt.n,
+                         worker_id=claim.attempt.worker_id, at=self.owner.clock.now(), **progress)
+
+    def beat(self, **final: Any) -> None:
+        """Write the heartbeat and sync metrics (fenced); notice a cancel request."""
+        claim, heartbeat = self.claim, self.heartbeat(**final)
+        now = heartbeat.at
         with self._on_fenced():
             self.owner.write(claim.paths.heartbeat, heartbeat.to_json())
         self.sync_metrics()

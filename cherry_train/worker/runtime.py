@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from cherry_train.jobqueue.roots import on_colab
+from cherry_train.places import on_colab
 from cherry_train.schemas import TrainingConfig
 
 #: Signals that stop the worker. Colab, systemd, `docker stop`, `timeout` and Ctrl-C in a
@@ -101,3 +101,8 @@ def compute_units(device: str | None, gpu_hours: float) -> float | None:
         if fragment.lower() in device.lower():
             return round(gpu_hours * rate, 3)
     return None
+
+
+def default_max_runtime_hours() -> float | None:
+    """The runtime cap a worker assumes when none is given: Colab Pro's on Colab, else none."""
+    return COLAB_PRO_MAX_HOURS if on_colab() else None

@@ -1,4 +1,5 @@
-"""Which queue root a command uses, and where Google Drive lives on this machine (DESIGN.md §5-6).
+"""Where things are on this machine: which queue root a command uses, the config folder, Colab
+and its Drive mount, and how a config's data paths map onto them (DESIGN.md §5-6).
 
 Root order: --root, else $CHERRY_ROOT, else the root saved by `cherry init`, else the Colab Drive
 folder on Colab, else a local demo folder (with a notice saying so).

@@ -1,0 +1,214 @@
+"""The client commands of `cherry`: each turns its arguments into a call of cherry_train.client
+(or the queue) and prints the answer. They run without torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cherry_train.cli.common import UsageError, err, require_root, root_and_queue
+from cherry_train.client.jobs import find_job, find_jobs
+from cherry_train.jobqueue.views import job_view
+from cherry_train.places import default_local_root, find_my_drive, save_root
+from cherry_train.schemas import config_json_schema
+
+
+def cmd_submit(args) -> int:
+    from cherry_train.client import submit as client
+
+    config = client.load_config_file(Path(args.config), name=args.name, priority=args.priority)
+    resolved, queue = root_and_queue(args)
+    config = client.resolve_evaluated_job(queue, config)
+    if args.no_preflight:
+        client.check_model_name(config)  # validation, not pre-flight: always
+        report = None
+    else:
+        report = client.preflight(config, queue.storage.local_path(""), storage=queue.storage)
+    manifest = client.submit(queue, config, str(Path(args.config).resolve()))
+    print(f"root: {resolved.root} (from {resolved.source})")
+    if report is not None:
+        print(report.render())
+    if not client.live_workers(queue):
+        err("warning: no worker has written a heartbeat to this root in the last "
+             f"{client.WORKER_FRESH_SECONDS // 60} minutes; the job waits until one starts "
+             "(run the Colab notebook or `cherry worker`)")
+    print(f"queued: {manifest.name}, priority {manifest.priority}")
+    print(manifest.job_id)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from cherry_train.client.status import job_rows, render_table, worker_rows
+
+    resolved, queue = root_and_queue(args)
+    require_root(resolved, queue)
+    rows = job_rows(queue)
+    if args.state:
+        rows = [r for r in rows if r["state"] == args.state]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"root: {resolved.root}")
+    print(render_table(rows, worker_rows(queue)))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    import getpass
+    import socket
+
+    resolved, queue = root_and_queue(args)
+    require_root(resolved, queue)
+    job_id = find_job(queue, args.job)
+    view = job_view(queue, job_id)
+    if view.state.finished:
+        print(f"{job_id} already {view.state.value}; nothing to cancel")
+        return 0
+    first = queue.request_cancel(job_id, f"{getpass.getuser()}@{socket.gethostname()}")
+    again = "" if first else " (it had been requested already)"
+    if view.state.value == "queued":
+        print(f"cancelled {job_id}: it will not start{again}")
+    else:
+        print(f"cancel requested for {job_id}{again}: its worker checkpoints and stops at its "
+              f"next heartbeat (every {view.manifest.config.heartbeat_seconds:g} s)"
+              if view.manifest else f"cancel requested for {job_id}{again}")
+    return 0
+
+
+def cmd_retry(args) -> int:
+    resolved, queue = root_and_queue(args)
+    require_root(resolved, queue)
+    job_id = find_job(queue, args.job)
+    manifest = queue.retry(job_id)
+    step = queue.latest_checkpoint_step(job_id)
+    where = f"from its checkpoint at step {step}" if step is not None else "from the start"
+    print(f"queued {job_id} again: its next attempt resumes {where}, with the crash-loop count "
+          f"started afresh (attempt {(manifest.retried_after_attempt or 0) + 1})")
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from cherry_train.client.watch import EXIT_CODES, watch
+
+    resolved, queue = root_and_queue(args)
+    require_root(resolved, queue)
+    state = watch(queue, find_job(queue, args.job), poll_seconds=args.poll_seconds,
+                  progress=not args.no_progress)
+    return EXIT_CODES[state]
+
+
+def cmd_fetch(args) -> int:
+    from cherry_train.client.fetch import ChecksumMismatch, fetch
+
+    resolved, queue = root_and_queue(args)
+    require_root(resolved, queue)
+    job_id = find_job(queue, args.job)
+    dest = Path(args.dest) / job_id
+    try:
+        fetched = fetch(queue, job_id, dest, checkpoints=args.checkpoints)
+    except ChecksumMismatch as e:
+        err(f"error: {e}")
+        return 1
+    for f in fetched:
+        print(f"{f.status:>10}  {f.bytes:>12,} B  {f.path}")
+    if any(f.status == "unverified" for f in fetched):
+        err("note: the job has no result yet; these files are as they are now, unverified")
+    print(dest)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from cherry_train.client.compare import comparison, overlay_png, render
+
+    _, queue = root_and_queue(args)
+    job_ids = find_jobs(queue, args.jobs)
+    if len(job_ids) < 2:
+        raise UsageError(f"JOB: compare needs at least two jobs; {args.jobs} matched "
+                         f"{len(job_ids)}")
+    differing, rows = comparison(queue, job_ids)
+    if args.json:
+        print(json.dumps({"differing": differing, "jobs": rows}, indent=2))
+    else:
+        print(render(differing, rows))
+    try:
+        png = overlay_png(queue, job_ids)
+    except ImportError:
+        err("note: no matplotlib here, so no plot (pip install matplotlib)")
+        return 0
+    Path(args.out).write_bytes(png)
+    print(f"curves: {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    if args.root:
+        root = args.root
+    else:
+        my_drive = find_my_drive()
+        if my_drive is None:
+            raise UsageError("no Google Drive for Desktop folder found here; pass the queue "
+                             "folder: cherry init PATH (or set CHERRY_MYDRIVE)")
+        root = str(my_drive / "traina")
+    if not root.startswith("gdrive:"):
+        Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+        root = str(Path(root).expanduser().resolve())
+    path = save_root(root)
+    print(f"default root: {root}\n(saved in {path}; --root and $CHERRY_ROOT still win)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cherry_train import logs
+    from cherry_train.demo.run import DemoSize, run_demo
+
+    logs.configure("console", args.log_level)
+    # Never the configured queue root: the demo's job and data stay out of real queues.
+    root = Path(args.root) if args.root else default_local_root().parent / "demo"
+    if str(root).startswith("gdrive:"):
+        raise UsageError("--root: the demo runs on a local folder")
+    print(f"demo root: {root}")
+    size = DemoSize(train=args.train_images, val=args.val_images, epochs=args.epochs,
+                    image_size=args.image_size, model=args.model)
+    result = run_demo(root, size, progress_bar=not args.no_progress)
+    return 0 if result.state.value == "succeeded" else 1
+
+
+def cmd_drive_login(args) -> int:
+    from cherry_train.storage.gdrive_auth import login
+
+    path = login(Path(args.client_secrets), open_browser=not args.no_browser)
+    print(f"Drive access granted; token saved in {path} (readable only by you).\n"
+          "Use a Drive folder as the queue root with --root gdrive:<folder>, e.g. "
+          "`cherry init gdrive:traina`.")
+    return 0
+
+
+def cmd_data_pack(args) -> int:
+    from cherry_train import datapack
+    from cherry_train.sizes import human_bytes
+
+    folder = Path(args.path)
+    if not folder.is_dir():
+        raise UsageError(f"{args.path} is not a folder (give the data folder itself, e.g. "
+                         "data/train, whose class folders hold the images)")
+    try:
+        index, place, built = datapack.pack_folder(folder, args.shard_mb << 20,
+                                                   progress=not args.no_progress)
+    except datapack.PackError as e:
+        raise UsageError(str(e)) from None
+    size = human_bytes(index.bytes)
+    if not built:
+        print(f"{place.description} is current: {len(index.files)} files in "
+              f"{len(index.shards)} shards ({size}); nothing to do")
+        return 0
+    print(f"packed {len(index.files)} files of {folder} into {len(index.shards)} shards "
+          f"({size}), checked against the folder: {place.description}\n"
+          f"It takes {size} of Drive space beside the folder. Workers copy these shards "
+          "instead of each file, and rebuild them when the folder changes (data.pack: off "
+          "in a config does without).")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    print(config_json_schema())
+    return 0

@@ -1,0 +1,50 @@
+"""What every `cherry` command shares: bad input as one line (exit 2), and the queue root,
+checked to exist."""
+
+from __future__ import annotations
+
+import sys
+
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.places import ResolvedRoot, resolve_root
+from cherry_train.storage import UnsupportedRoot, open_storage
+from cherry_train.storage.gdrive_api import DriveAuthError
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit 2."""
+
+
+def err(*lines: str) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+def root_and_queue(args) -> tuple[ResolvedRoot, JobQueue]:
+    resolved = resolve_root(getattr(args, "root", None))
+    if resolved.is_fallback:
+        err(f"note: no root configured (--root, $CHERRY_ROOT or `cherry init`); using the local "
+             f"folder {resolved.root}")
+    try:
+        return resolved, JobQueue(open_storage(resolved.root))
+    except (UnsupportedRoot, DriveAuthError) as e:
+        raise UsageError(str(e)) from None
+
+
+_ROOT_HINT = "with the folder that `cherry submit` uses (it creates the root)"
+
+
+def require_root(resolved: ResolvedRoot, queue: JobQueue) -> None:
+    """A root that does not exist is a mistyped one (or an unmounted Drive): say so, rather
+    than show an empty queue or wait on one. The local default root (no root configured) is
+    said to be used already, and is empty until the first submit."""
+    local = queue.storage.local_path("")
+    if local is None:
+        if queue.storage.stat("") is None:
+            raise UsageError(f"queue root {resolved.root} does not exist (from {resolved.source}),"
+                             f" or this account cannot see it ({queue.storage.description}); "
+                             f"pass --root {_ROOT_HINT}")
+    elif not local.is_dir() and not resolved.is_fallback:
+        mount = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
+        raise UsageError(f"queue root {local} does not exist (from {resolved.source}){mount}; "
+                         f"pass --root {_ROOT_HINT}")

@@ -1,0 +1,179 @@
+"""The `cherry` command line: every subcommand, its arguments and their help."""
+
+from __future__ import annotations
+
+import argparse
+
+from cherry_train import __version__
+from cherry_train.cli.commands import (
+    cmd_cancel,
+    cmd_compare,
+    cmd_data_pack,
+    cmd_demo,
+    cmd_drive_login,
+    cmd_fetch,
+    cmd_init,
+    cmd_retry,
+    cmd_schema,
+    cmd_status,
+    cmd_submit,
+    cmd_watch,
+)
+from cherry_train.cli.worker import cmd_worker
+from cherry_train.schemas import JobState
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cherry", description="A training-job queue in a Drive "
+                                "folder: submit on a laptop, train on Colab.")
+    p.add_argument("--version", action="version", version=f"cherry-train {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    root_help = ("queue root: a folder, or gdrive:<folder> for the Drive API (default: "
+                 "$CHERRY_ROOT, then `cherry init`'s)")
+
+    s = sub.add_parser("submit", help="validate a config and queue it as a job")
+    s.add_argument("config", help="the training config (YAML)")
+    s.add_argument("--root", help=root_help)
+    s.add_argument("--name", help="experiment name (default: the config's, else its file name)")
+    s.add_argument("--priority", type=int, help="higher runs first (default: the config's, 0)")
+    s.add_argument("--no-preflight", action="store_true", help="skip the data checks")
+    s.set_defaults(func=cmd_submit)
+
+    w = sub.add_parser("worker", help="claim and train jobs until stopped")
+    w.add_argument("--root", help=root_help)
+    w.add_argument("--worker-id", help="a stable id (e.g. per notebook): a restarted worker with "
+                   "the same id takes its own stalled job back at once (default: host name)")
+    w.add_argument("--exit-when-idle", action="store_true", help="exit when nothing is claimable")
+    w.add_argument("--threads", type=_positive_int, help="torch CPU threads (pin it for "
+                   "bit-exact resume on CPU)")
+    w.add_argument("--idle-shutdown", type=_positive_float, metavar="MIN",
+                   help="after MIN minutes with nothing to do, release the Colab runtime (so "
+                   "compute units stop burning) and exit")
+    w.add_argument("--max-runtime", type=_positive_float, metavar="HOURS",
+                   help="the runtime's session cap: checkpoint and hand the job back before it, "
+                   "start no job that cannot reach a checkpoint before it (default on Colab: "
+                   "24, Colab Pro; use 12 on Colab Free; elsewhere: none)")
+    w.add_argument("--confirm-uploads", action="store_true",
+                   help="on a Drive mount root (Colab): count a checkpoint or result as saved "
+                   "only once the Drive API shows that Drive has it (the mount uploads later)")
+    w.add_argument("--poll-seconds", type=float, default=30.0,
+                   help="longest wait between polls of an idle queue (default 30)")
+    w.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    w.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                   help="auto (default): readable lines in a terminal, JSON lines when the "
+                   "output goes to a pipe or file")
+    w.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="the least important log lines shown (default: info; each job's "
+                   "worker.log keeps its info lines anyway)")
+    w.set_defaults(func=cmd_worker)
+
+    st = sub.add_parser("status", help="show jobs and workers")
+    st.add_argument("--root", help=root_help)
+    st.add_argument("--json", action="store_true", help="a JSON list of jobs")
+    st.add_argument("--state", choices=[s.value for s in JobState],
+                    help="only jobs in this state")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("cancel", help="cancel a queued or running job")
+    c.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
+    c.add_argument("--root", help=root_help)
+    c.set_defaults(func=cmd_cancel)
+
+    r = sub.add_parser("retry", help="put a failed or cancelled job back in the queue; it "
+                       "resumes from its newest checkpoint")
+    r.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
+    r.add_argument("--root", help=root_help)
+    r.set_defaults(func=cmd_retry)
+
+    wa = sub.add_parser("watch", help="follow a job live until it ends (exit 0 succeeded, "
+                        "1 failed, 3 cancelled)")
+    wa.add_argument("job", metavar="JOB",
+                    help="the job id (or 4+ characters of its end, e.g. 7f3a)")
+    wa.add_argument("--root", help=root_help)
+    wa.add_argument("--poll-seconds", type=_positive_float, default=5.0,
+                    help="how often to read the job's heartbeat and metrics (default: 5)")
+    wa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    wa.set_defaults(func=cmd_watch)
+
+    f = sub.add_parser("fetch", help="download a job's results, verified and resumable")
+    f.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
+    f.add_argument("--root", help=root_help)
+    f.add_argument("--dest", default=".", help="folder to put <job_id>/ in (default: here)")
+    f.add_argument("--checkpoints", action="store_true", help="the checkpoints too")
+    f.set_defaults(func=cmd_fetch)
+
+    cp = sub.add_parser("compare", help="differing hyperparameters, results and curves of jobs")
+    cp.add_argument("jobs", metavar="JOB", nargs="+",
+                    help="job ids (or unique ends), or globs of experiment names ('lr-*')")
+    cp.add_argument("--root", help=root_help)
+    cp.add_argument("--out", default="cherry-compare.png", help="where to write the curves of "
+                    "all the jobs overlaid, as a PNG (default: cherry-compare.png)")
+    cp.add_argument("--json", action="store_true", help="print the table as JSON (one object "
+                    "per job) instead")
+    cp.set_defaults(func=cmd_compare)
+
+    i = sub.add_parser("init", help="remember a default queue root")
+    i.add_argument("root", nargs="?", help="a folder, or gdrive:<folder> for a folder in your "
+                   "Drive through the Drive API (default: <My Drive>/traina of Drive for "
+                   "Desktop, if found)")
+    i.set_defaults(func=cmd_init)
+
+    d = sub.add_parser("demo", help="synthetic cherries -> submit -> train -> results")
+    d.add_argument("--root", help="folder for the demo queue (default: a local demo folder)")
+    d.add_argument("--train-images", type=_positive_int, default=1200,
+                   help="synthetic training images, half good, half defective (default: 1200)")
+    d.add_argument("--val-images", type=_positive_int, default=400,
+                   help="synthetic validation images (default: 400)")
+    d.add_argument("--epochs", type=_positive_int, default=8, help="(default: 8)")
+    d.add_argument("--image-size", type=_positive_int, default=48,
+                   help="training input size in pixels (default: 48, fast on a CPU)")
+    d.add_argument("--model", default="resnet18",
+                   help="any torchvision classification model (default: resnet18)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="the least important log lines shown (default: info)")
+    d.set_defaults(func=cmd_demo)
+
+    dr = sub.add_parser("drive", help="Google Drive API access (for gdrive: roots)")
+    drive_sub = dr.add_subparsers(dest="drive_command", required=True, metavar="ACTION")
+    dl = drive_sub.add_parser("login", help="allow cherry-train to use your Drive (OAuth in "
+                              "the browser; the token is saved for later runs)")
+    dl.add_argument("--client-secrets", required=True, metavar="JSON",
+                    help="the OAuth client (type 'Desktop app') downloaded from Google Cloud "
+                    "console; see the README")
+    dl.add_argument("--no-browser", action="store_true",
+                    help="print the URL instead of opening a browser")
+    dl.set_defaults(func=cmd_drive_login)
+
+    da = sub.add_parser("data", help="prepare data folders for workers")
+    data_sub = da.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dp = data_sub.add_parser(
+        "pack", help="pack a data folder into a few large shards beside it "
+        "(<folder>.cherry-pack/), which workers copy much faster through the Drive mount than "
+        "thousands of small files")
+    dp.add_argument("path", help="the data folder (one folder per class inside)")
+    dp.add_argument("--shard-mb", type=_positive_int, default=256,
+                    help="shard size in MB (default: 256)")
+    dp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dp.set_defaults(func=cmd_data_pack)
+
+    sc = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
+    sc.set_defaults(func=cmd_schema)
+    return p

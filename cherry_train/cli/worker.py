@@ -1,0 +1,53 @@
+"""`cherry worker`: the worker loop on a queue root, from the command line (the Colab notebook
+runs the same). Torch is imported here, not by the client commands."""
+
+from __future__ import annotations
+
+import os
+
+from cherry_train.cli.common import UsageError, require_root, root_and_queue
+from cherry_train.jobqueue.claims import WorkerIdentity, default_worker_id
+from cherry_train.jobqueue.ids import WORKER_ID_RE
+from cherry_train.jobqueue.lifecycle import JobQueue
+
+
+def cmd_worker(args) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UsageError("the worker needs torch: pip install 'cherry-train[worker]'") from None
+    from cherry_train import logs
+    from cherry_train.worker.loop import Worker, WorkerOptions
+
+    logs.configure(args.log_format, args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resolved, queue = root_and_queue(args)
+    if args.confirm_uploads:
+        queue = JobQueue(_confirmed_mount(resolved.root))
+    require_root(resolved, queue)
+    worker_id = args.worker_id or os.environ.get("CHERRY_WORKER_ID") or default_worker_id()
+    if not WORKER_ID_RE.match(worker_id):
+        raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
+                         "'.', '_' and '-' (at most 64)")
+    from cherry_train.worker.runtime import default_max_runtime_hours
+
+    max_runtime = args.max_runtime if args.max_runtime is not None else \
+        default_max_runtime_hours()
+    options = WorkerOptions(exit_when_idle=args.exit_when_idle, progress_bar=args.progress,
+                            poll_max_seconds=args.poll_seconds,
+                            idle_shutdown_minutes=args.idle_shutdown,
+                            max_runtime_hours=max_runtime)
+    return Worker(queue, WorkerIdentity(worker_id), options).run()
+
+
+def _confirmed_mount(root: str):
+    from cherry_train.storage.confirmed import open_confirmed_mount
+
+    if root.startswith("gdrive:"):
+        raise UsageError("--confirm-uploads: an API root is confirmed already; the option is "
+                         "for a Drive mount root")
+    try:
+        return open_confirmed_mount(root)
+    except ValueError as e:
+        raise UsageError(str(e)) from None

@@ -1,0 +1,152 @@
+"""Loader processes: where they start, how many the VM can hold, and how they end.
+
+Colab VMs have 2 cores on a standard runtime and a runtime stopped by signals to the whole
+process group, so loader processes are sized to the cores and RAM this process may use, start
+from a fork server with the stop signals ignored, and are ended by the main process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from contextlib import contextmanager
+
+from torch.utils.data import DataLoader
+
+from cherry_train.schemas import AttemptEnd
+from cherry_train.worker.runtime import STOP_SIGNALS
+
+
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
+    """Loader processes ignore stop signals (a DataLoader worker_init_fn). The main process
+    ends them when it is done with them."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def loader_processes(num_workers: int) -> dict:
+    """DataLoader arguments for `num_workers` loader processes: where they start, and that
+    they leave stopping to the main process."""
+    if not num_workers:
+        return {}
+    return {"multiprocessing_context": worker_context(), "worker_init_fn": ignore_stop_signals}
+
+
+def shut_down(loader: DataLoader) -> None:
+    """End a DataLoader's persistent loader processes (each gets its end-of-work message and
+    exits by itself; torch's own shutdown, which its iterator otherwise runs when collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
+
+
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """Where loader processes start: a fork server, never a fork of this process (its heartbeat
+    thread could hold a lock at fork time and deadlock the child).
+
+    The server imports torch and the data modules once, so each loader process starts in a
+    fraction of a second instead of importing them itself (on the 2-core dev VM: a second pair
+    of loader processes 0.1 s instead of 6-8 s; eight of them on a small Colab VM would import
+    torch eight times over on two cores). The first call starts the server, whose imports then
+    run while the job builds its model and decodes its images.
+
+    The server is started with the stop signals ignored, which it keeps across its exec and
+    hands to every process it forks: a signal to the process group then neither kills it (no
+    loader could start after that) nor a loader between its fork and its worker_init_fn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["cherry_train.worker.data"])  # and the pipelines
+    with _stop_signals_ignored():
+        forkserver.ensure_running()
+    return context
+
+
+@contextmanager
+def _stop_signals_ignored():
+    """Ignore the stop signals in this process while the body starts a child. A signal that
+    arrives meanwhile is lost, which for starting one process is a few milliseconds."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal.signal only works there; the notebook and the CLI train on it
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than the
+    machine has: os.cpu_count() would count them all)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+#: What one loader process costs in RAM besides its batches: a forked Python with torch,
+#: PIL and numpy imported (about 350 MB resident measured on the dev VM), with headroom.
+LOADER_PROCESS_BYTES = 500 << 20
+
+
+def available_memory() -> int | None:
+    """RAM this process may still use: the kernel's MemAvailable, or less if a cgroup limit
+    (a container) leaves less. None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def size_loader_pool(configured: int | None, on_gpu: bool, batch_size: int, image_size: int,
+                     cores: int, free: int | None) -> tuple[int, str]:
+    """How many loader processes, and why: on a GPU as many as the cores this process may use
+    (at most 8), on the CPU none (training needs the cores); never more than the cores (a
+    Colab VM has 2: eight decoders there only fight over them), nor more than half the
+    available RAM (`free` bytes) holds: each is a whole Python with torch, plus its prefetched
+    batches."""
+    if configured is not None:
+        wanted, why = configured, "data.num_workers"
+    elif on_gpu:
+        wanted, why = min(8, cores), f"{cores} usable cores"
+    else:
+        return 0, "training on the CPU needs its cores"
+    if wanted > cores:
+        wanted, why = cores, f"capped at the {cores} cores this process may use"
+    if wanted and free is not None:
+        each = LOADER_PROCESS_BYTES + 2 * batch_size * 3 * image_size * image_size  # prefetch 2
+        fits = max(1, int(free / 2 // each))
+        if fits < wanted:
+            wanted, why = fits, (f"capped by RAM: {free / 2**30:.1f} GiB available, about "
+                                 f"{each / 2**20:.0f} MiB each")
+    return wanted, why
+
+
+def loader_cap(previous: AttemptEnd | None) -> int | None:
+    """Half the previous attempt's loader processes when one of them died (killed for memory,
+    most likely: fewer processes need less of it); else no cap."""
+    if previous is None or previous.error is None or previous.error.type != "LoaderDied":
+        return None
+    return (previous.loader_processes or 0) // 2
