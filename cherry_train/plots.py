@@ -70,6 +70,33 @@ def render_overlay(series: dict[str, list[dict]], title: str = "") -> bytes:
     return _png(fig)
 
 
+def render_sweep(points: list[tuple[dict, float, bool]], metric: str, title: str) -> bytes:
+    """Each swept hyperparameter against the metric: one panel per parameter, a dot per trial
+    (a cross for a pruned one, at its best value before it stopped)."""
+    plt = _pyplot()
+    names = sorted({k for params, _, _ in points for k in params})
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.8),
+                             dpi=100, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        for marker, pruned in (("o", False), ("x", True)):
+            xs = [p[name] for p, _, pr in points if pr is pruned and name in p]
+            ys = [v for p, v, pr in points if pr is pruned and name in p]
+            if xs:
+                ax.scatter([str(x) if isinstance(x, str) else x for x in xs], ys, marker=marker,
+                           color="C3" if pruned else "C0", label="pruned" if pruned else "ran")
+        numbers = [p[name] for p, _, _ in points if isinstance(p.get(name), int | float)
+                   and not isinstance(p.get(name), bool)]
+        if numbers and min(numbers) > 0 and max(numbers) / min(numbers) >= 20:
+            ax.set_xscale("log")  # learning rates and weight decays span decades
+        ax.set_xlabel(name)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _png(fig)
+
+
 CONFUSION_CMAP = "Blues"
 
 

@@ -11,6 +11,7 @@ import sys
 from cherry_train.cli.common import UsageError, err
 from cherry_train.cli.parser import build_parser
 from cherry_train.client.jobs import NoSuchJob
+from cherry_train.client.sweeps import NoSuchSweep
 from cherry_train.jobqueue.lifecycle import NotRetryable, WorkerIdInUse
 from cherry_train.schemas import ConfigError
 from cherry_train.storage.gdrive_api import DriveAuthError, DriveError
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         err(*e.problems)
         return 2
-    except (UsageError, WorkerIdInUse, NoSuchJob, NotRetryable, DriveAuthError) as e:
+    except (UsageError, WorkerIdInUse, NoSuchJob, NoSuchSweep, NotRetryable,
+            DriveAuthError) as e:
         err(f"error: {e}")
         return 2
     except DriveError as e:  # Drive stayed unreachable through all retries: not a bug

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from cherry_train.cli.common import UsageError, err, require_root, root_and_queue
+from cherry_train.cli.sweeps import cancel_sweep, compare_sweep, is_sweep, submit_sweep
 from cherry_train.client.jobs import find_job, find_jobs
 from cherry_train.jobqueue.views import job_view
 from cherry_train.places import default_local_root, find_my_drive, save_root
@@ -14,31 +15,44 @@ from cherry_train.schemas import config_json_schema
 
 
 def cmd_submit(args) -> int:
+    from cherry_train import logs, sweepspace
     from cherry_train.client import submit as client
+    from cherry_train.client.sweeps import first_trial, with_sweep_flags
 
+    logs.configure("auto", "warning")  # what it does is printed below, line by line
     config = client.load_config_file(Path(args.config), name=args.name, priority=args.priority)
+    config = with_sweep_flags(config, args.sweep or [])
     resolved, queue = root_and_queue(args)
     config = client.resolve_evaluated_job(queue, config)
+    if config.sweep:
+        sweepspace.check_space(config)  # every trial, before pre-flight looks at the first
+    checked = first_trial(config) if config.sweep else config  # what every trial shares
     if args.no_preflight:
-        client.check_model_name(config)  # validation, not pre-flight: always
+        client.check_model_name(checked)  # validation, not pre-flight: always
         report = None
     else:
-        report = client.preflight(config, queue.storage.local_path(""), storage=queue.storage)
-    manifest = client.submit(queue, config, str(Path(args.config).resolve()))
+        report = client.preflight(checked, queue.storage.local_path(""), storage=queue.storage)
     print(f"root: {resolved.root} (from {resolved.source})")
     if report is not None:
         print(report.render())
+    if config.sweep:
+        submit_sweep(queue, config, str(Path(args.config).resolve()), client.submitted_by(),
+                     client.__version__)
+    else:
+        manifest = client.submit(queue, config, str(Path(args.config).resolve()))
+        print(f"queued: {manifest.name}, priority {manifest.priority}")
+        print(manifest.job_id)
     if not client.live_workers(queue):
         err("warning: no worker has written a heartbeat to this root in the last "
-             f"{client.WORKER_FRESH_SECONDS // 60} minutes; the job waits until one starts "
-             "(run the Colab notebook or `cherry worker`)")
-    print(f"queued: {manifest.name}, priority {manifest.priority}")
-    print(manifest.job_id)
+            f"{client.WORKER_FRESH_SECONDS // 60} minutes; the job waits until one starts "
+            "(run the Colab notebook or `cherry worker`)")
     return 0
 
 
 def cmd_status(args) -> int:
     from cherry_train.client.status import job_rows, render_table, worker_rows
+    from cherry_train.client.sweeps import summary_lines
+    from cherry_train.jobqueue.sweeps import Sweeps
 
     resolved, queue = root_and_queue(args)
     require_root(resolved, queue)
@@ -50,6 +64,10 @@ def cmd_status(args) -> int:
         return 0
     print(f"root: {resolved.root}")
     print(render_table(rows, worker_rows(queue)))
+    sweeps = summary_lines(Sweeps(queue))
+    if sweeps:
+        print("\nsweeps:")
+        print("\n".join(f"  {line}" for line in sweeps))
     return 0
 
 
@@ -59,6 +77,8 @@ def cmd_cancel(args) -> int:
 
     resolved, queue = root_and_queue(args)
     require_root(resolved, queue)
+    if is_sweep(queue, args.job):
+        return cancel_sweep(queue, args.job, f"{getpass.getuser()}@{socket.gethostname()}")
     job_id = find_job(queue, args.job)
     view = job_view(queue, job_id)
     if view.state.finished:
@@ -121,6 +141,8 @@ def cmd_compare(args) -> int:
     from cherry_train.client.compare import comparison, overlay_png, render
 
     _, queue = root_and_queue(args)
+    if len(args.jobs) == 1 and is_sweep(queue, args.jobs[0]):
+        return compare_sweep(queue, args.jobs[0], Path(args.out), args.json)
     job_ids = find_jobs(queue, args.jobs)
     if len(job_ids) < 2:
         raise UsageError(f"JOB: compare needs at least two jobs; {args.jobs} matched "

@@ -19,6 +19,7 @@ from cherry_train.cli.commands import (
     cmd_submit,
     cmd_watch,
 )
+from cherry_train.cli.sweeps import cmd_sweep_best
 from cherry_train.cli.worker import cmd_worker
 from cherry_train.schemas import JobState
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="experiment name (default: the config's, else its file name)")
     s.add_argument("--priority", type=int, help="higher runs first (default: the config's, 0)")
     s.add_argument("--no-preflight", action="store_true", help="skip the data checks")
+    s.add_argument("--sweep", action="append", metavar="PATH=V1,V2",
+                   help="sweep this config field over these values (repeatable; a grid sweep "
+                   "unless the config's sweep: section says otherwise), e.g. "
+                   "--sweep training.learning_rate=1e-3,3e-4,1e-4")
     s.set_defaults(func=cmd_submit)
 
     w = sub.add_parser("worker", help="claim and train jobs until stopped")
@@ -91,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only jobs in this state")
     st.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("cancel", help="cancel a queued or running job")
-    c.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
+    c = sub.add_parser("cancel", help="cancel a queued or running job, or a whole sweep")
+    c.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. "
+                   "7f3a), or sweep:SWEEP for every trial of a sweep")
     c.add_argument("--root", help=root_help)
     c.set_defaults(func=cmd_cancel)
 
@@ -121,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("compare", help="differing hyperparameters, results and curves of jobs")
     cp.add_argument("jobs", metavar="JOB", nargs="+",
-                    help="job ids (or unique ends), or globs of experiment names ('lr-*')")
+                    help="job ids (or unique ends), or globs of experiment names ('lr-*'), or "
+                    "sweep:SWEEP for a sweep's trials ranked")
     cp.add_argument("--root", help=root_help)
     cp.add_argument("--out", default="cherry-compare.png", help="where to write the curves of "
                     "all the jobs overlaid, as a PNG (default: cherry-compare.png)")
@@ -173,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shard size in MB (default: 256)")
     dp.add_argument("--no-progress", action="store_true", help="no progress bar")
     dp.set_defaults(func=cmd_data_pack)
+
+    sw = sub.add_parser("sweep", help="a sweep's results")
+    sweep_sub = sw.add_subparsers(dest="sweep_command", required=True, metavar="ACTION")
+    sb = sweep_sub.add_parser("best", help="print the best trial's config as YAML, ready to "
+                              "submit for a full run")
+    sb.add_argument("sweep", metavar="SWEEP", help="the sweep id (or its last 4+ characters)")
+    sb.add_argument("--root", help=root_help)
+    sb.set_defaults(func=cmd_sweep_best)
 
     sc = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
     sc.set_defaults(func=cmd_schema)

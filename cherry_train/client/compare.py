@@ -48,9 +48,12 @@ def comparison(queue: JobQueue, job_ids: list[str]) -> tuple[list[str], list[dic
     return differing, rows
 
 
-def render(differing: list[str], rows: list[dict[str, Any]]) -> str:
-    columns = ["job_id", "state", *differing, "best_val_accuracy", "best_epoch",
-               "best_val_loss", "epochs_completed", "images_per_second", "wall_seconds"]
+def render(differing: list[str], rows: list[dict[str, Any]], first: tuple[str, ...] = (),
+           extra: tuple[str, ...] = ()) -> str:
+    """The table; `first` columns go before the job id, `extra` after the differing fields."""
+    columns = [*first, "job_id", "state", *differing, *extra, "best_val_accuracy",
+               "best_epoch", "best_val_loss", "epochs_completed", "images_per_second",
+               "wall_seconds"]
     if len({r["dataset_sha256"] for r in rows if r["dataset_sha256"]}) > 1:  # jobs that ran
         columns.append("dataset_sha256")  # different data: say so, it explains a lot
     headers = [c.upper() if c in ("job_id", "state") else c for c in columns]

@@ -260,9 +260,12 @@ def _smoke(config: TrainingConfig, root_path: Path | None, train_dir: Path, imag
         raise ConfigError([str(e)]) from None
 
 
+def submitted_by() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
 def submit(queue: JobQueue, config: TrainingConfig, config_file: str) -> Manifest:
-    who = f"{getpass.getuser()}@{socket.gethostname()}"
-    return queue.submit(config, config_file=config_file, submitted_by=who,
+    return queue.submit(config, config_file=config_file, submitted_by=submitted_by(),
                         client_version=__version__)
 
 

@@ -10,6 +10,7 @@ DONE = "done"
 FAILED = "failed"
 CONTROL = "control"
 WORKERS = "workers"
+SWEEPS = "sweeps"
 
 _CHECKPOINT_RE = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -125,3 +126,28 @@ class JobPaths:
                 "log": self.log, "best_weights": self.best_weights,
                 "final_weights": self.final_weights, "evaluation": self.evaluation,
                 "confusion_matrix": self.confusion}
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    sweep_id: str
+
+    @property
+    def dir(self) -> str:
+        return f"{SWEEPS}/{self.sweep_id}"
+
+    @property
+    def record(self) -> str:
+        return f"{self.dir}/sweep.json"
+
+    @property
+    def trials_dir(self) -> str:
+        return f"{self.dir}/trials"
+
+    def trial(self, n: int) -> str:
+        return f"{self.trials_dir}/{n}.json"
+
+    @property
+    def cancel_request(self) -> str:
+        # No new trials once it exists; `cherry cancel` asks each trial to stop too.
+        return f"{self.dir}/cancel"

@@ -43,6 +43,7 @@ from cherry_train.schemas import (
     Result,
     TrainingConfig,
 )
+from cherry_train.schemas.sweep import SweepRef
 
 
 class WorkerIdInUse(Exception):
@@ -66,11 +67,14 @@ def error_info(exc: BaseException, with_traceback: bool = True) -> ErrorInfo:
     return ErrorInfo(type=type(exc).__name__, message=str(exc) or type(exc).__name__, traceback=tb)
 
 
-def ending(completed: bool, stop_reason: str | None) -> JobState | None:
-    """How an attempt that returned ends its job: finished, cancelled on request, or (None)
-    released, to be resumed by the next claim (a signal, the runtime cap)."""
+def ending(completed: bool, stop_reason: str | None, pruned: bool = False) -> JobState | None:
+    """How an attempt that returned ends its job: finished, stopped early (a sweep trial behind
+    its siblings), cancelled on request, or (None) released, to be resumed by the next claim (a
+    signal, the runtime cap)."""
     if completed:
         return JobState.succeeded
+    if pruned:
+        return JobState.pruned
     return JobState.cancelled if stop_reason == "cancel" else None
 
 
@@ -94,17 +98,19 @@ class JobQueue(JobFiles):
     # -- submit (client): nothing -> queued ----------------------------------------------------
 
     def submit(self, config: TrainingConfig, *, config_file: str = "", submitted_by: str = "",
-               client_version: str = "") -> Manifest:
+               client_version: str = "", job_id: str | None = None,
+               sweep: SweepRef | None = None) -> Manifest:
+        """Queue a job; `job_id` when it was chosen already (a sweep's trial record names it)."""
         if config.name is None:
             raise ValueError("the config needs a name before it is submitted")
         now = self.clock.now()
-        while True:  # the 16-bit suffix collides only for jobs of one name in one second
+        while job_id is None:  # the 16-bit suffix collides only for jobs of one name in 1 s
             job_id = new_job_id(config.name, now)
-            if not self.known(job_id):
-                break
+            if self.known(job_id):
+                job_id = None
         manifest = Manifest(job_id=job_id, name=config.name, priority=config.priority,
                             submitted_at=now, submitted_by=submitted_by, config_file=config_file,
-                            client_version=client_version, config=config,
+                            client_version=client_version, config=config, sweep=sweep,
                             reserved_ids=self._reserve(JobPaths(job_id)))
         # Temp name, then rename: a worker never sees half a manifest.
         self.storage.write_atomic(JobPaths(job_id).queued_manifest, manifest.to_json())
@@ -292,7 +298,7 @@ class JobQueue(JobFiles):
         weights), a failed or cancelled one at least its newest, which `cherry retry` resumes
         from. Without this a ResNet-50 job leaves ~750 MB, and twenty fill a free Drive."""
         keep = manifest.config.checkpoint.keep_after_finish
-        if state != JobState.succeeded:
+        if state not in (JobState.succeeded, JobState.pruned):
             keep = max(1, keep)
         paths = JobPaths(manifest.job_id)
         steps = sorted(s for n in self.storage.list_dir(paths.checkpoints_dir)

@@ -33,6 +33,8 @@ from cherry_train.schemas.records import (
     Manifest,
     Phase,
     Result,
+    SweepRecord,
+    TrialRecord,
     WorkerState,
     WorkerStatus,
 )
@@ -43,7 +45,7 @@ __all__ = [
     "ConfigError", "DataSection", "ErrorInfo", "EvaluateSection", "FailedManifest", "Heartbeat",
     "JobState", "Manifest", "Mode", "ModelConfig", "Phase", "Result", "TrainingConfig",
     "TrainingSection",
-    "WorkerState", "WorkerStatus",
+    "SweepRecord", "TrialRecord", "WorkerState", "WorkerStatus",
     "config_json_schema", "parse_config", "validate_config",
 ]
 

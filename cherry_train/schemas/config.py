@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from cherry_train.schemas.sweep import SweepSection
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -196,6 +198,8 @@ class TrainingConfig(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     performance: PerformanceSection = PerformanceSection()
     evaluate: EvaluateSection | None = Field(None, description="With mode: evaluation only.")
+    sweep: SweepSection | None = Field(None, description="Vary hyperparameters: each trial is a "
+                                       "job of its own (see Sweeps in the README).")
 
     @model_validator(mode="after")
     def _sections_for_the_mode(self) -> TrainingConfig:
@@ -206,6 +210,8 @@ class TrainingConfig(_Section):
         if evaluating and self.evaluate is None:
             raise ValueError("evaluate: required with mode: evaluation (job: JOB_ID, or "
                              "weights: PATH)")
+        if evaluating and self.sweep is not None:
+            raise ValueError("sweep: only for training (mode: training or development)")
         if not evaluating:
             if self.evaluate is not None:
                 raise ValueError("evaluate: only with mode: evaluation")

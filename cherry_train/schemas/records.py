@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cherry_train.schemas.config import TrainingConfig
+from cherry_train.schemas.sweep import SweepRef
 
 SCHEMA_VERSION = 1
 
@@ -34,6 +35,7 @@ class JobState(Word):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    pruned = "pruned"  # a sweep trial stopped early by the sweep's early_stop rule
 
     @property
     def finished(self) -> bool:
@@ -46,7 +48,7 @@ class JobState(Word):
 
 
 #: The states a result records: the job is over.
-FINISHED = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+FINISHED = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, JobState.pruned})
 
 
 class AttemptReason(Word):
@@ -110,6 +112,8 @@ class Manifest(_Record):
     #: reserved ids (Drive API): the job's folders, attempts/1.json, result.json, the cancel
     #: request. Empty for local folders.
     reserved_ids: dict[str, str] = Field(default_factory=dict)
+    #: A sweep's trial: its sweep, number and values (None for a job of its own).
+    sweep: SweepRef | None = None
     #: Set by `cherry retry`: the attempts up to this one ended in a result that was put aside;
     #: the next attempt resumes from the newest checkpoint with the crash-loop count afresh.
     retried_after_attempt: int | None = None
@@ -223,6 +227,7 @@ class Result(_Record):
     oom_backoffs: list[dict[str, int]] = []  # step and new micro-batch of each back-off
     dataset_sha256: str | None = None  # the content hash of the data the model saw
     evaluation: dict[str, Any] | None = None  # mode: evaluation (also in evaluation.json)
+    pruned: dict[str, Any] | None = None  # state pruned: the rule, the epoch, the figures used
     data_cache: dict[str, Any] = {}  # per folder (or archive): files, bytes, copy time, reuse
     artifacts: dict[str, Artifact] = {}  # what -> file, with its size and checksum
 
@@ -250,3 +255,28 @@ class FailedManifest(_Record):
     worker_id: str
     error: ErrorInfo
     extra: dict[str, Any] = {}
+
+
+class SweepRecord(_Record):
+    """sweeps/<sweep_id>/sweep.json: written once by the client; what every trial comes from."""
+
+    schema_version: int = SCHEMA_VERSION
+    sweep_id: str
+    name: str
+    submitted_at: datetime
+    submitted_by: str = ""
+    config_file: str = ""
+    client_version: str = ""
+    config: TrainingConfig  # the base config, with its sweep section
+    trials: int  # how many trials the sweep makes in all
+
+
+class TrialRecord(_Record):
+    """sweeps/<sweep_id>/trials/<n>.json: creating it exclusively makes trial n; its job follows."""
+
+    sweep_id: str
+    n: int = Field(ge=1)
+    job_id: str
+    params: dict[str, Any]
+    created_at: datetime
+    created_by: str = ""

@@ -12,6 +12,8 @@ from cherry_train.schemas.config import TrainingConfig
 
 
 def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is list:
+        return "list"
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return " \\| ".join(f"`{m.value}`" for m in annotation)
     if typing.get_origin(annotation) is typing.Literal:
@@ -56,9 +58,12 @@ def _rows(model: type[BaseModel], prefix: str = ""):
         sections = [a for a in (typing.get_args(annotation) or (annotation,))
                     if isinstance(a, type) and issubclass(a, BaseModel)]
         if sections:  # a section (`X` or `X | None`): its fields, dotted
+            keyed = typing.get_origin(annotation) is dict  # {any key: section}
             if field.description:
-                yield (f"`{prefix}{name}`", "section", "", field.description)
-            yield from _rows(sections[0], f"{prefix}{name}.")
+                yield (f"`{prefix}{name}`", "mapping" if keyed else "section", "",
+                       field.description)
+            yield from _rows(sections[0], f"{prefix}{name}.<key>." if keyed
+                             else f"{prefix}{name}.")
             continue
         kind = _type_name(annotation)
         bounds = _bounds(field)

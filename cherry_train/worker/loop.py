@@ -6,7 +6,6 @@ trains it and commits it. A job's failure is recorded in its result and never en
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +25,13 @@ from cherry_train.jobqueue.lifecycle import (
     error_info,
 )
 from cherry_train.jobqueue.owner import Fenced, Owner
+from cherry_train.jobqueue.sweeps import Sweeps
 from cherry_train.schemas import JobState, Mode, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
 from cherry_train.worker import results, runtime
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.outcome import JobRun, Runner
+from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import stop_on_signals
@@ -47,6 +48,8 @@ POLL_MAX_SECONDS = 30.0
 STATUS_IDLE_POLLS = 2
 #: An idle worker says it waits at once, then every this many seconds.
 IDLE_LINE_SECONDS = 300.0
+#: An idle worker looks for sweeps short of trials in flight this often.
+SWEEP_CHECK_SECONDS = 60.0
 #: The exit code of a worker that stopped because its GPU failed (EX_TEMPFAIL: start it again).
 EXIT_GPU_FAILED = 75
 
@@ -78,6 +81,8 @@ class Worker:
         self._runtime_budget: runtime.RuntimeBudget | None = None
         self._last_status: WorkerStatus | None = None
         self._idle_said_at: float | None = None  # idle seconds at the last "waiting for jobs"
+        self._swept_at: float | None = None  # idle seconds at the last look at the sweeps
+        self.sweeps = Sweeps(queue)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -96,7 +101,7 @@ class Worker:
                 raise  # and leave the status file alone: it is the live worker's
             finally:
                 self.scratch.remove()
-                _end_helper_processes()
+                end_loader_processes()
                 if reason != "worker id in use":
                     self._write_final_status()
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
@@ -115,6 +120,7 @@ class Worker:
             try:
                 if self.run_once():
                     polls, idle_since, self._idle_said_at = self._polls(), clock.now(), None
+                    self._swept_at = None
                     wait = next(polls)
                     continue
                 ended = self._idle(age_seconds(clock, idle_since), wait)
@@ -142,6 +148,10 @@ class Worker:
         """Nothing was claimable: why the worker stops now, or None (it says it waits)."""
         if self.cap_reached:
             return "runtime cap near: no job can reach a checkpoint before it"
+        if self._swept_at is None or idle - self._swept_at >= SWEEP_CHECK_SECONDS:
+            self._swept_at = idle
+            if self._top_up():
+                return None  # a sweep's next trials are queued: the next poll claims one
         if self.options.exit_when_idle:
             return "idle"
         minutes = self.options.idle_shutdown_minutes
@@ -207,7 +217,7 @@ class Worker:
             run = JobRun(claim, reporter, self.stop, scratch, self.queue.storage.local_path(""),
                          self.options.progress_bar)
             outcome = self._runner(claim)(run)
-            state = ending(outcome.completed, self.stop.reason)
+            state = ending(outcome.completed, self.stop.reason, outcome.pruned is not None)
             if state is None:
                 log.info("job released", job_id=claim.job_id, reason=self.stop.reason,
                          step=outcome.state.global_step)
@@ -250,6 +260,21 @@ class Worker:
         if not won:
             log.warning("another attempt committed first; this result was discarded",
                         job_id=claim.job_id)
+        if claim.manifest.sweep is not None:
+            self._top_up(claim.manifest.sweep.id)  # the sweep's next trial, for whoever is free
+
+    def _top_up(self, sweep_id: str | None = None) -> int:
+        """Create a sweep's next trials (after one of its trials ended), or, idle, those of
+        every sweep short of trials in flight (a sweep whose worker died before topping it up
+        goes on). How many were queued; never the worker's end."""
+        try:
+            if sweep_id is not None:
+                return len(self.sweeps.top_up(sweep_id, by=self.me.worker_id))
+            return self.sweeps.top_up_all(by=self.me.worker_id)
+        except Exception as e:
+            log.warning("could not create a sweep's next trials; another worker will",
+                        sweep_id=sweep_id, error=logs.brief(e))
+            return 0
 
     def _release(self, claim: Claim, owner: Owner, reporter: Reporter,
                  error: Exception | None = None) -> None:
@@ -373,13 +398,3 @@ class Worker:
         except OSError as e:  # status is informational: never fail on it
             log.warning("could not write worker status", error=str(e))
         return status
-
-
-
-def _end_helper_processes() -> None:
-    """At exit: kill loader processes still alive (an attempt's own are shut down when it
-    ends; this is the safety net). They ignore SIGTERM, which is all multiprocessing's exit
-    hook sends them before it waits for them without a timeout: the worker would never exit."""
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join(timeout=5)

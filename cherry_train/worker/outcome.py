@@ -42,6 +42,7 @@ class Outcome:
     final_weights_sha256: str | None = None
     data: dict[str, Any] = field(default_factory=dict)  # dataset_sha256 and the cache reports
     evaluation: dict[str, Any] | None = None  # mode: evaluation's findings
+    pruned: dict[str, Any] | None = None  # a sweep trial stopped early: the rule's decision
 
 
 @dataclass

@@ -150,3 +150,12 @@ def loader_cap(previous: AttemptEnd | None) -> int | None:
     if previous is None or previous.error is None or previous.error.type != "LoaderDied":
         return None
     return (previous.loader_processes or 0) // 2
+
+
+def end_loader_processes() -> None:
+    """At exit: kill loader processes still alive (an attempt's own are shut down when it
+    ends; this is the safety net). They ignore SIGTERM, which is all multiprocessing's exit
+    hook sends them before it waits for them without a timeout: the worker would never exit."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)

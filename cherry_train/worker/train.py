@@ -53,6 +53,7 @@ from cherry_train.worker.optim import make_optimizer, make_scheduler
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.processes import loader_cap
 from cherry_train.worker.progress import first_step, log_progress, progress
+from cherry_train.worker.pruning import stop_early
 from cherry_train.worker.reporting import Reporter
 from cherry_train.worker.steps import raise_named, train_step
 
@@ -281,14 +282,19 @@ def train(run: JobRun, seams: Seams) -> Outcome:
                 if job.stop.is_set():
                     raise
                 raise_named(e)
+            outcome.pruned = stop_early(job)  # a sweep's trial, behind its siblings
+            if outcome.pruned is not None:
+                break
         job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
     except BaseException:
         drain(job)
         raise
     finally:
         job.data.close()  # no loader process outlives its attempt
-    reporter.update(phase=Phase.finishing)
     job.update_wall()
+    if outcome.pruned is not None:
+        return outcome  # best.pt, metrics and curves stay; no final weights
+    reporter.update(phase=Phase.finishing)
     outcome.final_weights_sha256 = store_final(job, seams.store_results)
     outcome.completed = outcome.final_weights_sha256 is not None
     return outcome

@@ -1,0 +1,187 @@
+"""A sweep's search space and its rules, as plain functions of plain data: which values trial n
+gets (grid, random, tpe), the config each trial trains with, and when a trial stops early (ASHA,
+median). The queue side (jobqueue/sweeps.py) and the worker (worker/pruning.py) call these."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from cherry_train.schemas import ConfigError, TrainingConfig, validate_config
+from cherry_train.schemas.sweep import Parameter, SweepSection
+
+
+@dataclass(frozen=True)
+class Past:
+    """One trial so far, as a sampler sees it: its values, and its best metric (None while
+    it runs); `state` is "complete", "pruned", "running" or "failed"."""
+
+    params: dict[str, Any]
+    value: float | None
+    state: str
+
+
+def total_trials(spec: SweepSection) -> int:
+    if spec.method == "grid":
+        combinations = len(grid_points(spec))
+        return min(spec.trials or combinations, combinations)
+    return spec.trials
+
+
+def grid_points(spec: SweepSection) -> list[dict[str, Any]]:
+    paths = list(spec.parameters)
+    options = [spec.parameters[p].options for p in paths]
+    return [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*options)]
+
+
+def random_point(spec: SweepSection, seed: int, n: int) -> dict[str, Any]:
+    """Trial n's values drawn from the space: the same for every worker that draws them."""
+    rng = random.Random(f"cherry-sweep-{seed}-{n}")
+    return {path: _draw(p, rng) for path, p in spec.parameters.items()}
+
+
+def _draw(p: Parameter, rng: random.Random) -> Any:
+    if not p.is_range:
+        return rng.choice(p.options)
+    if p.log:
+        value = math.exp(rng.uniform(math.log(p.min), math.log(p.max)))
+    else:
+        value = rng.uniform(p.min, p.max)
+    return round(value) if p.integer else float(f"{value:.6g}")
+
+
+def next_point(spec: SweepSection, n: int, seed: int, past: list[Past]) -> dict[str, Any]:
+    """The values of trial n (1-based). Grid and random depend on n alone; tpe asks Optuna's TPE
+    sampler, rebuilt in memory from the trials so far (running ones included, as lies)."""
+    if spec.method == "grid":
+        return grid_points(spec)[n - 1]
+    if spec.method == "random":
+        return random_point(spec, seed, n)
+    return _tpe_point(spec, n, seed, past)
+
+
+def _tpe_point(spec: SweepSection, n: int, seed: int, past: list[Past]) -> dict[str, Any]:
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError(["sweep.method: tpe needs Optuna here: pip install "
+                           "'cherry-train[sweep]'"]) from None
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {}
+    for path, p in spec.parameters.items():
+        if not p.is_range:
+            space[path] = CategoricalDistribution(p.options)
+        elif p.integer:
+            space[path] = IntDistribution(int(p.min), int(p.max), log=p.log)
+        else:
+            space[path] = FloatDistribution(p.min, p.max, log=p.log)
+    sampler = optuna.samplers.TPESampler(seed=seed * 100_003 + n, constant_liar=True,
+                                         n_startup_trials=min(10, max(2, total_trials(spec) // 4)))
+    study = optuna.create_study(direction="maximize" if spec.maximize else "minimize",
+                                sampler=sampler)
+    for trial in past:
+        if not _fits(trial.params, space):
+            continue  # from before the space was changed: nothing to learn from
+        if trial.state == "complete" and trial.value is not None:
+            study.add_trial(create_trial(params=trial.params, distributions=space,
+                                         value=trial.value))
+        elif trial.state == "pruned":
+            study.add_trial(create_trial(
+                params=trial.params, distributions=space, state=TrialState.PRUNED,
+                intermediate_values={0: trial.value} if trial.value is not None else None))
+        elif trial.state == "running":
+            study.add_trial(create_trial(params=trial.params, distributions=space,
+                                         state=TrialState.RUNNING))
+    return study.ask(space).params
+
+
+def _fits(params: dict[str, Any], space: dict) -> bool:
+    return set(params) == set(space) and all(space[k]._contains(space[k].to_internal_repr(v))
+                                             for k, v in params.items())
+
+
+def trial_config(base: TrainingConfig, params: dict[str, Any], n: int) -> TrainingConfig:
+    """The config trial n trains with: the base with its values put in, named <name>-t<n>,
+    without the sweep section. A value the config refuses names the trial and the field."""
+    data = base.model_dump(mode="json", exclude={"sweep"})
+    for path, value in params.items():
+        section, *rest = path.split(".")
+        target = data
+        for key in [section, *rest][:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        target[path.split(".")[-1]] = value
+    data["name"] = f"{base.name or 'sweep'}-t{n}"
+    try:
+        return validate_config(data)
+    except ConfigError as e:
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        raise ConfigError([f"sweep trial {n} ({shown}): {problem}" for problem in e.problems]
+                          ) from None
+
+
+def check_space(config: TrainingConfig) -> int:
+    """Validate every trial a sweep can make (for tpe and ranges: each end of each range, each
+    choice) before anything is queued; the number of trials."""
+    spec = config.sweep
+    if spec.method == "grid":
+        points = grid_points(spec)[:total_trials(spec)]
+    elif spec.method == "random":
+        points = [random_point(spec, config.seed, n) for n in range(1, spec.trials + 1)]
+    else:
+        first = {path: (p.min if p.is_range else p.options[0])
+                 for path, p in spec.parameters.items()}
+        points = []
+        for path, p in spec.parameters.items():
+            for value in ([p.min, p.max] if p.is_range else p.options):
+                points.append({**first, path: round(value) if p.integer else value})
+    found: dict[str, list[str]] = {}  # problem -> the trials it is in, named
+    for n, params in enumerate(points, start=1):
+        try:
+            trial_config(config, params, n)
+        except ConfigError as e:
+            for line in e.problems:
+                trial, _, problem = line.partition("): ")
+                found.setdefault(problem, []).append(trial + ")")
+    if found:  # a problem every trial has is said once
+        raise ConfigError([f"sweep (every trial): {problem}" if len(trials) == len(points) > 1
+                           else f"{trials[0]}: {problem}" for problem, trials in found.items()])
+    return total_trials(spec)
+
+
+# -- early stopping ------------------------------------------------------------------------------
+
+def rungs(grace_epochs: int, reduction: int, epochs: int) -> list[int]:
+    """ASHA's rungs: the epochs grace x reduction^k before the last (where nothing is left to
+    save)."""
+    found, epoch = [], grace_epochs
+    while epoch < epochs:
+        found.append(epoch)
+        epoch *= reduction
+    return found
+
+
+def asha_stops(own: float, others: list[float], reduction: int,
+               maximize: bool) -> tuple[bool, float]:
+    """Whether a trial stops at a rung: it goes on only if in the top 1/reduction of the trials
+    that reached the rung (itself included; the best of them always goes on, so the first
+    trial at a rung does). Returns (stop, the cutoff value)."""
+    values = sorted([own, *others], reverse=maximize)
+    keep = max(1, len(values) // reduction)
+    cutoff = values[keep - 1]
+    better_or_equal = own >= cutoff if maximize else own <= cutoff
+    return not better_or_equal, cutoff
+
+
+def median_stops(own: float, others: list[float], maximize: bool) -> tuple[bool, float]:
+    """Whether a trial stops: it is worse than the median of the others at the same epoch."""
+    middle = statistics.median(others)
+    return (own < middle if maximize else own > middle), middle

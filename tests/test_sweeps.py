@@ -1,0 +1,290 @@
+"""Sweeps: specs checked before anything is queued, trials as jobs, trial numbers made once even
+when workers race, early stopping by the workers (ASHA, median), a sweep outliving a killed
+worker, and the client's views (status, compare, sweep best, cancel)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+
+import pytest
+import yaml
+
+from cherry_train import sweepspace
+from cherry_train.cli import main
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.clock import FakeClock
+from cherry_train.jobqueue.layout import JobPaths, SweepPaths
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.jobqueue.sweeps import ORPHAN_SECONDS, Sweeps
+from cherry_train.jobqueue.views import job_view
+from cherry_train.schemas import (
+    ConfigError,
+    JobState,
+    Result,
+    TrialRecord,
+    validate_config,
+)
+from cherry_train.storage import LocalStorage
+from cherry_train.worker.loop import Worker, WorkerOptions
+from cherry_train.worker.train import Seams, Training
+
+
+def sweep_config(tiny_config, **sweep) -> dict:
+    return {**tiny_config, "sweep": {"parameters": {
+        "training.learning_rate": {"values": [0.003, 0.001]},
+        "training.weight_decay": {"values": [0, 0.01]}}, **sweep}}
+
+
+# -- the space -----------------------------------------------------------------------------------
+
+def test_a_grid_makes_every_combination_and_random_draws_are_the_same_everywhere(tiny_config):
+    config = validate_config(sweep_config(tiny_config))
+    assert sweepspace.total_trials(config.sweep) == 4
+    assert sweepspace.grid_points(config.sweep)[1] == {"training.learning_rate": 0.003,
+                                                       "training.weight_decay": 0.01}
+    random_spec = validate_config({**tiny_config, "sweep": {
+        "method": "random", "trials": 5, "parameters": {
+            "training.learning_rate": {"min": 1e-5, "max": 1e-2, "log": True},
+            "training.batch_size": {"min": 8, "max": 32, "integer": True}}}}).sweep
+    draws = [sweepspace.random_point(random_spec, 3, n) for n in range(1, 6)]
+    assert draws == [sweepspace.random_point(random_spec, 3, n) for n in range(1, 6)]
+    assert len({d["training.learning_rate"] for d in draws}) == 5
+    assert all(1e-5 <= d["training.learning_rate"] <= 1e-2 for d in draws)
+    assert all(isinstance(d["training.batch_size"], int) for d in draws)
+    trial = sweepspace.trial_config(validate_config(sweep_config(tiny_config)), draws[0], 2)
+    assert trial.name == "tiny-t2" and trial.sweep is None
+    assert trial.training.learning_rate == draws[0]["training.learning_rate"]
+
+
+@pytest.mark.parametrize(("sweep", "says"), [
+    ({"parameters": {"training.learning_rate": {"min": 1e-4, "max": 1e-2}}},
+     "grid needs values"),
+    ({"method": "random", "parameters": {"training.learning_rate": {"values": [1e-3]}}},
+     "sweep.trials: required for method: random"),
+    ({"parameters": {"training.learning_rate": {"values": [1e-3], "min": 1}}},
+     "exactly one of"),
+    ({"parameters": {"training.learning_rate": {"min": 0, "max": 1, "log": True}},
+      "method": "tpe", "trials": 3}, "a log range needs min > 0"),
+    ({"parameters": {"name": {"values": ["a", "b"]}}}, "cannot be swept"),
+])
+def test_bad_sweep_specs_say_what_is_wrong(tiny_config, sweep, says):
+    with pytest.raises(ConfigError) as e:
+        validate_config({**tiny_config, "sweep": sweep})
+    assert says in str(e.value)
+
+
+def test_a_bad_trial_names_its_trial_and_field_and_nothing_is_queued(root_with_data,
+                                                                     tiny_config, capsys):
+    cfg = {**tiny_config, "sweep": {"parameters": {
+        "training.learning_rate": {"values": [0.003, -1.0]},
+        "training.learnig_rate": {"values": [1]}}}}
+    path = root_with_data / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["submit", str(path), "--root", str(root_with_data), "--no-preflight"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep trial 2 (training.learning_rate=-1.0, training.learnig_rate=1): " \
+           "training.learning_rate:" in err
+    assert "sweep (every trial): training.learnig_rate: unknown key; did you mean " \
+           "'learning_rate'?" in err
+    assert not (root_with_data / "queue").exists() or not list((root_with_data / "queue").iterdir())
+    assert not (root_with_data / "sweeps").exists()
+
+
+def test_sweep_flags_make_a_grid(root_with_data, tiny_config, capsys):
+    path = root_with_data / "base.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    assert main(["submit", str(path), "--root", str(root_with_data), "--no-preflight",
+                 "--sweep", "training.learning_rate=1e-3,3e-4",
+                 "--sweep", "training.optimizer=sgd,adam"]) == 0
+    out = capsys.readouterr().out
+    assert "grid, 4 trials, 4 at once" in out and "training.optimizer=sgd" in out
+    assert len(list((root_with_data / "queue").iterdir())) == 4
+    assert main(["submit", str(path), "--root", str(root_with_data), "--sweep",
+                 "training.learning_rate"]) == 2
+    assert "--sweep: expected PATH=V1,V2" in capsys.readouterr().err
+
+
+# -- the rules -----------------------------------------------------------------------------------
+
+def test_asha_keeps_the_top_share_at_each_rung_and_median_the_better_half():
+    assert sweepspace.rungs(1, 3, 9) == [1, 3] and sweepspace.rungs(2, 2, 20) == [2, 4, 8, 16]
+    assert sweepspace.asha_stops(0.5, [], 3, maximize=True) == (False, 0.5)  # the first goes on
+    assert sweepspace.asha_stops(0.6, [0.7, 0.9], 3, maximize=True)[0] is True
+    assert sweepspace.asha_stops(0.9, [0.7, 0.6], 3, maximize=True)[0] is False
+    # six at the rung, reduction 3: the top two go on
+    assert sweepspace.asha_stops(0.8, [0.9, 0.85, 0.1, 0.2, 0.3], 3, True) == (True, 0.85)
+    assert sweepspace.asha_stops(0.2, [0.9, 0.5], 2, maximize=False)[0] is False  # a loss
+    assert sweepspace.median_stops(0.5, [0.6, 0.7, 0.4], maximize=True) == (True, 0.6)
+    assert sweepspace.median_stops(0.3, [0.6, 0.7, 0.4], maximize=False)[0] is False
+
+
+# -- trials on the queue -------------------------------------------------------------------------
+
+def finish(queue: JobQueue, job_id: str, state=JobState.succeeded) -> None:
+    manifest = queue.manifest(job_id)
+    claim = queue.try_claim(manifest, WorkerIdentity("w"))
+    queue.commit(queue.owner(claim), Result(job_id=job_id, state=state, attempts=1,
+                                            finished_at=queue.clock.now()))
+
+
+def test_racing_workers_make_each_trial_once(tmp_path, tiny_config):
+    """Two workers top the sweep up at the same moment, every time: each trial number is made
+    once, each trial's job queued once, and never more than `parallel` in flight."""
+    barrier = threading.Barrier(2, timeout=2)
+
+    class Racing(LocalStorage):
+        def create_exclusive(self, path, data):
+            if "/trials/" in path:
+                # Both try the same trial number together (unless the other stopped making
+                # trials: then the barrier breaks, and this one goes on alone).
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    barrier.wait()
+            return super().create_exclusive(path, data)
+
+    client = JobQueue(LocalStorage(tmp_path))
+    record, first = Sweeps(client).submit(validate_config(sweep_config(tiny_config, parallel=2)))
+    assert [m.sweep.trial for m in first] == [1, 2]
+    workers = [Sweeps(JobQueue(Racing(tmp_path))) for _ in range(2)]
+    for job_id in [m.job_id for m in first]:
+        finish(client, job_id)
+        barrier.reset()
+        threads = [threading.Thread(target=w.top_up, args=(record.sweep_id,)) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    trials = Sweeps(client).trials(record.sweep_id)
+    assert [t.record.n for t in trials] == [1, 2, 3, 4]
+    assert len({t.record.job_id for t in trials}) == 4
+    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == \
+        sorted(f"{t.record.job_id}.json" for t in trials if t.in_flight)
+    assert sum(t.in_flight for t in trials) == 2
+
+
+def test_a_trial_whose_creator_died_before_queueing_it_is_queued_by_the_next(tmp_path,
+                                                                              tiny_config):
+    clock = FakeClock()
+    queue = JobQueue(LocalStorage(tmp_path), clock)
+    record, _ = Sweeps(queue).submit(validate_config(sweep_config(tiny_config, parallel=1)))
+    orphan = TrialRecord(sweep_id=record.sweep_id, n=2, job_id="20261126-100000-tiny-t2-dead",
+                         params={"training.learning_rate": 0.003,
+                                 "training.weight_decay": 0.01}, created_at=clock.now())
+    queue.storage.create_exclusive(SweepPaths(record.sweep_id).trial(2), orphan.to_json())
+    assert Sweeps(queue).top_up(record.sweep_id) == []  # its creator may still be writing
+    clock.advance(ORPHAN_SECONDS + 1)
+    queued = Sweeps(queue).top_up(record.sweep_id)
+    assert [m.job_id for m in queued] == [orphan.job_id]
+    assert queued[0].config.training.weight_decay == 0.01 and queued[0].sweep.trial == 2
+
+
+def test_tpe_asks_optuna_from_the_trials_so_far(tmp_path, tiny_config):
+    pytest.importorskip("optuna")
+    queue = JobQueue(LocalStorage(tmp_path))
+    cfg = {**tiny_config, "sweep": {"method": "tpe", "trials": 4, "parallel": 1, "parameters": {
+        "training.learning_rate": {"min": 1e-4, "max": 1e-2, "log": True}}}}
+    record, (first,) = Sweeps(queue).submit(validate_config(cfg))
+    for _ in range(3):
+        job_id = Sweeps(queue).trials(record.sweep_id)[-1].record.job_id
+        finish(queue, job_id)
+        Sweeps(queue).top_up(record.sweep_id)
+    trials = Sweeps(queue).trials(record.sweep_id)
+    assert [t.record.n for t in trials] == [1, 2, 3, 4]
+    rates = [t.record.params["training.learning_rate"] for t in trials]
+    assert all(1e-4 <= r <= 1e-2 for r in rates) and len(set(rates)) == 4
+
+
+# -- early stopping, end to end ------------------------------------------------------------------
+
+def accuracy_by_learning_rate(job):
+    """Validation that says how good a trial is from its learning rate alone: deterministic
+    figures for the rule, on a real worker, a real trainer and real files."""
+    lr = job.cfg.training.learning_rate
+    return 0.5, {0.003: 0.9, 0.001: 0.6, 0.0003: 0.7}[lr] + 0.01 * job.state.epoch  # 0-based
+
+
+def test_workers_prune_the_trials_behind_and_the_client_shows_the_sweep(root_with_data,
+                                                                        tiny_config, capsys):
+    tiny_config["training"]["epochs"] = 3
+    cfg = {**tiny_config, "sweep": {"parallel": 1, "parameters": {
+        "training.learning_rate": {"values": [0.003, 0.001, 0.0003]}},
+        "early_stop": {"method": "asha", "grace_epochs": 1, "reduction": 2}}}
+    queue = JobQueue(LocalStorage(root_with_data))
+    record, _ = Sweeps(queue).submit(validate_config(cfg))
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+                    trainer=Training(Seams(validate=accuracy_by_learning_rate)))
+    worker.run()
+    trials = Sweeps(queue).trials(record.sweep_id, values=True)
+    assert [t.state for t in trials] == [JobState.succeeded, JobState.pruned, JobState.pruned]
+    pruned = trials[1]
+    result = Result.from_json(queue.storage.read_bytes(JobPaths(pruned.record.job_id).result))
+    assert result.pruned["epoch"] == 1 and result.pruned["cutoff"] == pytest.approx(0.9)
+    assert result.pruned["value"] == pytest.approx(0.6) and result.epochs_completed == 1
+    job_dir = root_with_data / "done" / pruned.record.job_id
+    assert (job_dir / "best.pt").exists() and (job_dir / "curves.png").exists()
+    assert not (job_dir / "final.pt").exists() and not list((job_dir / "checkpoints").glob("*.pt"))
+    assert trials[0].values == pytest.approx({1: 0.9, 2: 0.91, 3: 0.92})
+
+    assert main(["status", "--root", str(root_with_data)]) == 0
+    out = capsys.readouterr().out
+    assert "grid, 3 trials: 2 pruned, 1 succeeded; best val_accuracy 0.9200 (trial 1: " \
+           "training.learning_rate=0.003)" in out
+    assert main(["compare", f"sweep:{record.sweep_id[-6:]}", "--root", str(root_with_data),
+                 "--json", "--out", str(root_with_data / "sweep.png")]) == 0
+    ranked = json.loads(capsys.readouterr().out.split("\nhyperparameters")[0])["trials"]
+    assert [(r["trial"], r["state"]) for r in ranked] == [(1, "succeeded"), (2, "pruned"),
+                                                          (3, "pruned")] or \
+        [(r["trial"], r["state"]) for r in ranked] == [(1, "succeeded"), (3, "pruned"),
+                                                       (2, "pruned")]
+    assert (root_with_data / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["sweep", "best", record.sweep_id, "--root", str(root_with_data)]) == 0
+    best = yaml.safe_load(capsys.readouterr().out)
+    assert best["training"]["learning_rate"] == 0.003 and "sweep" not in best
+    assert validate_config(best).name == "tiny-best"
+
+
+def test_cancelling_a_sweep_stops_its_trials_and_makes_no_more(tmp_path, tiny_config, capsys):
+    queue = JobQueue(LocalStorage(tmp_path))
+    record, first = Sweeps(queue).submit(validate_config(sweep_config(tiny_config, parallel=2)))
+    assert main(["cancel", f"sweep:{record.sweep_id}", "--root", str(tmp_path)]) == 0
+    assert "2 trial(s) asked to stop" in capsys.readouterr().out
+    # The next worker to meet a cancelled trial ends it: not started, no successor made.
+    assert queue.try_claim(queue.manifest(first[0].job_id), WorkerIdentity("w")) is None
+    assert job_view(queue, first[0].job_id).state == JobState.cancelled
+    assert Sweeps(queue).top_up(record.sweep_id) == []
+    assert len(Sweeps(queue).trials(record.sweep_id)) == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_outlives_a_killed_worker(tmp_path, cherry_images, tiny_config):
+    """SIGKILL while trial 2 trains: a fresh worker resumes it, then makes and runs trial 3;
+    every trial number is made once, and the sweep ends whole."""
+    from tests.test_crash import heartbeat, kill, make_root, start_worker, wait_for
+
+    root = make_root(tmp_path, cherry_images, "root")
+    cfg = {**tiny_config, "lease_seconds": 3, "heartbeat_seconds": 0.2, "sweep": {
+        "parallel": 1, "parameters": {"training.learning_rate": {"values": [3e-3, 1e-3, 3e-4]}}}}
+    queue = JobQueue(LocalStorage(root))
+    record, _ = Sweeps(queue).submit(validate_config(cfg))
+
+    def second_trial_training():
+        trials = Sweeps(queue).trials(record.sweep_id)
+        if len(trials) < 2:
+            return None
+        hb = heartbeat(root, trials[1].record.job_id)
+        return hb is not None and hb.trained and hb.step >= 2
+
+    first = start_worker(root, "colab-1", tmp_path / "journal")
+    try:
+        wait_for(second_trial_training, timeout=180, what="trial 2 to train")
+    finally:
+        assert kill(first)
+    # The notebook started again: same worker id, its killed predecessor's job taken back.
+    second = start_worker(root, "colab-1", tmp_path / "journal")
+    assert second.wait(timeout=240) == 0
+    trials = Sweeps(queue).trials(record.sweep_id)
+    assert [t.record.n for t in trials] == [1, 2, 3]
+    assert [t.state for t in trials] == [JobState.succeeded] * 3
+    resumed = Result.from_json(queue.storage.read_bytes(JobPaths(trials[1].record.job_id).result))
+    assert resumed.attempts == 2 and resumed.attempt_history[1].reason == "same-worker"
