@@ -74,20 +74,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--val", type=int, default=200)
+    parser.add_argument("--grace", type=int, default=2, help="ASHA's grace_epochs")
+    parser.add_argument("--reduction", type=int, default=3, help="ASHA's reduction")
     args = parser.parse_args()
     size = DemoSize(train=args.train, val=args.val, epochs=args.epochs)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("CHERRY_CACHE_DIR", str(Path(tmp) / "cache"))
         runs = {}
-        for name, early_stop in (("full", None), ("asha", {"method": "asha", "grace_epochs": 1,
-                                                            "reduction": 3})):
+        asha = {"method": "asha", "grace_epochs": args.grace, "reduction": args.reduction}
+        for name, early_stop in (("full", None), ("asha", asha)):
             root = Path(tmp) / name
             ensure_dataset(root, size, say=lambda *_: None)
             runs[name] = run_sweep(root, size, args.workers, early_stop)
             print(f"{name}: {runs[name]}", flush=True)
     full, asha = runs["full"], runs["asha"]
     print(f"\n{os.cpu_count()} cores, {args.workers} workers, 12 trials x {args.epochs} epochs, "
-          f"{args.train}/{args.val} images at {size.image_size} px, {size.model}")
+          f"{args.train}/{args.val} images at {size.image_size} px, {size.model}; ASHA grace "
+          f"{args.grace}, reduction {args.reduction}")
     print(f"{'':8}{'epochs':>8}{'wall s':>9}{'pruned':>8}{'best val acc':>14}")
     for name, r in runs.items():
         print(f"{name:8}{r['epochs']:>8}{r['wall_seconds']:>9.0f}{r['pruned']:>8}"
