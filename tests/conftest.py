@@ -46,6 +46,10 @@ TINY_CONFIG = {
     "heartbeat_seconds": 0.2,
     "lease_seconds": 5,
     "log_every_steps": 2,
+    # Seconds per job that most tests do not need; tests of the export and TensorBoard turn
+    # them on.
+    "export": {"onnx": False},
+    "tensorboard": False,
 }
 
 

@@ -40,6 +40,7 @@ CRASH_CONFIG = {
     "lease_seconds": 5,
     "max_attempts": 100,  # random kills before a first checkpoint are not a crash loop here
     "log_every_steps": 2,
+    "export": {"onnx": False},  # not what these tests are about
 }
 
 

@@ -52,6 +52,7 @@ def job_config(name: str, size: int) -> dict:
         "data": {"train_path": "data/train", "val_path": "data/val", "image_size": size,
                  "num_workers": 0, "cache": False},
         "checkpoint": {"keep_last": 1}, "heartbeat_seconds": 1, "max_attempts": 1,
+        "export": {"onnx": False},
     }
 
 

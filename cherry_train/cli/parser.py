@@ -20,6 +20,7 @@ from cherry_train.cli.commands import (
     cmd_watch,
 )
 from cherry_train.cli.sweeps import cmd_sweep_best
+from cherry_train.cli.tensorboard import cmd_tensorboard
 from cherry_train.cli.worker import cmd_worker
 from cherry_train.schemas import JobState
 
@@ -188,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("sweep", metavar="SWEEP", help="the sweep id (or its last 4+ characters)")
     sb.add_argument("--root", help=root_help)
     sb.set_defaults(func=cmd_sweep_best)
+
+    tb = sub.add_parser("tensorboard", help="TensorBoard over the root's jobs (an API root's "
+                        "event files are copied here first)")
+    tb.add_argument("--root", help=root_help)
+    tb.add_argument("--port", type=_positive_int, default=6006,
+                    help="the port TensorBoard listens on (default: 6006)")
+    tb.add_argument("--logdir-only", action="store_true",
+                    help="print the folder to give TensorBoard's --logdir, and exit")
+    tb.set_defaults(func=cmd_tensorboard)
 
     sc = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
     sc.set_defaults(func=cmd_schema)

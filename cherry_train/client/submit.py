@@ -76,6 +76,9 @@ def check_model_name(config: TrainingConfig) -> str:
     """Check the model against torchvision, when it is installed here. Returns what was done."""
     if importlib.util.find_spec("torchvision") is None:
         return f"{config.model.name}: not checked (no torchvision here; the worker checks it)"
+    if config.model.name.startswith("timm/") and importlib.util.find_spec("timm") is None:
+        return (f"{config.model.name}: not checked (no timm here; the worker needs it: pip "
+                "install 'cherry-train[timm]')")
     from cherry_train.worker.errors import JobError
     from cherry_train.worker.model import check_model_name as check
 
@@ -83,7 +86,8 @@ def check_model_name(config: TrainingConfig) -> str:
         check(config.model.name)
     except JobError as e:
         raise ConfigError([str(e)]) from None
-    return f"{config.model.name} is a torchvision classification model"
+    kind = "timm" if config.model.name.startswith("timm/") else "torchvision classification"
+    return f"{config.model.name} is a {kind} model"
 
 
 @dataclass

@@ -73,6 +73,10 @@ class JobPaths:
         return f"{self.dir}/worker.log"
 
     @property
+    def tensorboard(self) -> str:
+        return f"{self.dir}/tensorboard"  # one event file per attempt
+
+    @property
     def curves(self) -> str:
         return f"{self.dir}/curves.png"
 
@@ -101,6 +105,10 @@ class JobPaths:
         return f"{self.dir}/final.pt"
 
     @property
+    def onnx(self) -> str:
+        return f"{self.dir}/model.onnx"
+
+    @property
     def done_manifest(self) -> str:
         return f"{self.dir}/manifest.json"
 
@@ -124,7 +132,8 @@ class JobPaths:
         """What a job leaves for people: name -> path (whichever of them exist)."""
         return {"config": self.config, "metrics": self.metrics, "curves": self.curves,
                 "log": self.log, "best_weights": self.best_weights,
-                "final_weights": self.final_weights, "evaluation": self.evaluation,
+                "final_weights": self.final_weights, "onnx": self.onnx,
+                "evaluation": self.evaluation,
                 "confusion_matrix": self.confusion}
 
 

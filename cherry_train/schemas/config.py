@@ -45,7 +45,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = Field("resnet50", min_length=1, max_length=64,
                       description="A torchvision classification model, e.g. resnet50, resnet18, "
-                                  "mobilenet_v3_small, efficientnet_b0.")
+                                  "mobilenet_v3_small, efficientnet_b0; or timm/<name>, e.g. "
+                                  "timm/convnext_tiny (pip install 'cherry-train[timm]').")
     num_classes: int = Field(ge=2, le=100_000, description="Number of class folders.")
     pretrained: bool | str = Field(
         False,
@@ -56,9 +57,10 @@ class ModelConfig(_Section):
     @field_validator("name")
     @classmethod
     def _lowercase_identifier(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
-            raise ValueError("must be a torchvision model name such as resnet50 "
-                             "(lowercase letters, digits and underscores)")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*|timm/[a-z0-9_]+(\.[a-z0-9_]+)?", v):
+            raise ValueError("must be a torchvision model name such as resnet50 (lowercase "
+                             "letters, digits and underscores) or timm/<name> such as "
+                             "timm/convnext_tiny")
         return v
 
     @field_validator("pretrained", mode="before")
@@ -98,9 +100,18 @@ class DataSection(_Section):
         "through the Drive mount, minutes faster for thousands of files. The first worker to "
         "copy a folder builds it (auto: for 2,000 files or more; it takes as much Drive space "
         "as the folder), or build it ahead with `cherry data pack PATH`. off: neither.")
-    image_size: int = Field(224, ge=16, le=2048, description="Square input size in pixels.")
+    image_size: int | Literal["auto"] = Field(
+        224, description="Square input size in pixels (16 to 2048), or auto: the model's own "
+        "(timm models' pretrained input size; 224 for torchvision's).")
     num_workers: int | None = Field(None, ge=0, le=64,
                                     description="DataLoader processes; null: chosen by the worker.")
+
+    @field_validator("image_size")
+    @classmethod
+    def _pixels(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 16 <= v <= 2048:
+            raise ValueError(f"must be 16 to 2048 pixels, or auto (got {v})")
+        return v
 
     @field_validator("cache")
     @classmethod
@@ -162,6 +173,16 @@ class EvaluateSection(_Section):
         return self
 
 
+class ExportSection(_Section):
+    onnx: bool = Field(True, description="Export the best weights to model.onnx at the end of a "
+                       "successful job (and in mode: evaluation), checked with onnxruntime; a "
+                       "failed export or check is recorded in the result, never fails the job.")
+    opset: int = Field(18, ge=13, le=23, description="The ONNX opset.")
+    tolerance: float = Field(1e-3, gt=0, description="The largest logit difference onnxruntime "
+                             "may show against PyTorch (same top-1 class required as well).")
+    check_images: int = Field(256, ge=1, description="Validation images the check runs.")
+
+
 class TrainingConfig(_Section):
     """A whole training job, as written in the user's YAML."""
 
@@ -188,6 +209,9 @@ class TrainingConfig(_Section):
     lease_seconds: float = Field(300.0, gt=0, le=7 * 86400, description="A running job whose "
                                  "heartbeat is older than this may be taken over.")
     log_every_steps: int = Field(10, ge=1, description="Steps between train metrics lines.")
+    export: ExportSection = ExportSection()
+    tensorboard: bool = Field(True, description="Also write TensorBoard event files into "
+                              "done/<job_id>/tensorboard/ (`cherry tensorboard` shows them).")
 
     model: ModelConfig | None = Field(None, description="Required, except in mode: evaluation "
                                       "with evaluate.job (the job's own model is used).")

@@ -228,6 +228,7 @@ class Result(_Record):
     dataset_sha256: str | None = None  # the content hash of the data the model saw
     evaluation: dict[str, Any] | None = None  # mode: evaluation (also in evaluation.json)
     pruned: dict[str, Any] | None = None  # state pruned: the rule, the epoch, the figures used
+    export: dict[str, Any] | None = None  # {"onnx": sha256, opset, parity figures, or error}
     data_cache: dict[str, Any] = {}  # per folder (or archive): files, bytes, copy time, reuse
     artifacts: dict[str, Artifact] = {}  # what -> file, with its size and checksum
 

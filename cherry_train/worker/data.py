@@ -24,6 +24,7 @@ from cherry_train.storage.base import Storage
 from cherry_train.worker import gpudata, gpustream
 from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.model import input_normalize
 from cherry_train.worker.processes import (
     available_memory,
     loader_processes,
@@ -32,7 +33,13 @@ from cherry_train.worker.processes import (
     usable_cores,
     worker_context,
 )
-from cherry_train.worker.samples import EpochSampler, ImageFolderSamples, Transform, to_model_input
+from cherry_train.worker.samples import (
+    EpochSampler,
+    ImageFolderSamples,
+    Normalize,
+    Transform,
+    to_model_input,
+)
 from cherry_train.worker.sources import LocalSource, Source, StorageSource
 
 log = structlog.get_logger(__name__)
@@ -52,7 +59,7 @@ class Data:
     steps_per_epoch: int
     val_limit: int | None  # development mode validates on a prefix only
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    normalize: bool = True
+    normalize: Normalize | None = None
     pipeline: str = "workers"  # or "gpu": see gpudata.py
 
     _loaders: dict[str, DataLoader] = field(default_factory=dict)
@@ -136,7 +143,7 @@ class Data:
 class _OnDevice:
     """A DataLoader's uint8 batches, moved to the device as model input."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, normalize: bool):
+    def __init__(self, loader: DataLoader, device: torch.device, normalize: Normalize | None):
         self.loader, self.device, self.normalize = loader, device, normalize
 
     def __len__(self) -> int:
@@ -231,7 +238,7 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
         worker_context()  # the loader processes' server starts importing now
     return Data(train=train, val=val, classes=train_classes, batch_size=batch,
                 num_workers=workers, pin_memory=device.type == "cuda", steps_per_epoch=steps,
-                val_limit=val_limit, device=device, normalize=aug.normalize,
+                val_limit=val_limit, device=device, normalize=input_normalize(cfg),
                 pipeline=choose_pipeline(cfg, device, train, val))
 
 

@@ -25,7 +25,14 @@ from cherry_train.worker.data import local_file, source_for
 from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.device import describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.model import build_model, forward, read_weights_file
+from cherry_train.worker.export import export_checked
+from cherry_train.worker.model import (
+    build_model,
+    forward,
+    input_normalize,
+    read_weights_file,
+    with_image_size,
+)
 from cherry_train.worker.outcome import JobRun, Outcome, TrainState
 from cherry_train.worker.processes import loader_processes
 from cherry_train.worker.reporting import Reporter
@@ -93,7 +100,7 @@ def _per_class(matrix: list[list[int]], classes: list[str]) -> dict[str, dict[st
 
 
 @torch.no_grad()
-def _timings(model, device, precision, size: int, normalize: bool) -> dict[str, float]:
+def _timings(model, device, precision, size: int, normalize) -> dict[str, float]:
     """Median latency of one image, and images per second at batch 64 (synthetic input)."""
     def timed(batch: int, runs: int) -> list[float]:
         x = to_model_input(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8),
@@ -126,6 +133,8 @@ def evaluate(run: JobRun) -> Outcome:
     reporter.update(phase=Phase.copying_data, device=describe(device))
     data_dir, data_info = _data_dir(claim, data_root, reporter.owner.reader)
     model_cfg, weights_file, source = _source(claim, reporter, scratch, data_root)
+    cfg = with_image_size(cfg, model_cfg.name)
+    norm = input_normalize(cfg, model_cfg.name) or False
     from torchvision.datasets.folder import find_classes
 
     classes, _ = find_classes(str(data_dir))
@@ -153,7 +162,7 @@ def evaluate(run: JobRun) -> Outcome:
     started = time.perf_counter()
     with torch.no_grad():
         for images, labels in loader:
-            x = to_model_input(images, device, cfg.augmentation.normalize)
+            x = to_model_input(images, device, norm)
             with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.enabled):
                 predicted = forward(model, x)[0].argmax(1).cpu()
             for t, p in zip(labels.tolist(), predicted.tolist(), strict=True):
@@ -168,8 +177,17 @@ def evaluate(run: JobRun) -> Outcome:
     }
     if cfg.evaluate.latency:
         evaluation.update(_timings(model, device, precision, cfg.data.image_size,
-                                   cfg.augmentation.normalize))
+                                   norm))
     paths = claim.paths
+    export = None
+    if cfg.export.onnx:  # the evaluated weights, as the line would run them
+        cpu = torch.device("cpu")
+        batches = (to_model_input(images, cpu, norm)
+                   for images, _ in loader)
+        export = {"onnx": export_checked(
+            model, read_weights_file(weights_file), cfg.data.image_size, batches,
+            scratch / "export", reporter.owner.upload, paths.onnx, cfg.export.opset,
+            cfg.export.tolerance, cfg.export.check_images)}
     reporter.owner.write(paths.evaluation, (json.dumps(evaluation, indent=2) + "\n").encode())
     reporter.owner.write(paths.confusion, render_confusion(
         matrix, classes, f"{model_cfg.name}: accuracy {evaluation['accuracy']:.3f}"))
@@ -178,4 +196,4 @@ def evaluate(run: JobRun) -> Outcome:
              images_per_second=evaluation.get("images_per_second_batch64"))
     return Outcome(completed=True, state=TrainState(wall_seconds=seconds), device=describe(device),
                    precision=precision.name, threads=torch.get_num_threads(), data=data_info,
-                   evaluation=evaluation)
+                   evaluation=evaluation, export=export)

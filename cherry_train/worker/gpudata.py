@@ -33,11 +33,11 @@ from torchvision.transforms import functional as F
 
 from cherry_train.worker.processes import loader_processes
 from cherry_train.worker.samples import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,
+    Normalize,
+    as_normalize,
     crop_box,
     undecodable,
 )
@@ -189,10 +189,12 @@ class BatchFinish:
     """What every GPU pipeline does last to a batch of crops (float, 0..255): flip the flagged
     ones, scale to 0..1 or ImageNet-normalise, and channels_last on CUDA."""
 
-    def __init__(self, device: torch.device, normalize: bool):
-        self.normalize, self.device = normalize, device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    def __init__(self, device: torch.device, normalize: bool | Normalize):
+        norm = as_normalize(normalize)
+        self.normalize, self.device = norm is not None, device
+        norm = norm or Normalize()
+        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1) * 255
 
     def __call__(self, x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         flip = flips.to(self.device).view(-1, 1, 1, 1) > 0.5

@@ -15,7 +15,7 @@ import structlog
 
 from cherry_train import __version__, logs
 from cherry_train.backoff import Backoff
-from cherry_train.jobqueue.claims import Claim, WorkerIdentity, gone_from_here
+from cherry_train.jobqueue.claims import Claim, WorkerIdentity
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.lifecycle import (
     JobQueue,
@@ -30,11 +30,13 @@ from cherry_train.schemas import JobState, Mode, Phase, Result, WorkerState, Wor
 from cherry_train.storage import is_outage
 from cherry_train.worker import results, runtime
 from cherry_train.worker.errors import JobError, is_cuda_error
+from cherry_train.worker.identity import refuse_if_id_in_use
 from cherry_train.worker.outcome import JobRun, Runner
 from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import stop_on_signals
+from cherry_train.worker.tensorboard import Board
 
 log = structlog.get_logger(__name__)
 
@@ -205,7 +207,7 @@ class Worker:
         interval = claim.manifest.config.heartbeat_seconds
         status = self._write_status(WorkerState.busy, claim.job_id, interval=interval)
         budget = self._budget()
-        reporter = Reporter(owner, status, self.stop, interval,
+        reporter = Reporter(owner, status, self.stop, interval, board=self._board(claim, owner),
                             deadline=budget.stop_at() if budget is not None else None)
         log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
                  reason=claim.attempt.reason.value, worker_id=self.me.worker_id, host=self.me.host)
@@ -311,6 +313,13 @@ class Worker:
                       error=logs.brief(error))
         self._release(claim, owner, reporter, None if stopping else error)
 
+    def _board(self, claim: Claim, owner: Owner) -> Board | None:
+        config = claim.manifest.config
+        if not config.tensorboard or config.mode == Mode.evaluation:
+            return None
+        return Board(self.scratch.for_job(claim.job_id) / "tensorboard", claim.paths.tensorboard,
+                     owner.upload, config.model_dump(mode="json"), purge_step=None)
+
     def _runner(self, claim: Claim) -> Runner:
         """What runs the job: the evaluator in mode: evaluation, else the trainer."""
         if claim.manifest.config.mode == Mode.evaluation:
@@ -326,30 +335,8 @@ class Worker:
     # -- identity and status -----------------------------------------------------------------
 
     def refuse_if_id_in_use(self) -> None:
-        """Two live processes must not share a worker id (two Colab tabs): the second stops.
-
-        A status file alone cannot tell a live worker from one killed a second ago (a Colab
-        disconnect), so watch it: a live worker rewrites it within its interval."""
-        other = self.queue.worker_status(self.me.worker_id)
-        if other is None or other.incarnation == self.me.incarnation or \
-                other.state == WorkerState.stopped:
-            return
-        window = 2 * other.interval_seconds
-        if age_seconds(self.queue.clock, other.at) > window or \
-                gone_from_here(other.host, other.pid, self.me):
-            return
-        log.info("a worker with this id was seen recently; checking whether it is alive",
-                 worker_id=self.me.worker_id, seconds=round(window, 1))
-        while age_seconds(self.queue.clock, other.at) <= window:
-            self.queue.clock.sleep(min(0.5, window / 4))
-            latest = self.queue.worker_status(self.me.worker_id)
-            if latest is not None and (latest.at, latest.incarnation) != (other.at,
-                                                                          other.incarnation):
-                raise WorkerIdInUse(
-                    f"worker id {self.me.worker_id!r} is in use by a live worker (host "
-                    f"{latest.host or '?'}, pid {latest.pid}, {latest.state}). Is a second "
-                    "notebook or tab running? Stop it, or start this one with another "
-                    "--worker-id.")
+        """Two live processes must not share a worker id (two Colab tabs): the second stops."""
+        refuse_if_id_in_use(self.queue, self.me)
 
     def _idle_line(self, idle: float, wait: float) -> None:
         """Say that the worker waits, at once and then every IDLE_LINE_SECONDS: a worker left

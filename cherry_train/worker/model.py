@@ -1,4 +1,5 @@
-"""Torchvision classification models by name, with torchvision's weights or a weights file."""
+"""Classification models by name: torchvision's (`resnet50`) or timm's (`timm/convnext_tiny`,
+needs the `timm` extra), with their own pretrained weights or a weights file."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from cherry_train.schemas import ModelConfig
+from cherry_train.schemas import ModelConfig, TrainingConfig
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.samples import Normalize
 
 log = structlog.get_logger(__name__)
 
@@ -27,12 +29,37 @@ def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None,
     return logits, (loss(logits, y) if y is not None else None)
 
 
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss summed over a batch, in float32 (validation adds batches up, then divides)."""
+    return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+
+
 def classification_models() -> list[str]:
     # Only the top-level module: no detection/segmentation/video models.
     return torchvision.models.list_models(module=torchvision.models)
 
 
+TIMM = "timm/"
+TIMM_INSTALL = "pip install 'cherry-train[timm]' (on Colab: in the notebook's install cell)"
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise JobError(f"model.name: timm models need timm here: {TIMM_INSTALL}") from None
+    return timm
+
+
 def check_model_name(name: str) -> None:
+    if name.startswith(TIMM):
+        timm, wanted = _timm(), name.removeprefix(TIMM)
+        if timm.is_model(wanted.split(".")[0]):
+            return
+        close = difflib.get_close_matches(wanted, timm.list_models(), n=3)
+        hint = f"; did you mean {' or '.join(TIMM + c for c in close)}?" if close else ""
+        raise JobError(f"model.name: {wanted!r} is not a timm model{hint} (timm.list_models() "
+                       "lists them)")
     known = classification_models()
     if name in known:
         return
@@ -54,15 +81,54 @@ def build_model(cfg: ModelConfig, weights_file: Path | None) -> nn.Module:
 
     One path for both kinds of weights: build the model for our class count, then load every
     tensor whose shape matches. Only the classifier head differs, so it stays freshly initialised
-    whatever attribute the architecture keeps it in (fc, classifier[-1], heads.head, ...)."""
+    whatever attribute the architecture keeps it in (fc, classifier[-1], heads.head, ...). timm
+    loads its own pretrained weights the same way (its head left new for our classes)."""
     check_model_name(cfg.name)
-    model = torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes,
-                                         **AUX_HEADS_OFF.get(cfg.name, {}))
-    if cfg.pretrained is True:
-        load_matching(model, _torchvision_weights(cfg.name), source="torchvision DEFAULT weights")
-    elif weights_file is not None:
+    if cfg.name.startswith(TIMM):
+        model = _timm().create_model(cfg.name.removeprefix(TIMM),
+                                     pretrained=cfg.pretrained is True,
+                                     num_classes=cfg.num_classes)
+    else:
+        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes,
+                                             **AUX_HEADS_OFF.get(cfg.name, {}))
+        if cfg.pretrained is True:
+            load_matching(model, _torchvision_weights(cfg.name),
+                          source="torchvision DEFAULT weights")
+    if weights_file is not None and cfg.pretrained is not True:
         load_matching(model, read_weights_file(weights_file), source=str(weights_file))
     return model
+
+
+def default_image_size(name: str) -> int:
+    """The input size a model was made for: timm's pretrained config says; torchvision's models
+    take 224 (inception_v3: 299)."""
+    if name.startswith(TIMM):
+        config = _timm().get_pretrained_cfg(name.removeprefix(TIMM))
+        return int(config.input_size[-1]) if config is not None else 224
+    return 299 if name == "inception_v3" else 224
+
+
+def input_normalize(cfg: TrainingConfig, model_name: str | None = None) -> Normalize | None:
+    """augmentation.normalize for this model: timm's pretrained mean and std, ImageNet's for
+    torchvision's, or none."""
+    if not cfg.augmentation.normalize:
+        return None
+    name = model_name or cfg.model.name
+    if name.startswith(TIMM):
+        config = _timm().get_pretrained_cfg(name.removeprefix(TIMM))
+        if config is not None and config.mean and config.std:
+            return Normalize(tuple(config.mean), tuple(config.std))
+    return Normalize()
+
+
+def with_image_size(cfg: TrainingConfig, model_name: str | None = None) -> TrainingConfig:
+    """The config with data.image_size: auto replaced by the model's own input size."""
+    if cfg.data.image_size != "auto":
+        return cfg
+    name = model_name or cfg.model.name
+    size = default_image_size(name)
+    log.info("data.image_size: auto", image_size=size, model=name)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": size})})
 
 
 def _torchvision_weights(name: str) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from cherry_train import logs
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.plots import render_curves
 from cherry_train.schemas import Heartbeat, Phase, WorkerStatus
+from cherry_train.worker.tensorboard import Board
 
 log = structlog.get_logger(__name__)
 
@@ -62,8 +63,9 @@ class StopRequest:
 
 class Reporter:
     def __init__(self, owner: Owner, worker_status: WorkerStatus, stop: StopRequest,
-                 interval: float, deadline: datetime | None = None):
+                 interval: float, deadline: datetime | None = None, board: Board | None = None):
         self.owner, self.stop = owner, stop
+        self.board = board  # TensorBoard: every metrics line also goes there
         self.interval = interval  # the job's heartbeat_seconds
         self.deadline = deadline  # the runtime cap, less the time to checkpoint and release
         self.claim = owner.claim
@@ -95,10 +97,15 @@ class Reporter:
         with self._lock:
             self._metrics = kept
             self._metrics_synced = -1  # rewrite: the stored file may hold dropped lines
+        if self.board is not None and up_to_step:
+            self.board.purge_step = up_to_step + 1  # what earlier attempts logged past it goes
+            self.board.seed_best(self.epoch_records())
 
     def metric(self, record: dict[str, Any]) -> None:
         with self._lock:
             self._metrics.append(json.dumps(record, separators=(",", ":")))
+        if self.board is not None:
+            self.board.add(record)
 
     def epoch_records(self) -> list[dict]:
         with self._lock:
@@ -155,6 +162,15 @@ class Reporter:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self.board is not None:  # the attempt's last lines are logged: store them once more
+            try:
+                with self._on_fenced():
+                    self.board.store()
+            except Fenced:
+                pass
+            except Exception as e:  # a picture of the run; never worth the job
+                log.warning("could not store the TensorBoard events", error=logs.brief(e))
+            self.board.close()
 
     def finish(self) -> None:
         """The last sync of this attempt's log; stop collecting it."""
@@ -201,6 +217,8 @@ class Reporter:
                 data = ("\n".join(self._metrics) + "\n").encode() if self._metrics else b""
             with self._on_fenced():
                 self.owner.write(self.claim.paths.metrics, data)
+                if self.board is not None:
+                    self.board.store()
             with self._lock:
                 self._metrics_synced = count
 

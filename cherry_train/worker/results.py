@@ -45,6 +45,7 @@ def result_of(claim: Claim, outcome: Outcome, job_state: JobState, now: datetime
         gpu_hours=round(gpu_hours, 4), compute_units=runtime.compute_units(outcome.device,
                                                                            gpu_hours),
         dataset_sha256=outcome.data.get("dataset_sha256"), pruned=outcome.pruned,
+        export=outcome.export,
         data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"})
 
 

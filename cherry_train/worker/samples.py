@@ -32,6 +32,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True)
+class Normalize:
+    """The per-channel mean and std the model expects its input scaled by (ImageNet's unless the
+    model says otherwise: timm's pretrained configs do)."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+def as_normalize(value: bool | Normalize) -> Normalize | None:
+    """augmentation.normalize as given: True is ImageNet's, False none."""
+    if value is True:
+        return Normalize()
+    return value or None
+
+
 def undecodable(path: str, error: Exception) -> JobError:
     """The one message for a data file that is not an image, whichever pipeline met it."""
     return JobError(f"data: {path} does not decode as an image ({error}); remove or replace it")
@@ -143,11 +159,13 @@ class EpochSampler(Sampler):
         return max(0, self.stop - self.start)
 
 
-def to_model_input(images: torch.Tensor, device: torch.device, normalize: bool) -> torch.Tensor:
+def to_model_input(images: torch.Tensor, device: torch.device,
+                   normalize: bool | Normalize) -> torch.Tensor:
     """uint8 NCHW from the loader -> float on the device, in [0, 1] or ImageNet-normalised."""
     x = images.to(device, non_blocking=True).float().div_(255)
-    if normalize:
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    norm = as_normalize(normalize)
+    if norm is not None:
+        mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
         x = (x - mean) / std
     return x

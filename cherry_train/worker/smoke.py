@@ -10,7 +10,7 @@ import torch
 
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.model import build_model, forward
+from cherry_train.worker.model import build_model, forward, input_normalize, with_image_size
 from cherry_train.worker.samples import ImageFolderSamples, Transform, to_model_input
 
 SMOKE_STEPS = 2
@@ -21,6 +21,7 @@ def smoke_test(cfg: TrainingConfig, train_dir: Path, classes: list[str],
                weights_file: Path | None) -> str:
     """Run SMOKE_STEPS optimizer steps on a few training images; return a one-line summary."""
     started = time.perf_counter()
+    cfg = with_image_size(cfg)
     # Never download here: torchvision's weights are the worker's business; a weights file is
     # loaded, since a wrong one is worth finding now.
     model_cfg = cfg.model.model_copy(update={"pretrained": bool(weights_file)})
@@ -34,7 +35,7 @@ def smoke_test(cfg: TrainingConfig, train_dir: Path, classes: list[str],
     picks = [(0, i * n // SMOKE_BATCH) for i in range(SMOKE_BATCH)]
     images = torch.stack([data[p][0] for p in picks])
     labels = torch.tensor([data[p][1] for p in picks])
-    x = to_model_input(images, torch.device("cpu"), cfg.augmentation.normalize)
+    x = to_model_input(images, torch.device("cpu"), input_normalize(cfg) or False)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     try:
         for _ in range(SMOKE_STEPS):

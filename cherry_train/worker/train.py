@@ -47,8 +47,14 @@ from cherry_train.worker.device import (
     seed_and_determinism,
 )
 from cherry_train.worker.errors import JobError, is_cuda_error
+from cherry_train.worker.export import export_best
 from cherry_train.worker.job import Job
-from cherry_train.worker.model import build_model, forward
+from cherry_train.worker.model import (
+    build_model,
+    forward,
+    summed_cross_entropy,
+    with_image_size,
+)
 from cherry_train.worker.optim import make_optimizer, make_scheduler
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.processes import loader_cap
@@ -88,7 +94,7 @@ class Training:
 
 def setup(run: JobRun, seams: Seams) -> Job:
     claim, reporter = run.claim, run.reporter
-    cfg, reader = claim.manifest.config, reporter.owner.reader
+    cfg, reader = with_image_size(claim.manifest.config), reporter.owner.reader
     device = seams.device()
     seed_and_determinism(cfg.seed, cfg.deterministic, device)
     train_dir, val_dir, data_info = prepare_data(cfg, run.data_root, reader,
@@ -197,10 +203,6 @@ def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
 
 # -- validation --------------------------------------------------------------------------------
 
-def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-
-
 @torch.no_grad()
 def evaluate(job: Job) -> tuple[float, float]:
     """Validation loss and accuracy over the val folder (a prefix of it in development mode)."""
@@ -213,7 +215,7 @@ def evaluate(job: Job) -> tuple[float, float]:
         micro = job.state.micro_batch or y.shape[0]  # what fitted in training fits here
         for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
             with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
-                logits, loss = forward(job.model, xs, ys, _summed_loss)
+                logits, loss = forward(job.model, xs, ys, summed_cross_entropy)
             loss_sum += loss
             correct += (logits.argmax(1) == ys).sum()
         seen += y.shape[0]
@@ -286,6 +288,8 @@ def train(run: JobRun, seams: Seams) -> Outcome:
             if outcome.pruned is not None:
                 break
         job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
+        if cfg.export.onnx and outcome.pruned is None:  # on the validation images: loaders open
+            outcome.export = {"onnx": export_best(job)}
     except BaseException:
         drain(job)
         raise
