@@ -33,6 +33,7 @@ def run_sweep(root: Path, size: DemoSize, workers: int, early_stop: dict | None)
     cfg = demo_config(size)
     cfg.update(name="asha" if early_stop else "full", heartbeat_seconds=2)
     cfg["checkpoint"] = {"every_minutes": 60, "keep_last": 1}
+    cfg.update(export={"onnx": False}, tensorboard=False)  # the same work for every trial
     cfg["sweep"] = {"method": "grid", "parallel": workers, "parameters": {
         "training.learning_rate": {"values": RATES},
         "training.weight_decay": {"values": DECAYS}}}

@@ -288,3 +288,38 @@ def test_a_sweep_outlives_a_killed_worker(tmp_path, cherry_images, tiny_config):
     assert [t.state for t in trials] == [JobState.succeeded] * 3
     resumed = Result.from_json(queue.storage.read_bytes(JobPaths(trials[1].record.job_id).result))
     assert resumed.attempts == 2 and resumed.attempt_history[1].reason == "same-worker"
+
+
+def test_a_trial_first_at_a_rung_waits_for_the_siblings_training_toward_it(tmp_path,
+                                                                            tiny_config):
+    """ASHA at a rung with fewer than `reduction` trials: the trial waits for a sibling that is
+    training toward the rung, then is judged among them; with nobody training, it goes on."""
+    from cherry_train.schemas import Heartbeat
+    from cherry_train.worker.pruning import early_stop
+
+    queue = JobQueue(LocalStorage(tmp_path))
+    cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": 9}, "sweep": {
+        "parallel": 2, "parameters": {"training.learning_rate": {"values": [0.003, 0.001]}},
+        "early_stop": {"method": "asha", "grace_epochs": 1, "reduction": 2}}}
+    _, (first, second) = Sweeps(queue).submit(validate_config(cfg))
+    claim = queue.try_claim(second, WorkerIdentity("w2"))
+    owner = queue.owner(claim)
+    owner.write(claim.paths.heartbeat, Heartbeat(
+        job_id=second.job_id, attempt=1, worker_id="w2", at=queue.clock.now(), epoch=1,
+        phase="training").to_json())
+    waits = []
+
+    def wait(seconds):  # meanwhile the sibling finishes epoch 1, ahead
+        waits.append(seconds)
+        owner.write(claim.paths.metrics, b'{"kind":"epoch","epoch":1,"step":6,'
+                                         b'"val_accuracy":0.9}\n')
+        return False
+
+    decision = early_stop(first, 1, 9, 0.6, queue.storage, wait)
+    assert len(waits) == 1
+    assert decision["trials_compared"] == 2 and decision["cutoff"] == 0.9  # stopped
+    # Nobody training toward the rung (the sibling ended): judged at once, goes on as the best.
+    owner.write(claim.paths.heartbeat, Heartbeat(
+        job_id=second.job_id, attempt=1, worker_id="w2", at=queue.clock.now(), epoch=3,
+        phase="training", released=True).to_json())
+    assert early_stop(first, 3, 9, 0.95, queue.storage, lambda s: pytest.fail("waited")) is None

@@ -70,7 +70,8 @@ def test_image_size_auto_and_normalisation_are_the_models_own(tiny_config):
     vit = validate_config({**tiny_config, "model": {"name": vit_name, "num_classes": 2}})
     assert input_normalize(vit) == Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # its own
     assert input_normalize(cfg) == Normalize()  # ImageNet's, as timm's efficientnet_b3 says
-    with pytest.raises(ConfigError, match="data.image_size: must be 16 to 2048 pixels"):
+    with pytest.raises(ConfigError, match="data.image_size: Input should be greater than or "
+                       r"equal to 16 \(pixels\), or auto \(got 8\)"):
         validate_config({**tiny_config, "data": {**tiny_config["data"], "image_size": 8}})
 
 

@@ -109,8 +109,10 @@ class DataSection(_Section):
     @field_validator("image_size")
     @classmethod
     def _pixels(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 16 <= v <= 2048:
-            raise ValueError(f"must be 16 to 2048 pixels, or auto (got {v})")
+        if isinstance(v, int) and v < 16:
+            raise ValueError("Input should be greater than or equal to 16 (pixels), or auto")
+        if isinstance(v, int) and v > 2048:
+            raise ValueError("Input should be less than or equal to 2048 (pixels), or auto")
         return v
 
     @field_validator("cache")

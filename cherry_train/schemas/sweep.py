@@ -59,6 +59,9 @@ class EarlyStop(_Section):
                            "rung go on to the next.")
     min_trials: int = Field(2, ge=1, description="median: how many other trials must have "
                             "reached an epoch before a trial is compared at it.")
+    wait_minutes: float = Field(30.0, ge=0, description="asha: a trial that reaches a rung "
+                                "before `reduction` trials have waits up to this long for the "
+                                "siblings training toward it (0: judged at once).")
 
 
 class SweepSection(_Section):
