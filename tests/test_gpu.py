@@ -432,3 +432,19 @@ def test_group_signals_and_a_killed_loader_on_a_gpu_job_never_fail_it(tmp_path, 
         assert not (root / JobPaths(job_id).result).exists()
     died = [a for a in queue.attempts(job_id) if a.previous and a.previous.error]
     assert [a.previous.error.type for a in died] == ["LoaderDied"]
+
+
+@pytest.mark.parametrize("pipeline", ["gpu", "stream"])
+def test_a_timm_model_with_its_own_normalisation_trains_and_exports_on_the_gpu(
+        root_with_data, tiny_config, monkeypatch, pipeline):
+    """timm's ViT-style normalisation (mean and std 0.5) through a GPU input pipeline, then
+    model.onnx exported from the CUDA validation batches and checked, and TensorBoard files."""
+    pytest.importorskip("timm")
+    pytest.importorskip("onnxruntime")
+    tiny_config.update(model={"name": "timm/resnet10t", "num_classes": 2},
+                       export={"onnx": True}, tensorboard=True,
+                       performance={"input_pipeline": pipeline})
+    result = run_on_gpu(root_with_data, tiny_config, monkeypatch)
+    assert result.state == JobState.succeeded, result.error
+    assert result.export["onnx"]["top1_agreement"] == 1.0, result.export
+    assert list((root_with_data / "done" / result.job_id / "tensorboard").iterdir())
