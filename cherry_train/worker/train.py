@@ -49,12 +49,7 @@ from cherry_train.worker.device import (
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.export import export_best
 from cherry_train.worker.job import Job
-from cherry_train.worker.model import (
-    build_model,
-    forward,
-    summed_cross_entropy,
-    with_image_size,
-)
+from cherry_train.worker.model import build_model, forward, summed_cross_entropy, with_image_size
 from cherry_train.worker.optim import make_optimizer, make_scheduler
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.processes import loader_cap
