@@ -87,24 +87,19 @@ def _tpe_point(spec: SweepSection, n: int, seed: int, past: list[Past]) -> dict[
     study = optuna.create_study(direction="maximize" if spec.maximize else "minimize",
                                 sampler=sampler)
     for trial in past:
-        if not _fits(trial.params, space):
-            continue  # from before the space was changed: nothing to learn from
-        if trial.state == "complete" and trial.value is not None:
-            study.add_trial(create_trial(params=trial.params, distributions=space,
-                                         value=trial.value))
-        elif trial.state == "pruned":
+        kind = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
+                "running": TrialState.RUNNING}.get(trial.state)
+        if kind is None or (kind == TrialState.COMPLETE and trial.value is None):
+            continue
+        try:
             study.add_trial(create_trial(
-                params=trial.params, distributions=space, state=TrialState.PRUNED,
-                intermediate_values={0: trial.value} if trial.value is not None else None))
-        elif trial.state == "running":
-            study.add_trial(create_trial(params=trial.params, distributions=space,
-                                         state=TrialState.RUNNING))
+                params=trial.params, distributions=space, state=kind,
+                value=trial.value if kind == TrialState.COMPLETE else None,
+                intermediate_values={0: trial.value} if kind == TrialState.PRUNED and
+                trial.value is not None else None))
+        except ValueError:
+            continue  # values from before the space was changed: nothing to learn from
     return study.ask(space).params
-
-
-def _fits(params: dict[str, Any], space: dict) -> bool:
-    return set(params) == set(space) and all(space[k]._contains(space[k].to_internal_repr(v))
-                                             for k, v in params.items())
 
 
 def trial_config(base: TrainingConfig, params: dict[str, Any], n: int) -> TrainingConfig:

@@ -70,6 +70,18 @@ def start_worker(root: Path, worker_id: str, journal: Path, fault: str | None = 
                             start_new_session=own_group)
 
 
+def killed_then_restarted(root: Path, journal: Path, predicate, what: str,
+                          env: dict | None = None) -> subprocess.Popen:
+    """A worker killed with SIGKILL once `predicate()` holds, then started again with the same
+    id (a Colab notebook run again after a disconnect); the restarted worker."""
+    first = start_worker(root, "colab-1", journal, env=env)
+    try:
+        wait_for(predicate, timeout=180, what=what)
+    finally:
+        assert kill(first)
+    return start_worker(root, "colab-1", journal)
+
+
 def kill(proc: subprocess.Popen) -> bool:
     """SIGKILL if still running; True if it was killed (not already exited)."""
     if proc.poll() is not None:

@@ -260,7 +260,7 @@ def test_cancelling_a_sweep_stops_its_trials_and_makes_no_more(tmp_path, tiny_co
 def test_a_sweep_outlives_a_killed_worker(tmp_path, cherry_images, tiny_config):
     """SIGKILL while trial 2 trains: a fresh worker resumes it, then makes and runs trial 3;
     every trial number is made once, and the sweep ends whole."""
-    from tests.test_crash import heartbeat, kill, make_root, start_worker, wait_for
+    from tests.test_crash import heartbeat, killed_then_restarted, make_root
 
     root = make_root(tmp_path, cherry_images, "root")
     cfg = {**tiny_config, "lease_seconds": 3, "heartbeat_seconds": 0.2, "sweep": {
@@ -275,13 +275,9 @@ def test_a_sweep_outlives_a_killed_worker(tmp_path, cherry_images, tiny_config):
         hb = heartbeat(root, trials[1].record.job_id)
         return hb is not None and hb.trained and hb.step >= 2
 
-    first = start_worker(root, "colab-1", tmp_path / "journal")
-    try:
-        wait_for(second_trial_training, timeout=180, what="trial 2 to train")
-    finally:
-        assert kill(first)
     # The notebook started again: same worker id, its killed predecessor's job taken back.
-    second = start_worker(root, "colab-1", tmp_path / "journal")
+    second = killed_then_restarted(root, tmp_path / "journal", second_trial_training,
+                                   "trial 2 to train")
     assert second.wait(timeout=240) == 0
     trials = Sweeps(queue).trials(record.sweep_id)
     assert [t.record.n for t in trials] == [1, 2, 3]

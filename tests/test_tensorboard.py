@@ -73,7 +73,7 @@ def test_event_files_after_a_kill_and_a_resume_show_each_step_once(tmp_path, che
                                                                    tiny_config):
     """A real worker SIGKILLed after it stored steps past its newest checkpoint; the restarted
     worker resumes from that checkpoint: TensorBoard's reader sees every step once, in order."""
-    from tests.test_crash import kill, make_root, start_worker, wait_for
+    from tests.test_crash import killed_then_restarted, make_root
 
     root = make_root(tmp_path, cherry_images, "root")
     cfg = {**tiny_config, "checkpoint": {"every_steps": 4, "keep_last": 3}, "tensorboard": True}
@@ -88,12 +88,8 @@ def test_event_files_after_a_kill_and_a_resume_show_each_step_once(tmp_path, che
             (root / paths.checkpoint_checksum(4)).exists()
 
     slow = {"CHERRY_SLOW": "decode:0.02"}  # a third of a second a step: time to kill in
-    first = start_worker(root, "colab-1", tmp_path / "journal", env=slow)
-    try:
-        wait_for(logged_past_a_checkpoint, timeout=180, what="step 6 logged")
-    finally:
-        assert kill(first)
-    second = start_worker(root, "colab-1", tmp_path / "journal")
+    second = killed_then_restarted(root, tmp_path / "journal", logged_past_a_checkpoint,
+                                   "step 6 logged", env=slow)
     assert second.wait(timeout=240) == 0
     result = Result.from_json((root / paths.result).read_bytes())
     assert result.state == JobState.succeeded and result.attempts == 2

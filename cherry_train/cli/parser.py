@@ -24,6 +24,8 @@ from cherry_train.cli.tensorboard import cmd_tensorboard
 from cherry_train.cli.worker import cmd_worker
 from cherry_train.schemas import JobState
 
+JOB_HELP = "the job id (or 4+ characters of its end, e.g. 7f3a)"
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -98,21 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     c = sub.add_parser("cancel", help="cancel a queued or running job, or a whole sweep")
-    c.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. "
-                   "7f3a), or sweep:SWEEP for every trial of a sweep")
+    c.add_argument("job", metavar="JOB", help=f"{JOB_HELP}, or sweep:SWEEP for every trial of "
+                   "a sweep")
     c.add_argument("--root", help=root_help)
     c.set_defaults(func=cmd_cancel)
 
     r = sub.add_parser("retry", help="put a failed or cancelled job back in the queue; it "
                        "resumes from its newest checkpoint")
-    r.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
+    r.add_argument("job", metavar="JOB", help=JOB_HELP)
     r.add_argument("--root", help=root_help)
     r.set_defaults(func=cmd_retry)
 
     wa = sub.add_parser("watch", help="follow a job live until it ends (exit 0 succeeded, "
                         "1 failed, 3 cancelled)")
-    wa.add_argument("job", metavar="JOB",
-                    help="the job id (or 4+ characters of its end, e.g. 7f3a)")
+    wa.add_argument("job", metavar="JOB", help=JOB_HELP)
     wa.add_argument("--root", help=root_help)
     wa.add_argument("--poll-seconds", type=_positive_float, default=5.0,
                     help="how often to read the job's heartbeat and metrics (default: 5)")
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     wa.set_defaults(func=cmd_watch)
 
     f = sub.add_parser("fetch", help="download a job's results, verified and resumable")
-    f.add_argument("job", metavar="JOB", help="the job id (or 4+ characters of its end, e.g. 7f3a)")
+    f.add_argument("job", metavar="JOB", help=JOB_HELP)
     f.add_argument("--root", help=root_help)
     f.add_argument("--dest", default=".", help="folder to put <job_id>/ in (default: here)")
     f.add_argument("--checkpoints", action="store_true", help="the checkpoints too")

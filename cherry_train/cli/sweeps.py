@@ -81,5 +81,6 @@ def cmd_sweep_best(args) -> int:
 
     resolved, queue = root_and_queue(args)
     require_root(resolved, queue)
-    print(best_config_yaml(Sweeps(queue), find_sweep(Sweeps(queue), args.sweep)), end="")
+    sweeps = Sweeps(queue)
+    print(best_config_yaml(sweeps, find_sweep(sweeps, args.sweep)), end="")
     return 0

@@ -143,9 +143,12 @@ class Sweeps:
 
     def top_up(self, sweep_id: str, by: str = "") -> list[Manifest]:
         """Create trials until `parallel` are in flight or the sweep has made all of them; queue
-        a trial's job where its creator died before doing so. The manifests queued."""
+        a trial's job where its creator died before doing so. The manifests queued. A sweep
+        that made all its trials and has none in flight (or is cancelled) is remembered as done:
+        top_up_all looks at it no more."""
         record = self.record(sweep_id)
         if record is None or self.cancelled(sweep_id):
+            self._done.add(sweep_id)
             return []
         spec, queued = record.config.sweep, []
         while True:
@@ -154,8 +157,11 @@ class Sweeps:
                 if trial.view is None and age_seconds(self.queue.clock, trial.record.created_at) \
                         > ORPHAN_SECONDS:
                     queued.append(self._queue_trial(record, trial.record))
-            made = max((t.record.n for t in trials), default=0)
-            if made >= record.trials or sum(t.in_flight for t in trials) >= spec.parallel:
+            made, in_flight = max((t.record.n for t in trials), default=0), \
+                sum(t.in_flight for t in trials)
+            if made >= record.trials and not in_flight and not queued:
+                self._done.add(sweep_id)
+            if made >= record.trials or in_flight >= spec.parallel:
                 return queued
             n = made + 1
             past = [_past(t, spec.maximize) for t in trials]
@@ -172,20 +178,9 @@ class Sweeps:
             # else: another worker made trial n first; look again
 
     def top_up_all(self, by: str = "") -> int:
-        """top_up every sweep that may still need trials (a sweep that made all of them and
-        has none in flight is remembered as done, and not looked at again); how many trials
-        were queued."""
-        queued = 0
-        for sweep_id in self.sweep_ids():
-            if sweep_id in self._done:
-                continue
-            queued += len(self.top_up(sweep_id, by))
-            record = self.record(sweep_id)
-            trials = self.trials(sweep_id)
-            if record is None or self.cancelled(sweep_id) or (
-                    len(trials) >= record.trials and not any(t.in_flight for t in trials)):
-                self._done.add(sweep_id)
-        return queued
+        """top_up every sweep not known to be done; how many trials were queued."""
+        return sum(len(self.top_up(sweep_id, by)) for sweep_id in self.sweep_ids()
+                   if sweep_id not in self._done)
 
     def _queue_trial(self, record: SweepRecord, trial: TrialRecord) -> Manifest:
         spec = record.config.sweep

@@ -98,25 +98,20 @@ class Board:
         return self._writer
 
     def _best_so_far(self, writer, record: dict[str, Any], step: int) -> None:
-        if "val_accuracy" in record:
-            self._best["best/val_accuracy"] = max(self._best.get("best/val_accuracy", 0.0),
-                                                  record["val_accuracy"])
-        if "val_loss" in record:
-            self._best["best/val_loss"] = min(self._best.get("best/val_loss", float("inf")),
-                                              record["val_loss"])
+        self._update_best(record)
         for tag, value in self._best.items():
             writer.add_scalar(tag, value, step)
 
     def seed_best(self, epochs: list[dict[str, Any]]) -> None:
         """The best values of the epochs kept from earlier attempts (a resume)."""
         for record in epochs:
-            if "val_accuracy" in record:
-                self._best["best/val_accuracy"] = max(self._best.get("best/val_accuracy", 0.0),
-                                                      record["val_accuracy"])
-            if "val_loss" in record:
-                self._best["best/val_loss"] = min(self._best.get("best/val_loss",
-                                                                 float("inf")),
-                                                  record["val_loss"])
+            self._update_best(record)
+
+    def _update_best(self, record: dict[str, Any]) -> None:
+        for tag, field, better in (("best/val_accuracy", "val_accuracy", max),
+                                   ("best/val_loss", "val_loss", min)):
+            if field in record:
+                self._best[tag] = better(self._best.get(tag, record[field]), record[field])
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
