@@ -76,7 +76,7 @@ def killed_then_restarted(root: Path, journal: Path, predicate, what: str,
     id (a Colab notebook run again after a disconnect); the restarted worker."""
     first = start_worker(root, "colab-1", journal, env=env)
     try:
-        wait_for(predicate, timeout=180, what=what)
+        wait_for(predicate, timeout=100, what=what)  # with the restart's wait: < pytest's 300 s
     finally:
         assert kill(first)
     return start_worker(root, "colab-1", journal)

@@ -278,7 +278,7 @@ def test_a_sweep_outlives_a_killed_worker(tmp_path, cherry_images, tiny_config):
     # The notebook started again: same worker id, its killed predecessor's job taken back.
     second = killed_then_restarted(root, tmp_path / "journal", second_trial_training,
                                    "trial 2 to train")
-    assert second.wait(timeout=240) == 0
+    assert second.wait(timeout=150) == 0
     trials = Sweeps(queue).trials(record.sweep_id)
     assert [t.record.n for t in trials] == [1, 2, 3]
     assert [t.state for t in trials] == [JobState.succeeded] * 3

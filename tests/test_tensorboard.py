@@ -90,7 +90,7 @@ def test_event_files_after_a_kill_and_a_resume_show_each_step_once(tmp_path, che
     slow = {"CHERRY_SLOW": "decode:0.02"}  # a third of a second a step: time to kill in
     second = killed_then_restarted(root, tmp_path / "journal", logged_past_a_checkpoint,
                                    "step 6 logged", env=slow)
-    assert second.wait(timeout=240) == 0
+    assert second.wait(timeout=150) == 0
     result = Result.from_json((root / paths.result).read_bytes())
     assert result.state == JobState.succeeded and result.attempts == 2
     # Killed after step 6 was stored: resumed from 4 (or from 8, had it got that far).
