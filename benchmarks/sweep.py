@@ -1,8 +1,9 @@
 """A 12-trial sweep (learning rate x weight decay) on the demo's synthetic cherries, run twice in
-one go on one local root by 3 worker processes: without early stopping, then with ASHA. Reports,
-for each, the epochs trained, the wall time and the best trial; the goal: ASHA's best within
-0.01 validation accuracy of the full sweep's best, in <= 50% of its epochs and <= 60% of its
-wall time.
+one go on one local root by 3 worker processes: without early stopping, then with ASHA (trials
+below a rung's cut pause, to be promoted or pruned: worker/pruning.py). Reports, for each, the
+epochs trained, the wall time, the best trial and how every trial went; the goal: ASHA's best
+within 0.01 validation accuracy of the full sweep's best, in <= 50% of its epochs and <= 60% of
+its wall time.
 
     python benchmarks/sweep.py [--epochs 9] [--workers 3] [--train 600 --val 200]
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from cherry_train.demo.run import DemoSize, demo_config, ensure_dataset
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
-from cherry_train.jobqueue.sweeps import Sweeps
+from cherry_train.jobqueue.sweeps import Sweeps, epoch_values
 from cherry_train.schemas import Result, validate_config
 from cherry_train.storage import LocalStorage
 
@@ -63,10 +64,21 @@ def run_sweep(root: Path, size: DemoSize, workers: int, early_stop: dict | None)
     results = [Result.from_json(queue.storage.read_bytes(JobPaths(t.record.job_id).result))
                for t in sweeps.trials(record.sweep_id)]
     best = max(results, key=lambda r: r.best.val_accuracy if r.best else 0)
-    trial = next(t for t in sweeps.trials(record.sweep_id) if t.record.job_id == best.job_id)
+    trials = sweeps.trials(record.sweep_id)
+    trial = next(t for t in trials if t.record.job_id == best.job_id)
+    for t, r in zip(trials, results, strict=True):  # how each trial went, epoch by epoch
+        curve = " ".join(f"{v:.3f}" for _, v in sorted(epoch_values(
+            queue, t.record.job_id, "val_accuracy").items()))
+        print(f"  t{t.record.n:<3}{_params(t.record.params):42}{r.state.value:10}"
+              f"{r.epochs_completed:>3} epochs{r.attempts:>3} attempts  val accuracy {curve}",
+              flush=True)
     return {"wall_seconds": wall, "epochs": sum(r.epochs_completed for r in results),
             "pruned": sum(r.state.value == "pruned" for r in results),
             "best": best.best.val_accuracy, "best_params": trial.record.params}
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in params.items())
 
 
 def main() -> None:

@@ -32,10 +32,17 @@ def total_trials(spec: SweepSection) -> int:
     return spec.trials
 
 
-def grid_points(spec: SweepSection) -> list[dict[str, Any]]:
+def grid_points(spec: SweepSection, seed: int = 0) -> list[dict[str, Any]]:
+    """Every combination: in the order the values are written, or, with early stopping, in an
+    order shuffled by the seed. ASHA promotes among the first trials to reach a rung before the
+    rest arrive, and in written order those share the first value of the first parameter (a
+    sweep's first three trials all at the highest learning rate): a fair sample judges better."""
     paths = list(spec.parameters)
     options = [spec.parameters[p].options for p in paths]
-    return [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*options)]
+    points = [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*options)]
+    if spec.early_stop is not None:
+        random.Random(f"cherry-grid-{seed}").shuffle(points)
+    return points
 
 
 def random_point(spec: SweepSection, seed: int, n: int) -> dict[str, Any]:
@@ -58,7 +65,7 @@ def next_point(spec: SweepSection, n: int, seed: int, past: list[Past]) -> dict[
     """The values of trial n (1-based). Grid and random depend on n alone; tpe asks Optuna's TPE
     sampler, rebuilt in memory from the trials so far (running ones included, as lies)."""
     if spec.method == "grid":
-        return grid_points(spec)[n - 1]
+        return grid_points(spec, seed)[n - 1]
     if spec.method == "random":
         return random_point(spec, seed, n)
     return _tpe_point(spec, n, seed, past)
@@ -128,7 +135,7 @@ def check_space(config: TrainingConfig) -> int:
     choice) before anything is queued; the number of trials."""
     spec = config.sweep
     if spec.method == "grid":
-        points = grid_points(spec)[:total_trials(spec)]
+        points = grid_points(spec, config.seed)[:total_trials(spec)]
     elif spec.method == "random":
         points = [random_point(spec, config.seed, n) for n in range(1, spec.trials + 1)]
     else:
@@ -164,16 +171,39 @@ def rungs(grace_epochs: int, reduction: int, epochs: int) -> list[int]:
     return found
 
 
-def asha_stops(own: float, others: list[float], reduction: int,
-               maximize: bool) -> tuple[bool, float]:
-    """Whether a trial stops at a rung: it goes on only if in the top 1/reduction of the trials
-    that reached the rung (itself included; the best of them always goes on, so the first
-    trial at a rung does). Returns (stop, the cutoff value)."""
+#: What a rung ranks trials by: the metric, or (pruning.py) the metric and a tie-breaker.
+Rank = float | tuple[float, ...]
+
+
+def asha_verdict(own: Rank, others: list[Rank], reduction: int, maximize: bool,
+                 complete: bool, promoted: int = 0) -> tuple[str, Rank | None]:
+    """ASHA's rule for a trial at a rung (Li et al., 2018). Of the n trials that reached the
+    rung (itself included) the top k = floor(n / reduction) may go on: the trial is promoted
+    ("go") if it is among them and fewer than k of the others were `promoted` already. Else it
+    "pause"s: later trials can only move the cut, so it may be promoted then. Once the rung is
+    `complete` (no trial can reach it any more) the cut is final: the top max(1, k) go on, the
+    rest are "prune"d. Returns the verdict and the cutoff (None while k is 0)."""
     values = sorted([own, *others], reverse=maximize)
-    keep = max(1, len(values) // reduction)
+    keep = len(values) // reduction
+    if complete:
+        keep = max(1, keep)
+    if keep == 0:
+        return ("pause", None)
     cutoff = values[keep - 1]
-    better_or_equal = own >= cutoff if maximize else own <= cutoff
-    return not better_or_equal, cutoff
+    if not ((own >= cutoff) if maximize else (own <= cutoff)):
+        return ("prune" if complete else "pause", cutoff)
+    if not complete and promoted >= keep:
+        return ("pause", cutoff)  # this rung's promotions are spent until more trials arrive
+    return ("go", cutoff)
+
+
+def best_until(values: dict[int, Rank], epoch: int, maximize: bool) -> Rank | None:
+    """A trial's best metric up to `epoch` (None if it has not reached it): what a rung
+    compares, as Optuna's pruners do, so one noisy epoch does not decide."""
+    if epoch not in values:
+        return None
+    upto = [v for e, v in values.items() if e <= epoch]
+    return max(upto) if maximize else min(upto)
 
 
 def median_stops(own: float, others: list[float], maximize: bool) -> tuple[bool, float]:

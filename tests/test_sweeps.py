@@ -44,6 +44,11 @@ def test_a_grid_makes_every_combination_and_random_draws_are_the_same_everywhere
     assert sweepspace.total_trials(config.sweep) == 4
     assert sweepspace.grid_points(config.sweep)[1] == {"training.learning_rate": 0.003,
                                                        "training.weight_decay": 0.01}
+    # With early stopping the grid is walked in a seeded shuffle, the same on every worker.
+    stopping = validate_config(sweep_config(tiny_config, early_stop={"method": "asha"})).sweep
+    shuffled = [sweepspace.grid_points(stopping, seed=7) for _ in range(2)]
+    assert shuffled[0] == shuffled[1] != sweepspace.grid_points(config.sweep)
+    assert sorted(map(str, shuffled[0])) == sorted(map(str, sweepspace.grid_points(config.sweep)))
     random_spec = validate_config({**tiny_config, "sweep": {
         "method": "random", "trials": 5, "parameters": {
             "training.learning_rate": {"min": 1e-5, "max": 1e-2, "log": True},
@@ -108,14 +113,25 @@ def test_sweep_flags_make_a_grid(root_with_data, tiny_config, capsys):
 
 # -- the rules -----------------------------------------------------------------------------------
 
-def test_asha_keeps_the_top_share_at_each_rung_and_median_the_better_half():
+def test_asha_promotes_the_top_share_pauses_the_rest_and_prunes_once_the_rung_is_complete():
     assert sweepspace.rungs(1, 3, 9) == [1, 3] and sweepspace.rungs(2, 2, 20) == [2, 4, 8, 16]
-    assert sweepspace.asha_stops(0.5, [], 3, maximize=True) == (False, 0.5)  # the first goes on
-    assert sweepspace.asha_stops(0.6, [0.7, 0.9], 3, maximize=True)[0] is True
-    assert sweepspace.asha_stops(0.9, [0.7, 0.6], 3, maximize=True)[0] is False
+    verdict = sweepspace.asha_verdict
+    assert verdict(0.5, [], 3, True, complete=False) == ("pause", None)  # first: nothing to beat
+    assert verdict(0.5, [], 3, True, complete=True) == ("go", 0.5)  # the best always goes on
+    assert verdict(0.9, [0.7, 0.6], 3, True, complete=False) == ("go", 0.9)
+    assert verdict(0.6, [0.7, 0.9], 3, True, complete=False) == ("pause", 0.9)
+    assert verdict(0.6, [0.7, 0.9], 3, True, complete=True) == ("prune", 0.9)
+    # the best of three, but one of the others went on already: the rung's one place is spent
+    # until more trials arrive, or until the rung is complete
+    assert verdict(0.9, [0.8, 0.7], 3, True, complete=False, promoted=1) == ("pause", 0.9)
+    assert verdict(0.9, [0.8, 0.7], 3, True, complete=True, promoted=1) == ("go", 0.9)
     # six at the rung, reduction 3: the top two go on
-    assert sweepspace.asha_stops(0.8, [0.9, 0.85, 0.1, 0.2, 0.3], 3, True) == (True, 0.85)
-    assert sweepspace.asha_stops(0.2, [0.9, 0.5], 2, maximize=False)[0] is False  # a loss
+    assert verdict(0.8, [0.9, 0.85, 0.1, 0.2, 0.3], 3, True, complete=False) == ("pause", 0.85)
+    assert verdict(0.2, [0.9, 0.5], 2, maximize=False, complete=False) == ("go", 0.2)  # a loss
+    # a rung compares each trial's best so far, not one noisy epoch
+    assert sweepspace.best_until({1: 0.5, 2: 0.4, 3: 0.7}, 2, maximize=True) == 0.5
+    assert sweepspace.best_until({1: 0.5, 2: 0.4}, 2, maximize=False) == 0.4
+    assert sweepspace.best_until({1: 0.5}, 2, maximize=True) is None  # not there yet
     assert sweepspace.median_stops(0.5, [0.6, 0.7, 0.4], maximize=True) == (True, 0.6)
     assert sweepspace.median_stops(0.3, [0.6, 0.7, 0.4], maximize=False)[0] is False
 
@@ -217,6 +233,11 @@ def test_workers_prune_the_trials_behind_and_the_client_shows_the_sweep(root_wit
     worker.run()
     trials = Sweeps(queue).trials(record.sweep_id, values=True)
     assert [t.state for t in trials] == [JobState.succeeded, JobState.pruned, JobState.pruned]
+    # Trial 1 paused at rung 1 (first there) and at rung 2 (trial 2 still paused below it),
+    # promoted each time; trial 2 paused until trial 3 completed rung 1, then was pruned.
+    attempts = [Result.from_json(queue.storage.read_bytes(JobPaths(t.record.job_id).result))
+                .attempts for t in trials]
+    assert attempts == [3, 2, 1]
     pruned = trials[1]
     result = Result.from_json(queue.storage.read_bytes(JobPaths(pruned.record.job_id).result))
     assert result.pruned["epoch"] == 1 and result.pruned["cutoff"] == pytest.approx(0.9)
@@ -286,36 +307,65 @@ def test_a_sweep_outlives_a_killed_worker(tmp_path, cherry_images, tiny_config):
     assert resumed.attempts == 2 and resumed.attempt_history[1].reason == "same-worker"
 
 
-def test_a_trial_first_at_a_rung_waits_for_the_siblings_training_toward_it(tmp_path,
-                                                                            tiny_config):
-    """ASHA at a rung with fewer than `reduction` trials: the trial waits for a sibling that is
-    training toward the rung, then is judged among them; with nobody training, it goes on."""
-    from cherry_train.schemas import Heartbeat
-    from cherry_train.worker.pruning import early_stop
+def test_a_paused_trial_is_claimed_once_promoted_or_once_its_rung_is_complete(tmp_path,
+                                                                              tiny_config,
+                                                                              capsys):
+    """ASHA with reduction 2 over five trials, at the rung after epoch 1: the first trial
+    pauses (nothing to beat) and frees its place for a new trial; it waits in queue/ unclaimed,
+    is promoted when the fourth arrival moves the cut past it, and the worst ones are claimed
+    (to be pruned) once all five reached the rung."""
+    from cherry_train.schemas import Heartbeat, Phase
+    from cherry_train.worker.pruning import GO, PAUSE, PRUNE, Promotions, judge
 
     queue = JobQueue(LocalStorage(tmp_path))
     cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": 9}, "sweep": {
-        "parallel": 2, "parameters": {"training.learning_rate": {"values": [0.003, 0.001]}},
+        "parallel": 2, "parameters": {"training.learning_rate": {
+            "values": [0.005, 0.003, 0.002, 0.001, 0.0005]}},
         "early_stop": {"method": "asha", "grace_epochs": 1, "reduction": 2}}}
-    _, (first, second) = Sweeps(queue).submit(validate_config(cfg))
-    claim = queue.try_claim(second, WorkerIdentity("w2"))
-    owner = queue.owner(claim)
-    owner.write(claim.paths.heartbeat, Heartbeat(
-        job_id=second.job_id, attempt=1, worker_id="w2", at=queue.clock.now(), epoch=1,
-        phase="training").to_json())
-    waits = []
+    record, (first, second) = Sweeps(queue).submit(validate_config(cfg))
+    trials = {}
 
-    def wait(seconds):  # meanwhile the sibling finishes epoch 1, ahead
-        waits.append(seconds)
-        owner.write(claim.paths.metrics, b'{"kind":"epoch","epoch":1,"step":6,'
-                                         b'"val_accuracy":0.9}\n')
-        return False
+    def reaches_rung(manifest, accuracy, worker):
+        claim = queue.try_claim(manifest, WorkerIdentity(worker))
+        queue.owner(claim).write(claim.paths.metrics, json.dumps(
+            {"kind": "epoch", "epoch": 1, "val_accuracy": accuracy}).encode() + b"\n")
+        trials[accuracy] = claim
+        return judge(queue, manifest, 1)
 
-    decision = early_stop(first, 1, 9, 0.6, queue.storage, wait)
-    assert len(waits) == 1
-    assert decision["trials_compared"] == 2 and decision["cutoff"] == 0.9  # stopped
-    # Nobody training toward the rung (the sibling ended): judged at once, goes on as the best.
-    owner.write(claim.paths.heartbeat, Heartbeat(
-        job_id=second.job_id, attempt=1, worker_id="w2", at=queue.clock.now(), epoch=3,
-        phase="training", released=True).to_json())
-    assert early_stop(first, 3, 9, 0.95, queue.storage, lambda s: pytest.fail("waited")) is None
+    def pause(accuracy):
+        claim = trials[accuracy]
+        queue.release(queue.owner(claim), Heartbeat(
+            job_id=claim.job_id, attempt=claim.attempt.n, worker_id=claim.attempt.worker_id,
+            at=queue.clock.now(), phase=Phase.paused, released=True))
+
+    def claimable(accuracy):
+        promotions = Promotions(queue, recheck_seconds=30)
+        return queue.try_claim(trials[accuracy].manifest, WorkerIdentity("w9"),
+                               ready=promotions.ready) is not None
+
+    verdict, figures = reaches_rung(first, 0.8, "w1")
+    assert verdict == PAUSE and figures["cutoff"] is None and figures["trials_compared"] == 1
+    pause(0.8)
+    (third,) = Sweeps(queue).top_up(record.sweep_id)  # a paused trial holds no worker
+    assert [t.word for t in Sweeps(queue).trials(record.sweep_id)] == \
+        ["paused", "queued", "queued"]
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "paused at a rung" in out and "handed back" not in out
+    assert "grid, 5 trials: 1 paused, 2 queued, 2 to come" in out
+    promotions = Promotions(queue, recheck_seconds=30)
+    assert queue.try_claim(first, WorkerIdentity("w2"), ready=promotions.ready) is None
+    assert promotions.waiting(first.job_id)  # the next poll costs no read
+    assert reaches_rung(second, 0.9, "w2")[0] == GO  # the best of two
+    assert reaches_rung(third, 0.5, "w2")[0] == PAUSE
+    pause(0.5)
+    assert not claimable(0.8)  # the top one of three: not it
+    (fourth,) = Sweeps(queue).top_up(record.sweep_id)
+    assert reaches_rung(fourth, 0.6, "w2")[0] == PAUSE
+    pause(0.6)
+    (fifth,) = Sweeps(queue).top_up(record.sweep_id)
+    assert claimable(0.8)  # the top two of four: promoted, before the rung is complete
+    assert not claimable(0.5)
+    verdict, figures = reaches_rung(fifth, 0.3, "w2")
+    assert verdict == PRUNE and figures["rung_complete"] and figures["cutoff"] == 0.8
+    assert claimable(0.5) and claimable(0.6)  # complete: claimed to be pruned

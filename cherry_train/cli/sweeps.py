@@ -58,6 +58,8 @@ def compare_sweep(queue: JobQueue, text: str, out: Path, as_json: bool) -> int:
     metric = record.config.sweep.metric
     for rank, (r, row) in enumerate(zip(rows, table, strict=True), start=1):
         row.update(rank=rank, trial=r.trial.record.n, **{metric: r.value})
+        if r.trial.paused:
+            row["state"] = r.trial.word
     if as_json:
         print(json.dumps({"sweep_id": sweep_id, "metric": metric, "differing": differing,
                           "trials": table}, indent=2))

@@ -19,7 +19,7 @@ from cherry_train import files
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import JobView, all_job_ids, job_view, queued_job_ids
-from cherry_train.schemas import JobState
+from cherry_train.schemas import JobState, Phase
 from cherry_train.sizes import human_bytes
 
 STATUS_THREADS = 16
@@ -136,7 +136,9 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
         for r in rows:
             released = r.get("released", False)
             running = r["state"] == "running" and not released
-            state = ("waiting (handed back)" if released else r["state"]) + \
+            paused = released and r["phase"] == Phase.paused
+            state = ("paused at a rung" if paused else "waiting (handed back)" if released
+                     else r["state"]) + \
                 (" (stalled)" if r["stalled"] and not released else "") + \
                 (" (cancelling)" if r["cancel_requested"] and running else "")
             epoch = (f"{r['epoch']}/{r['epochs']}"
@@ -162,7 +164,7 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
                 lines.append(f"! {r['job_id']} failed: {r['error'].splitlines()[0]}"
                              f" (`cherry retry {r['job_id']}` runs it again from its newest "
                              "checkpoint)")
-            elif r.get("released"):
+            elif r.get("released") and r["phase"] != Phase.paused:
                 why = f"after an error: {r['error'].splitlines()[0]}" if r["error"] else \
                     "(its worker was stopped)"
                 lines.append(f"! {r['job_id']}: handed back {why}; waits for a worker to resume "

@@ -11,7 +11,7 @@ import yaml
 
 from cherry_train import sweepspace
 from cherry_train.jobqueue.sweeps import Sweeps, Trial
-from cherry_train.schemas import ConfigError, JobState, TrainingConfig, validate_config
+from cherry_train.schemas import ConfigError, TrainingConfig, validate_config
 
 PREFIX = "sweep:"
 
@@ -103,8 +103,7 @@ def summary_lines(sweeps: Sweeps) -> list[str]:
         spec, rows = record.config.sweep, ranked(sweeps, sweep_id)
         counts: dict[str, int] = {}
         for r in rows:
-            state = r.trial.state.value if r.trial.state else JobState.queued.value
-            counts[state] = counts.get(state, 0) + 1
+            counts[r.trial.word] = counts.get(r.trial.word, 0) + 1
         to_make = record.trials - len(rows)
         parts = [f"{n} {s}" for s, n in sorted(counts.items())]
         if to_make > 0 and not sweeps.cancelled(sweep_id):

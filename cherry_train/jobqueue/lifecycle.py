@@ -21,6 +21,7 @@ import contextlib
 import json
 import traceback
 import uuid
+from collections.abc import Callable
 
 from cherry_train import faults
 from cherry_train.jobqueue import layout
@@ -151,13 +152,14 @@ class JobQueue(JobFiles):
 
     # -- queued -> running: claim, or take over from a silent owner ----------------------------
 
-    def try_claim(self, manifest: Manifest, me: WorkerIdentity) -> Claim | None:
-        """Become the owner of this job, or return None if someone else holds it (or it ended
-        here: a cancel request nobody else will act on, a crash loop).
+    def try_claim(self, manifest: Manifest, me: WorkerIdentity,
+                  ready: Callable[[Manifest, AttemptEnd], bool] | None = None) -> Claim | None:
+        """Become the owner of this job, or return None if someone else holds it, if it ended
+        here (a cancel nobody else will act on, a crash loop), or if `ready` says its release
+        asks it to wait (a sweep trial paused at a rung, not promoted yet).
 
         Raises WorkerIdInUse if a live process with our worker id owns it."""
-        job_id, config = manifest.job_id, manifest.config
-        paths = JobPaths(job_id)
+        job_id, config, paths = manifest.job_id, manifest.config, JobPaths(manifest.job_id)
         if self.poll.held_elsewhere(job_id, config.lease_seconds):
             return None
         self.learn(manifest)
@@ -173,6 +175,8 @@ class JobQueue(JobFiles):
                 return None
         if cancelled:  # its owner is gone (or handed it back): nobody else will end it
             self._commit_unclaimed(manifest, history, JobState.cancelled, me)
+            return None
+        if previous is not None and ready is not None and not ready(manifest, previous):
             return None
         checkpoint = self.latest_checkpoint_step(job_id)
         crashes, setup_deaths = _attempts_without_progress(history, checkpoint, previous,

@@ -3,8 +3,9 @@ that are ordinary jobs. Trial n exists once `sweeps/<id>/trials/<n>.json` is cre
 (two workers never make the same trial), naming the job it becomes; its manifest follows, and is
 written again by whoever finds it missing (a creator killed in between).
 
-Whoever ends a trial, or finds a sweep with fewer than `parallel` trials in flight, tops it up:
-`top_up` creates trials until `parallel` are queued or running, or the sweep has all its trials.
+Whoever ends or pauses a trial, or finds a sweep with fewer than `parallel` trials in flight,
+tops it up: `top_up` creates trials until `parallel` are queued or running (a trial paused at an
+ASHA rung does not count), or the sweep has all its trials.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from cherry_train.jobqueue.ids import new_job_id
 from cherry_train.jobqueue.layout import SWEEPS, JobPaths, SweepPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import JobView, job_view
-from cherry_train.schemas import JobState, Manifest, SweepRecord, TrainingConfig, TrialRecord
+from cherry_train.schemas import (
+    JobState,
+    Manifest,
+    Phase,
+    SweepRecord,
+    TrainingConfig,
+    TrialRecord,
+)
 from cherry_train.schemas.sweep import SweepRef
 
 log = structlog.get_logger(__name__)
@@ -31,8 +39,8 @@ log = structlog.get_logger(__name__)
 ORPHAN_SECONDS = 60.0
 
 
-def epoch_values(queue: JobQueue, job_id: str, metric: str) -> dict[int, float]:
-    """A job's `metric` at each finished epoch (1-based), from its metrics.jsonl."""
+def epoch_records(queue: JobQueue, job_id: str) -> dict[int, dict]:
+    """A job's epoch records (1-based epoch -> its metrics.jsonl line)."""
     raw = queue.storage.read_text_or_none(JobPaths(job_id).metrics) or ""
     found = {}
     for line in raw.splitlines():
@@ -40,9 +48,16 @@ def epoch_values(queue: JobQueue, job_id: str, metric: str) -> dict[int, float]:
             record = json.loads(line)
         except ValueError:
             continue  # a torn last line from a killed writer
-        if record.get("kind") == "epoch" and isinstance(record.get(metric), int | float):
-            found[int(record["epoch"])] = float(record[metric])
+        if isinstance(record, dict) and record.get("kind") == "epoch" and \
+                isinstance(record.get("epoch"), int):
+            found[record["epoch"]] = record
     return found
+
+
+def epoch_values(queue: JobQueue, job_id: str, metric: str) -> dict[int, float]:
+    """A job's `metric` at each finished epoch (1-based), from its metrics.jsonl."""
+    return {epoch: float(r[metric]) for epoch, r in epoch_records(queue, job_id).items()
+            if isinstance(r.get(metric), int | float)}
 
 
 @dataclass
@@ -58,6 +73,18 @@ class Trial:
     @property
     def in_flight(self) -> bool:
         return self.state in (None, JobState.queued, JobState.running)
+
+    @property
+    def paused(self) -> bool:
+        """Paused at an ASHA rung: released by its worker until promoted (or pruned)."""
+        hb = self.view.heartbeat if self.view is not None else None
+        return self.state == JobState.running and hb is not None and hb.released and \
+            hb.phase == Phase.paused
+
+    @property
+    def word(self) -> str:
+        """Its state as `cherry status` counts it ("paused" is running to the queue)."""
+        return "paused" if self.paused else (self.state or JobState.queued).value
 
     def best(self, maximize: bool) -> float | None:
         if not self.values:
@@ -157,11 +184,13 @@ class Sweeps:
                 if trial.view is None and age_seconds(self.queue.clock, trial.record.created_at) \
                         > ORPHAN_SECONDS:
                     queued.append(self._queue_trial(record, trial.record))
-            made, in_flight = max((t.record.n for t in trials), default=0), \
-                sum(t.in_flight for t in trials)
+            # A trial paused at a rung holds no worker: ASHA fills its place with a new one.
+            made = max((t.record.n for t in trials), default=0)
+            in_flight = sum(t.in_flight for t in trials)
+            busy = sum(t.in_flight and not t.paused for t in trials)
             if made >= record.trials and not in_flight and not queued:
                 self._done.add(sweep_id)
-            if made >= record.trials or in_flight >= spec.parallel:
+            if made >= record.trials or busy >= spec.parallel:
                 return queued
             n = made + 1
             past = [_past(t, spec.maximize) for t in trials]

@@ -70,7 +70,7 @@ class Phase(Word):
     compiling = "compiling"
     training = "training"
     validating = "validating"
-    waiting_for_siblings = "waiting for siblings"  # a sweep trial at an ASHA rung
+    paused = "paused at a rung"  # a sweep trial below ASHA's cut, released until promoted
     evaluating = "evaluating"  # mode: evaluation
     finishing = "finishing"  # storing final weights
     waiting_for_storage = "waiting for storage"  # final weights refused (Drive full): retrying

@@ -52,16 +52,14 @@ class Parameter(_Section):
 class EarlyStop(_Section):
     method: Literal["asha", "median"] = Field(
         "asha", description="asha: at epochs grace_epochs x reduction^k a trial goes on only if "
-        "it is in the top 1/reduction of the trials that reached that epoch; median: after "
+        "it is in the top 1/reduction of the trials that reached that epoch, else it pauses "
+        "(its worker takes other work) until promoted or, the rung complete, pruned; median: after "
         "grace_epochs, a trial worse than the median of the others at the same epoch stops.")
     grace_epochs: int = Field(1, ge=1, description="Epochs every trial trains before any stop.")
     reduction: int = Field(3, ge=2, le=100, description="asha: 1/reduction of the trials at a "
                            "rung go on to the next.")
     min_trials: int = Field(2, ge=1, description="median: how many other trials must have "
                             "reached an epoch before a trial is compared at it.")
-    wait_minutes: float = Field(30.0, ge=0, description="asha: a trial that reaches a rung "
-                                "before `reduction` trials have waits up to this long for the "
-                                "siblings training toward it (0: judged at once).")
 
 
 class SweepSection(_Section):

@@ -28,7 +28,7 @@ from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
 from cherry_train.schemas import JobState, Mode, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
-from cherry_train.worker import results, runtime
+from cherry_train.worker import pruning, results, runtime
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.identity import refuse_if_id_in_use
 from cherry_train.worker.outcome import JobRun, Runner
@@ -85,6 +85,7 @@ class Worker:
         self._idle_said_at: float | None = None  # idle seconds at the last "waiting for jobs"
         self._swept_at: float | None = None  # idle seconds at the last look at the sweeps
         self.sweeps = Sweeps(queue)
+        self.promotions = pruning.Promotions(queue, self.options.poll_max_seconds)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -187,10 +188,15 @@ class Worker:
                              minutes_left=round(budget.remaining(now).total_seconds() / 60, 1))
                 self.cap_reached = True
                 continue
-            claim = self.queue.try_claim(manifest, self.me)
+            # A sweep trial paused at a rung is taken once promoted (or to be pruned); one
+            # found not ready a moment ago costs no read.
+            if self.promotions.waiting(manifest.job_id):
+                continue
+            claim = self.queue.try_claim(manifest, self.me, ready=self.promotions.ready)
             if claim is not None:
                 self.execute(claim)
                 self.jobs_done += 1
+                self.promotions.forget()  # this job's epochs may have moved a rung's cut
                 return True
         return bool(unreadable)
 
@@ -221,9 +227,12 @@ class Worker:
             outcome = self._runner(claim)(run)
             state = ending(outcome.completed, self.stop.reason, outcome.pruned is not None)
             if state is None:
-                log.info("job released", job_id=claim.job_id, reason=self.stop.reason,
-                         step=outcome.state.global_step)
-                self._release(claim, owner, reporter)
+                log.info("job released", job_id=claim.job_id, step=outcome.state.global_step,
+                         reason=self.stop.reason or ("paused at a rung" if outcome.paused
+                                                     else None))
+                self._release(claim, owner, reporter, paused=outcome.paused is not None)
+                if outcome.paused is not None:
+                    self._top_up(claim.manifest.sweep.id)  # its worker is free for a new trial
                 return
             result = results.result_of(claim, outcome, state, self.queue.clock.now())
         except Fenced as e:
@@ -279,12 +288,12 @@ class Worker:
             return 0
 
     def _release(self, claim: Claim, owner: Owner, reporter: Reporter,
-                 error: Exception | None = None) -> None:
+                 error: Exception | None = None, paused: bool = False) -> None:
         reporter.close()
         try:
             reporter.sync_metrics()
             self.queue.release(owner, reporter.heartbeat(
-                phase=Phase.released, released=True,
+                phase=Phase.paused if paused else Phase.released, released=True,
                 error=error_info(error, with_traceback=True) if error is not None else None))
             reporter.finish()
         except Fenced:

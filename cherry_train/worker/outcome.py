@@ -43,6 +43,7 @@ class Outcome:
     data: dict[str, Any] = field(default_factory=dict)  # dataset_sha256 and the cache reports
     evaluation: dict[str, Any] | None = None  # mode: evaluation's findings
     pruned: dict[str, Any] | None = None  # a sweep trial stopped early: the rule's decision
+    paused: dict[str, Any] | None = None  # a sweep trial paused at an ASHA rung: released
     export: dict[str, Any] | None = None  # model.onnx: its figures, or why there is none
 
 

@@ -54,7 +54,7 @@ from cherry_train.worker.optim import make_optimizer, make_scheduler
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.processes import loader_cap
 from cherry_train.worker.progress import first_step, log_progress, progress
-from cherry_train.worker.pruning import stop_early
+from cherry_train.worker.pruning import PAUSE, after_resume, at_epoch_end
 from cherry_train.worker.reporting import Reporter
 from cherry_train.worker.steps import raise_named, train_step
 
@@ -254,6 +254,7 @@ def train(run: JobRun, seams: Seams) -> Outcome:
                     steps_per_epoch=job.data.steps_per_epoch,
                     loader_processes=job.data.num_workers)
     resume(job)
+    early = after_resume(job)  # a sweep trial paused at a rung: promoted, pruned, or not yet
     # Where this attempt starts, in status at once, not one heartbeat interval later.
     reporter.update(phase=Phase.starting, epoch=job.state.epoch + 1, step=job.state.global_step)
     reporter.beat_now()
@@ -267,7 +268,7 @@ def train(run: JobRun, seams: Seams) -> Outcome:
                       precision=job.precision.name, threads=torch.get_num_threads(),
                       data=job.data_info)
     try:
-        while job.state.epoch < cfg.training.epochs:
+        while job.state.epoch < cfg.training.epochs and early is None:
             if stop.is_set():
                 _stop_here(job, torch.zeros(()), torch.zeros((), dtype=torch.int64))
                 return outcome
@@ -279,11 +280,9 @@ def train(run: JobRun, seams: Seams) -> Outcome:
                 if job.stop.is_set():
                     raise
                 raise_named(e)
-            outcome.pruned = stop_early(job)  # a sweep's trial, behind its siblings
-            if outcome.pruned is not None:
-                break
+            early = at_epoch_end(job)  # a sweep's trial, behind its siblings
         job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
-        if cfg.export.onnx and outcome.pruned is None:  # on the validation images: loaders open
+        if cfg.export.onnx and early is None:  # on the validation images: loaders open
             outcome.export = {"onnx": export_best(job)}
     except BaseException:
         drain(job)
@@ -291,8 +290,10 @@ def train(run: JobRun, seams: Seams) -> Outcome:
     finally:
         job.data.close()  # no loader process outlives its attempt
     job.update_wall()
-    if outcome.pruned is not None:
-        return outcome  # best.pt, metrics and curves stay; no final weights
+    if early is not None:  # paused (released), or pruned: best.pt, metrics and curves stay
+        outcome.paused, outcome.pruned = (early[1], None) if early[0] == PAUSE else \
+            (None, early[1])
+        return outcome
     reporter.update(phase=Phase.finishing)
     outcome.final_weights_sha256 = store_final(job, seams.store_results)
     outcome.completed = outcome.final_weights_sha256 is not None
