@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--grace", type=int, default=2, help="ASHA's grace_epochs")
-    parser.add_argument("--reduction", type=int, default=3, help="ASHA's reduction")
+    parser.add_argument("--reduction", type=int, default=2, help="ASHA's reduction")
     args = parser.parse_args()
     size = DemoSize(train=args.train, val=args.val, epochs=args.epochs)
     with tempfile.TemporaryDirectory() as tmp:
