@@ -53,7 +53,7 @@ def make_root(tmp_path: Path, cherry_images: Path, name: str) -> Path:
 
 def start_worker(root: Path, worker_id: str, journal: Path, fault: str | None = None,
                  exit_when_idle: bool = True, env: dict | None = None,
-                 own_group: bool = False) -> subprocess.Popen:
+                 own_group: bool = False, args: tuple[str, ...] = ()) -> subprocess.Popen:
     """A real worker process; with `own_group`, the leader of its own process group, as Colab
     (or systemd, docker, a terminal) runs it, so that a signal can be sent to the group whole."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CHERRY_DEVICE": "cpu",
@@ -62,7 +62,7 @@ def start_worker(root: Path, worker_id: str, journal: Path, fault: str | None = 
     if fault:
         full_env["CHERRY_FAULT"] = fault
     cmd = [sys.executable, "-m", "cherry_train", "worker", "--root", str(root), "--worker-id",
-           worker_id, "--threads", "1", "--poll-seconds", "0.2"]
+           worker_id, "--threads", "1", "--poll-seconds", "0.2", *args]
     if exit_when_idle:
         cmd.append("--exit-when-idle")
     log = open(root / f"worker-{worker_id}.log", "ab")  # noqa: SIM115 (closed with the process)

@@ -27,6 +27,11 @@ from cherry_train.schemas import JobState
 JOB_HELP = "the job id (or 4+ characters of its end, e.g. 7f3a)"
 
 
+def _gpus(text: str) -> int | None:
+    """`--gpus all` (None: every visible GPU) or a count."""
+    return None if text == "all" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -71,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--exit-when-idle", action="store_true", help="exit when nothing is claimable")
     w.add_argument("--threads", type=_positive_int, help="torch CPU threads (pin it for "
                    "bit-exact resume on CPU)")
+    w.add_argument("--gpus", type=_gpus, metavar="N|all",
+                   help="train each job over N GPUs of this host at once (torch.distributed, "
+                   "one process per GPU; default: all visible). Without CUDA (or with "
+                   "CHERRY_DEVICE=cpu), N processes on the CPU, for trying it out")
     w.add_argument("--idle-shutdown", type=_positive_float, metavar="MIN",
                    help="after MIN minutes with nothing to do, release the Colab runtime (so "
                    "compute units stop burning) and exit")

@@ -37,7 +37,7 @@ def cmd_worker(args) -> int:
     options = WorkerOptions(exit_when_idle=args.exit_when_idle, progress_bar=args.progress,
                             poll_max_seconds=args.poll_seconds,
                             idle_shutdown_minutes=args.idle_shutdown,
-                            max_runtime_hours=max_runtime)
+                            max_runtime_hours=max_runtime, gpus=args.gpus)
     return Worker(queue, WorkerIdentity(worker_id), options).run()
 
 

@@ -222,7 +222,9 @@ class Result(_Record):
     final_weights_sha256: str | None = None
     best_weights_sha256: str | None = None
     final_metrics: dict[str, float] = {}
-    gpu_hours: float | None = None  # training wall time on a GPU, over all attempts
+    gpu_hours: float | None = None  # training wall time x GPUs, over all attempts
+    ranks: int = 1  # processes that trained it together, one per GPU (--gpus)
+    rank_changes: list[dict[str, int]] = []  # resumed on another number of ranks: step, from, to
     compute_units: float | None = None  # gpu_hours x an approximate Colab rate for the GPU
     micro_batch: int | None = None  # < batch_size: gradient accumulation after CUDA OOM
     oom_backoffs: list[dict[str, int]] = []  # step and new micro-batch of each back-off

@@ -61,9 +61,21 @@ class Data:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     normalize: Normalize | None = None
     pipeline: str = "workers"  # or "gpu": see gpudata.py
+    # Over several ranks (distributed.py) batch_size stays the global batch, and positions in
+    # an epoch stay global; each rank loads its share of every batch.
+    rank: int = 0
+    ranks: int = 1
 
     _loaders: dict[str, DataLoader] = field(default_factory=dict)
     _gpu: dict = field(default_factory=dict)  # split -> gpudata.GpuBatches
+
+    @property
+    def rank_batch(self) -> int:
+        return self.batch_size // self.ranks
+
+    def _sampler(self, n: int, seed: int, shuffle: bool, stop: int | None) -> EpochSampler:
+        return EpochSampler(n, seed, shuffle, stop, shard=(self.rank, self.ranks,
+                                                           self.batch_size))
 
     def train_batches(self, epoch: int, start_step: int):
         """This epoch's batches from `start_step` on, as (x, y) on the device, model-ready."""
@@ -97,8 +109,8 @@ class Data:
         transform = dataset.transform
         stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
         return gpustream.StreamedBatches(
-            dataset, EpochSampler(len(dataset), dataset.seed, split == "train", stop),
-            self.batch_size, transform.size, transform.augment, transform.min_scale,
+            dataset, self._sampler(len(dataset), dataset.seed, split == "train", stop),
+            self.rank_batch, transform.size, transform.augment, transform.min_scale,
             self.normalize, drop_last=split == "train", device=self.device,
             num_workers=self.num_workers)
 
@@ -112,8 +124,8 @@ class Data:
                  seconds=round(decoded.seconds, 1), device=str(self.device))
         stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
         return gpudata.GpuBatches(
-            decoded, EpochSampler(len(dataset), dataset.seed, split == "train", stop),
-            self.batch_size, transform.size, transform.augment, transform.min_scale,
+            decoded, self._sampler(len(dataset), dataset.seed, split == "train", stop),
+            self.rank_batch, transform.size, transform.augment, transform.min_scale,
             dataset.seed, self.normalize, drop_last=split == "train",
             num_workers=min(2, self.num_workers))
 
@@ -129,8 +141,8 @@ class Data:
             dataset = self.train if split == "train" else self.val
             workers = self.num_workers
             self._loaders[split] = DataLoader(
-                dataset, batch_size=self.batch_size,
-                sampler=EpochSampler(len(dataset), dataset.seed, shuffle, stop),
+                dataset, batch_size=self.rank_batch,
+                sampler=self._sampler(len(dataset), dataset.seed, shuffle, stop),
                 drop_last=split == "train", num_workers=workers, pin_memory=self.pin_memory,
                 persistent_workers=workers > 0,  # started once per job, not once per epoch
                 **loader_processes(workers),
@@ -201,9 +213,10 @@ def _classes(path: Path, field: str) -> list[str]:
 
 
 def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
-              device: torch.device, max_workers: int | None = None) -> Data:
+              device: torch.device, max_workers: int | None = None,
+              rank: int = 0, ranks: int = 1) -> Data:
     """The job's data; `max_workers` caps the loader processes (after a loader process of the
-    previous attempt died)."""
+    previous attempt died); over `ranks` processes, this rank's share of it."""
     train_classes = _classes(train_path, "data.train_path")
     val_classes = _classes(val_path, "data.val_path")
     problems = datachecks.class_problems(train_classes, val_classes, cfg.model.num_classes)
@@ -222,24 +235,32 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
     # Full batches only: a last batch of 1 breaks BatchNorm, and equal batches keep resume
     # offsets simple. A set smaller than one batch trains on one short batch.
     batch = min(batch, len(train))
+    batch -= batch % ranks if batch >= ranks else 0  # every rank gets the same share
     steps = len(train) // batch
     val_limit = None
     if cfg.mode.value == "development":
         steps = min(steps, DEVELOPMENT_TRAIN_BATCHES)
         val_limit = DEVELOPMENT_VAL_BATCHES * batch
-    workers, why = size_loader_pool(cfg.data.num_workers, device.type == "cuda", batch, size,
-                                    usable_cores(), available_memory())
+    workers, why = size_loader_pool(cfg.data.num_workers, device.type == "cuda",
+                                    batch // ranks, size, max(1, usable_cores() // ranks),
+                                    _share(available_memory(), ranks))
     if max_workers is not None and workers > max_workers:
         workers, why = max_workers, ("one died in the previous attempt (killed for memory?): "
                                      "half as many")
-    log.info("loader processes", loader_processes=workers, why=why,
-             configured=cfg.data.num_workers)
+    if rank == 0:
+        log.info("loader processes", loader_processes=workers, why=why,
+                 configured=cfg.data.num_workers, **({"per_rank": True} if ranks > 1 else {}))
     if workers:
         worker_context()  # the loader processes' server starts importing now
-    return Data(train=train, val=val, classes=train_classes, batch_size=batch,
-                num_workers=workers, pin_memory=device.type == "cuda", steps_per_epoch=steps,
+    return Data(train=train, val=val, classes=train_classes, batch_size=batch, rank=rank,
+                ranks=ranks, num_workers=workers, pin_memory=device.type == "cuda",
+                steps_per_epoch=steps,
                 val_limit=val_limit, device=device, normalize=input_normalize(cfg),
                 pipeline=choose_pipeline(cfg, device, train, val))
+
+
+def _share(memory: int | None, ranks: int) -> int | None:
+    return memory // ranks if memory is not None else None
 
 
 def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolderSamples,

@@ -43,10 +43,11 @@ def resolve_precision(amp: Amp, device: torch.device) -> Precision:
     return Precision("fp16", torch.float16)  # T4 and older: fp16 with a GradScaler
 
 
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+def describe(device: torch.device, ranks: int = 1) -> str:
+    """"NVIDIA L4", "2x NVIDIA H200" (a job over two GPUs), "CPU (2 threads)"."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    return f"{ranks}x {name}" if ranks > 1 else name
 
 
 def seed_and_determinism(seed: int, deterministic: bool, device: torch.device) -> None:

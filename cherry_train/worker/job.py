@@ -18,6 +18,7 @@ from cherry_train.worker.checkpoint import Checkpoints
 from cherry_train.worker.compiling import Compilation
 from cherry_train.worker.data import Data
 from cherry_train.worker.device import Precision
+from cherry_train.worker.distributed import Group
 from cherry_train.worker.outcome import TrainState
 from cherry_train.worker.reporting import Reporter, StopRequest
 
@@ -48,6 +49,7 @@ class Job:
     # The best epoch's weights when storing them as best.pt failed: the next checkpoint (or the
     # end of the job) stores them, so best.pt always holds the epoch the result names.
     pending_best: dict[str, torch.Tensor] | None = None
+    group: Group | None = None  # the other ranks, when the job trains on several GPUs
     first_step_done: bool = False
     mid_step: bool = False  # True while a step changes the model: its state is then torn
 
@@ -61,6 +63,15 @@ class Job:
     @property
     def steps_left(self) -> int:
         return self.total_steps - self.state.global_step
+
+    @property
+    def ranks(self) -> int:
+        return self.group.ranks if self.group is not None else 1
+
+    def agreed(self, flag: bool) -> bool:
+        """Rank 0's word (stop, or end here) told to the other ranks at a point where each of
+        them asks too (followers.py); on one GPU just the word."""
+        return self.group.agree(flag) if self.group is not None else flag
 
     def update_wall(self) -> None:
         self.state.wall_seconds = self.wall_before + self.clock() - self.attempt_started_at

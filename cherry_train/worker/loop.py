@@ -66,6 +66,7 @@ class WorkerOptions:
     idle_shutdown_minutes: float | None = None  # then release the runtime (Colab) and exit
     max_runtime_hours: float | None = None  # the session cap: release jobs in time, then exit
     release_runtime: Callable[[], None] = runtime.release_runtime
+    gpus: int | None = None  # ranks per job (--gpus); None: every visible GPU
 
 
 class Worker:
@@ -223,7 +224,7 @@ class Worker:
             reporter.start()
             owner.write(claim.paths.config, results.resolved_yaml(claim))
             run = JobRun(claim, reporter, self.stop, scratch, self.queue.storage.local_path(""),
-                         self.options.progress_bar)
+                         self.options.progress_bar, self.options.gpus)
             outcome = self._runner(claim)(run)
             state = ending(outcome.completed, self.stop.reason, outcome.pruned is not None)
             if state is None:

@@ -30,6 +30,8 @@ class TrainState:
     last_epoch: dict[str, float] = field(default_factory=dict)
     micro_batch: int = 0  # 0: the whole batch at once; else gradient accumulation (after OOM)
     oom_backoffs: list[dict[str, int]] = field(default_factory=list)
+    ranks: int = 1  # how many processes trained it when this state was saved (--gpus)
+    rank_changes: list[dict[str, int]] = field(default_factory=list)  # step, from, to
 
 
 @dataclass
@@ -57,6 +59,7 @@ class JobRun:
     scratch: Path  # this attempt's own local folder, emptied before and after
     data_root: Path | None  # the queue root's local folder: relative data paths start there
     progress_bar: bool = False
+    gpus: int | None = None  # ranks to train over (--gpus); None: every visible GPU
 
 
 class Runner(Protocol):

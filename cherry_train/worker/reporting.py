@@ -126,6 +126,12 @@ class Reporter:
                                         name="cherry-heartbeat", daemon=True)
         self._thread.start()
 
+    def update_now(self, **progress: Any) -> None:
+        """update(), in status at once, not one heartbeat interval later (a copy that takes
+        minutes, where an attempt starts)."""
+        self.update(**progress)
+        self.beat_now()
+
     def beat_now(self) -> None:
         """Write the heartbeat now, from the calling thread; if that fails, the heartbeat
         thread tries at its next beat (a failed beat never ends training)."""

@@ -28,7 +28,7 @@ def result_of(claim: Claim, outcome: Outcome, job_state: JobState, now: datetime
     """The result of a job that trained (to the end, or until cancelled)."""
     state = outcome.state
     on_gpu = outcome.device is not None and not outcome.device.startswith("CPU")
-    gpu_hours = state.wall_seconds / 3600 if on_gpu else 0.0
+    gpu_hours = state.wall_seconds / 3600 * state.ranks if on_gpu else 0.0  # every GPU counts
     best = BestEpoch(**state.best) if state.best else None
     return Result(
         job_id=claim.job_id, state=job_state, attempts=claim.attempt.n,
@@ -42,6 +42,7 @@ def result_of(claim: Claim, outcome: Outcome, job_state: JobState, now: datetime
         best_weights_sha256=state.best_weights_sha256, final_metrics=state.last_epoch,
         epochs=claim.manifest.config.epochs, evaluation=outcome.evaluation,
         micro_batch=state.micro_batch or None, oom_backoffs=state.oom_backoffs,
+        ranks=state.ranks, rank_changes=state.rank_changes,
         gpu_hours=round(gpu_hours, 4), compute_units=runtime.compute_units(outcome.device,
                                                                            gpu_hours),
         dataset_sha256=outcome.data.get("dataset_sha256"), pruned=outcome.pruned,

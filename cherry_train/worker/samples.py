@@ -135,12 +135,18 @@ class EpochSampler(Sampler):
     """Yields (epoch, index): a permutation regenerated from (seed, epoch), from `start` on.
 
     The position is set before each pass (like DistributedSampler.set_epoch), so one loader
-    with persistent worker processes serves every epoch and every resume point."""
+    with persistent worker processes serves every epoch and every resume point.
 
-    def __init__(self, n: int, seed: int, shuffle: bool, stop: int | None = None):
+    Over several ranks (`shard=(rank, ranks, batch)`) every rank walks the same order and takes
+    its own slice of each global batch of `batch` positions: together the ranks see exactly the
+    batches one process would, so positions (and resume points) stay global."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, stop: int | None = None,
+                 shard: tuple[int, int, int] = (0, 1, 1)):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.stop = n if stop is None else min(stop, n)
         self.epoch, self.start = 0, 0
+        self.rank, self.ranks, self.batch = shard
 
     def set_position(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
@@ -151,12 +157,22 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.n, generator=g)
 
+    def _indices(self) -> torch.Tensor:
+        indices = self.order()[self.start:self.stop]
+        if self.ranks == 1:
+            return indices
+        positions = torch.arange(self.start, self.start + len(indices))
+        per_rank = -(-self.batch // self.ranks)  # a last short batch is split as far as it goes
+        return indices[(positions % self.batch) // per_rank == self.rank]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self.order()[self.start:self.stop].tolist():
+        for i in self._indices().tolist():
             yield self.epoch, i
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        if self.ranks == 1:
+            return max(0, self.stop - self.start)
+        return len(self._indices())
 
 
 def to_model_input(images: torch.Tensor, device: torch.device,

@@ -1,6 +1,7 @@
 """Training one job, resumable at any checkpoint, in the shape of torchvision's
-references/classification/train.py: `setup`, `train_one_epoch`, `evaluate`, and `train` (their
-`main`). Where the rest lives: one optimizer step and its out-of-memory back-off in steps.py,
+references/classification/train.py: `setup`, `train_one_epoch`, `evaluate` (validation.py) and
+`train` (their `main`). Where the rest lives: one optimizer step and its out-of-memory back-off
+in steps.py, the other ranks of a multi-GPU job in distributed.py and followers.py,
 when to checkpoint and what to publish in checkpointing.py, whether to compile in compiling.py,
 the data in data.py.
 
@@ -10,6 +11,7 @@ What a test may replace is passed in (Seams), never patched into the module.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from cherry_train import faults
 from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
+from cherry_train.worker import followers
 from cherry_train.worker.checkpoint import Checkpoints
 from cherry_train.worker.checkpointing import (
     STORE_RESULTS,
@@ -46,17 +49,18 @@ from cherry_train.worker.device import (
     resolve_precision,
     seed_and_determinism,
 )
+from cherry_train.worker.distributed import world_size
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.export import export_best
 from cherry_train.worker.job import Job
-from cherry_train.worker.model import build_model, forward, summed_cross_entropy, with_image_size
+from cherry_train.worker.model import build_model, with_image_size
 from cherry_train.worker.optim import make_optimizer, make_scheduler
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.processes import loader_cap
 from cherry_train.worker.progress import first_step, log_progress, progress
 from cherry_train.worker.pruning import PAUSE, after_resume, at_epoch_end
-from cherry_train.worker.reporting import Reporter
 from cherry_train.worker.steps import raise_named, train_step
+from cherry_train.worker.validation import evaluate
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +76,7 @@ class Seams:
     device: Callable[[], torch.device] = pick_device
     build_model: Callable[[ModelConfig, Path | None], nn.Module] = build_model
     step: Step = train_step
-    validate: Callable[[Job], tuple[float, float]] | None = None  # None: evaluate() below
+    validate: Callable[[Job], tuple[float, float]] | None = None  # None: validation.evaluate
     compiler: TorchCompiler = field(default_factory=TorchCompiler)
     store_results: Backoff = STORE_RESULTS
 
@@ -93,9 +97,11 @@ def setup(run: JobRun, seams: Seams) -> Job:
     device = seams.device()
     seed_and_determinism(cfg.seed, cfg.deterministic, device)
     train_dir, val_dir, data_info = prepare_data(cfg, run.data_root, reader,
-                                                 copying=lambda: _say_copying(reporter))
-    data = load_data(cfg, train_dir, val_dir, device,
-                     max_workers=loader_cap(claim.attempt.previous))
+                                                 copying=lambda: reporter.update_now(
+                                                     phase=Phase.copying_data))
+    ranks, max_workers = world_size(run.gpus, device, cfg.training.batch_size), \
+        loader_cap(claim.attempt.previous)
+    data = load_data(cfg, train_dir, val_dir, device, max_workers, rank=0, ranks=ranks)
     weights = cfg.model.pretrained
     weights_file = (local_file(weights, "model.pretrained", run.data_root, reader, run.scratch)
                     if isinstance(weights, str) else None)
@@ -109,6 +115,9 @@ def setup(run: JobRun, seams: Seams) -> Job:
     # warning about it would only alarm users.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
     total = cfg.training.epochs * data.steps_per_epoch
+    # The other GPUs' ranks (followers.py), then the model they step together (DDP).
+    group, stepped = followers.start(claim.manifest, model, device, ranks, train_dir, val_dir,
+                                     max_workers)
     return Job(
         claim=claim, cfg=cfg, device=device, precision=precision, data=data, model=model,
         optimizer=optimizer, scheduler=make_scheduler(cfg, optimizer, total),
@@ -117,16 +126,12 @@ def setup(run: JobRun, seams: Seams) -> Job:
         checkpoints=Checkpoints(reporter.owner, run.scratch, cfg.checkpoint.keep_last,
                                 on_durable=report_durable(reporter),
                                 on_failed=report_failed(reporter)),
-        compilation=Compilation(seams.compiler, model, device, cfg.performance.compile,
+        compilation=Compilation(seams.compiler, stepped, device,
+                                cfg.performance.compile if group is None else "off",
                                 cfg.deterministic, reader, claim.paths.compiled_kernels,
                                 reporter.update),
         reporter=reporter, stop=run.stop, scratch=run.scratch, clock=seams.clock,
-        data_info=data_info)
-
-
-def _say_copying(reporter: Reporter) -> None:
-    reporter.update(phase=Phase.copying_data)
-    reporter.beat_now()  # minutes, on a first copy through the mount: say so in status now
+        data_info=data_info, group=group)
 
 
 # -- one epoch ---------------------------------------------------------------------------------
@@ -163,10 +168,10 @@ def _epoch_steps(job: Job, step: Step, progress_bar: bool, loss_sum: torch.Tenso
         correct += step_correct
         state.step_in_epoch += 1
         state.global_step += 1
-        state.epoch_seen += y.shape[0]
-        state.images_seen += y.shape[0]
+        state.epoch_seen += y.shape[0]  # this rank's share: its loss and accuracy sums
+        state.images_seen += y.shape[0] * job.ranks  # every rank's: the job's throughput
         job.mid_step = False
-        window = (window[0], window[1] + y.shape[0])
+        window = (window[0], window[1] + y.shape[0] * job.ranks)
         state.train_seconds += job.clock() - step_started
         if bar is not None:
             bar.update(1)
@@ -177,7 +182,7 @@ def _epoch_steps(job: Job, step: Step, progress_bar: bool, loss_sum: torch.Tenso
             job.compilation.consider(state.micro_batch or y.shape[0], job.steps_left)
         if state.global_step % job.cfg.log_every_steps == 0 or state.step_in_epoch == per_epoch:
             window = log_progress(job, loss_sum, correct, window, bar)
-        if job.stop.is_set():
+        if job.agreed(job.stop.is_set()):  # every rank stops after this same step
             _stop_here(job, loss_sum, correct)
             return False
         if checkpoint_due(job) and state.step_in_epoch < per_epoch:
@@ -196,26 +201,7 @@ def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     checkpoint_now(job, loss_sum, correct, f"stop ({job.stop.reason})")
 
 
-# -- validation --------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(job: Job) -> tuple[float, float]:
-    """Validation loss and accuracy over the val folder (a prefix of it in development mode)."""
-    job.model.eval()
-    amp = job.precision
-    loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
-    correct = torch.zeros((), device=job.device, dtype=torch.int64)
-    seen = 0
-    for x, y in job.data.val_batches():
-        micro = job.state.micro_batch or y.shape[0]  # what fitted in training fits here
-        for xs, ys in zip(x.split(micro), y.split(micro), strict=True):
-            with torch.autocast(job.device.type, dtype=amp.dtype, enabled=amp.enabled):
-                logits, loss = forward(job.model, xs, ys, summed_cross_entropy)
-            loss_sum += loss
-            correct += (logits.argmax(1) == ys).sum()
-        seen += y.shape[0]
-    return loss_sum.item() / max(1, seen), correct.item() / max(1, seen)
-
+# -- the end of an epoch ----------------------------------------------------------------------
 
 def end_epoch(job: Job, validate: Callable[[Job], tuple[float, float]]) -> None:
     state = job.state
@@ -248,28 +234,37 @@ def end_epoch(job: Job, validate: Callable[[Job], tuple[float, float]]) -> None:
 
 def train(run: JobRun, seams: Seams) -> Outcome:
     job = setup(run, seams)
+    try:
+        return _train(job, run, seams)
+    finally:
+        if job.group is not None:  # the other ranks: joined if they ended with us, else killed
+            job.group.close(finished=sys.exc_info()[0] is None)
+
+
+def _train(job: Job, run: JobRun, seams: Seams) -> Outcome:
     cfg, reporter, stop = job.cfg, run.reporter, run.stop
-    device_name = describe(job.device)
+    device_name = describe(job.device, job.ranks)
     reporter.update(device=device_name, epochs=cfg.training.epochs,
                     steps_per_epoch=job.data.steps_per_epoch,
                     loader_processes=job.data.num_workers)
     resume(job)
+    followers.share(job)  # every rank continues from this rank's checkpoint
     early = after_resume(job)  # a sweep trial paused at a rung: promoted, pruned, or not yet
-    # Where this attempt starts, in status at once, not one heartbeat interval later.
-    reporter.update(phase=Phase.starting, epoch=job.state.epoch + 1, step=job.state.global_step)
-    reporter.beat_now()
+    job.agreed(early is not None)
+    reporter.update_now(phase=Phase.starting, epoch=job.state.epoch + 1,
+                        step=job.state.global_step)
     log.info("training", job_id=job.claim.job_id, attempt=job.claim.attempt.n,
              model=cfg.model.name, device=device_name, precision=job.precision.name,
              epochs=cfg.training.epochs, steps_per_epoch=job.data.steps_per_epoch,
              batch_size=job.data.batch_size, num_workers=job.data.num_workers,
              start_epoch=job.state.epoch, start_step=job.state.global_step,
-             cpu_count=os.cpu_count())
+             cpu_count=os.cpu_count(), ranks=job.state.ranks)
     outcome = Outcome(completed=False, state=job.state, device=device_name,
                       precision=job.precision.name, threads=torch.get_num_threads(),
                       data=job.data_info)
     try:
         while job.state.epoch < cfg.training.epochs and early is None:
-            if stop.is_set():
+            if job.agreed(stop.is_set()):
                 _stop_here(job, torch.zeros(()), torch.zeros((), dtype=torch.int64))
                 return outcome
             if not train_one_epoch(job, seams.step, run.progress_bar):
@@ -281,6 +276,7 @@ def train(run: JobRun, seams: Seams) -> Outcome:
                     raise
                 raise_named(e)
             early = at_epoch_end(job)  # a sweep's trial, behind its siblings
+            job.agreed(early is not None)
         job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
         if cfg.export.onnx and early is None:  # on the validation images: loaders open
             outcome.export = {"onnx": export_best(job)}

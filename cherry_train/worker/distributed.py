@@ -1,0 +1,213 @@
+"""One job over several GPUs of one host (or, to test it, several CPU processes): torch.distributed
+with the worker's own process as rank 0.
+
+Rank 0 stays the only queue client: it claims, beats, checkpoints and commits through the same
+fenced owner as a single-GPU job, so none of the queue's guarantees change. It starts the other
+ranks (followers.py) with torch.multiprocessing's spawn and meets them through a c10d TCPStore
+on the loopback: torch's own rendezvous, nothing home-made. Gradients go over NCCL on CUDA
+(gloo on the CPU); the few control words (stop after this step? end here?) go over a second,
+gloo group on the CPU, so asking costs no CUDA synchronisation.
+
+Every collective has a timeout (the job's lease): a rank that dies or hangs ends the attempt on
+every rank instead of hanging it, and the job is handed back and resumed from its newest
+checkpoint like after any other fault.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import structlog
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+log = structlog.get_logger(__name__)
+
+#: NVLink multicast (NVLS) off, in this process and in every rank it starts: the lent multi-GPU
+#: machines fault with it, and plain NCCL rings lose nothing measurable at these sizes.
+NCCL_SETTINGS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                 "NVSHMEM_DISABLE_NVLS": "1"}
+#: How long rank 0 waits for a follower to exit after the last collective.
+JOIN_SECONDS = 60.0
+
+
+class RankDied(RuntimeError):
+    """A rank of a multi-GPU attempt exited or stopped answering: not the job's fault."""
+
+
+def world_size(requested: int | None, device: torch.device, batch_size: int) -> int:
+    """How many ranks train a job: the GPUs asked for (`--gpus`; all visible ones by default),
+    at most those there are; on the CPU only as many processes as asked for (tests). Fewer
+    where the global batch does not split evenly: each rank must get the same share."""
+    if device.type == "cuda":
+        available = torch.cuda.device_count()
+        wanted = available if requested is None else min(requested, available)
+        if requested is not None and requested > available:
+            log.warning("fewer GPUs than asked for", asked=requested, visible=available)
+    else:
+        wanted = requested or 1
+    ranks = max(1, wanted)
+    while batch_size % ranks:
+        ranks -= 1
+    if ranks != max(1, wanted):
+        log.warning("training.batch_size does not split evenly over the GPUs: using fewer",
+                    batch_size=batch_size, gpus=wanted, ranks=ranks)
+    return ranks
+
+
+@dataclass
+class RankSpec:
+    """What a follower needs to start: plain data, picklable for spawn."""
+
+    rank: int
+    ranks: int
+    port: int
+    device_type: str
+    manifest_json: bytes
+    train_dir: str
+    val_dir: str
+    max_workers: int | None
+    timeout_seconds: float
+    parent_pid: int
+    threads: int
+
+
+class Group:
+    """Rank 0's side of the process group, and the collectives every rank calls in the same
+    order (followers.py mirrors train.py)."""
+
+    def __init__(self, rank: int, ranks: int, device: torch.device, timeout_seconds: float):
+        self.rank, self.ranks, self.device = rank, ranks, device
+        self.timeout = timedelta(seconds=timeout_seconds)
+        self.control: Any = None
+        self.followers: list = []
+        self._died: str | None = None
+
+    # -- starting -------------------------------------------------------------------------------
+
+    def start(self, follow: Callable[[RankSpec], None], spec: Callable[[int, int], RankSpec]):
+        """Rank 0: start the store and the followers (`follow(spec(rank, port))` each), then
+        join the group with them."""
+        os.environ.update(NCCL_SETTINGS)  # inherited by the spawned ranks
+        port = _free_port()
+        store = dist.TCPStore("127.0.0.1", port, self.ranks, is_master=True,
+                              timeout=self.timeout, wait_for_workers=False)
+        context = mp.get_context("spawn")
+        for rank in range(1, self.ranks):
+            process = context.Process(target=follow, args=(spec(rank, port),), daemon=True,
+                                      name=f"cherry-rank-{rank}")
+            process.start()
+            self.followers.append(process)
+        log.info("ranks started", ranks=self.ranks, backend=self.backend,
+                 pids=[p.pid for p in self.followers])
+        threading.Thread(target=self._watch, name="cherry-rank-watch", daemon=True).start()
+        self._join(store)
+
+    def join_as_follower(self, port: int) -> None:
+        store = dist.TCPStore("127.0.0.1", port, self.ranks, is_master=False,
+                              timeout=self.timeout)
+        self._join(store)
+
+    def _join(self, store) -> None:
+        dist.init_process_group(self.backend, store=store, rank=self.rank,
+                                world_size=self.ranks, timeout=self.timeout)
+        # The control words: on the CPU, so asking never waits for the GPU's queue of work.
+        self.control = dist.new_group(backend="gloo", timeout=self.timeout)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    # -- the collectives ------------------------------------------------------------------------
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any rank says yes (rank 0: stop, or end here); every rank calls it at the
+        same points, so all of them stop after the same step."""
+        word = torch.tensor([int(flag)])
+        self._collective(lambda: dist.all_reduce(word, op=dist.ReduceOp.MAX,
+                                                 group=self.control))
+        return bool(word.item())
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The ranks' `values` summed (validation: each rank saw its share of the images)."""
+        self._collective(lambda: dist.all_reduce(values))
+        return values
+
+    def share_state(self, payload: dict[str, Any] | None) -> dict[str, Any]:
+        """Rank 0's training state (model, optimizer, scheduler, scaler, where it stands), as
+        every rank continues from it: after a resume the followers start where rank 0 does."""
+        box = [None]
+        if self.rank == 0:
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            box = [buffer.getvalue()]
+        self._collective(lambda: dist.broadcast_object_list(box, src=0, group=self.control))
+        return torch.load(io.BytesIO(box[0]), map_location=self.device, weights_only=False)
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """BatchNorm statistics as rank 0 has them (each rank updated its own with its share
+        of the last batch), so every rank validates the same model."""
+        def broadcast():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        self._collective(broadcast)
+
+    def _collective(self, run: Callable[[], Any]) -> None:
+        if self._died is not None:
+            raise RankDied(self._died)
+        try:
+            run()
+        except RuntimeError as e:  # a peer gone: gloo says so at once, NCCL at the timeout
+            raise RankDied(self._died or self._dead_follower(wait=5.0) or
+                           f"a rank stopped answering ({str(e).splitlines()[0]})") from e
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Rank 0: notice a follower that exits before the end (killed for memory, a crash)."""
+        while self.followers and self._died is None:
+            self._died = self._dead_follower()
+            if self._died is not None:
+                log.error("a rank died; the attempt ends on every rank", detail=self._died)
+                return
+            time.sleep(0.5)
+
+    def _dead_follower(self, wait: float = 0.0) -> str | None:
+        """Which follower exited early, if one did (`wait`: give a dying one that long)."""
+        deadline = time.monotonic() + wait
+        for rank, process in enumerate(list(self.followers), start=1):
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.exitcode not in (None, 0):
+                return f"rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
+        return None
+
+    def close(self, finished: bool) -> None:
+        """Leave the group. Rank 0 waits for followers that finished with it, and kills those
+        that did not (an attempt that ended by an error leaves them blocked in a collective)."""
+        followers, self.followers = self.followers, []
+        deadline = time.monotonic() + (JOIN_SECONDS if finished else 0)
+        for process in followers:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=10)
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # a broken group: its processes are gone anyway
+                log.warning("could not leave the process group cleanly", error=str(e)[:200])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

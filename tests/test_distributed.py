@@ -1,0 +1,165 @@
+"""One job over several ranks (torch.distributed): on this machine two CPU processes with gloo, the
+same code path as NCCL over GPUs. Every rank's share of the data, an exact resume, and a rank
+killed with SIGKILL while the job trains, and SIGTERM to the whole process group."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+
+import pytest
+import torch
+
+from cherry_train.jobqueue.claims import WorkerIdentity
+from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.schemas import Result, validate_config
+from cherry_train.storage import LocalStorage
+from cherry_train.worker.distributed import world_size
+from cherry_train.worker.loop import Worker, WorkerOptions
+from cherry_train.worker.samples import EpochSampler
+from cherry_train.worker.train import Seams, Training
+from tests.test_training import stopping_at
+
+
+def test_each_rank_takes_its_share_of_every_global_batch():
+    """Two ranks see exactly the batches one process would, split in halves, from any resume
+    point on; a last short batch (validation) is split as far as it goes."""
+    whole = EpochSampler(20, seed=5, shuffle=True, stop=16)
+    ranks = [EpochSampler(20, seed=5, shuffle=True, stop=16, shard=(r, 2, 8)) for r in (0, 1)]
+    for start in (0, 8):  # a fresh epoch, and a resume after one global batch
+        for s in [whole, *ranks]:
+            s.set_position(3, start)
+        one = [i for _, i in whole]
+        shares = [[i for _, i in s] for s in ranks]
+        assert [len(s) for s in ranks] == [len(x) for x in shares] == [(16 - start) // 2] * 2
+        for b in range(0, len(one), 8):  # each global batch: rank 0's half, then rank 1's
+            assert one[b:b + 8] == shares[0][b // 2:b // 2 + 4] + shares[1][b // 2:b // 2 + 4]
+    val = [EpochSampler(10, seed=5, shuffle=False, shard=(r, 2, 8)) for r in (0, 1)]
+    assert [[i for _, i in s] for s in val] == [[0, 1, 2, 3, 8, 9], [4, 5, 6, 7]]
+
+
+def test_the_ranks_are_the_gpus_asked_for_and_split_the_batch_evenly():
+    cpu = torch.device("cpu")
+    assert world_size(None, cpu, 16) == 1  # on the CPU only when asked
+    assert world_size(2, cpu, 16) == 2
+    assert world_size(4, cpu, 6) == 3  # 6 images do not split over 4: 3 ranks of 2
+
+
+def two_ranks(tiny_config) -> dict:
+    """MobileNetV3-small: its dropout draws on every rank, so an exact resume also proves each
+    rank's randomness is drawn again the same."""
+    cfg = {**tiny_config, "deterministic": True, "lease_seconds": 60,
+           "model": {"name": "mobilenet_v3_small", "num_classes": 2}}
+    cfg["training"] = {**cfg["training"], "batch_size": 16}
+    return cfg
+
+
+def run(queue: JobQueue, job_id: str, seams: Seams | None = None) -> Result | None:
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True, gpus=2),
+                    trainer=Training(seams or Seams()))
+    worker.run()
+    path = JobPaths(job_id).result
+    return Result.from_json(queue.storage.read_bytes(path)) if queue.storage.exists(path) else None
+
+
+def new_root(tmp_path, cherry_images, name: str) -> JobQueue:
+    root = tmp_path / name
+    root.mkdir()
+    (root / "data").symlink_to(cherry_images, target_is_directory=True)
+    return JobQueue(LocalStorage(root))
+
+
+def test_two_ranks_train_one_job_and_resume_it_exactly(tmp_path, cherry_images, tiny_config):
+    """Uninterrupted on two ranks, and stopped twice (mid-epoch 1, mid-epoch 2) then resumed on
+    two ranks: the same final and best weights, bit for bit."""
+    cfg = validate_config(two_ranks(tiny_config))
+    straight_queue = new_root(tmp_path, cherry_images, "straight")
+    straight = run(straight_queue, straight_queue.submit(cfg).job_id)
+    assert straight.state.value == "succeeded" and straight.ranks == 2
+    assert straight.device.startswith("2x CPU") and straight.epochs_completed == 2
+    assert straight.best.val_accuracy > 0  # validation over both ranks' shares
+    queue = new_root(tmp_path, cherry_images, "interrupted")
+    job_id = queue.submit(cfg).job_id
+    assert run(queue, job_id, Seams(step=stopping_at(2, Seams().step))) is None
+    assert run(queue, job_id, Seams(step=stopping_at(8, Seams().step))) is None
+    resumed = run(queue, job_id)
+    assert resumed.attempts == 3 and resumed.rank_changes == []
+    assert resumed.final_weights_sha256 == straight.final_weights_sha256
+    assert resumed.best_weights_sha256 == straight.best_weights_sha256
+
+
+def killing_rank_1_at(step_number: int):
+    """The step seam: SIGKILL rank 1 (a real process) once rank 0 reaches this step."""
+    def stepped(job, x, y):
+        out = Seams().step(job, x, y)
+        if job.state.global_step + 1 == step_number and job.claim.attempt.n == 1:
+            follower = job.group.followers[0]
+            os.kill(follower.pid, signal.SIGKILL)
+            follower.join(timeout=30)
+        return out
+    return stepped
+
+
+def test_a_killed_rank_hands_the_job_back_and_it_resumes(tmp_path, cherry_images, tiny_config):
+    queue = new_root(tmp_path, cherry_images, "root")
+    job_id = queue.submit(validate_config(two_ranks(tiny_config))).job_id
+    # The attempt ends on rank 0 too; the worker's next poll resumes the job on two ranks.
+    result = run(queue, job_id, Seams(step=killing_rank_1_at(3)))
+    assert result is not None and result.state.value == "succeeded", result
+    assert result.attempts == 2 and result.ranks == 2
+    second = result.attempt_history[1]
+    assert second.reason.value == "after-error"
+    assert "rank 1" in second.previous.error.message
+    assert second.checkpoint_at_start == 3  # the state between two steps was kept
+
+
+def test_a_resume_on_another_number_of_ranks_continues_and_says_so(tmp_path, cherry_images,
+                                                                   tiny_config):
+    queue = new_root(tmp_path, cherry_images, "root")
+    job_id = queue.submit(validate_config(two_ranks(tiny_config))).job_id
+    assert run(queue, job_id, Seams(step=stopping_at(3, Seams().step))) is None
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True, gpus=1),
+                    trainer=Training(dataclasses.replace(Seams())))
+    worker.run()
+    result = Result.from_json(queue.storage.read_bytes(JobPaths(job_id).result))
+    assert result.state.value == "succeeded" and result.ranks == 1
+    assert result.rank_changes == [{"step": 3, "from": 2, "to": 1}]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_every_rank_and_hands_the_job_back(tmp_path,
+                                                                             cherry_images):
+    """A real worker with two ranks, its whole process group signalled (as Colab and docker
+    stop a runtime): the ranks agree to stop, rank 0 checkpoints and hands the job back, and
+    no process of the group is left."""
+    from tests.test_crash import CRASH_CONFIG, heartbeat, kill, make_root, start_worker, wait_for
+
+    root = make_root(tmp_path, cherry_images, "root")
+    cfg = {**CRASH_CONFIG, "lease_seconds": 60, "checkpoint": {"every_minutes": 60},
+           "training": {"epochs": 200, "batch_size": 8, "learning_rate": 0.002}}
+    job_id = JobQueue(LocalStorage(root)).submit(validate_config(cfg)).job_id
+    proc = start_worker(root, "a", tmp_path / "j.jsonl", own_group=True, args=("--gpus", "2"))
+    try:
+        wait_for(lambda: (hb := heartbeat(root, job_id)) and hb.step >= 3, 100,
+                 "two ranks training")
+        assert heartbeat(root, job_id).device.startswith("2x CPU")
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        wait_for(lambda: not group_alive(proc.pid), 30, "the other rank to exit")
+    finally:
+        kill(proc)
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    hb = heartbeat(root, job_id)
+    assert hb.released and hb.last_checkpoint_step >= 3
+    assert (root / JobPaths(job_id).checkpoint(hb.last_checkpoint_step)).is_file()
