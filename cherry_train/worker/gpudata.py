@@ -117,7 +117,8 @@ def _decode_with_pil(samples: ImageFolderSamples, indices: list[int], side: int,
                      images: torch.Tensor, sizes: np.ndarray, num_workers: int) -> None:
     subset = torch.utils.data.Subset(_Decode(samples, side), indices)
     loader = DataLoader(subset, batch_size=256, num_workers=num_workers,
-                        pin_memory=images.device.type == "cuda", **loader_processes(num_workers))
+                        pin_memory=images.device.type == "cuda", **loader_processes(num_workers),
+                        generator=torch.Generator())  # the global RNG stays as resume left it
     at = 0
     for batch, batch_sizes in loader:
         where = torch.as_tensor(indices[at:at + len(batch)], device=images.device)
@@ -222,7 +223,10 @@ class GpuBatches:
             self.boxes_data, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
             num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0, prefetch_factor=8 if num_workers else None,
-            **loader_processes(num_workers))
+            **loader_processes(num_workers),
+            # Each iter() draws a base seed: from the global RNG it would shift the stream
+            # dropout draws from whenever a resume starts an iterator mid-epoch (data.py too).
+            generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
         return len(self.loader)

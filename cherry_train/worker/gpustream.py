@@ -142,7 +142,8 @@ class StreamedBatches:
             _EncodedCrops(samples, samples.seed, augment, min_scale), batch_size=batch_size,
             sampler=sampler, drop_last=drop_last, num_workers=num_workers,
             collate_fn=_collate, persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers else None, **loader_processes(num_workers))
+            prefetch_factor=4 if num_workers else None, **loader_processes(num_workers),
+            generator=torch.Generator().manual_seed(samples.seed))  # as in gpudata.py
 
     def __len__(self) -> int:
         return len(self.loader)
