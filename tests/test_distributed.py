@@ -71,10 +71,15 @@ def new_root(tmp_path, cherry_images, name: str) -> JobQueue:
     return JobQueue(LocalStorage(root))
 
 
-def test_two_ranks_train_one_job_and_resume_it_exactly(tmp_path, cherry_images, tiny_config):
+@pytest.mark.parametrize("pipeline", ["workers", pytest.param("gpu", marks=pytest.mark.long),
+                                      pytest.param("stream", marks=pytest.mark.long)])
+def test_two_ranks_train_one_job_and_resume_it_exactly(tmp_path, cherry_images, tiny_config,
+                                                       pipeline):
     """Uninterrupted on two ranks, and stopped twice (mid-epoch 1, mid-epoch 2) then resumed on
-    two ranks: the same final and best weights, bit for bit."""
-    cfg = validate_config(two_ranks(tiny_config))
+    two ranks: the same final and best weights, bit for bit. ("gpu" and "stream": the GPU
+    input pipelines' logic, run on the CPU here.)"""
+    cfg = validate_config({**two_ranks(tiny_config),
+                           "performance": {"input_pipeline": pipeline}})
     straight_queue = new_root(tmp_path, cherry_images, "straight")
     straight = run(straight_queue, straight_queue.submit(cfg).job_id)
     assert straight.state.value == "succeeded" and straight.ranks == 2
