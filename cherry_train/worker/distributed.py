@@ -8,9 +8,12 @@ on the loopback: torch's own rendezvous, nothing home-made. Gradients go over NC
 (gloo on the CPU); the few control words (stop after this step? end here?) go over a second,
 gloo group on the CPU, so asking costs no CUDA synchronisation.
 
-Every collective has a timeout (the job's lease): a rank that dies or hangs ends the attempt on
-every rank instead of hanging it, and the job is handed back and resumed from its newest
-checkpoint like after any other fault.
+A rank that dies ends the attempt on every rank (gloo says so at once; the watcher names the
+rank), and the job is handed back and resumed from its newest checkpoint like after any other
+fault. Every collective also has a timeout (the job's lease, at least followers.py's floor):
+with gloo it raises here; with NCCL torch's watchdog ends the processes at it
+(TORCH_NCCL_ASYNC_ERROR_HANDLING's default), and the job is taken back after the lease as after
+any crash. Either way no hang outlives the lease for long.
 """
 
 from __future__ import annotations
