@@ -2,10 +2,12 @@
 
     CHERRY_FAULT=checkpoint-write@2      the 2nd time this process reaches that point
     CHERRY_FAULT=step@5,before-commit    several points; @1 when no count is given
+    CHERRY_FAULT=follower-setup:raise    raise InjectedFault there instead of dying
 
 Random kills from outside rarely land inside a write that takes milliseconds; this does.
 Points: after-claim, step, checkpoint-write (leaves a half-written temp file),
-checkpoint-before-checksum, before-commit, after-commit.
+checkpoint-before-checksum, before-commit, after-commit, follower-setup (a multi-GPU job's
+rank > 0).
 
     CHERRY_SLOW=decode:0.03              every image decode takes 30 ms longer (an input-bound
                                          job, as on a 2-core Colab VM, on a fast test machine)
@@ -22,14 +24,21 @@ from collections.abc import Callable
 _reached: Counter[str] = Counter()
 
 
+class InjectedFault(RuntimeError):
+    pass
+
+
 def point(name: str, before_kill: Callable[[], None] | None = None) -> None:
     spec = os.environ.get("CHERRY_FAULT")
     if not spec:
         return
     _reached[name] += 1
     for item in spec.split(","):
-        target, _, count = item.strip().partition("@")
+        where, _, action = item.strip().partition(":")
+        target, _, count = where.partition("@")
         if target == name and _reached[name] == int(count or 1):
+            if action == "raise":
+                raise InjectedFault(f"a fault injected at {name} (CHERRY_FAULT)")
             if before_kill is not None:
                 before_kill()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -120,6 +120,34 @@ def test_a_killed_rank_hands_the_job_back_and_it_resumes(tmp_path, cherry_images
     assert second.checkpoint_at_start == 3  # the state between two steps was kept
 
 
+def test_a_rank_that_fails_says_why_in_the_jobs_history(tmp_path, cherry_images, tiny_config,
+                                                        monkeypatch):
+    """Rank 1 raises while it sets up, at every attempt: each attempt ends on rank 0 with rank
+    1's own error in the history, and the crash loop ends the job with it."""
+    monkeypatch.setenv("CHERRY_FAULT", "follower-setup:raise")  # spawned ranks inherit it
+    queue = new_root(tmp_path, cherry_images, "root")
+    job_id = queue.submit(validate_config({**two_ranks(tiny_config), "max_attempts": 2})).job_id
+    result = run(queue, job_id)
+    assert result.state.value == "failed" and result.attempts == 2
+    said = result.attempt_history[1].previous.error.message
+    assert said.startswith("rank 1 (pid ") and "InjectedFault: a fault injected at " \
+        "follower-setup" in said, said
+
+
+def test_a_rank_failing_for_the_jobs_own_fault_fails_the_job():
+    """A follower's JobError (out of memory at this batch size, say) fails the job on rank 0
+    too; anything else hands it back."""
+    from cherry_train.worker.distributed import Group, RankDied
+    from cherry_train.worker.errors import JobError
+
+    exited = "rank 1 (pid 7) exited with code 1"
+    own = Group.failure(exited, {"error": "JobError: out of memory at 128 images", "job": True})
+    assert isinstance(own, JobError) and str(own) == f"{exited}: out of memory at 128 images"
+    other = Group.failure(exited, {"error": "OSError: x", "job": False})
+    assert isinstance(other, RankDied) and "OSError: x" in str(other)
+    assert isinstance(Group.failure("rank 1 (pid 7) exited with code -9", None), RankDied)
+
+
 def test_a_resume_on_another_number_of_ranks_continues_and_says_so(tmp_path, cherry_images,
                                                                    tiny_config):
     queue = new_root(tmp_path, cherry_images, "root")

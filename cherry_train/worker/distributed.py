@@ -18,7 +18,9 @@ any crash. Either way no hang outlives the lease for long.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import socket
 import threading
@@ -26,14 +28,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cherry_train.worker.errors import JobError
+
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 #: NVLink multicast (NVLS) off, in this process and in every rank it starts: the lent multi-GPU
 #: machines fault with it, and plain NCCL rings lose nothing measurable at these sizes.
@@ -93,7 +99,8 @@ class Group:
         self.timeout = timedelta(seconds=timeout_seconds)
         self.control: Any = None
         self.followers: list = []
-        self._died: str | None = None
+        self.store: Any = None
+        self._died: Exception | None = None  # what a follower's early exit ends the attempt with
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -121,6 +128,7 @@ class Group:
         self._join(store)
 
     def _join(self, store) -> None:
+        self.store = store
         dist.init_process_group(self.backend, store=store, rank=self.rank,
                                 world_size=self.ranks, timeout=self.timeout)
         # The control words: on the CPU, so asking never waits for the GPU's queue of work.
@@ -136,13 +144,13 @@ class Group:
         """Whether any rank says yes (rank 0: stop, or end here); every rank calls it at the
         same points, so all of them stop after the same step."""
         word = torch.tensor([int(flag)])
-        self._collective(lambda: dist.all_reduce(word, op=dist.ReduceOp.MAX,
+        self.collective(lambda: dist.all_reduce(word, op=dist.ReduceOp.MAX,
                                                  group=self.control))
         return bool(word.item())
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The ranks' `values` summed (validation: each rank saw its share of the images)."""
-        self._collective(lambda: dist.all_reduce(values))
+        self.collective(lambda: dist.all_reduce(values))
         return values
 
     def share_state(self, payload: dict[str, Any] | None) -> dict[str, Any]:
@@ -153,7 +161,7 @@ class Group:
             buffer = io.BytesIO()
             torch.save(payload, buffer)
             box = [buffer.getvalue()]
-        self._collective(lambda: dist.broadcast_object_list(box, src=0, group=self.control))
+        self.collective(lambda: dist.broadcast_object_list(box, src=0, group=self.control))
         return torch.load(io.BytesIO(box[0]), map_location=self.device, weights_only=False)
 
     def sync_buffers(self, model: torch.nn.Module) -> None:
@@ -162,16 +170,27 @@ class Group:
         def broadcast():
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        self._collective(broadcast)
+        self.collective(broadcast)
 
-    def _collective(self, run: Callable[[], Any]) -> None:
+    def collective(self, run: Callable[[], T]) -> T:
+        """run() (collectives), or raise why a rank is gone: RankDied, or the JobError a
+        follower failed with (the job's own fault, e.g. out of memory at this batch size)."""
         if self._died is not None:
-            raise RankDied(self._died)
+            raise self._died
         try:
-            run()
+            return run()
         except RuntimeError as e:  # a peer gone: gloo says so at once, NCCL at the timeout
-            raise RankDied(self._died or self._dead_follower(wait=5.0) or
-                           f"a rank stopped answering ({str(e).splitlines()[0]})") from e
+            raise self._died or self._dead_follower(wait=5.0) or RankDied(
+                f"a rank stopped answering ({str(e).splitlines()[0]})") from e
+
+    def report(self, error: BaseException) -> None:
+        """A follower: say why it ends, for rank 0 to put in the job's history."""
+        if self.store is None:
+            return
+        text = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        with contextlib.suppress(Exception):  # rank 0 is gone too: nobody to tell
+            self.store.set(f"cherry/error/{self.rank}",
+                           json.dumps({"error": text, "job": isinstance(error, JobError)}))
 
     # -- ending ---------------------------------------------------------------------------------
 
@@ -180,18 +199,36 @@ class Group:
         while self.followers and self._died is None:
             self._died = self._dead_follower()
             if self._died is not None:
-                log.error("a rank died; the attempt ends on every rank", detail=self._died)
+                log.error("a rank died; the attempt ends on every rank", detail=str(self._died))
                 return
             time.sleep(0.5)
 
-    def _dead_follower(self, wait: float = 0.0) -> str | None:
-        """Which follower exited early, if one did (`wait`: give a dying one that long)."""
+    def _dead_follower(self, wait: float = 0.0) -> Exception | None:
+        """Why a follower exited early, if one did (`wait`: give a dying one that long)."""
         deadline = time.monotonic() + wait
         for rank, process in enumerate(list(self.followers), start=1):
             process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.exitcode not in (None, 0):
-                return f"rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
+                return self.failure(f"rank {rank} (pid {process.pid}) exited with code "
+                                    f"{process.exitcode}", self._report_of(rank))
         return None
+
+    def _report_of(self, rank: int) -> dict | None:
+        key = f"cherry/error/{rank}"
+        try:
+            return json.loads(self.store.get(key)) if self.store.check([key]) else None
+        except Exception:
+            return None
+
+    @staticmethod
+    def failure(what: str, report: dict | None) -> Exception:
+        """A follower's end as rank 0 raises it: its JobError fails the job (every attempt
+        would meet it), anything else hands the job back."""
+        if report is None:
+            return RankDied(what)
+        if report.get("job"):
+            return JobError(f"{what}: {report['error'].removeprefix('JobError: ')}")
+        return RankDied(f"{what}: {report['error']}")
 
     def close(self, finished: bool) -> None:
         """Leave the group. Rank 0 waits for followers that finished with it, and kills those
@@ -208,6 +245,7 @@ class Group:
                 dist.destroy_process_group()
             except Exception as e:  # a broken group: its processes are gone anyway
                 log.warning("could not leave the process group cleanly", error=str(e)[:200])
+        self.store = self.control = None  # the store's server thread goes now, not at exit
 
 
 def _free_port() -> int:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cherry_train import faults
 from cherry_train.schemas import Manifest
 from cherry_train.worker.data import Data, load_data
 from cherry_train.worker.device import Precision, resolve_precision, seed_and_determinism
@@ -91,7 +92,7 @@ def start(manifest: Manifest, model: nn.Module, device: torch.device, ranks: int
         max_workers=max_workers, timeout_seconds=timeout, parent_pid=os.getpid(),
         threads=torch.get_num_threads()))
     try:
-        return group, _wrap(model, device)
+        return group, group.collective(lambda: _wrap(model, device))
     except BaseException:
         group.close(finished=False)
         raise
@@ -132,8 +133,12 @@ def follow(spec: RankSpec) -> None:
     group.join_as_follower(spec.port)
     rank = None
     try:
+        faults.point("follower-setup")
         rank = _setup(spec, device, group)
         _train(rank)
+    except BaseException as e:
+        group.report(e)  # rank 0 puts it in the job's history (or fails the job: a JobError)
+        raise
     finally:
         if rank is not None:
             rank.data.close()
