@@ -167,6 +167,14 @@ def test_bad_worker_id_is_refused(tmp_path, capsys):
     assert "--worker-id" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("gpus", "says"), [("x", "expected a number of GPUs or 'all', got 'x'"),
+                                             ("0", "must be at least 1")])
+def test_a_bad_gpu_count_is_refused_in_words(tmp_path, capsys, gpus, says):
+    with pytest.raises(SystemExit) as exited:
+        main(["worker", "--root", str(tmp_path), "--gpus", gpus])
+    assert exited.value.code == 2 and f"--gpus: {says}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_reduced_demo_end_to_end_in_a_subprocess(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

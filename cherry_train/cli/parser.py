@@ -29,7 +29,13 @@ JOB_HELP = "the job id (or 4+ characters of its end, e.g. 7f3a)"
 
 def _gpus(text: str) -> int | None:
     """`--gpus all` (None: every visible GPU) or a count."""
-    return None if text == "all" else _positive_int(text)
+    if text == "all":
+        return None
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs or 'all', got {text!r}"
+                                         ) from None
 
 
 def _positive_int(text: str) -> int:
