@@ -23,6 +23,8 @@ from cherry_train.jobqueue.layout import SWEEPS, JobPaths, SweepPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import JobView, job_view
 from cherry_train.schemas import (
+    AttemptEnd,
+    Heartbeat,
     JobState,
     Manifest,
     Phase,
@@ -60,6 +62,12 @@ def epoch_values(queue: JobQueue, job_id: str, metric: str) -> dict[int, float]:
             if isinstance(r.get(metric), int | float)}
 
 
+def paused(end: Heartbeat | AttemptEnd | None) -> bool:
+    """Whether a job's last attempt paused its trial at an ASHA rung: its last heartbeat says
+    so (or what the next attempt recorded of that heartbeat)."""
+    return end is not None and end.released and end.phase == Phase.paused
+
+
 @dataclass
 class Trial:
     record: TrialRecord
@@ -77,9 +85,7 @@ class Trial:
     @property
     def paused(self) -> bool:
         """Paused at an ASHA rung: released by its worker until promoted (or pruned)."""
-        hb = self.view.heartbeat if self.view is not None else None
-        return self.state == JobState.running and hb is not None and hb.released and \
-            hb.phase == Phase.paused
+        return self.state == JobState.running and paused(self.view.heartbeat)
 
     @property
     def word(self) -> str:

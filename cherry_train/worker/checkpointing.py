@@ -142,10 +142,9 @@ def resume(job: Job) -> None:
     """Load the newest verified checkpoint, if any: model, optimizer, scheduler, scaler,
     training state, every RNG; keep the metrics lines up to it."""
     found = job.checkpoints.load_latest()
-    ranks = job.group.ranks if job.group is not None else 1
     if found is None:
         job.reporter.resume_metrics(up_to_step=0)
-        job.state.ranks = ranks
+        job.state.ranks = job.ranks
         return
     step, payload = found
     job.checkpoints.requested_step = step
@@ -159,12 +158,13 @@ def resume(job: Job) -> None:
     job.reporter.resume_metrics(up_to_step=step)
     job.reporter.update(last_checkpoint=job.claim.paths.checkpoint(step),
                         last_checkpoint_step=step)
-    if job.state.ranks != ranks:
+    if job.state.ranks != job.ranks:
         log.warning("resuming on another number of GPUs: training continues from the "
                     "checkpoint, but not bit-identical to a run on one number throughout",
-                    checkpoint_ranks=job.state.ranks, ranks=ranks, step=step)
-        job.state.rank_changes.append({"step": step, "from": job.state.ranks, "to": ranks})
-        job.state.ranks = ranks
+                    checkpoint_ranks=job.state.ranks, ranks=job.ranks, step=step)
+        job.state.rank_changes.append({"step": step, "from": job.state.ranks,
+                                       "to": job.ranks})
+        job.state.ranks = job.ranks
     if payload.get("torch_threads") != torch.get_num_threads():
         log.warning("resuming with another thread count: results may differ in the last bits",
                     saved=payload.get("torch_threads"), now=torch.get_num_threads())

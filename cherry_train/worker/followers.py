@@ -68,7 +68,6 @@ class Rank:
     criterion: nn.Module
     compilation: Eager
     group: Group
-    claim: Any = None
     state: TrainState = field(default_factory=TrainState)
     seed: int = 0  # this rank's randomness, reseeded at every step
 

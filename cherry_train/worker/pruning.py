@@ -23,9 +23,10 @@ import structlog
 from cherry_train import sweepspace
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
-from cherry_train.jobqueue.sweeps import Sweeps, epoch_records
-from cherry_train.schemas import Manifest, Phase
+from cherry_train.jobqueue.sweeps import Sweeps, epoch_records, paused
+from cherry_train.schemas import Manifest
 from cherry_train.schemas.records import AttemptEnd
+from cherry_train.sweepspace import Rank
 
 if TYPE_CHECKING:
     from cherry_train.worker.job import Job
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 GO, PAUSE, PRUNE = "go", "pause", "prune"
+#: How long one reading of a sweep's files serves the paused trials a poll looks at.
+SNAPSHOT_SECONDS = 5.0
 
 
 def judge(files: JobQueue, manifest: Manifest, epoch: int,
@@ -81,11 +84,6 @@ def applies(manifest: Manifest, epoch: int) -> bool:
     return epoch >= rule.grace_epochs
 
 
-def paused_at(end: AttemptEnd | None) -> bool:
-    """Whether the attempt that ended so (the last heartbeat's word) paused its trial."""
-    return end is not None and end.released and end.phase == Phase.paused
-
-
 class SweepFiles:
     """One sweep's trials and their metric by epoch, read once: what every rung of it is
     judged by. Which trials ended is read only for those a rung misses."""
@@ -97,9 +95,10 @@ class SweepFiles:
         self.values = {t.job_id: _keys(epoch_records(files, t.job_id), metric)
                        for t in self.trials}
         self._ended: dict[str, bool] = {}
+        self._paused: dict[str, bool] = {}  # for trials whose last epoch is a rung
 
     def rung(self, job_id: str, epoch: int,
-             maximize: bool) -> tuple[float | None, list[float], bool]:
+             maximize: bool) -> tuple[Rank | None, list[Rank], bool]:
         """The trial's best metric up to `epoch`, its siblings' (those that reached it), and
         whether the rung is complete: every trial of the sweep is made and has reached
         `epoch` or ended."""
@@ -127,9 +126,13 @@ class SweepFiles:
             if max(values) > epoch:
                 count += 1
             elif not self._has_ended(trial.job_id):
-                hb = self.files.heartbeat(trial.job_id)
-                count += not (hb is not None and hb.released and hb.phase == Phase.paused)
+                count += not self._is_paused(trial.job_id)
         return count
+
+    def _is_paused(self, job_id: str) -> bool:
+        if job_id not in self._paused:
+            self._paused[job_id] = paused(self.files.heartbeat(job_id))
+        return self._paused[job_id]
 
     def _has_ended(self, job_id: str) -> bool:
         if job_id not in self._ended:
@@ -163,12 +166,12 @@ class Promotions:
         self._sweeps: dict[str, tuple[float, SweepFiles]] = {}
 
     def ready(self, manifest: Manifest, last: AttemptEnd | None) -> bool:
-        if not paused_at(last) or manifest.sweep is None:
+        if not paused(last) or manifest.sweep is None:
             return True
         now = time.monotonic()
         ref = manifest.sweep
         seen = self._sweeps.get(ref.id)
-        if seen is None or now - seen[0] >= min(self.recheck_seconds, 5.0):
+        if seen is None or now - seen[0] >= min(self.recheck_seconds, SNAPSHOT_SECONDS):
             seen = self._sweeps[ref.id] = (now, SweepFiles(self.files, ref.id, ref.metric))
         values = seen[1].values.get(manifest.job_id)
         verdict = judge(self.files, manifest, max(values), seen[1]) if values else None
@@ -200,7 +203,7 @@ def at_epoch_end(job: Job) -> tuple[str, dict[str, Any]] | None:
 def after_resume(job: Job) -> tuple[str, dict[str, Any]] | None:
     """A trial that was paused at a rung, claimed again: judged again at once (promoted, or
     pruned, or paused again where the cut moved back above it since its claimer looked)."""
-    if not paused_at(job.claim.attempt.previous):
+    if not paused(job.claim.attempt.previous):
         return None
     return _told(judge(JobQueue(job.reporter.owner.reader), job.claim.manifest, job.state.epoch))
 

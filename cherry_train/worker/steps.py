@@ -29,7 +29,7 @@ def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         try:
             return job.compilation.step(lambda: _step(job, x, y))
         except torch.OutOfMemoryError:
-            if getattr(job, "group", None) is not None:  # one rank alone must not back off
+            if job.group is not None:  # one rank alone must not back off
                 raise JobError(f"CUDA out of memory at {y.shape[0]} images per GPU over "
                                f"{job.group.ranks} GPUs: use a smaller training.batch_size "
                                "(the global batch)") from None
