@@ -369,3 +369,20 @@ def test_a_paused_trial_is_claimed_once_promoted_or_once_its_rung_is_complete(tm
     verdict, figures = reaches_rung(fifth, 0.3, "w2")
     assert verdict == PRUNE and figures["rung_complete"] and figures["cutoff"] == 0.8
     assert claimable(0.5) and claimable(0.6)  # complete: claimed to be pruned
+
+
+def test_at_a_rung_equal_accuracies_are_told_apart_by_the_loss(tmp_path, tiny_config):
+    """Early on trials share chance-level accuracy: the lower validation loss ranks first."""
+    from cherry_train.worker.pruning import GO, PRUNE, judge
+
+    queue = JobQueue(LocalStorage(tmp_path))
+    cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": 9}, "sweep": {
+        "parallel": 2, "parameters": {"training.learning_rate": {"values": [0.003, 0.001]}},
+        "early_stop": {"method": "asha", "grace_epochs": 1, "reduction": 2}}}
+    _, trials = Sweeps(queue).submit(validate_config(cfg))
+    for manifest, loss in zip(trials, (0.9, 0.6), strict=True):
+        claim = queue.try_claim(manifest, WorkerIdentity("w"))
+        queue.owner(claim).write(claim.paths.metrics, json.dumps(
+            {"kind": "epoch", "epoch": 1, "val_accuracy": 0.5, "val_loss": loss}).encode())
+    # both trials at the rung, which is complete: the one with the higher loss stops
+    assert judge(queue, trials[0], 1)[0] == PRUNE and judge(queue, trials[1], 1)[0] == GO
