@@ -77,7 +77,7 @@ def test_archive_members_cannot_escape_the_cache(tmp_path):
 
 def test_transient_errors_while_copying_are_retried(tmp_path, source, monkeypatch):
     monkeypatch.setattr(sources, "COPY_BACKOFF", Backoff(first=0, tries=5))
-    real_copy = shutil.copyfile
+    real_copy = sources._copy_file
     failed = []
 
     def flaky_copy(src, dst):
@@ -87,7 +87,7 @@ def test_transient_errors_while_copying_are_retried(tmp_path, source, monkeypatc
         failed.append(None)
         return real_copy(src, dst)
 
-    monkeypatch.setattr(shutil, "copyfile", flaky_copy)
+    monkeypatch.setattr(sources, "_copy_file", flaky_copy)
     report = cache_folder(source, tmp_path / "cache")
     assert report.files == 96 and sum(f is not None for f in failed) == 5
 

@@ -119,6 +119,7 @@ def cmd_watch(args) -> int:
 
 def cmd_fetch(args) -> int:
     from cherry_train.client.fetch import ChecksumMismatch, fetch
+    from cherry_train.safepaths import UnsafePath
 
     resolved, queue = root_and_queue(args)
     require_root(resolved, queue)
@@ -128,6 +129,9 @@ def cmd_fetch(args) -> int:
         fetched = fetch(queue, job_id, dest, checkpoints=args.checkpoints)
     except ChecksumMismatch as e:
         err(f"error: {e}")
+        return 1
+    except UnsafePath as e:  # written by someone who can write the queue folder: not a bug
+        err(f"error: {e}; nothing was fetched")
         return 1
     for f in fetched:
         print(f"{f.status:>10}  {f.bytes:>12,} B  {f.path}")

@@ -8,11 +8,15 @@ import hashlib
 from pathlib import Path
 
 import platformdirs
+import structlog
 
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import all_job_ids
+from cherry_train.safepaths import UnsafePath, inside, plain_name
+
+log = structlog.get_logger(__name__)
 
 
 def default_copy_dir(queue: JobQueue) -> Path:
@@ -29,12 +33,19 @@ def logdir(queue: JobQueue) -> Path:
 
 
 def synced_logdir(queue: JobQueue, target: Path) -> Path:
-    """Copy every job's event files that are new or changed into target/<job>/tensorboard/."""
+    """Copy every job's event files that are new or changed into target/<job>/tensorboard/.
+    The names come from Drive listings (anyone who can write the folder chose them): a name
+    that is not a plain file name is skipped, said in one line, and nothing is written for it."""
     storage = queue.storage
-    for job_id in all_job_ids(queue):
+    for job_id in all_job_ids(queue):  # ids of the id pattern only
         remote = JobPaths(job_id).tensorboard
         for name, info in storage.list_entries(remote).items():
-            local = target / job_id / "tensorboard" / name
+            try:
+                local = inside(target, f"{job_id}/tensorboard/{plain_name(name, remote)}",
+                               storage.description)
+            except UnsafePath as e:
+                log.warning(f"skipped: {e}")
+                continue
             if info.is_dir or (local.exists() and local.stat().st_size == info.size):
                 continue
             storage.download(f"{remote}/{name}", local)

@@ -16,6 +16,7 @@ from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.safepaths import inside
 from cherry_train.schemas import Result
 
 CHUNK = 8 << 20
@@ -97,9 +98,14 @@ def fetch_file(queue: JobQueue, path: str, target: Path, size: int | None, sha25
 
 def fetch(queue: JobQueue, job_id: str, dest: Path, checkpoints: bool = False,
           progress: bool = True) -> list[Fetched]:
-    prefix = JobPaths(job_id).dir + "/"
-    return [fetch_file(queue, path, dest / path.removeprefix(prefix), size, digest, progress)
-            for path, size, digest in wanted_files(queue, job_id, checkpoints)]
+    """Every file into `dest`. The paths come from result.json, which whoever can write the
+    queue folder could have written: all of them are checked to stay inside `dest` before
+    anything is written, and one that would not refuses the whole fetch (UnsafePath)."""
+    paths = JobPaths(job_id)
+    wanted = [(path, inside(dest, path.removeprefix(paths.dir + "/"), paths.result), size, digest)
+              for path, size, digest in wanted_files(queue, job_id, checkpoints)]
+    return [fetch_file(queue, path, target, size, digest, progress)
+            for path, target, size, digest in wanted]
 
 
 def _bar(enabled: bool, total: int, initial: int, name: str):

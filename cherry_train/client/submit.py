@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import importlib.util
+import os
 import socket
 import tempfile
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import job_view
 from cherry_train.places import PathMappingError, map_data_path, remote_location
+from cherry_train.safepaths import UnsafePath, Walk, inside, plain_name, walk_files
 from cherry_train.schemas import ConfigError, Manifest, TrainingConfig, parse_config
 from cherry_train.storage.base import Storage
 
@@ -105,9 +107,23 @@ SMOKE_IMAGES_PER_CLASS = 4  # downloaded from a Drive API root for the training 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _class_images(path: Path) -> dict[str, list[Path]]:
-    return {d.name: sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+def _class_images(path: Path, links: list[str]) -> dict[str, list[Path]]:
+    """class -> its images, as the worker will see them: hidden names left out and no symbolic
+    link followed (safepaths.walk_files); the links met are added to `links`."""
+    found: dict[str, list[Path]] = {}
+    with os.scandir(path) as entries:
+        top = sorted(entries, key=lambda e: e.name)
+    for entry in top:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            links.append(entry.name)
+        elif entry.is_dir():
+            walk = walk_files(path / entry.name)
+            found[entry.name] = [path / entry.name / rel for rel in walk.files
+                                 if rel.lower().endswith(IMAGE_SUFFIXES)]
+            links += [f"{entry.name}/{rel}" for rel in walk.links]
+    return found
 
 
 def preflight(config: TrainingConfig, root_path: Path | None, smoke: bool = True,
@@ -127,7 +143,7 @@ def preflight(config: TrainingConfig, root_path: Path | None, smoke: bool = True
 
 def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
                storage: Storage | None, sample_dir: Path) -> Preflight:
-    report, problems, images, local = Preflight(), [], {}, {}
+    report, problems, images, local, links = Preflight(), [], {}, {}, []
     report.checks.append(("model", check_model_name(config)))
     for name in ("train_path", "val_path"):
         raw = getattr(config.data, name)
@@ -140,7 +156,7 @@ def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
                                                           under=drive.description))
                 continue
             path, where = _download_sample(drive, remote_path, counts, sample_dir / name), raw
-            images[name] = _class_images(path)
+            images[name] = _class_images(path, [])
             totals = {c: len(files) for c, files in counts.items()}
         else:
             try:
@@ -152,7 +168,7 @@ def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
                 problems.append(datachecks.missing_folder(f"data.{name}", path) +
                                 " (pass --no-preflight if only the worker can see it)")
                 continue
-            images[name] = _class_images(path)
+            images[name] = _class_images(path, links)
             totals = {c: len(v) for c, v in images[name].items()}
         local[name] = path
         counts_text = ", ".join(f"{c} {n}" for c, n in totals.items())
@@ -167,6 +183,8 @@ def _preflight(config: TrainingConfig, root_path: Path | None, smoke: bool,
                                               config.model.num_classes)
     if problems:
         raise ConfigError(problems)
+    if links:  # the worker skips them too: said here, where they can still be fixed
+        report.checks.append(("links", Walk(links=links).skipped()))
     report.checks.append(("decode", _decode_sample(images)))
     if smoke:
         report.checks.append(("smoke", _smoke(config, root_path, local["train_path"],
@@ -188,10 +206,15 @@ def _download_sample(storage: Storage, path: str, counts: dict[str, list[str]],
                      target: Path) -> Path:
     per_class = max(SMOKE_IMAGES_PER_CLASS, DECODE_SAMPLE // max(1, len(counts)))
     for cls, files in counts.items():
-        (target / cls).mkdir(parents=True, exist_ok=True)
         step = max(1, len(files) // per_class)
-        for name in files[::step][:per_class]:
-            storage.download(f"{path}/{cls}/{name}", target / cls / name)
+        try:  # names from a Drive listing, where '/' and '..' are allowed
+            folder = inside(target, plain_name(cls, path), storage.description)
+            names = [plain_name(n, f"{path}/{cls}") for n in files[::step][:per_class]]
+        except UnsafePath as e:
+            raise ConfigError([str(e)]) from None
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            storage.download(f"{path}/{cls}/{name}", folder / name)
     return target
 
 
@@ -205,9 +228,12 @@ def _preflight_evaluation(config: TrainingConfig, root_path: Path | None) -> Pre
         raise ConfigError([f"{name}: {e}"]) from None
     if not path.is_dir():
         raise ConfigError([datachecks.missing_folder(name, path)])
-    images = _class_images(path)
+    links: list[str] = []
+    images = _class_images(path, links)
     report.checks.append(("data", f"{path}: {sum(map(len, images.values()))} images "
                                   f"({', '.join(f'{c} {len(v)}' for c, v in images.items())})"))
+    if links:
+        report.checks.append(("links", Walk(links=links).skipped()))
     if weights is not None and not weights.is_file():
         raise ConfigError([f"evaluate.weights: {weights} does not exist"])
     report.checks.append(("weights", str(weights) if weights else f"job {ev.job}'s best.pt"))

@@ -26,6 +26,7 @@ from cherry_train.datapack.index import (
     PackIndex,
     PackPlace,
 )
+from cherry_train.safepaths import walk_files
 
 log = structlog.get_logger(__name__)
 
@@ -33,12 +34,16 @@ LIST_THREADS = 16
 LIST_CHUNK = 64
 
 
-def list_folder(folder: Path, stat=os.stat, walk=os.walk) -> dict[str, tuple[int, int]]:
-    """rel path -> (size, mtime_ns) of every file below `folder`, hidden ones left out."""
-    paths = []
-    for dirpath, dirnames, filenames in walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        paths += [Path(dirpath) / n for n in filenames if not n.startswith(".")]
+def list_folder(folder: Path, stat=os.stat, scan=None,
+                say_links: bool = True) -> dict[str, tuple[int, int]]:
+    """rel path -> (size, mtime_ns) of every file below `folder`, hidden ones left out, and no
+    symbolic link followed (safepaths.walk_files): the log says how many were skipped. `scan`
+    lists one folder (retried, on a mount)."""
+    walk = walk_files(folder, scan)
+    if walk.links and say_links:
+        log.warning(f"data folder {folder}: {walk.skipped()}", folder=str(folder),
+                    links=len(walk.links), first=walk.links[0])
+    paths = [folder / rel for rel in walk.files]
 
     def sizes_and_times(chunk: list[Path]) -> list[tuple[int, int]]:
         found = []
@@ -53,8 +58,7 @@ def list_folder(folder: Path, stat=os.stat, walk=os.walk) -> dict[str, tuple[int
     chunks = [paths[i:i + LIST_CHUNK] for i in range(0, len(paths), LIST_CHUNK)]
     with ThreadPoolExecutor(LIST_THREADS) as pool:
         found = [s for part in pool.map(sizes_and_times, chunks) for s in part]
-    base = len(str(folder)) + 1
-    return {str(p)[base:].replace(os.sep, "/"): s for p, s in zip(paths, found, strict=True)}
+    return dict(zip(walk.files, found, strict=True))
 
 
 def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | None = None,
@@ -84,7 +88,7 @@ def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | No
     finally:
         if bar is not None:
             bar.close()
-    if list_folder(folder) != listing:
+    if list_folder(folder, say_links=False) != listing:
         raise PackError(f"{folder} changed while it was packed; pack again")
     return index, place, True
 

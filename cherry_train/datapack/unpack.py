@@ -12,6 +12,7 @@ from typing import BinaryIO
 import structlog
 
 from cherry_train.datapack.index import UNPACK_THREADS, PackError, PackIndex, PackPlace
+from cherry_train.safepaths import UnsafePath, inside
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +48,7 @@ def _unpack_shard(index: PackIndex, place: PackPlace, shard: str, wanted: set[st
                 if entry["offset"] < at:
                     raise PackError(f"shard {shard}: overlapping files in its index")
                 _skip(f, entry["offset"] - at)
-                path = target / _safe(rel)
+                path = _target(target, rel, place, shard)
                 if path.parent not in made:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     made.add(path.parent)
@@ -83,9 +84,9 @@ def _skip(f: BinaryIO, n: int) -> None:
         n -= len(chunk)
 
 
-def _safe(rel: str) -> str:
-    """A path from an index: relative, inside the target (an index is data, not trusted)."""
-    parts = rel.split("/")
-    if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
-        raise PackError(f"pack member {rel!r} would be written outside the cache")
-    return rel
+def _target(target: Path, rel: str, place: PackPlace, shard: str) -> Path:
+    """Where a file of an index goes: inside the target (an index is data, not trusted)."""
+    try:
+        return inside(target, rel, f"{place.description}/{shard}")
+    except UnsafePath as e:
+        raise PackError(str(e)) from None

@@ -6,7 +6,11 @@ import re
 import secrets
 from datetime import datetime
 
+from cherry_train.schemas.config import ID_PATTERN
+
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: What a job or sweep id may be (the manifest checks it too): a plain file name.
+JOB_ID_RE = re.compile(ID_PATTERN)
 
 
 def slug(name: str, limit: int = 40) -> str:

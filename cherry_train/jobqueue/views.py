@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.clock import age_seconds
+from cherry_train.jobqueue.ids import JOB_ID_RE
 from cherry_train.jobqueue.jobfiles import JobFiles
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.schemas import (
@@ -85,9 +86,12 @@ def queued_job_ids(files: JobFiles) -> set[str]:
 
 
 def all_job_ids(files: JobFiles) -> list[str]:
+    """Every job's id, from the folders' listings. A name that is no job id (Drive allows
+    '/' and '..' in names) is no job: it never becomes a folder on the laptop."""
     storage = files.storage
     ids = queued_job_ids(files)
     ids.update(storage.list_dir(layout.DONE))
     ids.update(n[:-5] for n in storage.list_dir(layout.FAILED)
                if n.endswith(".json") and not n.endswith(".error.json"))
-    return sorted(ids, reverse=True)  # ids sort by submission time: newest first
+    # ids sort by submission time: newest first
+    return sorted((i for i in ids if JOB_ID_RE.fullmatch(i)), reverse=True)

@@ -22,6 +22,9 @@ from pydantic import (
 from cherry_train.schemas.sweep import SweepSection
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: Job and sweep ids (jobqueue/ids.py makes them): each is a file or folder name in the queue
+#: folder and on the laptop (`cherry fetch`), so never a path, '..', or empty.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class Mode(str, Enum):
@@ -158,8 +161,8 @@ class PerformanceSection(_Section):
 
 
 class EvaluateSection(_Section):
-    job: str | None = Field(None, min_length=1, description="A finished job: its best weights "
-                            "and its model are evaluated.")
+    job: str | None = Field(None, pattern=ID_PATTERN, description="A finished job: its best "
+                            "weights and its model are evaluated.")
     weights: str | None = Field(None, min_length=1, description="Or a weights file (a state "
                                 "dict) for the model of this config.")
     data_path: str | None = Field(None, min_length=1, description="The ImageFolder to evaluate "

@@ -35,6 +35,8 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 PATTERN_WORDS = {
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$": "use 1 to 64 letters, digits, '.', '_' or '-', "
     "starting with a letter or digit (e.g. resnet50-lr3e-4)",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$": "a job id is 1 to 128 letters, digits, '.', '_' or "
+    "'-', starting with a letter or digit (e.g. 20261126-101500-resnet50-baseline-7f3a)",
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cherry_train.schemas.config import TrainingConfig
+from cherry_train.schemas.config import ID_PATTERN, TrainingConfig
 from cherry_train.schemas.sweep import SweepRef
 
 SCHEMA_VERSION = 1
@@ -101,7 +101,7 @@ class Manifest(_Record):
     """Written once by the client into queue/<job_id>.json."""
 
     schema_version: int = SCHEMA_VERSION
-    job_id: str
+    job_id: str = Field(pattern=ID_PATTERN)  # a file name here and on the laptop: never a path
     name: str
     priority: int = 0
     submitted_at: datetime
@@ -280,7 +280,7 @@ class TrialRecord(_Record):
 
     sweep_id: str
     n: int = Field(ge=1)
-    job_id: str
+    job_id: str = Field(pattern=ID_PATTERN)  # the trial's job is submitted under this id
     params: dict[str, Any]
     created_at: datetime
     created_by: str = ""

@@ -19,6 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from cherry_train import datachecks
 from cherry_train.places import PathMappingError, map_data_path, remote_location
+from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.schemas import TrainingConfig
 from cherry_train.storage.base import Storage
 from cherry_train.worker import gpudata, gpustream
@@ -193,7 +194,10 @@ def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
     if remote is None:
         return resolve_path(path, field_name, root)
     where, remote_path = remote
-    target = scratch / "inputs" / Path(path).name
+    try:  # the config is the queue's: its last part ('..', say) must not leave scratch
+        target = inside(scratch / "inputs", Path(path).name, field_name)
+    except UnsafePath as e:
+        raise JobError(str(e)) from None
     try:
         where.download(remote_path, target)
     except FileNotFoundError:

@@ -29,6 +29,7 @@ import structlog
 from cherry_train import datapack
 from cherry_train.files import write_atomic
 from cherry_train.places import on_colab
+from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.sizes import human_bytes
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.sources import LocalSource, Source
@@ -112,6 +113,11 @@ def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto") -> C
     if not listing:
         raise JobError(f"data: {source.label} is empty")
     files_dir = entry / "files"
+    for rel in listing:  # before anything is written: every file stays inside the cache
+        try:
+            inside(files_dir, rel, f"data: {source.label}")
+        except UnsafePath as e:
+            raise JobError(str(e)) from None
 
     files, todo = _unchanged(old["files"], listing, files_dir)
     place = source.pack_place() if pack != "off" and not source.is_archive() else None

@@ -12,13 +12,29 @@ from cherry_train import datapack, faults
 from cherry_train.backoff import Backoff
 from cherry_train.checksums import file_sha256
 from cherry_train.files import replacing
+from cherry_train.safepaths import UnsafePath, plain_name
 from cherry_train.storage.base import Storage
 from cherry_train.storage.retrying import is_transient
+from cherry_train.worker.errors import JobError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 #: Copies from a folder here (the Drive mount) are retried like RetryingStorage's calls; copies
 #: through a storage (Drive API) are retried by it already, and only checked here.
 COPY_BACKOFF = Backoff(first=0.5, cap=20, give_up_after=300)
+COPY_CHUNK = 1 << 20
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as entries:
+        return list(entries)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Never through a link: the listing skipped them, and one put there since is refused
+    (ELOOP) rather than followed out of the folder."""
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb") as source, open(dst, "wb") as target:
+        shutil.copyfileobj(source, target, COPY_CHUNK)
 
 
 def _retry(fn, *args):
@@ -68,14 +84,14 @@ class LocalSource(Source):
             st = _retry(self.path.stat)
             return {self.name: (st.st_size, st.st_mtime_ns)}
         return datapack.list_folder(self.path, stat=lambda p: _retry(p.stat),
-                                    walk=lambda p: _retry(os.walk, p))
+                                    scan=lambda p: _retry(_scan, p))
 
     def copy(self, rel: str, target: Path, size: int) -> str:
         root = self.path.parent if self.is_archive() else self.path
 
         def fetch(tmp: Path) -> None:
             faults.slow("open")  # a simulated network mount: one round trip per file opened
-            shutil.copyfile(root / rel, tmp)
+            _copy_file(root / rel, tmp)
 
         return _copy_with(fetch, root / rel, target, size, retry=True)
 
@@ -108,6 +124,10 @@ class StorageSource(Source):
             for name, info in self.storage.list_entries(f"{self.path}/{rel}".rstrip("/")).items():
                 if name.startswith("."):
                     continue
+                try:  # Drive allows '/' and '..' in a name: it must not pick another file
+                    plain_name(name, f"{self.label}/{rel}".rstrip("/"))
+                except UnsafePath as e:
+                    raise JobError(f"data: {e}") from None
                 child = f"{rel}/{name}".lstrip("/")
                 if info.is_dir:
                     folders.append(child)
