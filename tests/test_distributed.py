@@ -5,8 +5,12 @@ killed with SIGKILL while the job trains, and SIGTERM to the whole process group
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
+import pickle
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +200,86 @@ def test_sigterm_to_the_process_group_stops_every_rank_and_hands_the_job_back(tm
     hb = heartbeat(root, job_id)
     assert hb.released and hb.last_checkpoint_step >= 3
     assert (root / JobPaths(job_id).checkpoint(hb.last_checkpoint_step)).is_file()
+
+
+# -- what the group exposes -------------------------------------------------------------------
+
+def listening(pids: list[int]) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} has them) these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd) if fd.is_symlink() else ""
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                found.append(cols[1].split(":")[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def follow_and_wait(spec) -> None:
+    """A follower that only joins, takes rank 0's state, says what it got and waits."""
+    from cherry_train.worker.distributed import Group
+
+    group = Group(spec.rank, spec.ranks, torch.device("cpu"), spec.timeout_seconds)
+    group.join_as_follower(spec.port)
+    try:
+        shared = group.share_state(None)
+        group.store.set("test/shared", json.dumps({"w": shared["w"].tolist(), **shared["state"]}))
+        group.agree(False)
+    finally:
+        group.close(finished=True)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket tables")
+def test_the_ranks_listen_on_the_loopback_only(monkeypatch):
+    """The store once listened on every interface (`*:port` in `ss`), and gloo listens where
+    the host name resolves (a network address on many hosts; here set to one): anyone on the
+    network could have joined the group. Every listening socket of every rank is loopback."""
+    from cherry_train.worker.distributed import Group, RankSpec
+
+    network = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
+    if network:  # a host whose host name resolves to its network address
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", network[0])
+    group = Group(0, 2, torch.device("cpu"), 60)
+    group.start(follow_and_wait, lambda rank, port: RankSpec(
+        rank, 2, port, "cpu", b"", "", "", None, 60, os.getpid(), 1))
+    try:
+        group.share_state({"w": torch.arange(3.0), "state": {"epoch": 2, "best": None}})
+        addresses = listening([os.getpid(), *(p.pid for p in group.followers)])
+        group.agree(False)
+        shared = json.loads(group.store.get("test/shared"))
+    finally:
+        group.close(finished=True)
+    assert shared == {"w": [0.0, 1.0, 2.0], "epoch": 2, "best": None}
+    assert len(addresses) >= 2 and set(addresses) <= LOOPBACK, addresses
+
+
+class Planted:
+    """What a pickle can carry besides tensors: a call, made as it is loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_shared_state_is_loaded_weights_only_and_a_pickled_object_is_refused(tmp_path):
+    from cherry_train.worker.distributed import load_state
+
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.ones(2)}, "state": {"epoch": 1}}, buffer)
+    assert load_state(buffer.getvalue(), torch.device("cpu"))["state"] == {"epoch": 1}
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.ones(2)}, "x": Planted(tmp_path / "ran")}, buffer)
+    with pytest.raises(pickle.UnpicklingError):
+        load_state(buffer.getvalue(), torch.device("cpu"))
+    assert not (tmp_path / "ran").exists()

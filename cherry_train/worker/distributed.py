@@ -4,7 +4,9 @@ with the worker's own process as rank 0.
 Rank 0 stays the only queue client: it claims, beats, checkpoints and commits through the same
 fenced owner as a single-GPU job, so none of the queue's guarantees change. It starts the other
 ranks (followers.py) with torch.multiprocessing's spawn and meets them through a c10d TCPStore
-on the loopback: torch's own rendezvous, nothing home-made. Gradients go over NCCL on CUDA
+that listens on the loopback only (a socket bound here, handed to it): torch's own rendezvous,
+nothing home-made. Rank 0's state reaches the others as bytes loaded with weights_only=True
+(tensors and plain containers), never unpickled. Gradients go over NCCL on CUDA
 (gloo on the CPU); the few control words (stop after this step? end here?) go over a second,
 gloo group on the CPU, so asking costs no CUDA synchronisation.
 
@@ -45,6 +47,10 @@ T = TypeVar("T")
 #: machines fault with it, and plain NCCL rings lose nothing measurable at these sizes.
 NCCL_SETTINGS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                  "NVSHMEM_DISABLE_NVLS": "1"}
+#: gloo (the CPU backend, and the control words' group) listens on the interface this names,
+#: else on whatever the host name resolves to (a network address on many hosts): every rank
+#: is on this host, so the loopback is enough, and nobody else can reach the group.
+GLOO_INTERFACE = "GLOO_SOCKET_IFNAME"
 #: How long rank 0 waits for a follower to exit after the last collective.
 JOIN_SECONDS = 60.0
 
@@ -108,9 +114,10 @@ class Group:
         """Rank 0: start the store and the followers (`follow(spec(rank, port))` each), then
         join the group with them."""
         os.environ.update(NCCL_SETTINGS)  # inherited by the spawned ranks
-        port = _free_port()
-        store = dist.TCPStore("127.0.0.1", port, self.ranks, is_master=True,
-                              timeout=self.timeout, wait_for_workers=False)
+        loopback = _loopback_interface()
+        if loopback is not None:
+            os.environ[GLOO_INTERFACE] = loopback
+        store, port = _loopback_store(self.ranks, self.timeout)
         context = mp.get_context("spawn")
         for rank in range(1, self.ranks):
             process = context.Process(target=follow, args=(spec(rank, port),), daemon=True,
@@ -155,14 +162,20 @@ class Group:
 
     def share_state(self, payload: dict[str, Any] | None) -> dict[str, Any]:
         """Rank 0's training state (model, optimizer, scheduler, scaler, where it stands), as
-        every rank continues from it: after a resume the followers start where rank 0 does."""
-        box = [None]
+        every rank continues from it: after a resume the followers start where rank 0 does.
+        Sent as bytes in a tensor (broadcast_object_list would unpickle what arrives)."""
+        size = torch.zeros(1, dtype=torch.int64)
+        data = torch.empty(0, dtype=torch.uint8)
         if self.rank == 0:
             buffer = io.BytesIO()
             torch.save(payload, buffer)
-            box = [buffer.getvalue()]
-        self.collective(lambda: dist.broadcast_object_list(box, src=0, group=self.control))
-        return torch.load(io.BytesIO(box[0]), map_location=self.device, weights_only=False)
+            data = torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)
+            size[0] = data.numel()
+        self.collective(lambda: dist.broadcast(size, src=0, group=self.control))
+        if self.rank != 0:
+            data = torch.empty(int(size.item()), dtype=torch.uint8)
+        self.collective(lambda: dist.broadcast(data, src=0, group=self.control))
+        return load_state(data.numpy().tobytes(), self.device)
 
     def sync_buffers(self, model: torch.nn.Module) -> None:
         """BatchNorm statistics as rank 0 has them (each rank updated its own with its share
@@ -248,7 +261,30 @@ class Group:
         self.store = self.control = None  # the store's server thread goes now, not at exit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def load_state(data: bytes, device: torch.device) -> dict[str, Any]:
+    """A shared training state: tensors and plain containers only (weights_only=True), so bytes
+    from anyone who reached the port run no code here (pickle.UnpicklingError instead)."""
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+def _loopback_interface() -> str | None:
+    names = {name for _, name in socket.if_nameindex()}
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def _loopback_store(ranks: int, timeout: timedelta) -> tuple[Any, int]:
+    """Rank 0's TCPStore, listening on 127.0.0.1 only. Given a port alone, torch's server binds
+    every interface (`*:port`), where anyone on the network could join the group; so the socket
+    is bound and listening here first and handed over (master_listen_fd; the store owns it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(max(128, ranks))
+        port = sock.getsockname()[1]
+        store = dist.TCPStore("127.0.0.1", port, ranks, is_master=True, timeout=timeout,
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server closes it
+    return store, port
