@@ -18,6 +18,7 @@ def cmd_worker(args) -> int:
         raise UsageError("the worker needs torch: pip install 'cherry-train[worker]'") from None
     from cherry_train import logs
     from cherry_train.worker.loop import Worker, WorkerOptions
+    from cherry_train.worker.scratch import UnsafeScratch
 
     logs.configure(args.log_format, args.log_level)
     if args.threads:
@@ -38,7 +39,10 @@ def cmd_worker(args) -> int:
                             poll_max_seconds=args.poll_seconds,
                             idle_shutdown_minutes=args.idle_shutdown,
                             max_runtime_hours=max_runtime, gpus=args.gpus)
-    return Worker(queue, WorkerIdentity(worker_id), options).run()
+    try:
+        return Worker(queue, WorkerIdentity(worker_id), options).run()
+    except UnsafeScratch as e:
+        raise UsageError(str(e)) from None
 
 
 def _confirmed_mount(root: str):
