@@ -4,6 +4,7 @@ following symbolic links: fetch, the TensorBoard copy, the data cache and its pa
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from datetime import datetime, timezone
@@ -210,3 +211,27 @@ def test_preflight_sees_the_data_as_the_worker_does_and_says_links_were_skipped(
     images = _class_images(src, links)
     assert {c: len(v) for c, v in images.items()} == {"defect": 48, "good": 48}
     assert links == ["defect/elsewhere", "good/a-link.jpg"]
+
+
+@pytest.mark.parametrize(("rel", "shard"), [("good/1.jpg", "../../../evil.tar"),
+                                            ("../../escaped.jpg", "shard-1.tar")])
+def test_a_pack_index_naming_paths_out_of_the_cache_is_not_used(tmp_path, rel, shard):
+    """A pack's index is data beside the data folder: a shard it names is downloaded into
+    scratch under that name, and each file is written under its path. Both must be plain."""
+    opened = []
+
+    class Place(datapack.PackPlace):
+        description = "gdrive folder traina: data/train.cherry-pack"
+
+        def open(self, name, scratch):
+            opened.append(name)
+            return io.BytesIO(b"\0" * 512 + b"evil")
+
+    index = datapack.PackIndex(source="s", shards={shard: {"bytes": 4, "files": 1}},
+                               files={rel: {"size": 4, "mtime_ns": 0, "sha256": "0" * 64,
+                                            "shard": shard, "offset": 512}})
+    target = tmp_path / "cache" / "entry" / "files"
+    with pytest.raises(datapack.PackError, match=repr(rel if ".." in rel else shard)):
+        datapack.unpack(index, Place(), [rel], target, tmp_path / "cache" / "entry" / "unpack")
+    assert opened == ([] if ".." in shard else [shard])
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -11,8 +11,8 @@ from typing import BinaryIO
 
 import structlog
 
-from cherry_train.datapack.index import UNPACK_THREADS, PackError, PackIndex, PackPlace
-from cherry_train.safepaths import UnsafePath, inside
+from cherry_train.datapack.index import INDEX, UNPACK_THREADS, PackError, PackIndex, PackPlace
+from cherry_train.safepaths import UnsafePath, inside, plain_name
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +25,11 @@ def unpack(index: PackIndex, place: PackPlace, wanted: Iterable[str], target: Pa
     by_shard: dict[str, set[str]] = {}
     for rel in wanted:
         by_shard.setdefault(index.files[rel]["shard"], set()).add(rel)
+    for shard in by_shard:  # a shard is downloaded into scratch under its name
+        try:
+            plain_name(shard, f"{place.description}/{INDEX}")
+        except UnsafePath as e:
+            raise PackError(str(e)) from None
     scratch.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(UNPACK_THREADS) as pool:
         parts = pool.map(lambda item: _unpack_shard(index, place, item[0], item[1], target,
