@@ -389,6 +389,31 @@ def test_retry_of_a_cancelled_job_and_of_a_succeeded_one(queue, tiny_config):
         queue.retry(manifest.job_id)
 
 
+def test_retry_of_a_job_cancelled_before_any_worker_met_it(queue, clock, tiny_config):
+    """Cancelled while queued: no result yet, only the request, and status says `cancelled`;
+    retry takes it as it takes any cancelled job (issue 28). So too a retried job cancelled
+    again before its next attempt."""
+    fresh = queue.submit(config(tiny_config))
+    failed = queue.submit(config(tiny_config, name="failed", max_attempts=1))
+    beat(queue, queue.try_claim(failed, WorkerIdentity("a")), trained=True)
+    clock.advance(6)  # killed before a checkpoint: a crash loop at max_attempts=1
+    assert queue.try_claim(failed, WorkerIdentity("a")) is None
+    assert job_view(queue, failed.job_id).state == JobState.failed
+    queue.retry(failed.job_id)
+    for job_id in (fresh.job_id, failed.job_id):
+        assert queue.request_cancel(job_id)
+        assert job_view(queue, job_id).state == JobState.cancelled
+        queue.retry(job_id)
+        assert not queue.cancel_requested(job_id)
+        assert job_view(queue, job_id).state == JobState.queued
+    ran = []
+    worker = Worker(queue, WorkerIdentity("a"), trainer=fake_trainer(ran))
+    while worker.run_once():
+        pass
+    assert sorted(ran) == sorted([fresh.job_id, failed.job_id])  # run, not ended as cancelled
+    assert {job_view(queue, j).state for j in ran} == {JobState.succeeded}
+
+
 def test_attempts_that_checkpoint_do_not_count_as_a_crash_loop(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config, max_attempts=2))
     paths = JobPaths(manifest.job_id)
