@@ -35,10 +35,13 @@ class JobView:
     stalled: bool = False
     result: Result | None = None
     error: str | None = None
+    error_type: str | None = None  # why it failed: "JobError" (its config or data), ..., REJECTED
     cancel_requested: bool = False
 
 
 _DEFAULT_LEASE = TrainingConfig.model_fields["lease_seconds"].default
+#: The error type of a job whose manifest no worker could read (in failed/, never claimed).
+REJECTED = "RejectedManifest"
 
 
 def job_view(files: JobFiles, job_id: str) -> JobView:
@@ -51,7 +54,8 @@ def job_view(files: JobFiles, job_id: str) -> JobView:
         try:
             result = Result.from_json(raw)
             return JobView(job_id, result.state, manifest=manifest, result=result,
-                           error=result.error.message if result.error else None)
+                           error=result.error.message if result.error else None,
+                           error_type=result.error.type if result.error else None)
         except (ValidationError, ValueError):
             pass  # being written without hard links: fall through to "running"
     if storage.exists(paths.failed_manifest):
@@ -60,7 +64,7 @@ def job_view(files: JobFiles, job_id: str) -> JobView:
             message = FailedManifest.from_json(why).error.message if why else None
         except (ValidationError, ValueError):
             message = why
-        return JobView(job_id, JobState.failed, error=message)
+        return JobView(job_id, JobState.failed, error=message, error_type=REJECTED)
     history = files.attempts(job_id)
     cancel = files.cancel_requested(job_id)
     if files.unstarted(manifest, history):
