@@ -249,6 +249,10 @@ def test_cancel_a_queued_job_by_its_short_id(tmp_path, tiny_config, capsys):
     main(["status", "--root", root, "--json"])
     assert json.loads(capsys.readouterr().out)[0]["state"] == "cancelled"
     assert (tmp_path / "r" / "control" / f"{job_id}.cancel").is_file()
+    assert main(["retry", job_id[-4:], "--root", root]) == 0  # cancelled, so retryable
+    assert "queued " + job_id + " again" in capsys.readouterr().out
+    main(["status", "--root", root, "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "queued"
     assert main(["cancel", "nope", "--root", root]) == 2
     assert "no job 'nope'" in capsys.readouterr().err
 
