@@ -1,7 +1,8 @@
 """How long `cherry status` takes with hundreds of finished jobs.
 
 Builds a queue root with N finished jobs and a few running ones, then times the status rows:
-cold (no local cache: every job's files are read) and warm (finished rows from the cache), on
+cold (no local cache: every job's files are read) and warm (finished rows from the cache, each
+checked against its job's result.json: a stat each, 16 in flight), on
 a plain folder and on a simulated slow mount (a fixed latency per file operation, as on the
 Colab / Drive for Desktop mounts, where each small read is a round trip).
 
@@ -56,9 +57,9 @@ def build(root: Path, jobs: int) -> None:
         claim = queue.try_claim(manifest, WorkerIdentity("w"))
         owner = queue.owner(claim)
         if i < jobs:
-            owner.commit(Result(job_id=claim.job_id, state=JobState.succeeded, attempts=1,
-                                finished_at=now, best=BestEpoch(epoch=3, val_accuracy=0.9,
-                                                                val_loss=0.3)))
+            queue.commit(owner, Result(job_id=claim.job_id, state=JobState.succeeded,
+                                       attempts=1, finished_at=now,
+                                       best=BestEpoch(epoch=3, val_accuracy=0.9, val_loss=0.3)))
         else:
             owner.write(claim.paths.heartbeat, Heartbeat(
                 job_id=claim.job_id, attempt=1, worker_id="w", at=now).to_json())

@@ -249,6 +249,10 @@ def test_cancel_a_queued_job_by_its_short_id(tmp_path, tiny_config, capsys):
     main(["status", "--root", root, "--json"])
     assert json.loads(capsys.readouterr().out)[0]["state"] == "cancelled"
     assert (tmp_path / "r" / "control" / f"{job_id}.cancel").is_file()
+    assert main(["retry", job_id[-4:], "--root", root]) == 0  # cancelled, so retryable
+    assert "queued " + job_id + " again" in capsys.readouterr().out
+    main(["status", "--root", root, "--json"])
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "queued"
     assert main(["cancel", "nope", "--root", root]) == 2
     assert "no job 'nope'" in capsys.readouterr().err
 
@@ -371,3 +375,40 @@ def test_a_bad_name_is_answered_in_words(tmp_path, tiny_config, capsys):
                  "--no-preflight"]) == 2
     err = capsys.readouterr().err
     assert "letters, digits, '.', '_' or '-'" in err and "[A-Za-z" not in err
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"],
+                                     ["compare", "pipe-*", "--out", "{tmp}/c.png"]])
+def test_output_into_a_reader_that_closed_early_ends_quietly(tmp_path, tiny_config, command):
+    """`cherry status | head -3` with head gone before status writes: no BrokenPipeError
+    traceback (issue 28), the exit code a shell shows for SIGPIPE."""
+    from cherry_train.jobqueue.lifecycle import JobQueue
+    from cherry_train.schemas import validate_config
+    from cherry_train.storage import LocalStorage
+
+    queue = JobQueue(LocalStorage(tmp_path / "r"))
+    for name in ("pipe-a", "pipe-b"):
+        queue.submit(validate_config({**tiny_config, "name": name,
+                                      "seed": len(name) + ord(name[-1])}))
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has left already: the first write meets a closed pipe
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cherry_train", *[c.format(tmp=tmp_path) for c in command],
+             "--root", str(tmp_path / "r")], stdout=writer, stderr=subprocess.PIPE, text=True,
+            timeout=120)
+    finally:
+        os.close(writer)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141, proc.stderr
+
+
+def test_a_broken_pipe_that_is_not_stdout_stays_a_bug(monkeypatch, capsys):
+    """Only a reader that left is answered quietly: a broken connection elsewhere (a socket, a
+    loader process) shows its traceback."""
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("cherry_train.cli.parser.cmd_schema", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["schema"])

@@ -17,7 +17,7 @@ from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import all_job_ids, job_view
-from cherry_train.schemas import JobState, validate_config
+from cherry_train.schemas import JobState, Result, validate_config
 from cherry_train.storage import gdrive
 from cherry_train.storage.gdrive import DriveStorage
 from cherry_train.storage.gdrive_api import DriveAuthError, DriveError, DriveFull
@@ -545,3 +545,33 @@ def test_a_retried_job_commits_again_through_new_reserved_ids(drive, tiny_config
     assert job_view(queue, manifest.job_id).state == JobState.succeeded
     assert queue.storage.list_dir(f"{paths.dir}/results") == ["1.json"]
     no_duplicates(drive)
+
+
+def test_a_warm_status_costs_the_same_requests_for_few_or_many_finished_jobs(drive,
+                                                                              tiny_config):
+    """Status checks every cached row against its job's result.json (issue 28), with a search
+    per 50 job folders, not a request per job: 3 finished jobs or 12, the same requests."""
+    from cherry_train.client.status import job_rows
+
+    queue = JobQueue(fake_drive_storage(drive), FakeClock())
+
+    def finish(n):
+        for _ in range(n):
+            manifest = queue.submit(config(tiny_config))
+            claim = queue.try_claim(manifest, WorkerIdentity("w"))
+            queue.commit(queue.owner(claim), Result(
+                job_id=manifest.job_id, state=JobState.succeeded, attempts=1,
+                finished_at=queue.clock.now()))
+
+    def warm_status_requests():
+        status = JobQueue(fake_drive_storage(drive), FakeClock())  # a new `cherry status`
+        job_rows(status)
+        before = len(drive.requests)
+        rows = job_rows(JobQueue(fake_drive_storage(drive), FakeClock()))
+        assert {r["state"] for r in rows} == {"succeeded"}
+        return len(drive.requests) - before
+
+    finish(3)
+    few = warm_status_requests()
+    finish(9)
+    assert warm_status_requests() == few

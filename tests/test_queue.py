@@ -170,6 +170,44 @@ def test_a_users_error_fails_the_job_at_once_and_the_loop_goes_on(queue, tiny_co
     assert job_view(queue, good.job_id).state == JobState.succeeded
 
 
+@pytest.mark.parametrize(("error", "advice", "retry_helps"), [
+    ("model.name: 'resnet5' is not a torchvision classification model",
+     "fix model.name in the config and submit it again", False),
+    ("data.image_size: resnet18 cannot train at 8 px", "fix data.image_size in the config", False),
+    ("data.train_path: folder data/trian does not exist", "if that was the data or a file", True),
+])
+def test_a_failed_job_is_advised_a_retry_only_where_one_can_succeed(queue, tiny_config, clock,
+                                                                     error, advice, retry_helps):
+    """Issue 28: an unknown model was shown with "`cherry retry` runs it again", which fails
+    the same way. Status and watch advise by why it failed: the config (submit it again), the
+    data or a file (retry once it is right), a crash loop (retry); a manifest no worker could
+    read (submit again)."""
+    from cherry_train.client.status import job_rows, render_table
+    from cherry_train.client.watch import watch
+
+    bad = queue.submit(config(tiny_config, name="bad"))
+    crashing = queue.submit(config(tiny_config, name="crashing", max_attempts=1))
+    queue.storage.write_atomic("queue/00000000-000000-junk-0000.json", b"{not json")
+
+    def trainer(run):
+        raise JobError(error) if run.claim.job_id == bad.job_id else KeyError("a bug")
+
+    worker = Worker(queue, WorkerIdentity("w1"), trainer=trainer)
+    while worker.run_once():
+        pass
+    lines = render_table(job_rows(queue), []).splitlines()
+    (said,) = [x for x in lines if x.startswith(f"! {bad.job_id} failed")]
+    assert advice in said and ("cherry retry" in said) == retry_helps, said
+    (crash,) = [x for x in lines if x.startswith(f"! {crashing.job_id} failed")]
+    assert crash.endswith(f"(`cherry retry {crashing.job_id}` runs it again from its newest "
+                          "checkpoint)")
+    (junk,) = [x for x in lines if x.startswith("! 00000000-000000-junk-0000 failed")]
+    assert "submit it again" in junk and "cherry retry" not in junk
+    told = []
+    assert watch(queue, bad.job_id, say=told.append, progress=False) == JobState.failed
+    assert advice in told[-1] and ("cherry retry" in told[-1]) == retry_helps, told
+
+
 def test_an_unexpected_error_hands_the_job_back_until_max_attempts(queue, tiny_config, clock):
     bad, good, worker, ran = bad_and_good(queue, clock, tiny_config,
                                           KeyError("a bug, not the job's fault"), max_attempts=3)
@@ -387,6 +425,54 @@ def test_retry_of_a_cancelled_job_and_of_a_succeeded_one(queue, tiny_config):
     assert job_view(queue, manifest.job_id).state == JobState.succeeded
     with pytest.raises(NotRetryable, match="succeeded"):
         queue.retry(manifest.job_id)
+
+
+def test_retry_of_a_job_cancelled_before_any_worker_met_it(queue, clock, tiny_config):
+    """Cancelled while queued: no result yet, only the request, and status says `cancelled`;
+    retry takes it as it takes any cancelled job (issue 28). So too a retried job cancelled
+    again before its next attempt."""
+    fresh = queue.submit(config(tiny_config))
+    failed = queue.submit(config(tiny_config, name="failed", max_attempts=1))
+    beat(queue, queue.try_claim(failed, WorkerIdentity("a")), trained=True)
+    clock.advance(6)  # killed before a checkpoint: a crash loop at max_attempts=1
+    assert queue.try_claim(failed, WorkerIdentity("a")) is None
+    assert job_view(queue, failed.job_id).state == JobState.failed
+    queue.retry(failed.job_id)
+    for job_id in (fresh.job_id, failed.job_id):
+        assert queue.request_cancel(job_id)
+        assert job_view(queue, job_id).state == JobState.cancelled
+        queue.retry(job_id)
+        assert not queue.cancel_requested(job_id)
+        assert job_view(queue, job_id).state == JobState.queued
+    ran = []
+    worker = Worker(queue, WorkerIdentity("a"), trainer=fake_trainer(ran))
+    while worker.run_once():
+        pass
+    assert sorted(ran) == sorted([fresh.job_id, failed.job_id])  # run, not ended as cancelled
+    assert {job_view(queue, j).state for j in ran} == {JobState.succeeded}
+
+
+def test_a_cached_status_row_never_outlives_the_result_it_was_read_from(queue, tiny_config):
+    """Issue 28: cancelled while running, `cherry status` (the row is cached), `cherry retry`,
+    the job resumes and succeeds with no status call in between: status says succeeded, not
+    the cached `cancelled`. So too for a result rewritten in any other way."""
+    from cherry_train.client.status import job_rows
+
+    manifest = queue.submit(config(tiny_config))
+    claim = queue.try_claim(manifest, WorkerIdentity("a"))
+    queue.commit(queue.owner(claim), Result(job_id=manifest.job_id, state=JobState.cancelled,
+                                            attempts=1, finished_at=queue.clock.now()))
+    assert [r["state"] for r in job_rows(queue)] == ["cancelled"]  # and cached
+    queue.retry(manifest.job_id)
+    assert Worker(queue, WorkerIdentity("a"), trainer=fake_trainer([])).run_once()
+    assert queue.storage.list_dir("queue") == []  # nothing in queue/ says it moved
+    (row,) = job_rows(queue)
+    assert (row["state"], row["attempt"], row["best_val_accuracy"]) == ("succeeded", 2, 0.5)
+    result = Result.from_json(queue.storage.read_bytes(JobPaths(manifest.job_id).result))
+    queue.storage.write_atomic(JobPaths(manifest.job_id).result, result.model_copy(
+        update={"best": result.best.model_copy(update={"val_accuracy": 0.75})}).to_json())
+    assert job_rows(queue)[0]["best_val_accuracy"] == 0.75
+    assert job_rows(queue)[0]["best_val_accuracy"] == 0.75  # from the cache, still right
 
 
 def test_attempts_that_checkpoint_do_not_count_as_a_crash_loop(queue, clock, tiny_config):

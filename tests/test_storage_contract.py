@@ -87,6 +87,20 @@ def test_stat(storage):
     assert storage.exists("f")
 
 
+def test_stat_in_subfolders(storage):
+    """Each job folder's result.json, found in one go (status checks its cached rows with it)."""
+    for job in ("a", "b", "c"):
+        storage.write_atomic(f"done/{job}/heartbeat.json", b"{}")
+    storage.write_atomic("done/a/result.json", b"12345")
+    storage.write_atomic("done/c/result.json", b"1")
+    storage.write_atomic("done/b/sub/result.json", b"deeper: not b's")
+    storage.write_atomic("done/result.json", b"not in a subfolder")
+    found = storage.stat_in_subfolders("done", "result.json")
+    assert {k: v.size for k, v in found.items()} == {"a": 5, "c": 1}
+    assert found["a"] == storage.stat("done/a/result.json")
+    assert storage.stat_in_subfolders("nothing-here", "result.json") == {}
+
+
 def test_move_replaces_and_missing_source_raises(storage):
     storage.write_atomic("queue/j.json", b"manifest")
     storage.write_atomic("done/j/manifest.json", b"old")

@@ -386,3 +386,38 @@ def test_at_a_rung_equal_accuracies_are_told_apart_by_the_loss(tmp_path, tiny_co
             {"kind": "epoch", "epoch": 1, "val_accuracy": 0.5, "val_loss": loss}).encode())
     # both trials at the rung, which is complete: the one with the higher loss stops
     assert judge(queue, trials[0], 1)[0] == PRUNE and judge(queue, trials[1], 1)[0] == GO
+
+
+def test_status_json_names_each_trials_sweep_and_a_state_filter_shows_only_what_matches(
+        tmp_path, tiny_config, capsys):
+    """Issue 25: `status --json` rows say which sweep and trial a job is (null for a job of its
+    own). Issue 28: `status --state cancelled` showed every sweep and the storage of 'jobs';
+    filtered, it shows the sweeps of the trials shown and what the shown jobs hold."""
+    queue = JobQueue(LocalStorage(tmp_path))
+    kept, _ = Sweeps(queue).submit(validate_config(sweep_config(
+        {**tiny_config, "name": "kept"}, parallel=2)))
+    hit, (first, _) = Sweeps(queue).submit(validate_config(sweep_config(
+        {**tiny_config, "name": "hit"}, parallel=2)))
+    plain = queue.submit(validate_config({**tiny_config, "name": "plain"}))
+    queue.request_cancel(first.job_id)
+    queue.request_cancel(plain.job_id)
+    root = ["--root", str(tmp_path)]
+    capsys.readouterr()  # the log lines of the trials queued
+    assert main(["status", *root, "--json"]) == 0
+    rows = {r["job_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (rows[plain.job_id]["sweep_id"], rows[plain.job_id]["trial"]) == (None, None)
+    assert (rows[first.job_id]["sweep_id"], rows[first.job_id]["trial"]) == (hit.sweep_id, 1)
+    assert sorted((r["sweep_id"], r["trial"]) for r in rows.values() if r["sweep_id"]) == \
+        sorted([(kept.sweep_id, 1), (kept.sweep_id, 2), (hit.sweep_id, 1), (hit.sweep_id, 2)])
+
+    assert main(["status", *root, "--state", "cancelled"]) == 0
+    out = capsys.readouterr().out
+    assert first.job_id in out and plain.job_id in out and out.count("-t2-") == 0
+    assert "storage: 2 cancelled jobs hold 0 B" in out
+    assert hit.sweep_id in out and kept.sweep_id not in out
+    assert main(["status", *root, "--state", "succeeded"]) == 0
+    out = capsys.readouterr().out
+    assert "no succeeded jobs" in out and "sweeps:" not in out and "storage:" not in out
+    assert main(["status", *root]) == 0  # unfiltered: everything, as before
+    out = capsys.readouterr().out
+    assert kept.sweep_id in out and hit.sweep_id in out and "storage: 5 jobs hold" in out, out

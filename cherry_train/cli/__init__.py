@@ -1,11 +1,14 @@
 """The `cherry` command. Client commands run without torch; the worker is imported lazily.
 
 Exit codes: 0 done, 2 the user's input is wrong (a `field: problem` line each on stderr, no
-traceback), 1 anything else (a bug: the traceback is shown).
+traceback), 1 anything else (a bug: the traceback is shown), 141 the reader of its output left
+(`cherry status | head -3`: quietly, as any command piped into head).
 """
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 
 from cherry_train.cli.common import UsageError, err
@@ -19,10 +22,24 @@ from cherry_train.storage.gdrive_api import DriveAuthError, DriveError
 __all__ = ["build_parser", "main", "submit_main", "worker_main"]
 
 
+#: A command whose reader went away (`cherry status | head -3`): what a shell reports for a
+#: process that SIGPIPE ended (128 + 13), as for `yes | head`.
+EXIT_PIPE_CLOSED = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside this try
+        return code
+    except BrokenPipeError:
+        if not _reader_gone():
+            raise  # a broken connection elsewhere is a bug to see, not a reader that left
+        # Python's recipe (the signal module's docs, "Note on SIGPIPE"): what is still buffered
+        # goes to devnull, or the interpreter's own flush at exit prints a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
     except ConfigError as e:
         err(*e.problems)
         return 2
@@ -35,6 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed: poll says so as an error (Linux)
+    or a hang-up (macOS) on the writing end. Without poll (Windows), as Python's recipe does."""
+    if not hasattr(select, "poll"):
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no real stdout (captured): the pipe was not ours
+        return False
 
 
 def submit_main() -> int:

@@ -63,8 +63,10 @@ def cmd_status(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"root: {resolved.root}")
-    print(render_table(rows, worker_rows(queue)))
-    sweeps = summary_lines(Sweeps(queue))
+    print(render_table(rows, worker_rows(queue), args.state))
+    # Filtered, only what matches: the sweeps of the trials shown.
+    shown = {r.get("sweep_id") for r in rows} - {None} if args.state else None
+    sweeps = summary_lines(Sweeps(queue), only=shown)
     if sweeps:
         print("\nsweeps:")
         print("\n".join(f"  {line}" for line in sweeps))

@@ -1,7 +1,8 @@
 """`cherry status`: every job's state, derived from the files alone (DESIGN.md §3).
 
-A finished job never changes, so its row is kept in a small local cache: with hundreds of
-finished jobs on a Drive mount, a status call reads only the jobs still in motion.
+A finished job's row is kept in a small local cache, with its result.json's size and time: with
+hundreds of finished jobs on a Drive mount, a status call reads only the jobs still in motion,
+and a row whose result changed (`cherry retry`, and the run after it) is read again.
 """
 
 from __future__ import annotations
@@ -16,13 +17,23 @@ from typing import Any
 import platformdirs
 
 from cherry_train import files
+from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.lifecycle import JobQueue
-from cherry_train.jobqueue.views import JobView, all_job_ids, job_view, queued_job_ids
+from cherry_train.jobqueue.views import (
+    REJECTED,
+    JobView,
+    all_job_ids,
+    job_view,
+    queued_job_ids,
+)
 from cherry_train.schemas import JobState, Phase
 from cherry_train.sizes import human_bytes
+from cherry_train.storage import FileInfo
 
 STATUS_THREADS = 16
+#: The cache's layout; a file of another version (or none) is read as empty.
+CACHE_VERSION = 2
 
 
 def _cache_path(queue: JobQueue) -> Path:
@@ -31,32 +42,48 @@ def _cache_path(queue: JobQueue) -> Path:
     return Path(base) / "status" / f"{key}.json"
 
 
+def _identity(info: FileInfo | None) -> list | None:
+    """What tells one result.json from the next: a retried job's new result is a new file."""
+    return None if info is None else [info.size, info.modified.isoformat()]
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    ok = isinstance(data, dict) and data.get("version") == CACHE_VERSION
+    return data["jobs"] if ok and isinstance(data.get("jobs"), dict) else {}
+
+
 def job_rows(queue: JobQueue, use_cache: bool = True) -> list[dict[str, Any]]:
     """One dict per job, newest first: the `status --json` schema."""
     cache_file = _cache_path(queue)
-    cache: dict[str, dict] = {}
-    if use_cache:
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (FileNotFoundError, ValueError):
-            cache = {}
+    cache = _read_cache(cache_file) if use_cache else {}
+    # Each job's result.json, before any job is read: a result newer than this is seen as
+    # changed at the next call. Cheap: local stats, or a few searches on a Drive API root.
+    results = {j: _identity(i) for j, i in
+               queue.storage.stat_in_subfolders(layout.DONE, "result.json").items()} \
+        if use_cache else {}
+    queued = queued_job_ids(queue)
     job_ids = all_job_ids(queue)
-    # A finished job's row never changes, unless `cherry retry` put it back in queue/.
-    for job_id in queued_job_ids(queue) & cache.keys():
-        del cache[job_id]
-    todo = [j for j in job_ids if j not in cache]
+    # A cached row holds while its result is the same file and its manifest is not queued
+    # again (a retry puts it back in queue/, then the next run writes a new result).
+    kept = {j: e["row"] for j in job_ids if isinstance(e := cache.get(j), dict)
+            and j not in queued and e.get("result") == results.get(j) and "row" in e}
+    todo = [j for j in job_ids if j not in kept]
     # Each view is a few small reads: on a network mount, round trips. Overlap them.
     with ThreadPoolExecutor(STATUS_THREADS) as pool:
         rows = pool.map(lambda j: _row(job_view(queue, j), queue.footprint(j)), todo)
         fresh = dict(zip(todo, rows, strict=True))
-    changed = False
-    for job_id, row in fresh.items():
-        if JobState(row["state"]).finished and use_cache:
-            cache[job_id], changed = row, True
-    rows = [cache.get(j) or fresh[j] for j in job_ids]
-    if changed:
-        files.write_atomic(cache_file, json.dumps(cache).encode())
-    return rows
+    if use_cache:
+        new = {j: cache[j] for j in kept}
+        new.update({j: {"result": results.get(j), "row": row} for j, row in fresh.items()
+                    if JobState(row["state"]).finished and j not in queued})
+        if new != cache:
+            files.write_atomic(cache_file, json.dumps(
+                {"version": CACHE_VERSION, "jobs": new}).encode())
+    return [kept.get(j) or fresh[j] for j in job_ids]
 
 
 def _row(v: JobView, footprint: tuple[int, int] = (0, 0)) -> dict[str, Any]:
@@ -74,7 +101,10 @@ def _row(v: JobView, footprint: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         "phase": None, "epoch": None, "epochs": manifest.config.epochs if manifest else None,
         "step": None, "total_steps": None, "loss": None, "accuracy": None,
         "images_per_second": None, "eta_seconds": None, "device": None,
-        "best_val_accuracy": None, "error": v.error, "cancel_requested": v.cancel_requested,
+        "best_val_accuracy": None, "error": v.error, "error_type": v.error_type,
+        "cancel_requested": v.cancel_requested,
+        "sweep_id": manifest.sweep.id if manifest and manifest.sweep else None,
+        "trial": manifest.sweep.trial if manifest and manifest.sweep else None,
         "storage_error": None, "last_checkpoint_step": None,
         "bytes": footprint[0], "checkpoint_bytes": footprint[1], "released": False,
     }
@@ -126,9 +156,11 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> str:
+def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]],
+                 only: str | None = None) -> str:
+    """The jobs (those in state `only`, when status filters), what they hold, the workers."""
     if not rows:
-        lines = ["no jobs"]
+        lines = [f"no {only} jobs" if only else "no jobs"]
     else:
         header = ("JOB", "STATE", "TRY", "PROGRESS", "EPOCH", "TRAIN LOSS", "TRAIN ACC",
                   "BEST VAL", "IMG/S", "ETA", "WORKER", "GPU", "HEARTBEAT")
@@ -161,9 +193,8 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
                              f" - its worker ({r['worker_id']}) is probably gone; the next worker"
                              " start takes it over and resumes from the last checkpoint")
             elif r["state"] == "failed" and r["error"]:
-                lines.append(f"! {r['job_id']} failed: {r['error'].splitlines()[0]}"
-                             f" (`cherry retry {r['job_id']}` runs it again from its newest "
-                             "checkpoint)")
+                lines.append(f"! {r['job_id']} failed: {r['error'].splitlines()[0]} ("
+                             f"{failure_advice(r['job_id'], r.get('error_type'), r['error'])})")
             elif r.get("released") and r["phase"] != Phase.paused:
                 why = f"after an error: {r['error'].splitlines()[0]}" if r["error"] else \
                     "(its worker was stopped)"
@@ -173,7 +204,7 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
                 warning = storage_warning(r["storage_error"], r["last_checkpoint_step"])
                 lines.append(f"! {r['job_id']}: {warning}")
     if rows:
-        lines.append(usage_line(rows))
+        lines.append(usage_line(rows, only))
     lines.append("")
     if workers:
         lines.append("workers: " + ", ".join(
@@ -185,11 +216,33 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]]) -> s
     return "\n".join(lines)
 
 
-def usage_line(rows: list[dict[str, Any]]) -> str:
-    """What the jobs cost in Drive space (a free account has 15 GB)."""
+#: Fields whose problem only a changed config mends: `cherry retry` runs the same config, and
+#: fails the same way (an unknown model, a size it cannot train at, weights of another model).
+CONFIG_ONLY = ("model.name", "model.num_classes", "data.image_size", "evaluate")
+
+
+def failure_advice(job_id: str, error_type: str | None, error: str | None) -> str:
+    """What to do about a failed job, by why it failed: `cherry retry` only where running it
+    again can succeed (a crash loop, a fault outside the job, data or files put right)."""
+    if error_type == REJECTED:
+        return "no worker could read its manifest: fix the config and submit it again"
+    if error_type != "JobError":  # worker/errors.py's: the job's own config or data
+        return f"`cherry retry {job_id}` runs it again from its newest checkpoint"
+    field = (error or "").split(":", 1)[0].strip()
+    # A package missing on the worker ("pip install ...") is mended there, not in the config.
+    if field in CONFIG_ONLY and "pip install" not in (error or ""):
+        return f"fix {field} in the config and submit it again"
+    return (f"once what it names is put right: `cherry retry {job_id}` if that was the data or "
+            "a file, or the config fixed and submitted again")
+
+
+def usage_line(rows: list[dict[str, Any]], state: str | None = None) -> str:
+    """What the jobs cost in Drive space (a free account has 15 GB); with a state filter,
+    the jobs shown."""
     total = sum(r.get("bytes") or 0 for r in rows)
     checkpoints = sum(r.get("checkpoint_bytes") or 0 for r in rows)
-    jobs = f"{len(rows)} job holds" if len(rows) == 1 else f"{len(rows)} jobs hold"
+    what = f"{state} job" if state else "job"
+    jobs = f"{len(rows)} {what} holds" if len(rows) == 1 else f"{len(rows)} {what}s hold"
     line = f"storage: {jobs} {human_bytes(total)}"
     if checkpoints:
         line += (f", {human_bytes(checkpoints)} of it checkpoints (kept for resume; removed "

@@ -93,10 +93,12 @@ def best_config_yaml(sweeps: Sweeps, sweep_id: str) -> str:
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
-def summary_lines(sweeps: Sweeps) -> list[str]:
-    """One line per sweep: its trials by state, the best so far."""
+def summary_lines(sweeps: Sweeps, only: set[str] | None = None) -> list[str]:
+    """One line per sweep (or per sweep in `only`): its trials by state, the best so far."""
     lines = []
     for sweep_id in sweeps.sweep_ids():
+        if only is not None and sweep_id not in only:
+            continue
         record = sweeps.record(sweep_id)
         if record is None:
             continue

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cherry_train.client.status import storage_warning
+from cherry_train.client.status import failure_advice, storage_warning
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import JobView, job_view
@@ -59,6 +59,8 @@ def watch(queue: JobQueue, job_id: str, say: Callable[[str], None] = print,
                     f"(epoch {result.best.epoch})")
     if view.error:
         summary += f": {view.error.splitlines()[0]}"
+    if view.state == JobState.failed:
+        summary += f" ({failure_advice(job_id, view.error_type, view.error)})"
     say(summary)
     return view.state
 

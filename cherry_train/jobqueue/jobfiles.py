@@ -81,6 +81,16 @@ class JobFiles:
     def cancel_requested(self, job_id: str) -> bool:
         return self.storage.exists(JobPaths(job_id).cancel_request)
 
+    @staticmethod
+    def unstarted(manifest: Manifest | None, history: list[Attempt]) -> bool:
+        """No attempt since the job was queued, or queued again by `cherry retry`: a cancel
+        request then ends it before it starts (it is `cancelled` already, and retryable)."""
+        return not history or (manifest is not None
+                               and manifest.retried_after_attempt == history[-1].n)
+
+    def cancelled_before_start(self, job_id: str, manifest: Manifest | None) -> bool:
+        return self.cancel_requested(job_id) and self.unstarted(manifest, self.attempts(job_id))
+
     def latest_checkpoint_step(self, job_id: str) -> int | None:
         """The newest checkpoint that was finished (has its checksum), by name only."""
         names = set(self.storage.list_dir(JobPaths(job_id).checkpoints_dir))

@@ -317,20 +317,19 @@ class JobQueue(JobFiles):
     def retry(self, job_id: str) -> Manifest:
         """Put a failed or cancelled job back in the queue: its next attempt resumes from the
         newest checkpoint, and the crash-loop count starts afresh. The result is put aside
-        (done/<job>/results/<k>.json), not lost. Safe to repeat after an interruption: a job
-        whose result went aside but whose manifest is not back in queue/ yet is completed."""
+        (done/<job>/results/<k>.json), not lost (a job cancelled before it started has none).
+        Repeating it after an interruption completes it."""
         paths = JobPaths(job_id)
         manifest = self._retryable(job_id)
-        raw = self.storage.read_text_or_none(paths.result)
+        self.storage.delete(paths.cancel_request)  # first: else the next claim cancels it
+        raw = self.storage.read_text_or_none(paths.result)  # none: cancelled before it started
         if raw is not None:
             earlier = self.storage.list_dir(f"{paths.dir}/results")
             self.storage.write_atomic(paths.earlier_result(len(earlier) + 1), raw.encode())
-            self.storage.delete(paths.cancel_request)
             self.storage.delete(paths.result)
         history = self.attempts(job_id)
         update: dict = {"retried_after_attempt": history[-1].n if history else 0}
-        # Backends that create exclusively through reserved ids (Drive API) need new ones for
-        # the files made again: the next result and cancel request.
+        # Drive API roots create exclusively through reserved ids: new ones for files made again.
         ids = self.storage.reserve_ids(2)
         if ids and manifest.reserved_ids:
             update["reserved_ids"] = {**manifest.reserved_ids, paths.result: ids[0],
@@ -349,9 +348,10 @@ class JobQueue(JobFiles):
                                f"{paths.failed_error}); fix the config and submit it again")
         raw = self.storage.read_text_or_none(paths.result)
         if raw is None:
-            if self.storage.exists(paths.queued_manifest):
+            manifest = self.manifest(job_id)  # or a retry interrupted after the result went aside
+            if self.storage.exists(paths.queued_manifest) and \
+                    not self.cancelled_before_start(job_id, manifest):
                 raise NotRetryable(f"{job_id} is not finished; nothing to retry")
-            manifest = self.manifest(job_id)  # a retry interrupted after the result went aside
             if manifest is None:
                 raise NotRetryable(f"{job_id}: no such job")
             return manifest

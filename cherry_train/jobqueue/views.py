@@ -36,15 +36,18 @@ class JobView:
     stalled: bool = False
     result: Result | None = None
     error: str | None = None
+    error_type: str | None = None  # why it failed: "JobError" (its config or data), ..., REJECTED
     cancel_requested: bool = False
 
 
 _DEFAULT_LEASE = TrainingConfig.model_fields["lease_seconds"].default
+#: The error type of a job whose manifest no worker could read (in failed/, never claimed).
+REJECTED = "RejectedManifest"
 
 
 def job_view(files: JobFiles, job_id: str) -> JobView:
-    """A job's state, in DESIGN.md §3's order: result > failed/ > cancel request on a queued
-    job > attempt > queue/."""
+    """A job's state, in DESIGN.md §3's order: result > failed/ > queue/ with no attempt since
+    it was queued (cancelled if a cancel was asked) > attempt."""
     paths, storage = JobPaths(job_id), files.storage
     manifest = files.learn(files.manifest(job_id))
     raw = storage.read_text_or_none(paths.result)
@@ -52,7 +55,8 @@ def job_view(files: JobFiles, job_id: str) -> JobView:
         try:
             result = Result.from_json(raw)
             return JobView(job_id, result.state, manifest=manifest, result=result,
-                           error=result.error.message if result.error else None)
+                           error=result.error.message if result.error else None,
+                           error_type=result.error.type if result.error else None)
         except (ValidationError, ValueError):
             pass  # being written without hard links: fall through to "running"
     if storage.exists(paths.failed_manifest):
@@ -61,23 +65,21 @@ def job_view(files: JobFiles, job_id: str) -> JobView:
             message = FailedManifest.from_json(why).error.message if why else None
         except (ValidationError, ValueError):
             message = why
-        return JobView(job_id, JobState.failed, error=message)
+        return JobView(job_id, JobState.failed, error=message, error_type=REJECTED)
     history = files.attempts(job_id)
     cancel = files.cancel_requested(job_id)
-    if cancel and not history:
-        return JobView(job_id, JobState.cancelled, manifest=manifest, cancel_requested=True)
-    if history and manifest is not None and manifest.retried_after_attempt == history[-1].n:
-        return JobView(job_id, JobState.queued, manifest=manifest, attempt=history[-1])
-    if history:
-        hb = files.heartbeat(job_id)
-        hb = hb if hb is not None and hb.attempt == history[-1].n else None
-        seen = hb.at if hb is not None else history[-1].started_at
-        age = age_seconds(files.clock, seen)
-        lease = manifest.config.lease_seconds if manifest else _DEFAULT_LEASE
-        return JobView(job_id, JobState.running, manifest=manifest, attempt=history[-1],
-                       heartbeat=hb, heartbeat_age=age, cancel_requested=cancel,
-                       stalled=age > lease and not (hb is not None and hb.released))
-    return JobView(job_id, JobState.queued, manifest=manifest)
+    if files.unstarted(manifest, history):
+        state = JobState.cancelled if cancel else JobState.queued
+        return JobView(job_id, state, manifest=manifest, cancel_requested=cancel,
+                       attempt=history[-1] if history else None)
+    hb = files.heartbeat(job_id)
+    hb = hb if hb is not None and hb.attempt == history[-1].n else None
+    seen = hb.at if hb is not None else history[-1].started_at
+    age = age_seconds(files.clock, seen)
+    lease = manifest.config.lease_seconds if manifest else _DEFAULT_LEASE
+    return JobView(job_id, JobState.running, manifest=manifest, attempt=history[-1],
+                   heartbeat=hb, heartbeat_age=age, cancel_requested=cancel,
+                   stalled=age > lease and not (hb is not None and hb.released))
 
 
 def queued_job_ids(files: JobFiles) -> set[str]:

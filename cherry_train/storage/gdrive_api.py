@@ -250,9 +250,19 @@ class DriveFiles:
         q = f"'{_q(folder_id)}' in parents and trashed = false"
         if name is not None:
             q += f" and name = '{_q(name)}'"
+        return self._search(q, "list " + (name or folder_id))
+
+    def _named_in(self, name: str, folder_ids: list[str]) -> list[dict]:
+        """The files called `name` in any of these folders, in one search (all pages)."""
+        parents = " or ".join(f"'{_q(f)}' in parents" for f in folder_ids)
+        return self._search(f"name = '{_q(name)}' and trashed = false and ({parents})",
+                            "find " + name)
+
+    def _search(self, q: str, what: str) -> list[dict]:
+        """Every file a query finds, earliest created first; all pages."""
         found, token = [], None
         while True:
-            page = self._execute("list " + (name or folder_id), lambda t=token: self._files().list(
+            page = self._execute(what, lambda t=token: self._files().list(
                 q=q, pageSize=1000, pageToken=t, spaces="drive", supportsAllDrives=True,
                 includeItemsFromAllDrives=True, fields=f"nextPageToken,files({_FILE_FIELDS})"))
             found += page.get("files", [])

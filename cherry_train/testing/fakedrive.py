@@ -276,9 +276,12 @@ class FakeDrive:
     def _query(self, q: str) -> list[FakeFile]:
         tests = []
         for clause in filter(None, (c.strip() for c in re.split(r"\s+and\s+", q))):
-            if m := re.fullmatch(r"'((?:[^'\\]|\\.)*)'\s+in\s+parents", clause):
-                parent = _unescape(m.group(1))
-                tests.append(lambda f, p=parent: p in f.parents)
+            inner = m.group(1) if (m := re.fullmatch(r"\((.*)\)", clause)) else clause
+            parents = [re.fullmatch(r"'((?:[^'\\]|\\.)*)'\s+in\s+parents", c.strip())
+                       for c in re.split(r"\s+or\s+", inner)]
+            if all(parents):  # 'a' in parents, or ('a' in parents or 'b' in parents)
+                wanted = frozenset(_unescape(p.group(1)) for p in parents)
+                tests.append(lambda f, w=wanted: bool(w & set(f.parents)))
             elif m := re.fullmatch(r"(name|mimeType)\s*(=|!=)\s*'((?:[^'\\]|\\.)*)'", clause):
                 key = "name" if m.group(1) == "name" else "mime_type"
                 value, negate = _unescape(m.group(3)), m.group(2) == "!="
