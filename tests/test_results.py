@@ -394,3 +394,24 @@ def test_compare_leaves_out_what_says_nothing(queue, tiny_config, tmp_path, caps
     labels = [k for k in drawn if k != "title"]
     assert len(labels) == 2 and all(cancelled[-4:] not in k for k in labels)
     assert f"no epoch yet: lr-c ({cancelled[-4:]})" in drawn["title"]
+
+
+def test_watch_has_an_exit_code_for_every_finished_state():
+    from cherry_train.client.watch import EXIT_CODES
+    from cherry_train.schemas.records import FINISHED
+
+    assert set(EXIT_CODES) == set(FINISHED) == {s for s in JobState if s.finished}
+    codes = list(EXIT_CODES.values())
+    assert len(set(codes)) == len(codes) and 2 not in codes  # 2: the user's input is wrong
+    assert EXIT_CODES[JobState.succeeded] == 0
+
+
+def test_watch_on_a_pruned_trial_exits_4_without_a_traceback(queue, tiny_config, capsys):
+    job_id = run(queue, tiny_config)
+    path = JobPaths(job_id).result
+    result = json.loads(queue.storage.read_bytes(path))
+    queue.storage.write_atomic(path, json.dumps({**result, "state": "pruned"}).encode())
+    capsys.readouterr()
+    assert main(["watch", job_id, "--root", str(queue.storage.local_path("")),
+                 "--no-progress"]) == 4
+    assert f"{job_id}: pruned" in capsys.readouterr().out
