@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cherry_train.cli.common import UsageError, err, require_root, root_and_queue
+from cherry_train.cli.common import UsageError, cherry_command, err, require_root, root_and_queue
 from cherry_train.cli.sweeps import cancel_sweep, compare_sweep, is_sweep, submit_sweep
 from cherry_train.client.jobs import find_job, find_jobs
 from cherry_train.jobqueue.views import job_view
@@ -197,7 +197,8 @@ def cmd_demo(args) -> int:
     print(f"demo root: {root}")
     size = DemoSize(train=args.train_images, val=args.val_images, epochs=args.epochs,
                     image_size=args.image_size, model=args.model)
-    result = run_demo(root, size, progress_bar=not args.no_progress)
+    result = run_demo(root, size, progress_bar=not args.no_progress,
+                      cherry=cherry_command())  # next steps the user can type as printed
     return 0 if result.state.value == "succeeded" else 1
 
 

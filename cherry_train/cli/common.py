@@ -3,7 +3,10 @@ checked to exist."""
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import sys
+from pathlib import Path
 
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.places import ResolvedRoot, resolve_root
@@ -48,3 +51,20 @@ def require_root(resolved: ResolvedRoot, queue: JobQueue) -> None:
         mount = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
         raise UsageError(f"queue root {local} does not exist (from {resolved.source}){mount}; "
                          f"pass --root {_ROOT_HINT}")
+
+
+def cherry_command(argv0: str | None = None, executable: str | None = None,
+                   which=shutil.which) -> str:
+    """How to type this `cherry` where the user stands, for commands we print: `cherry` when
+    that name on PATH is this very script, else this script's path as it was typed (the quick
+    start runs `.venv/bin/cherry` without activating the venv), else the script beside this
+    Python, else `python -m cherry_train`."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = executable or sys.executable
+    script = Path(argv0) if Path(argv0).name == "cherry" else Path(executable).parent / "cherry"
+    on_path = which("cherry")
+    if on_path and script.is_file() and Path(on_path).resolve() == script.resolve():
+        return "cherry"
+    if script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(executable)} -m cherry_train"
