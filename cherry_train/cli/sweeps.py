@@ -33,6 +33,9 @@ def submit_sweep(queue: JobQueue, config: TrainingConfig, config_file: str,
     if record.trials > len(manifests):
         print(f"(the other {record.trials - len(manifests)} are created by the workers as "
               "trials end)")
+    if spec.method == "grid" and spec.early_stop:
+        print("(trial n is the n-th combination as the values are written; they run in a "
+              "seeded shuffle, so that early stopping compares a fair sample)")
     print(record.sweep_id)
 
 
