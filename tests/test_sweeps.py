@@ -310,6 +310,36 @@ def test_workers_prune_the_trials_behind_and_the_client_shows_the_sweep(root_wit
     assert validate_config(best).name == "tiny-best"
 
 
+@pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
+def test_compare_of_a_sweep_shows_each_figure_once(tmp_path, tiny_config, capsys, metric):
+    """The ranking figure is best_val_accuracy itself (one column), or for val_loss the lowest
+    of any epoch (beside best_val_loss, the loss at the most accurate epoch)."""
+    queue = JobQueue(LocalStorage(tmp_path))
+    _, made = Sweeps(queue).submit(validate_config(sweep_config(tiny_config, metric=metric)))
+    for m, (acc, loss) in zip(made, [(0.9, 0.2), (0.8, 0.3), (0.7, 0.4), (0.6, 0.5)],
+                              strict=True):
+        claim = queue.try_claim(m, WorkerIdentity("w"))
+        epochs = [{"kind": "epoch", "epoch": 1, "val_accuracy": acc, "val_loss": loss / 2},
+                  {"kind": "epoch", "epoch": 2, "val_accuracy": acc + 0.05, "val_loss": loss}]
+        queue.owner(claim).write(claim.paths.metrics,
+                                 "".join(json.dumps(e) + "\n" for e in epochs).encode())
+        queue.commit(queue.owner(claim), Result(
+            job_id=m.job_id, state=JobState.succeeded, attempts=1, epochs_completed=2,
+            finished_at=queue.clock.now(), final_metrics={"val_accuracy": acc + 0.05},
+            best={"epoch": 2, "val_accuracy": acc + 0.05, "val_loss": loss}))
+    capsys.readouterr()
+    assert main(["compare", "sweep:" + made[0].sweep.id, "--root", str(tmp_path),
+                 "--out", str(tmp_path / "s.png")]) == 0
+    header, best = capsys.readouterr().out.splitlines()[1:3]
+    columns = header.split()
+    assert "val_accuracy" not in columns and columns.count("best_val_accuracy") == 1
+    cells = dict(zip(columns, best.split(), strict=True))
+    if metric == "val_accuracy":
+        assert cells["best_val_accuracy"] == "0.95" and "lowest_val_loss" not in columns
+    else:  # ranked by the lowest loss of any epoch: epoch 1's, not the best epoch's
+        assert cells["lowest_val_loss"] == "0.1" and cells["best_val_loss"] == "0.2"
+
+
 def test_cancelling_a_sweep_stops_its_trials_and_makes_no_more(tmp_path, tiny_config, capsys):
     queue = JobQueue(LocalStorage(tmp_path))
     record, first = Sweeps(queue).submit(validate_config(sweep_config(tiny_config, parallel=2)))

@@ -68,3 +68,17 @@ def cherry_command(argv0: str | None = None, executable: str | None = None,
     if script.is_file():
         return shlex.quote(str(script))
     return f"{shlex.quote(executable)} -m cherry_train"
+
+
+def picture_out(out: str | None, stem: str = "cherry-compare") -> tuple[Path, str]:
+    """Where a command's picture goes, and how to say so: `--out` as given (an existing file is
+    replaced, and the line says so), else `<stem>.png` here, or `<stem>-2.png`, ... the first
+    name not taken, so an earlier picture is never overwritten unasked."""
+    if out is not None:
+        path = Path(out)
+        return path, " (replaced the earlier file)" if path.exists() else ""
+    path, n = Path(f"{stem}.png"), 1
+    while path.exists():
+        n += 1
+        path = Path(f"{stem}-{n}.png")
+    return path, ""
