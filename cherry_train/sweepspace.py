@@ -32,17 +32,30 @@ def total_trials(spec: SweepSection) -> int:
     return spec.trials
 
 
-def grid_points(spec: SweepSection, seed: int = 0) -> list[dict[str, Any]]:
-    """Every combination: in the order the values are written, or, with early stopping, in an
-    order shuffled by the seed. ASHA promotes among the first trials to reach a rung before the
-    rest arrive, and in written order those share the first value of the first parameter (a
-    sweep's first three trials all at the highest learning rate): a fair sample judges better."""
+def grid_points(spec: SweepSection) -> list[dict[str, Any]]:
+    """Every combination, in the order the values are written: trial n is the n-th."""
     paths = list(spec.parameters)
     options = [spec.parameters[p].options for p in paths]
-    points = [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*options)]
+    return [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*options)]
+
+
+def run_order(spec: SweepSection, seed: int = 0) -> list[int]:
+    """The numbers of the trials a sweep makes, in the order they are made (so run): 1, 2, ...;
+    a grid with early stopping in an order shuffled by the seed. ASHA promotes among the first
+    trials to reach a rung before the rest arrive, and in written order those share the first
+    value of the first parameter (a sweep's first three trials all at the highest learning
+    rate): a fair sample judges better. Only the order is shuffled, never the numbering."""
+    if spec.method != "grid":
+        return list(range(1, spec.trials + 1))
+    numbers = list(range(1, len(grid_points(spec)) + 1))
     if spec.early_stop is not None:
-        random.Random(f"cherry-grid-{seed}").shuffle(points)
-    return points
+        random.Random(f"cherry-grid-{seed}").shuffle(numbers)
+    return numbers[:total_trials(spec)]
+
+
+def next_trial(spec: SweepSection, seed: int, made: set[int]) -> int | None:
+    """The number of the next trial to make, given those made; None when all are made."""
+    return next((n for n in run_order(spec, seed) if n not in made), None)
 
 
 def random_point(spec: SweepSection, seed: int, n: int) -> dict[str, Any]:
@@ -65,7 +78,7 @@ def next_point(spec: SweepSection, n: int, seed: int, past: list[Past]) -> dict[
     """The values of trial n (1-based). Grid and random depend on n alone; tpe asks Optuna's TPE
     sampler, rebuilt in memory from the trials so far (running ones included, as lies)."""
     if spec.method == "grid":
-        return grid_points(spec, seed)[n - 1]
+        return grid_points(spec)[n - 1]
     if spec.method == "random":
         return random_point(spec, seed, n)
     return _tpe_point(spec, n, seed, past)
@@ -135,18 +148,20 @@ def check_space(config: TrainingConfig) -> int:
     choice) before anything is queued; the number of trials."""
     spec = config.sweep
     if spec.method == "grid":
-        points = grid_points(spec, config.seed)[:total_trials(spec)]
+        grid = grid_points(spec)
+        points = [(n, grid[n - 1]) for n in sorted(run_order(spec, config.seed))]
     elif spec.method == "random":
-        points = [random_point(spec, config.seed, n) for n in range(1, spec.trials + 1)]
+        points = [(n, random_point(spec, config.seed, n)) for n in run_order(spec)]
     else:
         first = {path: (p.min if p.is_range else p.options[0])
                  for path, p in spec.parameters.items()}
         points = []
         for path, p in spec.parameters.items():
             for value in ([p.min, p.max] if p.is_range else p.options):
-                points.append({**first, path: round(value) if p.integer else value})
+                points.append((len(points) + 1,
+                               {**first, path: round(value) if p.integer else value}))
     found: dict[str, list[str]] = {}  # problem -> the trials it is in, named
-    for n, params in enumerate(points, start=1):
+    for n, params in points:
         try:
             trial_config(config, params, n)
         except ConfigError as e:

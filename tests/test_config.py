@@ -84,6 +84,22 @@ def test_bad_config_names_the_field(field, text, message):
     assert message in matching[0], matching[0]
 
 
+@pytest.mark.parametrize(("typo", "right"), [("training.learnig_rate", "learning_rate"),
+                                             ("model.num_clases", "num_classes")])
+def test_a_mistyped_key_is_one_line_with_its_fix(typo, right):
+    """Renamed by a typo, a required key is unknown and missing at once: one mistake, one line."""
+    section, wrong = typo.split(".")
+    with pytest.raises(ConfigError) as info:
+        parse_config(SEED_YAML.replace(f" {right}:", f" {wrong}:"))
+    assert info.value.problems == [info.value.problems[0]]
+    assert info.value.problems[0].startswith(f"{typo}: unknown key; did you mean '{right}'?")
+    # A key that resembles nothing leaves the missing one said too.
+    with pytest.raises(ConfigError) as info:
+        parse_config(SEED_YAML.replace(f" {right}:", " zzz:"))
+    assert [p.split(":")[0] for p in info.value.problems] == [f"{section}.{right}",
+                                                              f"{section}.zzz"]
+
+
 def test_one_line_per_field_even_for_unions():
     with pytest.raises(ConfigError) as info:
         parse_config(_with("model.pretrained", [1]))

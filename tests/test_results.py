@@ -394,3 +394,65 @@ def test_compare_leaves_out_what_says_nothing(queue, tiny_config, tmp_path, caps
     labels = [k for k in drawn if k != "title"]
     assert len(labels) == 2 and all(cancelled[-4:] not in k for k in labels)
     assert f"no epoch yet: lr-c ({cancelled[-4:]})" in drawn["title"]
+
+
+def test_watch_has_an_exit_code_for_every_finished_state():
+    from cherry_train.client.watch import EXIT_CODES
+    from cherry_train.schemas.records import FINISHED
+
+    assert set(EXIT_CODES) == set(FINISHED) == {s for s in JobState if s.finished}
+    codes = list(EXIT_CODES.values())
+    assert len(set(codes)) == len(codes) and 2 not in codes  # 2: the user's input is wrong
+    assert EXIT_CODES[JobState.succeeded] == 0
+
+
+def test_watch_on_a_pruned_trial_exits_4_without_a_traceback(queue, tiny_config, capsys):
+    job_id = run(queue, tiny_config)
+    path = JobPaths(job_id).result
+    result = json.loads(queue.storage.read_bytes(path))
+    queue.storage.write_atomic(path, json.dumps({**result, "state": "pruned"}).encode())
+    capsys.readouterr()
+    assert main(["watch", job_id, "--root", str(queue.storage.local_path("")),
+                 "--no-progress"]) == 4
+    assert f"{job_id}: pruned" in capsys.readouterr().out
+
+
+def test_compare_never_overwrites_an_earlier_picture_unasked(queue, tiny_config, tmp_path,
+                                                             capsys, monkeypatch):
+    run(queue, tiny_config, name="lr-a")
+    run(queue, tiny_config, name="lr-b")
+    root = str(queue.storage.local_path(""))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    capsys.readouterr()
+    said = []
+    for _ in range(2):
+        assert main(["compare", "lr-*", "--root", root]) == 0
+        said.append(capsys.readouterr().out.splitlines()[-1])
+    assert said == [f"curves: {here / 'cherry-compare.png'}",
+                    f"curves: {here / 'cherry-compare-2.png'}"]
+    assert main(["compare", "lr-*", "--root", root, "--out", "cherry-compare.png"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"curves: {here / 'cherry-compare.png'} (replaced the earlier file)"
+    assert main(["compare", "lr-*", "--root", root, "--json", "--out", "c.png"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["jobs"]) == 2 and err.startswith("curves: ")  # stdout: JSON
+
+
+def test_compare_shows_the_final_accuracy_only_where_it_is_not_the_best(queue, tiny_config,
+                                                                       tmp_path, capsys):
+    a = run(queue, tiny_config, name="lr-a")
+    run(queue, tiny_config, name="lr-b")
+    root = str(queue.storage.local_path(""))
+    capsys.readouterr()
+    assert main(["compare", "lr-*", "--root", root, "--out", str(tmp_path / "c.png")]) == 0
+    assert "final_val_accuracy" not in capsys.readouterr().out  # the same figures: no column
+    path = JobPaths(a).result
+    result = json.loads(queue.storage.read_bytes(path))
+    result["final_metrics"]["val_accuracy"] = 0.85  # the last epoch fell back from the best
+    queue.storage.write_atomic(path, json.dumps(result).encode())
+    assert main(["compare", "lr-*", "--root", root, "--out", str(tmp_path / "c.png")]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()[:3]
+    assert header.split().count("final_val_accuracy") == 1
+    assert "0.85" in next(r for r in rows if a in r)

@@ -44,11 +44,13 @@ def test_a_grid_makes_every_combination_and_random_draws_are_the_same_everywhere
     assert sweepspace.total_trials(config.sweep) == 4
     assert sweepspace.grid_points(config.sweep)[1] == {"training.learning_rate": 0.003,
                                                        "training.weight_decay": 0.01}
-    # With early stopping the grid is walked in a seeded shuffle, the same on every worker.
+    # With early stopping the grid runs in a seeded shuffle, the same on every worker; trial n
+    # is still the n-th combination as written.
     stopping = validate_config(sweep_config(tiny_config, early_stop={"method": "asha"})).sweep
-    shuffled = [sweepspace.grid_points(stopping, seed=7) for _ in range(2)]
-    assert shuffled[0] == shuffled[1] != sweepspace.grid_points(config.sweep)
-    assert sorted(map(str, shuffled[0])) == sorted(map(str, sweepspace.grid_points(config.sweep)))
+    order = [sweepspace.run_order(stopping, seed=7) for _ in range(2)]
+    assert order[0] == order[1] != [1, 2, 3, 4] and sorted(order[0]) == [1, 2, 3, 4]
+    assert sweepspace.run_order(config.sweep, seed=7) == [1, 2, 3, 4]
+    assert sweepspace.grid_points(stopping) == sweepspace.grid_points(config.sweep)
     random_spec = validate_config({**tiny_config, "sweep": {
         "method": "random", "trials": 5, "parameters": {
             "training.learning_rate": {"min": 1e-5, "max": 1e-2, "log": True},
@@ -143,6 +145,49 @@ def finish(queue: JobQueue, job_id: str, state=JobState.succeeded) -> None:
     claim = queue.try_claim(manifest, WorkerIdentity("w"))
     queue.commit(queue.owner(claim), Result(job_id=job_id, state=state, attempts=1,
                                             finished_at=queue.clock.now()))
+
+
+def test_a_shuffled_grid_numbers_its_trials_in_written_order(tmp_path, tiny_config, capsys):
+    """Trial n is the n-th combination as the values are written, whatever order early
+    stopping runs them in; a grid cut short by `trials` runs the first of that order."""
+    cfg = sweep_config(tiny_config, parallel=4, early_stop={"method": "asha"})
+    cfg["sweep"]["parameters"]["training.learning_rate"]["values"] = [0.003, 0.001, 0.0003]
+    config = validate_config(cfg)
+    queue = JobQueue(LocalStorage(tmp_path))
+    record, first = Sweeps(queue).submit(config)
+    grid = sweepspace.grid_points(config.sweep)
+    assert grid[0] == {"training.learning_rate": 0.003, "training.weight_decay": 0}
+    order = sweepspace.run_order(config.sweep, config.seed)
+    assert [m.sweep.trial for m in first] == order[:4] != [1, 2, 3, 4]
+    for m in first:
+        assert m.sweep.params == grid[m.sweep.trial - 1]
+        assert m.config.name == f"tiny-t{m.sweep.trial}"
+    for m in first:  # the rest as trials end, in the same order
+        finish(queue, m.job_id)
+        Sweeps(queue).top_up(record.sweep_id)
+    trials = Sweeps(queue).trials(record.sweep_id)
+    assert [t.record.n for t in trials] == [1, 2, 3, 4, 5, 6]
+    assert all(t.record.params == grid[t.record.n - 1] for t in trials)
+    cut = validate_config({**cfg, "sweep": {**cfg["sweep"], "trials": 3}})
+    _, made = Sweeps(queue).submit(cut)
+    assert [m.sweep.trial for m in made] == sweepspace.run_order(cut.sweep, cut.seed) == order[:3]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["submit", str(path), "--root", str(tmp_path), "--no-preflight"]) == 0
+    assert "trial n is the n-th combination as the values are written" in capsys.readouterr().out
+
+
+def test_an_unreadable_trial_file_is_passed_over_not_waited_on(tmp_path, tiny_config):
+    queue = JobQueue(LocalStorage(tmp_path))
+    record, _ = Sweeps(queue).submit(validate_config(sweep_config(tiny_config, parallel=1)))
+    queue.storage.create_exclusive(SweepPaths(record.sweep_id).trial(2), b"{not a record")
+    finish(queue, Sweeps(queue).trials(record.sweep_id)[0].record.job_id)
+    queued = []
+    topping = threading.Thread(target=lambda: queued.extend(Sweeps(queue).top_up(
+        record.sweep_id)), daemon=True)  # it once spun forever on trial 2
+    topping.start()
+    topping.join(timeout=30)
+    assert not topping.is_alive() and [m.sweep.trial for m in queued] == [3]
 
 
 def test_racing_workers_make_each_trial_once(tmp_path, tiny_config):
@@ -265,6 +310,36 @@ def test_workers_prune_the_trials_behind_and_the_client_shows_the_sweep(root_wit
     assert validate_config(best).name == "tiny-best"
 
 
+@pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
+def test_compare_of_a_sweep_shows_each_figure_once(tmp_path, tiny_config, capsys, metric):
+    """The ranking figure is best_val_accuracy itself (one column), or for val_loss the lowest
+    of any epoch (beside best_val_loss, the loss at the most accurate epoch)."""
+    queue = JobQueue(LocalStorage(tmp_path))
+    _, made = Sweeps(queue).submit(validate_config(sweep_config(tiny_config, metric=metric)))
+    for m, (acc, loss) in zip(made, [(0.9, 0.2), (0.8, 0.3), (0.7, 0.4), (0.6, 0.5)],
+                              strict=True):
+        claim = queue.try_claim(m, WorkerIdentity("w"))
+        epochs = [{"kind": "epoch", "epoch": 1, "val_accuracy": acc, "val_loss": loss / 2},
+                  {"kind": "epoch", "epoch": 2, "val_accuracy": acc + 0.05, "val_loss": loss}]
+        queue.owner(claim).write(claim.paths.metrics,
+                                 "".join(json.dumps(e) + "\n" for e in epochs).encode())
+        queue.commit(queue.owner(claim), Result(
+            job_id=m.job_id, state=JobState.succeeded, attempts=1, epochs_completed=2,
+            finished_at=queue.clock.now(), final_metrics={"val_accuracy": acc + 0.05},
+            best={"epoch": 2, "val_accuracy": acc + 0.05, "val_loss": loss}))
+    capsys.readouterr()
+    assert main(["compare", "sweep:" + made[0].sweep.id, "--root", str(tmp_path),
+                 "--out", str(tmp_path / "s.png")]) == 0
+    header, best = capsys.readouterr().out.splitlines()[1:3]
+    columns = header.split()
+    assert "val_accuracy" not in columns and columns.count("best_val_accuracy") == 1
+    cells = dict(zip(columns, best.split(), strict=True))
+    if metric == "val_accuracy":
+        assert cells["best_val_accuracy"] == "0.95" and "lowest_val_loss" not in columns
+    else:  # ranked by the lowest loss of any epoch: epoch 1's, not the best epoch's
+        assert cells["lowest_val_loss"] == "0.1" and cells["best_val_loss"] == "0.2"
+
+
 def test_cancelling_a_sweep_stops_its_trials_and_makes_no_more(tmp_path, tiny_config, capsys):
     queue = JobQueue(LocalStorage(tmp_path))
     record, first = Sweeps(queue).submit(validate_config(sweep_config(tiny_config, parallel=2)))
@@ -347,8 +422,8 @@ def test_a_paused_trial_is_claimed_once_promoted_or_once_its_rung_is_complete(tm
     assert verdict == PAUSE and figures["cutoff"] is None and figures["trials_compared"] == 1
     pause(0.8)
     (third,) = Sweeps(queue).top_up(record.sweep_id)  # a paused trial holds no worker
-    assert [t.word for t in Sweeps(queue).trials(record.sweep_id)] == \
-        ["paused", "queued", "queued"]
+    words = {t.record.job_id: t.word for t in Sweeps(queue).trials(record.sweep_id)}
+    assert [words[m.job_id] for m in (first, second, third)] == ["paused", "queued", "queued"]
     assert main(["status", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "paused at a rung" in out and "handed back" not in out

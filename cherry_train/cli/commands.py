@@ -4,9 +4,17 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from cherry_train.cli.common import UsageError, err, require_root, root_and_queue
+from cherry_train.cli.common import (
+    UsageError,
+    cherry_command,
+    err,
+    picture_out,
+    require_root,
+    root_and_queue,
+)
 from cherry_train.cli.sweeps import cancel_sweep, compare_sweep, is_sweep, submit_sweep
 from cherry_train.client.jobs import find_job, find_jobs
 from cherry_train.jobqueue.views import job_view
@@ -148,7 +156,7 @@ def cmd_compare(args) -> int:
 
     _, queue = root_and_queue(args)
     if len(args.jobs) == 1 and is_sweep(queue, args.jobs[0]):
-        return compare_sweep(queue, args.jobs[0], Path(args.out), args.json)
+        return compare_sweep(queue, args.jobs[0], args.out, args.json)
     job_ids = find_jobs(queue, args.jobs)
     if len(job_ids) < 2:
         raise UsageError(f"JOB: compare needs at least two jobs; {args.jobs} matched "
@@ -163,8 +171,10 @@ def cmd_compare(args) -> int:
     except ImportError:
         err("note: no matplotlib here, so no plot (pip install matplotlib)")
         return 0
-    Path(args.out).write_bytes(png)
-    print(f"curves: {Path(args.out).resolve()}")
+    out, replaced = picture_out(args.out)
+    out.write_bytes(png)
+    # With --json, stdout stays one JSON document.
+    print(f"curves: {out.resolve()}{replaced}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -197,7 +207,8 @@ def cmd_demo(args) -> int:
     print(f"demo root: {root}")
     size = DemoSize(train=args.train_images, val=args.val_images, epochs=args.epochs,
                     image_size=args.image_size, model=args.model)
-    result = run_demo(root, size, progress_bar=not args.no_progress)
+    result = run_demo(root, size, progress_bar=not args.no_progress,
+                      cherry=cherry_command())  # next steps the user can type as printed
     return 0 if result.state.value == "succeeded" else 1
 
 

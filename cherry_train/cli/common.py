@@ -3,7 +3,10 @@ checked to exist."""
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import sys
+from pathlib import Path
 
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.places import ResolvedRoot, resolve_root
@@ -48,3 +51,34 @@ def require_root(resolved: ResolvedRoot, queue: JobQueue) -> None:
         mount = " (is Google Drive mounted?)" if "/content/drive" in str(local) else ""
         raise UsageError(f"queue root {local} does not exist (from {resolved.source}){mount}; "
                          f"pass --root {_ROOT_HINT}")
+
+
+def cherry_command(argv0: str | None = None, executable: str | None = None,
+                   which=shutil.which) -> str:
+    """How to type this `cherry` where the user stands, for commands we print: `cherry` when
+    that name on PATH is this very script, else this script's path as it was typed (the quick
+    start runs `.venv/bin/cherry` without activating the venv), else the script beside this
+    Python, else `python -m cherry_train`."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = executable or sys.executable
+    script = Path(argv0) if Path(argv0).name == "cherry" else Path(executable).parent / "cherry"
+    on_path = which("cherry")
+    if on_path and script.is_file() and Path(on_path).resolve() == script.resolve():
+        return "cherry"
+    if script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(executable)} -m cherry_train"
+
+
+def picture_out(out: str | None, stem: str = "cherry-compare") -> tuple[Path, str]:
+    """Where a command's picture goes, and how to say so: `--out` as given (an existing file is
+    replaced, and the line says so), else `<stem>.png` here, or `<stem>-2.png`, ... the first
+    name not taken, so an earlier picture is never overwritten unasked."""
+    if out is not None:
+        path = Path(out)
+        return path, " (replaced the earlier file)" if path.exists() else ""
+    path, n = Path(f"{stem}.png"), 1
+    while path.exists():
+        n += 1
+        path = Path(f"{stem}-{n}.png")
+    return path, ""

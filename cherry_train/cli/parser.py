@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="job ids (or unique ends), or globs of experiment names ('lr-*'), or "
                     "sweep:SWEEP for a sweep's trials ranked")
     cp.add_argument("--root", help=root_help)
-    cp.add_argument("--out", default="cherry-compare.png", help="where to write the curves of "
-                    "all the jobs overlaid, as a PNG (default: cherry-compare.png)")
+    cp.add_argument("--out", help="where to write the curves of all the jobs overlaid, as a "
+                    "PNG (default: cherry-compare.png here, or cherry-compare-2.png, ... if "
+                    "taken: an earlier one is never overwritten)")
     cp.add_argument("--json", action="store_true", help="print the table as JSON (one object "
                     "per job) instead")
     cp.set_defaults(func=cmd_compare)

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import sys
 
-from cherry_train.cli.common import err
+from cherry_train.cli.common import err, picture_out
 from cherry_train.client.sweeps import PREFIX, best_config_yaml, find_sweep, ranked
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.sweeps import Sweeps
@@ -33,6 +33,9 @@ def submit_sweep(queue: JobQueue, config: TrainingConfig, config_file: str,
     if record.trials > len(manifests):
         print(f"(the other {record.trials - len(manifests)} are created by the workers as "
               "trials end)")
+    if spec.method == "grid" and spec.early_stop:
+        print("(trial n is the n-th combination as the values are written; they run in a "
+              "seeded shuffle, so that early stopping compares a fair sample)")
     print(record.sweep_id)
 
 
@@ -46,7 +49,7 @@ def cancel_sweep(queue: JobQueue, text: str, requested_by: str) -> int:
     return 0
 
 
-def compare_sweep(queue: JobQueue, text: str, out: Path, as_json: bool) -> int:
+def compare_sweep(queue: JobQueue, text: str, out: str | None, as_json: bool) -> int:
     """The trials ranked by the sweep's metric, and each hyperparameter against it."""
     from cherry_train.client.compare import comparison, render
 
@@ -56,8 +59,12 @@ def compare_sweep(queue: JobQueue, text: str, out: Path, as_json: bool) -> int:
     rows = ranked(sweeps, sweep_id)
     differing, table = comparison(queue, [r.trial.record.job_id for r in rows])
     metric = record.config.sweep.metric
+    # What the trials are ranked by, each trial's best epoch so far: for val_accuracy that is
+    # best_val_accuracy (filled in for trials still running); for val_loss the lowest of any
+    # epoch, not best_val_loss (the loss at the epoch of best accuracy).
+    column = "best_val_accuracy" if metric == "val_accuracy" else "lowest_val_loss"
     for rank, (r, row) in enumerate(zip(rows, table, strict=True), start=1):
-        row.update(rank=rank, trial=r.trial.record.n, **{metric: r.value})
+        row.update(rank=rank, trial=r.trial.record.n, **{column: r.value})
         if r.trial.paused:
             row["state"] = r.trial.word
     if as_json:
@@ -65,7 +72,8 @@ def compare_sweep(queue: JobQueue, text: str, out: Path, as_json: bool) -> int:
                           "trials": table}, indent=2))
     else:
         print(f"sweep {sweep_id}: trials by {metric}, best first")
-        print(render(differing, table, first=["rank", "trial"], extra=[metric]))
+        print(render(differing, table, first=["rank", "trial"],
+                     extra=[] if column == "best_val_accuracy" else [column]))
     points = [(r.trial.record.params, r.value, r.trial.state == JobState.pruned)
               for r in rows if r.value is not None]
     try:
@@ -73,8 +81,10 @@ def compare_sweep(queue: JobQueue, text: str, out: Path, as_json: bool) -> int:
     except ImportError:
         err("note: no matplotlib here, so no plot (pip install matplotlib)")
         return 0
-    out.write_bytes(render_sweep(points, metric, f"{record.name}: {len(points)} trials"))
-    print(f"hyperparameters against {metric}: {out.resolve()}")
+    path, replaced = picture_out(out)
+    path.write_bytes(render_sweep(points, metric, f"{record.name}: {len(points)} trials"))
+    print(f"hyperparameters against {metric}: {path.resolve()}{replaced}",
+          file=sys.stderr if as_json else sys.stdout)  # with --json, stdout is the JSON
     return 0
 
 

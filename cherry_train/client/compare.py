@@ -40,6 +40,7 @@ def comparison(queue: JobQueue, job_ids: list[str]) -> tuple[list[str], list[dic
             "best_val_accuracy": r.best.val_accuracy if r and r.best else None,
             "best_epoch": r.best.epoch if r and r.best else None,
             "best_val_loss": r.best.val_loss if r and r.best else None,
+            "final_val_accuracy": r.final_metrics.get("val_accuracy") if r else None,
             "epochs_completed": r.epochs_completed if r else None,
             "images_per_second": r.images_per_second if r else None,
             "wall_seconds": r.wall_seconds if r else None,
@@ -54,6 +55,9 @@ def render(differing: list[str], rows: list[dict[str, Any]], first: tuple[str, .
     columns = [*first, "job_id", "state", *differing, *extra, "best_val_accuracy",
                "best_epoch", "best_val_loss", "epochs_completed", "images_per_second",
                "wall_seconds"]
+    if any(r["final_val_accuracy"] not in (None, r["best_val_accuracy"]) for r in rows):
+        # the last epoch fell back from the best one (overfitting, a noisy end): worth a column
+        columns.insert(columns.index("best_epoch") + 1, "final_val_accuracy")
     if len({r["dataset_sha256"] for r in rows if r["dataset_sha256"]}) > 1:  # jobs that ran
         columns.append("dataset_sha256")  # different data: say so, it explains a lot
     headers = [c.upper() if c in ("job_id", "state") else c for c in columns]

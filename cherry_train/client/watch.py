@@ -14,8 +14,11 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import JobView, job_view
 from cherry_train.schemas import JobState
 
-#: Exit codes of `cherry watch`: the job's outcome (2 stays "your input is wrong").
-EXIT_CODES = {JobState.succeeded: 0, JobState.failed: 1, JobState.cancelled: 3}
+#: Exit codes of `cherry watch`, one per finished state (a test checks every member of
+#: JobState; 2 stays "your input is wrong"). Pruned is not an error, yet not 0: the trial was
+#: stopped early by its sweep's rule, so a script that goes on to use the model can tell.
+EXIT_CODES = {JobState.succeeded: 0, JobState.failed: 1, JobState.cancelled: 3,
+              JobState.pruned: 4}
 
 
 def epoch_line(record: dict, epochs: int | None) -> str:

@@ -61,7 +61,8 @@ def ensure_dataset(root: Path, size: DemoSize, say, progress: bool = False) -> P
 
 
 def run_demo(root: Path, size: DemoSize = DemoSize(), say=print, progress_bar: bool = True,
-             worker_id: str = "demo-worker") -> Result:
+             worker_id: str = "demo-worker", cherry: str = "cherry") -> Result:
+    """`cherry`: how the user runs the cherry command where they stand (the next steps use it)."""
     from cherry_train.worker.loop import Worker, WorkerOptions
 
     root = Path(root)
@@ -77,30 +78,63 @@ def run_demo(root: Path, size: DemoSize = DemoSize(), say=print, progress_bar: b
            WorkerOptions(exit_when_idle=True, progress_bar=progress_bar)).run()
     paths = JobPaths(manifest.job_id)
     result = Result.from_json(queue.storage.read_bytes(paths.result))
-    job_dir = root / paths.dir
     say("")
-    say(f"job       {result.job_id}: {result.state.value}")
-    if result.state != JobState.succeeded:
-        say(f"error     {result.error.message if result.error else '?'}")
-        return result
-    say(f"best      val accuracy {result.best.val_accuracy:.3f} "
-        f"(epoch {result.best.epoch} of {result.epochs_completed})")
-    say(f"speed     {result.images_per_second:.0f} images/s on {result.device}, "
-        f"{result.wall_seconds:.0f} s of training")
-    say(f"curves    {job_dir / 'curves.png'}")
-    say(f"weights   {job_dir / 'best.pt'}")
-    say(f"results   {job_dir / 'result.json'}")
-    say("")
-    say("next:")
-    for command, why in (
-            (f"cherry status --root {root}", "the demo's jobs (this root is its own)"),
-            (f"cherry fetch {result.job_id[-4:]} --root {root}",
-             f"its results, verified, into ./{result.job_id}"),
-            (f"cherry submit {config_path} --root YOUR_ROOT",
-             "your own job: copy this config, point data.train_path and data.val_path at your "
-             "class folders; `cherry init YOUR_ROOT` remembers the root; then run the Colab "
-             "notebook or `cherry worker`"),
-            (f"rm -r {root}", "when you are done with the demo")):
-        say(f"  {command}")
-        say(f"      # {why}")
+    for line in summary(result, root, cherry, (root / paths.tensorboard).is_dir()):
+        say(line)
     return result
+
+
+def summary(result: Result, root: Path, cherry: str = "cherry",
+            tensorboard: bool = True) -> list[str]:
+    """What the demo prints at its end: the job, where its files are, what to do next.
+    README's quick start shows it (tests/test_docs.py renders it and compares)."""
+    job_dir = root / JobPaths(result.job_id).dir
+    lines = [f"job       {result.job_id}: {result.state.value}"]
+    if result.state != JobState.succeeded:
+        return [*lines, f"error     {result.error.message if result.error else '?'}"]
+    lines += [
+        f"best      val accuracy {result.best.val_accuracy:.3f} "
+        f"(epoch {result.best.epoch} of {result.epochs_completed})",
+        f"speed     {result.images_per_second:.0f} images/s on {result.device}, "
+        f"{result.wall_seconds:.0f} s of training",
+        f"curves    {job_dir / 'curves.png'}",
+        f"weights   {job_dir / 'best.pt'}",
+        _onnx_line(result, job_dir)]
+    if tensorboard:
+        lines.append(f"events    {job_dir / 'tensorboard'}")
+    lines += [f"results   {job_dir / 'result.json'}", "", "next:"]
+    for command, *why in _next_steps(result, root, cherry, tensorboard):
+        lines += [f"  {command}", *(f"      # {line}" for line in why)]
+    return lines
+
+
+def _onnx_line(result: Result, job_dir: Path) -> str:
+    onnx = (result.export or {}).get("onnx") or {}
+    if "sha256" not in onnx:
+        return f"onnx      none: {onnx.get('error', 'not exported')}"
+    return (f"onnx      {job_dir / onnx['path']} (checked against PyTorch with onnxruntime "
+            f"on {onnx['images']} validation images)")
+
+
+def _next_steps(result: Result, root: Path, cherry: str,
+                tensorboard: bool) -> list[tuple[str, ...]]:
+    """Commands, each with the lines that say why: typed as printed, they work."""
+    steps = [(f"{cherry} status --root {root}", "the demo's jobs (this root is its own)"),
+             (f"{cherry} fetch {result.job_id[-4:]} --root {root}",
+              f"its results, verified, into ./{result.job_id}")]
+    if tensorboard:
+        steps.append((f"{cherry} tensorboard --root {root}", "its curves in TensorBoard"))
+    steps += [
+        (f"{cherry} submit {root / 'cherry-demo.yaml'} --root YOUR_ROOT",
+         "your own job: a copy of this config, with data.train_path and data.val_path at your",
+         f"class folders (`{cherry} init YOUR_ROOT` remembers the root); then a worker: the",
+         f"Colab notebook, or `{cherry} worker`"),
+        (" ".join(["rm -r", str(root), *_cache_entries(result)]),
+         "when you are done with the demo: its folder and the worker's copy of its data")]
+    return steps
+
+
+def _cache_entries(result: Result) -> list[str]:
+    """The worker's cache folders of the demo's data (one per data folder: <entry>/files)."""
+    locals_ = (v.get("local") for v in result.data_cache.values() if isinstance(v, dict))
+    return sorted({str(Path(local).parent) for local in locals_ if local})

@@ -184,6 +184,7 @@ class Sweeps:
             self._done.add(sweep_id)
             return []
         spec, queued = record.config.sweep, []
+        taken: set[int] = set()  # numbers another worker (or an unreadable file) holds
         while True:
             trials = self.trials(sweep_id, values=spec.method == "tpe")
             for trial in trials:
@@ -191,14 +192,16 @@ class Sweeps:
                         > ORPHAN_SECONDS:
                     queued.append(self._queue_trial(record, trial.record))
             # A trial paused at a rung holds no worker: ASHA fills its place with a new one.
-            made = max((t.record.n for t in trials), default=0)
+            made = {t.record.n for t in trials}
             in_flight = sum(t.in_flight for t in trials)
             busy = sum(t.in_flight and not t.paused for t in trials)
-            if made >= record.trials and not in_flight and not queued:
+            if len(made) >= record.trials and not in_flight and not queued:
                 self._done.add(sweep_id)
-            if made >= record.trials or busy >= spec.parallel:
+            # The next number in the sweep's run order (a grid with early stopping runs its
+            # combinations shuffled, numbered as written): the same on every worker.
+            n = sweepspace.next_trial(spec, record.config.seed, made | taken)
+            if n is None or len(made | taken) >= record.trials or busy >= spec.parallel:
                 return queued
-            n = made + 1
             past = [_past(t, spec.maximize) for t in trials]
             params = sweepspace.next_point(spec, n, record.config.seed, past)
             name = f"{record.name}-t{n}"
@@ -210,7 +213,8 @@ class Sweeps:
                 queued.append(self._queue_trial(record, trial))
                 log.info("sweep trial queued", sweep_id=sweep_id, trial=n, params=params,
                          job_id=trial.job_id)
-            # else: another worker made trial n first; look again
+            else:  # another worker made trial n first; look again
+                taken.add(n)
 
     def top_up_all(self, by: str = "") -> int:
         """top_up every sweep not known to be done; how many trials were queued."""

@@ -41,43 +41,56 @@ PATTERN_WORDS = {
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
-    lines = []
-    for err in error.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not _is_union_branch(p))
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            owner = _model_at(model, loc[:-1])
-            known = sorted(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            message = f"unknown key{hint} (allowed: {', '.join(known)})"
-        elif kind in ("model_type", "dict_type", "model_attributes_type"):
-            message = f"expected a mapping of keys, got {err['input']!r}"
-        elif kind == "missing":
-            message = "required, but missing"
-        elif kind == "string_pattern_mismatch":
-            pattern = err.get("ctx", {}).get("pattern", "")
-            message = f"{err['input']!r} is not allowed; {PATTERN_WORDS.get(pattern, pattern)}"
-        elif kind in ("literal_error", "enum"):
-            allowed = err.get("ctx", {}).get("expected", "")
-            message = f"{err['input']!r} is not allowed; expected {allowed}"
-        else:
-            message = err["msg"]
-            if message.startswith("Value error, "):
-                message = message[len("Value error, "):]
-            named = re.match(r"^([a-z_][a-z0-9_.]*): (.*)$", message, re.S)
-            if named and kind == "value_error" and isinstance(err.get("input"), dict):
-                # A check across fields names the field itself ("evaluate: required ...").
-                inner = named.group(1)
-                field = inner if field == "(top level)" else f"{field}.{inner}"
-                message = named.group(2)
-            elif "input" in err and not isinstance(err["input"], dict | list) and \
-                    kind != "json_invalid":  # the input is then the whole file
-                message += f" (got {err['input']!r})"
-        lines.append(f"{field}: {message}")
+    errors = [(tuple(p for p in err["loc"] if not _is_union_branch(p)), err)
+              for err in error.errors(include_url=False)]
+    # A mistyped key is two errors to pydantic (the key unknown, the one meant missing) and one
+    # mistake to the user: said once, as the unknown key with its suggestion.
+    meant = {loc[:-1] + (close,) for loc, err in errors if err["type"] == "extra_forbidden"
+             for close in _known_keys(model, loc)[0]}
+    lines = [_line(loc, err, model) for loc, err in errors
+             if not (err["type"] == "missing" and loc in meant)]
     # A union (e.g. bool | str) reports once per branch; one line per field is enough.
     return list(dict.fromkeys(_first_per_field(lines)))
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> tuple[list[str], list[str]]:
+    """For an unknown key at `loc`: the known key it is closest to (if any), and all of them."""
+    owner = _model_at(model, loc[:-1])
+    known = sorted(owner.model_fields) if owner else []
+    return difflib.get_close_matches(str(loc[-1]), known, n=1), known
+
+
+def _line(loc: tuple, err: dict, model: type[BaseModel]) -> str:
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        close, known = _known_keys(model, loc)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        message = f"unknown key{hint} (allowed: {', '.join(known)})"
+    elif kind in ("model_type", "dict_type", "model_attributes_type"):
+        message = f"expected a mapping of keys, got {err['input']!r}"
+    elif kind == "missing":
+        message = "required, but missing"
+    elif kind == "string_pattern_mismatch":
+        pattern = err.get("ctx", {}).get("pattern", "")
+        message = f"{err['input']!r} is not allowed; {PATTERN_WORDS.get(pattern, pattern)}"
+    elif kind in ("literal_error", "enum"):
+        allowed = err.get("ctx", {}).get("expected", "")
+        message = f"{err['input']!r} is not allowed; expected {allowed}"
+    else:
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        named = re.match(r"^([a-z_][a-z0-9_.]*): (.*)$", message, re.S)
+        if named and kind == "value_error" and isinstance(err.get("input"), dict):
+            # A check across fields names the field itself ("evaluate: required ...").
+            inner = named.group(1)
+            field = inner if field == "(top level)" else f"{field}.{inner}"
+            message = named.group(2)
+        elif "input" in err and not isinstance(err["input"], dict | list) and \
+                kind != "json_invalid":  # the input is then the whole file
+            message += f" (got {err['input']!r})"
+    return f"{field}: {message}"
 
 
 def one_line(error: ValidationError, model: type[BaseModel], what: str, limit: int = 3) -> str:
