@@ -227,6 +227,27 @@ def test_an_error_after_a_stop_request_hands_the_job_back_as_released(queue, tin
     assert claim.attempt.reason == "released"
 
 
+def test_the_exit_line_counts_finished_and_handed_back_jobs_apart(queue, tiny_config):
+    done = queue.submit(config(tiny_config, name="done", priority=1))
+    handed = queue.submit(config(tiny_config, name="handed"))
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(poll_min_seconds=0.01))
+    finish = fake_trainer([])
+
+    def trainer(run):
+        if run.claim.job_id == done.job_id:
+            return finish(run)
+        worker.stop.set("SIGTERM")  # a stop while the second job trains: handed back
+        return Outcome(completed=False, state=TrainState(), device="fake", precision="off",
+                       threads=1)
+
+    worker.trainer = trainer
+    with structlog.testing.capture_logs() as logs:
+        assert worker.run() == 0
+    (exiting,) = [x for x in logs if x["event"] == "worker exiting"]
+    assert (exiting["jobs_finished"], exiting["jobs_handed_back"]) == (1, 1)
+    assert job_view(queue, handed.job_id).heartbeat.released
+
+
 def test_heartbeat_age_marks_a_running_job_stalled(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))  # lease 5 s
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
