@@ -316,6 +316,30 @@ def test_a_dead_pid_on_this_host_is_no_second_worker(queue, clock, tiny_config):
             queue.try_claim(other, WorkerIdentity("vm", incarnation="b", host=here))
 
 
+def test_a_live_pid_here_is_the_worker_only_if_it_started_before_its_status():
+    """A worker's pid on this host, alive, proves it runs (a second worker with its id is
+    refused at once) only if that process started before the status was written: a pid taken
+    over by a later process is not the worker."""
+    import socket
+    import subprocess
+    import sys
+    from datetime import datetime, timedelta, timezone
+
+    from cherry_train.jobqueue.claims import still_running_here
+
+    here, now = socket.gethostname(), datetime.now(timezone.utc)
+    me = WorkerIdentity("vm", host=here)
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not still_running_here(here, later.pid, now - timedelta(seconds=5), me)
+        assert still_running_here(here, later.pid, now + timedelta(seconds=5), me)
+        assert not still_running_here("other-vm", later.pid, now + timedelta(seconds=5), me)
+    finally:
+        later.kill()
+        later.wait()
+    assert not still_running_here(here, later.pid, now + timedelta(seconds=5), me)  # gone
+
+
 def test_released_job_can_be_taken_at_once(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))
     beat(queue, queue.try_claim(manifest, WorkerIdentity("a")), released=True)
