@@ -194,7 +194,7 @@ def test_a_stop_wakes_the_wait_for_an_upload_confirmation(tmp_path, signal_soon)
         def md5(self, path):
             return None  # Drive has not received it (yet)
 
-    mount = UploadConfirmedMount(tmp_path, NeverThere())  # would wait 15 minutes
+    mount = UploadConfirmedMount(tmp_path, NeverThere(), timeout=20)  # 15 minutes by default
     mount.write_atomic("done/j/checkpoints/step-1.pt", b"weights")
     with stop_on_signals(StopRequest(), is_busy=lambda: False):
         signal_soon()

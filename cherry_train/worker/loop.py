@@ -77,8 +77,7 @@ class Worker:
         self.trainer = trainer  # train.Training() unless given (a test's fake, its seams)
         self.scratch = Scratch(self.options.scratch, queue.storage.description, me)
         self.stop = StopRequest()
-        self.jobs_finished = 0  # ended with a result (succeeded, failed, cancelled, pruned)
-        self.jobs_handed_back = 0  # released unfinished: a stop, an error not the job's, a rung
+        self.jobs_finished = self.jobs_handed_back = 0  # with a result / released unfinished
         self.exit_code = 0
         self.cap_reached = False
         self.started_at = queue.clock.now()
@@ -136,8 +135,9 @@ class Worker:
                 ended = self._idle(age_seconds(clock, idle_since), wait)
                 if ended is not None:
                     return ended
-            except Stopped:
-                break  # a retry that the stop cut short: what it was for is dropped
+            except Stopped as e:  # what a wait cut short was for is dropped
+                log.warning("stopping: gave up on what waited for the queue root", error=str(e))
+                break
             except Exception as e:
                 # A worker left running outlives a Drive outage (or a full Drive); a script
                 # does not wait for one. A job caught in it resumes from its newest checkpoint,
