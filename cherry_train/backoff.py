@@ -4,12 +4,18 @@ Drive API requests, data copies, a worker's idle polls, storing a finished job's
 Waits double from `first` up to `cap` (plus up to `jitter` seconds at random, so that many
 threads or workers do not retry in step); retrying stops `give_up_after` seconds after the first
 try, or after `tries` tries, whichever comes first.
+
+Every wait here wakes on `STOPPING`, the process's stop (a signal to the worker): a retry loop
+then gives up with `Stopped` at once, or, inside a bounded while that the stop allows (a
+checkpoint, the worker's final status), at the end of that while.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
@@ -25,6 +31,66 @@ from tenacity import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+class Stopped(RuntimeError):
+    """A wait cut short because the process is stopping: what waited is given up. Not an
+    OSError, so no retry loop takes it for a storage error to try again."""
+
+
+class Stopping:
+    """The process's stop, which every wait of this module wakes on. Once `request`ed, a wait
+    raises Stopped at once, except during a bounded while the stop allows (`request(grace)`,
+    `allow(seconds)`): then waits go on, but none past its end."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._requested = False
+        self._until = 0.0  # time.monotonic() until which waits may go on once stopping
+
+    def is_set(self) -> bool:
+        return self._requested
+
+    def request(self, grace: float = 0.0) -> None:
+        with self._changed:
+            self._requested = True
+            self._until = time.monotonic() + grace
+            self._changed.notify_all()
+
+    @contextmanager
+    def allow(self, seconds: float) -> Iterator[None]:
+        """Waits may go on for `seconds` more (the writes on the way out), then give up."""
+        with self._changed:
+            self._until = time.monotonic() + seconds
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._until = 0.0
+                self._changed.notify_all()
+
+    def reset(self) -> None:
+        """Not stopping (again): the worker returned, in a notebook kernel that lives on."""
+        with self._changed:
+            self._requested, self._until = False, 0.0
+            self._changed.notify_all()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep `seconds`; raise Stopped as soon as the stop (or its bounded while) says so."""
+        end = time.monotonic() + seconds
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                if self._requested and now >= self._until:
+                    raise Stopped("the worker is stopping: a wait was cut short")
+                if now >= end:
+                    return
+                self._changed.wait((min(end, self._until) if self._requested else end) - now)
+
+
+#: The process's one stop: set by the worker's signal handling (worker/signals.py).
+STOPPING = Stopping()
 
 
 @dataclass(frozen=True)
@@ -71,4 +137,4 @@ class Backoff:
             wait = wait + wait_random(0, self.jitter)
         return Retrying(retry=retry_if_exception(retry_on), wait=wait, stop=stop,
                         before_sleep=before_sleep, reraise=True,
-                        **({"sleep": sleep} if sleep is not None else {}))
+                        sleep=sleep if sleep is not None else STOPPING.sleep)

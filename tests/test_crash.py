@@ -458,3 +458,35 @@ def test_a_worker_exits_even_when_a_loader_process_outlived_its_job(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "root")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_second_worker_with_a_live_workers_id_on_this_host_is_told_at_once(tmp_path,
+                                                                              cherry_images):
+    """Two terminals (or notebooks) on one host start `cherry worker` with the same (default)
+    id: the second is refused at once, since the first's pid is alive here; once the first is
+    killed, a third takes the id over at once, since that pid is gone. Neither waits out the
+    first's status interval (here 2 x 90 s)."""
+    root = make_root(tmp_path, cherry_images, "ids")
+    queue = JobQueue(LocalStorage(root))
+    journal = tmp_path / "j.jsonl"
+    first = start_worker(root, "same", journal, exit_when_idle=False,
+                         args=("--poll-seconds", "30"))
+    try:
+        wait_for(lambda: (s := queue.worker_status("same")) and s.pid == first.pid, 60,
+                 "the first worker's status")
+        started = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "cherry_train", "worker", "--root", str(root), "--worker-id",
+             "same", "--exit-when-idle"], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "CHERRY_DEVICE": "cpu"})
+        assert second.returncode == 2, second.stderr
+        assert time.monotonic() - started < 30, "it waited to tell"
+        assert f"in use by a live worker on this host (pid {first.pid}, idle)" in second.stderr
+        assert "Traceback" not in second.stderr, second.stderr
+        assert queue.worker_status("same").pid == first.pid  # its status left alone
+    finally:
+        kill(first)
+    third = start_worker(root, "same", journal)  # --exit-when-idle
+    assert third.wait(timeout=30) == 0
+    log = (root / "worker-same.log").read_text()
+    assert "checking whether it is alive" not in log, log

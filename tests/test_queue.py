@@ -265,6 +265,27 @@ def test_an_error_after_a_stop_request_hands_the_job_back_as_released(queue, tin
     assert claim.attempt.reason == "released"
 
 
+def test_the_exit_line_counts_finished_and_handed_back_jobs_apart(queue, tiny_config):
+    done = queue.submit(config(tiny_config, name="done", priority=1))
+    handed = queue.submit(config(tiny_config, name="handed"))
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(poll_min_seconds=0.01))
+    finish = fake_trainer([])
+
+    def trainer(run):
+        if run.claim.job_id == done.job_id:
+            return finish(run)
+        worker.stop.set("SIGTERM")  # a stop while the second job trains: handed back
+        return Outcome(completed=False, state=TrainState(), device="fake", precision="off",
+                       threads=1)
+
+    worker.trainer = trainer
+    with structlog.testing.capture_logs() as logs:
+        assert worker.run() == 0
+    (exiting,) = [x for x in logs if x["event"] == "worker exiting"]
+    assert (exiting["jobs_finished"], exiting["jobs_handed_back"]) == (1, 1)
+    assert job_view(queue, handed.job_id).heartbeat.released
+
+
 def test_heartbeat_age_marks_a_running_job_stalled(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config))  # lease 5 s
     claim = queue.try_claim(manifest, WorkerIdentity("a"))
@@ -331,6 +352,30 @@ def test_a_dead_pid_on_this_host_is_no_second_worker(queue, clock, tiny_config):
         queue.try_claim(other, WorkerIdentity("vm", incarnation="a", host=host, pid=pid))
         with pytest.raises(WorkerIdInUse, match="clears once its heartbeat is 0.4 s old"):
             queue.try_claim(other, WorkerIdentity("vm", incarnation="b", host=here))
+
+
+def test_a_live_pid_here_is_the_worker_only_if_it_started_before_its_status():
+    """A worker's pid on this host, alive, proves it runs (a second worker with its id is
+    refused at once) only if that process started before the status was written: a pid taken
+    over by a later process is not the worker."""
+    import socket
+    import subprocess
+    import sys
+    from datetime import datetime, timedelta, timezone
+
+    from cherry_train.jobqueue.claims import still_running_here
+
+    here, now = socket.gethostname(), datetime.now(timezone.utc)
+    me = WorkerIdentity("vm", host=here)
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not still_running_here(here, later.pid, now - timedelta(seconds=5), me)
+        assert still_running_here(here, later.pid, now + timedelta(seconds=5), me)
+        assert not still_running_here("other-vm", later.pid, now + timedelta(seconds=5), me)
+    finally:
+        later.kill()
+        later.wait()
+    assert not still_running_here(here, later.pid, now + timedelta(seconds=5), me)  # gone
 
 
 def test_released_job_can_be_taken_at_once(queue, clock, tiny_config):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from cherry_train.backoff import Backoff
+from cherry_train.backoff import STOPPING, Backoff, Stopped
 from cherry_train.checksums import file_md5
 from cherry_train.storage.base import Storage
 from cherry_train.storage.local import LocalStorage
@@ -37,7 +37,7 @@ class UploadConfirmedMount(RetryingStorage):
     confirms_later = True
 
     def __init__(self, mount_root: Path | str, api, *, timeout: float = CONFIRM_TIMEOUT_SECONDS,
-                 sleep: Callable[[float], None] = time.sleep,
+                 sleep: Callable[[float], None] = STOPPING.sleep,
                  monotonic: Callable[[], float] = time.monotonic):
         super().__init__(LocalStorage(mount_root))
         self.api = api
@@ -65,7 +65,12 @@ class UploadConfirmedMount(RetryingStorage):
                 log.warning("Drive has not received the file yet; it does not count as saved",
                             path=path, waited_seconds=round(limit))
                 return False
-            self._sleep(wait)
+            try:
+                self._sleep(wait)  # wakes on a stop: the worker waits no longer than it allows
+            except Stopped:
+                log.warning("stopping: no longer waiting for Drive to receive the file; it "
+                            "does not count as saved", path=path)
+                return False
 
 
 def my_drive_folder(root: Path) -> str | None:

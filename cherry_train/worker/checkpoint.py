@@ -23,6 +23,7 @@ import structlog
 import torch
 
 from cherry_train import faults, logs
+from cherry_train.backoff import Stopped
 from cherry_train.checksums import file_sha256
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.owner import Fenced, Owner
@@ -190,6 +191,10 @@ class Checkpoints:
             confirm.start()
         except Fenced as e:  # handed to the training thread by wait(): it must stop
             self._error = e
+        except Stopped:  # the worker's stop allowed no longer: storage did not take it
+            log.warning("stopping: gave up on writing the checkpoint; the next attempt resumes "
+                        "from the newest one written", job_id=self.owner.claim.job_id,
+                        step=step, resume_would_start_at=self.durable_step or 0)
         except Exception as e:
             self._failed(step, e)
         except BaseException as e:

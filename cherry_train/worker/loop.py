@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from cherry_train import __version__, logs
-from cherry_train.backoff import Backoff
+from cherry_train.backoff import Backoff, Stopped
 from cherry_train.jobqueue.claims import Claim, WorkerIdentity
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.lifecycle import (
@@ -35,7 +35,7 @@ from cherry_train.worker.outcome import JobRun, Runner
 from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
 from cherry_train.worker.scratch import Scratch
-from cherry_train.worker.signals import stop_on_signals
+from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
 from cherry_train.worker.tensorboard import Board
 
 log = structlog.get_logger(__name__)
@@ -77,7 +77,7 @@ class Worker:
         self.trainer = trainer  # train.Training() unless given (a test's fake, its seams)
         self.scratch = Scratch(self.options.scratch, queue.storage.description, me)
         self.stop = StopRequest()
-        self.jobs_done = 0
+        self.jobs_finished = self.jobs_handed_back = 0  # with a result / released unfinished
         self.exit_code = 0
         self.cap_reached = False
         self.started_at = queue.clock.now()
@@ -103,13 +103,18 @@ class Worker:
             except WorkerIdInUse:
                 reason = "worker id in use"
                 raise  # and leave the status file alone: it is the live worker's
+            except KeyboardInterrupt as e:  # exit now: nothing more is written
+                reason = "stop cut short" if isinstance(e, CutShort) else "second signal"
+                raise
             finally:
                 self.scratch.remove()
                 end_loader_processes()
-                if reason != "worker id in use":
-                    self._write_final_status()
+                if reason not in ("worker id in use", "second signal", "stop cut short"):
+                    write_on_the_way_out("the final status", lambda: self._write_status(
+                        WorkerState.stopped, interval=0))
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
-                         jobs_done=self.jobs_done)
+                         jobs_finished=self.jobs_finished,
+                         jobs_handed_back=self.jobs_handed_back)
         if reason == "idle shutdown" or (self.cap_reached and
                                          self.options.idle_shutdown_minutes is not None):
             self.options.release_runtime()  # compute units stop burning
@@ -130,6 +135,9 @@ class Worker:
                 ended = self._idle(age_seconds(clock, idle_since), wait)
                 if ended is not None:
                     return ended
+            except Stopped as e:  # what a wait cut short was for is dropped
+                log.warning("stopping: gave up on what waited for the queue root", error=str(e))
+                break
             except Exception as e:
                 # A worker left running outlives a Drive outage (or a full Drive); a script
                 # does not wait for one. A job caught in it resumes from its newest checkpoint,
@@ -196,7 +204,6 @@ class Worker:
             claim = self.queue.try_claim(manifest, self.me, ready=self.promotions.ready)
             if claim is not None:
                 self.execute(claim)
-                self.jobs_done += 1
                 self.promotions.forget()  # this job's epochs may have moved a rung's cut
                 return True
         return bool(unreadable)
@@ -272,6 +279,8 @@ class Worker:
         if not won:
             log.warning("another attempt committed first; this result was discarded",
                         job_id=claim.job_id)
+        else:
+            self.jobs_finished += 1
         if claim.manifest.sweep is not None:
             self._top_up(claim.manifest.sweep.id)  # the sweep's next trial, for whoever is free
 
@@ -297,6 +306,7 @@ class Worker:
                 phase=Phase.paused if paused else Phase.released, released=True,
                 error=error_info(error, with_traceback=True) if error is not None else None))
             reporter.finish()
+            self.jobs_handed_back += 1
         except Fenced:
             log.warning("job taken over meanwhile; nothing more written", job_id=claim.job_id)
 
@@ -371,14 +381,6 @@ class Worker:
                 age_seconds(self.queue.clock, last.at) + wait / 2 < every:
             return
         self._write_status(WorkerState.idle, interval=every + self.options.poll_max_seconds)
-
-    def _write_final_status(self) -> None:
-        try:
-            self._write_status(WorkerState.stopped, interval=0)
-        except Exception as e:  # an outage must not hide why the loop ended
-            if not is_outage(e):
-                raise
-            log.warning("could not write the worker's final status", error=str(e)[:300])
 
     def _busy(self) -> bool:
         return self._last_status is not None and self._last_status.state == WorkerState.busy

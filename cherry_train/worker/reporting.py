@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from cherry_train import logs
+from cherry_train.backoff import Stopped
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.plots import render_curves
 from cherry_train.schemas import Heartbeat, Phase, WorkerStatus
@@ -147,7 +148,7 @@ class Reporter:
         while not self._done.wait(self.interval):
             try:
                 self.beat()
-            except Fenced:
+            except (Fenced, Stopped):  # the worker stops: its way out writes the last beat
                 return
             except Exception as e:  # a failed beat (flaky mount) must not kill the job
                 failing += 1
