@@ -1,4 +1,4 @@
-"""The queue state machine on a fake file system, with an injected clock (DESIGN.md §2-3)."""
+"""The queue state machine on a fake file system, with an injected clock (docs/contract.md §1-3)."""
 
 from __future__ import annotations
 
