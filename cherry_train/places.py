@@ -1,5 +1,5 @@
 """Where things are on this machine: which queue root a command uses, the config folder, Colab
-and its Drive mount, and how a config's data paths map onto them (DESIGN.md §5-6).
+and its Drive mount, and how a config's data paths map onto them (docs/contract.md §7).
 
 Root order: --root, else $CHERRY_ROOT, else the root saved by `cherry init`, else the Colab Drive
 folder on Colab, else a local demo folder (with a notice saying so).

@@ -23,6 +23,13 @@ def owner(tmp_path, tiny_config):
     return queue.owner(claim)
 
 
+def take_over(owner):
+    """Attempt 2 of the owner's job exists: the lease ran out and another worker claimed it."""
+    paths = owner.claim.paths
+    owner.queue.storage.write_atomic(paths.attempt(2), owner.claim.attempt.model_copy(
+        update={"n": 2, "worker_id": "w2"}).to_json())
+
+
 def test_the_copy_shares_nothing_with_the_live_state():
     live = {"w": torch.ones(3), "nested": [torch.zeros(2), {"n": 5}]}
     copy = StateCopier().copy(live).wait()
@@ -221,9 +228,7 @@ def test_a_stale_attempts_prune_is_fenced_and_removes_nothing(owner, tmp_path, t
     queue, paths = owner.queue, owner.claim.paths
     stale = Checkpoints(owner, tmp_path / "scratch-old", keep_last=1)
     stale.save(5, {"w": torch.ones(2)})
-    # Attempt 2 takes over (the lease ran out) and writes its own checkpoints.
-    queue.storage.write_atomic(paths.attempt(2), owner.claim.attempt.model_copy(
-        update={"n": 2, "worker_id": "w2"}).to_json())
+    take_over(owner)  # and attempt 2 writes its own checkpoints
     for step in (10, 12):
         queue.storage.write_atomic(paths.checkpoint(step), b"new owner's")
         queue.storage.write_atomic(paths.checkpoint_checksum(step), b"sum")
@@ -232,6 +237,35 @@ def test_a_stale_attempts_prune_is_fenced_and_removes_nothing(owner, tmp_path, t
     assert set(stale.steps()) == {5, 10, 12}
     with pytest.raises(AttributeError, match="read-only"):
         stale.storage.delete(paths.checkpoint(10))  # no raw write path to reach for
+
+
+def test_a_stale_attempts_checkpoint_upload_is_fenced_and_writes_nothing(owner, tmp_path):
+    """The upload itself is fenced, not only the checksum written after it: a stale attempt
+    must not put its checkpoint file beside the new owner's (nor over one of the same step)."""
+    paths = owner.claim.paths
+    take_over(owner)
+    stale = Checkpoints(owner, tmp_path / "scratch-old", keep_last=2)
+    with pytest.raises(Fenced):
+        stale.save(7, {"w": torch.ones(2)})
+    assert not owner.queue.storage.exists(paths.checkpoint(7))
+    assert owner.queue.storage.list_dir(paths.checkpoints_dir) == []
+
+
+def test_a_checkpoint_that_loads_but_whose_bytes_changed_is_not_resumed_from(owner, tmp_path):
+    """The checksum, not torch.load failing, keeps a changed checkpoint out of a resume: here
+    the newest is replaced by another valid checkpoint (a bit flip inside a tensor, a file
+    from elsewhere), which loads fine. The one before it is resumed from; the changed one goes."""
+    paths, storage = owner.claim.paths, owner.queue.storage
+    checkpoints = Checkpoints(owner, tmp_path / "scratch", keep_last=5)
+    checkpoints.save(1, {"w": torch.ones(2)})
+    checkpoints.save(2, {"w": torch.full((2,), 2.0)})
+    changed = tmp_path / "changed.pt"
+    torch.save({"w": torch.full((2,), 666.0)}, changed)
+    storage.write_atomic(paths.checkpoint(2), changed.read_bytes())
+    assert torch.load(tmp_path / "root" / paths.checkpoint(2), weights_only=True)["w"][0] == 666
+    step, payload = checkpoints.load_latest()
+    assert step == 1 and payload["w"].tolist() == [1.0, 1.0]
+    assert checkpoints.steps() == [1]
 
 
 def test_curves_that_cannot_be_stored_do_not_end_the_job(owner, monkeypatch):

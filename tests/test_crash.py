@@ -1,5 +1,6 @@
 """Crash safety, proven on real worker processes: SIGKILL at random moments and at named points
-(the fault hook), SIGTERM, cancel, several workers on one folder (DESIGN.md §3 guarantees)."""
+(the fault hook), SIGTERM, cancel, several workers on one folder (the guarantees of
+docs/contract.md §5)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,16 @@
-"""The queue state machine on a fake file system, with an injected clock (DESIGN.md §2-3)."""
+"""The queue state machine on a fake file system, with an injected clock (docs/contract.md §1-3)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import structlog
+from concurrently import at_once
 
 from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.clock import FakeClock
@@ -91,6 +93,38 @@ def test_two_claimants_exactly_one_wins(queue, tiny_config):
     assert b is None
     assert queue.storage.list_dir(JobPaths(manifest.job_id).attempts_dir) == ["1.json"]
     assert job_view(queue, manifest.job_id).state == JobState.running
+
+
+class MeetBeforeCreating(LocalStorage):
+    """A folder where each claimant, its checks passed, waits for the other before creating its
+    attempt: both find the job free, so only the exclusive create can tell them apart."""
+
+    def __init__(self, root, barrier: threading.Barrier):
+        super().__init__(root)
+        self.barrier = barrier
+
+    def create_exclusive(self, path, data):
+        if "/attempts/" in path:
+            self.barrier.wait()
+        return super().create_exclusive(path, data)
+
+
+def test_two_claimants_past_every_check_at_once_exactly_one_wins(tmp_path, tiny_config):
+    """A real race on a POSIX folder: both claimants saw no attempt (no lease to turn the second
+    away), then both create attempts/1.json; the loser must come back empty-handed."""
+    manifest = JobQueue(LocalStorage(tmp_path)).submit(config(tiny_config))
+    barrier, claims = threading.Barrier(2, timeout=60), [None, None]
+
+    def claim(i, queue):
+        claims[i] = queue.try_claim(manifest, WorkerIdentity(f"w{i}"))
+
+    at_once(2, claim, lambda i: JobQueue(MeetBeforeCreating(tmp_path, barrier)))
+    winners = [c for c in claims if c is not None]
+    assert len(winners) == 1, [c.attempt.worker_id for c in winners]
+    paths = JobPaths(manifest.job_id)
+    assert os.listdir(tmp_path / paths.attempts_dir) == ["1.json"]
+    stored = json.loads((tmp_path / paths.attempt(1)).read_text())
+    assert stored["incarnation"] == winners[0].attempt.incarnation
 
 
 def test_full_lifecycle_through_the_worker(queue, tiny_config):
@@ -523,8 +557,11 @@ def test_a_cached_status_row_never_outlives_the_result_it_was_read_from(queue, t
 def test_attempts_that_checkpoint_do_not_count_as_a_crash_loop(queue, clock, tiny_config):
     manifest = queue.submit(config(tiny_config, max_attempts=2))
     paths = JobPaths(manifest.job_id)
-    for step in range(1, 6):  # five disconnects, each after a new checkpoint
-        assert queue.try_claim(manifest, WorkerIdentity(f"w{step}")) is not None
+    for step in range(1, 6):  # five deaths while training, each after a new checkpoint
+        claim = queue.try_claim(manifest, WorkerIdentity(f"w{step}"))
+        assert claim is not None, f"gave up after {step - 1} attempts that each checkpointed"
+        # It trained (a death now is a crash, not a set-up death with its larger bound).
+        beat(queue, claim, phase="training", trained=True, step=step)
         queue.storage.write_atomic(paths.checkpoint(step), b"ckpt")
         queue.storage.write_atomic(paths.checkpoint_checksum(step), b"sum")
         clock.advance(6)

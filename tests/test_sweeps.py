@@ -446,6 +446,37 @@ def test_a_paused_trial_is_claimed_once_promoted_or_once_its_rung_is_complete(tm
     assert claimable(0.5) and claimable(0.6)  # complete: claimed to be pruned
 
 
+def test_a_trial_promoted_but_not_yet_past_the_rung_holds_its_place(tmp_path, tiny_config):
+    """ASHA with reduction 2: of three trials at a rung one goes on. The second went on when it
+    led two; it now trains toward the next rung, with no later epoch in its metrics yet. The
+    third, better than both, pauses: the rung's one place is taken until more trials arrive."""
+    from cherry_train.schemas import Heartbeat, Phase
+    from cherry_train.worker.pruning import GO, PAUSE, judge
+
+    queue = JobQueue(LocalStorage(tmp_path))
+    cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": 9}, "sweep": {
+        "parallel": 2, "parameters": {"training.learning_rate": {
+            "values": [0.005, 0.003, 0.002, 0.001, 0.0005]}},
+        "early_stop": {"method": "asha", "grace_epochs": 1, "reduction": 2}}}
+    record, (first, second) = Sweeps(queue).submit(validate_config(cfg))
+
+    def reaches_rung(manifest, accuracy):
+        claim = queue.try_claim(manifest, WorkerIdentity(f"w{accuracy}"))
+        queue.owner(claim).write(claim.paths.metrics, json.dumps(
+            {"kind": "epoch", "epoch": 1, "val_accuracy": accuracy}).encode() + b"\n")
+        return claim, judge(queue, manifest, 1)
+
+    claim, (verdict, _) = reaches_rung(first, 0.5)
+    assert verdict == PAUSE  # alone at the rung: nothing to beat
+    queue.release(queue.owner(claim), Heartbeat(
+        job_id=claim.job_id, attempt=claim.attempt.n, worker_id=claim.attempt.worker_id,
+        at=queue.clock.now(), phase=Phase.paused, released=True))
+    assert reaches_rung(second, 0.6)[1][0] == GO  # top one of two; still training, epoch 1
+    (third,) = Sweeps(queue).top_up(record.sweep_id)
+    verdict, figures = reaches_rung(third, 0.9)[1]
+    assert (verdict, figures["promoted_before"], figures["rung_complete"]) == (PAUSE, 1, False)
+
+
 def test_at_a_rung_equal_accuracies_are_told_apart_by_the_loss(tmp_path, tiny_config):
     """Early on trials share chance-level accuracy: the lower validation loss ranks first."""
     from cherry_train.worker.pruning import GO, PRUNE, judge

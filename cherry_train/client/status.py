@@ -1,4 +1,4 @@
-"""`cherry status`: every job's state, derived from the files alone (DESIGN.md §3).
+"""`cherry status`: every job's state, derived from the files alone (docs/contract.md §3).
 
 A finished job's row is kept in a small local cache, with its result.json's size and time: with
 hundreds of finished jobs on a Drive mount, a status call reads only the jobs still in motion,

@@ -1,4 +1,4 @@
-"""Reading the queue's records (DESIGN.md §2): a job's manifest, attempts, heartbeat, cancel
+"""Reading the queue's records (docs/contract.md §2): a job's manifest, attempts, heartbeat, cancel
 request and checkpoints, and the workers' own status files. Nothing here changes a job's state:
 the transitions are in lifecycle.py, each read by whoever needs it.
 """

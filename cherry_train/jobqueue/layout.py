@@ -1,4 +1,5 @@
-"""Where everything lives under a queue root (DESIGN.md §2). The only module that spells paths."""
+"""Where everything lives under a queue root (docs/contract.md §1). The only module that spells
+paths."""
 
 from __future__ import annotations
 

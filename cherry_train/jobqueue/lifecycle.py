@@ -1,7 +1,7 @@
-"""The job lifecycle of DESIGN.md §3: every state transition, in the order a job meets them.
+"""The job lifecycle of docs/contract.md §3: every state transition, in the order a job meets them.
 
-    submit ──> queued ──claim──> running ──commit──> succeeded | failed | cancelled
-                 ^  │  (takeover)   │ ──release──> queued (the next claim resumes it)
+    submit ──> queued ──claim──> running ──commit──> succeeded | failed | cancelled | pruned
+                 ^  │  (takeover)   │ ──release / pause──> queued (the next claim resumes it)
                  │  └─cancel / unreadable / crash loop──> cancelled | failed
                  └──────────── retry (a failed or cancelled job) ────────────┘
 
@@ -82,7 +82,7 @@ def ending(completed: bool, stop_reason: str | None, pruned: bool = False) -> Jo
 def ending_after_error(is_job_error: bool, stop_reason: str | None) -> JobState | None:
     """How an attempt that raised ends its job: cancelled if that was asked for (an error on the
     way changes nothing), failed if the error is the job's (its config, its data), else (None)
-    released: not the job's fault (DESIGN.md §9), the next attempt resumes it."""
+    released: not the job's fault (docs/contract.md §8), the next attempt resumes it."""
     if stop_reason == "cancel":
         return JobState.cancelled
     return JobState.failed if is_job_error and stop_reason is None else None

@@ -1,7 +1,7 @@
-"""The writes of an attempt's owner, each fenced first (DESIGN.md §3): once a later attempt of
-the job exists, the next write raises Fenced instead of writing. With $CHERRY_JOURNAL set,
-every claim and write is also journaled, so a test (or a post-mortem) can check fencing from
-the files' history."""
+"""The writes of an attempt's owner, each fenced first (docs/contract.md §4): once a later
+attempt of the job exists, the next write raises Fenced instead of writing. With
+$CHERRY_JOURNAL set, every claim and write is also journaled, so a test (or a post-mortem) can
+check fencing from the files' history."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Fenced(Exception):
 
 
 class Owner:
-    """Every write the owner of an attempt makes, fenced first (DESIGN.md §3): once a later
+    """Every write the owner of an attempt makes, fenced first (docs/contract.md §4): once a later
     attempt exists, the next write raises Fenced instead of writing. With $CHERRY_JOURNAL set,
     each write is also journaled, so a test (or a post-mortem) can check fencing from history."""
 

@@ -1,5 +1,5 @@
 """What `cherry status` (and every reader) makes of a job: its state derived from the files
-alone, in DESIGN.md §3's order. Reads only; the transitions are in lifecycle.py."""
+alone, in docs/contract.md §3's order. Reads only; the transitions are in lifecycle.py."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ REJECTED = "RejectedManifest"
 
 
 def job_view(files: JobFiles, job_id: str) -> JobView:
-    """A job's state, in DESIGN.md §3's order: result > failed/ > queue/ with no attempt since
-    it was queued (cancelled if a cancel was asked) > attempt."""
+    """A job's state, in docs/contract.md §3's order: result > failed/ > queue/ with no attempt
+    since it was queued (cancelled if a cancel was asked) > attempt."""
     paths, storage = JobPaths(job_id), files.storage
     manifest = files.learn(files.manifest(job_id))
     raw = storage.read_text_or_none(paths.result)

@@ -1,6 +1,6 @@
 """The JSON records the queue is made of: manifest, attempt, heartbeat, result, worker status.
 
-Each is written by exactly one party (see DESIGN.md §2) and read by everyone, so unknown keys are
+Each is written by exactly one party (docs/contract.md §4) and read by everyone, so unknown keys are
 ignored on read: an older client can show a newer worker's files.
 """
 
@@ -52,7 +52,7 @@ FINISHED = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled, J
 
 
 class AttemptReason(Word):
-    """Why an attempt was started (DESIGN.md §3)."""
+    """Why an attempt was started (docs/contract.md §3)."""
 
     fresh = "fresh"  # the job's first attempt
     released = "released"  # the previous owner stopped on purpose (signal, runtime cap)

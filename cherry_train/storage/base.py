@@ -131,7 +131,8 @@ class Storage(ABC):
 class ReadOnlyStorage:
     """The read half of a storage. Training, checkpoints and reporting hold this, never the
     storage itself: every write or delete of a job's files goes through the attempt's fenced
-    Owner (DESIGN.md §9), so a stale attempt cannot touch the live owner's files by accident."""
+    Owner (docs/contract.md §4), so a stale attempt cannot touch the live owner's files by
+    accident."""
 
     READS = frozenset({"read_bytes", "read_range", "read_text_or_none", "exists", "stat",
                        "list_dir", "list_entries", "stat_in_subfolders", "download",

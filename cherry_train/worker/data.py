@@ -171,7 +171,7 @@ class _OnDevice:
 
 
 def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
-    """Where a config's path is on this machine (the path mapping of DESIGN.md §5); a path
+    """Where a config's path is on this machine (the path mapping of docs/contract.md §7); a path
     that cannot be mapped is the user's to fix, named by its field."""
     try:
         return map_data_path(path, root)

@@ -1,4 +1,4 @@
-"""What can end an attempt, sorted by whose it is to fix (DESIGN.md §9).
+"""What can end an attempt, sorted by whose it is to fix (docs/contract.md §8).
 
 A `JobError` is the user's: the job fails at once with its message, no traceback. Anything
 else (a loader process killed, a CUDA error, a bug) is not the job's fault: the attempt hands

@@ -312,9 +312,10 @@ class Worker:
 
     def _hand_back(self, claim: Claim, owner: Owner, reporter: Reporter,
                    error: Exception) -> None:
-        """End the attempt without ending the job: it is not the job's fault (DESIGN.md §9). The
-        heartbeat says why; the next attempt (this worker's next poll, or another worker's)
-        resumes from the newest checkpoint and records the error in its history."""
+        """End the attempt without ending the job: it is not the job's fault
+        (docs/contract.md §8). The heartbeat says why; the next attempt (this worker's next
+        poll, or another worker's) resumes from the newest checkpoint and records the error in
+        its history."""
         stopping = self.stop.is_set()  # the error most likely came of the stop itself
         if stopping:
             log.warning("error while stopping; the job is handed back", job_id=claim.job_id,
