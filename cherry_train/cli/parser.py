@@ -22,6 +22,7 @@ from cherry_train.cli.commands import (
 from cherry_train.cli.sweeps import cmd_sweep_best
 from cherry_train.cli.tensorboard import cmd_tensorboard
 from cherry_train.cli.worker import cmd_worker
+from cherry_train.client.watch import EXIT_CODES
 from cherry_train.schemas import JobState
 
 JOB_HELP = "the job id (or 4+ characters of its end, e.g. 7f3a)"
@@ -126,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--root", help=root_help)
     r.set_defaults(func=cmd_retry)
 
-    wa = sub.add_parser("watch", help="follow a job live until it ends (exit 0 succeeded, "
-                        "1 failed, 3 cancelled)")
+    outcomes = ", ".join(f"{code} {state.value}" for state, code in EXIT_CODES.items())
+    wa = sub.add_parser("watch", help=f"follow a job live until it ends (exit {outcomes})")
     wa.add_argument("job", metavar="JOB", help=JOB_HELP)
     wa.add_argument("--root", help=root_help)
     wa.add_argument("--poll-seconds", type=_positive_float, default=5.0,
