@@ -1,0 +1,163 @@
+"""The SkyPilot task file (deploy/skypilot/worker.yaml): what its run script does on a VM, run
+here by bash with a stand-in `cherry`, and, with the `fleet` extra, what SkyPilot's own parser
+makes of the file. The worker under preemption (SIGTERM to its group) is tested elsewhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cherry_train.jobqueue.ids import WORKER_ID_RE
+
+TASK_FILE = Path(__file__).resolve().parent.parent / "deploy" / "skypilot" / "worker.yaml"
+TOKEN = json.dumps({"token": "ya29.secret", "refresh_token": "1//refresh", "client_id": "c"})
+EXIT_GPU_FAILED = 75  # cherry_train.worker.loop.EXIT_GPU_FAILED, without importing torch here
+
+# A stand-in for `cherry` on the VM: records how it was started, exits as told.
+FAKE_CHERRY = """#!/bin/bash
+{
+  printf '%s\\n' "$@"
+  echo "--env--"
+  env | grep -E '^(CHERRY_|SKYPILOT_)' | sort
+  echo "--token--"
+  f="$CHERRY_CONFIG_DIR/drive-token.json"
+  [ -f "$f" ] && stat -c '%a' "$f" && cat "$f"
+} > "$FAKE_OUT"
+exit "${FAKE_EXIT:-0}"
+"""
+
+
+def task_config() -> dict:
+    return yaml.safe_load(TASK_FILE.read_text())
+
+
+def run_script(tmp_path: Path, run: str, env: dict[str, str], exit_code: int = 0):
+    """The run section as SkyPilot runs it (bash, the task's envs and secrets exported), with
+    `cherry` replaced: (the completed process, what `cherry` was given or None)."""
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir(exist_ok=True)
+    home.mkdir(exist_ok=True)
+    fake = bin_dir / "cherry"
+    fake.write_text(FAKE_CHERRY)
+    fake.chmod(0o755)
+    out = tmp_path / "cherry-was-run.txt"
+    out.unlink(missing_ok=True)
+    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_OUT": str(out),
+                "FAKE_EXIT": str(exit_code), **env}
+    proc = subprocess.run(["bash", "-c", run], env=full_env, capture_output=True, text=True,
+                          timeout=60)
+    return proc, (out.read_text() if out.exists() else None)
+
+
+def envs_of(config: dict, **overrides: str) -> dict[str, str]:
+    envs = {k: v for k, v in config["envs"].items() if v is not None}
+    return {**envs, **overrides}
+
+
+def test_no_root_is_one_line_and_exit_2_and_no_worker(tmp_path):
+    config = task_config()
+    for root in (None, ""):
+        env = envs_of(config, CHERRY_DRIVE_TOKEN_JSON=TOKEN)
+        if root is not None:
+            env["CHERRY_ROOT"] = root
+        proc, started = run_script(tmp_path, config["run"], env)
+        assert proc.returncode == 2, proc.stderr
+        assert started is None  # nothing ran, nothing was written into a local folder
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "CHERRY_ROOT" in lines[0] and "--env CHERRY_ROOT=" in lines[0]
+
+
+def test_gdrive_root_without_token_is_one_line_and_exit_2(tmp_path):
+    config = task_config()
+    proc, started = run_script(tmp_path, config["run"],
+                               envs_of(config, CHERRY_ROOT="gdrive:traina"))
+    assert proc.returncode == 2 and started is None
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--secret CHERRY_DRIVE_TOKEN_JSON" in lines[0]
+
+
+def _worker_run(tmp_path, config, run, task_id="sky-managed-2026_cherry-worker-1_1-0",
+                exit_code=0):
+    env = envs_of(config, CHERRY_ROOT="gdrive:traina", CHERRY_DRIVE_TOKEN_JSON=TOKEN,
+                  SKYPILOT_TASK_ID=task_id, SKYPILOT_MANAGED_JOB_ID="7",
+                  SKYPILOT_NODE_RANK="0")
+    proc, started = run_script(tmp_path, run, env, exit_code)
+    assert started is not None, proc.stderr
+    argv, rest = started.split("--env--\n")
+    env_lines, token = rest.split("--token--\n")
+    return proc, argv.splitlines(), env_lines.splitlines(), token.splitlines()
+
+
+def check_worker_run(tmp_path, config, run):
+    proc, argv, env, token = _worker_run(tmp_path, config, run)
+    assert proc.returncode == 0, proc.stderr
+    assert argv[:3] == ["worker", "--root", "gdrive:traina"]
+    assert argv[argv.index("--idle-shutdown") + 1] == config["envs"]["CHERRY_IDLE_MINUTES"]
+    worker_id = argv[argv.index("--worker-id") + 1]
+    assert WORKER_ID_RE.match(worker_id) and worker_id.startswith("sky-7-"), worker_id
+    # The token is a file only its owner reads, and the worker's environment does not hold it.
+    assert token == ["600", TOKEN]
+    assert not any(line.startswith("CHERRY_DRIVE_TOKEN_JSON=") for line in env)
+    assert f"CHERRY_CONFIG_DIR={tmp_path / 'home' / '.config' / 'cherry-train'}" in env
+    # Stable across a recovery (same task id), apart across managed jobs (another task id).
+    _, again, _, _ = _worker_run(tmp_path, config, run)
+    _, other, _, _ = _worker_run(tmp_path, config, run, task_id="sky-managed-2026_cherry-2_2-0")
+    assert again[again.index("--worker-id") + 1] == worker_id
+    assert other[other.index("--worker-id") + 1] != worker_id
+    # The worker's exit code is the job's: 75 reaches SkyPilot's recover_on_exit_codes.
+    proc, _, _, _ = _worker_run(tmp_path, config, run, exit_code=EXIT_GPU_FAILED)
+    assert proc.returncode == EXIT_GPU_FAILED
+
+
+def test_run_script_starts_the_worker_with_root_id_and_private_token(tmp_path):
+    config = task_config()
+    check_worker_run(tmp_path, config, config["run"])
+
+
+def test_task_file_asks_for_root_and_token_at_launch_and_maps_exit_codes():
+    config = task_config()
+    # Required at launch, never written in the file.
+    assert config["envs"]["CHERRY_ROOT"] is None
+    assert config["secrets"] == {"CHERRY_DRIVE_TOKEN_JSON": None}
+    assert "CHERRY_DRIVE_TOKEN_JSON" not in config["envs"]
+    assert config["resources"]["use_spot"] is True
+    assert config["num_nodes"] == 1
+    assert config["resources"]["job_recovery"] == {
+        "strategy": "EAGER_NEXT_REGION", "recover_on_exit_codes": [EXIT_GPU_FAILED],
+        "max_restarts_on_errors": 0}
+
+
+def test_gpu_failed_exit_code_is_the_workers():
+    from cherry_train.worker.loop import EXIT_GPU_FAILED as worker_code
+
+    assert worker_code == EXIT_GPU_FAILED
+
+
+def test_skypilot_parses_the_task_file(tmp_path):
+    """SkyPilot's own parser (the `fleet` extra): the file is a valid task; without a root it
+    refuses to launch; the run script it would send starts the worker as above."""
+    sky = pytest.importorskip("sky")
+    with pytest.raises(ValueError, match="CHERRY_ROOT"):
+        sky.Task.from_yaml_config(task_config())
+    task = sky.Task.from_yaml_config(
+        task_config(), env_overrides=[("CHERRY_ROOT", "gdrive:traina")],
+        secrets_overrides=[("CHERRY_DRIVE_TOKEN_JSON", TOKEN)])
+    assert task.envs["CHERRY_ROOT"] == "gdrive:traina"
+    assert "CHERRY_DRIVE_TOKEN_JSON" not in task.envs
+    secrets = {k: v.get_secret_value() for k, v in task.secrets.items()}
+    assert secrets == {"CHERRY_DRIVE_TOKEN_JSON": TOKEN}
+    assert task.num_nodes == 1
+    assert {r.use_spot for r in task.resources} == {True}
+    assert {json.dumps(r.job_recovery, sort_keys=True) for r in task.resources} == {json.dumps(
+        task_config()["resources"]["job_recovery"], sort_keys=True)}
+    check_worker_run(tmp_path, task_config(), task.run)
+
+
+def test_task_file_holds_no_token():
+    # The file is committed and synced to every VM: a token pasted into it would leak.
+    text = TASK_FILE.read_text()
+    assert "ya29." not in text and '"refresh_token"' not in text
