@@ -141,10 +141,13 @@ def test_skypilot_parses_the_task_file(tmp_path):
     """SkyPilot's own parser (the `fleet` extra): the file is a valid task; without a root it
     refuses to launch; the run script it would send starts the worker as above."""
     sky = pytest.importorskip("sky")
+    from sky.utils import yaml_utils
+
     with pytest.raises(ValueError, match="CHERRY_ROOT"):
-        sky.Task.from_yaml_config(task_config())
+        sky.Task.from_yaml(str(TASK_FILE))
+    # As `sky jobs launch ... --env CHERRY_ROOT=... --secret CHERRY_DRIVE_TOKEN_JSON` does.
     task = sky.Task.from_yaml_config(
-        task_config(), env_overrides=[("CHERRY_ROOT", "gdrive:traina")],
+        yaml_utils.read_yaml(str(TASK_FILE)), env_overrides=[("CHERRY_ROOT", "gdrive:traina")],
         secrets_overrides=[("CHERRY_DRIVE_TOKEN_JSON", TOKEN)])
     assert task.envs["CHERRY_ROOT"] == "gdrive:traina"
     assert "CHERRY_DRIVE_TOKEN_JSON" not in task.envs
