@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,16 +19,20 @@ TOKEN = json.dumps({"token": "ya29.secret", "refresh_token": "1//refresh", "clie
 EXIT_GPU_FAILED = 75  # cherry_train.worker.loop.EXIT_GPU_FAILED, without importing torch here
 
 # A stand-in for `cherry` on the VM: records how it was started, exits as told.
-FAKE_CHERRY = """#!/bin/bash
-{
-  printf '%s\\n' "$@"
-  echo "--env--"
-  env | grep -E '^(CHERRY_|SKYPILOT_)' | sort
-  echo "--token--"
-  f="$CHERRY_CONFIG_DIR/drive-token.json"
-  [ -f "$f" ] && stat -c '%a' "$f" && cat "$f"
-} > "$FAKE_OUT"
-exit "${FAKE_EXIT:-0}"
+FAKE_CHERRY = """#!{python}
+import os, sys
+token = os.path.join(os.environ["CHERRY_CONFIG_DIR"], "drive-token.json")
+with open(os.environ["FAKE_OUT"], "w") as out:
+    print(*sys.argv[1:], sep="\\n", file=out)
+    print("--env--", file=out)
+    for name in sorted(os.environ):
+        if name.startswith(("CHERRY_", "SKYPILOT_")):
+            print(f"{{name}}={{os.environ[name]}}", file=out)
+    print("--token--", file=out)
+    if os.path.exists(token):
+        print(oct(os.stat(token).st_mode & 0o777)[2:], file=out)
+        print(open(token).read(), file=out)
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """
 
 
@@ -42,7 +47,7 @@ def run_script(tmp_path: Path, run: str, env: dict[str, str], exit_code: int = 0
     bin_dir.mkdir(exist_ok=True)
     home.mkdir(exist_ok=True)
     fake = bin_dir / "cherry"
-    fake.write_text(FAKE_CHERRY)
+    fake.write_text(FAKE_CHERRY.format(python=sys.executable))
     fake.chmod(0o755)
     out = tmp_path / "cherry-was-run.txt"
     out.unlink(missing_ok=True)
@@ -116,6 +121,16 @@ def check_worker_run(tmp_path, config, run):
 def test_run_script_starts_the_worker_with_root_id_and_private_token(tmp_path):
     config = task_config()
     check_worker_run(tmp_path, config, config["run"])
+
+
+def test_a_token_file_left_on_the_vm_is_replaced_private(tmp_path):
+    """A recovered VM may keep its home: an old token there, readable by all, is not kept."""
+    old = tmp_path / "home" / ".config" / "cherry-train" / "drive-token.json"
+    old.parent.mkdir(parents=True)
+    old.write_text("old")
+    old.chmod(0o644)
+    _, _, _, token = _worker_run(tmp_path, task_config(), task_config()["run"])
+    assert token == ["600", TOKEN]
 
 
 def test_task_file_asks_for_root_and_token_at_launch_and_maps_exit_codes():
