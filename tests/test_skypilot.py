@@ -5,8 +5,11 @@ makes of the file. The worker under preemption (SIGTERM to its group) is tested 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,10 @@ EXIT_GPU_FAILED = 75  # cherry_train.worker.loop.EXIT_GPU_FAILED, without import
 
 # A stand-in for `cherry` on the VM: records how it was started, exits as told.
 FAKE_CHERRY = """#!{python}
-import os, sys
+import os, signal, sys, time
+signals = []
+if os.environ.get("FAKE_WAIT"):  # a worker at work: a signal stops it (0), a second at once (130)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130) if signals else signals.append(1))
 token = os.path.join(os.environ["CHERRY_CONFIG_DIR"], "drive-token.json")
 with open(os.environ["FAKE_OUT"], "w") as out:
     print(*sys.argv[1:], sep="\\n", file=out)
@@ -32,6 +38,12 @@ with open(os.environ["FAKE_OUT"], "w") as out:
     if os.path.exists(token):
         print(oct(os.stat(token).st_mode & 0o777)[2:], file=out)
         print(open(token).read(), file=out)
+if os.environ.get("FAKE_WAIT"):
+    for _ in range(1200):
+        time.sleep(0.1)
+        if signals:  # the checkpoint and the hand-back take a moment
+            time.sleep(0.5)
+            break
 sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """
 
@@ -40,9 +52,9 @@ def task_config() -> dict:
     return yaml.safe_load(TASK_FILE.read_text())
 
 
-def run_script(tmp_path: Path, run: str, env: dict[str, str], exit_code: int = 0):
-    """The run section as SkyPilot runs it (bash, the task's envs and secrets exported), with
-    `cherry` replaced: (the completed process, what `cherry` was given or None)."""
+def script_env(tmp_path: Path, env: dict[str, str], exit_code: int = 0) -> dict[str, str]:
+    """The VM's environment for the run section: the task's envs and secrets exported, and a
+    stand-in `cherry` first on PATH that writes what it was given to FAKE_OUT."""
     bin_dir, home = tmp_path / "bin", tmp_path / "home"
     bin_dir.mkdir(exist_ok=True)
     home.mkdir(exist_ok=True)
@@ -51,10 +63,17 @@ def run_script(tmp_path: Path, run: str, env: dict[str, str], exit_code: int = 0
     fake.chmod(0o755)
     out = tmp_path / "cherry-was-run.txt"
     out.unlink(missing_ok=True)
-    full_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_OUT": str(out),
-                "FAKE_EXIT": str(exit_code), **env}
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "FAKE_OUT": str(out),
+            "FAKE_EXIT": str(exit_code), **env}
+
+
+def run_script(tmp_path: Path, run: str, env: dict[str, str], exit_code: int = 0):
+    """The run section as SkyPilot runs it (bash), with `cherry` replaced: (the completed
+    process, what `cherry` was given or None)."""
+    full_env = script_env(tmp_path, env, exit_code)
     proc = subprocess.run(["bash", "-c", run], env=full_env, capture_output=True, text=True,
                           timeout=60)
+    out = Path(full_env["FAKE_OUT"])
     return proc, (out.read_text() if out.exists() else None)
 
 
@@ -85,12 +104,15 @@ def test_gdrive_root_without_token_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "--secret CHERRY_DRIVE_TOKEN_JSON" in lines[0]
 
 
+def vm_env(config, task_id="sky-managed-2026_cherry-worker-1_1-0") -> dict[str, str]:
+    return envs_of(config, CHERRY_ROOT="gdrive:traina", CHERRY_DRIVE_TOKEN_JSON=TOKEN,
+                   SKYPILOT_TASK_ID=task_id, SKYPILOT_MANAGED_JOB_ID="7",
+                   SKYPILOT_NODE_RANK="0")
+
+
 def _worker_run(tmp_path, config, run, task_id="sky-managed-2026_cherry-worker-1_1-0",
                 exit_code=0):
-    env = envs_of(config, CHERRY_ROOT="gdrive:traina", CHERRY_DRIVE_TOKEN_JSON=TOKEN,
-                  SKYPILOT_TASK_ID=task_id, SKYPILOT_MANAGED_JOB_ID="7",
-                  SKYPILOT_NODE_RANK="0")
-    proc, started = run_script(tmp_path, run, env, exit_code)
+    proc, started = run_script(tmp_path, run, vm_env(config, task_id), exit_code)
     assert started is not None, proc.stderr
     argv, rest = started.split("--env--\n")
     env_lines, token = rest.split("--token--\n")
@@ -123,6 +145,22 @@ def test_run_script_starts_the_worker_with_root_id_and_private_token(tmp_path):
     check_worker_run(tmp_path, config, config["run"])
 
 
+def test_a_worker_stopped_by_a_signal_is_not_done(tmp_path):
+    """A preemption's shutdown signals every process: the worker hands its job back and exits
+    0. The task must not: SkyPilot would end the managed job as done and bring no worker back.
+    It exits 143 (recovered), and the worker got one signal, not a second from the shell."""
+    env = script_env(tmp_path, {**vm_env(task_config()), "FAKE_WAIT": "1"})
+    proc = subprocess.Popen(["bash", "-c", task_config()["run"]], env=env,
+                            start_new_session=True, stderr=subprocess.PIPE, text=True)
+    out = Path(env["FAKE_OUT"])
+    deadline = time.monotonic() + 60
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert out.exists(), proc.stderr.read() if proc.poll() is not None else "no start"
+    os.killpg(proc.pid, signal.SIGTERM)  # bash and the worker each get it, as on a VM
+    assert proc.wait(timeout=60) == 143
+
+
 def test_a_token_file_left_on_the_vm_is_replaced_private(tmp_path):
     """A recovered VM may keep its home: an old token there, readable by all, is not kept."""
     old = tmp_path / "home" / ".config" / "cherry-train" / "drive-token.json"
@@ -142,7 +180,7 @@ def test_task_file_asks_for_root_and_token_at_launch_and_maps_exit_codes():
     assert config["resources"]["use_spot"] is True
     assert config["num_nodes"] == 1
     assert config["resources"]["job_recovery"] == {
-        "strategy": "EAGER_NEXT_REGION", "recover_on_exit_codes": [EXIT_GPU_FAILED],
+        "strategy": "EAGER_NEXT_REGION", "recover_on_exit_codes": [EXIT_GPU_FAILED, 130, 143],
         "max_restarts_on_errors": 0}
 
 
