@@ -2,7 +2,8 @@
 and its Drive mount, and how a config's data paths map onto them (docs/contract.md §7).
 
 Root order: --root, else $CHERRY_ROOT, else the root saved by `cherry init`, else the Colab Drive
-folder on Colab, else a local demo folder (with a notice saying so).
+folder on Colab, else a local demo folder (with a notice saying so; `cherry worker` refuses it on
+a SkyPilot VM, where it would vanish with the VM).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class ResolvedRoot:
 
 def on_colab() -> bool:
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def on_skypilot() -> bool:
+    """A VM SkyPilot runs a task on (it sets this for every task, managed jobs included)."""
+    return bool(os.environ.get("SKYPILOT_TASK_ID"))
 
 
 def config_dir() -> Path:

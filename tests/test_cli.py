@@ -448,3 +448,17 @@ def test_a_broken_pipe_that_is_not_stdout_stays_a_bug(monkeypatch, capsys):
     monkeypatch.setattr("cherry_train.cli.parser.cmd_schema", broken)
     with pytest.raises(BrokenPipeError):
         main(["schema"])
+
+
+def test_worker_on_a_skypilot_vm_without_a_root_is_refused(tmp_path, capsys, monkeypatch):
+    """The local default root on a spot VM would be trained into and lost with the VM."""
+    monkeypatch.setenv("SKYPILOT_TASK_ID", "sky-managed-2026_cherry-worker-1_1-0")
+    assert main(["worker", "--exit-when-idle"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SkyPilot" in err and "CHERRY_ROOT" in err
+    from cherry_train.places import default_local_root
+
+    assert not default_local_root().exists()
+    # With a root it starts as anywhere else.
+    monkeypatch.setenv("CHERRY_ROOT", str(tmp_path))
+    assert main(["worker", "--exit-when-idle", "--worker-id", "sky-1"]) == 0

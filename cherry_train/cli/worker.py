@@ -9,6 +9,7 @@ from cherry_train.cli.common import UsageError, require_root, root_and_queue
 from cherry_train.jobqueue.claims import WorkerIdentity, default_worker_id
 from cherry_train.jobqueue.ids import WORKER_ID_RE
 from cherry_train.jobqueue.lifecycle import JobQueue
+from cherry_train.places import on_skypilot, resolve_root
 
 
 def cmd_worker(args) -> int:
@@ -23,6 +24,10 @@ def cmd_worker(args) -> int:
     logs.configure(args.log_format, args.log_level)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if on_skypilot() and resolve_root(args.root).is_fallback:
+        # The local default root would be a folder on a VM that goes away, fed by nobody.
+        raise UsageError("no queue root on this SkyPilot VM: pass --root or set $CHERRY_ROOT "
+                         "(e.g. --env CHERRY_ROOT=gdrive:traina at launch)")
     resolved, queue = root_and_queue(args)
     if args.confirm_uploads:
         queue = JobQueue(_confirmed_mount(resolved.root))
