@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from cherry_train.worker import compiling
+from cherry_train.worker.kernelseal import KernelSeal
 from cherry_train.worker.train import Seams
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+KEY = b"the workers' own key, 32 chars.."  # what $CHERRY_KERNEL_KEY gives every worker
 
 
 class FakeCompiler(compiling.TorchCompiler):
@@ -127,34 +129,111 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
     kernels = root_with_data / JobPaths(job_id).compiled_kernels
-    assert finish(queue, job_id, stop_at_step=3, seams=seams) is None
-    assert kernels.read_bytes() == b"kernels 1"  # stored with the checkpoint it was packed for
+    assert finish(queue, job_id, stop_at_step=3, seams=seams,
+                  kernel_seal=KernelSeal(KEY)) is None
+    # Stored with the checkpoint it was packed for, signed for this job.
+    assert KernelSeal(KEY).verify(kernels.read_bytes(), job_id) == b"kernels 1"
     # What `cherry status` shows: the first step runs eager (it decides), the next compiles.
     assert phases[:5] == ["copying data", "starting", "training", "compiling", "training"]
-    result = finish(queue, job_id, seams=seams)
+    result = finish(queue, job_id, seams=seams, kernel_seal=KernelSeal(KEY))  # another worker
     assert result.state == JobState.succeeded and result.attempts == 2
     assert loaded == [b"kernels 1"] and packed == [{"mode": "default"}]  # nothing new to pack
     assert not kernels.exists()  # a finished job keeps no kernels
     assert "compiled_kernels" not in result.artifacts
 
 
-def test_a_worker_can_refuse_stored_kernels(root_with_data, tiny_config, monkeypatch):
-    # They are code: a worker whose folder others can write to turns them off.
+def test_without_a_key_kernels_are_neither_stored_nor_loaded_and_the_worker_says_so_once(
+        root_with_data, tiny_config):
+    # They are code: a worker without the key of its root's workers cannot tell its own
+    # kernels from anyone's, so it keeps none and loads none, even a validly signed file.
+    import structlog
+
     from cherry_train.jobqueue.layout import JobPaths
     from cherry_train.jobqueue.lifecycle import JobQueue
     from cherry_train.schemas import JobState, validate_config
     from cherry_train.storage import LocalStorage
     from tests.test_training import finish
 
-    monkeypatch.setenv("CHERRY_STORED_KERNELS", "0")
     seams = Seams(compiler=FakeCompiler(pack=lambda key: pytest.fail("packed"),
                                         unpack=lambda data, key: pytest.fail("loaded")))
     queue = JobQueue(LocalStorage(root_with_data))
-    job_id = queue.submit(validate_config(tiny_config)).job_id
-    planted = root_with_data / JobPaths(job_id).compiled_kernels
+    jobs = [queue.submit(validate_config(tiny_config)).job_id for _ in range(2)]
+    planted = root_with_data / JobPaths(jobs[0]).compiled_kernels
     planted.parent.mkdir(parents=True)
-    planted.write_bytes(b"someone else's code")
-    assert finish(queue, job_id, seams=seams).state == JobState.succeeded
+    planted.write_bytes(KernelSeal(KEY).sign(b"a key holder's kernels", jobs[0]))
+    with structlog.testing.capture_logs() as events:
+        assert finish(queue, jobs[1], seams=seams).state == JobState.succeeded  # both jobs
+    assert queue.storage.exists(JobPaths(jobs[0]).result)
+    told = [e for e in events if e["event"].startswith("compiled kernels are not stored")]
+    assert len(told) == 1, told  # once per worker, not per job
+    assert "no kernel key" in told[0]["event"] and "CHERRY_KERNEL_KEY" in told[0]["event"]
+    assert [e["earlier_kernels"] for e in events if e["event"] == "compiling the model"] == \
+        ["off (no kernel key)"] * 2
+
+
+def compilation(root, tiny_config, stored, loaded: list):
+    """One claimed job's Compilation, by a worker holding KEY, with stored(job_id) as the job's
+    compiled-kernels file; the loader (torch's load_cache_artifacts) records what reaches it."""
+    from torch import nn
+
+    from cherry_train.jobqueue.claims import WorkerIdentity
+    from cherry_train.jobqueue.lifecycle import JobQueue
+    from cherry_train.schemas import validate_config
+    from cherry_train.storage import LocalStorage
+
+    queue = JobQueue(LocalStorage(root))
+    claim = queue.try_claim(queue.submit(validate_config(tiny_config)), WorkerIdentity("w"))
+    queue.storage.write_atomic(claim.paths.compiled_kernels, stored(claim.job_id))
+    compiler = FakeCompiler(pack=lambda key: None,
+                            unpack=lambda data, key: loaded.append(data))
+    return compiling.Compilation(compiler, nn.Linear(2, 2), CUDA, "on", False,
+                                 queue.owner(claim), KernelSeal(KEY), report=lambda **_: None)
+
+
+BLOB = b"cherry-train compiled kernels\n{}\nartifacts"
+
+
+def test_kernels_a_key_holder_stored_for_the_job_are_loaded(tmp_path, tiny_config):
+    import structlog
+
+    loaded = []
+    c = compilation(tmp_path, tiny_config, lambda job_id: KernelSeal(KEY).sign(BLOB, job_id),
+                    loaded)
+    with structlog.testing.capture_logs() as events:
+        c.consider(micro=16, steps_left=1000)
+    assert loaded == [BLOB] and c.state == compiling.CompileState.first_step
+    (asked,) = [e for e in events if e["event"] == "compiling the model"]
+    assert asked["earlier_kernels"].startswith("loaded (0.0 MB, MAC checked in ")
+    assert (tmp_path / c.kernels_path).exists()
+
+
+@pytest.mark.parametrize("stored", [
+    pytest.param(lambda job_id: KernelSeal(KEY).sign(BLOB, job_id)[:-1] + b"X",
+                 id="one byte changed"),
+    pytest.param(lambda job_id: KernelSeal(b"somebody else's key of 32 chars.").sign(BLOB, job_id),
+                 id="another key"),
+    pytest.param(lambda job_id: BLOB, id="no MAC"),
+    pytest.param(lambda job_id: KernelSeal(KEY).sign(BLOB, job_id + "-another"),
+                 id="another job's"),
+])
+def test_stored_kernels_that_do_not_verify_never_reach_the_loader(tmp_path, tiny_config,
+                                                                  stored):
+    import structlog
+
+    loaded = []
+    c = compilation(tmp_path, tiny_config, stored, loaded)
+    path = tmp_path / c.kernels_path
+    assert path.exists()
+    with structlog.testing.capture_logs() as events:
+        c.consider(micro=16, steps_left=1000)
+    assert loaded == []  # never deserialised
+    assert c.state == compiling.CompileState.first_step  # compiles as without them
+    (warning,) = [e for e in events if e["log_level"] == "warning"]
+    assert warning["file"] == c.kernels_path and warning["deleted"] is True
+    assert "refused" in warning["event"]
+    assert not path.exists()  # this attempt owns the job's files: the refused file goes
+    (asked,) = [e for e in events if e["event"] == "compiling the model"]
+    assert asked["earlier_kernels"].startswith("refused: ")
 
 
 def test_an_out_of_memory_back_off_recompiles_and_stores_kernels_a_resumed_attempt_can_use(
@@ -182,11 +261,11 @@ def test_an_out_of_memory_back_off_recompiles_and_stores_kernels_a_resumed_attem
     seams = replace(fit_only(4, when=lambda: bool(compiled_for)), compiler=compiler)
     queue = JobQueue(LocalStorage(root_with_data))
     job_id = queue.submit(validate_config(tiny_config)).job_id
-    assert finish(queue, job_id, stop_at_step=3, seams=seams) is None
+    assert finish(queue, job_id, stop_at_step=3, seams=seams, kernel_seal=KernelSeal(KEY)) is None
     assert compiled_for == [16, 8, 4]
     assert packed == [{"micro": 4}]
     stored = root_with_data / JobPaths(job_id).compiled_kernels
-    assert stored.read_bytes() == repr({"micro": 4}).encode()
-    result = finish(queue, job_id, seams=seams)
+    assert KernelSeal(KEY).verify(stored.read_bytes(), job_id) == repr({"micro": 4}).encode()
+    result = finish(queue, job_id, seams=seams, kernel_seal=KernelSeal(KEY))
     assert result.state == JobState.succeeded and result.micro_batch == 4
     assert compiled_for[3:] == [4] and loaded == [{"micro": 4}]  # the resumed attempt used them

@@ -316,7 +316,8 @@ def test_a_resumed_attempt_compiles_from_the_kernels_the_first_one_stored(tmp_pa
                                                                           cherry_images,
                                                                           tiny_config):
     # Two real worker processes, each with an empty inductor cache of its own, as on two
-    # fresh VMs: the first is killed after its compiled steps and a checkpoint.
+    # fresh VMs, holding the same kernel key: the first is killed after its compiled steps and
+    # a checkpoint.
     import os
     import subprocess
     import sys
@@ -335,7 +336,7 @@ def test_a_resumed_attempt_compiles_from_the_kernels_the_first_one_stored(tmp_pa
 
     def worker(n: int, fault: str | None = None) -> None:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{n}"),
-               "CHERRY_DEVICE": "cuda"}
+               "CHERRY_DEVICE": "cuda", "CHERRY_KERNEL_KEY": "the workers' key" * 2}
         env.pop("TRITON_CACHE_DIR", None)
         env.pop("CHERRY_FAULT", None)
         if fault:

@@ -35,14 +35,14 @@ def run_job(root, cfg: dict, worker_id="w1", stop_at_step=None, seams=None,
     return finish(queue, manifest.job_id, worker_id, stop_at_step, seams)
 
 
-def finish(queue, job_id, worker_id="w1", stop_at_step=None, seams=None):
+def finish(queue, job_id, worker_id="w1", stop_at_step=None, seams=None, **options):
     from cherry_train.worker.loop import WorkerOptions
 
     seams = seams or Seams()
     if stop_at_step is not None:
         seams = dataclasses.replace(seams, step=stopping_at(stop_at_step, seams.step))
-    worker = Worker(queue, WorkerIdentity(worker_id), WorkerOptions(exit_when_idle=True),
-                    trainer=Training(seams))
+    worker = Worker(queue, WorkerIdentity(worker_id),
+                    WorkerOptions(exit_when_idle=True, **options), trainer=Training(seams))
     worker.run()
     path = JobPaths(job_id).result
     return Result.from_json(queue.storage.read_bytes(path)) if queue.storage.exists(path) else None

@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--confirm-uploads", action="store_true",
                    help="on a Drive mount root (Colab): count a checkpoint or result as saved "
                    "only once the Drive API shows that Drive has it (the mount uploads later)")
+    w.add_argument("--kernel-key-file", metavar="PATH",
+                   help="the key that signs compiled kernels stored with a job, so a resumed "
+                   "attempt loads only those its own workers stored (give every worker of the "
+                   "root the same key; default: $CHERRY_KERNEL_KEY, else kernel-key in the "
+                   "config folder; without one, kernels are not stored)")
     w.add_argument("--poll-seconds", type=float, default=30.0,
                    help="longest wait between polls of an idle queue (default 30)")
     w.add_argument("--progress", action="store_true", help="show a progress bar per epoch")

@@ -18,6 +18,7 @@ def cmd_worker(args) -> int:
     except ImportError:
         raise UsageError("the worker needs torch: pip install 'cherry-train[worker]'") from None
     from cherry_train import logs
+    from cherry_train.worker.kernelseal import KernelKeyError, load_seal
     from cherry_train.worker.loop import Worker, WorkerOptions
     from cherry_train.worker.scratch import UnsafeScratch
 
@@ -36,6 +37,10 @@ def cmd_worker(args) -> int:
     if not WORKER_ID_RE.match(worker_id):
         raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
                          "'.', '_' and '-' (at most 64)")
+    try:
+        seal = load_seal(args.kernel_key_file, queue.storage.local_path(""))
+    except KernelKeyError as e:
+        raise UsageError(str(e)) from None
     from cherry_train.worker.runtime import default_max_runtime_hours
 
     max_runtime = args.max_runtime if args.max_runtime is not None else \
@@ -43,7 +48,8 @@ def cmd_worker(args) -> int:
     options = WorkerOptions(exit_when_idle=args.exit_when_idle, progress_bar=args.progress,
                             poll_max_seconds=args.poll_seconds,
                             idle_shutdown_minutes=args.idle_shutdown,
-                            max_runtime_hours=max_runtime, gpus=args.gpus)
+                            max_runtime_hours=max_runtime, gpus=args.gpus,
+                            kernel_seal=seal)
     try:
         return Worker(queue, WorkerIdentity(worker_id), options).run()
     except UnsafeScratch as e:

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from cherry_train import logs
+from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.schemas import Phase
-from cherry_train.storage.base import Storage
+from cherry_train.worker.kernelseal import KernelSeal, Unverified
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -89,17 +90,11 @@ def compile_model(model: nn.Module, micro_batch: int, backend: str | Callable = 
 # -- compiled kernels kept between attempts ------------------------------------------------------
 # A resumed attempt usually runs on a fresh VM (Colab), whose inductor cache on disk is empty, so
 # it would compile from scratch again. torch's "mega-cache" packs what a compile produced into
-# bytes; stored with the job, it turns the next attempt's compile into cache hits.
+# bytes; stored with the job, it turns the next attempt's compile into cache hits. They are code
+# the worker runs (unlike checkpoints, loaded weights_only), so they are stored signed and loaded
+# only once their MAC verifies (kernelseal.py), and without the workers' key not at all.
 
 _MAGIC = b"cherry-train compiled kernels\n"
-
-
-def kernels_enabled() -> bool:
-    """Compiled kernels are code the worker runs, unlike checkpoints (loaded weights_only): a
-    worker whose queue folder is writable by people it should not run code for sets
-    CHERRY_STORED_KERNELS=0, and then neither stores nor loads them."""
-    return os.environ.get("CHERRY_STORED_KERNELS", "1").strip().lower() not in ("0", "off",
-                                                                                "false", "no")
 
 
 def _forget_recorded_kernels() -> None:
@@ -112,9 +107,15 @@ def _forget_recorded_kernels() -> None:
 
 
 def kernels_key(mode: str, micro_batch: int, device: torch.device) -> dict[str, str | int]:
-    """What the packed kernels were compiled for; another GPU or torch cannot use them."""
-    return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device),
-            "mode": mode, "micro_batch": micro_batch}
+    """What the packed kernels were compiled for; another GPU, torch or Triton cannot use
+    them."""
+    try:
+        import triton
+    except ImportError:  # no Triton, no inductor kernels for CUDA: the key says so
+        triton = None
+    return {"torch": torch.__version__, "triton": getattr(triton, "__version__", None),
+            "device": torch.cuda.get_device_name(device), "mode": mode,
+            "micro_batch": micro_batch}
 
 
 def pack_kernels(key: dict) -> bytes | None:
@@ -130,7 +131,7 @@ def pack_kernels(key: dict) -> bytes | None:
 
 def unpack_kernels(data: bytes, key: dict) -> str | None:
     """Load packed kernels into torch's caches, before compiling; None if loaded, else why
-    not."""
+    not. `data` must be verified first (KernelSeal.verify): loading runs its code."""
     load = getattr(torch.compiler, "load_cache_artifacts", None)
     if load is None:
         return "this torch cannot load compiled kernels"
@@ -180,14 +181,15 @@ class TorchCompiler:
 
 class Compilation:
     """Whether and when this attempt compiles its model, the compiled model once it does, and
-    the kernels it packs for the next attempt (stored with the next checkpoint)."""
+    the kernels it packs for the next attempt (signed, stored with the next checkpoint)."""
 
     def __init__(self, compiler: TorchCompiler, model: nn.Module, device: torch.device,
-                 mode: str, deterministic: bool, reader: Storage, kernels_path: str,
+                 mode: str, deterministic: bool, owner: Owner, seal: KernelSeal,
                  report: Callable[..., None]):
         self.compiler, self.model, self.device = compiler, model, device
         self.mode, self.deterministic = mode, deterministic
-        self.reader, self.kernels_path, self.report = reader, kernels_path, report
+        self.owner, self.seal, self.report = owner, seal, report
+        self.job_id, self.kernels_path = owner.claim.job_id, owner.claim.paths.compiled_kernels
         self.state = CompileState.undecided
         self.compiled: nn.Module | None = None  # same parameters as the model
         self.steps = 0  # steps this attempt has taken while undecided
@@ -214,7 +216,7 @@ class Compilation:
                 return
             torch.cuda.synchronize(self.device)
             step_seconds = (time.perf_counter() - self.probe[0]) / (self.steps - self.probe[1])
-            stored = kernels_enabled() and self.reader.exists(self.kernels_path)
+            stored = self.seal.enabled and self.owner.reader.exists(self.kernels_path)
             decided = pays_back(steps_left, step_seconds, micro, warm=stored)
         compile_it, why = decided
         if compile_it:
@@ -268,33 +270,57 @@ class Compilation:
         """Compile for this micro-batch (the next step runs the compiler); the mode chosen."""
         self.compiled, mode = self.compiler.compile(self.model, micro)
         self.state = CompileState.first_step
-        self.key = self.compiler.key(mode, micro, self.device) if kernels_enabled() else None
+        self.key = self.compiler.key(mode, micro, self.device) if self.seal.enabled else None
+        if self.key is None:
+            self.seal.tell_off()
         return mode
 
     def _load_kernels(self) -> str:
         """The kernels an earlier attempt of this job compiled, loaded into torch's caches: a
-        resumed attempt on a fresh VM then compiles from cache. Says what happened."""
+        resumed attempt on a fresh VM then compiles from cache. Says what happened. Only kernels
+        whose MAC verifies reach the loader (compiler.unpack)."""
         if self.key is None:
-            return "off (CHERRY_STORED_KERNELS=0)"
+            return f"off ({self.seal.why_off})"
         try:
-            data = self.reader.read_bytes(self.kernels_path)
+            data = self.owner.reader.read_bytes(self.kernels_path)
         except FileNotFoundError:
             return "none stored"
+        started = time.perf_counter()
         try:
-            refused = self.compiler.unpack(data, self.key)
+            blob = self.seal.verify(data, self.job_id)
+        except Unverified as e:
+            self._refuse(str(e))
+            return f"refused: {e}"
+        checked = time.perf_counter() - started
+        try:
+            refused = self.compiler.unpack(blob, self.key)
         except Exception as e:  # a cache problem must never cost the job: compile from scratch
             refused = logs.brief(e, 200)
         if refused:
             return f"not used: {refused}"
         self.key = None  # already stored: nothing to write back
-        return f"loaded ({len(data) / 2**20:.1f} MB)"
+        return f"loaded ({len(data) / 2**20:.1f} MB, MAC checked in {checked * 1000:.0f} ms)"
+
+    def _refuse(self, why: str) -> None:
+        """Kernels that do not verify: one warning naming the file, which goes (this attempt
+        owns the job's files); the job compiles as without them."""
+        try:
+            self.owner.delete(self.kernels_path)
+            deleted = True
+        except Fenced:
+            raise
+        except Exception:  # left for this attempt's next checkpoint to overwrite
+            deleted = False
+        log.warning("stored compiled kernels refused, not loaded: compiling without them",
+                    file=self.kernels_path, why=why, deleted=deleted)
 
     def _pack_kernels(self) -> None:
         """Keep what this compile produced, to be stored with the next checkpoint."""
         if self.key is None:
             return
         try:
-            self.kernels = self.compiler.pack(self.key)
+            packed = self.compiler.pack(self.key)
+            self.kernels = None if packed is None else self.seal.sign(packed, self.job_id)
         except Exception as e:
             log.warning("could not pack the compiled kernels; a resumed attempt will compile "
                         "from scratch", error=logs.brief(e, 200))

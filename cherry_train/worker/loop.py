@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -31,7 +31,7 @@ from cherry_train.storage import is_outage
 from cherry_train.worker import pruning, results, runtime
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.identity import refuse_if_id_in_use
-from cherry_train.worker.outcome import JobRun, Runner
+from cherry_train.worker.outcome import JobRun, KernelSeal, Runner
 from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
 from cherry_train.worker.scratch import Scratch
@@ -67,6 +67,7 @@ class WorkerOptions:
     max_runtime_hours: float | None = None  # the session cap: release jobs in time, then exit
     release_runtime: Callable[[], None] = runtime.release_runtime
     gpus: int | None = None  # ranks per job (--gpus); None: every visible GPU
+    kernel_seal: KernelSeal = field(default_factory=lambda: KernelSeal(None))  # kernelseal.py
 
 
 class Worker:
@@ -231,7 +232,7 @@ class Worker:
             reporter.start()
             owner.write(claim.paths.config, results.resolved_yaml(claim))
             run = JobRun(claim, reporter, self.stop, scratch, self.queue.storage.local_path(""),
-                         self.options.progress_bar, self.options.gpus)
+                         self.options.progress_bar, self.options.gpus, self.options.kernel_seal)
             outcome = self._runner(claim)(run)
             state = ending(outcome.completed, self.stop.reason, outcome.pruned is not None)
             if state is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cherry_train.jobqueue.claims import Claim
+from cherry_train.worker.kernelseal import KernelSeal
 from cherry_train.worker.reporting import Reporter, StopRequest
 
 
@@ -60,6 +61,7 @@ class JobRun:
     data_root: Path | None  # the queue root's local folder: relative data paths start there
     progress_bar: bool = False
     gpus: int | None = None  # ranks to train over (--gpus); None: every visible GPU
+    kernel_seal: KernelSeal = field(default_factory=lambda: KernelSeal(None))  # the workers' key
 
 
 class Runner(Protocol):

@@ -128,7 +128,7 @@ def setup(run: JobRun, seams: Seams) -> Job:
                                 on_failed=report_failed(reporter)),
         compilation=Compilation(seams.compiler, stepped, device,
                                 cfg.performance.compile if group is None else "off",
-                                cfg.deterministic, reader, claim.paths.compiled_kernels,
+                                cfg.deterministic, reporter.owner, run.kernel_seal,
                                 reporter.update),
         reporter=reporter, stop=run.stop, scratch=run.scratch, clock=seams.clock,
         data_info=data_info, group=group)
