@@ -7,9 +7,6 @@ trains it and commits it. A job's failure is recorded in its result and never en
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 
@@ -31,7 +28,15 @@ from cherry_train.storage import is_outage
 from cherry_train.worker import pruning, results, runtime
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.identity import refuse_if_id_in_use
-from cherry_train.worker.outcome import JobRun, KernelSeal, Runner
+from cherry_train.worker.options import (
+    EXIT_GPU_FAILED,
+    IDLE_LINE_SECONDS,
+    POLL_MAX_SECONDS,
+    STATUS_IDLE_POLLS,
+    SWEEP_CHECK_SECONDS,
+    WorkerOptions,
+)
+from cherry_train.worker.outcome import JobRun, Runner
 from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
 from cherry_train.worker.scratch import Scratch
@@ -39,36 +44,6 @@ from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_
 from cherry_train.worker.tensorboard import Board
 
 log = structlog.get_logger(__name__)
-
-#: Idle polling starts fast (a job submitted right after start is taken at once) and backs off
-#: to a poll every 30 s, which costs an idle Drive folder almost nothing.
-POLL_MIN_SECONDS = 1.0
-POLL_MAX_SECONDS = 30.0
-#: An idle worker refreshes its status file every this many longest poll waits (a minute by
-#: default), not at every poll: on a Drive API root a poll is then one request (the listing of
-#: queue/), and the status one more a minute.
-STATUS_IDLE_POLLS = 2
-#: An idle worker says it waits at once, then every this many seconds.
-IDLE_LINE_SECONDS = 300.0
-#: An idle worker looks for sweeps short of trials in flight this often.
-SWEEP_CHECK_SECONDS = 60.0
-#: The exit code of a worker that stopped because its GPU failed (EX_TEMPFAIL: start it again).
-EXIT_GPU_FAILED = 75
-
-
-@dataclass
-class WorkerOptions:
-    exit_when_idle: bool = False
-    poll_min_seconds: float = POLL_MIN_SECONDS
-    poll_max_seconds: float = POLL_MAX_SECONDS
-    progress_bar: bool = False
-    scratch: Path | None = None  # local folder for checkpoints before they are published
-    idle_shutdown_minutes: float | None = None  # then release the runtime (Colab) and exit
-    max_runtime_hours: float | None = None  # the session cap: release jobs in time, then exit
-    release_runtime: Callable[[], None] = runtime.release_runtime
-    gpus: int | None = None  # ranks per job (--gpus); None: every visible GPU
-    kernel_seal: KernelSeal = field(default_factory=lambda: KernelSeal(None))  # kernelseal.py
-
 
 class Worker:
     def __init__(self, queue: JobQueue, me: WorkerIdentity, options: WorkerOptions | None = None,
