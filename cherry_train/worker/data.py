@@ -245,15 +245,8 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
     if cfg.mode.value == "development":
         steps = min(steps, DEVELOPMENT_TRAIN_BATCHES)
         val_limit = DEVELOPMENT_VAL_BATCHES * batch
-    workers, why = size_loader_pool(cfg.data.num_workers, device.type == "cuda",
-                                    batch // ranks, size, max(1, usable_cores() // ranks),
-                                    _share(available_memory(), ranks))
-    if max_workers is not None and workers > max_workers:
-        workers, why = max_workers, ("one died in the previous attempt (killed for memory?): "
-                                     "half as many")
-    if rank == 0:
-        log.info("loader processes", loader_processes=workers, why=why,
-                 configured=cfg.data.num_workers, **({"per_rank": True} if ranks > 1 else {}))
+    workers = loader_pool(cfg.data.num_workers, device, batch, size, usable_cores(),
+                          available_memory(), max_workers, ranks, said=rank == 0)
     if workers:
         worker_context()  # the loader processes' server starts importing now
     return Data(train=train, val=val, classes=train_classes, batch_size=batch, rank=rank,
@@ -263,8 +256,22 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
                 pipeline=choose_pipeline(cfg, device, train, val))
 
 
-def _share(memory: int | None, ranks: int) -> int | None:
-    return memory // ranks if memory is not None else None
+def loader_pool(configured: int | None, device: torch.device, batch: int, size: int,
+                cores: int, memory: int | None, max_workers: int | None = None, ranks: int = 1,
+                said: bool = True) -> int:
+    """How many loader processes a job's data gets (training and evaluation alike): sized to
+    this VM's cores and RAM (processes.size_loader_pool), each rank its share, at most
+    `max_workers` (after a loader process of the previous attempt died); logged with why."""
+    memory = memory // ranks if memory is not None else None
+    workers, why = size_loader_pool(configured, device.type == "cuda", batch // ranks, size,
+                                    max(1, cores // ranks), memory)
+    if max_workers is not None and workers > max_workers:
+        workers, why = max_workers, ("one died in the previous attempt (killed for memory?): "
+                                     "half as many")
+    if said:
+        log.info("loader processes", loader_processes=workers, why=why, configured=configured,
+                 **({"per_rank": True} if ranks > 1 else {}))
+    return workers
 
 
 def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolderSamples,

@@ -71,10 +71,10 @@ class WorkerOptions:
 
 class Worker:
     def __init__(self, queue: JobQueue, me: WorkerIdentity, options: WorkerOptions | None = None,
-                 trainer: Runner | None = None):
+                 trainer: Runner | None = None, evaluator: Runner | None = None):
         self.queue, self.me = queue, me
         self.options = options or WorkerOptions()
-        self.trainer = trainer  # train.Training() unless given (a test's fake, its seams)
+        self.trainer, self.evaluator = trainer, evaluator  # unless given (a test's fake, seams)
         self.scratch = Scratch(self.options.scratch, queue.storage.description, me)
         self.stop = StopRequest()
         self.jobs_done = 0
@@ -333,9 +333,9 @@ class Worker:
     def _runner(self, claim: Claim) -> Runner:
         """What runs the job: the evaluator in mode: evaluation, else the trainer."""
         if claim.manifest.config.mode == Mode.evaluation:
-            from cherry_train.worker.evaluate import evaluate  # torch is imported only for work
+            from cherry_train.worker.evaluate import Evaluation  # torch only for work
 
-            return evaluate
+            return self.evaluator or Evaluation()
         if self.trainer is None:
             from cherry_train.worker.train import Training
 
