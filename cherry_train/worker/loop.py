@@ -44,10 +44,11 @@ log = structlog.get_logger(__name__)
 #: to a poll every 30 s, which costs an idle Drive folder almost nothing.
 POLL_MIN_SECONDS = 1.0
 POLL_MAX_SECONDS = 30.0
-#: An idle worker refreshes its status file every this many longest poll waits (a minute by
-#: default), not at every poll: on a Drive API root a poll is then one request (the listing of
-#: queue/), and the status one more a minute.
+#: An idle worker refreshes its status file every this many longest poll waits, and no more
+#: often than once a minute (`--poll-seconds 2` rewrote it every 4 s: 15 requests a minute on a
+#: Drive API root). A poll is then one request (the listing of queue/), the status one a minute.
 STATUS_IDLE_POLLS = 2
+STATUS_IDLE_SECONDS = 60.0
 #: An idle worker says it waits at once, then every this many seconds.
 IDLE_LINE_SECONDS = 300.0
 #: An idle worker looks for sweeps short of trials in flight this often.
@@ -360,11 +361,11 @@ class Worker:
                  hint="submit one with `cherry submit CONFIG.yaml`")
 
     def _idle_status(self, wait: float) -> None:
-        """Announce "idle" when it is news, else once every STATUS_IDLE_POLLS longest polls
-        (a minute by default). The interval announced is one poll longer than that, since the
-        refresh comes at the first poll after it is due; a restarted worker with our id waits
-        out 2x the announced interval to tell us from a ghost."""
-        every = max(1.0, STATUS_IDLE_POLLS * self.options.poll_max_seconds)
+        """Announce "idle" when it is news, else once every STATUS_IDLE_POLLS longest polls or
+        STATUS_IDLE_SECONDS, the longer. The interval announced is one poll longer than that,
+        since the refresh comes at the first poll after it is due; a restarted worker with our
+        id waits out 2x the announced interval to tell us from a ghost."""
+        every = max(STATUS_IDLE_SECONDS, STATUS_IDLE_POLLS * self.options.poll_max_seconds)
         last = self._last_status
         # Half a wait of slack: polls come a little later than their wait, never earlier.
         if last is not None and last.state == WorkerState.idle and \
