@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from cherry_train import datachecks
+from cherry_train.jobqueue.layout import best_for_final, weights_here
 from cherry_train.places import PathMappingError, map_data_path, remote_location
 from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.schemas import TrainingConfig
@@ -189,10 +190,11 @@ def source_for(path: str, field_name: str, root: Path | None, storage: Storage) 
 
 def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
                scratch: Path) -> Path:
-    """A single file named by the config (weights), downloaded first if it is remote."""
+    """A single file named by the config (weights), downloaded first if it is remote. A
+    finished job's final.pt that is its best.pt (no copy kept) is read from best.pt."""
     remote = remote_location(path, root, storage)
     if remote is None:
-        return resolve_path(path, field_name, root)
+        return weights_here(resolve_path(path, field_name, root))
     where, remote_path = remote
     try:  # the config is the queue's: its last part ('..', say) must not leave scratch
         target = inside(scratch / "inputs", Path(path).name, field_name)
@@ -201,8 +203,11 @@ def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
     try:
         where.download(remote_path, target)
     except FileNotFoundError:
-        raise JobError(f"{field_name}: {path} does not exist under "
-                       f"{where.description}") from None
+        best = best_for_final(remote_path, where.read_text_or_none)
+        if best is None or not where.exists(best):
+            raise JobError(f"{field_name}: {path} does not exist under "
+                           f"{where.description}") from None
+        where.download(best, target)
     return target
 
 
