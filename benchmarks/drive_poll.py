@@ -14,21 +14,26 @@ in the user's Drive (Drive for Desktop syncing, other apps). An idle worker poll
 - the worker's poll as it is now (`Worker.run_once`, with the manifest and held-job cache), and
   as it was before (every manifest and every job's state read at each poll).
 
+Then the worker's own idle loop on an empty root polling every `--poll-seconds` (the CLI's
+`cherry worker --poll-seconds`): its requests in each idle minute after the first, by kind.
+
     python benchmarks/drive_poll.py [--queued 5] [--minutes 10] [--other-writes 20]
+                                    [--poll-seconds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from datetime import timedelta
 
 from cherry_train.jobqueue.claims import WorkerIdentity
-from cherry_train.jobqueue.clock import FakeClock
+from cherry_train.jobqueue.clock import FakeClock, age_seconds
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Heartbeat, validate_config
 from cherry_train.testing.fakedrive import FakeDrive
 from cherry_train.testing.fakehttp import fake_drive_storage
-from cherry_train.worker.loop import Worker
+from cherry_train.worker.loop import Worker, WorkerOptions
 
 CONFIG = {"model": {"name": "resnet50", "num_classes": 2},
           "training": {"epochs": 30, "batch_size": 32, "learning_rate": 0.001},
@@ -57,11 +62,47 @@ def world_second(t: int, busy, claims, other, other_writes: int) -> None:
         other.write_atomic(f"sync/{t}.jpg", b"x" * 100)
 
 
+def idle_minutes(poll_seconds: float, minutes: int) -> None:
+    """The idle worker loop itself (Worker.run) on an empty root, on a driven clock: each
+    minute's polls and requests, by what they were for."""
+    drive, clock = FakeDrive(), FakeClock()
+    queue = JobQueue(fake_drive_storage(drive), clock)
+    queue.storage.write_atomic("queue/.keep", b"")  # an existing, empty queue
+    queue_folder = queue.storage._folder_id("queue", create=False)
+    start, marks, wait = clock.now(), [], clock.wait
+
+    def counted_wait(stop, seconds):
+        marks.append((age_seconds(clock, start), len(drive.requests)))
+        return wait(stop, seconds)
+
+    clock.wait = counted_wait
+    Worker(queue, WorkerIdentity("idle"),
+           WorkerOptions(poll_max_seconds=poll_seconds, idle_shutdown_minutes=minutes + 2,
+                         release_runtime=lambda: None)).run()
+
+    def kind(method: str, path: str) -> str:
+        if method != "GET":
+            return "writes (the worker's status file)"
+        if queue_folder in path and "name+%3D" not in path:
+            return "listings of queue/"
+        return "look-ups (sweeps/ for trials to make)" if "sweeps" in path else "other"
+
+    print(f"\nthe idle worker loop, --poll-seconds {poll_seconds:g}, an empty root:")
+    for minute in range(1, minutes + 1):
+        inside = [(t, n) for t, n in marks if minute * 60 <= t < (minute + 1) * 60]
+        end = next(n for t, n in marks if t >= (minute + 1) * 60)
+        kinds = Counter(kind(m, p) for m, p in drive.requests[inside[0][1]:end])
+        print(f"minute {minute + 1}: {len(inside)} polls, {end - inside[0][1]} requests ("
+              + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queued", type=int, default=5)
     parser.add_argument("--minutes", type=int, default=10)
     parser.add_argument("--other-writes", type=int, default=20, help="per minute, elsewhere")
+    parser.add_argument("--poll-seconds", type=float, default=2.0,
+                        help="the idle loop's longest wait between polls")
     args = parser.parse_args()
 
     drive, clock = FakeDrive(), FakeClock()
@@ -119,6 +160,7 @@ def main() -> None:
     print(f"{'per poll':<24}{'requests':>10}{'response bytes':>16}")
     for name, (requests, sent) in totals.items():
         print(f"{name:<24}{requests / polls:>10.2f}{sent / polls:>16,.0f}")
+    idle_minutes(args.poll_seconds, 3)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,14 @@ def _tpe_point(spec: SweepSection, n: int, seed: int, past: list[Past]) -> dict[
 def trial_config(base: TrainingConfig, params: dict[str, Any], n: int) -> TrainingConfig:
     """The config trial n trains with: the base with its values put in, named <name>-t<n>,
     without the sweep section. A value the config refuses names the trial and the field."""
+    try:
+        return _with_values(base, params, n)
+    except ConfigError as e:
+        raise ConfigError([f"sweep trial {n} ({_shown(params)}): {problem}"
+                           for problem in e.problems]) from None
+
+
+def _with_values(base: TrainingConfig, params: dict[str, Any], n: int) -> TrainingConfig:
     data = base.model_dump(mode="json", exclude={"sweep"})
     for path, value in params.items():
         section, *rest = path.split(".")
@@ -135,43 +143,49 @@ def trial_config(base: TrainingConfig, params: dict[str, Any], n: int) -> Traini
             target = target[key]
         target[path.split(".")[-1]] = value
     data["name"] = f"{base.name or 'sweep'}-t{n}"
-    try:
-        return validate_config(data)
-    except ConfigError as e:
-        shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
-        raise ConfigError([f"sweep trial {n} ({shown}): {problem}" for problem in e.problems]
-                          ) from None
+    return validate_config(data)
 
 
-def check_space(config: TrainingConfig) -> int:
-    """Validate every trial a sweep can make (for tpe and ranges: each end of each range, each
-    choice) before anything is queued; the number of trials."""
+def _shown(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items())
+
+
+def _points(config: TrainingConfig) -> list[tuple[str, dict[str, Any]]]:
+    """What check_space validates, each with how an error names it: every trial a grid or a
+    random sweep makes, and (random, tpe) every listed value and both ends of every range, the
+    other parameters at their first value: random's draws may miss a value a later edit of
+    `trials` would reach, and tpe's are not known before the trials run."""
     spec = config.sweep
     if spec.method == "grid":
-        grid = grid_points(spec)
-        points = [(n, grid[n - 1]) for n in sorted(run_order(spec, config.seed))]
-    elif spec.method == "random":
-        points = [(n, random_point(spec, config.seed, n)) for n in run_order(spec)]
-    else:
-        first = {path: (p.min if p.is_range else p.options[0])
-                 for path, p in spec.parameters.items()}
-        points = []
-        for path, p in spec.parameters.items():
-            for value in ([p.min, p.max] if p.is_range else p.options):
-                points.append((len(points) + 1,
-                               {**first, path: round(value) if p.integer else value}))
-    found: dict[str, list[str]] = {}  # problem -> the trials it is in, named
-    for n, params in points:
+        grid = grid_points(spec)  # trial n is the n-th combination; run_order picks which
+        return [(f"sweep trial {n} ({_shown(grid[n - 1])})", grid[n - 1])
+                for n in sorted(run_order(spec, config.seed))]
+    drawn = [] if spec.method == "tpe" else [random_point(spec, config.seed, n)
+                                              for n in range(1, spec.trials + 1)]
+    points = [(f"sweep trial {n} ({_shown(p)})", p) for n, p in enumerate(drawn, start=1)]
+    first = {path: (p.min if p.is_range else p.options[0]) for path, p in spec.parameters.items()}
+    for path, p in spec.parameters.items():
+        for value in ([p.min, p.max] if p.is_range else p.options):
+            value = round(value) if p.is_range and p.integer else value
+            points.append((f"sweep value {path}={value!r}", {**first, path: value}))
+    return points
+
+
+def check_space(config: TrainingConfig) -> list[TrainingConfig]:
+    """Validate every config a sweep can produce (_points) before anything is queued: a bad one
+    raises ConfigError naming the trial or the value, and the field. The configs checked."""
+    points, configs = _points(config), []
+    found: dict[str, list[str]] = {}  # problem -> the points it is in, named
+    for n, (label, params) in enumerate(points, start=1):
         try:
-            trial_config(config, params, n)
+            configs.append(_with_values(config, params, n))
         except ConfigError as e:
-            for line in e.problems:
-                trial, _, problem = line.partition("): ")
-                found.setdefault(problem, []).append(trial + ")")
-    if found:  # a problem every trial has is said once
-        raise ConfigError([f"sweep (every trial): {problem}" if len(trials) == len(points) > 1
-                           else f"{trials[0]}: {problem}" for problem, trials in found.items()])
-    return total_trials(spec)
+            for problem in e.problems:
+                found.setdefault(problem, []).append(label)
+    if found:  # a problem every point has is said once
+        raise ConfigError([f"sweep (every trial): {problem}" if len(labels) == len(points) > 1
+                           else f"{labels[0]}: {problem}" for problem, labels in found.items()])
+    return configs
 
 
 # -- early stopping ------------------------------------------------------------------------------

@@ -14,13 +14,16 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import job_view
 from cherry_train.schemas import JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
+from cherry_train.worker.evaluate import Evaluation, Seams
 from cherry_train.worker.loop import Worker, WorkerOptions
+from cherry_train.worker.model import read_weights_file
 
 
-def run(root, cfg: dict) -> Result:
+def run(root, cfg: dict, evaluator: Evaluation | None = None) -> Result:
     queue = JobQueue(LocalStorage(root))
     job_id = queue.submit(validate_config(cfg)).job_id
-    Worker(queue, WorkerIdentity("w"), WorkerOptions(exit_when_idle=True)).run()
+    Worker(queue, WorkerIdentity("w"), WorkerOptions(exit_when_idle=True),
+           evaluator=evaluator).run()
     return Result.from_json((root / JobPaths(job_id).result).read_bytes())
 
 
@@ -64,6 +67,33 @@ def test_evaluating_a_finished_job_reproduces_its_best_val_accuracy(root_with_da
     assert abs(ev["accuracy"] - trained.best.val_accuracy) <= 1 / 32
     assert trained.best_weights_sha256 in ev["weights"]
     assert "latency_ms_batch1" not in ev
+
+
+def test_evaluation_reads_the_weights_once_and_sizes_its_loader_processes_as_training_does(
+        root_with_data, tiny_config):
+    """It read the weights file twice (evaluation, then export) and started as many loader
+    processes as data.num_workers asked, whatever the cores (issue 25, item 9)."""
+    from structlog.testing import capture_logs
+
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), root_with_data / "w.pt")
+    reads = []
+
+    def read_weights(path):
+        reads.append(path)
+        return read_weights_file(path)
+
+    cfg = evaluation_config(tiny_config, weights="w.pt", latency=False)
+    cfg["data"]["num_workers"] = 2  # more than the one core this VM has, below
+    seams = Seams(read_weights=read_weights, cores=lambda: 1)
+    with capture_logs() as events:
+        result = run(root_with_data, cfg, Evaluation(seams))
+    assert result.state == JobState.succeeded, result.error
+    assert "sha256" in result.export["onnx"], result.export  # the export used the weights too
+    assert len(reads) == 1, reads
+    (pool,) = [e for e in events if e["event"] == "loader processes"]
+    assert pool["loader_processes"] == 1 and "capped at the 1 cores" in pool["why"], pool
+    assert result.evaluation["loader_processes"] == 1  # what the loader was built with
+    assert result.evaluation["images"] == 32
 
 
 def test_weights_that_do_not_fit_fail_clearly(root_with_data, tiny_config):

@@ -360,6 +360,35 @@ def test_an_idle_worker_makes_one_request_per_poll_and_a_status_a_minute(drive):
     assert len(drive.requests) - start < 3 * len(polls) + 20
 
 
+def test_an_idle_minute_with_short_polls_costs_its_polls_and_two_requests(drive):
+    """`--poll-seconds 2`: 46 requests a minute for 31 polls, the status file rewritten every
+    4 s (issue 25, item 11). Each idle minute after the first: a listing of queue/ per poll,
+    plus at most the status file and the look for sweeps short of trials."""
+    from cherry_train.jobqueue.clock import age_seconds
+    from cherry_train.worker.loop import WorkerOptions
+
+    clock = FakeClock()
+    queue = JobQueue(fake_drive_storage(drive), clock)
+    queue.storage.write_atomic("queue/.keep", b"")  # an existing, empty queue
+    start, marks, wait = clock.now(), [], clock.wait
+
+    def counted_wait(stop, seconds):  # when each poll ended, and the requests so far
+        marks.append((age_seconds(clock, start), len(drive.requests)))
+        return wait(stop, seconds)
+
+    clock.wait = counted_wait
+    worker = Worker(queue, WorkerIdentity("idle"),
+                    WorkerOptions(poll_max_seconds=2, idle_shutdown_minutes=4,
+                                  release_runtime=lambda: None))
+    assert worker.run() == 0
+    for minute in (1, 2):
+        inside = [(t, n) for t, n in marks if minute * 60 <= t < (minute + 1) * 60]
+        after = next(n for t, n in marks if t >= (minute + 1) * 60)
+        polls, requests = len(inside), after - inside[0][1]
+        assert polls >= 29, inside
+        assert requests <= polls + 2, (minute, polls, requests)
+
+
 def test_a_released_job_is_noticed_at_the_next_poll(drive, tiny_config):
     clock = FakeClock()
     owner_queue = JobQueue(fake_drive_storage(drive), clock)

@@ -456,3 +456,90 @@ def test_compare_shows_the_final_accuracy_only_where_it_is_not_the_best(queue, t
     header, *rows = capsys.readouterr().out.splitlines()[:3]
     assert header.split().count("final_val_accuracy") == 1
     assert "0.85" in next(r for r in rows if a in r)
+
+
+# -- what a finished job holds -------------------------------------------------------------------
+
+def _footprint(job_dir) -> tuple[set[str], int]:
+    files = {p.relative_to(job_dir).as_posix() for p in job_dir.rglob("*") if p.is_file()}
+    return files, sum((job_dir / f).stat().st_size for f in files)
+
+
+def _trained(root, tiny_config, epochs: int, accuracies=None) -> Result:
+    from cherry_train.worker.train import Seams, Training
+
+    cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": epochs},
+           "export": {"onnx": True}}
+    seams = Seams()
+    if accuracies is not None:  # validation as told: which epoch is best is the test's choice
+        told = iter(accuracies)
+        seams = Seams(validate=lambda job: (0.5, next(told)))
+    queue = JobQueue(LocalStorage(root))
+    job_id = queue.submit(validate_config(cfg)).job_id
+    Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+           trainer=Training(seams)).run()
+    return Result.from_json((root / JobPaths(job_id).result).read_bytes())
+
+
+def test_a_finished_job_whose_last_epoch_was_best_keeps_one_copy_of_its_weights(
+        root_with_data, tiny_config, tmp_path):
+    """The demo's job held best.pt, final.pt and model.onnx, 3.0x its weights, best.pt and
+    final.pt the same weights (issue 25, item 12). Now one copy and the ONNX model: at most
+    2.1x; and what reads final.pt still works."""
+    result = _trained(root_with_data, tiny_config, epochs=1)
+    assert result.state == JobState.succeeded, result.error
+    job_dir = root_with_data / "done" / result.job_id
+    files, total = _footprint(job_dir)
+    weights = (job_dir / "best.pt").stat().st_size
+    assert "final.pt" not in files and "model.onnx" in files, files
+    assert not [f for f in files if f.startswith("checkpoints/")], files
+    assert total <= 2.1 * weights, (total / weights, sorted(files))
+    assert result.final_weights_sha256 == result.best_weights_sha256
+    assert "final_weights" not in result.artifacts and "best_weights" in result.artifacts
+    # fetch brings what the result lists, verified
+    fetched = {f.path.name for f in fetch(JobQueue(LocalStorage(root_with_data)), result.job_id,
+                                          tmp_path / "got", progress=False)}
+    assert {"best.pt", "model.onnx", "result.json"} <= fetched
+    # a later config naming its final.pt reads best.pt (evaluation here; pretrained alike)
+    evaluation = {"name": "eval", "mode": "evaluation", "model": tiny_config["model"],
+                  "data": {"val_path": "data/val", "image_size": 32, "num_workers": 0},
+                  "evaluate": {"weights": f"done/{result.job_id}/final.pt", "latency": False},
+                  "heartbeat_seconds": 0.2, "lease_seconds": 5}
+    queue = JobQueue(LocalStorage(root_with_data))
+    eval_id = queue.submit(validate_config(evaluation)).job_id
+    Worker(queue, WorkerIdentity("w2"), WorkerOptions(exit_when_idle=True)).run()
+    evaluated = Result.from_json((root_with_data / JobPaths(eval_id).result).read_bytes())
+    assert evaluated.state == JobState.succeeded, evaluated.error
+    assert evaluated.evaluation["images"] == 32
+
+
+def test_a_finished_job_whose_best_epoch_was_earlier_keeps_both_within_bound(root_with_data,
+                                                                             tiny_config):
+    result = _trained(root_with_data, tiny_config, epochs=2, accuracies=[0.9, 0.6])
+    assert result.state == JobState.succeeded, result.error
+    assert result.best.epoch == 1 and result.final_weights_sha256 != result.best_weights_sha256
+    job_dir = root_with_data / "done" / result.job_id
+    files, total = _footprint(job_dir)
+    weights = (job_dir / "best.pt").stat().st_size
+    assert {"best.pt", "final.pt", "model.onnx"} <= files
+    assert not [f for f in files if f.startswith("checkpoints/")], files
+    assert total <= 3.1 * weights, (total / weights, sorted(files))
+
+
+def test_final_pt_is_read_from_best_pt_only_when_the_result_beside_it_says_they_are_one():
+    from cherry_train.jobqueue.layout import best_for_final
+
+    same = json.dumps({"final_weights_sha256": "a" * 64, "best_weights_sha256": "a" * 64})
+    other = json.dumps({"final_weights_sha256": "a" * 64, "best_weights_sha256": "b" * 64})
+    for files, asked, found in [
+        ({"done/j/result.json": same}, "done/j/final.pt", "done/j/best.pt"),
+        ({"done/j/result.json": other}, "done/j/final.pt", None),  # it differs: really gone
+        ({"done/j/result.json": same}, "done/j/other.pt", None),  # final.pt only
+        ({"done/j/result.json": "not json"}, "done/j/final.pt", None),
+        ({"done/j/result.json": "[]"}, "done/j/final.pt", None),
+        ({"done/j/result.json": json.dumps({"final_weights_sha256": None,
+                                            "best_weights_sha256": None})},
+         "done/j/final.pt", None),
+        ({}, "done/j/final.pt", None),  # no result: not a finished job's folder
+    ]:
+        assert best_for_final(asked, files.get) == found, (files, asked)

@@ -99,6 +99,46 @@ def test_a_bad_trial_names_its_trial_and_field_and_nothing_is_queued(root_with_d
     assert not (root_with_data / "sweeps").exists()
 
 
+@pytest.mark.parametrize("preflight", [False, True])
+def test_every_swept_model_name_is_checked_before_anything_is_queued(root_with_data, tiny_config,
+                                                                     capsys, preflight):
+    """Only trial 1's model was checked: resnet500 in trial 2 was queued (issue 25, item 8)."""
+    cfg = {**tiny_config, "sweep": {"parameters": {
+        "model.name": {"values": [tiny_config["model"]["name"], "resnet500"]}}}}
+    path = root_with_data / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    args = ["submit", str(path), "--root", str(root_with_data)]
+    assert main(args + ([] if preflight else ["--no-preflight"])) == 2
+    err = capsys.readouterr().err
+    assert "model.name: 'resnet500' is not a torchvision classification model" in err
+    assert "Traceback" not in err
+    assert not (root_with_data / "queue").exists() or not list((root_with_data / "queue").iterdir())
+    assert not (root_with_data / "sweeps").exists()
+
+
+def test_random_and_tpe_sweeps_check_every_listed_value_and_both_ends_of_each_range(tiny_config):
+    """A random sweep's draws may miss a value (one trial here): every choice and both ends of
+    every range are validated all the same, and named with their field."""
+    for method in ("random", "tpe"):
+        config = validate_config({**tiny_config, "sweep": {"method": method, "trials": 1,
+                                                           "parameters": {
+            "training.batch_size": {"min": 0, "max": 16, "integer": True},
+            "training.optimizer": {"choices": ["adam", "rmsprop"]}}}})
+        with pytest.raises(ConfigError) as e:
+            sweepspace.check_space(config)
+        said = e.value.problems
+        assert any("training.batch_size=0" in line and ": training.batch_size:" in line
+                   for line in said), said
+        assert any(line.startswith("sweep value training.optimizer='rmsprop': training."
+                                   "optimizer: 'rmsprop' is not allowed") for line in said), said
+    good = validate_config({**tiny_config, "sweep": {"method": "random", "trials": 2,
+                                                     "parameters": {
+        "training.batch_size": {"min": 4, "max": 16, "integer": True},
+        "model.name": {"choices": ["resnet18", "mobilenet_v3_small"]}}}})
+    names = {c.model.name for c in sweepspace.check_space(good)}
+    assert names == {"resnet18", "mobilenet_v3_small"}
+
+
 def test_sweep_flags_make_a_grid(root_with_data, tiny_config, capsys):
     path = root_with_data / "base.yaml"
     path.write_text(yaml.safe_dump(tiny_config))

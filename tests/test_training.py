@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import json
 
 import pytest
@@ -46,6 +47,13 @@ def finish(queue, job_id, worker_id="w1", stop_at_step=None, seams=None, **optio
     worker.run()
     path = JobPaths(job_id).result
     return Result.from_json(queue.storage.read_bytes(path)) if queue.storage.exists(path) else None
+
+
+def best_first(seams: Seams | None = None) -> Seams:
+    """Validation that makes epoch 1 the best: the final weights differ from best.pt's, so
+    final.pt is stored (a job whose last epoch was its best keeps best.pt alone)."""
+    told = itertools.chain([0.9], itertools.repeat(0.6))
+    return dataclasses.replace(seams or Seams(), validate=lambda job: (0.5, next(told)))
 
 
 def stopping_at(step_number: int, step):
@@ -100,22 +108,25 @@ def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
     from cherry_train.worker.checkpoint import weights_sha256
 
     assert weights_sha256(best) == result.best_weights_sha256
-    final = torch.load(job_dir / "final.pt", weights_only=True)
+    # final.pt only when the final weights are not best.pt's (the last epoch was not best)
+    kept_final = result.final_weights_sha256 != result.best_weights_sha256
+    assert (job_dir / "final.pt").exists() == kept_final
+    final = torch.load(job_dir / ("final.pt" if kept_final else "best.pt"), weights_only=True)
     assert weights_sha256(final) == result.final_weights_sha256
     assert (job_dir / "config.yaml").is_file() and (job_dir / "manifest.json").is_file()
     import hashlib
 
-    assert set(result.artifacts) == {"config", "metrics", "curves", "best_weights",
-                                     "final_weights"}
+    assert set(result.artifacts) == {"config", "metrics", "curves", "best_weights"} | (
+        {"final_weights"} if kept_final else set())
     for artifact in result.artifacts.values():  # what `cherry fetch` verifies against
         data = (job_dir / artifact.path).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (artifact.bytes, artifact.sha256)
     # Checkpoints only serve resume: a succeeded job keeps none (keep_after_finish: 0), so
-    # what it leaves is about its two weight files (best.pt and final.pt).
+    # what it leaves is about its weight files (best.pt, and final.pt if it differs).
     assert not list((job_dir / "checkpoints").iterdir())
-    weights = (job_dir / "final.pt").stat().st_size
+    weights = (job_dir / "best.pt").stat().st_size
     folder = sum(f.stat().st_size for f in job_dir.rglob("*") if f.is_file())
-    assert folder <= 2.2 * weights, (folder, weights)
+    assert folder <= (2.1 if kept_final else 1.1) * weights, (folder, weights)
     assert not (root_with_data / "queue").exists() or not list((root_with_data / "queue").iterdir())
 
 
@@ -403,7 +414,8 @@ def test_final_weights_that_cannot_be_stored_are_tried_again_before_the_job_fail
     # Long enough for a few tries even on a loaded machine (each saves 43 MB first).
     waits = Backoff(first=0.01, cap=120, give_up_after=60 if drive_comes_back else 3)
     with structlog.testing.capture_logs() as logs:
-        result = run_job(root_with_data, tiny_config, seams=Seams(store_results=waits),
+        result = run_job(root_with_data, tiny_config,
+                         seams=best_first(Seams(store_results=waits)),
                          storage=RefusingStorage(root_with_data, drive_full))
     retries = [x for x in logs if x["event"] == "could not store the job's results; trying again"]
     assert retries and {x["file"] for x in retries} == {"final.pt"}
@@ -436,7 +448,8 @@ def test_a_stop_while_final_weights_cannot_be_stored_hands_the_job_back(root_wit
     storage = RefusingStorage(root_with_data, drive_full)
     queue = JobQueue(storage)
     job_id = queue.submit(validate_config(tiny_config)).job_id
-    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True))
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True),
+                    trainer=Training(best_first()))
     worker.run()
     paths = JobPaths(job_id)
     assert not (root_with_data / paths.result).exists()  # not failed

@@ -23,18 +23,18 @@ from cherry_train.schemas import config_json_schema
 
 
 def cmd_submit(args) -> int:
-    from cherry_train import logs, sweepspace
+    from cherry_train import logs
     from cherry_train.client import submit as client
-    from cherry_train.client.sweeps import first_trial, with_sweep_flags
+    from cherry_train.client.sweeps import check_sweep, with_sweep_flags
 
     logs.configure("auto", "warning")  # what it does is printed below, line by line
     config = client.load_config_file(Path(args.config), name=args.name, priority=args.priority)
     config = with_sweep_flags(config, args.sweep or [])
     resolved, queue = root_and_queue(args)
     config = client.resolve_evaluated_job(queue, config)
-    if config.sweep:
-        sweepspace.check_space(config)  # every trial, before pre-flight looks at the first
-    checked = first_trial(config) if config.sweep else config  # what every trial shares
+    # A sweep: every config it can produce is validated and each model name checked; the
+    # data checks and smoke steps of pre-flight then run on trial 1's config.
+    checked = check_sweep(config) if config.sweep else config
     if args.no_preflight:
         client.check_model_name(checked)  # validation, not pre-flight: always
         report = None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cherry_train import __version__, datachecks
 from cherry_train.jobqueue.clock import age_seconds
-from cherry_train.jobqueue.layout import JobPaths
+from cherry_train.jobqueue.layout import JobPaths, best_for_final, weights_here
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.views import job_view
 from cherry_train.places import PathMappingError, map_data_path, remote_location
@@ -223,7 +223,7 @@ def _preflight_evaluation(config: TrainingConfig, root_path: Path | None) -> Pre
     name = "evaluate.data_path" if ev.data_path else "data.val_path"
     try:
         path = map_data_path(ev.data_path or config.data.val_path, root_path)
-        weights = map_data_path(ev.weights, root_path) if ev.weights else None
+        weights = weights_here(map_data_path(ev.weights, root_path)) if ev.weights else None
     except PathMappingError as e:
         raise ConfigError([f"{name}: {e}"]) from None
     if not path.is_dir():
@@ -279,11 +279,14 @@ def _smoke(config: TrainingConfig, root_path: Path | None, train_dir: Path, imag
         weights_file = sample_dir / "weights" / Path(weights).name
         try:
             drive.download(remote_path, weights_file)
-        except FileNotFoundError:
-            raise ConfigError([f"model.pretrained: {weights} does not exist under "
-                               f"{drive.description}"]) from None
+        except FileNotFoundError:  # a finished job's final.pt that is its best.pt: best.pt
+            best = best_for_final(remote_path, drive.read_text_or_none)
+            if best is None or not drive.exists(best):
+                raise ConfigError([f"model.pretrained: {weights} does not exist under "
+                                   f"{drive.description}"]) from None
+            drive.download(best, weights_file)
     elif isinstance(weights, str):
-        weights_file = map_data_path(weights, root_path)
+        weights_file = weights_here(map_data_path(weights, root_path))
     try:
         return smoke_test(config, train_dir, list(images["train_path"]), weights_file)
     except JobError as e:

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from cherry_train import sweepspace
+from cherry_train.client.submit import check_model_name
 from cherry_train.jobqueue.sweeps import Sweeps, Trial
 from cherry_train.schemas import ConfigError, TrainingConfig, validate_config
 
@@ -34,8 +35,19 @@ def with_sweep_flags(config: TrainingConfig, flags: list[str]) -> TrainingConfig
     return validate_config({**data, "sweep": sweep})
 
 
-def first_trial(config: TrainingConfig) -> TrainingConfig:
-    """Trial 1's config, for the pre-flight checks (data, model) every trial shares."""
+def check_sweep(config: TrainingConfig) -> TrainingConfig:
+    """Every config the sweep can produce validated (sweepspace.check_space) and each distinct
+    model name in them checked once (it exists, as `cherry submit` checks one job's), before
+    anything is queued. Trial 1's config: pre-flight's data checks and smoke steps run on it."""
+    configs = sweepspace.check_space(config)
+    problems = []
+    for one in {c.model.name: c for c in configs}.values():  # one config per model name
+        try:
+            check_model_name(one)
+        except ConfigError as e:
+            problems += [f"sweep: {problem}" for problem in e.problems]
+    if problems:
+        raise ConfigError(problems)
     spec = config.sweep
     params = sweepspace.next_point(spec, 1, config.seed, []) if spec.method != "tpe" else {
         path: (p.min if p.is_range else p.options[0]) for path, p in spec.parameters.items()}

@@ -3,8 +3,11 @@ paths."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 QUEUE = "queue"
 DONE = "done"
@@ -14,6 +17,40 @@ WORKERS = "workers"
 SWEEPS = "sweeps"
 
 _CHECKPOINT_RE = re.compile(r"^step-(\d{9})\.pt$")
+
+
+def best_for_final(path: str, read_text: Callable[[str], str | None]) -> str | None:
+    """A finished job keeps no final.pt when its final weights are its best (its result gives
+    both the same hash): for a `.../final.pt` that is not there, the best.pt beside it when the
+    result.json beside it says so; else None. `read_text(path)`: a file's text or None."""
+    folder, _, name = path.rpartition("/")
+    if name != "final.pt":
+        return None
+    raw = read_text(f"{folder}/result.json" if folder else "result.json")
+    try:
+        result = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    if not isinstance(result, dict) or not isinstance(result.get("final_weights_sha256"), str) \
+            or result["final_weights_sha256"] != result.get("best_weights_sha256"):
+        return None
+    return f"{folder}/best.pt" if folder else "best.pt"
+
+
+def weights_here(path: Path) -> Path:
+    """A weights file on this machine: `path`, or best.pt beside a missing final.pt that its
+    finished job did not keep (best_for_final)."""
+    if path.exists():
+        return path
+
+    def text_or_none(name: str) -> str | None:
+        try:
+            return Path(name).read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    best = best_for_final(path.as_posix(), text_or_none)
+    return Path(best) if best is not None else path
 
 
 def worker_status_path(worker_id: str) -> str:

@@ -110,7 +110,8 @@ class Sweeps:
                client_version: str = "") -> tuple[SweepRecord, list[Manifest]]:
         """Check every trial the sweep can make, write the sweep record, and queue its first
         `parallel` trials."""
-        total = sweepspace.check_space(config)
+        sweepspace.check_space(config)
+        total = sweepspace.total_trials(config.sweep)
         now = self.queue.clock.now()
         record = SweepRecord(sweep_id="sweep-" + new_job_id(config.name or "sweep", now),
                              name=config.name or "sweep", submitted_at=now,

@@ -193,12 +193,23 @@ def store_final(job: Job, backoff: Backoff = STORE_RESULTS) -> str | None:
     """Store what a finished run leaves (best.pt if its checkpoints failed, then final.pt);
     the final weights' hash, or None if the worker was asked to stop meanwhile: the job is then
     handed back (or cancelled), not failed, and the next attempt resumes from the newest
-    checkpoint — the finished state, when that one was written."""
+    checkpoint — the finished state, when that one was written.
+
+    No final.pt when the final weights are the best epoch's (the last epoch was the best, as
+    in most runs that still learn): best.pt holds them, and a second copy would add a whole
+    model to the job's folder. The result then gives both the same hash, and a `final.pt`
+    named by a later config is read from best.pt (layout.best_for_final)."""
     if job.pending_best is not None:  # its checkpoints failed: the result needs best.pt
         if _stored(job, "best.pt", lambda: publish_best(job, job.pending_best), backoff) is None:
             return None
         job.pending_best = None
     weights = {k: v.detach().cpu() for k, v in job.model.state_dict().items()}
+    digest = weights_sha256(weights)
+    if digest == job.state.best_weights_sha256:
+        # An earlier attempt may have stored it before it was stopped: one copy is enough.
+        job.reporter.owner.delete(job.claim.paths.final_weights)
+        log.info("final weights are the best epoch's: best.pt holds them", sha256=digest)
+        return digest
     return _stored(job, "final.pt",
                    lambda: publish_weights(job, weights, job.claim.paths.final_weights), backoff)
 

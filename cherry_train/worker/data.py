@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from cherry_train import datachecks
+from cherry_train.jobqueue.layout import best_for_final, weights_here
 from cherry_train.places import PathMappingError, map_data_path, remote_location
 from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.schemas import TrainingConfig
@@ -189,10 +190,11 @@ def source_for(path: str, field_name: str, root: Path | None, storage: Storage) 
 
 def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
                scratch: Path) -> Path:
-    """A single file named by the config (weights), downloaded first if it is remote."""
+    """A single file named by the config (weights), downloaded first if it is remote. A
+    finished job's final.pt that is its best.pt (no copy kept) is read from best.pt."""
     remote = remote_location(path, root, storage)
     if remote is None:
-        return resolve_path(path, field_name, root)
+        return weights_here(resolve_path(path, field_name, root))
     where, remote_path = remote
     try:  # the config is the queue's: its last part ('..', say) must not leave scratch
         target = inside(scratch / "inputs", Path(path).name, field_name)
@@ -201,8 +203,11 @@ def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
     try:
         where.download(remote_path, target)
     except FileNotFoundError:
-        raise JobError(f"{field_name}: {path} does not exist under "
-                       f"{where.description}") from None
+        best = best_for_final(remote_path, where.read_text_or_none)
+        if best is None or not where.exists(best):
+            raise JobError(f"{field_name}: {path} does not exist under "
+                           f"{where.description}") from None
+        where.download(best, target)
     return target
 
 
@@ -245,15 +250,8 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
     if cfg.mode.value == "development":
         steps = min(steps, DEVELOPMENT_TRAIN_BATCHES)
         val_limit = DEVELOPMENT_VAL_BATCHES * batch
-    workers, why = size_loader_pool(cfg.data.num_workers, device.type == "cuda",
-                                    batch // ranks, size, max(1, usable_cores() // ranks),
-                                    _share(available_memory(), ranks))
-    if max_workers is not None and workers > max_workers:
-        workers, why = max_workers, ("one died in the previous attempt (killed for memory?): "
-                                     "half as many")
-    if rank == 0:
-        log.info("loader processes", loader_processes=workers, why=why,
-                 configured=cfg.data.num_workers, **({"per_rank": True} if ranks > 1 else {}))
+    workers = loader_pool(cfg.data.num_workers, device, batch, size, usable_cores(),
+                          available_memory(), max_workers, ranks, said=rank == 0)
     if workers:
         worker_context()  # the loader processes' server starts importing now
     return Data(train=train, val=val, classes=train_classes, batch_size=batch, rank=rank,
@@ -263,8 +261,22 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
                 pipeline=choose_pipeline(cfg, device, train, val))
 
 
-def _share(memory: int | None, ranks: int) -> int | None:
-    return memory // ranks if memory is not None else None
+def loader_pool(configured: int | None, device: torch.device, batch: int, size: int,
+                cores: int, memory: int | None, max_workers: int | None = None, ranks: int = 1,
+                said: bool = True) -> int:
+    """How many loader processes a job's data gets (training and evaluation alike): sized to
+    this VM's cores and RAM (processes.size_loader_pool), each rank its share, at most
+    `max_workers` (after a loader process of the previous attempt died); logged with why."""
+    memory = memory // ranks if memory is not None else None
+    workers, why = size_loader_pool(configured, device.type == "cuda", batch // ranks, size,
+                                    max(1, cores // ranks), memory)
+    if max_workers is not None and workers > max_workers:
+        workers, why = max_workers, ("one died in the previous attempt (killed for memory?): "
+                                     "half as many")
+    if said:
+        log.info("loader processes", loader_processes=workers, why=why, configured=configured,
+                 **({"per_rank": True} if ranks > 1 else {}))
+    return workers
 
 
 def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolderSamples,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -21,7 +23,7 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.plots import render_confusion
 from cherry_train.schemas import ModelConfig, Phase, Result
 from cherry_train.storage.base import Storage
-from cherry_train.worker.data import local_file, source_for
+from cherry_train.worker.data import loader_pool, local_file, source_for
 from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.device import describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
@@ -34,7 +36,12 @@ from cherry_train.worker.model import (
     with_image_size,
 )
 from cherry_train.worker.outcome import JobRun, Outcome, TrainState
-from cherry_train.worker.processes import loader_processes
+from cherry_train.worker.processes import (
+    available_memory,
+    loader_cap,
+    loader_processes,
+    usable_cores,
+)
 from cherry_train.worker.reporting import Reporter
 from cherry_train.worker.samples import ImageFolderSamples, Transform, to_model_input
 from cherry_train.worker.sources import LocalSource
@@ -44,6 +51,26 @@ log = structlog.get_logger(__name__)
 EVAL_BATCH = 64
 LATENCY_RUNS = 30
 THROUGHPUT_RUNS = 10
+
+
+@dataclass
+class Seams:
+    """The parts of evaluation a test replaces: reading the weights file, and the cores and
+    RAM the loader processes are sized from."""
+
+    read_weights: Callable[[Path], dict[str, torch.Tensor]] = read_weights_file
+    cores: Callable[[], int] = usable_cores
+    memory: Callable[[], int | None] = available_memory
+
+
+class Evaluation:
+    """The worker's Runner for mode: evaluation."""
+
+    def __init__(self, seams: Seams | None = None):
+        self.seams = seams or Seams()
+
+    def __call__(self, run: JobRun) -> Outcome:
+        return evaluate(run, self.seams)
 
 
 def _source(claim: Claim, reporter: Reporter, scratch: Path, data_root: Path | None):
@@ -124,8 +151,8 @@ def _timings(model, device, precision, size: int, normalize) -> dict[str, float]
             "images_per_second_batch64": round(throughput, 1)}
 
 
-def evaluate(run: JobRun) -> Outcome:
-    """mode: evaluation (a Runner): the trained job's best weights on the evaluation data."""
+def evaluate(run: JobRun, seams: Seams) -> Outcome:
+    """mode: evaluation: the trained job's best weights on the evaluation data."""
     claim, reporter, scratch, data_root = run.claim, run.reporter, run.scratch, run.data_root
     cfg = claim.manifest.config
     device = pick_device()
@@ -143,20 +170,23 @@ def evaluate(run: JobRun) -> Outcome:
                        f"evaluation data {len(classes)}: {', '.join(classes)}")
     model = build_model(ModelConfig(name=model_cfg.name, num_classes=model_cfg.num_classes),
                         None)
+    weights = seams.read_weights(weights_file)  # once: a ResNet-50's are 100 MB
     try:
-        model.load_state_dict(read_weights_file(weights_file))
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise JobError(f"evaluate: the weights do not fit {model_cfg.name} with "
                        f"{model_cfg.num_classes} classes ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
 
-    reporter.update(phase=Phase.evaluating)
+    # Loader processes sized as for training: never more than the cores or the RAM allow.
+    workers = loader_pool(cfg.data.num_workers, device, EVAL_BATCH, cfg.data.image_size,
+                          seams.cores(), seams.memory(), loader_cap(claim.attempt.previous))
     dataset = ImageFolderSamples(data_dir, classes, Transform(cfg.data.image_size, False),
                                  cfg.seed)
     loader = DataLoader(dataset, batch_size=EVAL_BATCH,
                         sampler=[(0, i) for i in range(len(dataset))],
-                        num_workers=cfg.data.num_workers or 0,
-                        **loader_processes(cfg.data.num_workers or 0))
+                        num_workers=workers, **loader_processes(workers))
+    reporter.update(phase=Phase.evaluating, loader_processes=loader.num_workers)
     n = len(classes)
     matrix = [[0] * n for _ in range(n)]
     started = time.perf_counter()
@@ -174,6 +204,7 @@ def evaluate(run: JobRun) -> Outcome:
         "images": total, "accuracy": round(sum(matrix[i][i] for i in range(n)) / total, 4),
         "per_class": _per_class(matrix, classes), "confusion_matrix": matrix,
         "device": describe(device), "amp": precision.name,
+        "loader_processes": loader.num_workers,
     }
     if cfg.evaluate.latency:
         evaluation.update(_timings(model, device, precision, cfg.data.image_size,
@@ -185,7 +216,7 @@ def evaluate(run: JobRun) -> Outcome:
         batches = (to_model_input(images, cpu, norm)
                    for images, _ in loader)
         export = {"onnx": export_checked(
-            model, read_weights_file(weights_file), cfg.data.image_size, batches,
+            model, weights, cfg.data.image_size, batches,
             scratch / "export", reporter.owner.upload, paths.onnx, cfg.export.opset,
             cfg.export.tolerance, cfg.export.check_images)}
     reporter.owner.write(paths.evaluation, (json.dumps(evaluation, indent=2) + "\n").encode())

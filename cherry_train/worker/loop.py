@@ -33,6 +33,7 @@ from cherry_train.worker.options import (
     IDLE_LINE_SECONDS,
     POLL_MAX_SECONDS,
     STATUS_IDLE_POLLS,
+    STATUS_IDLE_SECONDS,
     SWEEP_CHECK_SECONDS,
     WorkerOptions,
 )
@@ -47,10 +48,10 @@ log = structlog.get_logger(__name__)
 
 class Worker:
     def __init__(self, queue: JobQueue, me: WorkerIdentity, options: WorkerOptions | None = None,
-                 trainer: Runner | None = None):
+                 trainer: Runner | None = None, evaluator: Runner | None = None):
         self.queue, self.me = queue, me
         self.options = options or WorkerOptions()
-        self.trainer = trainer  # train.Training() unless given (a test's fake, its seams)
+        self.trainer, self.evaluator = trainer, evaluator  # unless given (a test's fake, seams)
         self.scratch = Scratch(self.options.scratch, queue.storage.description, me)
         self.stop = StopRequest()
         self.jobs_finished = self.jobs_handed_back = 0  # with a result / released unfinished
@@ -320,9 +321,9 @@ class Worker:
     def _runner(self, claim: Claim) -> Runner:
         """What runs the job: the evaluator in mode: evaluation, else the trainer."""
         if claim.manifest.config.mode == Mode.evaluation:
-            from cherry_train.worker.evaluate import evaluate  # torch is imported only for work
+            from cherry_train.worker.evaluate import Evaluation  # torch only for work
 
-            return evaluate
+            return self.evaluator or Evaluation()
         if self.trainer is None:
             from cherry_train.worker.train import Training
 
@@ -347,11 +348,11 @@ class Worker:
                  hint="submit one with `cherry submit CONFIG.yaml`")
 
     def _idle_status(self, wait: float) -> None:
-        """Announce "idle" when it is news, else once every STATUS_IDLE_POLLS longest polls
-        (a minute by default). The interval announced is one poll longer than that, since the
-        refresh comes at the first poll after it is due; a restarted worker with our id waits
-        out 2x the announced interval to tell us from a ghost."""
-        every = max(1.0, STATUS_IDLE_POLLS * self.options.poll_max_seconds)
+        """Announce "idle" when it is news, else once every STATUS_IDLE_POLLS longest polls or
+        STATUS_IDLE_SECONDS, the longer. The interval announced is one poll longer than that,
+        since the refresh comes at the first poll after it is due; a restarted worker with our
+        id waits out 2x the announced interval to tell us from a ghost."""
+        every = max(STATUS_IDLE_SECONDS, STATUS_IDLE_POLLS * self.options.poll_max_seconds)
         last = self._last_status
         # Half a wait of slack: polls come a little later than their wait, never earlier.
         if last is not None and last.state == WorkerState.idle and \

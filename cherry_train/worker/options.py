@@ -14,10 +14,11 @@ from cherry_train.worker.outcome import KernelSeal
 #: to a poll every 30 s, which costs an idle Drive folder almost nothing.
 POLL_MIN_SECONDS = 1.0
 POLL_MAX_SECONDS = 30.0
-#: An idle worker refreshes its status file every this many longest poll waits (a minute by
-#: default), not at every poll: on a Drive API root a poll is then one request (the listing of
-#: queue/), and the status one more a minute.
+#: An idle worker refreshes its status file every this many longest poll waits, and no more
+#: often than once a minute (`--poll-seconds 2` rewrote it every 4 s: 15 requests a minute on a
+#: Drive API root). A poll is then one request (the listing of queue/), the status one a minute.
 STATUS_IDLE_POLLS = 2
+STATUS_IDLE_SECONDS = 60.0
 #: An idle worker says it waits at once, then every this many seconds.
 IDLE_LINE_SECONDS = 300.0
 #: An idle worker looks for sweeps short of trials in flight this often.
