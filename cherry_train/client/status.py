@@ -27,7 +27,8 @@ from cherry_train.jobqueue.views import (
     job_view,
     queued_job_ids,
 )
-from cherry_train.schemas import JobState, Phase
+from cherry_train.jobqueue.workercontrol import drain_requests
+from cherry_train.schemas import JobState, Phase, WorkerState
 from cherry_train.sizes import human_bytes
 from cherry_train.storage import FileInfo
 
@@ -209,7 +210,8 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]],
     if workers:
         lines.append("workers: " + ", ".join(
             f"{w['worker_id']} ({w['state']}, seen {_age(w['age_seconds'])} ago"
-            + (f", on {w['job_id']}" if w["job_id"] and w["state"] == "busy" else "") + ")"
+            + (f", on {w['job_id']}" if w["job_id"] and w["state"] in ("busy", "draining")
+               else "") + ")"
             for w in workers))
     else:
         lines.append("workers: none has written a heartbeat to this root yet")
@@ -256,6 +258,11 @@ def storage_warning(error: str, last_step: int | None) -> str:
 
 
 def worker_rows(queue: JobQueue) -> list[dict[str, Any]]:
-    return [{"worker_id": w.worker_id, "state": w.state, "host": w.host, "job_id": w.job_id,
+    """The workers, newest status first. One asked to drain (`cherry drain`) that has not
+    noticed yet is shown draining at once: it will not take a new job."""
+    drains = drain_requests(queue)
+    return [{"worker_id": w.worker_id, "host": w.host, "job_id": w.job_id,
+             "state": WorkerState.draining.value if w.worker_id in drains and
+             w.state in (WorkerState.idle, WorkerState.busy) else w.state,
              "age_seconds": round(age_seconds(queue.clock, w.at), 1)}
             for w in sorted(queue.workers(), key=lambda w: w.at, reverse=True)]

@@ -16,8 +16,18 @@ SWEEPS = "sweeps"
 _CHECKPOINT_RE = re.compile(r"^step-(\d{9})\.pt$")
 
 
+#: A request that a worker drain (finish its job, take no new one, exit): `cherry drain`
+#: creates queue/<worker_id>.drain. In queue/, not control/: the one listing an idle worker
+#: makes per poll (of queue/, before every claim) shows it, so watching for it costs nothing.
+DRAIN_SUFFIX = ".drain"
+
+
 def worker_status_path(worker_id: str) -> str:
     return f"{WORKERS}/{worker_id}.json"
+
+
+def drain_request_path(worker_id: str) -> str:
+    return f"{QUEUE}/{worker_id}{DRAIN_SUFFIX}"
 
 
 def checkpoint_step(name: str) -> int | None:

@@ -83,6 +83,7 @@ class WorkerState(Word):
 
     idle = "idle"
     busy = "busy"
+    draining = "draining"  # asked to drain: finishes its job (if any), takes no new one, exits
     stopped = "stopped"
 
 

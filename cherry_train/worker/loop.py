@@ -26,17 +26,19 @@ from cherry_train.jobqueue.lifecycle import (
 )
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
-from cherry_train.schemas import JobState, Mode, Phase, Result, WorkerState, WorkerStatus
+from cherry_train.schemas import JobState, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
 from cherry_train.worker import pruning, results, runtime
+from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.identity import refuse_if_id_in_use
 from cherry_train.worker.outcome import JobRun, Runner
 from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
+from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
-from cherry_train.worker.tensorboard import Board
+from cherry_train.worker.tensorboard import job_board
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +79,7 @@ class Worker:
         self.trainer = trainer  # train.Training() unless given (a test's fake, its seams)
         self.scratch = Scratch(self.options.scratch, queue.storage.description, me)
         self.stop = StopRequest()
+        self.drain = Drain(queue, queue.poll, me.worker_id)  # `cherry drain`: finish, then exit
         self.jobs_finished = self.jobs_handed_back = 0  # with a result / released unfinished
         self.exit_code = 0
         self.cap_reached = False
@@ -115,7 +118,7 @@ class Worker:
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
                          jobs_finished=self.jobs_finished,
                          jobs_handed_back=self.jobs_handed_back)
-        if reason == "idle shutdown" or (self.cap_reached and
+        if reason == "idle shutdown" or ((self.cap_reached or reason == DRAINED) and
                                          self.options.idle_shutdown_minutes is not None):
             self.options.release_runtime()  # compute units stop burning
         return self.exit_code
@@ -158,6 +161,10 @@ class Worker:
 
     def _idle(self, idle: float, wait: float) -> str | None:
         """Nothing was claimable: why the worker stops now, or None (it says it waits)."""
+        if self.drain.seen:
+            self._write_status(WorkerState.draining, interval=0)  # then stopped, on the way out
+            self.drain.done()  # a later start under this id works on
+            return DRAINED
         if self.cap_reached:
             return "runtime cap near: no job can reach a checkpoint before it"
         if self._swept_at is None or idle - self._swept_at >= SWEEP_CHECK_SECONDS:
@@ -185,6 +192,8 @@ class Worker:
     def run_once(self) -> bool:
         """Claim one job and see it through; False if there was nothing to do."""
         manifests, unreadable = self.queue.poll.queued()
+        if self.drain.in_listing():
+            return False  # drained: no claim, not even of a job it could finish
         for job_id, error in unreadable:
             log.warning("unreadable manifest moved to failed/", job_id=job_id, error=str(error))
             self.queue.reject_manifest(job_id, error, self.me.worker_id)
@@ -221,7 +230,8 @@ class Worker:
         interval = claim.manifest.config.heartbeat_seconds
         status = self._write_status(WorkerState.busy, claim.job_id, interval=interval)
         budget = self._budget()
-        reporter = Reporter(owner, status, self.stop, interval, board=self._board(claim, owner),
+        reporter = Reporter(owner, status, self.stop, interval, drain=self.drain,
+                            board=job_board(claim, owner, self.scratch.for_job(claim.job_id)),
                             deadline=budget.stop_at() if budget is not None else None)
         log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
                  reason=claim.attempt.reason.value, worker_id=self.me.worker_id, host=self.me.host)
@@ -232,7 +242,7 @@ class Worker:
             owner.write(claim.paths.config, results.resolved_yaml(claim))
             run = JobRun(claim, reporter, self.stop, scratch, self.queue.storage.local_path(""),
                          self.options.progress_bar, self.options.gpus)
-            outcome = self._runner(claim)(run)
+            outcome = runner_for(claim, self.trainer)(run)
             state = ending(outcome.completed, self.stop.reason, outcome.pruned is not None)
             if state is None:
                 log.info("job released", job_id=claim.job_id, step=outcome.state.global_step,
@@ -333,25 +343,6 @@ class Worker:
                       "cell); the job resumes from its newest checkpoint",
                       error=logs.brief(error))
         self._release(claim, owner, reporter, None if stopping else error)
-
-    def _board(self, claim: Claim, owner: Owner) -> Board | None:
-        config = claim.manifest.config
-        if not config.tensorboard or config.mode == Mode.evaluation:
-            return None
-        return Board(self.scratch.for_job(claim.job_id) / "tensorboard", claim.paths.tensorboard,
-                     owner.upload, config.model_dump(mode="json"), purge_step=None)
-
-    def _runner(self, claim: Claim) -> Runner:
-        """What runs the job: the evaluator in mode: evaluation, else the trainer."""
-        if claim.manifest.config.mode == Mode.evaluation:
-            from cherry_train.worker.evaluate import evaluate  # torch is imported only for work
-
-            return evaluate
-        if self.trainer is None:
-            from cherry_train.worker.train import Training
-
-            self.trainer = Training()
-        return self.trainer
 
     # -- identity and status -----------------------------------------------------------------
 
