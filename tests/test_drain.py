@@ -121,6 +121,10 @@ def test_a_real_worker_drained_mid_job_finishes_it_and_exits_0(tmp_path, cherry_
     cfg = {**CRASH_CONFIG, "training": {**CRASH_CONFIG["training"], "epochs": 6}}
     first = queue.submit(validate_config({**cfg, "name": "first", "priority": 1})).job_id
     second = queue.submit(validate_config({**cfg, "name": "second"})).job_id
+    # First in line, but for a GPU: this CPU worker passes it over (its capabilities are
+    # measured by `cherry worker` itself) and never makes an attempt of it.
+    gpu_job = queue.submit(validate_config({**cfg, "name": "gpu", "priority": 2,
+                                            "requires": {"device": "cuda"}})).job_id
     proc = start_worker(root, "colab-1", tmp_path / "j.jsonl", exit_when_idle=False)
     try:
         wait_for(lambda: (hb := heartbeat(root, first)) and hb.step >= 2, 60, "training")
@@ -133,6 +137,8 @@ def test_a_real_worker_drained_mid_job_finishes_it_and_exits_0(tmp_path, cherry_
     assert result.epochs_completed == 6
     assert (root / JobPaths(second).queued_manifest).is_file()
     assert not (root / JobPaths(second).dir).exists()  # never claimed: no attempt
+    assert not (root / JobPaths(gpu_job).dir).exists()
+    assert queue.worker_status("colab-1").capabilities.device == "cpu"
     assert queue.worker_status("colab-1").state == WorkerState.stopped
     assert not (root / layout.drain_request_path("colab-1")).exists()
     log = [json.loads(line) for line in (root / "worker-colab-1.log").read_text().splitlines()

@@ -36,6 +36,7 @@ def cmd_worker(args) -> int:
     if not WORKER_ID_RE.match(worker_id):
         raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
                          "'.', '_' and '-' (at most 64)")
+    from cherry_train.worker.device import capabilities
     from cherry_train.worker.runtime import default_max_runtime_hours
 
     max_runtime = args.max_runtime if args.max_runtime is not None else \
@@ -43,7 +44,8 @@ def cmd_worker(args) -> int:
     options = WorkerOptions(exit_when_idle=args.exit_when_idle, progress_bar=args.progress,
                             poll_max_seconds=args.poll_seconds,
                             idle_shutdown_minutes=args.idle_shutdown,
-                            max_runtime_hours=max_runtime, gpus=args.gpus)
+                            max_runtime_hours=max_runtime, gpus=args.gpus,
+                            capabilities=capabilities(args.gpus))
     try:
         return Worker(queue, WorkerIdentity(worker_id), options).run()
     except UnsafeScratch as e:

@@ -27,10 +27,12 @@ from cherry_train.jobqueue.lifecycle import (
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
 from cherry_train.schemas import JobState, Phase, Result, WorkerState, WorkerStatus
+from cherry_train.schemas.requires import Capabilities
 from cherry_train.storage import is_outage
 from cherry_train.worker import pruning, results, runtime
 from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
+from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
 from cherry_train.worker.outcome import JobRun, Runner
 from cherry_train.worker.processes import end_loader_processes
@@ -69,6 +71,7 @@ class WorkerOptions:
     max_runtime_hours: float | None = None  # the session cap: release jobs in time, then exit
     release_runtime: Callable[[], None] = runtime.release_runtime
     gpus: int | None = None  # ranks per job (--gpus); None: every visible GPU
+    capabilities: Capabilities | None = None  # what jobs may require (None: not measured)
 
 
 class Worker:
@@ -80,6 +83,7 @@ class Worker:
         self.scratch = Scratch(self.options.scratch, queue.storage.description, me)
         self.stop = StopRequest()
         self.drain = Drain(queue, queue.poll, me.worker_id)  # `cherry drain`: finish, then exit
+        self.fit = Fit(self.options.capabilities)  # a job's `requires:` against this device
         self.jobs_finished = self.jobs_handed_back = 0  # with a result / released unfinished
         self.exit_code = 0
         self.cap_reached = False
@@ -199,6 +203,8 @@ class Worker:
             self.queue.reject_manifest(job_id, error, self.me.worker_id)
         budget, now = self._budget(), self.queue.clock.now()
         for manifest in manifests:
+            if not self.fit.can_run(manifest):
+                continue  # before the claim: never an attempt here for a job it cannot run
             if budget is not None and not budget.can_start(manifest.config, now):
                 if not self.cap_reached:
                     log.info("not starting a job that cannot reach a checkpoint before the "
@@ -382,7 +388,7 @@ class Worker:
         status = WorkerStatus(worker_id=self.me.worker_id, incarnation=self.me.incarnation,
                               at=self.queue.clock.now(), state=state, interval_seconds=interval,
                               host=self.me.host, pid=self.me.pid, job_id=job_id,
-                              version=__version__)
+                              version=__version__, capabilities=self.options.capabilities)
         try:
             self.queue.write_worker_status(status)
             self._last_status = status
