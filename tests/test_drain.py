@@ -145,3 +145,38 @@ def test_a_real_worker_drained_mid_job_finishes_it_and_exits_0(tmp_path, cherry_
            if line.startswith("{")]
     assert any(e.get("event", "").startswith("drain requested") and e["seen_in"] == "a heartbeat"
                for e in log)
+
+
+def test_an_idle_drive_worker_sees_a_drain_in_its_poll_at_no_extra_request():
+    """On a Drive API root an idle poll is one request (the listing of queue/): the drain
+    request is in that listing, so watching for it costs nothing; the drained worker exits at
+    the next poll after the request."""
+    from cherry_train.testing.fakedrive import FakeDrive
+    from cherry_train.testing.fakehttp import fake_drive_storage
+
+    drive = FakeDrive()
+    clock = FakeClock()
+    queue = JobQueue(fake_drive_storage(drive), clock)
+    queue.storage.write_atomic("queue/.keep", b"")
+    client = JobQueue(fake_drive_storage(drive), clock)
+    polls = []
+    wait = clock.wait
+
+    def counted_wait(stop, seconds):
+        polls.append(len(drive.requests))
+        if len(polls) == 12:  # a few steady 30 s polls, then `cherry drain` on a laptop
+            request_drain(client, "idle")
+            polls.append(len(drive.requests))
+        return wait(stop, seconds)
+
+    clock.wait = counted_wait
+    worker = Worker(queue, WorkerIdentity("idle"), WorkerOptions(release_runtime=lambda: None))
+    with structlog.testing.capture_logs() as logs:
+        assert worker.run() == 0
+    assert [x["reason"] for x in logs if x["event"] == "worker exiting"] == ["drained"]
+    assert len(polls) == 13  # it left at the first poll after the request
+    steady = [polls[i + 1] - polls[i] for i in range(6, 10)]
+    assert steady and max(steady) <= 4  # a listing, and at most a status write
+    assert min(steady) == 1  # a poll between status writes: the listing alone
+    assert queue.worker_status("idle").state == WorkerState.stopped
+    assert not client.storage.exists(layout.drain_request_path("idle"))
