@@ -60,18 +60,20 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     from cherry_train.client.status import job_rows, render_table, worker_rows
     from cherry_train.client.sweeps import summary_lines
+    from cherry_train.client.waiting import mark_waiting
     from cherry_train.jobqueue.sweeps import Sweeps
 
     resolved, queue = root_and_queue(args)
     require_root(resolved, queue)
-    rows = job_rows(queue)
+    rows, workers = job_rows(queue), worker_rows(queue)
+    mark_waiting(rows, workers)  # a queued job that no live worker can run says why
     if args.state:
         rows = [r for r in rows if r["state"] == args.state]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"root: {resolved.root}")
-    print(render_table(rows, worker_rows(queue), args.state))
+    print(render_table(rows, workers, args.state))
     # Filtered, only what matches: the sweeps of the trials shown.
     shown = {r.get("sweep_id") for r in rows} - {None} if args.state else None
     sweeps = summary_lines(Sweeps(queue), only=shown)

@@ -19,6 +19,7 @@ from cherry_train.cli.commands import (
     cmd_submit,
     cmd_watch,
 )
+from cherry_train.cli.fleet import cmd_drain
 from cherry_train.cli.sweeps import cmd_sweep_best
 from cherry_train.cli.tensorboard import cmd_tensorboard
 from cherry_train.cli.worker import cmd_worker
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", metavar="JOB", help=JOB_HELP)
     r.add_argument("--root", help=root_help)
     r.set_defaults(func=cmd_retry)
+
+    dn = sub.add_parser("drain", help="let a worker finish the job it trains, take no new one "
+                        "and exit (to hand its VM back without losing an epoch or a job)")
+    dn.add_argument("worker_id", metavar="WORKER_ID", help="the worker's id, as `cherry status` "
+                    "lists it")
+    dn.add_argument("--root", help=root_help)
+    dn.set_defaults(func=cmd_drain)
 
     outcomes = ", ".join(f"{code} {state.value}" for state, code in EXIT_CODES.items())
     wa = sub.add_parser("watch", help=f"follow a job live until it ends (exit {outcomes})")

@@ -41,6 +41,7 @@ def cmd_worker(args) -> int:
         seal = load_seal(args.kernel_key_file, queue.storage.local_path(""))
     except KernelKeyError as e:
         raise UsageError(str(e)) from None
+    from cherry_train.worker.device import capabilities
     from cherry_train.worker.runtime import default_max_runtime_hours
 
     max_runtime = args.max_runtime if args.max_runtime is not None else \
@@ -49,7 +50,7 @@ def cmd_worker(args) -> int:
                             poll_max_seconds=args.poll_seconds,
                             idle_shutdown_minutes=args.idle_shutdown,
                             max_runtime_hours=max_runtime, gpus=args.gpus,
-                            kernel_seal=seal)
+                            kernel_seal=seal, capabilities=capabilities(args.gpus))
     try:
         return Worker(queue, WorkerIdentity(worker_id), options).run()
     except UnsafeScratch as e:

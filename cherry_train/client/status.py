@@ -17,6 +17,7 @@ from typing import Any
 import platformdirs
 
 from cherry_train import files
+from cherry_train.client.submit import WORKER_FRESH_SECONDS
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.lifecycle import JobQueue
@@ -27,7 +28,9 @@ from cherry_train.jobqueue.views import (
     job_view,
     queued_job_ids,
 )
-from cherry_train.schemas import JobState, Phase
+from cherry_train.jobqueue.workercontrol import drain_requests
+from cherry_train.schemas import JobState, Phase, WorkerState
+from cherry_train.schemas.requires import Capabilities
 from cherry_train.sizes import human_bytes
 from cherry_train.storage import FileInfo
 
@@ -107,6 +110,9 @@ def _row(v: JobView, footprint: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         "trial": manifest.sweep.trial if manifest and manifest.sweep else None,
         "storage_error": None, "last_checkpoint_step": None,
         "bytes": footprint[0], "checkpoint_bytes": footprint[1], "released": False,
+        "requires": manifest.config.requires.model_dump(exclude_defaults=True) or None
+        if manifest else None,
+        "waiting": None,  # client/waiting.py: why no live worker takes a queued job
     }
     if hb is not None and v.state.value == "running":
         row.update(phase=hb.phase, epoch=hb.epoch, step=hb.step,
@@ -195,6 +201,8 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]],
             elif r["state"] == "failed" and r["error"]:
                 lines.append(f"! {r['job_id']} failed: {r['error'].splitlines()[0]} ("
                              f"{failure_advice(r['job_id'], r.get('error_type'), r['error'])})")
+            elif r.get("waiting"):
+                lines.append(f"! {r['job_id']}: {r['waiting']}")
             elif r.get("released") and r["phase"] != Phase.paused:
                 why = f"after an error: {r['error'].splitlines()[0]}" if r["error"] else \
                     "(its worker was stopped)"
@@ -208,8 +216,12 @@ def render_table(rows: list[dict[str, Any]], workers: list[dict[str, Any]],
     lines.append("")
     if workers:
         lines.append("workers: " + ", ".join(
-            f"{w['worker_id']} ({w['state']}, seen {_age(w['age_seconds'])} ago"
-            + (f", on {w['job_id']}" if w["job_id"] and w["state"] == "busy" else "") + ")"
+            f"{w['worker_id']} ({w['state']}"
+            + (f", {Capabilities.model_validate(w['capabilities']).describe()}"
+               if w.get("capabilities") else "")
+            + f", seen {_age(w['age_seconds'])} ago"
+            + (f", on {w['job_id']}" if w["job_id"] and w["state"] in ("busy", "draining")
+               else "") + ")"
             for w in workers))
     else:
         lines.append("workers: none has written a heartbeat to this root yet")
@@ -256,6 +268,14 @@ def storage_warning(error: str, last_step: int | None) -> str:
 
 
 def worker_rows(queue: JobQueue) -> list[dict[str, Any]]:
-    return [{"worker_id": w.worker_id, "state": w.state, "host": w.host, "job_id": w.job_id,
+    """The workers, newest status first. One asked to drain (`cherry drain`) that has not
+    noticed yet is shown draining at once: it will not take a new job."""
+    drains = drain_requests(queue)
+    return [{"worker_id": w.worker_id, "host": w.host, "job_id": w.job_id,
+             "capabilities": w.capabilities.model_dump() if w.capabilities else None,
+             "live": w.state != WorkerState.stopped and
+             age_seconds(queue.clock, w.at) < WORKER_FRESH_SECONDS,
+             "state": WorkerState.draining.value if w.worker_id in drains and
+             w.state in (WorkerState.idle, WorkerState.busy) else w.state,
              "age_seconds": round(age_seconds(queue.clock, w.at), 1)}
             for w in sorted(queue.workers(), key=lambda w: w.at, reverse=True)]

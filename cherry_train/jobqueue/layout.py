@@ -53,8 +53,18 @@ def weights_here(path: Path) -> Path:
     return Path(best) if best is not None else path
 
 
+#: A request that a worker drain (finish its job, take no new one, exit): `cherry drain`
+#: creates queue/<worker_id>.drain. In queue/, not control/: the one listing an idle worker
+#: makes per poll (of queue/, before every claim) shows it, so watching for it costs nothing.
+DRAIN_SUFFIX = ".drain"
+
+
 def worker_status_path(worker_id: str) -> str:
     return f"{WORKERS}/{worker_id}.json"
+
+
+def drain_request_path(worker_id: str) -> str:
+    return f"{QUEUE}/{worker_id}{DRAIN_SUFFIX}"
 
 
 def checkpoint_step(name: str) -> int | None:

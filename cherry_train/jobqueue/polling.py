@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from cherry_train.jobqueue import layout
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.jobfiles import JobFiles
+from cherry_train.jobqueue.workercontrol import drains_in
 from cherry_train.schemas import Manifest
 from cherry_train.schemas.errors import one_line
 
@@ -22,6 +23,7 @@ class Poll:
         self.files = files
         self._manifests: dict[str, tuple[tuple, Manifest]] = {}
         self._held: dict[str, tuple[tuple | None, datetime, int]] = {}
+        self.drains: set[str] = set()  # worker ids asked to drain, as of the last listing
 
     def queued(self) -> tuple[list[Manifest], list[tuple[str, Exception]]]:
         """Manifests in queue/, in the order workers take them (priority, then submission),
@@ -30,6 +32,7 @@ class Poll:
         good, bad = [], []
         storage = self.files.storage
         entries = storage.list_entries(layout.QUEUE)
+        self.drains = drains_in(entries)
         for name in list(self._manifests):
             if name not in entries:
                 del self._manifests[name]

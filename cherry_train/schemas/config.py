@@ -16,9 +16,11 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
+from cherry_train.schemas.requires import RequiresSection
 from cherry_train.schemas.sweep import SweepSection
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -229,6 +231,8 @@ class TrainingConfig(_Section):
     evaluate: EvaluateSection | None = Field(None, description="With mode: evaluation only.")
     sweep: SweepSection | None = Field(None, description="Vary hyperparameters: each trial is a "
                                        "job of its own (see Sweeps in the README).")
+    requires: RequiresSection = Field(RequiresSection(), description="What the worker must "
+                                      "have; a worker without it never claims the job.")
 
     @model_validator(mode="after")
     def _sections_for_the_mode(self) -> TrainingConfig:
@@ -259,6 +263,15 @@ class TrainingConfig(_Section):
                              "(compiled kernels may differ from run to run); use 'auto' or "
                              "'off', which never compile a deterministic job")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_empty_requires(self, handler):
+        # A job that requires nothing is written as before `requires:` existed: a worker of an
+        # earlier version (extra="forbid") would otherwise reject every new manifest.
+        data = handler(self)
+        if isinstance(data, dict) and self.requires == RequiresSection():
+            data.pop("requires", None)
+        return data
 
     @property
     def epochs(self) -> int | None:

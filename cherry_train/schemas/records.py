@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cherry_train.schemas.config import ID_PATTERN, TrainingConfig
+from cherry_train.schemas.requires import Capabilities
 from cherry_train.schemas.sweep import SweepRef
 
 SCHEMA_VERSION = 1
@@ -83,6 +84,7 @@ class WorkerState(Word):
 
     idle = "idle"
     busy = "busy"
+    draining = "draining"  # asked to drain: finishes its job (if any), takes no new one, exits
     stopped = "stopped"
 
 
@@ -249,6 +251,7 @@ class WorkerStatus(_Record):
     device: str | None = None
     job_id: str | None = None
     version: str = ""
+    capabilities: Capabilities | None = None  # what its jobs may require (None: not told)
 
 
 class FailedManifest(_Record):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cherry_train.schemas import Amp
+from cherry_train.schemas.requires import Capabilities
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,18 @@ def seed_and_determinism(seed: int, deterministic: bool, device: torch.device) -
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+
+
+def capabilities(gpus: int | None = None) -> Capabilities:
+    """What this worker offers the jobs' `requires:` (published in its status file): the device
+    pick_device() chooses, and on CUDA its first GPU's name, memory and bf16 support, and how
+    many GPUs each job trains over (`gpus`, the --gpus option; None: every visible one)."""
+    device = pick_device()
+    if device.type != "cuda":
+        return Capabilities(device=device.type)
+    props = torch.cuda.get_device_properties(device)
+    count = torch.cuda.device_count()
+    return Capabilities(device="cuda", gpu_name=props.name,
+                        gpu_memory_gb=round(props.total_memory / 1e9, 1),
+                        bf16=torch.cuda.is_bf16_supported(),
+                        gpus=min(gpus, count) if gpus else count)

@@ -23,10 +23,12 @@ from cherry_train.jobqueue.lifecycle import (
 )
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
-from cherry_train.schemas import JobState, Mode, Phase, Result, WorkerState, WorkerStatus
+from cherry_train.schemas import JobState, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
 from cherry_train.worker import pruning, results, runtime
+from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
+from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
@@ -40,9 +42,10 @@ from cherry_train.worker.options import (
 from cherry_train.worker.outcome import JobRun, Runner
 from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
+from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
-from cherry_train.worker.tensorboard import Board
+from cherry_train.worker.tensorboard import job_board
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +57,8 @@ class Worker:
         self.trainer, self.evaluator = trainer, evaluator  # unless given (a test's fake, seams)
         self.scratch = Scratch(self.options.scratch, queue.storage.description, me)
         self.stop = StopRequest()
+        self.drain = Drain(queue, queue.poll, me.worker_id)  # `cherry drain`: finish, then exit
+        self.fit = Fit(self.options.capabilities)  # a job's `requires:` against this device
         self.jobs_finished = self.jobs_handed_back = 0  # with a result / released unfinished
         self.exit_code = 0
         self.cap_reached = False
@@ -92,7 +97,7 @@ class Worker:
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
                          jobs_finished=self.jobs_finished,
                          jobs_handed_back=self.jobs_handed_back)
-        if reason == "idle shutdown" or (self.cap_reached and
+        if reason == "idle shutdown" or ((self.cap_reached or reason == DRAINED) and
                                          self.options.idle_shutdown_minutes is not None):
             self.options.release_runtime()  # compute units stop burning
         return self.exit_code
@@ -135,6 +140,10 @@ class Worker:
 
     def _idle(self, idle: float, wait: float) -> str | None:
         """Nothing was claimable: why the worker stops now, or None (it says it waits)."""
+        if self.drain.seen:
+            self._write_status(WorkerState.draining, interval=0)  # then stopped, on the way out
+            self.drain.done()  # a later start under this id works on
+            return DRAINED
         if self.cap_reached:
             return "runtime cap near: no job can reach a checkpoint before it"
         if self._swept_at is None or idle - self._swept_at >= SWEEP_CHECK_SECONDS:
@@ -162,11 +171,15 @@ class Worker:
     def run_once(self) -> bool:
         """Claim one job and see it through; False if there was nothing to do."""
         manifests, unreadable = self.queue.poll.queued()
+        if self.drain.in_listing():
+            return False  # drained: no claim, not even of a job it could finish
         for job_id, error in unreadable:
             log.warning("unreadable manifest moved to failed/", job_id=job_id, error=str(error))
             self.queue.reject_manifest(job_id, error, self.me.worker_id)
         budget, now = self._budget(), self.queue.clock.now()
         for manifest in manifests:
+            if not self.fit.can_run(manifest):
+                continue  # before the claim: never an attempt here for a job it cannot run
             if budget is not None and not budget.can_start(manifest.config, now):
                 if not self.cap_reached:
                     log.info("not starting a job that cannot reach a checkpoint before the "
@@ -198,7 +211,8 @@ class Worker:
         interval = claim.manifest.config.heartbeat_seconds
         status = self._write_status(WorkerState.busy, claim.job_id, interval=interval)
         budget = self._budget()
-        reporter = Reporter(owner, status, self.stop, interval, board=self._board(claim, owner),
+        reporter = Reporter(owner, status, self.stop, interval, drain=self.drain,
+                            board=job_board(claim, owner, self.scratch.for_job(claim.job_id)),
                             deadline=budget.stop_at() if budget is not None else None)
         log.info("job claimed", job_id=claim.job_id, attempt=claim.attempt.n,
                  reason=claim.attempt.reason.value, worker_id=self.me.worker_id, host=self.me.host)
@@ -209,7 +223,7 @@ class Worker:
             owner.write(claim.paths.config, results.resolved_yaml(claim))
             run = JobRun(claim, reporter, self.stop, scratch, self.queue.storage.local_path(""),
                          self.options.progress_bar, self.options.gpus, self.options.kernel_seal)
-            outcome = self._runner(claim)(run)
+            outcome = runner_for(claim, self.trainer, self.evaluator)(run)
             state = ending(outcome.completed, self.stop.reason, outcome.pruned is not None)
             if state is None:
                 log.info("job released", job_id=claim.job_id, step=outcome.state.global_step,
@@ -311,25 +325,6 @@ class Worker:
                       error=logs.brief(error))
         self._release(claim, owner, reporter, None if stopping else error)
 
-    def _board(self, claim: Claim, owner: Owner) -> Board | None:
-        config = claim.manifest.config
-        if not config.tensorboard or config.mode == Mode.evaluation:
-            return None
-        return Board(self.scratch.for_job(claim.job_id) / "tensorboard", claim.paths.tensorboard,
-                     owner.upload, config.model_dump(mode="json"), purge_step=None)
-
-    def _runner(self, claim: Claim) -> Runner:
-        """What runs the job: the evaluator in mode: evaluation, else the trainer."""
-        if claim.manifest.config.mode == Mode.evaluation:
-            from cherry_train.worker.evaluate import Evaluation  # torch only for work
-
-            return self.evaluator or Evaluation()
-        if self.trainer is None:
-            from cherry_train.worker.train import Training
-
-            self.trainer = Training()
-        return self.trainer
-
     # -- identity and status -----------------------------------------------------------------
 
     def refuse_if_id_in_use(self) -> None:
@@ -368,7 +363,7 @@ class Worker:
         status = WorkerStatus(worker_id=self.me.worker_id, incarnation=self.me.incarnation,
                               at=self.queue.clock.now(), state=state, interval_seconds=interval,
                               host=self.me.host, pid=self.me.pid, job_id=job_id,
-                              version=__version__)
+                              version=__version__, capabilities=self.options.capabilities)
         try:
             self.queue.write_worker_status(status)
             self._last_status = status

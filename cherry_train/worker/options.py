@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cherry_train.schemas.requires import Capabilities
 from cherry_train.worker import runtime
 from cherry_train.worker.outcome import KernelSeal
 
@@ -39,3 +40,4 @@ class WorkerOptions:
     release_runtime: Callable[[], None] = runtime.release_runtime
     gpus: int | None = None  # ranks per job (--gpus); None: every visible GPU
     kernel_seal: KernelSeal = field(default_factory=lambda: KernelSeal(None))  # kernelseal.py
+    capabilities: Capabilities | None = None  # what jobs may require (None: not measured)

@@ -20,7 +20,8 @@ from cherry_train import logs
 from cherry_train.backoff import Stopped
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.plots import render_curves
-from cherry_train.schemas import Heartbeat, Phase, WorkerStatus
+from cherry_train.schemas import Heartbeat, Phase, WorkerState, WorkerStatus
+from cherry_train.worker.drain import Drain
 from cherry_train.worker.tensorboard import Board
 
 log = structlog.get_logger(__name__)
@@ -64,8 +65,10 @@ class StopRequest:
 
 class Reporter:
     def __init__(self, owner: Owner, worker_status: WorkerStatus, stop: StopRequest,
-                 interval: float, deadline: datetime | None = None, board: Board | None = None):
+                 interval: float, deadline: datetime | None = None, board: Board | None = None,
+                 drain: Drain | None = None):
         self.owner, self.stop = owner, stop
+        self.drain = drain  # a drain request, looked for at each beat (the job still finishes)
         self.board = board  # TensorBoard: every metrics line also goes there
         self.interval = interval  # the job's heartbeat_seconds
         self.deadline = deadline  # the runtime cap, less the time to checkpoint and release
@@ -193,15 +196,19 @@ class Reporter:
                          worker_id=claim.attempt.worker_id, at=self.owner.clock.now(), **progress)
 
     def beat(self, **final: Any) -> None:
-        """Write the heartbeat and sync metrics (fenced); notice a cancel request."""
+        """Write the heartbeat and sync metrics (fenced); notice a cancel or drain request."""
         claim, heartbeat = self.claim, self.heartbeat(**final)
         now = heartbeat.at
         with self._on_fenced():
             self.owner.write(claim.paths.heartbeat, heartbeat.to_json())
         self.sync_metrics()
         self.sync_log()
-        self.owner.write_worker_status(self.worker_status.model_copy(update={"at": now}))
         training = not self._done.is_set()  # the final beats after close() look no further
+        if training and self.drain is not None and \
+                self.worker_status.state != WorkerState.draining and self.drain.check():
+            self.worker_status = self.worker_status.model_copy(
+                update={"state": WorkerState.draining})  # `cherry status` shows it from now
+        self.owner.write_worker_status(self.worker_status.model_copy(update={"at": now}))
         if training and self.deadline is not None and now >= self.deadline:
             if not self.stop.is_set():
                 log.info("runtime cap near: checkpointing and handing the job back",

@@ -18,7 +18,9 @@ from typing import Any
 import structlog
 
 from cherry_train import logs
-from cherry_train.jobqueue.owner import Fenced
+from cherry_train.jobqueue.claims import Claim
+from cherry_train.jobqueue.owner import Fenced, Owner
+from cherry_train.schemas import Mode
 
 log = structlog.get_logger(__name__)
 
@@ -125,3 +127,13 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif value is not None:
             flat[f"{prefix}{key}"] = json.dumps(value)
     return flat
+
+
+def job_board(claim: Claim, owner: Owner, scratch: Path) -> Board | None:
+    """The attempt's Board, written in its scratch folder; None where the config turns it off
+    (and for an evaluation, which has no curves)."""
+    config = claim.manifest.config
+    if not config.tensorboard or config.mode == Mode.evaluation:
+        return None
+    return Board(scratch / "tensorboard", claim.paths.tensorboard, owner.upload,
+                 config.model_dump(mode="json"), purge_step=None)
