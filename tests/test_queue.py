@@ -12,6 +12,7 @@ import pytest
 import structlog
 from concurrently import at_once
 
+from cherry_train import files
 from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.clock import FakeClock
 from cherry_train.jobqueue.layout import JobPaths
@@ -146,6 +147,20 @@ def test_full_lifecycle_through_the_worker(queue, tiny_config):
     # Nothing left to do: the next poll finds no work.
     assert Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran)).run_once() is False
     assert ran == [manifest.job_id]
+
+
+def test_a_killed_writers_temp_files_go_when_the_job_is_committed(queue, tiny_config):
+    """A writer SIGKILLed between a temp name's write and its rename leaves the temp behind:
+    a half-copied TensorBoard event file there is one TensorBoard reads (its name holds
+    'tfevents'). Once the result exists nobody can still be writing the job's files."""
+    manifest = queue.submit(config(tiny_config))
+    paths = JobPaths(manifest.job_id)
+    dead = f"{paths.tensorboard}/.events.out.tfevents.1.host.7.0{files.TMP_MARK}7-0a1b2c3d"
+    Path(ROOT, dead).parent.mkdir(parents=True)
+    Path(ROOT, dead).write_bytes(b"half an event file")
+    Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer([])).run_once()
+    assert Result.from_json(queue.storage.read_bytes(paths.result)).state == JobState.succeeded
+    assert not Path(ROOT, dead).exists()
 
 
 def test_commit_is_exclusive(queue, tiny_config):

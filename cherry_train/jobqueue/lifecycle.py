@@ -5,14 +5,12 @@
                  │  └─cancel / unreadable / crash loop──> cancelled | failed
                  └──────────── retry (a failed or cancelled job) ────────────┘
 
-A claim is the exclusive creation of `attempts/<n>.json`; a commit is the exclusive creation of
-`result.json`. Everything else (moving the manifest, tidying checkpoints, heartbeats) is
-bookkeeping that the next worker completes if a crash interrupts it.
-
-Who moves a job: the client submits, cancels (a request file) and retries; a worker claims,
-takes over, releases and commits (`worker/loop.py` decides which, with `ending` below), and
-ends jobs that nobody runs (a cancel request, a crash loop) at its next claim. Reading the files
-is jobfiles.py; what `status` makes of them, views.py; the idle poll's memory, polling.py.
+A claim is the exclusive creation of `attempts/<n>.json`; a commit, of `result.json`. The rest
+(moving the manifest, tidying, heartbeats) is bookkeeping the next worker completes if a crash
+interrupts it. Who moves a job: the client submits, cancels (a request file) and retries; a
+worker claims, takes over, releases and commits (`worker/loop.py` decides which, with `ending`
+below), and ends jobs nobody runs (a cancel request, a crash loop) at its next claim. Reading
+the files is jobfiles.py; what `status` makes of them, views.py; the idle poll, polling.py.
 """
 
 from __future__ import annotations
@@ -285,14 +283,16 @@ class JobQueue(JobFiles):
         return won
 
     def finish_bookkeeping(self, manifest: Manifest, state: JobState | None = None) -> None:
-        """After a result exists: checkpoints no longer needed go, then the manifest moves
-        beside the result (either may have happened already: a crash came in between)."""
+        """After a result exists: checkpoints no longer needed go, and the temp files of writers
+        killed mid-write (every writer has ended or is fenced), then the manifest moves beside
+        the result (any of these may have happened already: a crash came in between)."""
         paths = JobPaths(manifest.job_id)
         if state is None:
             raw = self.storage.read_text_or_none(paths.result)
             state = Result.from_json(raw).state if raw is not None else None
         if state is not None:
             self._tidy_checkpoints(manifest, state)
+            self.storage.remove_temps(paths.dir)
         with contextlib.suppress(FileNotFoundError):
             self.storage.move(paths.queued_manifest, paths.done_manifest)
 

@@ -116,6 +116,12 @@ class Storage(ABC):
         """The path on this machine's file system, where the backend is a plain folder."""
         return None
 
+    def remove_temps(self, path: str) -> int:
+        """Remove the temp files that writers killed mid-write left below folder `path` (a
+        SIGKILL between a temp name's write and its rename), once no writer can still be
+        writing there; the number removed. Backends whose writes are whole leave none."""
+        return 0
+
     # Helpers built from the primitives -------------------------------------------------------
 
     def exists(self, path: str) -> bool:

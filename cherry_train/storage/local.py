@@ -98,6 +98,14 @@ class LocalStorage(Storage):
             return []
         return sorted(n for n in names if not is_temp(n))
 
+    def remove_temps(self, path: str) -> int:
+        removed = 0
+        for folder, _, names in os.walk(self._path(path)):  # links are not followed
+            for name in filter(is_temp, names):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def stat(self, path: str) -> FileInfo | None:
         try:
             st = self._path(path).stat()
