@@ -213,6 +213,24 @@ def test_preflight_sees_the_data_as_the_worker_does_and_says_links_were_skipped(
     assert links == ["defect/elsewhere", "good/a-link.jpg"]
 
 
+def test_data_read_in_place_lists_no_link_and_keeps_torchvisions_order(tmp_path, linked):
+    """With `data.cache: false` the folder is read where it is: a link there must not be read
+    either. The order is make_dataset's (crop boxes are drawn by sample index)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    from cherry_train.worker.samples import folder_samples
+
+    src, secret = linked
+    listed = folder_samples(src, ["defect", "good"])
+    assert len(listed) == 96 and not [p for p, _ in listed if "link" in p or "elsewhere" in p]
+    plain = tmp_path / "plain"
+    shutil.copytree(src, plain, ignore=shutil.ignore_patterns("a-link.jpg", "elsewhere"))
+    (plain / "good" / "sub").mkdir()  # a subfolder sorts by folder first, as make_dataset does
+    shutil.copy(next((plain / "good").glob("*.jpg")), plain / "good" / "sub")
+    assert folder_samples(plain, ["defect", "good"]) == \
+        make_dataset(str(plain), {"defect": 0, "good": 1}, extensions=IMG_EXTENSIONS)
+
+
 @pytest.mark.parametrize(("rel", "shard"), [("good/1.jpg", "../../../evil.tar"),
                                             ("../../escaped.jpg", "shard-1.tar")])
 def test_a_pack_index_naming_paths_out_of_the_cache_is_not_used(tmp_path, rel, shard):

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from cherry_train import faults
+from cherry_train.safepaths import walk_files
 from cherry_train.worker.errors import JobError
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -104,14 +105,28 @@ class Transform:
         return F.pil_to_tensor(img)
 
 
+def folder_samples(root: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, class index) of every image below root/<class>/, in torchvision's make_dataset
+    order (class, folder, name; the order crop boxes are drawn by), but never through a link:
+    read in place (`data.cache: false`) a link would let whoever writes the folder have any
+    file this machine can read trained on. The cache's copy has none (sources.py skips them)."""
+    index = {c: i for i, c in enumerate(classes)}
+    found = []
+    for rel in walk_files(root).files:
+        cls, _, rest = rel.partition("/")
+        if rest and cls in index and has_file_allowed_extension(rel, IMG_EXTENSIONS):
+            folder, _, name = rel.rpartition("/")
+            found.append((cls, folder, name, rel))
+    return [(str(root / rel), index[cls]) for cls, _, _, rel in sorted(found)]
+
+
 class ImageFolderSamples(Dataset):
     """An ImageFolder whose items are looked up by (epoch, index)."""
 
     def __init__(self, root: Path, classes: list[str], transform: Transform, seed: int):
         self.root = root
         self.classes = classes
-        self.samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)},
-                                    extensions=IMG_EXTENSIONS)
+        self.samples = folder_samples(root, classes)
         self.transform = transform
         self.seed = seed
 
