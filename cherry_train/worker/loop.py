@@ -28,6 +28,7 @@ from cherry_train.storage import is_outage
 from cherry_train.worker import pruning, results, runtime
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.identity import refuse_if_id_in_use
+from cherry_train.worker.notify import Notifier, handed_back_message, message_of
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
     IDLE_LINE_SECONDS,
@@ -63,6 +64,7 @@ class Worker:
         self._swept_at: float | None = None  # idle seconds at the last look at the sweeps
         self.sweeps = Sweeps(queue)
         self.promotions = pruning.Promotions(queue, self.options.poll_max_seconds)
+        self.notifier = Notifier([self.options.webhook])
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -86,6 +88,7 @@ class Worker:
                 self.scratch.remove()
                 end_loader_processes()
                 if reason not in ("worker id in use", "second signal", "stop cut short"):
+                    self.notifier.flush()  # the last job's message, at most NOTIFY_SECONDS
                     write_on_the_way_out("the final status", lambda: self._write_status(
                         WorkerState.stopped, interval=0))
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
@@ -257,6 +260,9 @@ class Worker:
                         job_id=claim.job_id)
         else:
             self.jobs_finished += 1
+            self.notifier.send(*message_of(result, claim.manifest.config.name,
+                                           self.me.worker_id),
+                               extra=claim.manifest.config.notify.webhook)
         if claim.manifest.sweep is not None:
             self._top_up(claim.manifest.sweep.id)  # the sweep's next trial, for whoever is free
 
@@ -309,6 +315,10 @@ class Worker:
                       "cell); the job resumes from its newest checkpoint",
                       error=logs.brief(error))
         self._release(claim, owner, reporter, None if stopping else error)
+        if not stopping:
+            self.notifier.send(*handed_back_message(claim.job_id, claim.manifest.config.name,
+                                                    self.me.worker_id, error),
+                               extra=claim.manifest.config.notify.webhook)
 
     def _board(self, claim: Claim, owner: Owner) -> Board | None:
         config = claim.manifest.config

@@ -38,3 +38,4 @@ class WorkerOptions:
     release_runtime: Callable[[], None] = runtime.release_runtime
     gpus: int | None = None  # ranks per job (--gpus); None: every visible GPU
     kernel_seal: KernelSeal = field(default_factory=lambda: KernelSeal(None))  # kernelseal.py
+    webhook: str | None = None  # told every job's end (--webhook), besides the config's own
