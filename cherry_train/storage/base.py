@@ -116,6 +116,11 @@ class Storage(ABC):
         """The path on this machine's file system, where the backend is a plain folder."""
         return None
 
+    def free_bytes(self) -> int | None:
+        """Bytes that may still be stored here, or None where that is unknown (a job that may
+        not fit is then started anyway)."""
+        return None
+
     # Helpers built from the primitives -------------------------------------------------------
 
     def exists(self, path: str) -> bool:
@@ -135,7 +140,7 @@ class ReadOnlyStorage:
     accident."""
 
     READS = frozenset({"read_bytes", "read_range", "read_text_or_none", "exists", "stat",
-                       "list_dir", "list_entries", "stat_in_subfolders", "download",
+                       "list_dir", "list_entries", "stat_in_subfolders", "download", "free_bytes",
                        "local_path", "description", "confirms_later", "confirm_durable"})
 
     def __init__(self, inner: Storage):

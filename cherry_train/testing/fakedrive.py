@@ -8,7 +8,7 @@ $CHERRY_DRIVE_ENDPOINT). What it implements is what cherry-train uses, with Driv
 - files.create (metadata only, multipart, resumable), get (metadata, media with Range), list
   (the `q` forms below, pageSize/pageToken, fields), update (metadata, addParents/removeParents,
   media: multipart or resumable), delete (a folder takes its content with it), generateIds,
-  changes.getStartPageToken / changes.list;
+  changes.getStartPageToken / changes.list, about.get (storageQuota);
 - duplicate names in one folder (Drive allows them), `trashed`, 409 for a create with an id in
   use, 404 for unknown ids, a bearer token check (401) when one is configured, a storage quota
   (403 storageQuotaExceeded) when one is configured;
@@ -162,6 +162,8 @@ class FakeDrive:
             if method == "DELETE":
                 self._delete(file_id)
                 return 204, {}, b""
+        if path == "/drive/v3/about" and method == "GET":
+            return self._json({"kind": "drive#about", "storageQuota": self._quota()}, params)
         if path == "/drive/v3/changes/startPageToken":
             return self._json({"kind": "drive#startPageToken",
                                "startPageToken": str(len(self.changes) + 1)})
@@ -189,6 +191,15 @@ class FakeDrive:
         if used - old + new > self.quota_bytes:
             raise HttpFailure(403, "storageQuotaExceeded",
                               "The user's Drive storage quota has been exceeded.")
+
+    def _quota(self) -> dict:
+        """about.get's storageQuota: strings, as Drive sends them; no limit without a quota."""
+        used = str(sum(len(f.content) for f in self.files.values()))
+        quota = {"usage": used, "usageInDrive": used, "usageInDriveTrash": str(sum(
+            len(f.content) for f in self.files.values() if f.trashed))}
+        if self.quota_bytes is not None:
+            quota["limit"] = str(self.quota_bytes)
+        return quota
 
     def _generate_ids(self, params) -> dict:
         count = int(params.get("count", 10))
