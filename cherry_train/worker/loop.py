@@ -42,6 +42,7 @@ from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
+from cherry_train.worker.space import SpaceGate
 from cherry_train.worker.tensorboard import Board
 
 log = structlog.get_logger(__name__)
@@ -65,6 +66,7 @@ class Worker:
         self.sweeps = Sweeps(queue)
         self.promotions = pruning.Promotions(queue, self.options.poll_max_seconds)
         self.notifier = Notifier([self.options.webhook])
+        self.space = SpaceGate(queue.storage)  # a job that cannot fit stays queued
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -178,7 +180,7 @@ class Worker:
                 continue
             # A sweep trial paused at a rung is taken once promoted (or to be pruned); one
             # found not ready a moment ago costs no read.
-            if self.promotions.waiting(manifest.job_id):
+            if self.promotions.waiting(manifest.job_id) or self.space.refuses(manifest):
                 continue
             claim = self.queue.try_claim(manifest, self.me, ready=self.promotions.ready)
             if claim is not None:
