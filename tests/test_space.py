@@ -86,3 +86,37 @@ def test_a_resumed_job_counts_the_checkpoints_it_already_stores(tiny_config, mon
     assert not space.SpaceGate(queue.storage).refuses(manifest)
     drive.quota_bytes -= 1
     assert space.SpaceGate(queue.storage).refuses(manifest)
+
+
+def test_submit_to_a_drive_too_full_is_refused_in_one_line(monkeypatch, tmp_path, tiny_config,
+                                                           capsys):
+    import json
+
+    from cherry_train.cli import main
+    from cherry_train.testing.fakehttp import serve
+
+    drive = FakeDrive(token="t", quota_bytes=100 * MB)
+    server, endpoint = serve(drive)
+    monkeypatch.setenv("CHERRY_DRIVE_ENDPOINT", endpoint)
+    monkeypatch.setenv("CHERRY_DRIVE_TOKEN", "t")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps(tiny_config))
+    try:
+        assert main(["submit", str(cfg), "--root", "gdrive:traina", "--no-preflight"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("(Drive space): the job needs about")
+        assert [f for f in drive.files.values() if f.name.endswith(".json")] == []  # not queued
+        drive.quota_bytes = 2000 * MB
+        assert main(["submit", str(cfg), "--root", "gdrive:traina", "--no-preflight"]) == 0
+        # A laptop without torch cannot count the model: the job goes, the worker checks.
+        monkeypatch.setattr(space, "parameter_count", _no_torch)
+        drive.quota_bytes = 1 * MB
+        assert main(["submit", str(cfg), "--root", "gdrive:traina", "--no-preflight"]) == 0
+        assert len([f for f in drive.files.values() if f.name.endswith(".json") and
+                    f.parents and drive.files[f.parents[0]].name == "queue"]) == 2
+    finally:
+        server.shutdown()
+
+
+def _no_torch(name, classes):
+    raise ImportError("No module named 'torch'")

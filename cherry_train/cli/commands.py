@@ -40,6 +40,9 @@ def cmd_submit(args) -> int:
         report = None
     else:
         report = client.preflight(checked, queue.storage.local_path(""), storage=queue.storage)
+    space = client.check_space(queue.storage, checked, resolved.root)
+    if report is not None and space is not None:
+        report.checks.append(("space", space))
     print(f"root: {resolved.root} (from {resolved.source})")
     if report is not None:
         print(report.render())
