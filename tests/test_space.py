@@ -120,3 +120,12 @@ def test_submit_to_a_drive_too_full_is_refused_in_one_line(monkeypatch, tmp_path
 
 def _no_torch(name, classes):
     raise ImportError("No module named 'torch'")
+
+
+def test_status_shows_the_roots_free_space(tmp_path, capsys):
+    from cherry_train.cli import main
+
+    (tmp_path / "root").mkdir()
+    assert main(["status", "--root", str(tmp_path / "root")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"root: {tmp_path / 'root'} (") and first.endswith(" free)")

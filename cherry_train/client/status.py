@@ -29,7 +29,7 @@ from cherry_train.jobqueue.views import (
 )
 from cherry_train.schemas import JobState, Phase
 from cherry_train.sizes import human_bytes
-from cherry_train.storage import FileInfo
+from cherry_train.storage import FileInfo, Storage
 
 STATUS_THREADS = 16
 #: The cache's layout; a file of another version (or none) is read as empty.
@@ -259,3 +259,13 @@ def worker_rows(queue: JobQueue) -> list[dict[str, Any]]:
     return [{"worker_id": w.worker_id, "state": w.state, "host": w.host, "job_id": w.job_id,
              "age_seconds": round(age_seconds(queue.clock, w.at), 1)}
             for w in sorted(queue.workers(), key=lambda w: w.at, reverse=True)]
+
+
+def free_space(storage: Storage) -> str:
+    """' (N free)' for the root line: a queued job that cannot fit waits for space (the worker
+    compares its footprint with this). Nothing where it is unknown; never an error."""
+    try:
+        free = storage.free_bytes()
+    except Exception:  # the status of the jobs matters more
+        return ""
+    return "" if free is None else f" ({human_bytes(free)} free)"
