@@ -179,7 +179,8 @@ class Worker:
                 self.cap_reached = True
                 continue
             # A sweep trial paused at a rung is taken once promoted (or to be pruned); one
-            # found not ready a moment ago costs no read.
+            # found not ready a moment ago costs no read. A job too large for the root's free
+            # space is left queued, unclaimed (worker/space.py).
             if self.promotions.waiting(manifest.job_id) or self.space.refuses(manifest):
                 continue
             claim = self.queue.try_claim(manifest, self.me, ready=self.promotions.ready)
