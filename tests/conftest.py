@@ -62,7 +62,7 @@ def isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CHERRY_CACHE_DIR", str(home / "cache"))
     for var in ("CHERRY_ROOT", "CHERRY_MYDRIVE", "CHERRY_WORKER_ID", "COLAB_RELEASE_TAG",
                 "CHERRY_DRIVE_TOKEN", "CHERRY_DRIVE_ENDPOINT", "CHERRY_KERNEL_KEY",
-                "CHERRY_STORED_KERNELS"):
+                "CHERRY_STORED_KERNELS", "CHERRY_WEBHOOK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("CHERRY_DEVICE", os.environ.get("CHERRY_TEST_DEVICE", "cpu"))
     # Subprocesses (workers the crash tests kill mid-checkpoint) keep their scratch in here.

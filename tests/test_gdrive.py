@@ -554,6 +554,15 @@ def test_a_full_drive_is_one_clear_error_and_not_retried(tmp_path):
     assert storage.read_bytes("queue/a.json") == b"x" * 1000  # what was there is untouched
 
 
+def test_free_bytes_is_the_quota_less_what_is_stored():
+    drive = FakeDrive(quota_bytes=300_000)
+    storage = fake_drive_storage(drive)
+    assert storage.free_bytes() == 300_000
+    storage.write_atomic("queue/a.json", b"x" * 1000)
+    assert storage.free_bytes() == 299_000
+    assert fake_drive_storage(FakeDrive()).free_bytes() is None  # no limit: unknown
+
+
 def test_a_retried_job_commits_again_through_new_reserved_ids(drive, tiny_config):
     """On the API root, result.json and the cancel request are created with ids reserved in the
     manifest; `cherry retry` puts the old result aside, so the next commit needs a new id (the

@@ -191,3 +191,10 @@ def test_read_range(storage):
     assert storage.read_range("f", 100, 10) == b""
     with pytest.raises(FileNotFoundError):
         storage.read_range("missing", 0, 1)
+
+
+def test_free_bytes_is_a_count_or_unknown(storage):
+    """Every backend answers (a job's footprint is compared with it before the job starts):
+    a folder its disk's free space, the Drive API its quota less usage, or None if unknown."""
+    free = storage.free_bytes()
+    assert free is None or (isinstance(free, int) and free >= 0)

@@ -40,6 +40,9 @@ def cmd_submit(args) -> int:
         report = None
     else:
         report = client.preflight(checked, queue.storage.local_path(""), storage=queue.storage)
+    space = client.check_space(queue.storage, checked, resolved.root)
+    if report is not None and space is not None:
+        report.checks.append(("space", space))
     print(f"root: {resolved.root} (from {resolved.source})")
     if report is not None:
         print(report.render())
@@ -58,7 +61,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from cherry_train.client.status import job_rows, render_table, worker_rows
+    from cherry_train.client.status import free_space, job_rows, render_table, worker_rows
     from cherry_train.client.sweeps import summary_lines
     from cherry_train.client.waiting import mark_waiting
     from cherry_train.jobqueue.sweeps import Sweeps
@@ -72,7 +75,7 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"root: {resolved.root}")
+    print(f"root: {resolved.root}{free_space(queue.storage)}")
     print(render_table(rows, workers, args.state))
     # Filtered, only what matches: the sweeps of the trials shown.
     shown = {r.get("sweep_id") for r in rows} - {None} if args.state else None

@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "attempt loads only those its own workers stored (give every worker of the "
                    "root the same key; default: $CHERRY_KERNEL_KEY, else kernel-key in the "
                    "config folder; without one, kernels are not stored)")
+    w.add_argument("--webhook", metavar="URL",
+                   help="POST a message here when a job this worker runs ends (succeeded, "
+                   "failed, pruned, cancelled, handed back after an error): a Slack or Discord "
+                   "incoming webhook, or an ntfy topic URL; a job's own notify.webhook gets it "
+                   "too (default: $CHERRY_WEBHOOK)")
     w.add_argument("--poll-seconds", type=float, default=30.0,
                    help="longest wait between polls of an idle queue (default 30)")
     w.add_argument("--progress", action="store_true", help="show a progress bar per epoch")

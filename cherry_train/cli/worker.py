@@ -44,17 +44,39 @@ def cmd_worker(args) -> int:
     from cherry_train.worker.device import capabilities
     from cherry_train.worker.runtime import default_max_runtime_hours
 
+    webhook = _webhook(args.webhook or os.environ.get("CHERRY_WEBHOOK") or None)
     max_runtime = args.max_runtime if args.max_runtime is not None else \
         default_max_runtime_hours()
     options = WorkerOptions(exit_when_idle=args.exit_when_idle, progress_bar=args.progress,
                             poll_max_seconds=args.poll_seconds,
                             idle_shutdown_minutes=args.idle_shutdown,
                             max_runtime_hours=max_runtime, gpus=args.gpus,
-                            kernel_seal=seal, capabilities=capabilities(args.gpus))
+                            kernel_seal=seal, webhook=webhook,
+                            capabilities=capabilities(args.gpus))
     try:
         return Worker(queue, WorkerIdentity(worker_id), options).run()
     except UnsafeScratch as e:
         raise UsageError(str(e)) from None
+
+
+def _webhook(url: str | None) -> str | None:
+    """--webhook checked once at the start: a typo or a host this machine cannot reach is
+    said now, not found out after the first job's hours (the URL is never printed: it holds
+    the webhook's secret)."""
+    if url is None:
+        return None
+    from cherry_train.schemas.config import check_webhook
+    from cherry_train.worker.notify import reachable
+
+    try:
+        url = check_webhook(url)
+    except ValueError as e:
+        raise UsageError(f"--webhook (or $CHERRY_WEBHOOK): {e}") from None
+    problem = reachable(url)
+    if problem is not None:
+        raise UsageError(f"--webhook (or $CHERRY_WEBHOOK): {problem}; check the URL, or start "
+                         "the worker without it") from None
+    return url
 
 
 def _confirmed_mount(root: str):

@@ -32,7 +32,7 @@ from cherry_train.jobqueue.workercontrol import drain_requests
 from cherry_train.schemas import JobState, Phase, WorkerState
 from cherry_train.schemas.requires import Capabilities
 from cherry_train.sizes import human_bytes
-from cherry_train.storage import FileInfo
+from cherry_train.storage import FileInfo, Storage
 
 STATUS_THREADS = 16
 #: The cache's layout; a file of another version (or none) is read as empty.
@@ -279,3 +279,13 @@ def worker_rows(queue: JobQueue) -> list[dict[str, Any]]:
              w.state in (WorkerState.idle, WorkerState.busy) else w.state,
              "age_seconds": round(age_seconds(queue.clock, w.at), 1)}
             for w in sorted(queue.workers(), key=lambda w: w.at, reverse=True)]
+
+
+def free_space(storage: Storage) -> str:
+    """' (N free)' for the root line: a queued job that cannot fit waits for space (the worker
+    compares its footprint with this). Nothing where it is unknown; never an error."""
+    try:
+        free = storage.free_bytes()
+    except Exception:  # the status of the jobs matters more
+        return ""
+    return "" if free is None else f" ({human_bytes(free)} free)"

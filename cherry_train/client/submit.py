@@ -18,6 +18,7 @@ from cherry_train.jobqueue.views import job_view
 from cherry_train.places import PathMappingError, map_data_path, remote_location
 from cherry_train.safepaths import UnsafePath, Walk, inside, plain_name, walk_files
 from cherry_train.schemas import ConfigError, Manifest, TrainingConfig, parse_config
+from cherry_train.sizes import human_bytes
 from cherry_train.storage.base import Storage
 
 #: A worker that wrote its status this recently is taken to be alive (it polls every <= 30 s).
@@ -291,6 +292,28 @@ def _smoke(config: TrainingConfig, root_path: Path | None, train_dir: Path, imag
         return smoke_test(config, train_dir, list(images["train_path"]), weights_file)
     except JobError as e:
         raise ConfigError([str(e)]) from None
+
+
+def check_space(storage: Storage, config: TrainingConfig, root: str) -> str | None:
+    """On a gdrive: root, a job whose files cannot fit in the Drive's free space is refused
+    here, not after hours of training (a folder root's disk is this machine's, not the
+    worker's: not checked). What was found, for the pre-flight report."""
+    if not root.startswith("gdrive:"):
+        return None
+    from cherry_train.worker import space  # torch only if it is installed
+
+    try:
+        need = space.footprint(config)
+    except ImportError:
+        return "not checked here (no torch to count the model's parameters); the worker " \
+               "checks before it starts the job"
+    free = storage.free_bytes()
+    why = space.shortfall(need, free)
+    if why is not None:
+        raise ConfigError([f"(Drive space): the job {why}"])
+    if need is None or free is None:
+        return "nothing to check (no quota, or nothing large stored)"
+    return f"needs about {human_bytes(need)}, {human_bytes(free)} free"
 
 
 def submitted_by() -> str:

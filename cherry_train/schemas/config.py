@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -190,6 +191,41 @@ class ExportSection(_Section):
     check_images: int = Field(256, ge=1, description="Validation images the check runs.")
 
 
+def check_webhook(url: str) -> str:
+    """A webhook URL a worker may POST to: http(s) with a host. The error never repeats the URL:
+    a Slack or Discord webhook carries its secret in the path."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except (ValueError, AttributeError):
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or \
+            any(c.isspace() for c in url.strip()):
+        raise ValueError("must be an http:// or https:// URL with a host (a Slack, Discord or "
+                         "ntfy webhook)")
+    if parts.hostname in METADATA_HOSTS or parts.hostname.startswith("169.254."):
+        # A job config comes from the shared folder: it must not aim the worker at the VM's
+        # metadata server (which hands out credentials).
+        raise ValueError(f"{parts.hostname} is the cloud VM's metadata server, not a webhook")
+    return url.strip()
+
+
+#: Hosts a config's webhook may not name (see check_webhook).
+METADATA_HOSTS = ("metadata.google.internal", "metadata", "169.254.169.254")
+
+
+class NotifySection(_Section):
+    webhook: str | None = Field(
+        None, description="POST one message here when the job ends (succeeded, failed, pruned, "
+        "cancelled, or handed back after an error): a Slack or Discord incoming webhook, or an "
+        "ntfy topic URL. Anyone who can read the queue folder can read it.")
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_webhook(v)
+
+
 class TrainingConfig(_Section):
     """A whole training job, as written in the user's YAML."""
 
@@ -233,6 +269,7 @@ class TrainingConfig(_Section):
                                        "job of its own (see Sweeps in the README).")
     requires: RequiresSection = Field(RequiresSection(), description="What the worker must "
                                       "have; a worker without it never claims the job.")
+    notify: NotifySection = NotifySection()
 
     @model_validator(mode="after")
     def _sections_for_the_mode(self) -> TrainingConfig:

@@ -40,6 +40,10 @@ PATTERN_WORDS = {
 }
 
 
+#: Fields whose value is never repeated in an error: a webhook URL carries its secret.
+SECRET_FIELDS = ("notify.webhook",)
+
+
 def format_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
     errors = [(tuple(p for p in err["loc"] if not _is_union_branch(p)), err)
               for err in error.errors(include_url=False)]
@@ -88,7 +92,8 @@ def _line(loc: tuple, err: dict, model: type[BaseModel]) -> str:
             field = inner if field == "(top level)" else f"{field}.{inner}"
             message = named.group(2)
         elif "input" in err and not isinstance(err["input"], dict | list) and \
-                kind != "json_invalid":  # the input is then the whole file
+                kind != "json_invalid" and \
+                field not in SECRET_FIELDS:  # json_invalid: the input is then the whole file
             message += f" (got {err['input']!r})"
     return f"{field}: {message}"
 

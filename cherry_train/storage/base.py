@@ -122,6 +122,11 @@ class Storage(ABC):
         writing there; the number removed. Backends whose writes are whole leave none."""
         return 0
 
+    def free_bytes(self) -> int | None:
+        """Bytes that may still be stored here, or None where that is unknown (a job that may
+        not fit is then started anyway)."""
+        return None
+
     # Helpers built from the primitives -------------------------------------------------------
 
     def exists(self, path: str) -> bool:
@@ -141,7 +146,7 @@ class ReadOnlyStorage:
     accident."""
 
     READS = frozenset({"read_bytes", "read_range", "read_text_or_none", "exists", "stat",
-                       "list_dir", "list_entries", "stat_in_subfolders", "download",
+                       "list_dir", "list_entries", "stat_in_subfolders", "download", "free_bytes",
                        "local_path", "description", "confirms_later", "confirm_durable"})
 
     def __init__(self, inner: Storage):

@@ -74,6 +74,15 @@ class DriveStorage(DriveFiles, Storage):
     # -- the storage interface -----------------------------------------------------------------
 
     @fresh_folders
+    def free_bytes(self) -> int | None:
+        """The Drive's quota less its usage (trash included), from about.get; None for a
+        Drive without a limit (some Workspace accounts)."""
+        quota = self._execute("about.get", lambda: self.service.about().get(
+            fields="storageQuota"))["storageQuota"]
+        if "limit" not in quota:
+            return None
+        return max(0, int(quota["limit"]) - int(quota.get("usage", 0)))
+
     def read_bytes(self, path: str) -> bytes:
         _, meta = self._lookup(path)
         if meta is None:

@@ -51,6 +51,13 @@ class LocalStorage(Storage):
     def local_path(self, path: str) -> Path:
         return self._path(path)
 
+    def free_bytes(self) -> int | None:
+        """The disk's free space (on Colab's Drive mount, what the mount reports)."""
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:
+            return None
+
     def read_bytes(self, path: str) -> bytes:
         return self._path(path).read_bytes()
 

@@ -80,6 +80,9 @@ class RetryingStorage(Storage):
     def use_ids(self, ids: dict[str, str]) -> None:
         self.inner.use_ids(ids)
 
+    def free_bytes(self) -> int | None:
+        return self._call(self.inner.free_bytes)
+
     def local_path(self, path: str) -> Path | None:
         return self.inner.local_path(path)
 

@@ -8,10 +8,10 @@ $CHERRY_DRIVE_ENDPOINT). What it implements is what cherry-train uses, with Driv
 - files.create (metadata only, multipart, resumable), get (metadata, media with Range), list
   (the `q` forms below, pageSize/pageToken, fields), update (metadata, addParents/removeParents,
   media: multipart or resumable), delete (a folder takes its content with it), generateIds,
-  changes.getStartPageToken / changes.list;
+  changes.getStartPageToken / changes.list, about.get;
 - duplicate names in one folder (Drive allows them), `trashed`, 409 for a create with an id in
   use, 404 for unknown ids, a bearer token check (401) when one is configured, a storage quota
-  (403 storageQuotaExceeded) when one is configured;
+  (403 storageQuotaExceeded; about.get's storageQuota) when one is configured;
 - faults (`FakeHttp(fault_rate=...)`): 429/500/503/403-rate-limit before the server acts, or the
   connection dropped after it acted (the client never learns whether its request took effect).
 
@@ -162,6 +162,13 @@ class FakeDrive:
             if method == "DELETE":
                 self._delete(file_id)
                 return 204, {}, b""
+        return self._not_files(method, path, params)
+
+    def _not_files(self, method, path, params):  # about, changes
+        if path == "/drive/v3/about" and method == "GET":  # storageQuota, in strings as Drive's
+            used = {"usage": str(sum(len(f.content) for f in self.files.values()))}
+            limit = {} if self.quota_bytes is None else {"limit": str(self.quota_bytes)}
+            return self._json({"kind": "drive#about", "storageQuota": {**used, **limit}}, params)
         if path == "/drive/v3/changes/startPageToken":
             return self._json({"kind": "drive#startPageToken",
                                "startPageToken": str(len(self.changes) + 1)})
@@ -249,13 +256,11 @@ class FakeDrive:
         if f.mime_type == FOLDER:
             raise HttpFailure(403, "fileNotDownloadable", "Only files with binary content "
                               "can be downloaded.")
-        data, total = f.content, len(f.content)
-        rng = headers.get("range")
+        data, total, rng = f.content, len(f.content), headers.get("range")
         if not rng:
             return 200, {"content-type": f.mime_type, "content-length": str(total)}, data
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
-        start = int(m.group(1))
-        end = min(int(m.group(2)) if m.group(2) else total - 1, total - 1)
+        start, end = int(m.group(1)), min(int(m.group(2)) if m.group(2) else total - 1, total - 1)
         if start >= total:
             return 416, {"content-range": f"bytes */{total}"}, b""
         return 206, {"content-type": f.mime_type, "content-range": f"bytes {start}-{end}/{total}",
@@ -378,9 +383,7 @@ def _fields(obj: dict, spec: str | None) -> dict:
     for m in re.finditer(r"(\w+)(?:\(([^)]*)\))?", spec):
         wanted[m.group(1)] = set(m.group(2).split(",")) if m.group(2) else None
     out = {}
-    for key, sub in wanted.items():
-        if key not in obj:
-            continue
+    for key, sub in ((k, sub) for k, sub in wanted.items() if k in obj):
         value = obj[key]
         if sub is not None and isinstance(value, list):
             value = [{k: v for k, v in item.items() if k in sub} for item in value]

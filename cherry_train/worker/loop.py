@@ -30,6 +30,7 @@ from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
+from cherry_train.worker.notify import Notifier, handed_back_message, message_of
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
     IDLE_LINE_SECONDS,
@@ -45,6 +46,7 @@ from cherry_train.worker.reporting import Reporter, StopRequest
 from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
+from cherry_train.worker.space import SpaceGate
 from cherry_train.worker.tensorboard import job_board
 
 log = structlog.get_logger(__name__)
@@ -69,6 +71,8 @@ class Worker:
         self._swept_at: float | None = None  # idle seconds at the last look at the sweeps
         self.sweeps = Sweeps(queue)
         self.promotions = pruning.Promotions(queue, self.options.poll_max_seconds)
+        self.notifier = Notifier([self.options.webhook])
+        self.space = SpaceGate(queue.storage)  # a job that cannot fit stays queued
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -92,6 +96,7 @@ class Worker:
                 self.scratch.remove()
                 end_loader_processes()
                 if reason not in ("worker id in use", "second signal", "stop cut short"):
+                    self.notifier.flush()  # the last job's message, at most NOTIFY_SECONDS
                     write_on_the_way_out("the final status", lambda: self._write_status(
                         WorkerState.stopped, interval=0))
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
@@ -188,8 +193,9 @@ class Worker:
                 self.cap_reached = True
                 continue
             # A sweep trial paused at a rung is taken once promoted (or to be pruned); one
-            # found not ready a moment ago costs no read.
-            if self.promotions.waiting(manifest.job_id):
+            # found not ready a moment ago costs no read. A job too large for the root's free
+            # space is left queued, unclaimed (worker/space.py).
+            if self.promotions.waiting(manifest.job_id) or self.space.refuses(manifest):
                 continue
             claim = self.queue.try_claim(manifest, self.me, ready=self.promotions.ready)
             if claim is not None:
@@ -272,6 +278,9 @@ class Worker:
                         job_id=claim.job_id)
         else:
             self.jobs_finished += 1
+            self.notifier.send(*message_of(result, claim.manifest.config.name,
+                                           self.me.worker_id),
+                               extra=claim.manifest.config.notify.webhook)
         if claim.manifest.sweep is not None:
             self._top_up(claim.manifest.sweep.id)  # the sweep's next trial, for whoever is free
 
@@ -324,6 +333,10 @@ class Worker:
                       "cell); the job resumes from its newest checkpoint",
                       error=logs.brief(error))
         self._release(claim, owner, reporter, None if stopping else error)
+        if not stopping:
+            self.notifier.send(*handed_back_message(claim.job_id, claim.manifest.config.name,
+                                                    self.me.worker_id, error),
+                               extra=claim.manifest.config.notify.webhook)
 
     # -- identity and status -----------------------------------------------------------------
 

@@ -41,3 +41,4 @@ class WorkerOptions:
     gpus: int | None = None  # ranks per job (--gpus); None: every visible GPU
     kernel_seal: KernelSeal = field(default_factory=lambda: KernelSeal(None))  # kernelseal.py
     capabilities: Capabilities | None = None  # what jobs may require (None: not measured)
+    webhook: str | None = None  # told every job's end (--webhook), besides the config's own
