@@ -128,6 +128,19 @@ def test_a_job_handed_back_after_an_error_is_told(tmp_path, tiny_config, hook):
     assert manifest.job_id in text and "handed back" in text
 
 
+def test_a_job_a_worker_ends_without_running_it_is_told(tmp_path, tiny_config, hook):
+    """Cancelled while queued: the worker that meets it commits `cancelled` without a claim,
+    and a crash loop ends as `failed` the same way; both are a job's end."""
+    queue, manifest = queue_with_job(tmp_path, tiny_config, hook.url)
+    queue.request_cancel(manifest.job_id)
+    worker = Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer([]))
+    worker.run_once()
+    worker.notifier.flush(10)
+    assert len(hook.posts) == 1 and not queue.ended_unclaimed
+    text = json.loads(hook.posts[0][2])["text"]
+    assert manifest.job_id in text and "cancelled" in text
+
+
 def test_a_down_server_neither_fails_nor_delays_the_job_and_the_url_is_not_logged(
         tmp_path, tiny_config, monkeypatch):
     quick(monkeypatch, give_up=1.5)

@@ -90,6 +90,7 @@ class JobQueue(JobFiles):
     def __init__(self, storage, clock=None):
         super().__init__(storage, clock)
         self.poll = Poll(self)
+        self.ended_unclaimed: list[tuple[Manifest, Result]] = []  # for the worker's webhook
 
     def owner(self, claim: Claim) -> Owner:
         return Owner(self, claim)
@@ -241,14 +242,12 @@ class JobQueue(JobFiles):
                     "dies while setting this job up (copying its data, building its model)")
         ends = [a.previous for a in history[1:]] + [last_end]
         last_error = next((e.error for e in reversed(ends) if e is not None and e.error), None)
-        error = ErrorInfo(
-            type="CrashLoop",
-            message=f"{what}. See attempts/ and worker.log"
-                    + (f"; the last error: {last_error.type}: {last_error.message}"
-                       if last_error else "")
-                    + f". `cherry retry {manifest.job_id}` puts it back in the queue, to resume "
-                    "from its newest checkpoint.",
-            traceback=last_error.traceback if last_error else None)
+        error = ErrorInfo(type="CrashLoop", message=f"{what}. See attempts/ and worker.log"
+                          + (f"; the last error: {last_error.type}: {last_error.message}"
+                             if last_error else "")
+                          + f". `cherry retry {manifest.job_id}` puts it back in the queue, to "
+                          "resume from its newest checkpoint.",
+                          traceback=last_error.traceback if last_error else None)
         self._commit_unclaimed(manifest, history, JobState.failed, me, error)
 
     def _commit_unclaimed(self, manifest: Manifest, history: list[Attempt], state: JobState,
@@ -258,7 +257,8 @@ class JobQueue(JobFiles):
         result = Result(job_id=manifest.job_id, state=state, attempts=len(history),
                         attempt_history=history, finished_at=self.clock.now(),
                         worker_id=me.worker_id, error=error)
-        self.storage.create_exclusive(JobPaths(manifest.job_id).result, result.to_json())
+        if self.storage.create_exclusive(JobPaths(manifest.job_id).result, result.to_json()):
+            self.ended_unclaimed.append((manifest, result))
         self.finish_bookkeeping(manifest)
 
     # -- running -> queued: the owner hands the job back ---------------------------------------

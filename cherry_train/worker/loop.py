@@ -23,7 +23,7 @@ from cherry_train.jobqueue.lifecycle import (
 )
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
-from cherry_train.schemas import JobState, Phase, Result, WorkerState, WorkerStatus
+from cherry_train.schemas import JobState, Manifest, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
 from cherry_train.worker import pruning, results, runtime
 from cherry_train.worker.drain import DRAINED, Drain
@@ -198,6 +198,8 @@ class Worker:
             if self.promotions.waiting(manifest.job_id) or self.space.refuses(manifest):
                 continue
             claim = self.queue.try_claim(manifest, self.me, ready=self.promotions.ready)
+            while self.queue.ended_unclaimed:  # ended here unclaimed: cancelled, crash loop
+                self._tell(*self.queue.ended_unclaimed.pop(0))
             if claim is not None:
                 self.execute(claim)
                 self.promotions.forget()  # this job's epochs may have moved a rung's cut
@@ -278,9 +280,7 @@ class Worker:
                         job_id=claim.job_id)
         else:
             self.jobs_finished += 1
-            self.notifier.send(*message_of(result, claim.manifest.config.name,
-                                           self.me.worker_id),
-                               extra=claim.manifest.config.notify.webhook)
+            self._tell(claim.manifest, result)
         if claim.manifest.sweep is not None:
             self._top_up(claim.manifest.sweep.id)  # the sweep's next trial, for whoever is free
 
@@ -337,6 +337,11 @@ class Worker:
             self.notifier.send(*handed_back_message(claim.job_id, claim.manifest.config.name,
                                                     self.me.worker_id, error),
                                extra=claim.manifest.config.notify.webhook)
+
+    def _tell(self, manifest: Manifest, result: Result) -> None:
+        """A job's end to the webhooks (the worker's and the job's): sent in the background."""
+        self.notifier.send(*message_of(result, manifest.config.name, self.me.worker_id),
+                           extra=manifest.config.notify.webhook)
 
     # -- identity and status -----------------------------------------------------------------
 
