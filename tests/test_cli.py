@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -178,7 +179,8 @@ def test_a_bad_gpu_count_is_refused_in_words(tmp_path, capsys, gpus, says):
 @pytest.mark.slow
 def test_reduced_demo_end_to_end_in_a_subprocess(tmp_path):
     """As the quick start runs it: `.venv/bin/cherry demo` with the venv not on PATH; the next
-    steps it prints work when typed as printed."""
+    steps it prints work when typed as printed, also under a root with a space in its path (a
+    macOS demo root is under "Application Support")."""
     bin_dir = Path(sys.executable).parent
     exe = shutil.which("cherry", path=str(bin_dir))
     assert exe, "console scripts are not installed: pip install -e '.[dev]'"
@@ -186,29 +188,31 @@ def test_reduced_demo_end_to_end_in_a_subprocess(tmp_path):
                            if p and shutil.which("cherry", path=p) is None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
     proc = subprocess.run(
-        [exe, "demo", "--root", str(tmp_path / "demo"),
+        [exe, "demo", "--root", str(tmp_path / "my demo"),
          "--train-images", "64", "--val-images", "32", "--epochs", "1", "--image-size", "32",
          "--no-progress"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "succeeded" in proc.stdout and "best      val accuracy" in proc.stdout
-    demo_root = str(tmp_path / "demo")
+    demo_root = str(tmp_path / "my demo")
+    quoted = shlex.quote(demo_root)
     steps = [x.strip() for x in proc.stdout.split("next:")[1].splitlines()
              if x.strip() and not x.strip().startswith("#")]
-    assert steps[0] == f"{exe} status --root {demo_root}"
-    assert f"{exe} tensorboard --root {demo_root}" in steps
+    assert steps[0] == f"{exe} status --root {quoted}"
+    assert f"{exe} tensorboard --root {quoted}" in steps
     assert any(x.startswith(f"{exe} submit ") for x in steps)
     fetch = steps[1].split(" fetch ")[1].split()[0]
     assert main(["fetch", fetch, "--root", demo_root, "--dest", str(tmp_path / "f")]) == 0
     curves = proc.stdout.split("curves    ")[1].splitlines()[0]
     assert Path(curves).read_bytes()[:4] == b"\x89PNG"
     for label in ("onnx      ", "events    "):  # what README's quick start shows
-        assert Path(proc.stdout.split(label)[1].split()[0]).exists(), label
+        line = proc.stdout.split(label)[1].splitlines()[0]
+        assert Path(line.split(" (checked against")[0]).exists(), label
     # Typed as printed: the demo's job is visible to `cherry status` like any other.
     status = subprocess.run(steps[0] + " --json", shell=True, capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)[0]["state"] == "succeeded"
-    cache = [Path(p) for p in steps[-1].split()[3:]]  # rm -r ROOT, then the data cache
+    cache = [Path(p) for p in shlex.split(steps[-1])[3:]]  # rm -r ROOT, then the data cache
     assert len(cache) == 2 and all(p.is_dir() for p in cache)
     subprocess.run(steps[-1], shell=True, check=True, env=env, cwd=tmp_path)
     assert not Path(demo_root).exists() and not any(p.exists() for p in cache)

@@ -92,6 +92,14 @@ def test_status_names_what_no_live_worker_has(tmp_path, tiny_config, capsys):
     assert "waiting:" not in capsys.readouterr().out
     assert main(["status", "--root", str(root), "--json"]) == 0
     assert '"waiting": null' in capsys.readouterr().out
+    # The worker that could run it drains: it takes no new job, so the job waits again.
+    worker("colab-2", L4, WorkerState.draining)
+    assert main(["status", "--root", str(root)]) == 0
+    assert (f"! {job.job_id}: waiting: no worker with gpu_memory_gb >= 24 "
+            "(colab-1: 1x Tesla T4 15.8 GB)") in capsys.readouterr().out
+    worker("colab-1", T4, WorkerState.draining)
+    assert main(["status", "--root", str(root)]) == 0
+    assert f"! {job.job_id}: waiting: every live worker is draining" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("requires, message", [

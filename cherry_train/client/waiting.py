@@ -16,11 +16,14 @@ def waiting_reason(requires: dict | None, workers: list[dict[str, Any]]) -> str 
         return None
     wanted = RequiresSection.model_validate(requires)
     live = [w for w in workers if w.get("live")]
-    if not live or any(w.get("capabilities") is None for w in live):
+    taking = [w for w in live if w.get("state") != "draining"]  # draining: takes no new job
+    if live and not taking:
+        return "waiting: every live worker is draining"
+    if not live or any(w.get("capabilities") is None for w in taking):
         return None  # a worker that did not say what it has may well run it
     lacking: list[str] = []
     seen = []
-    for w in live:
+    for w in taking:
         has = Capabilities.model_validate(w["capabilities"])
         unmet = wanted.unmet(has)
         if not unmet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,18 +119,20 @@ def _onnx_line(result: Result, job_dir: Path) -> str:
 
 def _next_steps(result: Result, root: Path, cherry: str,
                 tensorboard: bool) -> list[tuple[str, ...]]:
-    """Commands, each with the lines that say why: typed as printed, they work."""
+    """Commands, each with the lines that say why: typed as printed, they work (paths quoted:
+    a macOS demo root is under "Application Support")."""
+    config, root = shlex.quote(str(root / "cherry-demo.yaml")), shlex.quote(str(root))
     steps = [(f"{cherry} status --root {root}", "the demo's jobs (this root is its own)"),
              (f"{cherry} fetch {result.job_id[-4:]} --root {root}",
               f"its results, verified, into ./{result.job_id}")]
     if tensorboard:
         steps.append((f"{cherry} tensorboard --root {root}", "its curves in TensorBoard"))
     steps += [
-        (f"{cherry} submit {root / 'cherry-demo.yaml'} --root YOUR_ROOT",
+        (f"{cherry} submit {config} --root YOUR_ROOT",
          "your own job: a copy of this config, with data.train_path and data.val_path at your",
          f"class folders (`{cherry} init YOUR_ROOT` remembers the root); then a worker: the",
          f"Colab notebook, or `{cherry} worker`"),
-        (" ".join(["rm -r", str(root), *_cache_entries(result)]),
+        (" ".join(["rm -r", root, *map(shlex.quote, _cache_entries(result))]),
          "when you are done with the demo: its folder and the worker's copy of its data")]
     return steps
 
