@@ -83,6 +83,9 @@ class RetryingStorage(Storage):
     def free_bytes(self) -> int | None:
         return self._call(self.inner.free_bytes)
 
+    def remove_temps(self, path: str) -> int:
+        return self._call(self.inner.remove_temps, path)
+
     def local_path(self, path: str) -> Path | None:
         return self.inner.local_path(path)
 
