@@ -65,6 +65,28 @@ def test_unknown_free_space_never_stops_a_job(tiny_config):
     assert len(ran) == 1
 
 
+def test_a_root_in_a_shared_drive_has_no_quota_of_the_users(tiny_config, monkeypatch):
+    """about.get gives the user's own quota; a shared drive's files do not count against it.
+    A nearly full My Drive must not hold back jobs whose root is in a shared drive."""
+    from cherry_train.testing.fakedrive import FakeFile
+
+    drive = FakeDrive(quota_bytes=1 * MB)  # the user's My Drive: full
+    storage = fake_drive_storage(drive, folder="traina")
+    storage.write_atomic("queue/.keep", b"")
+    root_id = next(f.id for f in drive.files.values() if f.name == "traina")
+    assert storage.free_bytes() is not None  # a path under My Drive: the user's quota
+    meta = FakeFile.meta
+    monkeypatch.setattr(FakeFile, "meta", lambda f: {**meta(f), **(
+        {"driveId": "0Ashared"} if f.id == root_id else {})})
+    shared = fake_drive_storage(drive, folder=f"id:{root_id}")
+    assert shared.free_bytes() is None
+    queue = JobQueue(shared, FakeClock())
+    queue.submit(config(tiny_config))
+    ran = []
+    assert Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran)).run_once()
+    assert len(ran) == 1
+
+
 def test_sgd_without_momentum_keeps_no_optimizer_state(tiny_config):
     w = space.parameter_count("resnet18", 2) * 4
     plain = config(tiny_config, training={**tiny_config["training"], "optimizer": "sgd",

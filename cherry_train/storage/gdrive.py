@@ -73,15 +73,26 @@ class DriveStorage(DriveFiles, Storage):
 
     # -- the storage interface -----------------------------------------------------------------
 
-    @fresh_folders
     def free_bytes(self) -> int | None:
         """The Drive's quota less its usage (trash included), from about.get; None for a
-        Drive without a limit (some Workspace accounts)."""
+        Drive without a limit (some Workspace accounts), and for a root in a shared drive: its
+        files count against the shared drive's limits, not the user's quota about.get gives."""
+        if self._in_shared_drive():
+            return None
         quota = self._execute("about.get", lambda: self.service.about().get(
             fields="storageQuota"))["storageQuota"]
         if "limit" not in quota:
             return None
         return max(0, int(quota["limit"]) - int(quota.get("usage", 0)))
+
+    def _in_shared_drive(self) -> bool:
+        """Only an `id:<folder>` root can be in a shared drive (a path is under My Drive)."""
+        first = self.folder.split("/")[0] if self.folder else ""
+        if not first.startswith("id:"):
+            return False
+        meta = self._execute("root's drive", lambda: self._files().get(
+            fileId=first[3:], fields="driveId", supportsAllDrives=True))
+        return bool(meta.get("driveId"))
 
     def read_bytes(self, path: str) -> bytes:
         _, meta = self._lookup(path)
