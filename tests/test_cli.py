@@ -164,8 +164,9 @@ def test_gdrive_root_without_credentials_is_one_clear_line(tmp_path, tiny_config
 
 
 def test_bad_worker_id_is_refused(tmp_path, capsys):
-    assert main(["worker", "--root", str(tmp_path), "--worker-id", "no spaces!"]) == 2
-    assert "--worker-id" in capsys.readouterr().err
+    for bad in ("no spaces!", "w1\n"):  # a final newline would end up in file names
+        assert main(["worker", "--root", str(tmp_path), "--worker-id", bad]) == 2
+        assert "--worker-id" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("gpus", "says"), [("x", "expected a number of GPUs or 'all', got 'x'"),

@@ -34,7 +34,7 @@ def cmd_worker(args) -> int:
         queue = JobQueue(_confirmed_mount(resolved.root))
     require_root(resolved, queue)
     worker_id = args.worker_id or os.environ.get("CHERRY_WORKER_ID") or default_worker_id()
-    if not WORKER_ID_RE.match(worker_id):
+    if not WORKER_ID_RE.fullmatch(worker_id):  # $ alone lets a final newline in
         raise UsageError(f"--worker-id: {worker_id!r} is not allowed; use letters, digits, "
                          "'.', '_' and '-' (at most 64)")
     try:

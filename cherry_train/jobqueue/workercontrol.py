@@ -21,7 +21,7 @@ def request_drain(files: JobFiles, worker_id: str, requested_by: str = "") -> bo
     """Ask a worker to drain; False if it was asked before. UnknownWorker, listing the known
     ids, if no worker of that id ever wrote its status here (a typo would drain nobody)."""
     known = sorted(w.worker_id for w in files.workers())
-    if not WORKER_ID_RE.match(worker_id) or worker_id not in known:
+    if not WORKER_ID_RE.fullmatch(worker_id) or worker_id not in known:
         listed = ", ".join(known) if known else "none has written a status to this root yet"
         raise UnknownWorker(f"WORKER_ID: no worker {worker_id!r} on this root (known: {listed});"
                             " `cherry status` lists them")
@@ -38,8 +38,9 @@ def drain_requested(files: JobFiles, worker_id: str) -> bool:
 
 def drains_in(names) -> set[str]:
     """The worker ids that a listing of queue/ holds drain requests for."""
-    suffix = layout.DRAIN_SUFFIX
-    return {n[: -len(suffix)] for n in names if n.endswith(suffix)}
+    suffix = layout.DRAIN_SUFFIX  # a name that is no worker id (from anyone) drains nobody
+    return {n[: -len(suffix)] for n in names
+            if n.endswith(suffix) and WORKER_ID_RE.fullmatch(n[: -len(suffix)])}
 
 
 def drain_requests(files: JobFiles) -> set[str]:
