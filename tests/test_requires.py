@@ -128,6 +128,29 @@ def test_the_worker_measures_what_it_has(monkeypatch):
     assert capabilities() == CPU
 
 
+def test_a_t4_has_no_bf16_although_torch_emulates_it(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a T4 (compute capability 7.5), where bf16 is
+    emulated: amp: auto must pick fp16 there, and a job requiring bf16 must not land there."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cherry_train.schemas.config import Amp
+    from cherry_train.worker import device
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(device, "pick_device", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for capability, name, memory, bf16 in [((7, 5), "Tesla T4", 15.8e9, False),
+                                           ((8, 9), "NVIDIA L4", 23.7e9, True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda *a, n=name, m=memory: SimpleNamespace(name=n, total_memory=m))
+        assert device.capabilities().bf16 is bf16, name
+        assert device.resolve_precision(Amp.auto, gpu).name == ("bf16" if bf16 else "fp16")
+
+
 def test_a_job_that_requires_nothing_is_written_as_before(tmp_path, tiny_config):
     """Workers of earlier versions reject unknown keys: without this every new manifest would
     be moved to failed/ by them, not only those that use `requires:`."""

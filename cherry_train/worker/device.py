@@ -36,10 +36,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16() -> bool:
+    """bf16 in the GPU's hardware: compute capability 8.0 and newer (A100, L4, H100). torch's
+    is_bf16_supported() says True on a T4 (7.5) too, where bf16 is emulated, several times
+    slower than its fp16 tensor cores."""
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
 def resolve_precision(amp: Amp, device: torch.device) -> Precision:
     if amp == Amp.off or (amp == Amp.auto and device.type != "cuda"):
         return Precision("off", None)
-    if amp == Amp.bf16 or (amp == Amp.auto and torch.cuda.is_bf16_supported()):
+    if amp == Amp.bf16 or (amp == Amp.auto and native_bf16()):
         return Precision("bf16", torch.bfloat16)
     return Precision("fp16", torch.float16)  # T4 and older: fp16 with a GradScaler
 
@@ -78,5 +85,5 @@ def capabilities(gpus: int | None = None) -> Capabilities:
     count = torch.cuda.device_count()
     return Capabilities(device="cuda", gpu_name=props.name,
                         gpu_memory_gb=round(props.total_memory / 1e9, 1),
-                        bf16=torch.cuda.is_bf16_supported(),
+                        bf16=native_bf16(),
                         gpus=min(gpus, count) if gpus else count)
