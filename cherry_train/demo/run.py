@@ -121,7 +121,7 @@ def _next_steps(result: Result, root: Path, cherry: str,
                 tensorboard: bool) -> list[tuple[str, ...]]:
     """Commands, each with the lines that say why: typed as printed, they work (paths quoted:
     a macOS demo root is under "Application Support")."""
-    config, root = shlex.quote(str(root / "cherry-demo.yaml")), shlex.quote(str(root))
+    config, root = _shell(root / "cherry-demo.yaml"), _shell(root)
     steps = [(f"{cherry} status --root {root}", "the demo's jobs (this root is its own)"),
              (f"{cherry} fetch {result.job_id[-4:]} --root {root}",
               f"its results, verified, into ./{result.job_id}")]
@@ -132,9 +132,15 @@ def _next_steps(result: Result, root: Path, cherry: str,
          "your own job: a copy of this config, with data.train_path and data.val_path at your",
          f"class folders (`{cherry} init YOUR_ROOT` remembers the root); then a worker: the",
          f"Colab notebook, or `{cherry} worker`"),
-        (" ".join(["rm -r", root, *map(shlex.quote, _cache_entries(result))]),
+        (" ".join(["rm -r", root, *map(_shell, _cache_entries(result))]),
          "when you are done with the demo: its folder and the worker's copy of its data")]
     return steps
+
+
+def _shell(path: Path | str) -> str:
+    """A path as one shell word: quoted where it must be, a leading ~/ left for the shell."""
+    text = str(path)
+    return "~/" + shlex.quote(text[2:]) if text.startswith("~/") else shlex.quote(text)
 
 
 def _cache_entries(result: Result) -> list[str]:
