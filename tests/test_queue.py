@@ -163,6 +163,24 @@ def test_a_killed_writers_temp_files_go_when_the_job_is_committed(queue, tiny_co
     assert not Path(ROOT, dead).exists()
 
 
+def test_a_stop_during_the_listing_claims_nothing(queue, tiny_config):
+    """A signal that lands while the worker lists queue/ must not be followed by a claim: an
+    idle worker has a short stop bound, and a job set up in it would be cut short."""
+    manifest = queue.submit(config(tiny_config))
+    ran = []
+    worker = Worker(queue, WorkerIdentity("w1"), trainer=fake_trainer(ran))
+    listed = queue.poll.queued
+
+    def listed_then_signalled():
+        found = listed()
+        worker.stop.set("signal SIGTERM")
+        return found
+
+    queue.poll.queued = listed_then_signalled
+    assert worker.run_once() is False
+    assert ran == [] and queue.attempts(manifest.job_id) == []
+
+
 def test_commit_is_exclusive(queue, tiny_config):
     manifest = queue.submit(config(tiny_config))
     claim = queue.try_claim(manifest, WorkerIdentity("a"))

@@ -11,7 +11,7 @@ import shutil
 import structlog
 
 from cherry_train import __version__, logs
-from cherry_train.backoff import Backoff, Stopped
+from cherry_train.backoff import STOPPING, Backoff, Stopped
 from cherry_train.jobqueue.claims import Claim, WorkerIdentity
 from cherry_train.jobqueue.clock import age_seconds
 from cherry_train.jobqueue.lifecycle import (
@@ -30,7 +30,13 @@ from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
-from cherry_train.worker.notify import Notifier, handed_back_message, message_of
+from cherry_train.worker.notify import (
+    NOTIFY_AFTER_SIGNAL_SECONDS,
+    NOTIFY_SECONDS,
+    Notifier,
+    handed_back_message,
+    message_of,
+)
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
     IDLE_LINE_SECONDS,
@@ -96,7 +102,9 @@ class Worker:
                 self.scratch.remove()
                 end_loader_processes()
                 if reason not in ("worker id in use", "second signal", "stop cut short"):
-                    self.notifier.flush()  # the last job's message, at most NOTIFY_SECONDS
+                    # The last job's message; briefly after a signal (inside the stop's bound).
+                    self.notifier.flush(NOTIFY_AFTER_SIGNAL_SECONDS if STOPPING.is_set()
+                                        else NOTIFY_SECONDS)
                     write_on_the_way_out("the final status", lambda: self._write_status(
                         WorkerState.stopped, interval=0))
                 log.info("worker exiting", worker_id=self.me.worker_id, reason=reason,
@@ -183,6 +191,8 @@ class Worker:
             self.queue.reject_manifest(job_id, error, self.me.worker_id)
         budget, now = self._budget(), self.queue.clock.now()
         for manifest in manifests:
+            if self.stop.is_set():
+                return False  # a signal during the listing: no claim now, not even a quick one
             if not self.fit.can_run(manifest):
                 continue  # before the claim: never an attempt here for a job it cannot run
             if budget is not None and not budget.can_start(manifest.config, now):

@@ -28,6 +28,8 @@ log = structlog.get_logger(__name__)
 #: seconds): a dead server costs this much of a background thread, never of a job; a worker's
 #: exit waits at most this long for messages still going.
 NOTIFY_SECONDS = 30.0
+#: After a signal, within the stop's margin (signals.CUT_SHORT_MARGIN_SECONDS).
+NOTIFY_AFTER_SIGNAL_SECONDS = 2.0
 #: One try's connect and response wait.
 TRY_SECONDS = 10.0
 RETRIES = Backoff(first=1.0, cap=8.0, give_up_after=NOTIFY_SECONDS)
