@@ -663,8 +663,14 @@ def test_a_worker_leaves_no_empty_scratch_folders(fs, queue, tiny_config):
 
     queue.submit(config(tiny_config))
     options = WorkerOptions(exit_when_idle=True, scratch=Path("/scratch"))
-    assert Worker(queue, WorkerIdentity("w1"), options, trainer=fake_trainer([])).run() == 0
-    assert not Path("/scratch").exists()
+
+    def trains_in_scratch(run):  # a checkpoint written locally before it is published
+        run.scratch.mkdir(parents=True, exist_ok=True)
+        (run.scratch / "step-000000001.pt").write_bytes(b"x")
+        return fake_trainer([])(run)
+
+    assert Worker(queue, WorkerIdentity("w1"), options, trainer=trains_in_scratch).run() == 0
+    assert list(Path("/scratch").iterdir()) == []  # the top stays: the user's (or private)
 
 
 class Unreachable(LocalStorage):

@@ -103,14 +103,13 @@ class Scratch:
             shutil.rmtree(folder, ignore_errors=True)
 
     def remove(self) -> None:
-        """At exit: this process's scratch, and the folders above it once they are empty."""
+        """At exit: this process's scratch, and this worker id's folder once it is empty. The
+        top stays: given (--scratch), it is the user's; the default, private one, removed, would
+        hand its guessable name in the shared /tmp to whoever makes it first."""
         mine = self.mine()
         shutil.rmtree(mine, ignore_errors=True)
-        for folder in (mine.parent, mine.parent.parent):
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # not empty (another incarnation, another worker) or gone already
+        with contextlib.suppress(OSError):  # not empty (another incarnation) or gone already
+            mine.parent.rmdir()
 
 
 def _alive(scratch_name: str) -> bool:
