@@ -534,6 +534,25 @@ def test_at_a_rung_equal_accuracies_are_told_apart_by_the_loss(tmp_path, tiny_co
     assert judge(queue, trials[0], 1)[0] == PRUNE and judge(queue, trials[1], 1)[0] == GO
 
 
+def test_an_unreadable_sweep_record_leaves_status_and_the_other_sweeps_alone(tmp_path,
+                                                                             tiny_config,
+                                                                             capsys):
+    """sweeps/<id>/sweep.json is written by whoever can write the folder: `{"x": 1}` there made
+    `cherry status` exit 1 with a traceback, and stopped workers topping up older sweeps."""
+    queue = JobQueue(LocalStorage(tmp_path))
+    good, _ = Sweeps(queue).submit(validate_config(sweep_config(
+        {**tiny_config, "name": "good"}, parallel=1)))
+    bad, _ = Sweeps(queue).submit(validate_config(sweep_config(
+        {**tiny_config, "name": "bad"}, parallel=1)))
+    queue.storage.write_atomic(SweepPaths(bad.sweep_id).record, b'{"x": 1}')
+    capsys.readouterr()
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert good.sweep_id in out.split("sweeps:")[1]
+    assert main(["compare", f"sweep:{bad.sweep_id}", "--root", str(tmp_path)]) == 2
+    assert "no readable sweep.json" in capsys.readouterr().err
+
+
 def test_status_json_names_each_trials_sweep_and_a_state_filter_shows_only_what_matches(
         tmp_path, tiny_config, capsys):
     """Issue 25: `status --json` rows say which sweep and trial a job is (null for a job of its

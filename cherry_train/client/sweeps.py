@@ -81,7 +81,10 @@ class Ranked:
 
 def ranked(sweeps: Sweeps, sweep_id: str) -> list[Ranked]:
     """Every trial, best first by the sweep's metric (trials without a value last)."""
-    spec = sweeps.record(sweep_id).config.sweep
+    record = sweeps.record(sweep_id)
+    if record is None:
+        raise NoSuchSweep(f"SWEEP: {sweep_id} has no readable sweep.json")
+    spec = record.config.sweep
     rows = [Ranked(t, t.best(spec.maximize), len(t.values))
             for t in sweeps.trials(sweep_id, values=True)]
     sign = -1 if spec.maximize else 1

@@ -138,11 +138,18 @@ class Sweeps:
         return sorted(self.queue.storage.list_dir(SWEEPS), reverse=True)  # newest first
 
     def record(self, sweep_id: str) -> SweepRecord | None:
+        """The sweep's record; None when missing or unreadable (anyone who can write the
+        folder can write it: one warning, and the other sweeps are served as before)."""
         if sweep_id not in self._records:
             raw = self.queue.storage.read_text_or_none(SweepPaths(sweep_id).record)
             if raw is None:
                 return None
-            self._records[sweep_id] = SweepRecord.from_json(raw)
+            try:
+                self._records[sweep_id] = SweepRecord.from_json(raw)
+            except (ValidationError, ValueError) as e:
+                log.warning("unreadable sweep record: sweep left alone", sweep_id=sweep_id,
+                            error=str(e).splitlines()[0])
+                return None
         return self._records[sweep_id]
 
     def trial_records(self, sweep_id: str) -> list[TrialRecord]:
