@@ -248,6 +248,7 @@ def test_the_ranks_listen_on_the_loopback_only(monkeypatch):
     network = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
     if network:  # a host whose host name resolves to its network address
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", network[0])
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
     group = Group(0, 2, torch.device("cpu"), 60)
     group.start(follow_and_wait, lambda rank, port: RankSpec(
         rank, 2, port, "cpu", b"", "", "", None, 60, os.getpid(), 1))
@@ -260,6 +261,7 @@ def test_the_ranks_listen_on_the_loopback_only(monkeypatch):
         group.close(finished=True)
     assert shared == {"w": [0.0, 1.0, 2.0], "epoch": 2, "best": None}
     assert len(addresses) >= 2 and set(addresses) <= LOOPBACK, addresses
+    assert os.environ["NCCL_SOCKET_IFNAME"] == "lo"  # NCCL's bootstrap (on GPUs), likewise
 
 
 class Planted:

@@ -38,7 +38,7 @@ def with_sweep_flags(config: TrainingConfig, flags: list[str]) -> TrainingConfig
 def check_sweep(config: TrainingConfig) -> TrainingConfig:
     """Every config the sweep can produce validated (sweepspace.check_space) and each distinct
     model name in them checked once (it exists, as `cherry submit` checks one job's), before
-    anything is queued. Trial 1's config: pre-flight's data checks and smoke steps run on it."""
+    anything is queued. The first trial made's config: pre-flight's checks run on it."""
     configs = sweepspace.check_space(config)
     problems = []
     for one in {c.model.name: c for c in configs}.values():  # one config per model name
@@ -49,9 +49,10 @@ def check_sweep(config: TrainingConfig) -> TrainingConfig:
     if problems:
         raise ConfigError(problems)
     spec = config.sweep
-    params = sweepspace.next_point(spec, 1, config.seed, []) if spec.method != "tpe" else {
+    first = sweepspace.run_order(spec, config.seed)[0]  # a shortened shuffled grid: not 1
+    params = sweepspace.next_point(spec, first, config.seed, []) if spec.method != "tpe" else {
         path: (p.min if p.is_range else p.options[0]) for path, p in spec.parameters.items()}
-    return sweepspace.trial_config(config, params, 1)
+    return sweepspace.trial_config(config, params, first)
 
 
 class NoSuchSweep(Exception):

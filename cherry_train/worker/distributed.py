@@ -51,6 +51,7 @@ NCCL_SETTINGS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 #: else on whatever the host name resolves to (a network address on many hosts): every rank
 #: is on this host, so the loopback is enough, and nobody else can reach the group.
 GLOO_INTERFACE = "GLOO_SOCKET_IFNAME"
+NCCL_INTERFACE = "NCCL_SOCKET_IFNAME"
 #: How long rank 0 waits for a follower to exit after the last collective.
 JOIN_SECONDS = 60.0
 
@@ -117,6 +118,8 @@ class Group:
         loopback = _loopback_interface()
         if loopback is not None:
             os.environ[GLOO_INTERFACE] = loopback
+            # NCCL's own bootstrap sockets too (a user's own choice of interface stands).
+            os.environ.setdefault(NCCL_INTERFACE, loopback)
         store, port = _loopback_store(self.ranks, self.timeout)
         context = mp.get_context("spawn")
         for rank in range(1, self.ranks):
