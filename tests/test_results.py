@@ -513,6 +513,22 @@ def test_a_finished_job_whose_last_epoch_was_best_keeps_one_copy_of_its_weights(
     assert evaluated.evaluation["images"] == 32
 
 
+def test_an_earlier_attempts_final_pt_goes_when_the_final_weights_are_the_best(
+        root_with_data, tiny_config):
+    """An attempt stopped after storing final.pt, resumed: the finished job keeps one copy."""
+    cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": 1}}
+    queue = JobQueue(LocalStorage(root_with_data))
+    job_id = queue.submit(validate_config(cfg)).job_id
+    stray = root_with_data / JobPaths(job_id).final_weights
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"an earlier attempt's copy")
+    Worker(queue, WorkerIdentity("w1"), WorkerOptions(exit_when_idle=True)).run()
+    result = Result.from_json((root_with_data / JobPaths(job_id).result).read_bytes())
+    assert result.state == JobState.succeeded, result.error
+    assert result.final_weights_sha256 == result.best_weights_sha256
+    assert not stray.exists()
+
+
 def test_a_finished_job_whose_best_epoch_was_earlier_keeps_both_within_bound(root_with_data,
                                                                              tiny_config):
     result = _trained(root_with_data, tiny_config, epochs=2, accuracies=[0.9, 0.6])

@@ -207,7 +207,13 @@ def store_final(job: Job, backoff: Backoff = STORE_RESULTS) -> str | None:
     digest = weights_sha256(weights)
     if digest == job.state.best_weights_sha256:
         # An earlier attempt may have stored it before it was stopped: one copy is enough.
-        job.reporter.owner.delete(job.claim.paths.final_weights)
+        try:
+            job.reporter.owner.delete(job.claim.paths.final_weights)
+        except Fenced:
+            raise
+        except Exception as e:  # a stray copy left behind, nothing worse: the job is done
+            log.warning("could not remove an earlier attempt's final.pt",
+                        error=f"{type(e).__name__}: {e}")
         log.info("final weights are the best epoch's: best.pt holds them", sha256=digest)
         return digest
     return _stored(job, "final.pt",
