@@ -157,9 +157,10 @@ def _points(config: TrainingConfig) -> list[tuple[str, dict[str, Any]]]:
     `trials` would reach, and tpe's are not known before the trials run."""
     spec = config.sweep
     if spec.method == "grid":
-        grid = grid_points(spec)  # trial n is the n-th combination; run_order picks which
-        return [(f"sweep trial {n} ({_shown(grid[n - 1])})", grid[n - 1])
-                for n in sorted(run_order(spec, config.seed))]
+        # Every combination, also those a shortened grid (trials < combinations) leaves out:
+        # a value that cannot run is a mistake in the sweep whichever trials it falls in.
+        return [(f"sweep trial {n} ({_shown(p)})", p)
+                for n, p in enumerate(grid_points(spec), start=1)]
     drawn = [] if spec.method == "tpe" else [random_point(spec, config.seed, n)
                                               for n in range(1, spec.trials + 1)]
     points = [(f"sweep trial {n} ({_shown(p)})", p) for n, p in enumerate(drawn, start=1)]

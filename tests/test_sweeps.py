@@ -39,6 +39,19 @@ def sweep_config(tiny_config, **sweep) -> dict:
 
 # -- the space -----------------------------------------------------------------------------------
 
+def test_every_combination_of_a_shortened_shuffled_grid_is_validated(tiny_config):
+    """With `trials` below the combinations and early stopping, the trials made are a seeded
+    sample; a value that cannot run is refused even where the sample leaves it out (seed 2
+    makes trials 4 and 1 here: combination 3 holds batch_size 0)."""
+    config = validate_config({**tiny_config, "seed": 2, "sweep": {
+        "trials": 2, "early_stop": {"method": "asha"},
+        "parameters": {"training.batch_size": {"values": [8, 16, 0, 32]}}}})
+    assert 3 not in sweepspace.run_order(config.sweep, config.seed)
+    with pytest.raises(ConfigError, match=r"sweep trial 3 \(training.batch_size=0\)"):
+        sweepspace.check_space(config)
+
+
+
 def test_a_grid_makes_every_combination_and_random_draws_are_the_same_everywhere(tiny_config):
     config = validate_config(sweep_config(tiny_config))
     assert sweepspace.total_trials(config.sweep) == 4
