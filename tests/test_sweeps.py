@@ -37,6 +37,15 @@ def sweep_config(tiny_config, **sweep) -> dict:
         "training.weight_decay": {"values": [0, 0.01]}}, **sweep}}
 
 
+def asha_sweep(tiny_config, learning_rates: list[float]):
+    """Nine epochs, two trials at a time, ASHA with its first rung after epoch 1, halving."""
+    return validate_config({**tiny_config, "training": {**tiny_config["training"], "epochs": 9},
+                            "sweep": {"parallel": 2, "parameters": {
+                                "training.learning_rate": {"values": learning_rates}},
+                                "early_stop": {"method": "asha", "grace_epochs": 1,
+                                               "reduction": 2}}})
+
+
 # -- the space -----------------------------------------------------------------------------------
 
 def test_every_combination_of_a_shortened_shuffled_grid_is_validated(tiny_config):
@@ -446,11 +455,8 @@ def test_a_paused_trial_is_claimed_once_promoted_or_once_its_rung_is_complete(tm
     from cherry_train.worker.pruning import GO, PAUSE, PRUNE, Promotions, judge
 
     queue = JobQueue(LocalStorage(tmp_path))
-    cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": 9}, "sweep": {
-        "parallel": 2, "parameters": {"training.learning_rate": {
-            "values": [0.005, 0.003, 0.002, 0.001, 0.0005]}},
-        "early_stop": {"method": "asha", "grace_epochs": 1, "reduction": 2}}}
-    record, (first, second) = Sweeps(queue).submit(validate_config(cfg))
+    record, (first, second) = Sweeps(queue).submit(asha_sweep(
+        tiny_config, [0.005, 0.003, 0.002, 0.001, 0.0005]))
     trials = {}
 
     def reaches_rung(manifest, accuracy, worker):
@@ -507,11 +513,8 @@ def test_a_trial_promoted_but_not_yet_past_the_rung_holds_its_place(tmp_path, ti
     from cherry_train.worker.pruning import GO, PAUSE, judge
 
     queue = JobQueue(LocalStorage(tmp_path))
-    cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": 9}, "sweep": {
-        "parallel": 2, "parameters": {"training.learning_rate": {
-            "values": [0.005, 0.003, 0.002, 0.001, 0.0005]}},
-        "early_stop": {"method": "asha", "grace_epochs": 1, "reduction": 2}}}
-    record, (first, second) = Sweeps(queue).submit(validate_config(cfg))
+    record, (first, second) = Sweeps(queue).submit(asha_sweep(
+        tiny_config, [0.005, 0.003, 0.002, 0.001, 0.0005]))
 
     def reaches_rung(manifest, accuracy):
         claim = queue.try_claim(manifest, WorkerIdentity(f"w{accuracy}"))
@@ -535,10 +538,7 @@ def test_at_a_rung_equal_accuracies_are_told_apart_by_the_loss(tmp_path, tiny_co
     from cherry_train.worker.pruning import GO, PRUNE, judge
 
     queue = JobQueue(LocalStorage(tmp_path))
-    cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": 9}, "sweep": {
-        "parallel": 2, "parameters": {"training.learning_rate": {"values": [0.003, 0.001]}},
-        "early_stop": {"method": "asha", "grace_epochs": 1, "reduction": 2}}}
-    _, trials = Sweeps(queue).submit(validate_config(cfg))
+    _, trials = Sweeps(queue).submit(asha_sweep(tiny_config, [0.003, 0.001]))
     for manifest, loss in zip(trials, (0.9, 0.6), strict=True):
         claim = queue.try_claim(manifest, WorkerIdentity("w"))
         queue.owner(claim).write(claim.paths.metrics, json.dumps(
