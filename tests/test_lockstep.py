@@ -8,12 +8,14 @@ import functools
 import os
 from pathlib import Path
 
+from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.schemas import validate_config
 from cherry_train.worker import followers
 from cherry_train.worker.lockstep import AFTER_EPOCH, AFTER_STEP, AT_RESUME, BEFORE_EPOCH
-from cherry_train.worker.train import Seams
-from tests.test_distributed import new_root, run, two_ranks
+from cherry_train.worker.loop import Worker, WorkerOptions
+from cherry_train.worker.train import Seams, Training
+from tests.test_distributed import new_root, two_ranks
 from tests.test_training import stopping_at
 
 
@@ -28,13 +30,17 @@ def test_rank_0_and_a_follower_ask_the_same_questions_in_the_same_order(
     # A rank out of step waits in a collective the other never reaches: short enough here that
     # a broken loop fails this test in a minute instead of hanging it.
     monkeypatch.setattr(followers, "TIMEOUT_FLOOR_SECONDS", 45.0)
-    cfg = {**two_ranks(tiny_config), "lease_seconds": 45, "max_attempts": 1,
+    cfg = {**two_ranks(tiny_config), "lease_seconds": 45,
            "checkpoint": {"every_steps": 2, "keep_last": 8}}
     queue = new_root(tmp_path, cherry_images, "root")
     job_id = queue.submit(validate_config(cfg)).job_id
     heard = tmp_path / "heard.tsv"
     seams = Seams(step=stopping_at(8, Seams().step), heard=functools.partial(note, heard))
-    assert run(queue, job_id, seams) is None  # stopped after step 8, in the second epoch
+    # One attempt: a loop out of step ends it (a RankDied), and a second would only repeat it.
+    worker = Worker(queue, WorkerIdentity("w1"), WorkerOptions(gpus=2),
+                    trainer=Training(seams))
+    assert worker.run_once()
+    assert not queue.storage.exists(JobPaths(job_id).result)  # stopped after step 8: released
     by_rank: dict[str, list[tuple[str, int]]] = {}
     for line in heard.read_text().splitlines():
         pid, question, word = line.split("\t")
