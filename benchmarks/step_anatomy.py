@@ -100,8 +100,8 @@ def timed_windows(step, batches, windows: int, sync_every: int | None = None) ->
 
 
 def pipeline(batch: int, images: int, workers: int):
-    from cherry_train.worker.gpudata import DecodedImages, GpuBatches
-    from cherry_train.worker.samples import EpochSampler
+    from cherry_train.worker.inputs.gpudata import DecodedImages, GpuBatches
+    from cherry_train.worker.inputs.samples import EpochSampler
 
     side = 317
     decoded = DecodedImages(torch.randint(0, 256, (images, 3, side, side), dtype=torch.uint8,

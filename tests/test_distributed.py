@@ -21,8 +21,8 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.distributed import world_size
+from cherry_train.worker.inputs.samples import EpochSampler
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.samples import EpochSampler
 from cherry_train.worker.train import Seams, Training
 from tests.test_training import stopping_at
 

@@ -139,8 +139,8 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     import numpy as np
     from PIL import Image
 
-    from cherry_train.worker.gpustream import StreamedBatches
-    from cherry_train.worker.samples import EpochSampler, ImageFolderSamples, Transform
+    from cherry_train.worker.inputs.gpustream import StreamedBatches
+    from cherry_train.worker.inputs.samples import EpochSampler, ImageFolderSamples, Transform
 
     classes = sorted(p.name for p in (cherry_images / "train").iterdir())
     samples = ImageFolderSamples(cherry_images / "train", classes,
@@ -164,7 +164,7 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     stream.sampler.set_position(epoch=1, start=2 * 16)  # a resume: the same batches on
     for (xa, ya), (xb, yb) in zip(batches[2:], stream, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    from cherry_train.worker.processes import shut_down
+    from cherry_train.worker.inputs.processes import shut_down
 
     shut_down(stream.loader)
 
@@ -208,7 +208,7 @@ def test_a_killed_streamed_job_resumes_exactly(tmp_path, cherry_images, tiny_con
 def test_auto_streams_a_set_too_large_for_gpu_memory(root_with_data, tiny_config, monkeypatch):
     from structlog.testing import capture_logs
 
-    from cherry_train.worker import gpudata
+    from cherry_train.worker.inputs import gpudata
 
     monkeypatch.setattr(gpudata, "GPU_SHARE", 1e-9)  # nothing fits: as 60,000 JPEGs on a T4
     tiny_config["training"]["epochs"] = 1

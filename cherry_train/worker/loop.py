@@ -30,6 +30,7 @@ from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
+from cherry_train.worker.inputs.processes import end_loader_processes
 from cherry_train.worker.notify import (
     NOTIFY_AFTER_SIGNAL_SECONDS,
     NOTIFY_SECONDS,
@@ -47,7 +48,6 @@ from cherry_train.worker.options import (
     WorkerOptions,
 )
 from cherry_train.worker.outcome import JobRun, Runner
-from cherry_train.worker.processes import end_loader_processes
 from cherry_train.worker.reporting import Reporter, StopRequest
 from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch

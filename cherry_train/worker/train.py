@@ -42,7 +42,6 @@ from cherry_train.worker.checkpointing import (
     store_final,
 )
 from cherry_train.worker.compiling import Compilation, CompileState, TorchCompiler
-from cherry_train.worker.data import load_data, local_file, prepare_data
 from cherry_train.worker.device import (
     describe,
     pick_device,
@@ -52,11 +51,12 @@ from cherry_train.worker.device import (
 from cherry_train.worker.distributed import world_size
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.export import export_best
+from cherry_train.worker.inputs.data import load_data, local_file, prepare_data
+from cherry_train.worker.inputs.processes import loader_cap
 from cherry_train.worker.job import Job
 from cherry_train.worker.model import build_model, with_image_size
 from cherry_train.worker.optim import make_optimizer, make_scheduler
 from cherry_train.worker.outcome import JobRun, Outcome
-from cherry_train.worker.processes import loader_cap
 from cherry_train.worker.progress import first_step, log_progress, progress
 from cherry_train.worker.pruning import PAUSE, after_resume, at_epoch_end
 from cherry_train.worker.steps import raise_named, train_step
