@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cherry_train.worker import compiling
-from cherry_train.worker.kernelseal import KernelSeal
+from cherry_train.worker.checkpoints.kernelseal import KernelSeal
 from cherry_train.worker.train import Seams
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")

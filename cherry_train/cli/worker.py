@@ -18,7 +18,7 @@ def cmd_worker(args) -> int:
     except ImportError:
         raise UsageError("the worker needs torch: pip install 'cherry-train[worker]'") from None
     from cherry_train import logs
-    from cherry_train.worker.kernelseal import KernelKeyError, load_seal
+    from cherry_train.worker.checkpoints.kernelseal import KernelKeyError, load_seal
     from cherry_train.worker.loop import Worker, WorkerOptions
     from cherry_train.worker.scratch import UnsafeScratch
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.schemas import TrainingConfig
-from cherry_train.worker.checkpoint import Checkpoints
+from cherry_train.worker.checkpoints.checkpoint import Checkpoints
 from cherry_train.worker.compiling import Compilation
 from cherry_train.worker.device import Precision
 from cherry_train.worker.distributed import Group

@@ -27,7 +27,6 @@ from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
 from cherry_train.worker import followers
-from cherry_train.worker.checkpoint import Checkpoints
 from cherry_train.worker.checkpointing import (
     STORE_RESULTS,
     checkpoint_due,
@@ -41,6 +40,7 @@ from cherry_train.worker.checkpointing import (
     save_checkpoint,
     store_final,
 )
+from cherry_train.worker.checkpoints.checkpoint import Checkpoints
 from cherry_train.worker.compiling import Compilation, CompileState, TorchCompiler
 from cherry_train.worker.device import (
     describe,
