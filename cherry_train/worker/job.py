@@ -17,8 +17,8 @@ from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.checkpoints.checkpoint import Checkpoints
 from cherry_train.worker.compiling import Compilation
 from cherry_train.worker.device import Precision
-from cherry_train.worker.distributed import Group
 from cherry_train.worker.inputs.data import Data
+from cherry_train.worker.multigpu.distributed import Group
 from cherry_train.worker.outcome import TrainState
 from cherry_train.worker.reporting import Reporter, StopRequest
 

@@ -48,13 +48,13 @@ from cherry_train.worker.device import (
     resolve_precision,
     seed_and_determinism,
 )
-from cherry_train.worker.distributed import world_size
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.export import export_best
 from cherry_train.worker.inputs.data import load_data, local_file, prepare_data
 from cherry_train.worker.inputs.processes import loader_cap
 from cherry_train.worker.job import Job
 from cherry_train.worker.model import build_model, with_image_size
+from cherry_train.worker.multigpu.distributed import world_size
 from cherry_train.worker.optim import make_optimizer, make_scheduler
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.progress import first_step, log_progress, progress
