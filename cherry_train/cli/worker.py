@@ -66,7 +66,7 @@ def _webhook(url: str | None) -> str | None:
     if url is None:
         return None
     from cherry_train.schemas.config import check_webhook
-    from cherry_train.worker.notify import reachable
+    from cherry_train.worker.reporting.notify import reachable
 
     try:
         url = check_webhook(url)

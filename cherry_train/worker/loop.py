@@ -31,13 +31,6 @@ from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
 from cherry_train.worker.inputs.processes import end_loader_processes
-from cherry_train.worker.notify import (
-    NOTIFY_AFTER_SIGNAL_SECONDS,
-    NOTIFY_SECONDS,
-    Notifier,
-    handed_back_message,
-    message_of,
-)
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
     IDLE_LINE_SECONDS,
@@ -48,12 +41,19 @@ from cherry_train.worker.options import (
     WorkerOptions,
 )
 from cherry_train.worker.outcome import JobRun, Runner
-from cherry_train.worker.reporting import Reporter, StopRequest
+from cherry_train.worker.reporting.notify import (
+    NOTIFY_AFTER_SIGNAL_SECONDS,
+    NOTIFY_SECONDS,
+    Notifier,
+    handed_back_message,
+    message_of,
+)
+from cherry_train.worker.reporting.reporting import Reporter, StopRequest
+from cherry_train.worker.reporting.tensorboard import job_board
 from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
 from cherry_train.worker.space import SpaceGate
-from cherry_train.worker.tensorboard import job_board
 
 log = structlog.get_logger(__name__)
 
