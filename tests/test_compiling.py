@@ -116,7 +116,7 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
         return None
 
     seams = Seams(compiler=FakeCompiler(pack, unpack))
-    from cherry_train.worker.reporting.reporting import Reporter
+    from cherry_train.worker.reporting.reporter import Reporter
 
     phases, update = [], Reporter.update
 

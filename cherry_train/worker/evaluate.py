@@ -44,7 +44,7 @@ from cherry_train.worker.model import (
     with_image_size,
 )
 from cherry_train.worker.outcome import JobRun, Outcome, TrainState
-from cherry_train.worker.reporting.reporting import Reporter
+from cherry_train.worker.reporting.reporter import Reporter
 
 log = structlog.get_logger(__name__)
 

@@ -20,7 +20,7 @@ from cherry_train.worker.device import Precision
 from cherry_train.worker.inputs.data import Data
 from cherry_train.worker.multigpu.distributed import Group
 from cherry_train.worker.outcome import TrainState
-from cherry_train.worker.reporting.reporting import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter, StopRequest
 
 
 @dataclass

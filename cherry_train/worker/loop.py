@@ -48,7 +48,7 @@ from cherry_train.worker.reporting.notify import (
     handed_back_message,
     message_of,
 )
-from cherry_train.worker.reporting.reporting import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter, StopRequest
 from cherry_train.worker.reporting.tensorboard import job_board
 from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.worker.checkpoints.kernelseal import KernelSeal
-from cherry_train.worker.reporting.reporting import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter, StopRequest
 
 
 @dataclass
