@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cherry_train.worker import compiling
 from cherry_train.worker.checkpoints.kernelseal import KernelSeal
-from cherry_train.worker.train import Seams
+from cherry_train.worker.training import compiling
+from cherry_train.worker.training.train import Seams
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 KEY = b"the workers' own key, 32 chars.."  # what $CHERRY_KERNEL_KEY gives every worker

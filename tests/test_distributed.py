@@ -23,7 +23,7 @@ from cherry_train.storage import LocalStorage
 from cherry_train.worker.inputs.samples import EpochSampler
 from cherry_train.worker.loop import Worker, WorkerOptions
 from cherry_train.worker.multigpu.distributed import world_size
-from cherry_train.worker.train import Seams, Training
+from cherry_train.worker.training.train import Seams, Training
 from tests.test_training import stopping_at
 
 

@@ -246,7 +246,7 @@ def test_auto_picks_the_gpu_pipeline_and_skips_compiling_a_short_job(root_with_d
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_fused_and_foreach_optimizers_take_the_same_fp16_scaled_step(optimizer):
-    from cherry_train.worker.optim import make_optimizer
+    from cherry_train.worker.training.optim import make_optimizer
 
     cfgs = {fused: validate_config({
         "model": {"name": "resnet18", "num_classes": 2},

@@ -13,7 +13,7 @@ from cherry_train.schemas import ConfigError, JobState, ModelConfig, validate_co
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.inputs.samples import Normalize
-from cherry_train.worker.model import (
+from cherry_train.worker.training.model import (
     build_model,
     check_model_name,
     default_image_size,

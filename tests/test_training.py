@@ -20,8 +20,8 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker
-from cherry_train.worker.model import build_model
-from cherry_train.worker.train import Seams, Training, evaluate
+from cherry_train.worker.training.model import build_model
+from cherry_train.worker.training.train import Seams, Training, evaluate
 
 REQUIRED_RESULT_FIELDS = ("job_id", "state", "attempts", "best", "epochs_completed",
                           "wall_seconds", "images_per_second", "device", "final_weights_sha256",
@@ -197,7 +197,7 @@ def test_development_mode_runs_a_few_batches(root_with_data, tiny_config):
 
 def test_weights_file_initialises_all_but_the_head(tmp_path):
     from cherry_train.schemas import ModelConfig
-    from cherry_train.worker.model import build_model
+    from cherry_train.worker.training.model import build_model
 
     torch.manual_seed(0)
     imagenet_like = torchvision.models.resnet18(num_classes=1000)
@@ -212,7 +212,7 @@ def test_weights_file_initialises_all_but_the_head(tmp_path):
 def test_pretrained_without_internet_says_what_to_do(monkeypatch):
     from cherry_train.schemas import ModelConfig
     from cherry_train.worker.errors import JobError
-    from cherry_train.worker.model import build_model
+    from cherry_train.worker.training.model import build_model
 
     class Offline:
         class DEFAULT:

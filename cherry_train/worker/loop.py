@@ -1,8 +1,7 @@
 """The worker: claim -> train -> commit, one job at a time, until told to stop.
 
 `run()` owns signals, the stop flag, idle back-off and teardown; `run_once()` claims one job,
-trains it and commits it. A job's failure is recorded in its result and never ends the loop.
-"""
+trains it and commits it. A job's failure is recorded in its result and never ends the loop."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
 from cherry_train.schemas import JobState, Manifest, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
-from cherry_train.worker import pruning, results, runtime
+from cherry_train.worker import results, runtime
 from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
@@ -54,6 +53,7 @@ from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
 from cherry_train.worker.space import SpaceGate
+from cherry_train.worker.training import pruning
 
 log = structlog.get_logger(__name__)
 
