@@ -12,8 +12,8 @@ import pytest
 from cherry_train import datapack
 from cherry_train.cli import main
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.datacache import cache_folder
-from cherry_train.worker.sources import StorageSource
+from cherry_train.worker.inputs.datacache import cache_folder
+from cherry_train.worker.inputs.sources import StorageSource
 
 
 @pytest.fixture

@@ -31,8 +31,8 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from cherry_train.worker.processes import loader_processes
-from cherry_train.worker.samples import (
+from cherry_train.worker.inputs.processes import loader_processes
+from cherry_train.worker.inputs.samples import (
     JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,
