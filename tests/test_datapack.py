@@ -270,3 +270,118 @@ def test_a_worker_never_unpacks_a_prepared_pack_as_the_originals(source, tmp_pat
     plain = cache_folder(source, tmp_path / "plain", pack="off")
     report = cache_folder(source, tmp_path / "cache", pack="auto")
     assert report.unpacked_files == 0 and local_files(report) == local_files(plain)
+
+
+# Prepared packs: every image re-encoded once at the short side training stores.
+
+
+def _jpeg(path, size, progressive=False, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", quality=85, progressive=progressive)
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    (folder / "a").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 30, 40)).save(folder / "a" / "wide.png")
+    _jpeg(folder / "a" / "tall.jpg", (40, 60))
+    _jpeg(folder / "a" / "small.jpg", (20, 16))
+    _jpeg(folder / "a" / "small_progressive.jpg", (20, 16), progressive=True)
+    (folder / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return folder
+
+
+def test_a_prepared_pack_stores_each_image_once_at_the_short_side(mixed, tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
+    assert main(["data", "pack", str(mixed), "--image-size", "16", "--min-crop-scale", "1",
+                 "--no-progress"]) == 0  # stored_side(16, 1.0) == 22
+    out, err = capsys.readouterr()
+    assert "prepared 4 images" in out and "→" in out and "×)" in out
+    assert "left out 1 files that do not decode as images: a/broken.jpg" in err
+    place = datapack.FolderPackPlace(pack_dir(mixed))
+    index = place.load_index()
+    assert index.prepared["short_side"] == 22 and index.prepared["quality"] == 90
+    assert index.prepared["image_size"] == 16 and set(index.skipped) == {"a/broken.jpg"}
+    local = tmp_path / "local"
+    datapack.fetch_shards(index, place, local, tmp_path / "scratch")
+    files = datapack.PackedFiles(index, local)
+    sizes = {"a/wide.png": (29, 22), "a/tall.jpg": (22, 33), "a/small.jpg": (20, 16),
+             "a/small_progressive.jpg": (20, 16)}  # aspect kept, never up-scaled
+    for rel, size in sizes.items():
+        img = Image.open(io.BytesIO(files.read(rel)))
+        assert img.format == "JPEG" and not img.info.get("progressive")  # baseline
+        assert img.size == size == files.dims(rel)
+    assert files.read("a/small.jpg") == (mixed / "a" / "small.jpg").read_bytes()  # as it was
+    assert index.is_current(datapack.list_folder(mixed))  # the broken file counts as seen
+    assert main(["data", "pack", str(mixed), "--image-size", "16", "--min-crop-scale", "1",
+                 "--no-progress"]) == 0
+    assert "is current" in capsys.readouterr().out
+    assert main(["data", "pack", str(mixed), "--image-size", "20", "--min-crop-scale", "1",
+                 "--no-progress"]) == 0  # another image size: rebuilt for it
+    assert place.load_index().prepared["short_side"] == 27
+    assert main(["data", "pack", str(mixed), "--no-progress"]) == 0  # and back to verbatim
+    assert place.load_index().prepared is None and "packed 5 files" in capsys.readouterr().out
+
+
+def test_draft_mode_decodes_a_large_jpeg_at_reduced_scale(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    from cherry_train.datapack.prepare import encode
+
+    _jpeg(tmp_path / "big.jpg", (400, 300))
+    asked = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: asked.append(size) or draft(self, mode, size))
+    data, width, height = encode((tmp_path / "big.jpg").read_bytes(), datapack.Encoding(60))
+    assert asked == [(80, 60)] and (width, height) == (80, 60)
+
+
+def test_a_rebuild_reuses_unchanged_images_and_encodes_only_the_changed(mixed, tmp_path):
+    import io
+
+    from PIL import Image
+
+    enc = datapack.Encoding(22)
+    old, place, _ = datapack.pack_folder(mixed, encoding=enc)
+    first = datapack.PackedFiles(old, place.path)
+    kept_before = first.read("a/tall.jpg")
+    same = mixed / "a" / "tall.jpg"  # new pixels, same size and mtime: taken as unchanged
+    stat = same.stat()
+    _jpeg(same, (40, 60), seed=1)
+    same.write_bytes(same.read_bytes()[:stat.st_size].ljust(stat.st_size, b"\0"))
+    os.utime(same, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = mixed / "a" / "wide.png"
+    Image.new("RGB", (48, 64), (0, 0, 255)).save(changed)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))
+    index, place, built = datapack.pack_folder(mixed, encoding=enc)
+    files = datapack.PackedFiles(index, place.path)
+    assert built and files.read("a/tall.jpg") == kept_before  # the old stored bytes
+    assert Image.open(io.BytesIO(files.read("a/wide.png"))).size == (22, 29)  # re-encoded
+    assert sorted(os.listdir(place.path)) == sorted([datapack.INDEX, *index.shards])
+    first.close()
+    files.close()
+
+
+def test_a_damaged_old_pack_costs_an_encode_never_the_build(mixed, tmp_path):
+    enc = datapack.Encoding(22)
+    old, place, _ = datapack.pack_folder(mixed, encoding=enc)
+    shard = place.path / next(iter(old.shards))
+    data = bytearray(shard.read_bytes())
+    f = old.files["a/tall.jpg"]
+    data[f["offset"] + 100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (mixed / "a" / "new.png").write_bytes((mixed / "a" / "wide.png").read_bytes())
+    index, place, built = datapack.pack_folder(mixed, encoding=enc)
+    assert built and index.files["a/tall.jpg"]["sha256"] == f["sha256"]  # encoded again
+    local = tmp_path / "local"
+    datapack.fetch_shards(index, place, local, tmp_path / "scratch")  # and it checks out

@@ -195,15 +195,24 @@ def _prepared(folder: Path, listing: dict, encoding: Encoding, old: PackIndex | 
         local = getattr(place, "path", None)
         if local is None:  # a storage root: its old shards come here first
             local = scratch / "old"
-            fetch_shards(old, place, local, scratch / "download",
-                         shards={old.files[rel]["shard"] for rel in reuse})
-        stored = PackedFiles(old, local)
+            try:
+                fetch_shards(old, place, local, scratch / "download",
+                             shards={old.files[rel]["shard"] for rel in reuse})
+            except PackError as e:
+                log.warning(f"the old pack cannot be reused ({e}): every image is encoded "
+                            "again", pack=place.description)
+                reuse = set()
+        stored = PackedFiles(old, local) if reuse else None
     todo = [rel for rel in sorted(listing) if rel not in reuse]
     try:
         with ProcessPoolExecutor(max(1, min(_cores(), len(todo)))) as pool:
             fresh = _in_order(pool, prepare_file, todo, folder, encoding)
             for rel in sorted(listing):
-                yield _reused(stored, rel, listing[rel][0]) if rel in reuse else next(fresh)
+                if rel not in reuse:
+                    yield next(fresh)
+                else:  # a damaged old pack costs an encode here, never the build
+                    yield _reused(stored, rel, listing[rel][0]) or \
+                        prepare_file(folder, encoding, rel)
     finally:
         if stored is not None:
             stored.close()
@@ -228,12 +237,19 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def _reused(stored: PackedFiles, rel: str, size: int) -> Prepared:
+def _reused(stored: PackedFiles, rel: str, size: int) -> Prepared | None:
+    """The old pack's stored bytes of `rel`, checked; None (logged) if they fail."""
     f = stored.index.files[rel]
-    data = stored.read(rel)
-    if hashlib.sha256(data).hexdigest() != f["sha256"]:
-        raise PackError(f"{rel} in the old pack does not match its sha256: delete "
-                        f"{stored.folder} and pack again")
+    try:
+        data = stored.read(rel)
+    except (OSError, PackError) as e:
+        data, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "it does not match its sha256 in the index"
+    if data is None or hashlib.sha256(data).hexdigest() != f["sha256"]:
+        log.warning(f"{rel} in the old pack's shard {f['shard']} cannot be reused ({why}): "
+                    "encoded again from the original", pack=str(stored.folder))
+        return None
     return Prepared(rel, size, data, f["width"], f["height"])
 
 
