@@ -176,7 +176,11 @@ def test_fetch_shards_copies_and_checks_them_and_samples_read_in_place(source, t
     assert again.fetched == [] and sorted(again.kept) == sorted(index.shards)
     assert sorted(os.listdir(local)) == sorted(index.shards)  # leftovers removed
     cut = local / sorted(index.shards)[0]
-    cut.write_bytes(cut.read_bytes()[:-10])  # a shard of the wrong length is fetched again
+    cut.write_bytes(cut.read_bytes()[:-10])  # a shard of the wrong length is not read...
+    in_cut = next(rel for rel, f in index.files.items() if f["shard"] == cut.name)
+    with pytest.raises(datapack.PackError, match="not the length its index says"):
+        datapack.PackedFiles(index, local).read(in_cut)
+    # ...and fetched again
     assert datapack.fetch_shards(index, place, local, tmp_path / "scratch").fetched == [cut.name]
     assert files.read(sorted(index.files)[-1]) == (source / sorted(index.files)[-1]).read_bytes()
     files.close()

@@ -186,6 +186,12 @@ class PackedFiles:
             except FileNotFoundError:
                 raise PackError(f"shard {shard} is not in {self.folder}: fetch the pack's "
                                 "shards first (fetch_shards)") from None
+            if os.fstat(fd).st_size != self.index.shards[shard]["bytes"]:
+                # The index's lengths are only trusted up to the shard's real length: no
+                # read of a length an index made up (a huge allocation), no short read.
+                os.close(fd)
+                raise PackError(f"shard {shard} in {self.folder} is not the length its index "
+                                "says: fetch the pack's shards again (fetch_shards)")
             kept = self._fds.setdefault(shard, fd)  # atomic: two threads open it once
             if kept != fd:
                 os.close(fd)
