@@ -24,9 +24,9 @@ from cherry_train.schemas import ConfigError, Manifest, TrialRecord, validate_co
 from cherry_train.storage import LocalStorage
 from cherry_train.testing.fakedrive import FakeDrive
 from cherry_train.testing.fakehttp import fake_drive_storage
-from cherry_train.worker.data import local_file
 from cherry_train.worker.datacache import cache_folder
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.prepare import local_file
 from cherry_train.worker.sources import Source, StorageSource
 
 JOB = "20261126-101500-evil-7f3a"

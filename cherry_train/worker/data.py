@@ -1,15 +1,13 @@
-"""A job's data: its folders found and checked, the input pipeline chosen, and batches served
+"""A job's batches: its prepared folders checked, the input pipeline chosen, and batches served
 on the device, from loader processes (here), or decoded on the GPU (gpudata, gpustream).
 
 How each sample is read and augmented is in samples.py; the loader processes in processes.py;
-the copy of the data onto this VM in datacache.py.
+the folders found and copied onto this VM before this (the preparation path) in prepare.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -18,13 +16,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from cherry_train import datachecks
-from cherry_train.jobqueue.layout import best_for_final, weights_here
-from cherry_train.places import PathMappingError, map_data_path, remote_location
-from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.schemas import TrainingConfig
-from cherry_train.storage.base import Storage
 from cherry_train.worker import gpudata, gpustream
-from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.model import input_normalize
 from cherry_train.worker.processes import (
@@ -42,7 +35,6 @@ from cherry_train.worker.samples import (
     Transform,
     to_model_input,
 )
-from cherry_train.worker.sources import LocalSource, Source, StorageSource
 
 log = structlog.get_logger(__name__)
 
@@ -171,46 +163,6 @@ class _OnDevice:
             yield x, labels.to(self.device, non_blocking=True)
 
 
-def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
-    """Where a config's path is on this machine (the path mapping of docs/contract.md §7); a path
-    that cannot be mapped is the user's to fix, named by its field."""
-    try:
-        return map_data_path(path, root)
-    except PathMappingError as e:
-        raise JobError(f"{field_name}: {e}") from None
-
-
-def source_for(path: str, field_name: str, root: Path | None, storage: Storage) -> Source:
-    """What to cache for a config's data path: a folder here, or one in Drive (API roots)."""
-    remote = remote_location(path, root, storage)
-    if remote is not None:
-        return StorageSource(*remote)
-    return LocalSource(resolve_path(path, field_name, root))
-
-
-def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
-               scratch: Path) -> Path:
-    """A single file named by the config (weights), downloaded first if it is remote. A
-    finished job's final.pt that is its best.pt (no copy kept) is read from best.pt."""
-    remote = remote_location(path, root, storage)
-    if remote is None:
-        return weights_here(resolve_path(path, field_name, root))
-    where, remote_path = remote
-    try:  # the config is the queue's: its last part ('..', say) must not leave scratch
-        target = inside(scratch / "inputs", Path(path).name, field_name)
-    except UnsafePath as e:
-        raise JobError(str(e)) from None
-    try:
-        where.download(remote_path, target)
-    except FileNotFoundError:
-        best = best_for_final(remote_path, where.read_text_or_none)
-        if best is None or not where.exists(best):
-            raise JobError(f"{field_name}: {path} does not exist under "
-                           f"{where.description}") from None
-        where.download(best, target)
-    return target
-
-
 def _classes(path: Path, field: str) -> list[str]:
     if not path.is_dir():
         raise JobError(datachecks.missing_folder(field, path))
@@ -311,34 +263,3 @@ def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolde
              jpeg_share=round(share, 3), **facts)
     return "workers"
 
-
-def prepare_data(cfg: TrainingConfig, data_root: Path | None, storage: Storage,
-                 copying: Callable[[], None]):
-    """The local folders to train from, after copying the data into the cache (unless
-    data.cache is false and the data is on this machine), and what the result records.
-    `copying()` is called before a copy starts: minutes, on a first copy through the mount."""
-    d = cfg.data
-
-    def source(name: str) -> Source:
-        return source_for(getattr(d, name), f"data.{name}", data_root, storage)
-
-    if not d.cache and not any(remote_location(p, data_root, storage)
-                               for p in (d.train_path, d.val_path)):
-        return (resolve_path(d.train_path, "data.train_path", data_root),
-                resolve_path(d.val_path, "data.val_path", data_root), {})
-    copying()
-    cache_dir = default_cache_dir()
-    if d.archive:
-        report = cache_folder(source("archive"), cache_dir)
-        base = Path(report.local)
-        info = {"dataset_sha256": report.sha256, "archive": asdict(report)}
-        return base / d.train_path, base / d.val_path, info
-    reports = {}
-    for name in ("train_path", "val_path"):
-        src = source(name)
-        if not src.exists():
-            raise JobError(datachecks.missing_folder(f"data.{name}", src.label))
-        reports[name.removesuffix("_path")] = cache_folder(src, cache_dir, pack=d.pack)
-    combined = hashlib.sha256(f"{reports['train'].sha256}\n{reports['val'].sha256}".encode())
-    info = {"dataset_sha256": combined.hexdigest(), **{k: asdict(r) for k, r in reports.items()}}
-    return Path(reports["train"].local), Path(reports["val"].local), info

@@ -23,7 +23,7 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.plots import render_confusion
 from cherry_train.schemas import ModelConfig, Phase, Result
 from cherry_train.storage.base import Storage
-from cherry_train.worker.data import loader_pool, local_file, source_for
+from cherry_train.worker.data import loader_pool
 from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.device import describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
@@ -36,6 +36,7 @@ from cherry_train.worker.model import (
     with_image_size,
 )
 from cherry_train.worker.outcome import JobRun, Outcome, TrainState
+from cherry_train.worker.prepare import local_file, source_for
 from cherry_train.worker.processes import (
     available_memory,
     loader_cap,

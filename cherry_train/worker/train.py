@@ -3,7 +3,7 @@ references/classification/train.py: `setup`, `train_one_epoch`, `evaluate` (vali
 `train` (their `main`). Where the rest lives: one optimizer step and its out-of-memory back-off
 in steps.py, the other ranks of a multi-GPU job in distributed.py and followers.py,
 when to checkpoint and what to publish in checkpointing.py, whether to compile in compiling.py,
-the data in data.py.
+the data in prepare.py (onto this VM) and data.py (batches).
 
 What a test may replace is passed in (Seams), never patched into the module.
 """
@@ -42,7 +42,7 @@ from cherry_train.worker.checkpointing import (
     store_final,
 )
 from cherry_train.worker.compiling import Compilation, CompileState, TorchCompiler
-from cherry_train.worker.data import load_data, local_file, prepare_data
+from cherry_train.worker.data import load_data
 from cherry_train.worker.device import (
     describe,
     pick_device,
@@ -56,6 +56,7 @@ from cherry_train.worker.job import Job
 from cherry_train.worker.model import build_model, with_image_size
 from cherry_train.worker.optim import make_optimizer, make_scheduler
 from cherry_train.worker.outcome import JobRun, Outcome
+from cherry_train.worker.prepare import local_file, prepare_data
 from cherry_train.worker.processes import loader_cap
 from cherry_train.worker.progress import first_step, log_progress, progress
 from cherry_train.worker.pruning import PAUSE, after_resume, at_epoch_end
