@@ -35,6 +35,7 @@ from cherry_train.worker.samples import (
     Transform,
     to_model_input,
 )
+from cherry_train.worker.shardcache import local_pack
 
 log = structlog.get_logger(__name__)
 
@@ -163,9 +164,16 @@ class _OnDevice:
             yield x, labels.to(self.device, non_blocking=True)
 
 
-def _classes(path: Path, field: str) -> list[str]:
+def _classes(path: Path, field: str, rels: list[str] | None) -> list[str]:
+    """ImageFolder's classes: the folders below `path`, or of a prepared pack's files (those
+    the cached copy of the folder would have, its files' folders)."""
     if not path.is_dir():
         raise JobError(datachecks.missing_folder(field, path))
+    if rels is not None:
+        classes = sorted({rel.split("/")[0] for rel in rels if "/" in rel})
+        if not classes:
+            raise JobError(datachecks.no_class_folders(field, path))
+        return classes
     try:
         classes, _ = find_classes(str(path))
     except FileNotFoundError:
@@ -173,21 +181,30 @@ def _classes(path: Path, field: str) -> list[str]:
     return classes
 
 
+def _samples(path: Path, field: str, transform: Transform,
+             seed: int) -> ImageFolderSamples:
+    """The folder's samples: its files, or, for a prepared pack's folder in the cache, the
+    pack's samples read in place."""
+    packed = local_pack(path) if path.is_dir() else None
+    packed, rels = packed or (None, None)
+    classes = _classes(path, field, rels)
+    return ImageFolderSamples(path, classes, transform, seed, packed=packed, rels=rels)
+
+
 def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
               device: torch.device, max_workers: int | None = None,
               rank: int = 0, ranks: int = 1) -> Data:
     """The job's data; `max_workers` caps the loader processes (after a loader process of the
     previous attempt died); over `ranks` processes, this rank's share of it."""
-    train_classes = _classes(train_path, "data.train_path")
-    val_classes = _classes(val_path, "data.val_path")
-    problems = datachecks.class_problems(train_classes, val_classes, cfg.model.num_classes)
-    if problems:
-        raise JobError(problems[0])
     aug = cfg.augmentation
     size = cfg.data.image_size
-    train = ImageFolderSamples(train_path, train_classes,
-                               Transform(size, aug.enabled, aug.min_crop_scale), cfg.seed)
-    val = ImageFolderSamples(val_path, val_classes, Transform(size, augment=False), cfg.seed)
+    train = _samples(train_path, "data.train_path",
+                     Transform(size, aug.enabled, aug.min_crop_scale), cfg.seed)
+    val = _samples(val_path, "data.val_path", Transform(size, augment=False), cfg.seed)
+    train_classes = train.classes
+    problems = datachecks.class_problems(train_classes, val.classes, cfg.model.num_classes)
+    if problems:
+        raise JobError(problems[0])
     for ds, name in ((train, "data.train_path"), (val, "data.val_path")):
         if len(ds) == 0:
             raise JobError(f"{name}: no images in {ds.root} (looked for "

@@ -9,7 +9,10 @@ The steps, in the order `prepare_data` takes them:
 2. Otherwise the copy is announced (`copying()`: minutes, through a mount), then
 3. an archive (`data.archive`) is copied as one file and extracted; the paths are inside it;
 4. or each folder (train, val) is found (`source_for`: local, or through the storage) and
-   cached (`cache_folder`), and the result records each folder's report and one hash of both.
+   cached (`cache_folder`): a prepared pack that serves the job's image size has its shards
+   fetched, to be read in place (shardcache.py); else the files are copied (from a verbatim
+   pack, or one by one). The result records each folder's report (which way the data came,
+   its bytes) and one hash of both.
 
 Also here: `local_file`, the same mapping for a single file a config names (pretrained or
 evaluated weights), downloaded first when it is remote.
@@ -30,6 +33,7 @@ from cherry_train.schemas import TrainingConfig
 from cherry_train.storage.base import Storage
 from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.shardcache import Wanted
 from cherry_train.worker.sources import LocalSource, Source, StorageSource
 
 SPLITS = ("train_path", "val_path")
@@ -53,12 +57,15 @@ def prepare_data(cfg: TrainingConfig, data_root: Path | None, storage: Storage,
         base = Path(report.local)
         info = {"dataset_sha256": report.sha256, "archive": asdict(report)}
         return base / d.train_path, base / d.val_path, info
+    # A prepared pack large enough for this job is read in place (shardcache.py).
+    wanted = Wanted(d.image_size, cfg.augmentation.min_crop_scale)
     reports = {}
     for name in SPLITS:
         src = source_for(getattr(d, name), f"data.{name}", data_root, storage)
         if not src.exists():
             raise JobError(datachecks.missing_folder(f"data.{name}", src.label))
-        reports[name.removesuffix("_path")] = cache_folder(src, cache_dir, pack=d.pack)
+        reports[name.removesuffix("_path")] = cache_folder(src, cache_dir, pack=d.pack,
+                                                           wanted=wanted)
     combined = hashlib.sha256(f"{reports['train'].sha256}\n{reports['val'].sha256}".encode())
     info = {"dataset_sha256": combined.hexdigest(), **{k: asdict(r) for k, r in reports.items()}}
     return Path(reports["train"].local), Path(reports["val"].local), info
