@@ -172,3 +172,47 @@ def test_a_broken_pack_is_one_line_and_the_job_trains_from_the_originals(folder,
     assert not list((tmp_path / "cache").glob(f"*/prepared/{LOCAL_INDEX}"))
     samples = _samples(Path(report.local), "f", Transform(SIZE, True), seed=5)
     assert samples.packed is None and len(samples) == 48
+
+
+@pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream"])
+def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photos, tiny_config,
+                                                               pipeline):
+    """As test_training's deterministic resume test, the data read in place from the pack;
+    the result says which way the data came."""
+    from test_training import finish, run_job
+
+    from cherry_train.jobqueue.lifecycle import JobQueue
+    from cherry_train.schemas import validate_config
+    from cherry_train.storage import LocalStorage
+
+    tiny_config["deterministic"] = True
+    tiny_config["model"] = {"name": "mobilenet_v3_small", "num_classes": 2}
+    tiny_config["performance"] = {"input_pipeline": pipeline}
+    roots = []
+    for name in ("straight", "interrupted"):
+        root = tmp_path / name
+        shutil.copytree(photos, root / "data")
+        for split in ("train", "val"):
+            prepare(root / "data" / split)
+        roots.append(root)
+    straight = run_job(roots[0], tiny_config)
+    assert straight.data_cache["train"]["way"] == straight.data_cache["val"]["way"] == "prepared"
+    queue = JobQueue(LocalStorage(roots[1]))
+    job_id = queue.submit(validate_config(tiny_config)).job_id
+    finish(queue, job_id, stop_at_step=2)  # mid-epoch 1 (3 steps of 16)
+    finish(queue, job_id, stop_at_step=4)  # mid-epoch 2
+    resumed = finish(queue, job_id)
+    assert resumed.attempts == 3
+    assert resumed.final_weights_sha256 == straight.final_weights_sha256
+    assert resumed.best_weights_sha256 == straight.best_weights_sha256
+    assert resumed.dataset_sha256 == straight.dataset_sha256
+
+
+def test_a_pack_older_than_the_folder_is_said_and_the_files_are_copied(folder, tmp_path):
+    prepare(folder)
+    shutil.copy(folder / "good" / sorted(p.name for p in (folder / "good").iterdir())[0],
+                folder / "good" / "added.jpg")
+    with capture_logs() as logs:
+        report = cache_folder(folder, tmp_path / "cache", wanted=WANTED)
+    assert report.way == "files" and report.files == 49
+    assert any("older than the folder" in e["event"] for e in logs)
