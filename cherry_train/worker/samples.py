@@ -108,7 +108,13 @@ class Transform:
 
 
 def folder_samples(root: Path, classes: list[str],
-                   rels: Iterable[str] | None = None) -> list[tuple[str, int, str]]:
+                   rels: Iterable[str] | None = None) -> list[tuple[str, int]]:
+    """(path, class index) of every image below root/<class>/ (`_found`)."""
+    return [(path, label) for path, label, _ in _found(root, classes, rels)]
+
+
+def _found(root: Path, classes: list[str],
+           rels: Iterable[str] | None = None) -> list[tuple[str, int, str]]:
     """(path, class index, path below root) of every image below root/<class>/, in
     torchvision's make_dataset order (class, folder, name; the order crop boxes are drawn by),
     but never through a link: read in place (`data.cache: false`) a link would let whoever
@@ -139,7 +145,7 @@ class ImageFolderSamples(Dataset):
                  packed: Packed | None = None, rels: Iterable[str] | None = None):
         self.root = root
         self.classes = classes
-        found = folder_samples(root, classes, rels)
+        found = _found(root, classes, rels)
         self.samples = [(path, label) for path, label, _ in found]
         self.rels = [rel for _, _, rel in found]
         self.packed = packed
