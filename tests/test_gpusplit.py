@@ -25,11 +25,12 @@ def sets(cherry_images, augment=True):
             for split in ("train", "val")]
 
 
-def data(cherry_images, pipeline, share=None, normalize=None):
+def data(cherry_images, pipeline, share=None, normalize=None, rank=0, ranks=1):
     train, val = sets(cherry_images)
     return Data(train=train, val=val, classes=train.classes, batch_size=BATCH, num_workers=0,
                 pin_memory=False, steps_per_epoch=len(train) // BATCH, val_limit=None,
-                normalize=normalize, pipeline=pipeline, resident_share=share)
+                normalize=normalize, pipeline=pipeline, resident_share=share, rank=rank,
+                ranks=ranks)
 
 
 def epoch(d: Data, n: int, start_step: int = 0):
@@ -79,6 +80,13 @@ def test_a_split_resumes_mid_epoch_exactly(cherry_images):
     assert len(rest) == len(whole) - 3
     for (xa, ya), (xb, yb) in zip(whole[3:], rest, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_two_ranks_of_a_split_serve_the_halves_of_one_ranks_batches(cherry_images):
+    whole = epoch(data(cherry_images, "split", 0.5), 1)
+    halves = [epoch(data(cherry_images, "split", 0.5, rank=r, ranks=2), 1) for r in (0, 1)]
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves, strict=True):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
 
 
 def config(pipeline="auto", **performance):
