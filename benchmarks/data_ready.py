@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from cherry_train import datapack
-from cherry_train.worker.datacache import cache_folder
+from cherry_train.worker.inputs.datacache import cache_folder
 
 
 def make_folder(root: Path, files: int) -> None:
@@ -56,7 +56,7 @@ def first_batch_seconds(train: Path) -> float:
     import torch
 
     from cherry_train.schemas import validate_config
-    from cherry_train.worker.data import load_data
+    from cherry_train.worker.inputs.data import load_data
 
     cfg = validate_config({
         "model": {"name": "resnet18", "num_classes": 2},

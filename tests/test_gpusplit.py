@@ -9,10 +9,10 @@ import torch
 from structlog.testing import capture_logs
 
 from cherry_train.schemas import validate_config
-from cherry_train.worker.data import Data
-from cherry_train.worker.gpudata import decoded_bytes, stored_side
-from cherry_train.worker.pipelines import choose_pipeline
-from cherry_train.worker.samples import ImageFolderSamples, Transform
+from cherry_train.worker.inputs.data import Data
+from cherry_train.worker.inputs.gpudata import decoded_bytes, stored_side
+from cherry_train.worker.inputs.pipelines import choose_pipeline
+from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform
 
 BATCH = 8
 
@@ -132,7 +132,7 @@ def test_auto_streams_everything_when_almost_nothing_fits(cherry_images):
     chosen, said = choose(cherry_images, free=3 * 0.04)
     assert chosen == ("stream", None)
     assert said["resident_images"] == 0 and said["streamed_images"] == 128
-    assert "less than 1/20" in said["why"]
+    assert "would not fit in a third of the free GPU memory, nor 1/20 of them" in said["why"]
 
 
 def test_split_asked_for_is_sized_by_the_memory_or_pinned_by_its_share(cherry_images):

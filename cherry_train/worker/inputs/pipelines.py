@@ -10,8 +10,8 @@ import structlog
 import torch
 
 from cherry_train.schemas import TrainingConfig
-from cherry_train.worker import gpudata, gpustream
-from cherry_train.worker.samples import ImageFolderSamples
+from cherry_train.worker.inputs import gpudata, gpustream
+from cherry_train.worker.inputs.samples import ImageFolderSamples
 
 log = structlog.get_logger(__name__)
 
@@ -74,9 +74,9 @@ def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolde
     resident = sum(resident_count("split", share, len(s)) for s in (train, val))
     counts = {"resident_images": resident, "streamed_images": n - resident}
     if wanted == "auto" and share == 0:
-        log.info("input pipeline", pipeline="stream", why=f"less than 1/{SPLIT_STEPS} of the "
-                 "decoded images would fit in a third of the free GPU memory: all JPEGs decoded "
-                 "on the GPU per batch", **counts, **facts)
+        log.info("input pipeline", pipeline="stream", why="the decoded images would not fit "
+                 f"in a third of the free GPU memory, nor 1/{SPLIT_STEPS} of them: all JPEGs "
+                 "decoded on the GPU per batch", **counts, **facts)
         return "stream", None
     log.info("input pipeline", pipeline="split", why=f"{share:.0%} of the decoded images fit in "
              f"a third of the free GPU memory (in steps of 1/{SPLIT_STEPS}): those decoded "

@@ -24,12 +24,11 @@ from cherry_train.places import PathMappingError, map_data_path, remote_location
 from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.schemas import TrainingConfig
 from cherry_train.storage.base import Storage
-from cherry_train.worker import gpudata, gpusplit, gpustream
-from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.model import input_normalize
-from cherry_train.worker.pipelines import choose_pipeline, resident_count
-from cherry_train.worker.processes import (
+from cherry_train.worker.inputs import gpudata, gpusplit, gpustream
+from cherry_train.worker.inputs.datacache import cache_folder, default_cache_dir
+from cherry_train.worker.inputs.pipelines import choose_pipeline, resident_count
+from cherry_train.worker.inputs.processes import (
     available_memory,
     loader_processes,
     shut_down,
@@ -37,14 +36,15 @@ from cherry_train.worker.processes import (
     usable_cores,
     worker_context,
 )
-from cherry_train.worker.samples import (
+from cherry_train.worker.inputs.samples import (
     EpochSampler,
     ImageFolderSamples,
     Normalize,
     Transform,
     to_model_input,
 )
-from cherry_train.worker.sources import LocalSource, Source, StorageSource
+from cherry_train.worker.inputs.sources import LocalSource, Source, StorageSource
+from cherry_train.worker.training.model import input_normalize
 
 log = structlog.get_logger(__name__)
 

@@ -32,7 +32,7 @@ from cherry_train.places import on_colab
 from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.sizes import human_bytes
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.sources import LocalSource, Source
+from cherry_train.worker.inputs.sources import LocalSource, Source
 
 log = structlog.get_logger(__name__)
 

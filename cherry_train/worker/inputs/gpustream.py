@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
-from cherry_train.worker.gpudata import BatchFinish
-from cherry_train.worker.processes import loader_processes
-from cherry_train.worker.samples import (
+from cherry_train.worker.inputs.gpudata import BatchFinish
+from cherry_train.worker.inputs.processes import loader_processes
+from cherry_train.worker.inputs.samples import (
     JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,

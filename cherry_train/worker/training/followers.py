@@ -26,14 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cherry_train import faults
 from cherry_train.schemas import Manifest
-from cherry_train.worker.data import Data, load_data
-from cherry_train.worker.device import Precision, resolve_precision, seed_and_determinism
-from cherry_train.worker.distributed import Group, RankSpec
-from cherry_train.worker.model import build_model, with_image_size
-from cherry_train.worker.optim import make_optimizer, make_scheduler
+from cherry_train.worker.inputs.data import Data, load_data
+from cherry_train.worker.multigpu.distributed import Group, RankSpec
 from cherry_train.worker.outcome import TrainState
-from cherry_train.worker.steps import train_step
-from cherry_train.worker.validation import evaluate
+from cherry_train.worker.training.device import Precision, resolve_precision, seed_and_determinism
+from cherry_train.worker.training.model import build_model, with_image_size
+from cherry_train.worker.training.optim import make_optimizer, make_scheduler
+from cherry_train.worker.training.steps import train_step
+from cherry_train.worker.training.validation import evaluate
 
 log = structlog.get_logger(__name__)
 

@@ -18,15 +18,15 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from cherry_train.worker.gpudata import BatchFinish, CropBoxes, DecodedImages, crop_decoded
-from cherry_train.worker.gpustream import (
+from cherry_train.worker.inputs.gpudata import BatchFinish, CropBoxes, DecodedImages, crop_decoded
+from cherry_train.worker.inputs.gpustream import (
     DecodeAndCrop,
     EncodedCrops,
     encoded_loader,
     iterate,
     split_flat,
 )
-from cherry_train.worker.samples import EpochSampler, ImageFolderSamples
+from cherry_train.worker.inputs.samples import EpochSampler, ImageFolderSamples
 
 _NO_BYTES = torch.empty(0, dtype=torch.uint8)
 

@@ -14,13 +14,13 @@ from torch import nn
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.schemas import TrainingConfig
-from cherry_train.worker.checkpoint import Checkpoints
-from cherry_train.worker.compiling import Compilation
-from cherry_train.worker.data import Data
-from cherry_train.worker.device import Precision
-from cherry_train.worker.distributed import Group
+from cherry_train.worker.checkpoints.checkpoint import Checkpoints
+from cherry_train.worker.inputs.data import Data
+from cherry_train.worker.multigpu.distributed import Group
 from cherry_train.worker.outcome import TrainState
-from cherry_train.worker.reporting import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.training.compiling import Compilation
+from cherry_train.worker.training.device import Precision
 
 
 @dataclass
