@@ -25,8 +25,8 @@ from cherry_train.storage import LocalStorage
 from cherry_train.testing.fakedrive import FakeDrive
 from cherry_train.testing.fakehttp import fake_drive_storage
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.inputs.data import local_file
 from cherry_train.worker.inputs.datacache import cache_folder
+from cherry_train.worker.inputs.prepare import local_file
 from cherry_train.worker.inputs.sources import Source, StorageSource
 
 JOB = "20261126-101500-evil-7f3a"

@@ -24,8 +24,9 @@ from cherry_train.plots import render_confusion
 from cherry_train.schemas import ModelConfig, Phase, Result
 from cherry_train.storage.base import Storage
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.inputs.data import loader_pool, local_file, source_for
+from cherry_train.worker.inputs.data import loader_pool
 from cherry_train.worker.inputs.datacache import cache_folder, default_cache_dir
+from cherry_train.worker.inputs.prepare import local_file, source_for
 from cherry_train.worker.inputs.processes import (
     available_memory,
     loader_cap,

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
@@ -33,7 +32,6 @@ from torchvision.transforms import functional as F
 from cherry_train.sizes import stored_side  # noqa: F401 (below: the data pack needs it too)
 from cherry_train.worker.inputs.processes import loader_processes
 from cherry_train.worker.inputs.samples import (
-    JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,
     Normalize,
@@ -65,7 +63,7 @@ class _Decode(Dataset):
     def __getitem__(self, index: int):
         path, _ = self.samples.samples[index]
         try:
-            with Image.open(path) as f:
+            with self.samples.open(index) as f:
                 size = f.size
                 f.draft("RGB", (self.side, self.side))  # JPEG: decode at a reduced scale
                 img = f.convert("RGB")
@@ -132,13 +130,11 @@ def _decode_jpegs_on_gpu(samples: ImageFolderSamples, n: int, side: int, images:
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    jpegs = [i for i, (path, _) in enumerate(samples.samples[:n])
-             if path.lower().endswith(JPEG_SUFFIXES)]
+    jpegs = [i for i in range(n) if samples.is_jpeg(i)]
     left = sorted(set(range(n)) - set(jpegs))
 
     def read(i: int) -> torch.Tensor:
-        with open(samples.samples[i][0], "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(samples.read(i)), dtype=torch.uint8)
 
     with ThreadPoolExecutor(16) as pool:
         for start in range(0, len(jpegs), NVJPEG_BATCH):

@@ -36,7 +36,6 @@ from torchvision.ops import roi_align
 from cherry_train.worker.inputs.gpudata import BatchFinish
 from cherry_train.worker.inputs.processes import loader_processes
 from cherry_train.worker.inputs.samples import (
-    JPEG_SUFFIXES,
     EpochSampler,
     ImageFolderSamples,
     crop_box,
@@ -102,12 +101,11 @@ class EncodedCrops(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path = self.samples.samples[index][0]
-        with open(path, "rb") as f:
-            data = f.read()
+        data = self.samples.read(index)
         w, h = image_size(data, path)
         x1, y1, x2, y2, flip = crop_box(w, h, self.seed, epoch, index, self.augment,
                                         self.min_scale)
-        jpeg = path.lower().endswith(JPEG_SUFFIXES) and data[:2] == b"\xff\xd8"
+        jpeg = self.samples.is_jpeg(index) and data[:2] == b"\xff\xd8"
         row = torch.tensor([x1, y1, x2, y2, float(flip), index, float(jpeg)],
                            dtype=torch.float64)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), row
@@ -300,4 +298,4 @@ def jpeg_share(samples: ImageFolderSamples) -> float:
     """The share of files named as JPEGs: streaming pays off when nvJPEG decodes most."""
     if not samples.samples:
         return 0.0
-    return float(np.mean([p.lower().endswith(JPEG_SUFFIXES) for p, _ in samples.samples]))
+    return float(np.mean([samples.is_jpeg(i) for i in range(len(samples))]))

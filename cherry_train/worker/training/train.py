@@ -3,7 +3,7 @@ references/classification/train.py: `setup`, `train_one_epoch`, `evaluate` (vali
 `train` (their `main`). Where the rest lives: one optimizer step and its out-of-memory back-off
 in steps.py, the other ranks of a multi-GPU job in distributed.py and followers.py,
 when to checkpoint and what to publish in checkpointing.py, whether to compile in compiling.py,
-the data in data.py.
+the data in prepare.py (onto this VM) and data.py (batches).
 
 What a test may replace is passed in (Seams), never patched into the module.
 """
@@ -28,7 +28,8 @@ from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
 from cherry_train.worker.checkpoints.checkpoint import Checkpoints
 from cherry_train.worker.errors import JobError, is_cuda_error
-from cherry_train.worker.inputs.data import load_data, local_file, prepare_data
+from cherry_train.worker.inputs.data import load_data
+from cherry_train.worker.inputs.prepare import local_file, prepare_data
 from cherry_train.worker.inputs.processes import loader_cap
 from cherry_train.worker.multigpu.distributed import world_size
 from cherry_train.worker.outcome import JobRun, Outcome
