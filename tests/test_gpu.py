@@ -127,9 +127,10 @@ def test_the_gpu_input_pipelines_compute_the_same_thing(tmp_path, cherry_images,
     curves = curves_of(tmp_path, cherry_images, tiny_config, monkeypatch, {
         "workers": {"input_pipeline": "workers", "compile": "off"},
         "gpu": {"input_pipeline": "gpu", "compile": "off"},
-        "stream": {"input_pipeline": "stream", "compile": "off"}})
+        "stream": {"input_pipeline": "stream", "compile": "off"},
+        "split": {"input_pipeline": "split", "resident_share": 0.5, "compile": "off"}})
     print("pipeline curves", curves)
-    for pipeline in ("gpu", "stream"):
+    for pipeline in ("gpu", "stream", "split"):
         assert close(curves["workers"], curves[pipeline], 0.15), curves
         assert curves[pipeline][-1] < curves[pipeline][0], curves
 
@@ -167,6 +168,45 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     from cherry_train.worker.inputs.processes import shut_down
 
     shut_down(stream.loader)
+
+
+def test_a_split_on_cuda_serves_the_resident_and_the_streamed_pipelines_pixels(cherry_images):
+    """Half the set decoded in GPU memory, half streamed through nvJPEG on the side stream: each
+    sample as the gpu or the stream pipeline gives it (nvJPEG may decode a batch of other
+    members a little differently, hence a tolerance), and a resume gives the same batches."""
+    from cherry_train.worker.inputs.data import Data
+    from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform
+
+    classes = sorted(p.name for p in (cherry_images / "train").iterdir())
+
+    def data(pipeline, share=None):
+        train, val = (ImageFolderSamples(cherry_images / s, classes,
+                                         Transform(32, augment=s == "train"), seed=3)
+                      for s in ("train", "val"))
+        return Data(train=train, val=val, classes=classes, batch_size=16, num_workers=2,
+                    pin_memory=True, steps_per_epoch=len(train) // 16, val_limit=None,
+                    device=torch.device("cuda"), pipeline=pipeline, resident_share=share)
+
+    runs = {name: data(*args) for name, args in
+            {"split": ("split", 0.5), "gpu": ("gpu",), "stream": ("stream",)}.items()}
+    try:
+        got = {name: [(x.clone(), y.clone()) for x, y in d.train_batches(1, 0)]
+               for name, d in runs.items()}
+        order = runs["split"].train_loader(1, 0).sampler.order().tolist()
+        resident = len(runs["split"].train) // 2
+        for b, ((x, y), (xg, yg), (xs, _)) in enumerate(zip(
+                got["split"], got["gpu"], got["stream"], strict=True)):
+            assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(y, yg)
+            for k, index in enumerate(order[b * 16:(b + 1) * 16]):
+                want = xg[k] if index < resident else xs[k]
+                assert (x[k] - want).abs().max().item() < 0.05, (index, resident)
+        resumed = list(runs["split"].train_batches(1, 2))
+        for (xa, ya), (xb, yb) in zip(got["split"][2:], resumed, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    finally:
+        for d in runs.values():
+            d.close()
 
 
 def test_a_killed_streamed_job_resumes_exactly(tmp_path, cherry_images, tiny_config):

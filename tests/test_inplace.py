@@ -20,6 +20,7 @@ from cherry_train.sizes import stored_side
 from cherry_train.worker.inputs.data import _samples
 from cherry_train.worker.inputs.datacache import cache_folder
 from cherry_train.worker.inputs.gpudata import GpuBatches, decode_all
+from cherry_train.worker.inputs.gpusplit import SplitBatches
 from cherry_train.worker.inputs.gpustream import StreamedBatches
 from cherry_train.worker.inputs.samples import EpochSampler, Transform
 from cherry_train.worker.inputs.shardcache import LOCAL_INDEX, Wanted
@@ -104,7 +105,12 @@ def test_every_pipeline_reads_the_pack_as_it_would_the_prepared_files(folder, tm
         return StreamedBatches(samples, EpochSampler(48, 5, True), 16, SIZE, True, 0.5, True,
                                drop_last=True, device=cpu)
 
-    for make in (gpu, stream):
+    def split(samples):  # the first 20 decoded once, the rest per batch
+        decoded = decode_all(samples, stored_side(SIZE, 0.5), cpu, 0, count=20)
+        return SplitBatches(samples, decoded, EpochSampler(48, 5, True), 16, SIZE, True, 0.5,
+                            True, drop_last=True)
+
+    for make in (gpu, stream, split):
         a, b = make(packed), make(plain)
         a.sampler.set_position(2, 16)
         b.sampler.set_position(2, 16)
@@ -174,7 +180,7 @@ def test_a_broken_pack_is_one_line_and_the_job_trains_from_the_originals(folder,
     assert samples.packed is None and len(samples) == 48
 
 
-@pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream"])
+@pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream", "split"])
 def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photos, tiny_config,
                                                                pipeline):
     """As test_training's deterministic resume test, the data read in place from the pack;
@@ -187,7 +193,8 @@ def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photos,
 
     tiny_config["deterministic"] = True
     tiny_config["model"] = {"name": "mobilenet_v3_small", "num_classes": 2}
-    tiny_config["performance"] = {"input_pipeline": pipeline}
+    tiny_config["performance"] = {"input_pipeline": pipeline,
+                                  **({"resident_share": 0.5} if pipeline == "split" else {})}
     roots = []
     for name in ("straight", "interrupted"):
         root = tmp_path / name

@@ -147,14 +147,15 @@ def test_stopped_job_resumes_from_its_checkpoint_and_finishes(root_with_data, ti
     assert steps == sorted(set(steps)), "no step is logged twice"
 
 
-@pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream"])
+@pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream", "split"])
 def test_deterministic_resume_ends_with_identical_weights(tmp_path, cherry_images, tiny_config,
                                                           pipeline):
     tiny_config["deterministic"] = True
     # Its dropout draws from the global RNG: nothing else may (a loader's base seed, say).
     tiny_config["model"] = {"name": "mobilenet_v3_small", "num_classes": 2}
-    # "gpu" and "stream" run on the CPU here (same logic, CPU kernels)
-    tiny_config["performance"] = {"input_pipeline": pipeline}
+    # "gpu", "stream" and "split" run on the CPU here (same logic, CPU kernels)
+    tiny_config["performance"] = {"input_pipeline": pipeline,
+                                  **({"resident_share": 0.4} if pipeline == "split" else {})}
     roots = []
     for name in ("straight", "interrupted"):
         root = tmp_path / name

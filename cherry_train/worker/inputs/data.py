@@ -1,5 +1,6 @@
 """A job's batches: its prepared folders checked, the input pipeline chosen, and batches served
-on the device, from loader processes (here), or decoded on the GPU (gpudata, gpustream).
+on the device, from loader processes (here), or decoded on the GPU (gpudata, gpustream,
+gpusplit; which one: pipelines.py).
 
 How each sample is read and augmented is in samples.py; the loader processes in processes.py;
 the folders found and copied onto this VM before this (the preparation path) in prepare.py.
@@ -18,7 +19,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from cherry_train import datachecks
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.inputs import gpudata, gpustream
+from cherry_train.worker.inputs import gpudata, gpusplit, gpustream
+from cherry_train.worker.inputs.pipelines import choose_pipeline, resident_count
 from cherry_train.worker.inputs.processes import (
     available_memory,
     loader_processes,
@@ -55,7 +57,8 @@ class Data:
     val_limit: int | None  # development mode validates on a prefix only
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     normalize: Normalize | None = None
-    pipeline: str = "workers"  # or "gpu": see gpudata.py
+    pipeline: str = "workers"  # or "gpu", "split", "stream": see choose_pipeline
+    resident_share: float | None = None  # "split": of each set, the share decoded in memory
     # Over several ranks (distributed.py) batch_size stays the global batch, and positions in
     # an epoch stay global; each rank loads its share of every batch.
     rank: int = 0
@@ -93,8 +96,10 @@ class Data:
 
     def _gpu_batches(self, split: str, epoch: int, start_step: int):
         if split not in self._gpu:
-            self._gpu[split] = (self._streamed if self.pipeline == "stream" else
-                                self._decoded)(split)
+            n = len(self.train if split == "train" else self.val)
+            resident = resident_count(self.pipeline, self.resident_share, n)
+            self._gpu[split] = (self._streamed(split) if resident == 0 else
+                                self._decoded(split, resident))
         batches = self._gpu[split]
         batches.sampler.set_position(epoch, start_step * self.batch_size)
         return batches
@@ -109,19 +114,27 @@ class Data:
             self.normalize, drop_last=split == "train", device=self.device,
             num_workers=self.num_workers)
 
-    def _decoded(self, split: str):
-        dataset = self.train if split == "train" else self.val  # decoded once, on first use
+    def _decoded(self, split: str, resident: int):
+        """The first `resident` images decoded once, on first use; the rest (if any) streamed
+        in the same batches (gpusplit.py)."""
+        dataset = self.train if split == "train" else self.val
         transform = dataset.transform
         side = gpudata.stored_side(transform.size, self.train.transform.min_scale)
-        decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers)
-        log.info("images decoded into memory", split=split, images=len(dataset), side=side,
+        decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers, resident)
+        log.info("images decoded into memory", split=split, images=resident,
+                 streamed=len(dataset) - resident, side=side,
                  megabytes=round(decoded.images.numel() / 2**20),
                  seconds=round(decoded.seconds, 1), device=str(self.device))
         stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
+        sampler = self._sampler(len(dataset), dataset.seed, split == "train", stop)
+        if resident < len(dataset):
+            return gpusplit.SplitBatches(
+                dataset, decoded, sampler, self.rank_batch, transform.size, transform.augment,
+                transform.min_scale, self.normalize, drop_last=split == "train",
+                num_workers=self.num_workers)
         return gpudata.GpuBatches(
-            decoded, self._sampler(len(dataset), dataset.seed, split == "train", stop),
-            self.rank_batch, transform.size, transform.augment, transform.min_scale,
-            dataset.seed, self.normalize, drop_last=split == "train",
+            decoded, sampler, self.rank_batch, transform.size, transform.augment,
+            transform.min_scale, dataset.seed, self.normalize, drop_last=split == "train",
             num_workers=min(2, self.num_workers))
 
     def close(self) -> None:
@@ -223,11 +236,12 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
                           available_memory(), max_workers, ranks, said=rank == 0)
     if workers:
         worker_context()  # the loader processes' server starts importing now
+    pipeline, share = choose_pipeline(cfg, device, train, val)
     return Data(train=train, val=val, classes=train_classes, batch_size=batch, rank=rank,
                 ranks=ranks, num_workers=workers, pin_memory=device.type == "cuda",
                 steps_per_epoch=steps,
                 val_limit=val_limit, device=device, normalize=input_normalize(cfg),
-                pipeline=choose_pipeline(cfg, device, train, val))
+                pipeline=pipeline, resident_share=share)
 
 
 def loader_pool(configured: int | None, device: torch.device, batch: int, size: int,
@@ -246,37 +260,3 @@ def loader_pool(configured: int | None, device: torch.device, batch: int, size: 
         log.info("loader processes", loader_processes=workers, why=why, configured=configured,
                  **({"per_rank": True} if ranks > 1 else {}))
     return workers
-
-
-def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolderSamples,
-                    val: ImageFolderSamples) -> str:
-    """performance.input_pipeline; auto: the decoded cache in GPU memory if it fits, else
-    JPEGs streamed through nvJPEG per batch, else loader processes. The choice is logged with
-    its reason: it decides the job's speed on a small VM."""
-    wanted = cfg.performance.input_pipeline
-    if wanted != "auto":
-        log.info("input pipeline", pipeline=wanted, why="performance.input_pipeline")
-        return wanted
-    if device.type != "cuda":
-        log.info("input pipeline", pipeline="workers", why="not on a CUDA device")
-        return "workers"
-    side = gpudata.stored_side(cfg.data.image_size, cfg.augmentation.min_crop_scale)
-    need = gpudata.decoded_bytes(len(train) + len(val), side)
-    free, _ = torch.cuda.mem_get_info(device)
-    facts = {"decoded_megabytes": round(need / 2**20), "gpu_free_megabytes": round(free / 2**20),
-             "side": side}
-    if need <= free * gpudata.GPU_SHARE:
-        log.info("input pipeline", pipeline="gpu", why="the decoded images fit in a third of "
-                 "the free GPU memory", **facts)
-        return "gpu"
-    share = gpustream.jpeg_share(train)
-    if share >= 0.5:
-        log.info("input pipeline", pipeline="stream", why="the decoded images would not fit "
-                 "in a third of the free GPU memory: JPEGs decoded on the GPU per batch",
-                 jpeg_share=round(share, 3), **facts)
-        return "stream"
-    log.info("input pipeline", pipeline="workers", why="the decoded images would not fit in "
-             "GPU memory and most files are not JPEGs (nvJPEG decodes only those)",
-             jpeg_share=round(share, 3), **facts)
-    return "workers"
-
