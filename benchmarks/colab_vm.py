@@ -2,7 +2,8 @@
 
 A Colab worker has 2 vCPUs (standard runtime), a T4/L4/A100 with 15-40 GB, and a data set that
 often does not fit in GPU memory once decoded. This script makes those conditions on any CUDA
-machine and measures what our users get (ResNet-50, 224 px, batch 256, 500x375 JPEGs):
+machine and measures what our users get (ResNet-50, 224 px, batch 256, 500x375 JPEGs, or
+`--photo-size 1600x1200`: a sorting line's camera or a phone):
 
 - the CPU: this process and every process it starts are pinned to `--cores` cores
   (`os.sched_setaffinity`, what `taskset -c 0,1` does), after the data set is generated;
@@ -15,11 +16,15 @@ Rows: the seed recipe (ImageFolder + DataLoader + fp16 autocast, batch 32) on th
 cherry-train through the real worker with `input_pipeline: auto` on the large set (what it
 chooses, and why, is printed), `workers` forced, and `auto` on the fitting subset (the `gpu`
 pipeline): the figure the large set is held to. Then, optionally, the large set again with
-`--t4-free-gb` free and fp16. Steady images/s from each job's own metrics after its first
-steps; compiling off by default (`--compile on`: every cherry-train row compiled).
+`--t4-free-gb` free and fp16; and the large set through a prepared pack (`cherry data pack
+--image-size 224`, built ahead on all cores as a laptop would, its build time and bytes
+printed; the worker copies its shards and reads the samples in place). Steady images/s from
+each job's own metrics after its first steps; compiling off by default (`--compile on`: every
+cherry-train row compiled).
 
     python benchmarks/colab_vm.py [--cores 2] [--gpu-free-gb 40] [--images 60000]
-                                  [--fit-images 20000] [--t4-free-gb 16] [--out DIR]
+                                  [--fit-images 20000] [--photo-size 500x375]
+                                  [--t4-free-gb 16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -64,8 +69,32 @@ def release(holder: subprocess.Popen | None) -> None:
         time.sleep(1)
 
 
+def photo_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give WIDTHxHEIGHT, e.g. 1600x1200") from None
+    return width, height
+
+
+def prepare_pack(train: Path, image_size: int = 224) -> dict:
+    """A prepared pack of the training folder, as `cherry data pack --image-size` builds it
+    (ahead of time, on every core: not part of the figure)."""
+    from cherry_train import datapack
+    from cherry_train.sizes import stored_side
+
+    started = time.perf_counter()
+    scale = datapack.DEFAULT_MIN_CROP_SCALE
+    index, _, _ = datapack.pack_folder(train, encoding=datapack.Encoding(
+        stored_side(image_size, scale)), prepared_for={"image_size": image_size,
+                                                       "min_crop_scale": scale})
+    originals = sum(f["size"] for f in index.files.values())
+    return {"build_seconds": round(time.perf_counter() - started, 1), "pack_bytes": index.bytes,
+            "original_bytes": originals, "ratio": round(index.bytes / originals, 3)}
+
+
 def job(root: Path, train: str, epochs: int, performance: dict, amp: str,
-        compile: str = "off", skip_steps: int = 40) -> dict:
+        compile: str = "off", skip_steps: int = 40, pack: str = "off") -> dict:
     """One job through the real worker; steady images/s = the median of its 10-step windows
     after the first `skip_steps` steps (the loaders' and allocator's warm-up)."""
     from cherry_train.jobqueue.claims import WorkerIdentity
@@ -78,7 +107,7 @@ def job(root: Path, train: str, epochs: int, performance: dict, amp: str,
     cfg = {"name": "colab-vm", "amp": amp, "model": {"name": "resnet50", "num_classes": 2},
            "training": {"epochs": epochs, "batch_size": 256, "learning_rate": 0.001},
            "data": {"train_path": train, "val_path": "data/val", "image_size": 224,
-                    "pack": "off"},
+                    "pack": pack},
            "checkpoint": {"every_minutes": 60}, "log_every_steps": 10,
            "performance": {"compile": compile, **performance}}
     job_id = queue.submit(validate_config(cfg)).job_id
@@ -109,10 +138,12 @@ def main() -> None:
     parser.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16"))
     parser.add_argument("--images", type=int, default=60_000)
     parser.add_argument("--fit-images", type=int, default=20_000)
+    parser.add_argument("--photo-size", type=photo_size, default=(500, 375),
+                        help="WIDTHxHEIGHT of the generated JPEGs (1600x1200: a camera's)")
     parser.add_argument("--t4-free-gb", type=float, default=16.0,
                         help="then the large set with this much free and fp16 (0: skip)")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out: seed, "
-                        "workers, fit, t4")
+                        "workers, fit, t4, prepared")
     parser.add_argument("--compile", default="off", choices=("off", "on"),
                         help="compile the model in the cherry-train rows (their first steps, "
                         "compiling included, are left out of the figure)")
@@ -128,15 +159,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "root"
         t = time.perf_counter()
-        make_dataset(root / "data", args.images)  # on every core: setting up is not measured
+        make_dataset(root / "data", args.images, args.photo_size)  # not measured
         train = root / "data" / "train"
         fit = root / "data" / "fit"
-        for cls in ("defect", "good"):  # the first fit-images of the large set, linked
-            (fit / cls).mkdir(parents=True)
+        for cls in ("defect", "good"):  # the first fit-images of the large set, hard-linked
+            (fit / cls).mkdir(parents=True)  # (a data folder's symbolic links are never followed)
             for path in sorted((train / cls).iterdir())[: args.fit_images // 2]:
-                (fit / cls / path.name).symlink_to(path)
-        print(f"data: {args.images} JPEGs 500x375 (+{args.images // 20} val) made in "
+                os.link(path, fit / cls / path.name)
+        size = "x".join(map(str, args.photo_size))
+        print(f"data: {args.images} JPEGs {size} (+{args.images // 20} val) made in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
+        if "prepared" not in args.skip:
+            pack = prepare_pack(train)
+            print("prepared pack:", pack, flush=True)
         os.environ["CHERRY_CACHE_DIR"] = str(Path(tmp) / "cache")
 
         cores = sorted(os.sched_getaffinity(0))[: args.cores]
@@ -162,6 +197,12 @@ def main() -> None:
                 rows["cherry-train auto, fitting set"] = job(root, "data/fit", 3, {}, args.amp,
                                                              args.compile)
                 print("auto, fit:", rows["cherry-train auto, fitting set"], flush=True)
+            if "prepared" not in args.skip:
+                rows["cherry-train auto, large set, prepared pack"] = {
+                    **job(root, "data/train", 2, {}, args.amp, args.compile, pack="auto"),
+                    **pack}
+                print("auto, prepared:", rows["cherry-train auto, large set, prepared pack"],
+                      flush=True)
         finally:
             release(holder)
         if args.t4_free_gb and "t4" not in args.skip:
@@ -174,11 +215,20 @@ def main() -> None:
             finally:
                 release(holder)
 
+    report(rows, card, cores, free, args)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "colab_vm.json").write_text(json.dumps(
+            {"card": card, "cores": cores, "torch": torch.__version__, "rows": rows}, indent=2))
+
+
+def report(rows: dict[str, dict], card: str, cores: list[int], free: float, args) -> None:
+    size = "x".join(map(str, args.photo_size))
     seed = rows.get("seed recipe, batch 32", {}).get("images_per_second")
     fits = rows.get("cherry-train auto, fitting set", {}).get("images_per_second")
     print(f"\n{card}, {len(cores)} cores, {free:.1f} GiB free, ResNet-50 224 px, batch 256 "
           f"(seed: 32), compile {args.compile}, "
-          f"{args.images} JPEGs (fitting set {args.fit_images})\n")
+          f"{args.images} JPEGs {size} (fitting set {args.fit_images})\n")
     print("| setup | pipeline | images/s | vs seed | vs fitting set |\n|---|---|---|---|---|")
     for name, row in rows.items():
         value = row.get("images_per_second")
@@ -191,10 +241,10 @@ def main() -> None:
             print(f"- {name}: {row['pipeline']} because {row['why']}; first step after "
                   f"{row.get('first_step_s')} s, {row.get('loader_processes')} loader "
                   f"processes, micro-batch {row.get('micro_batch')}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "colab_vm.json").write_text(json.dumps(
-            {"card": card, "cores": cores, "torch": torch.__version__, "rows": rows}, indent=2))
+        if row.get("ratio"):
+            print(f"- {name}: the pack is {row['ratio']}x the originals' bytes "
+                  f"({row['pack_bytes'] / 2**30:.2f} of {row['original_bytes'] / 2**30:.2f} "
+                  f"GiB), built in {row['build_seconds']} s on every core")
 
 
 if __name__ == "__main__":

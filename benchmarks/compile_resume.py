@@ -81,7 +81,7 @@ def compiles(root: Path, job_id: str) -> list[dict]:
 
 def mac_check_ms(data: bytes, job_id: str, key: str) -> float:
     """The median of 5 MAC checks of the stored file, in ms."""
-    from cherry_train.worker.kernelseal import KernelSeal
+    from cherry_train.worker.checkpoints.kernelseal import KernelSeal
 
     seal, times = KernelSeal(key.encode()), []
     for _ in range(5):

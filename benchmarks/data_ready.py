@@ -3,7 +3,9 @@
 Builds a data folder of N JPEG files (two classes), then, for a VM with an empty cache:
 
 1. file by file (data.pack: off): what every worker did before packs;
-2. through the pack (built ahead, as `cherry data pack` does);
+2. through the pack (built ahead, as `cherry data pack` does): unpacked into files;
+3. through a prepared pack (`cherry data pack --image-size N`, built ahead for a copy of the
+   folder made of hard links): its shards fetched whole and read in place, no file per image;
 
 each with a simulated network mount: every file opened through it waits `--open-ms`
 (CHERRY_SLOW=open:..., in the cache's copy and the pack's reads; `--stat-ms` slows each stat
@@ -12,6 +14,7 @@ of the listing too, which both ways pay alike). Then, with the data local, the t
 start): what a job waits after its data is there.
 
     python benchmarks/data_ready.py [--files 60000] [--open-ms 20] [--stat-ms 0]
+                                    [--image-size 224]
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import time
 from pathlib import Path
 
 from cherry_train import datapack
-from cherry_train.worker.datacache import cache_folder
+from cherry_train.sizes import stored_side
+from cherry_train.worker.inputs.datacache import cache_folder
+from cherry_train.worker.inputs.shardcache import Wanted
 
 
 def make_folder(root: Path, files: int) -> None:
@@ -56,7 +61,7 @@ def first_batch_seconds(train: Path) -> float:
     import torch
 
     from cherry_train.schemas import validate_config
-    from cherry_train.worker.data import load_data
+    from cherry_train.worker.inputs.data import load_data
 
     cfg = validate_config({
         "model": {"name": "resnet18", "num_classes": 2},
@@ -76,6 +81,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=60_000)
     parser.add_argument("--open-ms", type=float, default=20.0)
     parser.add_argument("--stat-ms", type=float, default=0.0)
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="data.image_size the prepared pack is made for")
     parser.add_argument("--work", type=Path, help="working folder (default: a temp folder)")
     parser.add_argument("--cache", type=Path, help="where the VM's caches go (default: in the "
                         "working folder; /dev/shm takes the local disk's speed out)")
@@ -90,21 +97,39 @@ def main() -> None:
     t_pack, (index, _, _) = timed(lambda: datapack.pack_folder(folder))
     print(f"pack built ahead (not timed below, done once): {len(index.shards)} shards in "
           f"{t_pack:.0f} s")
+    prepared_folder = work / "drive2" / "train"  # the same files: one pack per folder
+    for src in folder.rglob("*.jpg"):
+        (prepared_folder / src.parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(src, prepared_folder / src.parent.name / src.name)
+    side = stored_side(args.image_size, 0.5)
+    t_prep, (prepared, _, _) = timed(lambda: datapack.pack_folder(
+        prepared_folder, encoding=datapack.Encoding(side),
+        prepared_for={"image_size": args.image_size, "min_crop_scale": 0.5}))
+    print(f"prepared pack built ahead (not timed below): short side {side}, "
+          f"{prepared.bytes / 1e9:.2f} GB ({prepared.bytes / size:.2f}x the originals), "
+          f"{len(prepared.shards)} shards in {t_prep:.0f} s")
 
     os.environ["CHERRY_SLOW"] = f"open:{args.open_ms / 1000},stat:{args.stat_ms / 1000}"
     rows = []
-    for name, pack in (("file by file", "off"), ("data pack", "auto")):
+    wanted = Wanted(args.image_size, 0.5)
+    for name, pack, where in (("file by file", "off", folder), ("data pack", "auto", folder),
+                              ("prepared pack", "prepared", prepared_folder)):
         cache = (args.cache or work) / f"cache-{pack}"
         os.sync()  # the set-up's writes go to disk now, not during the timed copy
-        t, report = timed(lambda p=pack, c=cache: cache_folder(folder, c, pack=p))
+        t, report = timed(lambda p=pack, c=cache, w=where: cache_folder(
+            w, c, pack="auto" if p == "prepared" else p,
+            wanted=wanted if p == "prepared" else None))
         assert report.files == args.files
         rows.append((name, t, report))
     os.environ.pop("CHERRY_SLOW")
     assert rows[0][2].sha256 == rows[1][2].sha256, "both ways must give the same data"
+    assert rows[2][2].way == "prepared", "the prepared pack must be read in place"
     base = rows[0][1]
-    print("\n| a fresh VM's data ready | seconds | vs file by file |\n|---|---|---|")
+    print("\n| a fresh VM's data ready | seconds | bytes copied | vs file by file |\n"
+          "|---|---|---|---|")
     for name, t, report in rows:
-        print(f"| {name} ({report.unpacked_files} unpacked) | {t:.1f} | {base / t:.1f}x |")
+        print(f"| {name} ({report.way}) | {t:.1f} | {report.copied_bytes / 1e9:.2f} GB | "
+              f"{base / t:.1f}x |")
 
     local = Path(rows[1][2].local)
     os.sync()
@@ -112,10 +137,15 @@ def main() -> None:
     first = first_batch_seconds(local)
     print(f"\ndata local: cache check {t_reuse:.1f} s, load_data to first batch {first:.1f} s "
           f"(2 loader processes, 64 px): {t_reuse + first:.1f} s to the first step's data")
+    t_reuse, _ = timed(lambda: cache_folder(prepared_folder, (args.cache or work) /
+                                            "cache-prepared", wanted=wanted))
+    first = first_batch_seconds(Path(rows[2][2].local))
+    print(f"prepared pack local: cache check {t_reuse:.1f} s, load_data to first batch "
+          f"{first:.1f} s: {t_reuse + first:.1f} s to the first step's data")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     if args.cache:
-        for pack in ("off", "auto"):
+        for pack in ("off", "auto", "prepared"):
             shutil.rmtree(args.cache / f"cache-{pack}", ignore_errors=True)
 
 

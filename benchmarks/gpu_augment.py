@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from cherry_train.worker.gpudata import DecodedImages, GpuBatches
-from cherry_train.worker.samples import EpochSampler
+from cherry_train.worker.inputs.gpudata import DecodedImages, GpuBatches
+from cherry_train.worker.inputs.samples import EpochSampler
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ from cherry_train.jobqueue.claims import WorkerIdentity  # noqa: E402
 from cherry_train.jobqueue.lifecycle import JobQueue  # noqa: E402
 from cherry_train.schemas import Result, validate_config  # noqa: E402
 from cherry_train.storage import LocalStorage  # noqa: E402
-from cherry_train.worker.distributed import NCCL_SETTINGS  # noqa: E402
 from cherry_train.worker.loop import Worker, WorkerOptions  # noqa: E402
+from cherry_train.worker.multigpu.distributed import NCCL_SETTINGS  # noqa: E402
 
 
 def run_job(root: Path, data: Path, gpus: int, per_gpu: int, epochs: int, cuda: bool) -> dict:

@@ -100,8 +100,8 @@ def timed_windows(step, batches, windows: int, sync_every: int | None = None) ->
 
 
 def pipeline(batch: int, images: int, workers: int):
-    from cherry_train.worker.gpudata import DecodedImages, GpuBatches
-    from cherry_train.worker.samples import EpochSampler
+    from cherry_train.worker.inputs.gpudata import DecodedImages, GpuBatches
+    from cherry_train.worker.inputs.samples import EpochSampler
 
     side = 317
     decoded = DecodedImages(torch.randint(0, 256, (images, 3, side, side), dtype=torch.uint8,
@@ -125,7 +125,7 @@ class StepProbe:
     (loop, next batch), and a profiler trace of `trace_steps` steps from step `trace_from` on."""
 
     def __init__(self, out: Path, trace_from: int, trace_steps: int):
-        from cherry_train.worker.steps import train_step
+        from cherry_train.worker.training.steps import train_step
 
         self.original = train_step
         self.out, self.trace_from, self.trace_steps = out, trace_from, trace_steps
@@ -218,7 +218,7 @@ def main() -> None:
             probe = StepProbe(args.out, trace_from=steps_per_epoch * (epochs - 1) + 12,
                               trace_steps=6)
             clocks.mark("cherry-train job")
-            from cherry_train.worker.train import Seams, Training
+            from cherry_train.worker.training.train import Seams, Training
 
             run = cherry_train(root, b, epochs, {"input_pipeline": "gpu", "compile": "on"},
                                trainer=Training(Seams(step=probe)))

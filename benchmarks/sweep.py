@@ -1,7 +1,7 @@
 """A 12-trial sweep (learning rate x weight decay) on the demo's synthetic cherries, run twice in
 one go on one local root by 3 worker processes: without early stopping, then with ASHA (trials
-below a rung's cut pause, to be promoted or pruned: worker/pruning.py). Reports, for each, the
-epochs trained, the wall time, the best trial and how every trial went; the goal: ASHA's best
+below a rung's cut pause, to be promoted or pruned: worker/training/pruning.py). Reports, for each,
+the epochs trained, the wall time, the best trial and how every trial went; the goal: ASHA's best
 within 0.01 validation accuracy of the full sweep's best, in <= 50% of its epochs and <= 60% of
 its wall time.
 

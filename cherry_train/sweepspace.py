@@ -1,6 +1,7 @@
 """A sweep's search space and its rules, as plain functions of plain data: which values trial n
 gets (grid, random, tpe), the config each trial trains with, and when a trial stops early (ASHA,
-median). The queue side (jobqueue/sweeps.py) and the worker (worker/pruning.py) call these."""
+median). The queue side (jobqueue/sweeps.py) and the worker (worker/training/pruning.py) call
+these."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cherry_train.worker import compiling
-from cherry_train.worker.kernelseal import KernelSeal
-from cherry_train.worker.train import Seams
+from cherry_train.worker.checkpoints.kernelseal import KernelSeal
+from cherry_train.worker.training import compiling
+from cherry_train.worker.training.train import Seams
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 KEY = b"the workers' own key, 32 chars.."  # what $CHERRY_KERNEL_KEY gives every worker
@@ -116,7 +116,7 @@ def test_compiled_kernels_reach_the_resumed_attempt_and_go_at_the_end(root_with_
         return None
 
     seams = Seams(compiler=FakeCompiler(pack, unpack))
-    from cherry_train.worker.reporting import Reporter
+    from cherry_train.worker.reporting.reporter import Reporter
 
     phases, update = [], Reporter.update
 

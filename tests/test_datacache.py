@@ -11,9 +11,9 @@ import zipfile
 import pytest
 
 from cherry_train.backoff import Backoff
-from cherry_train.worker import sources
-from cherry_train.worker.datacache import cache_folder
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.inputs import sources
+from cherry_train.worker.inputs.datacache import cache_folder
 
 
 @pytest.fixture

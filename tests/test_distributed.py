@@ -20,10 +20,10 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Result, validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.distributed import world_size
+from cherry_train.worker.inputs.samples import EpochSampler
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.samples import EpochSampler
-from cherry_train.worker.train import Seams, Training
+from cherry_train.worker.multigpu.distributed import world_size
+from cherry_train.worker.training.train import Seams, Training
 from tests.test_training import stopping_at
 
 
@@ -141,8 +141,8 @@ def test_a_rank_that_fails_says_why_in_the_jobs_history(tmp_path, cherry_images,
 def test_a_rank_failing_for_the_jobs_own_fault_fails_the_job():
     """A follower's JobError (out of memory at this batch size, say) fails the job on rank 0
     too; anything else hands it back."""
-    from cherry_train.worker.distributed import Group, RankDied
     from cherry_train.worker.errors import JobError
+    from cherry_train.worker.multigpu.distributed import Group, RankDied
 
     exited = "rank 1 (pid 7) exited with code 1"
     own = Group.failure(exited, {"error": "JobError: out of memory at 128 images", "job": True})
@@ -226,7 +226,7 @@ LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFF
 
 def follow_and_wait(spec) -> None:
     """A follower that only joins, takes rank 0's state, says what it got and waits."""
-    from cherry_train.worker.distributed import Group
+    from cherry_train.worker.multigpu.distributed import Group
 
     group = Group(spec.rank, spec.ranks, torch.device("cpu"), spec.timeout_seconds)
     group.join_as_follower(spec.port)
@@ -243,7 +243,7 @@ def test_the_ranks_listen_on_the_loopback_only(monkeypatch):
     """The store once listened on every interface (`*:port` in `ss`), and gloo listens where
     the host name resolves (a network address on many hosts; here set to one): anyone on the
     network could have joined the group. Every listening socket of every rank is loopback."""
-    from cherry_train.worker.distributed import Group, RankSpec
+    from cherry_train.worker.multigpu.distributed import Group, RankSpec
 
     network = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
     if network:  # a host whose host name resolves to its network address
@@ -275,7 +275,7 @@ class Planted:
 
 
 def test_a_shared_state_is_loaded_weights_only_and_a_pickled_object_is_refused(tmp_path):
-    from cherry_train.worker.distributed import load_state
+    from cherry_train.worker.multigpu.distributed import load_state
 
     buffer = io.BytesIO()
     torch.save({"model": {"w": torch.ones(2)}, "state": {"epoch": 1}}, buffer)

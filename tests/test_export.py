@@ -11,7 +11,12 @@ import torchvision
 
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.schemas import JobState
-from cherry_train.worker.export import ParityError, check_parity, export_checked, export_onnx
+from cherry_train.worker.training.export import (
+    ParityError,
+    check_parity,
+    export_checked,
+    export_onnx,
+)
 
 pytest.importorskip("onnxruntime")
 

@@ -492,7 +492,7 @@ def test_a_folder_deleted_by_another_machine_is_resolved_again(drive):
 def test_data_paths_on_an_api_root_are_fetched_through_the_api(drive, tmp_path, monkeypatch,
                                                                cherry_images):
     from cherry_train.places import remote_location
-    from cherry_train.worker.datacache import cache_folder
+    from cherry_train.worker.inputs.datacache import cache_folder
 
     queue_root = fake_drive_storage(drive)  # gdrive:traina
     my_drive = queue_root.sibling("")
@@ -513,7 +513,7 @@ def test_data_paths_on_an_api_root_are_fetched_through_the_api(drive, tmp_path, 
                            queue_root) is None
     monkeypatch.delenv("CHERRY_MYDRIVE")
 
-    from cherry_train.worker.sources import StorageSource
+    from cherry_train.worker.inputs.sources import StorageSource
 
     reports = [cache_folder(StorageSource(where, path), tmp_path / "cache")
                for where, path in (remote_location("data/val", None, queue_root),

@@ -127,9 +127,10 @@ def test_the_gpu_input_pipelines_compute_the_same_thing(tmp_path, cherry_images,
     curves = curves_of(tmp_path, cherry_images, tiny_config, monkeypatch, {
         "workers": {"input_pipeline": "workers", "compile": "off"},
         "gpu": {"input_pipeline": "gpu", "compile": "off"},
-        "stream": {"input_pipeline": "stream", "compile": "off"}})
+        "stream": {"input_pipeline": "stream", "compile": "off"},
+        "split": {"input_pipeline": "split", "resident_share": 0.5, "compile": "off"}})
     print("pipeline curves", curves)
-    for pipeline in ("gpu", "stream"):
+    for pipeline in ("gpu", "stream", "split"):
         assert close(curves["workers"], curves[pipeline], 0.15), curves
         assert curves[pipeline][-1] < curves[pipeline][0], curves
 
@@ -139,8 +140,8 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     import numpy as np
     from PIL import Image
 
-    from cherry_train.worker.gpustream import StreamedBatches
-    from cherry_train.worker.samples import EpochSampler, ImageFolderSamples, Transform
+    from cherry_train.worker.inputs.gpustream import StreamedBatches
+    from cherry_train.worker.inputs.samples import EpochSampler, ImageFolderSamples, Transform
 
     classes = sorted(p.name for p in (cherry_images / "train").iterdir())
     samples = ImageFolderSamples(cherry_images / "train", classes,
@@ -164,9 +165,48 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     stream.sampler.set_position(epoch=1, start=2 * 16)  # a resume: the same batches on
     for (xa, ya), (xb, yb) in zip(batches[2:], stream, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    from cherry_train.worker.processes import shut_down
+    from cherry_train.worker.inputs.processes import shut_down
 
     shut_down(stream.loader)
+
+
+def test_a_split_on_cuda_serves_the_resident_and_the_streamed_pipelines_pixels(cherry_images):
+    """Half the set decoded in GPU memory, half streamed through nvJPEG on the side stream: each
+    sample as the gpu or the stream pipeline gives it (nvJPEG may decode a batch of other
+    members a little differently, hence a tolerance), and a resume gives the same batches."""
+    from cherry_train.worker.inputs.data import Data
+    from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform
+
+    classes = sorted(p.name for p in (cherry_images / "train").iterdir())
+
+    def data(pipeline, share=None):
+        train, val = (ImageFolderSamples(cherry_images / s, classes,
+                                         Transform(32, augment=s == "train"), seed=3)
+                      for s in ("train", "val"))
+        return Data(train=train, val=val, classes=classes, batch_size=16, num_workers=2,
+                    pin_memory=True, steps_per_epoch=len(train) // 16, val_limit=None,
+                    device=torch.device("cuda"), pipeline=pipeline, resident_share=share)
+
+    runs = {name: data(*args) for name, args in
+            {"split": ("split", 0.5), "gpu": ("gpu",), "stream": ("stream",)}.items()}
+    try:
+        got = {name: [(x.clone(), y.clone()) for x, y in d.train_batches(1, 0)]
+               for name, d in runs.items()}
+        order = runs["split"].train_loader(1, 0).sampler.order().tolist()
+        resident = len(runs["split"].train) // 2
+        for b, ((x, y), (xg, yg), (xs, _)) in enumerate(zip(
+                got["split"], got["gpu"], got["stream"], strict=True)):
+            assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(y, yg)
+            for k, index in enumerate(order[b * 16:(b + 1) * 16]):
+                want = xg[k] if index < resident else xs[k]
+                assert (x[k] - want).abs().max().item() < 0.05, (index, resident)
+        resumed = list(runs["split"].train_batches(1, 2))
+        for (xa, ya), (xb, yb) in zip(got["split"][2:], resumed, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    finally:
+        for d in runs.values():
+            d.close()
 
 
 def test_a_killed_streamed_job_resumes_exactly(tmp_path, cherry_images, tiny_config):
@@ -208,7 +248,7 @@ def test_a_killed_streamed_job_resumes_exactly(tmp_path, cherry_images, tiny_con
 def test_auto_streams_a_set_too_large_for_gpu_memory(root_with_data, tiny_config, monkeypatch):
     from structlog.testing import capture_logs
 
-    from cherry_train.worker import gpudata
+    from cherry_train.worker.inputs import gpudata
 
     monkeypatch.setattr(gpudata, "GPU_SHARE", 1e-9)  # nothing fits: as 60,000 JPEGs on a T4
     tiny_config["training"]["epochs"] = 1
@@ -246,7 +286,7 @@ def test_auto_picks_the_gpu_pipeline_and_skips_compiling_a_short_job(root_with_d
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_fused_and_foreach_optimizers_take_the_same_fp16_scaled_step(optimizer):
-    from cherry_train.worker.optim import make_optimizer
+    from cherry_train.worker.training.optim import make_optimizer
 
     cfgs = {fused: validate_config({
         "model": {"name": "resnet18", "num_classes": 2},
@@ -276,7 +316,7 @@ def test_fused_and_foreach_optimizers_take_the_same_fp16_scaled_step(optimizer):
 def test_a_checkpoint_copy_is_the_state_of_its_step_while_training_goes_on():
     # The copy is queued on the stream, not waited for: steps queued before it are in it, steps
     # queued after it are not. The reference is a clone on the GPU queued at the same point.
-    from cherry_train.worker.checkpoint import StateCopier
+    from cherry_train.worker.checkpoints.checkpoint import StateCopier
 
     model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3), torch.nn.Flatten(),
                                 torch.nn.Linear(64 * 30 * 30, 512)).cuda()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cherry_train.worker.gpudata import GpuBatches, decode_all, stored_side
-from cherry_train.worker.samples import EpochSampler, ImageFolderSamples, Transform
+from cherry_train.worker.inputs.gpudata import GpuBatches, decode_all, stored_side
+from cherry_train.worker.inputs.samples import EpochSampler, ImageFolderSamples, Transform
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_batches_follow_the_sampler_and_resume_mid_epoch(samples):
 
 
 def test_normalisation_matches_the_worker_path(samples):
-    from cherry_train.worker.samples import to_model_input
+    from cherry_train.worker.inputs.samples import to_model_input
 
     plain = batches(samples, augment=False, normalize=False)
     normed = batches(samples, augment=False, normalize=True)
@@ -77,7 +77,7 @@ def test_normalisation_matches_the_worker_path(samples):
 
 
 def streamed(samples, augment, batch=8, normalize=False):
-    from cherry_train.worker.gpustream import StreamedBatches
+    from cherry_train.worker.inputs.gpustream import StreamedBatches
 
     sampler = EpochSampler(len(samples), samples.seed, shuffle=True)
     return StreamedBatches(samples, sampler, batch, 32, augment, 0.5, normalize,
@@ -116,7 +116,7 @@ def test_streamed_batches_resume_mid_epoch_exactly(samples):
 def test_streamed_batches_take_pngs_and_mixed_sizes(tmp_path, cherry_images):
     from PIL import Image
 
-    from cherry_train.worker.samples import ImageFolderSamples
+    from cherry_train.worker.inputs.samples import ImageFolderSamples
 
     root = tmp_path / "mixed"
     for i, path in enumerate(sorted((cherry_images / "train" / "good").iterdir())[:6]):
@@ -132,7 +132,7 @@ def test_streamed_batches_take_pngs_and_mixed_sizes(tmp_path, cherry_images):
 def test_jpeg_size_reads_the_frame_header(cherry_images):
     from PIL import Image
 
-    from cherry_train.worker.gpustream import jpeg_size
+    from cherry_train.worker.inputs.gpustream import jpeg_size
 
     for path in sorted((cherry_images / "train" / "good").iterdir())[:5]:
         with Image.open(path) as f:

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from cherry_train.cli import main
-from cherry_train.worker.kernelseal import KernelKeyError, KernelSeal, Unverified, load_seal
+from cherry_train.worker.checkpoints.kernelseal import (
+    KernelKeyError,
+    KernelSeal,
+    Unverified,
+    load_seal,
+)
 
 KEY = "k" * 32
 BLOB = b"cherry-train compiled kernels\n{}\n" + bytes(range(256)) * 4

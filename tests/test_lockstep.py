@@ -1,6 +1,6 @@
-"""Every rank runs one loop (worker/lockstep.py) and asks the same questions at the same points:
-rank 0 and a follower (a real process, gloo on the CPU) heard side by side, for a run with
-interval checkpoints, an epoch's end and a stop."""
+"""Every rank runs one loop (worker/training/lockstep.py) and asks the same questions at the
+same points: rank 0 and a follower (a real process, gloo on the CPU) heard side by side, for a
+run with interval checkpoints, an epoch's end and a stop."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.schemas import validate_config
-from cherry_train.worker import followers
-from cherry_train.worker.lockstep import AFTER_EPOCH, AFTER_STEP, AT_RESUME, BEFORE_EPOCH
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.train import Seams, Training
+from cherry_train.worker.training import followers
+from cherry_train.worker.training.lockstep import AFTER_EPOCH, AFTER_STEP, AT_RESUME, BEFORE_EPOCH
+from cherry_train.worker.training.train import Seams, Training
 from tests.test_distributed import new_root, two_ranks
 from tests.test_training import stopping_at
 

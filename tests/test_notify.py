@@ -19,8 +19,8 @@ from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import ConfigError, validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker import notify
 from cherry_train.worker.loop import Worker, WorkerOptions
+from cherry_train.worker.reporting import notify
 
 SECRET = "T000/B000/s3cr3t-token"
 

@@ -122,7 +122,7 @@ def test_an_impossible_requirement_is_one_line_at_submit_and_queues_nothing(
 
 
 def test_the_worker_measures_what_it_has(monkeypatch):
-    from cherry_train.worker.device import capabilities
+    from cherry_train.worker.training.device import capabilities
 
     monkeypatch.setenv("CHERRY_DEVICE", "cpu")
     assert capabilities() == CPU
@@ -136,7 +136,7 @@ def test_a_t4_has_no_bf16_although_torch_emulates_it(monkeypatch):
     import torch
 
     from cherry_train.schemas.config import Amp
-    from cherry_train.worker import device
+    from cherry_train.worker.training import device
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(device, "pick_device", lambda: gpu)

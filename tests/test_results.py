@@ -466,7 +466,7 @@ def _footprint(job_dir) -> tuple[set[str], int]:
 
 
 def _trained(root, tiny_config, epochs: int, accuracies=None) -> Result:
-    from cherry_train.worker.train import Seams, Training
+    from cherry_train.worker.training.train import Seams, Training
 
     cfg = {**tiny_config, "training": {**tiny_config["training"], "epochs": epochs},
            "export": {"onnx": True}}

@@ -28,7 +28,7 @@ from cherry_train.schemas import (
 )
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.train import Seams, Training
+from cherry_train.worker.training.train import Seams, Training
 
 
 def sweep_config(tiny_config, **sweep) -> dict:
@@ -452,7 +452,7 @@ def test_a_paused_trial_is_claimed_once_promoted_or_once_its_rung_is_complete(tm
     is promoted when the fourth arrival moves the cut past it, and the worst ones are claimed
     (to be pruned) once all five reached the rung."""
     from cherry_train.schemas import Heartbeat, Phase
-    from cherry_train.worker.pruning import GO, PAUSE, PRUNE, Promotions, judge
+    from cherry_train.worker.training.pruning import GO, PAUSE, PRUNE, Promotions, judge
 
     queue = JobQueue(LocalStorage(tmp_path))
     record, (first, second) = Sweeps(queue).submit(asha_sweep(
@@ -510,7 +510,7 @@ def test_a_trial_promoted_but_not_yet_past_the_rung_holds_its_place(tmp_path, ti
     led two; it now trains toward the next rung, with no later epoch in its metrics yet. The
     third, better than both, pauses: the rung's one place is taken until more trials arrive."""
     from cherry_train.schemas import Heartbeat, Phase
-    from cherry_train.worker.pruning import GO, PAUSE, judge
+    from cherry_train.worker.training.pruning import GO, PAUSE, judge
 
     queue = JobQueue(LocalStorage(tmp_path))
     record, (first, second) = Sweeps(queue).submit(asha_sweep(
@@ -535,7 +535,7 @@ def test_a_trial_promoted_but_not_yet_past_the_rung_holds_its_place(tmp_path, ti
 
 def test_at_a_rung_equal_accuracies_are_told_apart_by_the_loss(tmp_path, tiny_config):
     """Early on trials share chance-level accuracy: the lower validation loss ranks first."""
-    from cherry_train.worker.pruning import GO, PRUNE, judge
+    from cherry_train.worker.training.pruning import GO, PRUNE, judge
 
     queue = JobQueue(LocalStorage(tmp_path))
     _, trials = Sweeps(queue).submit(asha_sweep(tiny_config, [0.003, 0.001]))

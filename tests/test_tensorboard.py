@@ -9,7 +9,7 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.tensorboard import Board
+from cherry_train.worker.reporting.tensorboard import Board
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator")

@@ -20,8 +20,8 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker
-from cherry_train.worker.model import build_model
-from cherry_train.worker.train import Seams, Training, evaluate
+from cherry_train.worker.training.model import build_model
+from cherry_train.worker.training.train import Seams, Training, evaluate
 
 REQUIRED_RESULT_FIELDS = ("job_id", "state", "attempts", "best", "epochs_completed",
                           "wall_seconds", "images_per_second", "device", "final_weights_sha256",
@@ -105,7 +105,7 @@ def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
     best = torch.load(job_dir / "best.pt", weights_only=True)
     model = torchvision.models.resnet18(num_classes=2)
     model.load_state_dict(best)
-    from cherry_train.worker.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
 
     assert weights_sha256(best) == result.best_weights_sha256
     # final.pt only when the final weights are not best.pt's (the last epoch was not best)
@@ -147,14 +147,15 @@ def test_stopped_job_resumes_from_its_checkpoint_and_finishes(root_with_data, ti
     assert steps == sorted(set(steps)), "no step is logged twice"
 
 
-@pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream"])
+@pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream", "split"])
 def test_deterministic_resume_ends_with_identical_weights(tmp_path, cherry_images, tiny_config,
                                                           pipeline):
     tiny_config["deterministic"] = True
     # Its dropout draws from the global RNG: nothing else may (a loader's base seed, say).
     tiny_config["model"] = {"name": "mobilenet_v3_small", "num_classes": 2}
-    # "gpu" and "stream" run on the CPU here (same logic, CPU kernels)
-    tiny_config["performance"] = {"input_pipeline": pipeline}
+    # "gpu", "stream" and "split" run on the CPU here (same logic, CPU kernels)
+    tiny_config["performance"] = {"input_pipeline": pipeline,
+                                  **({"resident_share": 0.4} if pipeline == "split" else {})}
     roots = []
     for name in ("straight", "interrupted"):
         root = tmp_path / name
@@ -197,7 +198,7 @@ def test_development_mode_runs_a_few_batches(root_with_data, tiny_config):
 
 def test_weights_file_initialises_all_but_the_head(tmp_path):
     from cherry_train.schemas import ModelConfig
-    from cherry_train.worker.model import build_model
+    from cherry_train.worker.training.model import build_model
 
     torch.manual_seed(0)
     imagenet_like = torchvision.models.resnet18(num_classes=1000)
@@ -212,7 +213,7 @@ def test_weights_file_initialises_all_but_the_head(tmp_path):
 def test_pretrained_without_internet_says_what_to_do(monkeypatch):
     from cherry_train.schemas import ModelConfig
     from cherry_train.worker.errors import JobError
-    from cherry_train.worker.model import build_model
+    from cherry_train.worker.training.model import build_model
 
     class Offline:
         class DEFAULT:
@@ -371,7 +372,7 @@ def test_checkpoints_that_cannot_be_written_do_not_end_the_job(root_with_data, t
     """Every checkpoint fails (Drive full) and so does the first best.pt: training goes on,
     and best.pt still ends up holding the weights the result names, stored with the next
     epoch's checkpoint (2 epochs) or at the end (1 epoch)."""
-    from cherry_train.worker.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
 
     best_failures = []
 
@@ -401,7 +402,7 @@ def test_final_weights_that_cannot_be_stored_are_tried_again_before_the_job_fail
         root_with_data, tiny_config, drive_comes_back):
     """Drive full at the very end: the finished run is worth waiting for. If space comes back
     (someone frees it) the job succeeds; if not, it fails once the wait is over, saying why."""
-    from cherry_train.worker.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
 
     refused = []
 

@@ -24,10 +24,10 @@ from cherry_train.schemas import ConfigError, Manifest, TrialRecord, validate_co
 from cherry_train.storage import LocalStorage
 from cherry_train.testing.fakedrive import FakeDrive
 from cherry_train.testing.fakehttp import fake_drive_storage
-from cherry_train.worker.data import local_file
-from cherry_train.worker.datacache import cache_folder
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.sources import Source, StorageSource
+from cherry_train.worker.inputs.datacache import cache_folder
+from cherry_train.worker.inputs.prepare import local_file
+from cherry_train.worker.inputs.sources import Source, StorageSource
 
 JOB = "20261126-101500-evil-7f3a"
 NOW = datetime(2026, 11, 26, 10, 15, tzinfo=timezone.utc)
@@ -218,7 +218,7 @@ def test_data_read_in_place_lists_no_link_and_keeps_torchvisions_order(tmp_path,
     either. The order is make_dataset's (crop boxes are drawn by sample index)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    from cherry_train.worker.samples import folder_samples
+    from cherry_train.worker.inputs.samples import folder_samples
 
     src, secret = linked
     listed = folder_samples(src, ["defect", "good"])

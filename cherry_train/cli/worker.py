@@ -18,7 +18,7 @@ def cmd_worker(args) -> int:
     except ImportError:
         raise UsageError("the worker needs torch: pip install 'cherry-train[worker]'") from None
     from cherry_train import logs
-    from cherry_train.worker.kernelseal import KernelKeyError, load_seal
+    from cherry_train.worker.checkpoints.kernelseal import KernelKeyError, load_seal
     from cherry_train.worker.loop import Worker, WorkerOptions
     from cherry_train.worker.scratch import UnsafeScratch
 
@@ -41,8 +41,8 @@ def cmd_worker(args) -> int:
         seal = load_seal(args.kernel_key_file, queue.storage.local_path(""))
     except KernelKeyError as e:
         raise UsageError(str(e)) from None
-    from cherry_train.worker.device import capabilities
     from cherry_train.worker.runtime import default_max_runtime_hours
+    from cherry_train.worker.training.device import capabilities
 
     webhook = _webhook(args.webhook or os.environ.get("CHERRY_WEBHOOK") or None)
     max_runtime = args.max_runtime if args.max_runtime is not None else \
@@ -66,7 +66,7 @@ def _webhook(url: str | None) -> str | None:
     if url is None:
         return None
     from cherry_train.schemas.config import check_webhook
-    from cherry_train.worker.notify import reachable
+    from cherry_train.worker.reporting.notify import reachable
 
     try:
         url = check_webhook(url)

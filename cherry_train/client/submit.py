@@ -83,7 +83,7 @@ def check_model_name(config: TrainingConfig) -> str:
         return (f"{config.model.name}: not checked (no timm here; the worker needs it: pip "
                 "install 'cherry-train[timm]')")
     from cherry_train.worker.errors import JobError
-    from cherry_train.worker.model import check_model_name as check
+    from cherry_train.worker.training.model import check_model_name as check
 
     try:
         check(config.model.name)

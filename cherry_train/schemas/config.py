@@ -149,18 +149,41 @@ class CheckpointSection(_Section):
 
 
 class PerformanceSection(_Section):
-    input_pipeline: Literal["auto", "gpu", "stream", "workers"] = Field(
+    input_pipeline: Literal["auto", "gpu", "split", "stream", "workers"] = Field(
         "auto", description="gpu: decode every image once into a uint8 cache in GPU memory and "
         "crop, resize and flip whole batches on the GPU (same random draws as the workers). "
         "stream: decode each batch's JPEGs on the GPU (nvJPEG) from the files' bytes, then "
-        "the same crops and flips: for sets too large to keep decoded. workers: decode and "
-        "augment every step in DataLoader processes. auto: gpu on a CUDA device when the "
-        "decoded set fits in a third of the free GPU memory, else stream when most files are "
-        "JPEGs, else workers.")
+        "the same crops and flips: for sets too large to keep decoded. split: the share of the "
+        "images that fits in a third of the free GPU memory decoded once as by gpu, only the "
+        "rest streamed. workers: decode and augment every step in DataLoader processes. auto: "
+        "gpu on a CUDA device when the decoded set fits in a third of the free GPU memory; "
+        "else, when most files are JPEGs, split when at least 5% of it fits, stream when less "
+        "does; else workers.")
+    resident_share: float | None = Field(
+        None, gt=0, lt=1, description="With input_pipeline: split, the share of the images "
+        "(train and val alike) kept decoded in GPU memory, instead of what fits: the same split "
+        "on every attempt (what deterministic: true needs for identical weights after a "
+        "resume when the free GPU memory may differ).")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the model. auto: on a CUDA device, when the training "
         "time left (measured on the first steps) is long enough to pay back compiling.")
     fused_optimizer: bool = Field(True, description="Fused Adam/AdamW/SGD kernels on CUDA.")
+
+    @model_validator(mode="after")
+    def _share_with_split(self) -> PerformanceSection:
+        if self.resident_share is not None and self.input_pipeline != "split":
+            raise ValueError(f"resident_share: only with input_pipeline: split (it is "
+                             f"{self.input_pipeline}); remove it, or set input_pipeline: split")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_share(self, handler):
+        # Written as before resident_share existed when it is not set: a worker of an earlier
+        # version (extra="forbid") would otherwise reject every new manifest.
+        data = handler(self)
+        if isinstance(data, dict) and self.resident_share is None:
+            data.pop("resident_share", None)
+        return data
 
 
 class EvaluateSection(_Section):

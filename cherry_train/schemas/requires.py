@@ -14,7 +14,7 @@ MEMORY_SLACK = 0.95
 
 
 class Capabilities(BaseModel):
-    """What a worker can run jobs on, measured once at its start (worker/device.py)."""
+    """What a worker can run jobs on, measured once at its start (worker/training/device.py)."""
 
     model_config = ConfigDict(extra="ignore")  # a newer worker's fields are left alone
 

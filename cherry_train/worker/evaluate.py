@@ -23,28 +23,29 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.plots import render_confusion
 from cherry_train.schemas import ModelConfig, Phase, Result
 from cherry_train.storage.base import Storage
-from cherry_train.worker.data import loader_pool, local_file, source_for
-from cherry_train.worker.datacache import cache_folder, default_cache_dir
-from cherry_train.worker.device import describe, pick_device, resolve_precision
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.export import export_checked
-from cherry_train.worker.model import (
+from cherry_train.worker.inputs.data import loader_pool
+from cherry_train.worker.inputs.datacache import cache_folder, default_cache_dir
+from cherry_train.worker.inputs.prepare import local_file, source_for
+from cherry_train.worker.inputs.processes import (
+    available_memory,
+    loader_cap,
+    loader_processes,
+    usable_cores,
+)
+from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform, to_model_input
+from cherry_train.worker.inputs.sources import LocalSource
+from cherry_train.worker.outcome import JobRun, Outcome, TrainState
+from cherry_train.worker.reporting.reporter import Reporter
+from cherry_train.worker.training.device import describe, pick_device, resolve_precision
+from cherry_train.worker.training.export import export_checked
+from cherry_train.worker.training.model import (
     build_model,
     forward,
     input_normalize,
     read_weights_file,
     with_image_size,
 )
-from cherry_train.worker.outcome import JobRun, Outcome, TrainState
-from cherry_train.worker.processes import (
-    available_memory,
-    loader_cap,
-    loader_processes,
-    usable_cores,
-)
-from cherry_train.worker.reporting import Reporter
-from cherry_train.worker.samples import ImageFolderSamples, Transform, to_model_input
-from cherry_train.worker.sources import LocalSource
 
 log = structlog.get_logger(__name__)
 

@@ -1,8 +1,7 @@
 """The worker: claim -> train -> commit, one job at a time, until told to stop.
 
 `run()` owns signals, the stop flag, idle back-off and teardown; `run_once()` claims one job,
-trains it and commits it. A job's failure is recorded in its result and never ends the loop.
-"""
+trains it and commits it. A job's failure is recorded in its result and never ends the loop."""
 
 from __future__ import annotations
 
@@ -25,18 +24,12 @@ from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
 from cherry_train.schemas import JobState, Manifest, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
-from cherry_train.worker import pruning, results, runtime
+from cherry_train.worker import results, runtime
 from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
-from cherry_train.worker.notify import (
-    NOTIFY_AFTER_SIGNAL_SECONDS,
-    NOTIFY_SECONDS,
-    Notifier,
-    handed_back_message,
-    message_of,
-)
+from cherry_train.worker.inputs.processes import end_loader_processes
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
     IDLE_LINE_SECONDS,
@@ -47,13 +40,20 @@ from cherry_train.worker.options import (
     WorkerOptions,
 )
 from cherry_train.worker.outcome import JobRun, Runner
-from cherry_train.worker.processes import end_loader_processes
-from cherry_train.worker.reporting import Reporter, StopRequest
+from cherry_train.worker.reporting.notify import (
+    NOTIFY_AFTER_SIGNAL_SECONDS,
+    NOTIFY_SECONDS,
+    Notifier,
+    handed_back_message,
+    message_of,
+)
+from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.reporting.tensorboard import job_board
 from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
 from cherry_train.worker.space import SpaceGate
-from cherry_train.worker.tensorboard import job_board
+from cherry_train.worker.training import pruning
 
 log = structlog.get_logger(__name__)
 

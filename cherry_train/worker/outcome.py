@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cherry_train.jobqueue.claims import Claim
-from cherry_train.worker.kernelseal import KernelSeal
-from cherry_train.worker.reporting import Reporter, StopRequest
+from cherry_train.worker.checkpoints.kernelseal import KernelSeal
+from cherry_train.worker.reporting.reporter import Reporter, StopRequest
 
 
 @dataclass

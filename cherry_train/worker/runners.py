@@ -18,7 +18,7 @@ def runner_for(claim: Claim, trainer: Runner | None, evaluator: Runner | None) -
             return Evaluation()
         return evaluator
     if trainer is None:
-        from cherry_train.worker.train import Training
+        from cherry_train.worker.training.train import Training
 
         return Training()
     return trainer

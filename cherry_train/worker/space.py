@@ -34,7 +34,7 @@ def parameter_count(name: str, num_classes: int) -> int:
     import torch
 
     from cherry_train.schemas.config import ModelConfig
-    from cherry_train.worker.model import build_model
+    from cherry_train.worker.training.model import build_model
 
     with torch.device("meta"):
         model = build_model(ModelConfig(name=name, num_classes=num_classes), None)

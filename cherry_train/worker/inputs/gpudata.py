@@ -18,22 +18,20 @@ from the original), which the `gpu` tests bound by comparing loss curves.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import structlog
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from cherry_train.worker.processes import loader_processes
-from cherry_train.worker.samples import (
-    JPEG_SUFFIXES,
+from cherry_train.sizes import stored_side  # noqa: F401 (below: the data pack needs it too)
+from cherry_train.worker.inputs.processes import loader_processes
+from cherry_train.worker.inputs.samples import (
     EpochSampler,
     ImageFolderSamples,
     Normalize,
@@ -47,13 +45,6 @@ log = structlog.get_logger(__name__)
 #: Share of free GPU memory the decoded images may take (the model and activations need the
 #: rest; ResNet-50 at batch 256 in bf16 takes about 25 GB).
 GPU_SHARE = 1 / 3
-
-
-def stored_side(image_size: int, min_scale: float) -> int:
-    """The side of the stored copy: large enough that the smallest crop (area min_scale of the
-    image) still has image_size pixels across, capped at twice image_size."""
-    need = max(image_size / math.sqrt(min_scale), image_size * 4 / 3)
-    return int(min(2 * image_size, math.ceil(need)))
 
 
 def decoded_bytes(n_images: int, side: int) -> int:
@@ -72,7 +63,7 @@ class _Decode(Dataset):
     def __getitem__(self, index: int):
         path, _ = self.samples.samples[index]
         try:
-            with Image.open(path) as f:
+            with self.samples.open(index) as f:
                 size = f.size
                 f.draft("RGB", (self.side, self.side))  # JPEG: decode at a reduced scale
                 img = f.convert("RGB")
@@ -95,19 +86,20 @@ class DecodedImages:
 
 
 def decode_all(samples: ImageFolderSamples, side: int, device: torch.device,
-               num_workers: int) -> DecodedImages:
-    """On CUDA, JPEGs are decoded in batches by nvJPEG on the GPU and resized there; other
-    files (and JPEGs nvJPEG refuses) by PIL in loader processes."""
+               num_workers: int, count: int | None = None) -> DecodedImages:
+    """The first `count` images (all by default; a split keeps the rest streamed, gpusplit.py):
+    on CUDA, JPEGs are decoded in batches by nvJPEG on the GPU and resized there; other files
+    (and JPEGs nvJPEG refuses) by PIL in loader processes."""
     started = time.perf_counter()
-    n = len(samples)
+    n = len(samples) if count is None else count
     images = torch.empty((n, 3, side, side), dtype=torch.uint8, device=device)
     sizes = np.zeros((n, 2), dtype=np.int64)
     rest = list(range(n))
     if device.type == "cuda":
-        rest = _decode_jpegs_on_gpu(samples, side, images, sizes)
+        rest = _decode_jpegs_on_gpu(samples, n, side, images, sizes)
     if rest:
         _decode_with_pil(samples, rest, side, images, sizes, num_workers)
-    labels = torch.tensor([label for _, label in samples.samples], device=device)
+    labels = torch.tensor([label for _, label in samples.samples[:n]], device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return DecodedImages(images, sizes, labels, time.perf_counter() - started)
@@ -130,20 +122,19 @@ def _decode_with_pil(samples: ImageFolderSamples, indices: list[int], side: int,
 NVJPEG_BATCH = 256
 
 
-def _decode_jpegs_on_gpu(samples: ImageFolderSamples, side: int, images: torch.Tensor,
+def _decode_jpegs_on_gpu(samples: ImageFolderSamples, n: int, side: int, images: torch.Tensor,
                          sizes: np.ndarray) -> list[int]:
-    """Decode the JPEGs with nvJPEG (files read by threads); the indices left to PIL."""
+    """Decode the JPEGs among the first n with nvJPEG (files read by threads); the indices
+    left to PIL."""
     from concurrent.futures import ThreadPoolExecutor
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    jpegs = [i for i, (path, _) in enumerate(samples.samples)
-             if path.lower().endswith(JPEG_SUFFIXES)]
-    left = sorted(set(range(len(samples))) - set(jpegs))
+    jpegs = [i for i in range(n) if samples.is_jpeg(i)]
+    left = sorted(set(range(n)) - set(jpegs))
 
     def read(i: int) -> torch.Tensor:
-        with open(samples.samples[i][0], "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(samples.read(i)), dtype=torch.uint8)
 
     with ThreadPoolExecutor(16) as pool:
         for start in range(0, len(jpegs), NVJPEG_BATCH):
@@ -163,7 +154,7 @@ def _decode_jpegs_on_gpu(samples: ImageFolderSamples, side: int, images: torch.T
     return sorted(left)
 
 
-class _CropBoxes(Dataset):
+class CropBoxes(Dataset):
     """Item (epoch, index): the sample's crop box in stored coordinates, its flip and its
     index, from its own generator (seed, epoch, index) with data.Transform's draws in their
     order. Loader processes compute these ahead of the training loop: at batch 256 they take
@@ -218,7 +209,7 @@ class GpuBatches:
         self.out_size, self.normalize, self.drop_last = out_size, normalize, drop_last
         device = decoded.images.device
         self.finish = BatchFinish(device, normalize)
-        self.boxes_data = _CropBoxes(decoded.sizes, decoded.side, seed, augment, min_scale)
+        self.boxes_data = CropBoxes(decoded.sizes, decoded.side, seed, augment, min_scale)
         self.loader = DataLoader(
             self.boxes_data, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
             num_workers=num_workers, pin_memory=device.type == "cuda",
@@ -240,17 +231,22 @@ class GpuBatches:
         return torch.stack([self.boxes_data[(epoch, i)] for i in indices])
 
     def batch(self, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.decoded.images.device
-        cuda = device.type == "cuda"
         # From pinned memory, so the copy is asynchronous: a copy from pageable memory waits for
         # the GPU to finish all queued work first, which would stall the queue every step.
-        meta = meta.to(device, non_blocking=True)
-        idx = meta[:, 5].long()
-        rois = torch.cat([torch.arange(len(meta), device=device, dtype=meta.dtype)[:, None],
-                          meta[:, :4]], dim=1)
-        # Half precision on the GPU halves the memory traffic; 0..255 are exact in it.
-        dtype = torch.half if cuda else torch.float
-        images = self.decoded.images.index_select(0, idx).to(dtype)
-        x = roi_align(images, rois.to(dtype), output_size=(self.out_size, self.out_size),
-                      spatial_scale=1.0, sampling_ratio=-1, aligned=True).float()
-        return self.finish(x, meta[:, 4]), self.decoded.labels.index_select(0, idx)
+        meta = meta.to(self.decoded.images.device, non_blocking=True)
+        x = crop_decoded(self.decoded.images, meta, self.out_size)
+        return self.finish(x, meta[:, 4]), self.decoded.labels.index_select(0, meta[:, 5].long())
+
+
+def crop_decoded(images: torch.Tensor, meta: torch.Tensor, out_size: int) -> torch.Tensor:
+    """The crops (float, 0..255, not yet flipped) that the rows of `meta` (x1, y1, x2, y2 in
+    stored coordinates, flip, index; on the images' device) cut from the decoded images."""
+    device = images.device
+    idx = meta[:, 5].long()
+    rois = torch.cat([torch.arange(len(meta), device=device, dtype=meta.dtype)[:, None],
+                      meta[:, :4]], dim=1)
+    # Half precision on the GPU halves the memory traffic; 0..255 are exact in it.
+    dtype = torch.half if device.type == "cuda" else torch.float
+    chosen = images.index_select(0, idx).to(dtype)
+    return roi_align(chosen, rois.to(dtype), output_size=(out_size, out_size),
+                     spatial_scale=1.0, sampling_ratio=-1, aligned=True).float()

@@ -27,13 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cherry_train import faults
 from cherry_train.schemas import Manifest
-from cherry_train.worker.distributed import Group, RankSpec
-from cherry_train.worker.job import Rank, setup_rank
-from cherry_train.worker.lockstep import Agreement, train_epochs
-from cherry_train.worker.model import with_image_size
+from cherry_train.worker.multigpu.distributed import Group, RankSpec
 from cherry_train.worker.outcome import TrainState
-from cherry_train.worker.steps import train_step
-from cherry_train.worker.validation import evaluate
+from cherry_train.worker.training.job import Rank, setup_rank
+from cherry_train.worker.training.lockstep import Agreement, train_epochs
+from cherry_train.worker.training.model import with_image_size
+from cherry_train.worker.training.steps import train_step
+from cherry_train.worker.training.validation import evaluate
 
 log = structlog.get_logger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from cherry_train.worker.job import Job
-from cherry_train.worker.model import forward, summed_cross_entropy
+from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.model import forward, summed_cross_entropy
 
 
 @torch.no_grad()

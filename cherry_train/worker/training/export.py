@@ -16,8 +16,8 @@ from torch import nn
 
 from cherry_train import logs
 from cherry_train.checksums import file_sha256
-from cherry_train.worker.job import Job
-from cherry_train.worker.model import build_model
+from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.model import build_model
 
 log = structlog.get_logger(__name__)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from cherry_train.schemas import ModelConfig, TrainingConfig
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.samples import Normalize
+from cherry_train.worker.inputs.samples import Normalize
 
 log = structlog.get_logger(__name__)
 

@@ -11,10 +11,12 @@ converts and normalises them on the training device.
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -105,40 +107,77 @@ class Transform:
         return F.pil_to_tensor(img)
 
 
-def folder_samples(root: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(path, class index) of every image below root/<class>/, in torchvision's make_dataset
-    order (class, folder, name; the order crop boxes are drawn by), but never through a link:
-    read in place (`data.cache: false`) a link would let whoever writes the folder have any
-    file this machine can read trained on. The cache's copy has none (sources.py skips them)."""
+def folder_samples(root: Path, classes: list[str],
+                   rels: Iterable[str] | None = None) -> list[tuple[str, int]]:
+    """(path, class index) of every image below root/<class>/ (`_found`)."""
+    return [(path, label) for path, label, _ in _found(root, classes, rels)]
+
+
+def _found(root: Path, classes: list[str],
+           rels: Iterable[str] | None = None) -> list[tuple[str, int, str]]:
+    """(path, class index, path below root) of every image below root/<class>/, in
+    torchvision's make_dataset order (class, folder, name; the order crop boxes are drawn by),
+    but never through a link: read in place (`data.cache: false`) a link would let whoever
+    writes the folder have any file this machine can read trained on. The cache's copy has none
+    (sources.py skips them). `rels`: the files a prepared pack holds, instead of a listing."""
     index = {c: i for i, c in enumerate(classes)}
     found = []
-    for rel in walk_files(root).files:
+    for rel in walk_files(root).files if rels is None else rels:
         cls, _, rest = rel.partition("/")
         if rest and cls in index and has_file_allowed_extension(rel, IMG_EXTENSIONS):
             folder, _, name = rel.rpartition("/")
             found.append((cls, folder, name, rel))
-    return [(str(root / rel), index[cls]) for cls, _, _, rel in sorted(found)]
+    return [(str(root / rel), index[cls], rel) for cls, _, _, rel in sorted(found)]
+
+
+class Packed(Protocol):
+    """Samples' bytes read in place from a prepared pack's local shards (datapack's reader)."""
+
+    def read(self, rel: str) -> bytes: ...
 
 
 class ImageFolderSamples(Dataset):
-    """An ImageFolder whose items are looked up by (epoch, index)."""
+    """An ImageFolder whose items are looked up by (epoch, index). Its images are files below
+    `root`, or, with `packed`, the samples of a prepared pack read at their offsets in its
+    local shards (`rels`: the pack's files, in the original folder's names)."""
 
-    def __init__(self, root: Path, classes: list[str], transform: Transform, seed: int):
+    def __init__(self, root: Path, classes: list[str], transform: Transform, seed: int,
+                 packed: Packed | None = None, rels: Iterable[str] | None = None):
         self.root = root
         self.classes = classes
-        self.samples = folder_samples(root, classes)
+        found = _found(root, classes, rels)
+        self.samples = [(path, label) for path, label, _ in found]
+        self.rels = [rel for _, _, rel in found]
+        self.packed = packed
         self.transform = transform
         self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int) -> bytes:
+        """Sample `index`'s encoded bytes."""
+        if self.packed is not None:
+            return self.packed.read(self.rels[index])
+        with open(self.samples[index][0], "rb") as f:
+            return f.read()
+
+    def is_jpeg(self, index: int) -> bool:
+        """Named as a JPEG (nvJPEG takes it); every sample of a prepared pack is one."""
+        return self.packed is not None or self.samples[index][0].lower().endswith(JPEG_SUFFIXES)
+
+    def open(self, index: int) -> Image.Image:
+        """Sample `index` as a PIL image, not yet decoded (draft mode may still apply)."""
+        if self.packed is not None:
+            return Image.open(io.BytesIO(self.read(index)))
+        return Image.open(self.samples[index][0])
+
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path, label = self.samples[index]
         faults.slow("decode")
         try:
-            with Image.open(path) as f:
+            with self.open(index) as f:
                 img = f.convert("RGB")
         except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
             raise undecodable(path, e) from None

@@ -12,10 +12,10 @@ from typing import NoReturn
 import structlog
 import torch
 
-from cherry_train.worker.device import describe
 from cherry_train.worker.errors import JobError, LoaderDied, is_loader_death
-from cherry_train.worker.job import Job
-from cherry_train.worker.model import forward
+from cherry_train.worker.training.device import describe
+from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.model import forward
 
 log = structlog.get_logger(__name__)
 

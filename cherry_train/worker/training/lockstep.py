@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from cherry_train.worker.distributed import Group
+from cherry_train.worker.multigpu.distributed import Group
 from cherry_train.worker.outcome import TrainState
 
 #: The questions, in the order of the loop; a question's number travels with every rank's word.

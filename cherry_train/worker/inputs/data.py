@@ -1,15 +1,14 @@
-"""A job's data: its folders found and checked, the input pipeline chosen, and batches served
-on the device, from loader processes (here), or decoded on the GPU (gpudata, gpustream).
+"""A job's batches: its prepared folders checked, the input pipeline chosen, and batches served
+on the device, from loader processes (here), or decoded on the GPU (gpudata, gpustream,
+gpusplit; which one: pipelines.py).
 
 How each sample is read and augmented is in samples.py; the loader processes in processes.py;
-the copy of the data onto this VM in datacache.py.
+the folders found and copied onto this VM before this (the preparation path) in prepare.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -18,16 +17,11 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from cherry_train import datachecks
-from cherry_train.jobqueue.layout import best_for_final, weights_here
-from cherry_train.places import PathMappingError, map_data_path, remote_location
-from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.schemas import TrainingConfig
-from cherry_train.storage.base import Storage
-from cherry_train.worker import gpudata, gpustream
-from cherry_train.worker.datacache import cache_folder, default_cache_dir
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.model import input_normalize
-from cherry_train.worker.processes import (
+from cherry_train.worker.inputs import gpudata, gpusplit, gpustream
+from cherry_train.worker.inputs.pipelines import choose_pipeline, resident_count
+from cherry_train.worker.inputs.processes import (
     available_memory,
     loader_processes,
     shut_down,
@@ -35,14 +29,15 @@ from cherry_train.worker.processes import (
     usable_cores,
     worker_context,
 )
-from cherry_train.worker.samples import (
+from cherry_train.worker.inputs.samples import (
     EpochSampler,
     ImageFolderSamples,
     Normalize,
     Transform,
     to_model_input,
 )
-from cherry_train.worker.sources import LocalSource, Source, StorageSource
+from cherry_train.worker.inputs.shardcache import local_pack
+from cherry_train.worker.training.model import input_normalize
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +57,8 @@ class Data:
     val_limit: int | None  # development mode validates on a prefix only
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     normalize: Normalize | None = None
-    pipeline: str = "workers"  # or "gpu": see gpudata.py
+    pipeline: str = "workers"  # or "gpu", "split", "stream": see choose_pipeline
+    resident_share: float | None = None  # "split": of each set, the share decoded in memory
     # Over several ranks (distributed.py) batch_size stays the global batch, and positions in
     # an epoch stay global; each rank loads its share of every batch.
     rank: int = 0
@@ -100,8 +96,10 @@ class Data:
 
     def _gpu_batches(self, split: str, epoch: int, start_step: int):
         if split not in self._gpu:
-            self._gpu[split] = (self._streamed if self.pipeline == "stream" else
-                                self._decoded)(split)
+            n = len(self.train if split == "train" else self.val)
+            resident = resident_count(self.pipeline, self.resident_share, n)
+            self._gpu[split] = (self._streamed(split) if resident == 0 else
+                                self._decoded(split, resident))
         batches = self._gpu[split]
         batches.sampler.set_position(epoch, start_step * self.batch_size)
         return batches
@@ -116,19 +114,27 @@ class Data:
             self.normalize, drop_last=split == "train", device=self.device,
             num_workers=self.num_workers)
 
-    def _decoded(self, split: str):
-        dataset = self.train if split == "train" else self.val  # decoded once, on first use
+    def _decoded(self, split: str, resident: int):
+        """The first `resident` images decoded once, on first use; the rest (if any) streamed
+        in the same batches (gpusplit.py)."""
+        dataset = self.train if split == "train" else self.val
         transform = dataset.transform
         side = gpudata.stored_side(transform.size, self.train.transform.min_scale)
-        decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers)
-        log.info("images decoded into memory", split=split, images=len(dataset), side=side,
+        decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers, resident)
+        log.info("images decoded into memory", split=split, images=resident,
+                 streamed=len(dataset) - resident, side=side,
                  megabytes=round(decoded.images.numel() / 2**20),
                  seconds=round(decoded.seconds, 1), device=str(self.device))
         stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
+        sampler = self._sampler(len(dataset), dataset.seed, split == "train", stop)
+        if resident < len(dataset):
+            return gpusplit.SplitBatches(
+                dataset, decoded, sampler, self.rank_batch, transform.size, transform.augment,
+                transform.min_scale, self.normalize, drop_last=split == "train",
+                num_workers=self.num_workers)
         return gpudata.GpuBatches(
-            decoded, self._sampler(len(dataset), dataset.seed, split == "train", stop),
-            self.rank_batch, transform.size, transform.augment, transform.min_scale,
-            dataset.seed, self.normalize, drop_last=split == "train",
+            decoded, sampler, self.rank_batch, transform.size, transform.augment,
+            transform.min_scale, dataset.seed, self.normalize, drop_last=split == "train",
             num_workers=min(2, self.num_workers))
 
     def close(self) -> None:
@@ -171,49 +177,16 @@ class _OnDevice:
             yield x, labels.to(self.device, non_blocking=True)
 
 
-def resolve_path(path: str, field_name: str, root: Path | None) -> Path:
-    """Where a config's path is on this machine (the path mapping of docs/contract.md §7); a path
-    that cannot be mapped is the user's to fix, named by its field."""
-    try:
-        return map_data_path(path, root)
-    except PathMappingError as e:
-        raise JobError(f"{field_name}: {e}") from None
-
-
-def source_for(path: str, field_name: str, root: Path | None, storage: Storage) -> Source:
-    """What to cache for a config's data path: a folder here, or one in Drive (API roots)."""
-    remote = remote_location(path, root, storage)
-    if remote is not None:
-        return StorageSource(*remote)
-    return LocalSource(resolve_path(path, field_name, root))
-
-
-def local_file(path: str, field_name: str, root: Path | None, storage: Storage,
-               scratch: Path) -> Path:
-    """A single file named by the config (weights), downloaded first if it is remote. A
-    finished job's final.pt that is its best.pt (no copy kept) is read from best.pt."""
-    remote = remote_location(path, root, storage)
-    if remote is None:
-        return weights_here(resolve_path(path, field_name, root))
-    where, remote_path = remote
-    try:  # the config is the queue's: its last part ('..', say) must not leave scratch
-        target = inside(scratch / "inputs", Path(path).name, field_name)
-    except UnsafePath as e:
-        raise JobError(str(e)) from None
-    try:
-        where.download(remote_path, target)
-    except FileNotFoundError:
-        best = best_for_final(remote_path, where.read_text_or_none)
-        if best is None or not where.exists(best):
-            raise JobError(f"{field_name}: {path} does not exist under "
-                           f"{where.description}") from None
-        where.download(best, target)
-    return target
-
-
-def _classes(path: Path, field: str) -> list[str]:
+def _classes(path: Path, field: str, rels: list[str] | None) -> list[str]:
+    """ImageFolder's classes: the folders below `path`, or of a prepared pack's files (those
+    the cached copy of the folder would have, its files' folders)."""
     if not path.is_dir():
         raise JobError(datachecks.missing_folder(field, path))
+    if rels is not None:
+        classes = sorted({rel.split("/")[0] for rel in rels if "/" in rel})
+        if not classes:
+            raise JobError(datachecks.no_class_folders(field, path))
+        return classes
     try:
         classes, _ = find_classes(str(path))
     except FileNotFoundError:
@@ -221,21 +194,30 @@ def _classes(path: Path, field: str) -> list[str]:
     return classes
 
 
+def _samples(path: Path, field: str, transform: Transform,
+             seed: int) -> ImageFolderSamples:
+    """The folder's samples: its files, or, for a prepared pack's folder in the cache, the
+    pack's samples read in place."""
+    packed = local_pack(path) if path.is_dir() else None
+    packed, rels = packed or (None, None)
+    classes = _classes(path, field, rels)
+    return ImageFolderSamples(path, classes, transform, seed, packed=packed, rels=rels)
+
+
 def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
               device: torch.device, max_workers: int | None = None,
               rank: int = 0, ranks: int = 1) -> Data:
     """The job's data; `max_workers` caps the loader processes (after a loader process of the
     previous attempt died); over `ranks` processes, this rank's share of it."""
-    train_classes = _classes(train_path, "data.train_path")
-    val_classes = _classes(val_path, "data.val_path")
-    problems = datachecks.class_problems(train_classes, val_classes, cfg.model.num_classes)
-    if problems:
-        raise JobError(problems[0])
     aug = cfg.augmentation
     size = cfg.data.image_size
-    train = ImageFolderSamples(train_path, train_classes,
-                               Transform(size, aug.enabled, aug.min_crop_scale), cfg.seed)
-    val = ImageFolderSamples(val_path, val_classes, Transform(size, augment=False), cfg.seed)
+    train = _samples(train_path, "data.train_path",
+                     Transform(size, aug.enabled, aug.min_crop_scale), cfg.seed)
+    val = _samples(val_path, "data.val_path", Transform(size, augment=False), cfg.seed)
+    train_classes = train.classes
+    problems = datachecks.class_problems(train_classes, val.classes, cfg.model.num_classes)
+    if problems:
+        raise JobError(problems[0])
     for ds, name in ((train, "data.train_path"), (val, "data.val_path")):
         if len(ds) == 0:
             raise JobError(f"{name}: no images in {ds.root} (looked for "
@@ -254,11 +236,12 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
                           available_memory(), max_workers, ranks, said=rank == 0)
     if workers:
         worker_context()  # the loader processes' server starts importing now
+    pipeline, share = choose_pipeline(cfg, device, train, val)
     return Data(train=train, val=val, classes=train_classes, batch_size=batch, rank=rank,
                 ranks=ranks, num_workers=workers, pin_memory=device.type == "cuda",
                 steps_per_epoch=steps,
                 val_limit=val_limit, device=device, normalize=input_normalize(cfg),
-                pipeline=choose_pipeline(cfg, device, train, val))
+                pipeline=pipeline, resident_share=share)
 
 
 def loader_pool(configured: int | None, device: torch.device, batch: int, size: int,
@@ -277,68 +260,3 @@ def loader_pool(configured: int | None, device: torch.device, batch: int, size: 
         log.info("loader processes", loader_processes=workers, why=why, configured=configured,
                  **({"per_rank": True} if ranks > 1 else {}))
     return workers
-
-
-def choose_pipeline(cfg: TrainingConfig, device: torch.device, train: ImageFolderSamples,
-                    val: ImageFolderSamples) -> str:
-    """performance.input_pipeline; auto: the decoded cache in GPU memory if it fits, else
-    JPEGs streamed through nvJPEG per batch, else loader processes. The choice is logged with
-    its reason: it decides the job's speed on a small VM."""
-    wanted = cfg.performance.input_pipeline
-    if wanted != "auto":
-        log.info("input pipeline", pipeline=wanted, why="performance.input_pipeline")
-        return wanted
-    if device.type != "cuda":
-        log.info("input pipeline", pipeline="workers", why="not on a CUDA device")
-        return "workers"
-    side = gpudata.stored_side(cfg.data.image_size, cfg.augmentation.min_crop_scale)
-    need = gpudata.decoded_bytes(len(train) + len(val), side)
-    free, _ = torch.cuda.mem_get_info(device)
-    facts = {"decoded_megabytes": round(need / 2**20), "gpu_free_megabytes": round(free / 2**20),
-             "side": side}
-    if need <= free * gpudata.GPU_SHARE:
-        log.info("input pipeline", pipeline="gpu", why="the decoded images fit in a third of "
-                 "the free GPU memory", **facts)
-        return "gpu"
-    share = gpustream.jpeg_share(train)
-    if share >= 0.5:
-        log.info("input pipeline", pipeline="stream", why="the decoded images would not fit "
-                 "in a third of the free GPU memory: JPEGs decoded on the GPU per batch",
-                 jpeg_share=round(share, 3), **facts)
-        return "stream"
-    log.info("input pipeline", pipeline="workers", why="the decoded images would not fit in "
-             "GPU memory and most files are not JPEGs (nvJPEG decodes only those)",
-             jpeg_share=round(share, 3), **facts)
-    return "workers"
-
-
-def prepare_data(cfg: TrainingConfig, data_root: Path | None, storage: Storage,
-                 copying: Callable[[], None]):
-    """The local folders to train from, after copying the data into the cache (unless
-    data.cache is false and the data is on this machine), and what the result records.
-    `copying()` is called before a copy starts: minutes, on a first copy through the mount."""
-    d = cfg.data
-
-    def source(name: str) -> Source:
-        return source_for(getattr(d, name), f"data.{name}", data_root, storage)
-
-    if not d.cache and not any(remote_location(p, data_root, storage)
-                               for p in (d.train_path, d.val_path)):
-        return (resolve_path(d.train_path, "data.train_path", data_root),
-                resolve_path(d.val_path, "data.val_path", data_root), {})
-    copying()
-    cache_dir = default_cache_dir()
-    if d.archive:
-        report = cache_folder(source("archive"), cache_dir)
-        base = Path(report.local)
-        info = {"dataset_sha256": report.sha256, "archive": asdict(report)}
-        return base / d.train_path, base / d.val_path, info
-    reports = {}
-    for name in ("train_path", "val_path"):
-        src = source(name)
-        if not src.exists():
-            raise JobError(datachecks.missing_folder(f"data.{name}", src.label))
-        reports[name.removesuffix("_path")] = cache_folder(src, cache_dir, pack=d.pack)
-    combined = hashlib.sha256(f"{reports['train'].sha256}\n{reports['val'].sha256}".encode())
-    info = {"dataset_sha256": combined.hexdigest(), **{k: asdict(r) for k, r in reports.items()}}
-    return Path(reports["train"].local), Path(reports["val"].local), info

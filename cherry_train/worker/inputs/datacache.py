@@ -32,7 +32,8 @@ from cherry_train.places import on_colab
 from cherry_train.safepaths import UnsafePath, inside
 from cherry_train.sizes import human_bytes
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.sources import LocalSource, Source
+from cherry_train.worker.inputs.shardcache import InPlace, Wanted, fetch_prepared
+from cherry_train.worker.inputs.sources import LocalSource, Source
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +52,10 @@ class CacheReport:
     copy_seconds: float
     unpacked_files: int = 0  # of the copied ones, those taken from the folder's data pack
     pack: str | None = None  # "built" (this copy made it), "current", or None (no pack)
+    #: How the data came: "prepared" (a prepared pack's shards, read in place), "verbatim"
+    #: (files unpacked from a pack), "files" (copied one by one, or the cached copy reused).
+    way: str = "files"
+    copied_bytes: int = 0  # what this call copied onto this disk
 
 
 def default_cache_dir() -> Path:
@@ -91,39 +96,42 @@ def _locked(entry: Path):
 
 
 def cache_folder(source: Path | Source, cache_dir: Path, progress: bool = False,
-                 pack: str = "auto") -> CacheReport:
+                 pack: str = "auto", wanted: Wanted | None = None) -> CacheReport:
     """Make (or refresh, or reuse) the local copy of one data folder or archive. `pack`
-    (data.pack): whether to unpack the folder's data pack and build one (datapack.py)."""
+    (data.pack): whether to unpack the folder's data pack and build one (datapack.py).
+    `wanted` (a training job's image size): a prepared pack that serves it is fetched and read
+    in place (shardcache.py) instead of a copy of the files."""
     source = source if isinstance(source, Source) else LocalSource(source)
     if not source.exists():
         raise JobError(f"data: {source.label} does not exist")
     entry = _entry(cache_dir, source)
     with _locked(entry):
-        return _cache(source, entry, progress, pack)
+        return _cache(source, entry, progress, pack, wanted)
 
 
-def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto") -> CacheReport:
+def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto",
+           wanted: Wanted | None = None) -> CacheReport:
     started = time.perf_counter()
     manifest_path = entry / MANIFEST
     try:
         old = json.loads(manifest_path.read_text())
     except (FileNotFoundError, ValueError):
         old = {"files": {}}
-    listing = source.listing()
-    if not listing:
-        raise JobError(f"data: {source.label} is empty")
     files_dir = entry / "files"
-    for rel in listing:  # before anything is written: every file stays inside the cache
-        try:
-            inside(files_dir, rel, f"data: {source.label}")
-        except UnsafePath as e:
-            raise JobError(str(e)) from None
-
-    files, todo = _unchanged(old["files"], listing, files_dir)
+    listing = _listing(source, files_dir)
     place = source.pack_place() if pack != "off" and not source.is_archive() else None
-    index = None
+    index, looked = None, False  # the index is read once: a broken one is said once
+    if place is not None and wanted is not None:
+        index, looked = _index(place), True
+        fetched = _fetched(source, index, place, listing, entry, wanted, progress)
+        if fetched is not None:
+            return _in_place(source, fetched, started)
+    files, todo = _unchanged(old["files"], listing, files_dir)
+    copied_bytes = sum(size for _, size, _ in todo)  # unpacked or copied one by one
     unpacked = 0
-    if todo and place is not None and (index := place.index()) is not None:
+    if todo and place is not None and not looked:
+        index, looked = place.index(), True
+    if todo and index is not None and index.prepared is None:  # re-encoded bytes are no copy
         unpacked, todo = _unpack(index, place, todo, files, files_dir, entry, progress)
     if todo:
         _copy_all(source, todo, files, files_dir, progress)
@@ -136,8 +144,8 @@ def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto") -> C
     pack_state = fingerprint = None
     if place is not None:
         fingerprint = _fingerprint(listing)
-        pack_state = _pack_state(source, place, pack, index, listing, files, files_dir, entry,
-                                 fingerprint == old.get("pack_fingerprint"), progress)
+        pack_state = _pack_state(source, place, pack, index, looked, listing, files, files_dir,
+                                 entry, fingerprint == old.get("pack_fingerprint"), progress)
     manifest = {"source": source.label, "sha256": sha, "files": files,
                 "pack_fingerprint": fingerprint if pack_state else None}
     if copied or old.get("sha256") != sha or \
@@ -147,8 +155,57 @@ def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto") -> C
     report = CacheReport(source=source.label, local=str(local), sha256=sha, files=len(files),
                          bytes=sum(f["size"] for f in files.values()), copied_files=copied,
                          copy_seconds=round(time.perf_counter() - started, 3),
-                         unpacked_files=unpacked, pack=pack_state)
+                         unpacked_files=unpacked, pack=pack_state,
+                         way="verbatim" if unpacked else "files",
+                         copied_bytes=copied_bytes)
     log.info("data cached" if copied else "data cache reused", **asdict(report))
+    return report
+
+
+def _listing(source: Source, files_dir: Path) -> dict[str, tuple[int, int]]:
+    listing = source.listing()
+    if not listing:
+        raise JobError(f"data: {source.label} is empty")
+    for rel in listing:  # before anything is written: every file stays inside the cache
+        try:
+            inside(files_dir, rel, f"data: {source.label}")
+        except UnsafePath as e:
+            raise JobError(str(e)) from None
+    return listing
+
+
+def _index(place: datapack.PackPlace) -> datapack.PackIndex | None:
+    """The folder's pack index; None when it has none, or when it cannot be read (said, with
+    what to do: the job trains from the original files)."""
+    try:
+        return place.load_index()
+    except datapack.PackError as e:
+        log.warning(f"data pack not used: {e}; training from the original files",
+                    pack=place.description)
+        return None
+
+
+def _fetched(source: Source, index: datapack.PackIndex | None, place: datapack.PackPlace,
+             listing: dict, entry: Path, wanted: Wanted, progress: bool) -> InPlace | None:
+    """A prepared pack's shards, fetched to be read in place; None: the files are copied."""
+    if index is None or index.prepared is None:
+        return None
+    bar = _bar(progress, len(index.files), f"shards of {source.name}")
+    try:
+        return fetch_prepared(index, place, listing, entry, wanted, source.label,
+                              bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _in_place(source: Source, fetched: InPlace, started: float) -> CacheReport:
+    report = CacheReport(source=source.label, local=str(fetched.local), sha256=fetched.sha256,
+                         files=fetched.files, bytes=fetched.bytes,
+                         copied_files=fetched.copied_files,
+                         copy_seconds=round(time.perf_counter() - started, 3), pack="current",
+                         way="prepared", copied_bytes=fetched.copied_bytes)
+    log.info("data cached" if fetched.copied_files else "data cache reused", **asdict(report))
     return report
 
 
@@ -217,16 +274,19 @@ def _fingerprint(listing: dict[str, tuple[int, int]]) -> str:
 
 
 def _pack_state(source: Source, place: datapack.PackPlace, pack: str,
-                index: datapack.PackIndex | None, listing: dict, files: dict, files_dir: Path,
-                entry: Path, known_current: bool, progress: bool) -> str | None:
+                index: datapack.PackIndex | None, looked: bool, listing: dict, files: dict,
+                files_dir: Path, entry: Path, known_current: bool,
+                progress: bool) -> str | None:
     """"current" when the folder's pack matches it, "built" when this call built it, None when
     it has none (and need not, or cannot, have one). A failed build is logged; the job goes on."""
     if known_current:
         return "current"  # checked when this cache was last filled; the folder is unchanged
-    if index is None:
+    if not looked:
         index = place.index()
     if index is not None and index.is_current(listing):
         return "current"
+    if index is not None and index.prepared is not None:
+        return None  # made by `cherry data pack --image-size`: its rebuild is the user's (said)
     wanted = pack == "on" or (pack == "auto" and len(listing) >= datapack.AUTO_MIN_FILES)
     if not wanted or not source.can_build_pack():
         return None

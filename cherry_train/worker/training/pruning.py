@@ -29,7 +29,7 @@ from cherry_train.schemas.records import AttemptEnd
 from cherry_train.sweepspace import Rank
 
 if TYPE_CHECKING:
-    from cherry_train.worker.job import Job
+    from cherry_train.worker.training.job import Job
 
 log = structlog.get_logger(__name__)
 

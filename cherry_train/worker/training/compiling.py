@@ -24,7 +24,7 @@ from torch import nn
 from cherry_train import logs
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.schemas import Phase
-from cherry_train.worker.kernelseal import KernelSeal, Unverified
+from cherry_train.worker.checkpoints.kernelseal import KernelSeal, Unverified
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

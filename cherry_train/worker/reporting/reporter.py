@@ -22,7 +22,7 @@ from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.plots import render_curves
 from cherry_train.schemas import Heartbeat, Phase, WorkerState, WorkerStatus
 from cherry_train.worker.drain import Drain
-from cherry_train.worker.tensorboard import Board
+from cherry_train.worker.reporting.tensorboard import Board
 
 log = structlog.get_logger(__name__)
 

@@ -62,7 +62,7 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     from multiprocessing import forkserver
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["cherry_train.worker.data"])  # and the pipelines
+    context.set_forkserver_preload(["cherry_train.worker.inputs.data"])  # and the pipelines
     with _stop_signals_ignored():
         forkserver.ensure_running()
     return context

@@ -16,14 +16,14 @@ from torch import nn
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.schemas import ModelConfig, TrainingConfig
-from cherry_train.worker.checkpoint import Checkpoints
-from cherry_train.worker.data import Data, load_data
-from cherry_train.worker.device import Precision, resolve_precision, seed_and_determinism
-from cherry_train.worker.distributed import Group
-from cherry_train.worker.model import build_model
-from cherry_train.worker.optim import make_optimizer, make_scheduler
+from cherry_train.worker.checkpoints.checkpoint import Checkpoints
+from cherry_train.worker.inputs.data import Data, load_data
+from cherry_train.worker.multigpu.distributed import Group
 from cherry_train.worker.outcome import TrainState
-from cherry_train.worker.reporting import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.training.device import Precision, resolve_precision, seed_and_determinism
+from cherry_train.worker.training.model import build_model
+from cherry_train.worker.training.optim import make_optimizer, make_scheduler
 
 R = TypeVar("R", bound="Rank")
 

@@ -33,10 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
-from cherry_train.worker.gpudata import BatchFinish
-from cherry_train.worker.processes import loader_processes
-from cherry_train.worker.samples import (
-    JPEG_SUFFIXES,
+from cherry_train.worker.inputs.gpudata import BatchFinish
+from cherry_train.worker.inputs.processes import loader_processes
+from cherry_train.worker.inputs.samples import (
     EpochSampler,
     ImageFolderSamples,
     crop_box,
@@ -88,7 +87,7 @@ def image_size(data: bytes, path: str) -> tuple[int, int]:
         raise undecodable(path, e) from None
 
 
-class _EncodedCrops(Dataset):
+class EncodedCrops(Dataset):
     """Item (epoch, index): the file's bytes and its crop row (x1, y1, x2, y2 in the original
     image's pixels, flip, index, is_jpeg)."""
 
@@ -102,12 +101,11 @@ class _EncodedCrops(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path = self.samples.samples[index][0]
-        with open(path, "rb") as f:
-            data = f.read()
+        data = self.samples.read(index)
         w, h = image_size(data, path)
         x1, y1, x2, y2, flip = crop_box(w, h, self.seed, epoch, index, self.augment,
                                         self.min_scale)
-        jpeg = path.lower().endswith(JPEG_SUFFIXES) and data[:2] == b"\xff\xd8"
+        jpeg = self.samples.is_jpeg(index) and data[:2] == b"\xff\xd8"
         row = torch.tensor([x1, y1, x2, y2, float(flip), index, float(jpeg)],
                            dtype=torch.float64)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), row
@@ -122,7 +120,7 @@ def _collate(items):
     return torch.cat([data for data, _ in items]), offsets, torch.stack([row for _, row in items])
 
 
-def _split(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+def split_flat(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
     bounds = offsets.tolist()
     return [flat[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
@@ -134,30 +132,56 @@ class StreamedBatches:
     def __init__(self, samples: ImageFolderSamples, sampler: EpochSampler, batch_size: int,
                  out_size: int, augment: bool, min_scale: float, normalize: bool,
                  drop_last: bool, device: torch.device, num_workers: int = 0):
-        self.samples, self.sampler, self.device = samples, sampler, device
-        self.out_size, self.normalize = out_size, normalize
+        self.sampler, self.device = sampler, device
         self.labels = torch.tensor([label for _, label in samples.samples], device=device)
         self.finish = BatchFinish(device, normalize)
-        self.loader = DataLoader(
-            _EncodedCrops(samples, samples.seed, augment, min_scale), batch_size=batch_size,
-            sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-            collate_fn=_collate, persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers else None, **loader_processes(num_workers),
-            generator=torch.Generator().manual_seed(samples.seed))  # as in gpudata.py
+        self.crop = DecodeAndCrop(samples, out_size, device)
+        self.loader = encoded_loader(EncodedCrops(samples, samples.seed, augment, min_scale),
+                                     sampler, batch_size, drop_last, num_workers, samples.seed)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.device.type != "cuda":
-            for flat, offsets, meta in self.loader:
-                yield self.batch(flat, offsets, meta)
-            return
-        yield from _Prefetched(self)
+        return iterate(self)
 
     def batch(self, flat: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor):
         """Decode, crop, flip and normalise one batch (on the current CUDA stream)."""
-        images = self._decode(_split(flat, offsets), meta)
+        x = self.crop(split_flat(flat, offsets), meta)
+        idx = meta[:, 5].long().to(self.device)
+        return self.finish(x, meta[:, 4]), self.labels.index_select(0, idx)
+
+
+def encoded_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, drop_last: bool,
+                   num_workers: int, seed: int) -> DataLoader:
+    """The loader of a pipeline whose items are (bytes, crop row): batches as _collate packs
+    them."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+        num_workers=num_workers, collate_fn=_collate, persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers else None, **loader_processes(num_workers),
+        generator=torch.Generator().manual_seed(seed))  # as in gpudata.py
+
+
+def iterate(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A pipeline's batches (its loader's, through its batch()): on CUDA made ahead on a
+    side stream by _Prefetched, elsewhere in turn."""
+    if batches.device.type != "cuda":
+        for flat, offsets, meta in batches.loader:
+            yield batches.batch(flat, offsets, meta)
+        return
+    yield from _Prefetched(batches)
+
+
+class DecodeAndCrop:
+    """Files' bytes and their crop rows (x1, y1, x2, y2 in the original image's pixels, flip,
+    index, is_jpeg) -> the crops (float, 0..255, not yet flipped) on the device."""
+
+    def __init__(self, samples: ImageFolderSamples, out_size: int, device: torch.device):
+        self.samples, self.out_size, self.device = samples, out_size, device
+
+    def __call__(self, encoded: list[torch.Tensor], meta: torch.Tensor) -> torch.Tensor:
+        images = self._decode(encoded, meta)
         dtype = torch.half if self.device.type == "cuda" else torch.float  # 0..255 exact in it
         boxes = meta[:, :4].to(self.device, non_blocking=True)
         crops, order = [], []
@@ -175,9 +199,7 @@ class StreamedBatches:
         x = crops[0] if len(crops) == 1 else torch.cat(crops)
         if order != sorted(order):  # back into the batch's order
             x = x.index_select(0, torch.tensor(order, device=self.device).argsort())
-        x = x.float()
-        idx = meta[:, 5].long().to(self.device)
-        return self.finish(x, meta[:, 4]), self.labels.index_select(0, idx)
+        return x.float()
 
     def _decode(self, encoded: list[torch.Tensor], meta: torch.Tensor) -> list[torch.Tensor]:
         """CHW uint8 images on the device: JPEGs in one batched (nvJPEG) call, the rest and
@@ -213,7 +235,7 @@ def _by_shape(images: list[torch.Tensor]) -> dict[tuple, list[int]]:
 
 
 class _Prefetched:
-    """Runs StreamedBatches.batch on a thread with its own CUDA stream, PREFETCH_BATCHES
+    """Runs a streaming pipeline's batch() on a thread with its own CUDA stream, PREFETCH_BATCHES
     ahead: decoding batch k+1 overlaps training on batch k. The consumer waits on each batch's
     event, so it never reads a batch before it is made; leaving the loop early (a stop
     request) ends the thread."""
@@ -276,4 +298,4 @@ def jpeg_share(samples: ImageFolderSamples) -> float:
     """The share of files named as JPEGs: streaming pays off when nvJPEG decodes most."""
     if not samples.samples:
         return 0.0
-    return float(np.mean([p.lower().endswith(JPEG_SUFFIXES) for p, _ in samples.samples]))
+    return float(np.mean([samples.is_jpeg(i) for i in range(len(samples))]))

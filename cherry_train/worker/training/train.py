@@ -1,8 +1,8 @@
 """Training one job, resumable at any checkpoint, in the shape of torchvision's
 references/classification/train.py: `setup`, one epoch (`Leader`: rank 0's part in the loop
 of every rank, lockstep.py), `evaluate` (validation.py), `train` (their `main`). Elsewhere: one
-step and its out-of-memory back-off in steps.py, the other ranks in followers.py, when to
-checkpoint and what to publish in checkpointing.py, compiling in compiling.py, data in data.py.
+step and its out-of-memory back-off in steps.py, the other ranks in followers.py, checkpoints
+and results in checkpointing.py, compiling in compiling.py, data in prepare.py and data.py.
 
 What a test may replace is passed in (Seams), never patched into the module.
 """
@@ -25,9 +25,14 @@ from cherry_train import faults
 from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
-from cherry_train.worker import followers
-from cherry_train.worker.checkpoint import Checkpoints
-from cherry_train.worker.checkpointing import (
+from cherry_train.worker.checkpoints.checkpoint import Checkpoints
+from cherry_train.worker.errors import JobError, is_cuda_error
+from cherry_train.worker.inputs.prepare import local_file, prepare_data
+from cherry_train.worker.inputs.processes import loader_cap
+from cherry_train.worker.multigpu.distributed import world_size
+from cherry_train.worker.outcome import JobRun, Outcome
+from cherry_train.worker.training import followers
+from cherry_train.worker.training.checkpointing import (
     STORE_RESULTS,
     checkpoint_due,
     checkpoint_now,
@@ -40,21 +45,16 @@ from cherry_train.worker.checkpointing import (
     save_checkpoint,
     store_final,
 )
-from cherry_train.worker.compiling import Compilation, CompileState, TorchCompiler
-from cherry_train.worker.data import local_file, prepare_data
-from cherry_train.worker.device import describe, pick_device
-from cherry_train.worker.distributed import world_size
-from cherry_train.worker.errors import JobError, is_cuda_error
-from cherry_train.worker.export import export_best
-from cherry_train.worker.job import Job, setup_rank
-from cherry_train.worker.lockstep import STOPPED, Agreement, train_epochs
-from cherry_train.worker.model import build_model, with_image_size
-from cherry_train.worker.outcome import JobRun, Outcome
-from cherry_train.worker.processes import loader_cap
-from cherry_train.worker.progress import first_step, log_progress, progress
-from cherry_train.worker.pruning import PAUSE, after_resume, at_epoch_end
-from cherry_train.worker.steps import raise_named, train_step
-from cherry_train.worker.validation import evaluate
+from cherry_train.worker.training.compiling import Compilation, CompileState, TorchCompiler
+from cherry_train.worker.training.device import describe, pick_device
+from cherry_train.worker.training.export import export_best
+from cherry_train.worker.training.job import Job, setup_rank
+from cherry_train.worker.training.lockstep import STOPPED, Agreement, train_epochs
+from cherry_train.worker.training.model import build_model, with_image_size
+from cherry_train.worker.training.progress import first_step, log_progress, progress
+from cherry_train.worker.training.pruning import PAUSE, after_resume, at_epoch_end
+from cherry_train.worker.training.steps import raise_named, train_step
+from cherry_train.worker.training.validation import evaluate
 
 log = structlog.get_logger(__name__)
 

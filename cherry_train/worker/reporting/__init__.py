@@ -1,0 +1,1 @@
+"""What a job tells people: heartbeats, metrics, curves, TensorBoard, webhooks at its end."""

@@ -1,0 +1,1 @@
+"""Training one job: setup, steps, validation, when to checkpoint, compiling, export."""

@@ -1,0 +1,154 @@
+"""The split GPU input pipeline, run on the CPU: part of the set decoded once, the rest streamed,
+each sample's pixels exactly those of the resident-only or the stream-only pipeline; and how
+`auto` chooses between them from the free GPU memory (faked through choose_pipeline's seam)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from structlog.testing import capture_logs
+
+from cherry_train.schemas import validate_config
+from cherry_train.worker.inputs.data import Data
+from cherry_train.worker.inputs.gpudata import decoded_bytes, stored_side
+from cherry_train.worker.inputs.pipelines import choose_pipeline
+from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform
+
+BATCH = 8
+
+
+def sets(cherry_images, augment=True):
+    classes = sorted(p.name for p in (cherry_images / "train").iterdir())
+    return [ImageFolderSamples(cherry_images / split, classes,
+                               Transform(32, augment=augment and split == "train",
+                                         min_scale=0.5), seed=3)
+            for split in ("train", "val")]
+
+
+def data(cherry_images, pipeline, share=None, normalize=None, rank=0, ranks=1):
+    train, val = sets(cherry_images)
+    return Data(train=train, val=val, classes=train.classes, batch_size=BATCH, num_workers=0,
+                pin_memory=False, steps_per_epoch=len(train) // BATCH, val_limit=None,
+                normalize=normalize, pipeline=pipeline, resident_share=share, rank=rank,
+                ranks=ranks)
+
+
+def epoch(d: Data, n: int, start_step: int = 0):
+    return [(x.clone(), y.clone()) for x, y in d.train_batches(n, start_step)]
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_a_split_batch_holds_the_resident_pipelines_and_the_streamed_pipelines_samples(
+        cherry_images, share):
+    split, gpu, stream = (data(cherry_images, "split", share), data(cherry_images, "gpu"),
+                          data(cherry_images, "stream"))
+    resident = int(share * len(split.train))  # 96 images: 24 or 48, the first ones
+    order = split.train_loader(1, 0).sampler.order().tolist()
+    kinds = set()
+    for b, ((x, y), (xg, yg), (xs, ys)) in enumerate(zip(
+            epoch(split, 1), epoch(gpu, 1), epoch(stream, 1), strict=True)):
+        assert torch.equal(y, yg) and torch.equal(y, ys)
+        for k, index in enumerate(order[b * BATCH:(b + 1) * BATCH]):
+            want = xg[k] if index < resident else xs[k]
+            assert torch.equal(x[k], want), (index, resident)
+            kinds.add(index < resident)
+    assert kinds == {True, False}
+    # The two pipelines' pixels differ (resampled from the stored copy or from the file): the
+    # comparison above tells which one served each sample.
+    assert not torch.equal(epoch(gpu, 1)[0][0], epoch(stream, 1)[0][0])
+
+
+def test_split_validation_batches_split_the_same_share(cherry_images):
+    split, gpu, stream = (data(cherry_images, "split", 0.5, normalize=True),
+                          data(cherry_images, "gpu", normalize=True),
+                          data(cherry_images, "stream", normalize=True))
+    resident = len(split.val) // 2
+    at = 0
+    for (x, y), (xg, _), (xs, _) in zip(split.val_batches(), gpu.val_batches(),
+                                        stream.val_batches(), strict=True):
+        for k in range(len(y)):  # validation is in the folder's order
+            assert torch.equal(x[k], xg[k] if at + k < resident else xs[k]), at + k
+        at += len(y)
+    assert at == len(split.val)
+
+
+def test_a_split_resumes_mid_epoch_exactly(cherry_images):
+    split = data(cherry_images, "split", 0.5)
+    whole = epoch(split, 2)
+    assert len(whole) == len(split.train) // BATCH
+    rest = epoch(split, 2, start_step=3)
+    assert len(rest) == len(whole) - 3
+    for (xa, ya), (xb, yb) in zip(whole[3:], rest, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_two_ranks_of_a_split_serve_the_halves_of_one_ranks_batches(cherry_images):
+    whole = epoch(data(cherry_images, "split", 0.5), 1)
+    halves = [epoch(data(cherry_images, "split", 0.5, rank=r, ranks=2), 1) for r in (0, 1)]
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *halves, strict=True):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
+
+
+def config(pipeline="auto", **performance):
+    return validate_config({
+        "model": {"name": "resnet18", "num_classes": 2},
+        "training": {"epochs": 1, "batch_size": 8, "learning_rate": 0.01},
+        "data": {"train_path": "t", "val_path": "v", "image_size": 32},
+        "performance": {"input_pipeline": pipeline, **performance}})
+
+
+def choose(cherry_images, free: float, cfg=None):
+    """choose_pipeline on a CUDA device whose free memory is `free` times the whole decoded
+    set's size (GPU_SHARE of it is the budget); the choice and its log line."""
+    train, val = sets(cherry_images)
+    need = decoded_bytes(len(train) + len(val), stored_side(32, 0.5))
+    with capture_logs() as events:
+        chosen = choose_pipeline(cfg or config(), torch.device("cuda"), train, val,
+                                 free_memory=lambda device: int(free * need))
+    said = [e for e in events if e["event"] == "input pipeline"]
+    assert len(said) == 1
+    return chosen, said[0]
+
+
+def test_auto_keeps_every_image_resident_when_the_set_fits(cherry_images):
+    chosen, said = choose(cherry_images, free=3.01)  # a third of it holds the set
+    assert chosen == ("gpu", None)
+    assert said["resident_images"] == 128 and said["streamed_images"] == 0
+
+
+def test_auto_splits_what_does_not_fit_and_says_why(cherry_images):
+    # 128 images; a third of the free memory holds 52% of them: 50% resident (steps of 5%).
+    chosen, said = choose(cherry_images, free=3 * 0.52)
+    assert chosen == ("split", 0.5)
+    assert said["pipeline"] == "split"
+    assert said["resident_images"] == 48 + 16 and said["streamed_images"] == 64
+    need = decoded_bytes(128, stored_side(32, 0.5))
+    assert said["gpu_free_megabytes"] == round(int(3 * 0.52 * need) / 2**20)
+    assert said["budget_megabytes"] == round(int(3 * 0.52 * need) / 3 / 2**20)
+    assert "50% of the decoded images fit in a third of the free GPU memory" in said["why"]
+
+
+def test_auto_streams_everything_when_almost_nothing_fits(cherry_images):
+    chosen, said = choose(cherry_images, free=3 * 0.04)
+    assert chosen == ("stream", None)
+    assert said["resident_images"] == 0 and said["streamed_images"] == 128
+    assert "would not fit in a third of the free GPU memory, nor 1/20 of them" in said["why"]
+
+
+def test_split_asked_for_is_sized_by_the_memory_or_pinned_by_its_share(cherry_images):
+    assert choose(cherry_images, 3 * 0.31, config("split"))[0] == ("split", 0.3)
+    assert choose(cherry_images, 3 * 0.04, config("split"))[0] == ("split", 0.0)
+    assert choose(cherry_images, 4, config("split"))[0] == ("split", 1.0)
+    chosen, said = choose(cherry_images, 4, config("split", resident_share=0.25))
+    assert chosen == ("split", 0.25) and said["why"] == "performance.input_pipeline"
+
+
+def test_resident_share_belongs_to_a_split():
+    from cherry_train.schemas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="performance.resident_share: only with "
+                                          "input_pipeline: split"):
+        config("auto", resident_share=0.5)
+    with pytest.raises(ConfigError, match="performance.resident_share"):
+        config("split", resident_share=1.0)  # all of it is input_pipeline: gpu
+    assert "resident_share" not in config().model_dump(mode="json")["performance"]
