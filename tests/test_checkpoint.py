@@ -13,7 +13,7 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints, StateCopier
+from cherry_train.worker.checkpoints.store import Checkpoints, StateCopier
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
     best = torch.load(job_dir / "best.pt", weights_only=True)
     model = torchvision.models.resnet18(num_classes=2)
     model.load_state_dict(best)
-    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.store import weights_sha256
 
     assert weights_sha256(best) == result.best_weights_sha256
     # final.pt only when the final weights are not best.pt's (the last epoch was not best)
@@ -371,7 +371,7 @@ def test_checkpoints_that_cannot_be_written_do_not_end_the_job(root_with_data, t
     """Every checkpoint fails (Drive full) and so does the first best.pt: training goes on,
     and best.pt still ends up holding the weights the result names, stored with the next
     epoch's checkpoint (2 epochs) or at the end (1 epoch)."""
-    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.store import weights_sha256
 
     best_failures = []
 
@@ -401,7 +401,7 @@ def test_final_weights_that_cannot_be_stored_are_tried_again_before_the_job_fail
         root_with_data, tiny_config, drive_comes_back):
     """Drive full at the very end: the finished run is worth waiting for. If space comes back
     (someone frees it) the job succeeds; if not, it fails once the wait is over, saying why."""
-    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.store import weights_sha256
 
     refused = []
 

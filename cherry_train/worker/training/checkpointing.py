@@ -1,7 +1,7 @@
 """When training checkpoints and what it publishes: the whole training state at intervals and
 at each epoch's end, best.pt from the very copy of the state its epoch ended with, and at the
 end the final weights, tried again while storage refuses them. Writing a checkpoint file, in
-the background and verified, is checkpoint.py's; resuming from one is here too.
+the background and verified, is checkpoints/store.py's; resuming from one is here too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cherry_train import logs
 from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import Phase
-from cherry_train.worker.checkpoints.checkpoint import rng_state, set_rng_state, weights_sha256
+from cherry_train.worker.checkpoints.store import rng_state, set_rng_state, weights_sha256
 from cherry_train.worker.outcome import TrainState
 from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.training.job import Job

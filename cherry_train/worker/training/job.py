@@ -14,7 +14,7 @@ from torch import nn
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.schemas import TrainingConfig
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints
+from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.inputs.data import Data
 from cherry_train.worker.multigpu.distributed import Group
 from cherry_train.worker.outcome import TrainState

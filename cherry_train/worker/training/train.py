@@ -26,7 +26,7 @@ from cherry_train import faults
 from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints
+from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.inputs.data import load_data, local_file, prepare_data
 from cherry_train.worker.inputs.processes import loader_cap
