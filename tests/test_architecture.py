@@ -113,7 +113,7 @@ def test_no_module_over_400_lines():
 
 def test_train_py_stays_a_handful_of_functions():
     """worker/training/train.py in the shape of torchvision's reference script: what grows goes to
-    the module of its concern (steps, checkpointing, compiling, progress, data)."""
+    the module of its concern (steps, saving, compiling, progress, data)."""
     assert len((PACKAGE / "worker" / "training" / "train.py").read_text().splitlines()) <= 300
 
 

@@ -7,8 +7,8 @@ import structlog
 import torch
 
 from cherry_train.schemas import Phase
-from cherry_train.worker.training.checkpointing import fold_running_sums
 from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.saving import fold_running_sums
 
 log = structlog.get_logger(__name__)
 

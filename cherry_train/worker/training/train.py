@@ -2,7 +2,7 @@
 references/classification/train.py: `setup`, `train_one_epoch`, `evaluate` (validation.py) and
 `train` (their `main`). Where the rest lives: one optimizer step and its out-of-memory back-off
 in steps.py, the other ranks of a multi-GPU job in distributed.py and followers.py,
-when to checkpoint and what to publish in checkpointing.py, whether to compile in compiling.py,
+when to checkpoint and what to publish in saving.py, whether to compile in compiling.py,
 the data in data.py.
 
 What a test may replace is passed in (Seams), never patched into the module.
@@ -33,19 +33,6 @@ from cherry_train.worker.inputs.processes import loader_cap
 from cherry_train.worker.multigpu.distributed import world_size
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.training import followers
-from cherry_train.worker.training.checkpointing import (
-    STORE_RESULTS,
-    checkpoint_due,
-    checkpoint_now,
-    drain,
-    fold_running_sums,
-    keep_state,
-    report_durable,
-    report_failed,
-    resume,
-    save_checkpoint,
-    store_final,
-)
 from cherry_train.worker.training.compiling import Compilation, CompileState, TorchCompiler
 from cherry_train.worker.training.device import (
     describe,
@@ -59,6 +46,19 @@ from cherry_train.worker.training.model import build_model, with_image_size
 from cherry_train.worker.training.optim import make_optimizer, make_scheduler
 from cherry_train.worker.training.progress import first_step, log_progress, progress
 from cherry_train.worker.training.pruning import PAUSE, after_resume, at_epoch_end
+from cherry_train.worker.training.saving import (
+    STORE_RESULTS,
+    checkpoint_due,
+    checkpoint_now,
+    drain,
+    fold_running_sums,
+    keep_state,
+    report_durable,
+    report_failed,
+    resume,
+    save_checkpoint,
+    store_final,
+)
 from cherry_train.worker.training.steps import raise_named, train_step
 from cherry_train.worker.training.validation import evaluate
 
