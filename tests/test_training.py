@@ -21,7 +21,7 @@ from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker
 from cherry_train.worker.training.model import build_model
-from cherry_train.worker.training.train import Seams, Training, evaluate
+from cherry_train.worker.training.train import Seams, Training, validate
 
 REQUIRED_RESULT_FIELDS = ("job_id", "state", "attempts", "best", "epochs_completed",
                           "wall_seconds", "images_per_second", "device", "final_weights_sha256",
@@ -473,7 +473,7 @@ def test_a_loader_death_during_validation_is_a_loader_death(root_with_data, tiny
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
-        return evaluate(job)
+        return validate(job)
     worker = Worker(queue, WorkerIdentity("w1"), trainer=Training(Seams(validate=dies_once)))
     assert worker.run_once()
     hb = queue.heartbeat(job_id)

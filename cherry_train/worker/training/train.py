@@ -1,5 +1,5 @@
 """Training one job, resumable at any checkpoint, in the shape of torchvision's
-references/classification/train.py: `setup`, `train_one_epoch`, `evaluate` (validation.py) and
+references/classification/train.py: `setup`, `train_one_epoch`, `validate` (their `evaluate`) and
 `train` (their `main`). Where the rest lives: one optimizer step and its out-of-memory back-off
 in steps.py, the other ranks of a multi-GPU job in distributed.py and followers.py,
 when to checkpoint and what to publish in saving.py, whether to compile in compiling.py,
@@ -60,7 +60,7 @@ from cherry_train.worker.training.saving import (
     store_final,
 )
 from cherry_train.worker.training.steps import raise_named, train_step
-from cherry_train.worker.training.validation import evaluate
+from cherry_train.worker.training.validation import validate
 
 log = structlog.get_logger(__name__)
 
@@ -76,7 +76,7 @@ class Seams:
     device: Callable[[], torch.device] = pick_device
     build_model: Callable[[ModelConfig, Path | None], nn.Module] = build_model
     step: Step = train_step
-    validate: Callable[[Job], tuple[float, float]] | None = None  # None: validation.evaluate
+    validate: Callable[[Job], tuple[float, float]] | None = None  # None: validation.validate
     compiler: TorchCompiler = field(default_factory=TorchCompiler)
     store_results: Backoff = STORE_RESULTS
 
@@ -270,7 +270,7 @@ def _train(job: Job, run: JobRun, seams: Seams) -> Outcome:
             if not train_one_epoch(job, seams.step, run.progress_bar):
                 return outcome
             try:
-                end_epoch(job, seams.validate or evaluate)
+                end_epoch(job, seams.validate or validate)
             except Exception as e:  # validation has loader processes too
                 if job.stop.is_set():
                     raise

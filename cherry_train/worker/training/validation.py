@@ -11,7 +11,7 @@ from cherry_train.worker.training.model import forward, summed_cross_entropy
 
 
 @torch.no_grad()
-def evaluate(job: Job) -> tuple[float, float]:
+def validate(job: Job) -> tuple[float, float]:
     """Validation loss and accuracy (means over the images)."""
     job.model.eval()
     if job.group is not None:
