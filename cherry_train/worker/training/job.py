@@ -1,5 +1,6 @@
-"""One attempt's training job: everything the training functions share, built once by
-train.setup. Where each part comes from is in train.py; here only what it holds."""
+"""One attempt's training job (`TrainingJob`; not the queue's JobQueue, JobRun or JobView):
+everything the training functions share, built once by train.setup. Where each part comes from
+is in train.py; here only what it holds."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from cherry_train.worker.training.device import Precision
 
 
 @dataclass
-class Job:
+class TrainingJob:
     claim: Claim
     cfg: TrainingConfig
     device: torch.device

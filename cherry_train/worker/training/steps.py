@@ -14,7 +14,7 @@ import torch
 
 from cherry_train.worker.errors import JobError, LoaderDied, is_loader_death
 from cherry_train.worker.training.device import describe
-from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.job import TrainingJob
 from cherry_train.worker.training.model import forward
 
 log = structlog.get_logger(__name__)
@@ -23,7 +23,8 @@ log = structlog.get_logger(__name__)
 MIN_MICRO_BATCH = 1
 
 
-def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(job: TrainingJob, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over the batch: its (batch-mean loss, correct count), on the device."""
     while True:
         try:
@@ -36,7 +37,7 @@ def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
             _back_off(job, y.shape[0])
 
 
-def _step(job: Job, x: torch.Tensor, y: torch.Tensor):
+def _step(job: TrainingJob, x: torch.Tensor, y: torch.Tensor):
     amp, n = job.precision, y.shape[0]
     micro = job.state.micro_batch or n
     model = job.compilation.model_for_step()
@@ -57,7 +58,7 @@ def _step(job: Job, x: torch.Tensor, y: torch.Tensor):
     return loss_sum, correct
 
 
-def _back_off(job: Job, batch: int) -> None:
+def _back_off(job: TrainingJob, batch: int) -> None:
     state = job.state
     micro = state.micro_batch or batch
     job.optimizer.zero_grad(set_to_none=True)

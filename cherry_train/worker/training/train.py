@@ -41,7 +41,7 @@ from cherry_train.worker.training.device import (
     seed_and_determinism,
 )
 from cherry_train.worker.training.export import export_best
-from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.job import TrainingJob
 from cherry_train.worker.training.model import build_model, with_image_size
 from cherry_train.worker.training.optim import make_optimizer, make_scheduler
 from cherry_train.worker.training.progress import first_step, log_progress, progress
@@ -64,7 +64,7 @@ from cherry_train.worker.training.validation import validate
 
 log = structlog.get_logger(__name__)
 
-Step = Callable[[Job, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[TrainingJob, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Seams:
     device: Callable[[], torch.device] = pick_device
     build_model: Callable[[ModelConfig, Path | None], nn.Module] = build_model
     step: Step = train_step
-    validate: Callable[[Job], tuple[float, float]] | None = None  # None: validation.validate
+    validate: Callable[[TrainingJob], tuple[float, float]] | None = None  # None: validation's
     compiler: TorchCompiler = field(default_factory=TorchCompiler)
     store_results: Backoff = STORE_RESULTS
 
@@ -91,7 +91,7 @@ class Training:
         return train(run, self.seams)
 
 
-def setup(run: JobRun, seams: Seams) -> Job:
+def setup(run: JobRun, seams: Seams) -> TrainingJob:
     claim, reporter = run.claim, run.reporter
     cfg, reader = with_image_size(claim.manifest.config), reporter.owner.reader
     device = seams.device()
@@ -118,7 +118,7 @@ def setup(run: JobRun, seams: Seams) -> Job:
     # The other GPUs' ranks (followers.py), then the model they step together (DDP).
     group, stepped = followers.start(claim.manifest, model, device, ranks, train_dir, val_dir,
                                      max_workers)
-    return Job(
+    return TrainingJob(
         claim=claim, cfg=cfg, device=device, precision=precision, data=data, model=model,
         optimizer=optimizer, scheduler=make_scheduler(cfg, optimizer, total),
         scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
@@ -136,7 +136,7 @@ def setup(run: JobRun, seams: Seams) -> Job:
 
 # -- one epoch ---------------------------------------------------------------------------------
 
-def train_one_epoch(job: Job, step: Step, progress_bar: bool) -> bool:
+def train_one_epoch(job: TrainingJob, step: Step, progress_bar: bool) -> bool:
     """Train the rest of the current epoch; False if a stop was requested (after a checkpoint)."""
     loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
     correct = torch.zeros((), device=job.device, dtype=torch.int64)
@@ -153,7 +153,7 @@ def train_one_epoch(job: Job, step: Step, progress_bar: bool) -> bool:
         raise_named(e)
 
 
-def _epoch_steps(job: Job, step: Step, progress_bar: bool, loss_sum: torch.Tensor,
+def _epoch_steps(job: TrainingJob, step: Step, progress_bar: bool, loss_sum: torch.Tensor,
                  correct: torch.Tensor) -> bool:
     state, per_epoch = job.state, job.data.steps_per_epoch
     job.model.train()
@@ -195,7 +195,7 @@ def _epoch_steps(job: Job, step: Step, progress_bar: bool, loss_sum: torch.Tenso
     return True
 
 
-def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+def _stop_here(job: TrainingJob, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     if job.stop.reason == "fenced":
         raise Fenced(f"job {job.claim.job_id}: a later attempt took over")
     checkpoint_now(job, loss_sum, correct, f"stop ({job.stop.reason})")
@@ -203,7 +203,7 @@ def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
 
 # -- the end of an epoch ----------------------------------------------------------------------
 
-def end_epoch(job: Job, validate: Callable[[Job], tuple[float, float]]) -> None:
+def end_epoch(job: TrainingJob, validate: Callable[[TrainingJob], tuple[float, float]]) -> None:
     state = job.state
     job.reporter.update(phase=Phase.validating)
     val_loss, val_acc = validate(job)
@@ -241,7 +241,7 @@ def train(run: JobRun, seams: Seams) -> Outcome:
             job.group.close(finished=sys.exc_info()[0] is None)
 
 
-def _train(job: Job, run: JobRun, seams: Seams) -> Outcome:
+def _train(job: TrainingJob, run: JobRun, seams: Seams) -> Outcome:
     cfg, reporter, stop = job.cfg, run.reporter, run.stop
     device_name = describe(job.device, job.ranks)
     reporter.update(device=device_name, epochs=cfg.training.epochs,
