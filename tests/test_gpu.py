@@ -164,7 +164,7 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     stream.sampler.set_position(epoch=1, start=2 * 16)  # a resume: the same batches on
     for (xa, ya), (xb, yb) in zip(batches[2:], stream, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    from cherry_train.worker.inputs.processes import shut_down
+    from cherry_train.worker.inputs.loaders import shut_down
 
     shut_down(stream.loader)
 

@@ -26,7 +26,7 @@ from cherry_train.storage.base import Storage
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.inputs.data import loader_pool, local_file, source_for
 from cherry_train.worker.inputs.datacache import cache_folder, default_cache_dir
-from cherry_train.worker.inputs.processes import (
+from cherry_train.worker.inputs.loaders import (
     available_memory,
     loader_cap,
     loader_processes,

@@ -29,7 +29,7 @@ from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
-from cherry_train.worker.inputs.processes import end_loader_processes
+from cherry_train.worker.inputs.loaders import end_loader_processes
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
     IDLE_LINE_SECONDS,

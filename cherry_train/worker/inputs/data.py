@@ -1,7 +1,7 @@
 """A job's data: its folders found and checked, the input pipeline chosen, and batches served
 on the device, from loader processes (here), or decoded on the GPU (gpudata, gpustream).
 
-How each sample is read and augmented is in samples.py; the loader processes in processes.py;
+How each sample is read and augmented is in samples.py; the loader processes in loaders.py;
 the copy of the data onto this VM in datacache.py.
 """
 
@@ -26,7 +26,7 @@ from cherry_train.storage.base import Storage
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.inputs import gpudata, gpustream
 from cherry_train.worker.inputs.datacache import cache_folder, default_cache_dir
-from cherry_train.worker.inputs.processes import (
+from cherry_train.worker.inputs.loaders import (
     available_memory,
     loader_processes,
     shut_down,

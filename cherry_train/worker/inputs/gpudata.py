@@ -31,7 +31,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from cherry_train.worker.inputs.processes import loader_processes
+from cherry_train.worker.inputs.loaders import loader_processes
 from cherry_train.worker.inputs.samples import (
     JPEG_SUFFIXES,
     EpochSampler,

@@ -29,7 +29,7 @@ from cherry_train.schemas import ModelConfig, Phase
 from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.inputs.data import load_data, local_file, prepare_data
-from cherry_train.worker.inputs.processes import loader_cap
+from cherry_train.worker.inputs.loaders import loader_cap
 from cherry_train.worker.multigpu.distributed import world_size
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.training import followers
