@@ -24,7 +24,7 @@ from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
 from cherry_train.schemas import JobState, Manifest, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
-from cherry_train.worker import results, runtime
+from cherry_train.worker import colabsession, results
 from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
@@ -71,7 +71,7 @@ class Worker:
         self.exit_code = 0
         self.cap_reached = False
         self.started_at = queue.clock.now()
-        self._runtime_budget: runtime.RuntimeBudget | None = None
+        self._runtime_budget: colabsession.RuntimeBudget | None = None
         self._last_status: WorkerStatus | None = None
         self._idle_said_at: float | None = None  # idle seconds at the last "waiting for jobs"
         self._swept_at: float | None = None  # idle seconds at the last look at the sweeps
@@ -172,13 +172,13 @@ class Worker:
         self._idle_line(idle, wait)
         return None
 
-    def _budget(self) -> runtime.RuntimeBudget | None:
+    def _budget(self) -> colabsession.RuntimeBudget | None:
         hours = self.options.max_runtime_hours
         if hours is None:
             return None
         if self._runtime_budget is None:  # once: the VM's uptime grows, its start does not
-            started = runtime.runtime_started_at(self.started_at)
-            self._runtime_budget = runtime.RuntimeBudget.from_hours(hours, started)
+            started = colabsession.runtime_started_at(self.started_at)
+            self._runtime_budget = colabsession.RuntimeBudget.from_hours(hours, started)
         return self._runtime_budget
 
     def run_once(self) -> bool:

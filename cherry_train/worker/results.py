@@ -12,7 +12,7 @@ from cherry_train.jobqueue.claims import Claim
 from cherry_train.jobqueue.lifecycle import error_info
 from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.schemas import Artifact, BestEpoch, JobState, Result
-from cherry_train.worker import runtime
+from cherry_train.worker import colabsession
 from cherry_train.worker.outcome import Outcome
 
 log = structlog.get_logger(__name__)
@@ -43,7 +43,7 @@ def result_of(claim: Claim, outcome: Outcome, job_state: JobState, now: datetime
         epochs=claim.manifest.config.epochs, evaluation=outcome.evaluation,
         micro_batch=state.micro_batch or None, oom_backoffs=state.oom_backoffs,
         ranks=state.ranks, rank_changes=state.rank_changes,
-        gpu_hours=round(gpu_hours, 4), compute_units=runtime.compute_units(outcome.device,
+        gpu_hours=round(gpu_hours, 4), compute_units=colabsession.compute_units(outcome.device,
                                                                            gpu_hours),
         dataset_sha256=outcome.data.get("dataset_sha256"), pruned=outcome.pruned,
         export=outcome.export,

@@ -18,8 +18,8 @@ import structlog
 from cherry_train import logs
 from cherry_train.backoff import STOPPING, Stopped
 from cherry_train.storage import is_outage
+from cherry_train.worker.colabsession import STOP_SIGNALS
 from cherry_train.worker.reporting.reporter import StopRequest
-from cherry_train.worker.runtime import STOP_SIGNALS
 
 log = structlog.get_logger(__name__)
 
