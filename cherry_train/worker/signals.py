@@ -18,10 +18,14 @@ import structlog
 from cherry_train import logs
 from cherry_train.backoff import STOPPING, Stopped
 from cherry_train.storage import is_outage
-from cherry_train.worker.colabsession import STOP_SIGNALS
 from cherry_train.worker.reporting.reporter import StopRequest
 
 log = structlog.get_logger(__name__)
+
+#: Signals that stop the worker. Colab, systemd, `docker stop`, `timeout` and Ctrl-C in a
+#: terminal send them to the whole process group: only the worker's main process acts on them
+#: (it finishes its step and checkpoints); its loader processes ignore them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 #: A job in training: the step ends, its checkpoint is written and the job handed back within
 #: this while; storage retries give up at its end (the job then resumes from the newest
