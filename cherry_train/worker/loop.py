@@ -47,11 +47,11 @@ from cherry_train.worker.reporting.notify import (
     handed_back_message,
     message_of,
 )
-from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.reporting.tensorboard import job_board
 from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch
-from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
+from cherry_train.worker.signals import CutShort, StopRequest, stop_on_signals, write_on_the_way_out
 from cherry_train.worker.space import SpaceGate
 from cherry_train.worker.training import pruning
 

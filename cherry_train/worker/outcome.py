@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.worker.checkpoints.kernelseal import KernelSeal
-from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter
+from cherry_train.worker.signals import StopRequest
 
 
 @dataclass

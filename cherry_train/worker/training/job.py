@@ -19,7 +19,8 @@ from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.inputs.data import Data
 from cherry_train.worker.multigpu.distributed import Group
 from cherry_train.worker.outcome import TrainState
-from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter
+from cherry_train.worker.signals import StopRequest
 from cherry_train.worker.training.compiling import Compilation
 from cherry_train.worker.training.device import Precision
 
