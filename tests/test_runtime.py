@@ -13,9 +13,10 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Heartbeat, validate_config
 from cherry_train.storage import LocalStorage
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.colabsession import compute_units
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.outcome import Outcome, TrainState
+from cherry_train.worker.outcome import Outcome
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.plots import render_confusion
 from cherry_train.schemas import ModelConfig, Phase, Result
 from cherry_train.storage.base import Storage
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.inputs.data import loader_pool, local_file, source_for
 from cherry_train.worker.inputs.datacache import cache_folder, default_cache_dir
@@ -34,7 +35,7 @@ from cherry_train.worker.inputs.loaders import (
 )
 from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform, to_model_input
 from cherry_train.worker.inputs.sources import LocalSource
-from cherry_train.worker.outcome import JobRun, Outcome, TrainState
+from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.training.device import describe, pick_device, resolve_precision
 from cherry_train.worker.training.export import export_checked

@@ -15,10 +15,10 @@ from torch import nn
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.schemas import TrainingConfig
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.inputs.data import Data
 from cherry_train.worker.multigpu.distributed import Group
-from cherry_train.worker.outcome import TrainState
 from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.signals import StopRequest
 from cherry_train.worker.training.compiling import Compilation

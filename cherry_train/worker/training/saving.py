@@ -18,8 +18,8 @@ from cherry_train import logs
 from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import Phase
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.checkpoints.store import rng_state, set_rng_state, weights_sha256
-from cherry_train.worker.outcome import TrainState
 from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.training.job import TrainingJob
 
