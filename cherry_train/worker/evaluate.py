@@ -33,19 +33,14 @@ from cherry_train.worker.inputs.loaders import (
     loader_processes,
     usable_cores,
 )
+from cherry_train.worker.inputs.modelinput import input_normalize, with_image_size
 from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform, to_model_input
 from cherry_train.worker.inputs.sources import LocalSource
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.training.device import describe, pick_device, resolve_precision
 from cherry_train.worker.training.export import export_checked
-from cherry_train.worker.training.model import (
-    build_model,
-    forward,
-    input_normalize,
-    read_weights_file,
-    with_image_size,
-)
+from cherry_train.worker.training.model import build_model, forward, read_weights_file
 
 log = structlog.get_logger(__name__)
 

@@ -34,6 +34,7 @@ from cherry_train.worker.inputs.loaders import (
     usable_cores,
     worker_context,
 )
+from cherry_train.worker.inputs.modelinput import input_normalize
 from cherry_train.worker.inputs.samples import (
     EpochSampler,
     ImageFolderSamples,
@@ -42,7 +43,6 @@ from cherry_train.worker.inputs.samples import (
     to_model_input,
 )
 from cherry_train.worker.inputs.sources import LocalSource, Source, StorageSource
-from cherry_train.worker.training.model import input_normalize
 
 log = structlog.get_logger(__name__)
 

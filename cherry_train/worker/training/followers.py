@@ -28,9 +28,10 @@ from cherry_train import faults
 from cherry_train.schemas import Manifest
 from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.inputs.data import Data, load_data
+from cherry_train.worker.inputs.modelinput import with_image_size
 from cherry_train.worker.multigpu.distributed import Group, RankSpec
 from cherry_train.worker.training.device import Precision, resolve_precision, seed_and_determinism
-from cherry_train.worker.training.model import build_model, with_image_size
+from cherry_train.worker.training.model import build_model
 from cherry_train.worker.training.optim import make_optimizer, make_scheduler
 from cherry_train.worker.training.steps import train_step
 from cherry_train.worker.training.validation import validate

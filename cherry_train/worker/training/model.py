@@ -11,9 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from cherry_train.schemas import ModelConfig, TrainingConfig
+from cherry_train.schemas import ModelConfig
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.inputs.samples import Normalize
+from cherry_train.worker.inputs.modelinput import TIMM, timm_module
 
 log = structlog.get_logger(__name__)
 
@@ -39,21 +39,9 @@ def classification_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-TIMM = "timm/"
-TIMM_INSTALL = "pip install 'cherry-train[timm]' (on Colab: in the notebook's install cell)"
-
-
-def _timm():
-    try:
-        import timm
-    except ImportError:
-        raise JobError(f"model.name: timm models need timm here: {TIMM_INSTALL}") from None
-    return timm
-
-
 def check_model_name(name: str) -> None:
     if name.startswith(TIMM):
-        timm, wanted = _timm(), name.removeprefix(TIMM)
+        timm, wanted = timm_module(), name.removeprefix(TIMM)
         if timm.is_model(wanted.split(".")[0]):
             return
         close = difflib.get_close_matches(wanted, timm.list_models(), n=3)
@@ -85,7 +73,7 @@ def build_model(cfg: ModelConfig, weights_file: Path | None) -> nn.Module:
     loads its own pretrained weights the same way (its head left new for our classes)."""
     check_model_name(cfg.name)
     if cfg.name.startswith(TIMM):
-        model = _timm().create_model(cfg.name.removeprefix(TIMM),
+        model = timm_module().create_model(cfg.name.removeprefix(TIMM),
                                      pretrained=cfg.pretrained is True,
                                      num_classes=cfg.num_classes)
     else:
@@ -97,38 +85,6 @@ def build_model(cfg: ModelConfig, weights_file: Path | None) -> nn.Module:
     if weights_file is not None and cfg.pretrained is not True:
         load_matching(model, read_weights_file(weights_file), source=str(weights_file))
     return model
-
-
-def default_image_size(name: str) -> int:
-    """The input size a model was made for: timm's pretrained config says; torchvision's models
-    take 224 (inception_v3: 299)."""
-    if name.startswith(TIMM):
-        config = _timm().get_pretrained_cfg(name.removeprefix(TIMM))
-        return int(config.input_size[-1]) if config is not None else 224
-    return 299 if name == "inception_v3" else 224
-
-
-def input_normalize(cfg: TrainingConfig, model_name: str | None = None) -> Normalize | None:
-    """augmentation.normalize for this model: timm's pretrained mean and std, ImageNet's for
-    torchvision's, or none."""
-    if not cfg.augmentation.normalize:
-        return None
-    name = model_name or cfg.model.name
-    if name.startswith(TIMM):
-        config = _timm().get_pretrained_cfg(name.removeprefix(TIMM))
-        if config is not None and config.mean and config.std:
-            return Normalize(tuple(config.mean), tuple(config.std))
-    return Normalize()
-
-
-def with_image_size(cfg: TrainingConfig, model_name: str | None = None) -> TrainingConfig:
-    """The config with data.image_size: auto replaced by the model's own input size."""
-    if cfg.data.image_size != "auto":
-        return cfg
-    name = model_name or cfg.model.name
-    size = default_image_size(name)
-    log.info("data.image_size: auto", image_size=size, model=name)
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": size})})
 
 
 def _torchvision_weights(name: str) -> dict[str, torch.Tensor]:

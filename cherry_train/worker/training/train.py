@@ -30,6 +30,7 @@ from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.inputs.data import load_data, local_file, prepare_data
 from cherry_train.worker.inputs.loaders import loader_cap
+from cherry_train.worker.inputs.modelinput import with_image_size
 from cherry_train.worker.multigpu.distributed import world_size
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.training import followers
@@ -42,7 +43,7 @@ from cherry_train.worker.training.device import (
 )
 from cherry_train.worker.training.export import export_best
 from cherry_train.worker.training.job import TrainingJob
-from cherry_train.worker.training.model import build_model, with_image_size
+from cherry_train.worker.training.model import build_model
 from cherry_train.worker.training.optim import make_optimizer, make_scheduler
 from cherry_train.worker.training.progress import first_step, log_progress, progress
 from cherry_train.worker.training.pruning import PAUSE, after_resume, at_epoch_end
