@@ -40,7 +40,8 @@ from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.training.device import describe, pick_device, resolve_precision
 from cherry_train.worker.training.export import export_checked
-from cherry_train.worker.training.model import build_model, forward, read_weights_file
+from cherry_train.worker.training.model import build_model, forward
+from cherry_train.worker.training.weights import read_weights_file
 
 log = structlog.get_logger(__name__)
 
