@@ -7,12 +7,10 @@ never by if/else twins. Losses stay on the device and are read (a host sync) onl
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import structlog
 import torch
 
-from cherry_train.worker.errors import JobError, LoaderDied, is_loader_death
+from cherry_train.worker.errors import JobError
 from cherry_train.worker.training.device import describe
 from cherry_train.worker.training.job import TrainingJob
 from cherry_train.worker.training.model import forward
@@ -75,20 +73,3 @@ def _back_off(job: TrainingJob, batch: int) -> None:
                 job_id=job.claim.job_id, step=state.global_step, micro_batch=state.micro_batch,
                 batch_size=batch, accumulation_steps=-(-batch // state.micro_batch))
     job.compilation.recompile(state.micro_batch)
-
-
-def named(error: Exception) -> Exception:
-    """A dead loader process as LoaderDied (the next attempt then uses half as many); any
-    other error as it is."""
-    if is_loader_death(error) and not isinstance(error, LoaderDied):
-        return LoaderDied(f"a data loader process died ({str(error).splitlines()[0]}); killed "
-                          "for memory? The next attempt uses half as many")
-    return error
-
-
-def raise_named(error: Exception) -> NoReturn:
-    """Raise `error` as named() calls it, chained to the original when renamed."""
-    renamed = named(error)
-    if renamed is error:
-        raise error
-    raise renamed from error

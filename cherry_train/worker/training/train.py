@@ -27,7 +27,7 @@ from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
 from cherry_train.worker.checkpoints.store import Checkpoints
-from cherry_train.worker.errors import JobError, is_cuda_error
+from cherry_train.worker.errors import JobError, is_cuda_error, raise_named
 from cherry_train.worker.inputs.data import load_data, local_file, prepare_data
 from cherry_train.worker.inputs.loaders import loader_cap
 from cherry_train.worker.inputs.modelinput import with_image_size
@@ -60,7 +60,7 @@ from cherry_train.worker.training.saving import (
     save_checkpoint,
     store_final,
 )
-from cherry_train.worker.training.steps import raise_named, train_step
+from cherry_train.worker.training.steps import train_step
 from cherry_train.worker.training.validation import validate
 
 log = structlog.get_logger(__name__)
