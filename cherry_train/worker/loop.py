@@ -25,6 +25,7 @@ from cherry_train.jobqueue.sweeps import Sweeps
 from cherry_train.schemas import JobState, Manifest, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
 from cherry_train.worker import colabsession, results
+from cherry_train.worker.checkpoints.kernelseal import forget_compiled_kernels
 from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
@@ -68,8 +69,7 @@ class Worker:
         self.drain = Drain(queue, queue.poll, me.worker_id)  # `cherry drain`: finish, then exit
         self.fit = Fit(self.options.capabilities)  # a job's `requires:` against this device
         self.jobs_finished = self.jobs_handed_back = 0  # with a result / released unfinished
-        self.exit_code = 0
-        self.cap_reached = False
+        self.exit_code, self.cap_reached = 0, False
         self.started_at = queue.clock.now()
         self._runtime_budget: colabsession.RuntimeBudget | None = None
         self._last_status: WorkerStatus | None = None
@@ -279,7 +279,7 @@ class Worker:
                      best=result.best.model_dump() if result.best else None)
             reporter.beat(phase=Phase.finished)
             reporter.finish()
-            results.forget_compiled_kernels(owner)
+            forget_compiled_kernels(owner)
             result.artifacts = results.artifacts(owner)
             won = self.queue.commit(owner, result)
         except Fenced:

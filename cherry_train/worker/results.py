@@ -10,7 +10,7 @@ import yaml
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.jobqueue.lifecycle import error_info
-from cherry_train.jobqueue.owner import Fenced, Owner
+from cherry_train.jobqueue.owner import Owner
 from cherry_train.schemas import Artifact, BestEpoch, JobState, Result
 from cherry_train.worker import colabsession
 from cherry_train.worker.outcome import Outcome
@@ -56,16 +56,6 @@ def failed_result(claim: Claim, error: Exception, now: datetime, with_traceback:
                   attempt_history=claim.history, finished_at=now,
                   worker_id=claim.attempt.worker_id,
                   error=error_info(error, with_traceback=with_traceback))
-
-
-def forget_compiled_kernels(owner: Owner) -> None:
-    """Compiled kernels are kept for resumed attempts only; a finished job has none."""
-    try:
-        owner.delete(owner.claim.paths.compiled_kernels)  # fenced, like every write of the job
-    except Fenced:
-        raise
-    except Exception as e:  # tens of MB left behind, nothing worse: the result still counts
-        log.warning("could not remove the compiled kernels", error=f"{type(e).__name__}: {e}")
 
 
 def artifacts(owner: Owner) -> dict[str, Artifact]:
