@@ -43,8 +43,8 @@ def result_of(claim: Claim, outcome: Outcome, job_state: JobState, now: datetime
         epochs=claim.manifest.config.epochs, evaluation=outcome.evaluation,
         micro_batch=state.micro_batch or None, oom_backoffs=state.oom_backoffs,
         ranks=state.ranks, rank_changes=state.rank_changes,
-        gpu_hours=round(gpu_hours, 4), compute_units=colabsession.compute_units(outcome.device,
-                                                                           gpu_hours),
+        gpu_hours=round(gpu_hours, 4),
+        compute_units=colabsession.compute_units(outcome.device, gpu_hours),
         dataset_sha256=outcome.data.get("dataset_sha256"), pruned=outcome.pruned,
         export=outcome.export,
         data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"})
