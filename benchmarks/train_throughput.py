@@ -41,21 +41,26 @@ WINDOWS, WINDOW = 3, 100
 
 
 def _photo(args) -> None:
-    path, seed = args
+    """A smooth random photo with sensor-like noise: 500x375 is ~58 KB, 1600x1200 ~0.6 MB."""
+    path, seed, *size = args
+    width, height = size[0] if size else (500, 375)
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)  # low-frequency content
-    img = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
-    noisy = np.clip(np.asarray(img, np.int16) + rng.integers(-12, 13, (375, 500, 3)), 0, 255)
+    img = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    noise = rng.integers(-12, 13, (height, width, 3))
+    noisy = np.clip(np.asarray(img, np.int16) + noise, 0, 255)
     Image.fromarray(noisy.astype(np.uint8)).save(path, quality=90)
 
 
-def make_dataset(root: Path, images: int) -> Path:
+def make_dataset(root: Path, images: int, size: tuple[int, int] = (500, 375)) -> Path:
+    """`images` train photos (and a val split) of `size` (1600x1200: a phone's or a sorting
+    line camera's), two classes."""
     jobs = []
     for split, count in (("train", images), ("val", max(64, images // 20))):
         for cls in ("defect", "good"):
             (root / split / cls).mkdir(parents=True, exist_ok=True)
         jobs += [(root / split / ("defect", "good")[i % 2] / f"{i:06d}.jpg",
-                  i + (0 if split == "train" else 10**7)) for i in range(count)]
+                  i + (0 if split == "train" else 10**7), size) for i in range(count)]
     with Pool(os.cpu_count()) as pool:
         pool.map(_photo, jobs, chunksize=64)
     return root

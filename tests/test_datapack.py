@@ -3,8 +3,10 @@ rebuilt when the folder changes, never trusted over the folder itself."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -118,9 +120,272 @@ def test_a_pack_in_a_storage_root_is_used(tmp_path, cherry_images):
     assert report.sha256 == plain.sha256
 
 
-def test_plan_shards_keeps_path_order_and_size():
-    files = {f"c/{i:03d}.jpg": 400 for i in range(10)}
-    shards = datapack.plan_shards(files, shard_bytes=3000)  # 2 files of 400 + 1024 each
-    assert [rel for s in shards for rel in s] == sorted(files)
-    assert [len(s) for s in shards] == [2] * 5
-    assert datapack.plan_shards({"big.jpg": 10_000}, shard_bytes=3000) == [["big.jpg"]]
+def test_shards_keep_path_order_and_size(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"{i:03d}.bin").write_bytes(bytes([i]) * 400)
+    index = datapack.build_pack(folder, datapack.list_folder(folder),
+                                datapack.FolderPackPlace(tmp_path / "pack"), tmp_path / "scratch",
+                                "c", shard_bytes=3000)  # 2 files of 400 + 1024 each
+    by_shard = {}
+    for rel in sorted(index.files):
+        by_shard.setdefault(index.files[rel]["shard"], []).append(rel)
+    assert sorted(by_shard.values()) == [[f"{2 * i:03d}.bin", f"{2 * i + 1:03d}.bin"]
+                                         for i in range(5)]
+
+
+# The reader: shards fetched whole and checked, samples read in place at their offsets.
+
+
+def packed_index(source):
+    datapack.pack_folder(source, shard_bytes=30_000)
+    return datapack.FolderPackPlace(pack_dir(source)).load_index()
+
+
+def test_the_index_records_where_each_sample_is_and_its_image_size(source):
+    from PIL import Image
+
+    index = packed_index(source)
+    assert index.format == 2 and index.prepared is None and index.source_bytes == \
+        sum(p.stat().st_size for p in source.rglob("*.jpg"))
+    for rel, f in index.files.items():
+        shard = (pack_dir(source) / f["shard"]).read_bytes()
+        original = (source / rel).read_bytes()
+        assert shard[f["offset"]:f["offset"] + f["length"]] == original
+        assert f["sha256"] == hashlib.sha256(original).hexdigest()
+        assert f["size"] == len(original) and f["mtime_ns"] == (source / rel).stat().st_mtime_ns
+        assert (f["width"], f["height"]) == Image.open(source / rel).size
+
+
+def test_fetch_shards_copies_and_checks_them_and_samples_read_in_place(source, tmp_path):
+    index = packed_index(source)
+    place = datapack.FolderPackPlace(pack_dir(source))
+    progress = []
+    local = tmp_path / "local"
+    got = datapack.fetch_shards(index, place, local, tmp_path / "scratch", progress.append)
+    assert sorted(got.fetched) == sorted(index.shards) and got.kept == [] and sum(progress) == 96
+    assert sorted(os.listdir(local)) == sorted(index.shards)  # no temp names left
+    files = datapack.PackedFiles(index, local)
+    for rel in index.files:
+        assert files.read(rel) == (source / rel).read_bytes()
+        assert files.size(rel) == (source / rel).stat().st_size
+    (local / "shard-0000stale.tar").write_bytes(b"old")
+    (local / ".shard-x.tar.part").write_bytes(b"cut")
+    again = datapack.fetch_shards(index, place, local, tmp_path / "scratch")
+    assert again.fetched == [] and sorted(again.kept) == sorted(index.shards)
+    assert sorted(os.listdir(local)) == sorted(index.shards)  # leftovers removed
+    cut = local / sorted(index.shards)[0]
+    cut.write_bytes(cut.read_bytes()[:-10])  # a shard of the wrong length is not read...
+    in_cut = next(rel for rel, f in index.files.items() if f["shard"] == cut.name)
+    with pytest.raises(datapack.PackError, match="not the length its index says"):
+        datapack.PackedFiles(index, local).read(in_cut)
+    # ...and fetched again
+    assert datapack.fetch_shards(index, place, local, tmp_path / "scratch").fetched == [cut.name]
+    assert files.read(sorted(index.files)[-1]) == (source / sorted(index.files)[-1]).read_bytes()
+    files.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+def test_a_damaged_shard_is_refused_naming_it_and_what_to_do(source, tmp_path, damage):
+    index = packed_index(source)
+    shard = sorted(pack_dir(source).glob("shard-*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[2000] ^= 0xFF  # inside the first sample's bytes
+    elif damage == "truncate":
+        del data[len(data) // 2:]
+    else:
+        data += b"\0" * 512
+    shard.write_bytes(bytes(data))
+    local = tmp_path / "local"
+    with pytest.raises(datapack.PackError) as e:
+        datapack.fetch_shards(index, datapack.FolderPackPlace(pack_dir(source)), local,
+                              tmp_path / "scratch")
+    assert shard.name in str(e.value) and f"cherry data pack {source}" in str(e.value)
+    first = min((f["offset"], rel) for rel, f in index.files.items()
+                if f["shard"] == shard.name)[1]
+    assert {"flip": f"{first} does not match its sha256", "truncate": "cut short",
+            "extend": "is longer than its index says"}[damage] in str(e.value)
+    assert shard.name not in os.listdir(local)  # never under its name, never a .part left
+    assert not [n for n in os.listdir(local) if n.endswith(".part")]
+
+
+def _read_all(files, rels):
+    return [files.read(rel) for rel in rels]
+
+
+def test_packed_files_pickle_and_read_in_forked_processes(source, tmp_path):
+    import multiprocessing
+    import pickle
+
+    index = packed_index(source)
+    local = tmp_path / "local"
+    datapack.fetch_shards(index, datapack.FolderPackPlace(pack_dir(source)), local, tmp_path)
+    files = datapack.PackedFiles(index, local)
+    rels = sorted(index.files)[:8]
+    expected = _read_all(files, rels)  # opens descriptors in this process first
+    assert files._fds
+    copy = pickle.loads(pickle.dumps(files))
+    assert copy._fds == {} and _read_all(copy, rels) == expected
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert pool.starmap(_read_all, [(files, rels)] * 2) == [expected] * 2
+    assert _read_all(files, rels) == expected  # the parent's descriptors still work
+    files.close()
+
+
+def test_a_prepared_pack_serves_smaller_sizes_and_refuses_larger_in_words():
+    from cherry_train.sizes import stored_side
+
+    index = datapack.PackIndex(source="s", files={}, shards={},
+                               prepared={"short_side": 256, "quality": 90})
+    assert stored_side(160, 0.5) <= 256 < stored_side(224, 0.6) == 299
+    assert index.serves(256) and not index.serves(257)
+    assert index.refusal(160, 0.5, "data/train") is None
+    assert index.refusal(224, 0.6, "data/train") == (
+        "data pack of data/train was made for short side 256, data.image_size 224 "
+        "(augmentation.min_crop_scale 0.6) needs 299: rebuild it with "
+        "`cherry data pack data/train --image-size 224 --min-crop-scale 0.6`")
+    assert "--image-size 224`" in index.refusal(224, 0.5, "d")  # the default scale unsaid
+    verbatim = datapack.PackIndex(source="s", files={}, shards={})
+    assert verbatim.serves(10_000) and verbatim.refusal(1024, 0.08, "d") is None
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (lambda raw: raw[: len(raw) // 2], "not JSON, truncated or damaged"),
+    (lambda raw: raw.replace(b'"format": 2', b'"format": 1'), "pack format 1 (made by an older"),
+    (lambda raw: re.sub(rb'"length": \d+', b'"length": 99999999', raw, count=1),
+     "its bytes end past its shard's"),
+])
+def test_an_index_that_cannot_be_used_says_which_file_and_what_to_do(source, content, says):
+    packed_index(source)
+    path = pack_dir(source) / datapack.INDEX
+    path.write_bytes(content(path.read_bytes()))
+    place = datapack.FolderPackPlace(pack_dir(source))
+    with pytest.raises(datapack.PackError) as e:
+        place.load_index()
+    assert str(e.value).startswith(f"{path}: ") and says in str(e.value)
+    assert str(e.value).endswith(f"rebuild the pack with `cherry data pack {source}`")
+    assert place.index() is None  # the worker's view: no pack, copy file by file
+
+
+def test_a_worker_never_unpacks_a_prepared_pack_as_the_originals(source, tmp_path):
+    datapack.pack_folder(source, shard_bytes=30_000, encoding=datapack.Encoding(24))
+    plain = cache_folder(source, tmp_path / "plain", pack="off")
+    report = cache_folder(source, tmp_path / "cache", pack="auto")
+    assert report.unpacked_files == 0 and local_files(report) == local_files(plain)
+
+
+# Prepared packs: every image re-encoded once at the short side training stores.
+
+
+def _jpeg(path, size, progressive=False, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", quality=85, progressive=progressive)
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    (folder / "a").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 30, 40)).save(folder / "a" / "wide.png")
+    _jpeg(folder / "a" / "tall.jpg", (40, 60))
+    _jpeg(folder / "a" / "small.jpg", (20, 16))
+    _jpeg(folder / "a" / "small_progressive.jpg", (20, 16), progressive=True)
+    (folder / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return folder
+
+
+def test_a_prepared_pack_stores_each_image_once_at_the_short_side(mixed, tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
+    assert main(["data", "pack", str(mixed), "--image-size", "16", "--min-crop-scale", "1",
+                 "--no-progress"]) == 0  # stored_side(16, 1.0) == 22
+    out, err = capsys.readouterr()
+    assert "prepared 4 images" in out and "→" in out and "×)" in out
+    assert "left out 1 files that do not decode as images: a/broken.jpg" in err
+    place = datapack.FolderPackPlace(pack_dir(mixed))
+    index = place.load_index()
+    assert index.prepared["short_side"] == 22 and index.prepared["quality"] == 90
+    assert index.prepared["image_size"] == 16 and set(index.skipped) == {"a/broken.jpg"}
+    local = tmp_path / "local"
+    datapack.fetch_shards(index, place, local, tmp_path / "scratch")
+    files = datapack.PackedFiles(index, local)
+    sizes = {"a/wide.png": (29, 22), "a/tall.jpg": (22, 33), "a/small.jpg": (20, 16),
+             "a/small_progressive.jpg": (20, 16)}  # aspect kept, never up-scaled
+    for rel, size in sizes.items():
+        img = Image.open(io.BytesIO(files.read(rel)))
+        assert img.format == "JPEG" and not img.info.get("progressive")  # baseline
+        assert img.size == size == files.dims(rel)
+    assert files.read("a/small.jpg") == (mixed / "a" / "small.jpg").read_bytes()  # as it was
+    assert index.is_current(datapack.list_folder(mixed))  # the broken file counts as seen
+    assert main(["data", "pack", str(mixed), "--image-size", "16", "--min-crop-scale", "1",
+                 "--no-progress"]) == 0
+    assert "is current" in capsys.readouterr().out
+    assert main(["data", "pack", str(mixed), "--image-size", "20", "--min-crop-scale", "1",
+                 "--no-progress"]) == 0  # another image size: rebuilt for it
+    assert place.load_index().prepared["short_side"] == 27
+    assert main(["data", "pack", str(mixed), "--no-progress"]) == 0  # and back to verbatim
+    assert place.load_index().prepared is None and "packed 5 files" in capsys.readouterr().out
+
+
+def test_draft_mode_decodes_a_large_jpeg_at_reduced_scale(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    from cherry_train.datapack.prepare import encode
+
+    _jpeg(tmp_path / "big.jpg", (400, 300))
+    asked = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: asked.append(size) or draft(self, mode, size))
+    data, width, height = encode((tmp_path / "big.jpg").read_bytes(), datapack.Encoding(60))
+    assert asked == [(80, 60)] and (width, height) == (80, 60)
+
+
+def test_a_rebuild_reuses_unchanged_images_and_encodes_only_the_changed(mixed, tmp_path):
+    import io
+
+    from PIL import Image
+
+    enc = datapack.Encoding(22)
+    old, place, _ = datapack.pack_folder(mixed, encoding=enc)
+    first = datapack.PackedFiles(old, place.path)
+    kept_before = first.read("a/tall.jpg")
+    same = mixed / "a" / "tall.jpg"  # new pixels, same size and mtime: taken as unchanged
+    stat = same.stat()
+    _jpeg(same, (40, 60), seed=1)
+    same.write_bytes(same.read_bytes()[:stat.st_size].ljust(stat.st_size, b"\0"))
+    os.utime(same, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = mixed / "a" / "wide.png"
+    Image.new("RGB", (48, 64), (0, 0, 255)).save(changed)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))
+    index, place, built = datapack.pack_folder(mixed, encoding=enc)
+    files = datapack.PackedFiles(index, place.path)
+    assert built and files.read("a/tall.jpg") == kept_before  # the old stored bytes
+    assert Image.open(io.BytesIO(files.read("a/wide.png"))).size == (22, 29)  # re-encoded
+    assert sorted(os.listdir(place.path)) == sorted([datapack.INDEX, *index.shards])
+    first.close()
+    files.close()
+
+
+def test_a_damaged_old_pack_costs_an_encode_never_the_build(mixed, tmp_path):
+    enc = datapack.Encoding(22)
+    old, place, _ = datapack.pack_folder(mixed, encoding=enc)
+    shard = place.path / next(iter(old.shards))
+    data = bytearray(shard.read_bytes())
+    f = old.files["a/tall.jpg"]
+    data[f["offset"] + 100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (mixed / "a" / "new.png").write_bytes((mixed / "a" / "wide.png").read_bytes())
+    index, place, built = datapack.pack_folder(mixed, encoding=enc)
+    assert built and index.files["a/tall.jpg"]["sha256"] == f["sha256"]  # encoded again
+    local = tmp_path / "local"
+    datapack.fetch_shards(index, place, local, tmp_path / "scratch")  # and it checks out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from cherry_train.cli.common import (
@@ -229,25 +230,52 @@ def cmd_drive_login(args) -> int:
 
 def cmd_data_pack(args) -> int:
     from cherry_train import datapack
-    from cherry_train.sizes import human_bytes
+    from cherry_train.sizes import human_bytes, stored_side
 
     folder = Path(args.path)
     if not folder.is_dir():
         raise UsageError(f"{args.path} is not a folder (give the data folder itself, e.g. "
                          "data/train, whose class folders hold the images)")
+    if args.image_size is None and (args.quality, args.min_crop_scale) != (None, None):
+        raise UsageError("--quality and --min-crop-scale prepare a pack: give --image-size N "
+                         "too (the data.image_size the pack is for)")
+    encoding = prepared_for = None
+    if args.image_size is not None:
+        scale = args.min_crop_scale or datapack.DEFAULT_MIN_CROP_SCALE
+        encoding = datapack.Encoding(stored_side(args.image_size, scale),
+                                     args.quality or datapack.DEFAULT_QUALITY)
+        prepared_for = {"image_size": args.image_size, "min_crop_scale": scale}
+    started = time.perf_counter()
     try:
         index, place, built = datapack.pack_folder(folder, args.shard_mb << 20,
-                                                   progress=not args.no_progress)
+                                                   progress=not args.no_progress,
+                                                   encoding=encoding, prepared_for=prepared_for)
     except datapack.PackError as e:
         raise UsageError(str(e)) from None
     size = human_bytes(index.bytes)
+    what = "" if index.prepared is None else \
+        f" prepared for short side {index.prepared['short_side']}"
     if not built:
-        print(f"{place.description} is current: {len(index.files)} files in "
+        print(f"{place.description} is current: {len(index.files)} files{what} in "
               f"{len(index.shards)} shards ({size}); nothing to do")
         return 0
-    print(f"packed {len(index.files)} files of {folder} into {len(index.shards)} shards "
-          f"({size}), checked against the folder: {place.description}\n"
-          f"It takes {size} of Drive space beside the folder. Workers copy these shards "
+    if index.prepared is None:
+        print(f"packed {len(index.files)} files of {folder} into {len(index.shards)} shards "
+              f"({size}), checked against the folder: {place.description}")
+    else:
+        print(f"prepared {len(index.files):,} images of {folder} for data.image_size "
+              f"{args.image_size} (short side {encoding.short_side}, JPEG quality "
+              f"{encoding.quality}): {human_bytes(index.source_bytes)} → {size} "
+              f"({index.bytes / max(1, index.source_bytes):.2f}×), "
+              f"{time.perf_counter() - started:.0f} s, {len(index.shards)} shards, checked: "
+              f"{place.description}\nIt serves data.image_size {args.image_size} and smaller "
+              f"(augmentation.min_crop_scale {prepared_for['min_crop_scale']:g} or more); a "
+              "job that needs larger images is told to rebuild it, never up-scaled.")
+    if index.skipped:
+        names = ", ".join(sorted(index.skipped)[:5]) + (", ..." if len(index.skipped) > 5 else "")
+        print(f"left out {len(index.skipped)} files that do not decode as images: {names} "
+              "(remove or replace them, then pack again)", file=sys.stderr)
+    print(f"It takes {size} of Drive space beside the folder. Workers copy these shards "
           "instead of each file, and rebuild them when the folder changes (data.pack: off "
           "in a config does without).")
     return 0

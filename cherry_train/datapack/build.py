@@ -1,5 +1,6 @@
-"""Building a pack: list the folder, plan shards of about SHARD_BYTES, write each (hashing every
-file as it is packed) and read it back, then the index, last."""
+"""Building a pack: list the folder, store every file (as it is, or re-encoded for training in
+a process pool) into shards of about SHARD_BYTES, each read back and checked, then the index,
+last. A rebuild of a prepared pack takes the unchanged images' stored bytes from the old one."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,17 +23,20 @@ from cherry_train.datapack.index import (
     SHARD_BYTES,
     TAR_OVERHEAD,
     FolderPackPlace,
-    Hashing,
     PackError,
     PackIndex,
     PackPlace,
 )
+from cherry_train.datapack.prepare import Encoding, Prepared, dims, prepare_file
+from cherry_train.datapack.reader import PackedFiles, fetch_shards
 from cherry_train.safepaths import walk_files
 
 log = structlog.get_logger(__name__)
 
 LIST_THREADS = 16
 LIST_CHUNK = 64
+READ_THREADS = 8  # files read at once for a verbatim pack (on a mount: round trips)
+AHEAD = 64  # samples read or encoded ahead of the shard writer
 
 
 def list_folder(folder: Path, stat=os.stat, scan=None,
@@ -62,9 +67,11 @@ def list_folder(folder: Path, stat=os.stat, scan=None,
 
 
 def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | None = None,
-                progress: bool = False) -> tuple[PackIndex, PackPlace, bool]:
-    """`cherry data pack PATH`: build (or rebuild) the pack beside a folder on this machine;
-    returns its index, where it is, and whether it was built (False: it was current)."""
+                progress: bool = False, encoding: Encoding | None = None,
+                prepared_for: dict | None = None) -> tuple[PackIndex, PackPlace, bool]:
+    """`cherry data pack PATH`: build (or rebuild) the pack beside a folder on this machine,
+    verbatim or, with `encoding`, prepared (`prepared_for`: what it was made for, kept in the
+    index); returns its index, where it is, and whether it was built (False: it was current)."""
     import tempfile
 
     folder = Path(folder).resolve()
@@ -73,7 +80,8 @@ def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | No
     if not listing:
         raise PackError(f"{folder} holds no files")
     index = place.index()
-    if index is not None and index.is_current(listing):
+    if index is not None and index.is_current(listing) and \
+            _same_encoding(index.prepared, encoding):
         return index, place, False
     bar = None
     if progress:
@@ -84,7 +92,8 @@ def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | No
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
             index = build_pack(folder, listing, place, Path(tmp), str(folder),
                                shard_bytes=shard_bytes,
-                               progress=bar.update if bar is not None else None)
+                               progress=bar.update if bar is not None else None,
+                               encoding=encoding, prepared_for=prepared_for, old=index)
     finally:
         if bar is not None:
             bar.close()
@@ -92,52 +101,57 @@ def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | No
         raise PackError(f"{folder} changed while it was packed; pack again")
     return index, place, True
 
-def plan_shards(files: dict[str, int], shard_bytes: int = SHARD_BYTES) -> list[list[str]]:
-    """Files (rel -> size) in path order, cut into groups of about `shard_bytes`."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for rel in sorted(files):
-        cost = files[rel] + TAR_OVERHEAD
-        if size and size + cost > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(rel)
-        size += cost
-    return [s for s in shards if s]
+
+def _same_encoding(prepared: dict | None, encoding: Encoding | None) -> bool:
+    if prepared is None or encoding is None:
+        return prepared is None and encoding is None
+    return (prepared["short_side"], prepared["quality"]) == \
+        (encoding.short_side, encoding.quality)
 
 
 def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPlace,
                scratch: Path, label: str, known: dict[str, str] | None = None,
                shard_bytes: int = SHARD_BYTES,
-               progress: Callable[[int], None] | None = None) -> PackIndex:
+               progress: Callable[[int], None] | None = None,
+               encoding: Encoding | None = None, prepared_for: dict | None = None,
+               old: PackIndex | None = None) -> PackIndex:
     """Pack `folder`'s files (`listing`: rel -> (size, mtime_ns), as the source reports them)
-    into shards stored at `place`, then the index; returns it. `known` gives sha256s already
-    verified (the worker's cache); other files are hashed as they are written. Each shard is
-    read back and checked before the index names it."""
+    into shards stored at `place`, then the index; returns it. Verbatim without `encoding`
+    (`known`: sha256s already verified, checked again as each file is read); with it, each image
+    re-encoded (prepare.py), those that do not decode left out and listed in the index, and
+    the stored bytes of images unchanged since `old` (a prepared pack of the same encoding)
+    taken from it instead. Each shard is read back and checked before the index names it."""
     scratch.mkdir(parents=True, exist_ok=True)
-    files: dict[str, dict] = {}
-    shards: dict[str, dict] = {}
-    for group in plan_shards({rel: size for rel, (size, _) in listing.items()}, shard_bytes):
-        tmp = scratch / f"shard.{os.getpid()}.tar"
-        try:
-            digests = _write_shard(folder, group, listing, tmp, known or {}, progress)
-            sha = _file_sha256(tmp)
-            name = f"shard-{sha[:20]}.tar"
-            place.put(name, tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
-        with place.open(name, scratch) as f:  # read back: what a worker will read
-            if _stream_sha256(f) != sha:
-                raise PackError(f"shard {name} differs from what was written to "
-                                f"{place.description}")
-        shards[name] = {"bytes": sum(listing[r][0] for r in group), "sha256": sha,
-                        "files": len(group)}
-        for rel in group:
-            size, mtime = listing[rel]
-            sha256, offset = digests[rel]
-            files[rel] = {"size": size, "mtime_ns": mtime, "sha256": sha256, "shard": name,
-                          "offset": offset}
-    index = PackIndex(source=label, files=files, shards=shards)
+    writer = _ShardWriter(place, scratch, shard_bytes)
+    skipped: dict[str, dict] = {}
+    if old is not None and not _same_encoding(old.prepared, encoding):
+        old = None
+    try:
+        samples = _verbatim(folder, listing, known or {}) if encoding is None else \
+            _prepared(folder, listing, encoding, old, place, scratch)
+        for sample in samples:
+            size, mtime = listing[sample.rel]
+            if sample.read != size:
+                raise PackError(f"{folder / sample.rel} changed while it was packed; "
+                                "pack again")
+            if sample.data is None:
+                log.warning(f"{folder / sample.rel} does not decode as an image "
+                            f"({sample.error}): left out of the pack; remove or replace it")
+                skipped[sample.rel] = {"size": size, "mtime_ns": mtime, "error": sample.error}
+            else:
+                writer.add(sample, size, mtime)
+            if progress is not None:
+                progress(1)
+        writer.finish()
+    finally:
+        writer.discard()
+    if not writer.files:
+        raise PackError(f"no file of {folder} decodes as an image: nothing to pack")
+    prepared = None if encoding is None else {
+        **(prepared_for or {}), "short_side": encoding.short_side,
+        "quality": encoding.quality, "encoder": _encoder()}
+    index = PackIndex(source=label, files=writer.files, shards=writer.shards,
+                      prepared=prepared, skipped=skipped)
     tmp = scratch / f"{INDEX}.{os.getpid()}"
     tmp.write_bytes(index.to_json())
     try:
@@ -145,37 +159,157 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
     finally:
         tmp.unlink(missing_ok=True)
     for name in place.names():  # shards of an earlier pack, and leftovers of cut builds
-        if name != INDEX and name not in shards:
+        if name != INDEX and name not in writer.shards:
             place.delete(name)
     return index
 
 
-def _write_shard(folder: Path, group: list[str], listing: dict[str, tuple[int, int]],
-                 target: Path, known: dict[str, str],
-                 progress: Callable[[int], None] | None) -> dict[str, tuple[str, int]]:
-    """A plain tar of the group's files (`tar xf` opens it too); rel -> (sha256, offset of
-    the file's bytes in the shard), so that unpacking reads the bytes without parsing tar."""
-    digests = {}
-    with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as tar:
-        for rel in group:
-            size, mtime = listing[rel]
-            info = tarfile.TarInfo(rel)
-            info.size, info.mtime, info.mode = size, mtime / 1e9, 0o644
-            with open(folder / rel, "rb") as f:
-                if rel in known:
-                    tar.addfile(info, f)
-                    digest = known[rel]
-                else:
-                    hashing = Hashing(f)
-                    tar.addfile(info, io.BufferedReader(hashing))
-                    digest = hashing.sha.hexdigest()
-            # addfile leaves tar.offset after the data, padded to whole 512-byte blocks.
-            digests[rel] = digest, tar.offset - -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            if os.path.getsize(folder / rel) != size:
-                raise PackError(f"{rel} changed while it was packed; pack again")
-            if progress is not None:
-                progress(1)
-    return digests
+def _encoder() -> str:
+    import PIL
+
+    return f"Pillow {PIL.__version__}"
+
+
+def _verbatim(folder: Path, listing: dict, known: dict[str, str]) -> Iterator[Prepared]:
+    """The files as they are, in path order, with their width and height where they are
+    images (read a few at a time: on a mount each open is a round trip)."""
+    def read(rel: str) -> Prepared:
+        data = (folder / rel).read_bytes()
+        if rel in known and hashlib.sha256(data).hexdigest() != known[rel]:
+            raise PackError(f"{folder / rel} differs from the copy that was checked; "
+                            "pack again")
+        return Prepared(rel, len(data), data, *dims(data))
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        yield from _in_order(pool, read, sorted(listing))
+
+
+def _prepared(folder: Path, listing: dict, encoding: Encoding, old: PackIndex | None,
+              place: PackPlace, scratch: Path) -> Iterator[Prepared]:
+    """The images re-encoded, in path order: those the old pack holds unchanged from its
+    shards (checked against their sha256), the rest in a process pool over this machine's
+    cores (Pillow's decode and encode hold the GIL)."""
+    reuse = old.matching(listing) if old is not None else set()
+    stored = None
+    if reuse:
+        local = getattr(place, "path", None)
+        if local is None:  # a storage root: its old shards come here first
+            local = scratch / "old"
+            try:
+                fetch_shards(old, place, local, scratch / "download",
+                             shards={old.files[rel]["shard"] for rel in reuse})
+            except PackError as e:
+                log.warning(f"the old pack cannot be reused ({e}): every image is encoded "
+                            "again", pack=place.description)
+                reuse = set()
+        stored = PackedFiles(old, local) if reuse else None
+    todo = [rel for rel in sorted(listing) if rel not in reuse]
+    try:
+        with ProcessPoolExecutor(max(1, min(_cores(), len(todo)))) as pool:
+            fresh = _in_order(pool, prepare_file, todo, folder, encoding)
+            for rel in sorted(listing):
+                if rel not in reuse:
+                    yield next(fresh)
+                else:  # a damaged old pack costs an encode here, never the build
+                    yield _reused(stored, rel, listing[rel][0]) or \
+                        prepare_file(folder, encoding, rel)
+    finally:
+        if stored is not None:
+            stored.close()
+
+
+def _in_order(pool: Executor, fn: Callable, items: list, *args) -> Iterator:
+    """fn(*args, item) for each item, in order, at most AHEAD in flight: Executor.map submits
+    every item at once, and its results (whole files) would pile up in memory."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, *args, item))
+        if len(pending) >= AHEAD:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _cores() -> int:
+    """The cores this process may run on (`taskset -c 0,1` gives 2 on a big machine)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _reused(stored: PackedFiles, rel: str, size: int) -> Prepared | None:
+    """The old pack's stored bytes of `rel`, checked; None (logged) if they fail."""
+    f = stored.index.files[rel]
+    try:
+        data = stored.read(rel)
+    except (OSError, PackError) as e:
+        data, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "it does not match its sha256 in the index"
+    if data is None or hashlib.sha256(data).hexdigest() != f["sha256"]:
+        log.warning(f"{rel} in the old pack's shard {f['shard']} cannot be reused ({why}): "
+                    "encoded again from the original", pack=str(stored.folder))
+        return None
+    return Prepared(rel, size, data, f["width"], f["height"])
+
+
+class _ShardWriter:
+    """Samples appended in path order to plain tar shards (`tar xf` opens them) of about
+    `shard_bytes`; each stored at the place under its content's name, read back and checked."""
+
+    def __init__(self, place: PackPlace, scratch: Path, shard_bytes: int):
+        self.place, self.scratch, self.shard_bytes = place, scratch, shard_bytes
+        self.tmp = scratch / f"shard.{os.getpid()}.tar"
+        self.files: dict[str, dict] = {}
+        self.shards: dict[str, dict] = {}
+        self._tar: tarfile.TarFile | None = None
+        self._open: list[dict] = []
+        self._size = 0
+
+    def add(self, sample: Prepared, size: int, mtime: int) -> None:
+        cost = len(sample.data) + TAR_OVERHEAD
+        if self._tar is not None and self._size + cost > self.shard_bytes:
+            self.finish()
+        if self._tar is None:
+            # Closed in finish(), or in discard() after an error.
+            self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+            self._open, self._size = [], 0
+        info = tarfile.TarInfo(sample.rel)
+        info.size, info.mtime, info.mode = len(sample.data), mtime / 1e9, 0o644
+        self._tar.addfile(info, io.BytesIO(sample.data))
+        # addfile leaves tar.offset after the data, padded to whole 512-byte blocks.
+        offset = self._tar.offset - -(-len(sample.data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        entry = {"size": size, "mtime_ns": mtime, "shard": None, "offset": offset,
+                 "length": len(sample.data), "sha256": hashlib.sha256(sample.data).hexdigest(),
+                 "width": sample.width, "height": sample.height}
+        self.files[sample.rel] = entry
+        self._open.append(entry)
+        self._size += cost
+
+    def finish(self) -> None:
+        """Close the shard being written, store it under its content's name, read it back."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._tar = None
+        sha = _file_sha256(self.tmp)
+        name = f"shard-{sha[:20]}.tar"
+        length = self.tmp.stat().st_size
+        self.place.put(name, self.tmp)
+        self.tmp.unlink()
+        with self.place.open(name, self.scratch) as f:  # read back: what a worker will read
+            if _stream_sha256(f) != sha:
+                raise PackError(f"shard {name} differs from what was written to "
+                                f"{self.place.description}")
+        self.shards[name] = {"bytes": length, "sha256": sha, "files": len(self._open)}
+        for entry in self._open:
+            entry["shard"] = name
+
+    def discard(self) -> None:
+        """After an error: the shard being written goes."""
+        if self._tar is not None:
+            self._tar.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _file_sha256(path: Path) -> str:

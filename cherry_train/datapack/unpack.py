@@ -21,7 +21,12 @@ def unpack(index: PackIndex, place: PackPlace, wanted: Iterable[str], target: Pa
     """Extract the `wanted` files into `target` (rel paths kept), each checked by size and
     sha256 against the index; returns rel -> sha256 of those extracted. A shard that cannot be
     read, or a file that fails its check, raises PackError: the caller copies what is left
-    file by file."""
+    file by file. A prepared pack is never unpacked: its images are re-encoded for one image
+    size, and the reader (reader.py) checks that a job's size is served before using them."""
+    if index.prepared is not None:
+        raise PackError(f"{place.description} is a prepared pack (images re-encoded at short "
+                        f"side {index.prepared['short_side']}): read in place, not unpacked "
+                        "as the originals")
     by_shard: dict[str, set[str]] = {}
     for rel in wanted:
         by_shard.setdefault(index.files[rel]["shard"], set()).add(rel)
@@ -40,7 +45,7 @@ def unpack(index: PackIndex, place: PackPlace, wanted: Iterable[str], target: Pa
 def _unpack_shard(index: PackIndex, place: PackPlace, shard: str, wanted: set[str],
                   target: Path, scratch: Path, progress) -> dict[str, str]:
     """Read the shard once, front to back, writing the wanted files: each file's bytes are at
-    its offset (no tar parsing), each checked against its size and sha256 as it is written.
+    its offset (no tar parsing), each checked against its length and sha256 as it is written.
     No temp names: the cache manifest, written after, is what makes a file count."""
     members = sorted(wanted, key=lambda rel: index.files[rel]["offset"])
     done: dict[str, str] = {}
@@ -58,7 +63,7 @@ def _unpack_shard(index: PackIndex, place: PackPlace, shard: str, wanted: set[st
                     path.parent.mkdir(parents=True, exist_ok=True)
                     made.add(path.parent)
                 h = hashlib.sha256()
-                left = entry["size"]
+                left = entry["length"]
                 with open(path, "wb") as out:
                     while left:
                         chunk = f.read(min(left, 4 << 20))
@@ -67,7 +72,7 @@ def _unpack_shard(index: PackIndex, place: PackPlace, shard: str, wanted: set[st
                         h.update(chunk)
                         out.write(chunk)
                         left -= len(chunk)
-                at = entry["offset"] + entry["size"]
+                at = entry["offset"] + entry["length"]
                 if h.hexdigest() != entry["sha256"]:
                     path.unlink(missing_ok=True)
                     raise PackError(f"{rel} in {place.description}/{shard} does not match "

@@ -18,7 +18,6 @@ from the original), which the `gpu` tests bound by comparing loss curves.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from cherry_train.sizes import stored_side  # noqa: F401 (below: the data pack needs it too)
 from cherry_train.worker.inputs.loaders import loader_processes
 from cherry_train.worker.inputs.samples import (
     JPEG_SUFFIXES,
@@ -47,13 +47,6 @@ log = structlog.get_logger(__name__)
 #: Share of free GPU memory the decoded images may take (the model and activations need the
 #: rest; ResNet-50 at batch 256 in bf16 takes about 25 GB).
 GPU_SHARE = 1 / 3
-
-
-def stored_side(image_size: int, min_scale: float) -> int:
-    """The side of the stored copy: large enough that the smallest crop (area min_scale of the
-    image) still has image_size pixels across, capped at twice image_size."""
-    need = max(image_size / math.sqrt(min_scale), image_size * 4 / 3)
-    return int(min(2 * image_size, math.ceil(need)))
 
 
 def decoded_bytes(n_images: int, side: int) -> int:
