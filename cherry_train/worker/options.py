@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cherry_train.schemas.requires import Capabilities
 from cherry_train.worker import colabsession
-from cherry_train.worker.outcome import KernelSeal
+from cherry_train.worker.checkpoints.kernelseal import KernelSeal
 
 #: Idle polling starts fast (a job submitted right after start is taken at once) and backs off
 #: to a poll every 30 s, which costs an idle Drive folder almost nothing.
