@@ -26,14 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cherry_train import faults
 from cherry_train.schemas import Manifest
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.inputs.data import Data, load_data
+from cherry_train.worker.inputs.modelinput import with_image_size
 from cherry_train.worker.multigpu.distributed import Group, RankSpec
-from cherry_train.worker.outcome import TrainState
 from cherry_train.worker.training.device import Precision, resolve_precision, seed_and_determinism
-from cherry_train.worker.training.model import build_model, with_image_size
+from cherry_train.worker.training.model import build_model
 from cherry_train.worker.training.optim import make_optimizer, make_scheduler
 from cherry_train.worker.training.steps import train_step
-from cherry_train.worker.training.validation import evaluate
+from cherry_train.worker.training.validation import validate
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +56,7 @@ class Eager:
 
 @dataclass
 class Rank:
-    """What steps.train_step and validation.evaluate read of a job, on a follower."""
+    """What steps.train_step and validation.validate read of a job, on a follower."""
 
     cfg: Any
     device: torch.device
@@ -192,7 +193,7 @@ def _train(rank: Rank) -> None:
             state.global_step += 1
             if group.agree(False):  # rank 0: a stop after this step
                 return
-        evaluate(rank)
+        validate(rank)
         if group.agree(False):  # rank 0: a sweep trial pruned or paused here
             return
         state.epoch += 1

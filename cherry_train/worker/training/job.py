@@ -1,5 +1,6 @@
-"""One attempt's training job: everything the training functions share, built once by
-train.setup. Where each part comes from is in train.py; here only what it holds."""
+"""One attempt's training job (`TrainingJob`; not the queue's JobQueue, JobRun or JobView):
+everything the training functions share, built once by train.setup. Where each part comes from
+is in train.py; here only what it holds."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ from torch import nn
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.schemas import TrainingConfig
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints
+from cherry_train.worker.checkpoints.state import TrainState
+from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.inputs.data import Data
 from cherry_train.worker.multigpu.distributed import Group
-from cherry_train.worker.outcome import TrainState
-from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter
+from cherry_train.worker.signals import StopRequest
 from cherry_train.worker.training.compiling import Compilation
 from cherry_train.worker.training.device import Precision
 
 
 @dataclass
-class Job:
+class TrainingJob:
     claim: Claim
     cfg: TrainingConfig
     device: torch.device

@@ -1,8 +1,8 @@
 """Training one job, resumable at any checkpoint, in the shape of torchvision's
-references/classification/train.py: `setup`, `train_one_epoch`, `evaluate` (validation.py) and
+references/classification/train.py: `setup`, `train_one_epoch`, `validate` (their `evaluate`) and
 `train` (their `main`). Where the rest lives: one optimizer step and its out-of-memory back-off
 in steps.py, the other ranks of a multi-GPU job in distributed.py and followers.py,
-when to checkpoint and what to publish in checkpointing.py, whether to compile in compiling.py,
+when to checkpoint and what to publish in saving.py, whether to compile in compiling.py,
 the data in prepare.py (onto this VM) and data.py (batches).
 
 What a test may replace is passed in (Seams), never patched into the module.
@@ -26,15 +26,29 @@ from cherry_train import faults
 from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints
-from cherry_train.worker.errors import JobError, is_cuda_error
+from cherry_train.worker.checkpoints.store import Checkpoints
+from cherry_train.worker.errors import JobError, is_cuda_error, raise_named
 from cherry_train.worker.inputs.data import load_data
+from cherry_train.worker.inputs.loaders import loader_cap
+from cherry_train.worker.inputs.modelinput import with_image_size
 from cherry_train.worker.inputs.prepare import local_file, prepare_data
-from cherry_train.worker.inputs.processes import loader_cap
 from cherry_train.worker.multigpu.distributed import world_size
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.training import followers
-from cherry_train.worker.training.checkpointing import (
+from cherry_train.worker.training.compiling import Compilation, CompileState, TorchCompiler
+from cherry_train.worker.training.device import (
+    describe,
+    pick_device,
+    resolve_precision,
+    seed_and_determinism,
+)
+from cherry_train.worker.training.export import export_best
+from cherry_train.worker.training.job import TrainingJob
+from cherry_train.worker.training.model import build_model
+from cherry_train.worker.training.optim import make_optimizer, make_scheduler
+from cherry_train.worker.training.progress import first_step, log_progress, progress
+from cherry_train.worker.training.pruning import PAUSE, after_resume, at_epoch_end
+from cherry_train.worker.training.saving import (
     STORE_RESULTS,
     checkpoint_due,
     checkpoint_now,
@@ -47,25 +61,12 @@ from cherry_train.worker.training.checkpointing import (
     save_checkpoint,
     store_final,
 )
-from cherry_train.worker.training.compiling import Compilation, CompileState, TorchCompiler
-from cherry_train.worker.training.device import (
-    describe,
-    pick_device,
-    resolve_precision,
-    seed_and_determinism,
-)
-from cherry_train.worker.training.export import export_best
-from cherry_train.worker.training.job import Job
-from cherry_train.worker.training.model import build_model, with_image_size
-from cherry_train.worker.training.optim import make_optimizer, make_scheduler
-from cherry_train.worker.training.progress import first_step, log_progress, progress
-from cherry_train.worker.training.pruning import PAUSE, after_resume, at_epoch_end
-from cherry_train.worker.training.steps import raise_named, train_step
-from cherry_train.worker.training.validation import evaluate
+from cherry_train.worker.training.steps import train_step
+from cherry_train.worker.training.validation import validate
 
 log = structlog.get_logger(__name__)
 
-Step = Callable[[Job, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[TrainingJob, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Seams:
     device: Callable[[], torch.device] = pick_device
     build_model: Callable[[ModelConfig, Path | None], nn.Module] = build_model
     step: Step = train_step
-    validate: Callable[[Job], tuple[float, float]] | None = None  # None: validation.evaluate
+    validate: Callable[[TrainingJob], tuple[float, float]] | None = None  # None: validation's
     compiler: TorchCompiler = field(default_factory=TorchCompiler)
     store_results: Backoff = STORE_RESULTS
 
@@ -92,7 +93,7 @@ class Training:
         return train(run, self.seams)
 
 
-def setup(run: JobRun, seams: Seams) -> Job:
+def setup(run: JobRun, seams: Seams) -> TrainingJob:
     claim, reporter = run.claim, run.reporter
     cfg, reader = with_image_size(claim.manifest.config), reporter.owner.reader
     device = seams.device()
@@ -119,7 +120,7 @@ def setup(run: JobRun, seams: Seams) -> Job:
     # The other GPUs' ranks (followers.py), then the model they step together (DDP).
     group, stepped = followers.start(claim.manifest, model, device, ranks, train_dir, val_dir,
                                      max_workers)
-    return Job(
+    return TrainingJob(
         claim=claim, cfg=cfg, device=device, precision=precision, data=data, model=model,
         optimizer=optimizer, scheduler=make_scheduler(cfg, optimizer, total),
         scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
@@ -137,7 +138,7 @@ def setup(run: JobRun, seams: Seams) -> Job:
 
 # -- one epoch ---------------------------------------------------------------------------------
 
-def train_one_epoch(job: Job, step: Step, progress_bar: bool) -> bool:
+def train_one_epoch(job: TrainingJob, step: Step, progress_bar: bool) -> bool:
     """Train the rest of the current epoch; False if a stop was requested (after a checkpoint)."""
     loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
     correct = torch.zeros((), device=job.device, dtype=torch.int64)
@@ -154,7 +155,7 @@ def train_one_epoch(job: Job, step: Step, progress_bar: bool) -> bool:
         raise_named(e)
 
 
-def _epoch_steps(job: Job, step: Step, progress_bar: bool, loss_sum: torch.Tensor,
+def _epoch_steps(job: TrainingJob, step: Step, progress_bar: bool, loss_sum: torch.Tensor,
                  correct: torch.Tensor) -> bool:
     state, per_epoch = job.state, job.data.steps_per_epoch
     job.model.train()
@@ -196,7 +197,7 @@ def _epoch_steps(job: Job, step: Step, progress_bar: bool, loss_sum: torch.Tenso
     return True
 
 
-def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+def _stop_here(job: TrainingJob, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
     if job.stop.reason == "fenced":
         raise Fenced(f"job {job.claim.job_id}: a later attempt took over")
     checkpoint_now(job, loss_sum, correct, f"stop ({job.stop.reason})")
@@ -204,7 +205,7 @@ def _stop_here(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
 
 # -- the end of an epoch ----------------------------------------------------------------------
 
-def end_epoch(job: Job, validate: Callable[[Job], tuple[float, float]]) -> None:
+def end_epoch(job: TrainingJob, validate: Callable[[TrainingJob], tuple[float, float]]) -> None:
     state = job.state
     job.reporter.update(phase=Phase.validating)
     val_loss, val_acc = validate(job)
@@ -242,7 +243,7 @@ def train(run: JobRun, seams: Seams) -> Outcome:
             job.group.close(finished=sys.exc_info()[0] is None)
 
 
-def _train(job: Job, run: JobRun, seams: Seams) -> Outcome:
+def _train(job: TrainingJob, run: JobRun, seams: Seams) -> Outcome:
     cfg, reporter, stop = job.cfg, run.reporter, run.stop
     device_name = describe(job.device, job.ranks)
     reporter.update(device=device_name, epochs=cfg.training.epochs,
@@ -271,7 +272,7 @@ def _train(job: Job, run: JobRun, seams: Seams) -> Outcome:
             if not train_one_epoch(job, seams.step, run.progress_bar):
                 return outcome
             try:
-                end_epoch(job, seams.validate or evaluate)
+                end_epoch(job, seams.validate or validate)
             except Exception as e:  # validation has loader processes too
                 if job.stop.is_set():
                     raise
