@@ -25,7 +25,7 @@ from cherry_train.jobqueue.claims import WorkerIdentity
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints
+from cherry_train.worker.checkpoints.store import Checkpoints
 
 RUNS = 3
 

@@ -1,6 +1,7 @@
-"""The package keeps the shape docs/architecture.md draws: floors that only import downwards, no
-import circle (function-level imports included), no module over 400 lines, every part placed
-on a floor, and a laptop install that imports without torch."""
+"""The package keeps the shape docs/architecture.md draws: floors that only import downwards (the
+package's parts, and inside worker/ its sub-packages and top modules), no import circle
+(function-level imports included), no module over 400 lines, every part placed on a floor, and
+a laptop install that imports without torch."""
 
 from __future__ import annotations
 
@@ -17,10 +18,17 @@ PACKAGE = ROOT / "cherry_train"
 MAX_LINES = 400
 
 
-def floors() -> dict[str, int]:
-    """part -> floor, from the table in docs/architecture.md."""
+PACKAGE_FLOORS = "## Floors"
+WORKER_FLOORS = "## The worker, top to bottom"
+
+
+def floors(heading: str = PACKAGE_FLOORS) -> dict[str, int]:
+    """part -> floor, from the table under `heading` in docs/architecture.md."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    assert f"\n{heading}\n" in text, f"docs/architecture.md has no section {heading!r}"
+    section = re.split(r"\n#{1,6} ", text.split(f"\n{heading}\n", 1)[1], maxsplit=1)[0]
     found = {}
-    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+    for line in section.splitlines():
         m = re.match(r"^\|\s*(\d+)\s*\|([^|]*)\|", line)
         if m:
             for part in re.findall(r"`([\w.]+)`", m.group(2)):
@@ -41,6 +49,13 @@ def part(module: str) -> str:
     """The floor-table name of a module: its top-level package or module below cherry_train."""
     pieces = module.split(".")
     return pieces[1] if len(pieces) > 1 else "cherry_train"
+
+
+def worker_part(module: str) -> str | None:
+    """The worker table's name of a module inside worker/: its sub-package or top module
+    (None for worker/__init__.py and for modules outside worker/)."""
+    pieces = module.split(".")
+    return pieces[2] if len(pieces) > 2 and pieces[1] == "worker" else None
 
 
 def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
@@ -87,6 +102,27 @@ def test_imports_only_point_down(graph):
     assert upward == []
 
 
+def test_every_part_of_the_worker_has_a_floor():
+    table = floors(WORKER_FLOORS)
+    parts = {p for m in modules() if (p := worker_part(m))}
+    assert parts - set(table) == set(), "place these in docs/architecture.md's worker table"
+    assert set(table) - parts == set(), "docs/architecture.md's worker table names no such part"
+
+
+def test_imports_inside_the_worker_only_point_down(graph):
+    """worker/'s sub-packages and top modules: each imports only from a lower floor of the
+    worker's table (or from inside itself), function-level imports included."""
+    table = floors(WORKER_FLOORS)
+    upward = []
+    for module, targets in graph.items():
+        for target in targets:
+            a, b = worker_part(module), worker_part(target)
+            if a is None or b is None or a == b or table[b] < table[a]:
+                continue
+            upward.append(f"{module} -> {target} (floor {table[a]} -> {table[b]})")
+    assert upward == []
+
+
 def test_no_import_circles(graph):
     circles, state = [], {}
 
@@ -113,7 +149,7 @@ def test_no_module_over_400_lines():
 
 def test_train_py_stays_a_handful_of_functions():
     """worker/training/train.py in the shape of torchvision's reference script: what grows goes to
-    the module of its concern (steps, checkpointing, compiling, progress, data)."""
+    the module of its concern (steps, saving, compiling, progress, data)."""
     assert len((PACKAGE / "worker" / "training" / "train.py").read_text().splitlines()) <= 300
 
 

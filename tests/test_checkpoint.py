@@ -13,7 +13,7 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import validate_config
 from cherry_train.storage import LocalStorage
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints, StateCopier
+from cherry_train.worker.checkpoints.store import Checkpoints, StateCopier
 
 
 @pytest.fixture
@@ -193,7 +193,8 @@ def test_metrics_are_never_overwritten_by_an_older_snapshot(owner, monkeypatch):
     from datetime import UTC, datetime
 
     from cherry_train.schemas import WorkerStatus
-    from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+    from cherry_train.worker.reporting.reporter import Reporter
+    from cherry_train.worker.signals import StopRequest
 
     status = WorkerStatus(worker_id="w", incarnation="i", at=datetime.now(UTC), state="busy")
     reporter = Reporter(owner, status, StopRequest(),
@@ -272,7 +273,8 @@ def test_curves_that_cannot_be_stored_do_not_end_the_job(owner, monkeypatch):
     """A picture is not worth a job: a permanent write error on curves.png is logged, and the
     reporter (training) goes on; fencing still stops it."""
     from cherry_train.schemas import WorkerStatus
-    from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+    from cherry_train.worker.reporting.reporter import Reporter
+    from cherry_train.worker.signals import StopRequest
 
     status = WorkerStatus(worker_id="w", incarnation="i", at=owner.clock.now(), state="busy")
     reporter = Reporter(owner, status, StopRequest(),

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cherry_train.worker.inputs.processes import (
+from cherry_train.worker.inputs.loaders import (
     LOADER_PROCESS_BYTES,
     available_memory,
     size_loader_pool,
@@ -42,7 +42,7 @@ def test_usable_cores_follow_the_affinity_mask():
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("Linux only")
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from cherry_train.worker.inputs.processes import usable_cores; print(usable_cores())")
+            "from cherry_train.worker.inputs.loaders import usable_cores; print(usable_cores())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
     assert usable_cores() == len(os.sched_getaffinity(0))

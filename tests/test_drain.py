@@ -19,8 +19,9 @@ from cherry_train.jobqueue.views import job_view
 from cherry_train.jobqueue.workercontrol import UnknownWorker, request_drain
 from cherry_train.schemas import JobState, Result, WorkerState, WorkerStatus, validate_config
 from cherry_train.storage import LocalStorage
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.outcome import Outcome, TrainState
+from cherry_train.worker.outcome import Outcome
 
 
 @pytest.fixture

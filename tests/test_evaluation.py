@@ -16,7 +16,7 @@ from cherry_train.schemas import JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.evaluate import Evaluation, Seams
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.training.model import read_weights_file
+from cherry_train.worker.training.weights import read_weights_file
 
 
 def run(root, cfg: dict, evaluator: Evaluation | None = None) -> Result:

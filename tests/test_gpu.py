@@ -165,7 +165,7 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
     stream.sampler.set_position(epoch=1, start=2 * 16)  # a resume: the same batches on
     for (xa, ya), (xb, yb) in zip(batches[2:], stream, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    from cherry_train.worker.inputs.processes import shut_down
+    from cherry_train.worker.inputs.loaders import shut_down
 
     shut_down(stream.loader)
 
@@ -316,7 +316,7 @@ def test_fused_and_foreach_optimizers_take_the_same_fp16_scaled_step(optimizer):
 def test_a_checkpoint_copy_is_the_state_of_its_step_while_training_goes_on():
     # The copy is queued on the stream, not waited for: steps queued before it are in it, steps
     # queued after it are not. The reference is a clone on the GPU queued at the same point.
-    from cherry_train.worker.checkpoints.checkpoint import StateCopier
+    from cherry_train.worker.checkpoints.store import StateCopier
 
     model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3), torch.nn.Flatten(),
                                 torch.nn.Linear(64 * 30 * 30, 512)).cuda()

@@ -21,9 +21,10 @@ from cherry_train.jobqueue.owner import Fenced
 from cherry_train.jobqueue.views import all_job_ids, job_view
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.loop import EXIT_GPU_FAILED, Worker, WorkerOptions
-from cherry_train.worker.outcome import Outcome, TrainState
+from cherry_train.worker.outcome import Outcome
 
 ROOT = "/queue-root"
 

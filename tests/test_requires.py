@@ -15,8 +15,9 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import WorkerState, WorkerStatus, validate_config
 from cherry_train.schemas.requires import Capabilities, RequiresSection
 from cherry_train.storage import LocalStorage
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.outcome import Outcome, TrainState
+from cherry_train.worker.outcome import Outcome
 
 CPU = Capabilities(device="cpu")
 T4 = Capabilities(device="cuda", gpu_name="Tesla T4", gpu_memory_gb=15.8, bf16=False, gpus=1)

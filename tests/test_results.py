@@ -23,9 +23,10 @@ from cherry_train.jobqueue.views import job_view
 from cherry_train.plots import render_confusion, render_curves, render_overlay
 from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.outcome import Outcome, TrainState
+from cherry_train.worker.outcome import Outcome
 
 
 def epoch_record(epoch: int, lr: float) -> dict:

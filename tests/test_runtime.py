@@ -13,9 +13,10 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import Heartbeat, validate_config
 from cherry_train.storage import LocalStorage
+from cherry_train.worker.checkpoints.state import TrainState
+from cherry_train.worker.colabsession import compute_units
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.outcome import Outcome, TrainState
-from cherry_train.worker.runtime import compute_units
+from cherry_train.worker.outcome import Outcome
 
 
 @pytest.fixture
@@ -118,10 +119,10 @@ def test_worker_rejects_nonsense_durations(capsys):
 def test_the_session_cap_counts_from_the_vms_start(queue, monkeypatch):
     """On Colab the cap runs from the VM's boot (its uptime), computed once: a worker started
     late in a session has less time, and the deadline does not drift as uptime grows."""
-    from cherry_train.worker import runtime
+    from cherry_train.worker import colabsession
 
     uptime = {"s": 3600.0}
-    monkeypatch.setattr(runtime, "runtime_started_at",
+    monkeypatch.setattr(colabsession, "runtime_started_at",
                         lambda now: now - timedelta(seconds=uptime["s"]))
     worker = Worker(queue, WorkerIdentity("w"), WorkerOptions(max_runtime_hours=2))
     first = worker._budget().ends_at

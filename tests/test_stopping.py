@@ -24,8 +24,7 @@ from cherry_train.storage.confirmed import UploadConfirmedMount
 from cherry_train.testing.fakedrive import FakeDrive
 from cherry_train.testing.fakehttp import serve
 from cherry_train.worker.loop import Worker, WorkerOptions
-from cherry_train.worker.reporting.reporter import StopRequest
-from cherry_train.worker.signals import stop_on_signals, within
+from cherry_train.worker.signals import StopRequest, stop_on_signals, within
 
 TOKEN = "ya29.token-for-the-fake"
 

@@ -12,14 +12,13 @@ from cherry_train.jobqueue.lifecycle import JobQueue
 from cherry_train.schemas import ConfigError, JobState, ModelConfig, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.inputs.samples import Normalize
-from cherry_train.worker.training.model import (
-    build_model,
-    check_model_name,
+from cherry_train.worker.inputs.modelinput import (
     default_image_size,
     input_normalize,
     with_image_size,
 )
+from cherry_train.worker.inputs.samples import Normalize
+from cherry_train.worker.training.model import build_model, check_model_name
 
 timm = pytest.importorskip("timm")
 SMALL = "timm/resnet10t"  # 4.9 M parameters: a CPU trains it in seconds at 32 px

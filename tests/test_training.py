@@ -21,7 +21,7 @@ from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.loop import Worker
 from cherry_train.worker.training.model import build_model
-from cherry_train.worker.training.train import Seams, Training, evaluate
+from cherry_train.worker.training.train import Seams, Training, validate
 
 REQUIRED_RESULT_FIELDS = ("job_id", "state", "attempts", "best", "epochs_completed",
                           "wall_seconds", "images_per_second", "device", "final_weights_sha256",
@@ -105,7 +105,7 @@ def test_training_learns_and_writes_every_result(root_with_data, tiny_config):
     best = torch.load(job_dir / "best.pt", weights_only=True)
     model = torchvision.models.resnet18(num_classes=2)
     model.load_state_dict(best)
-    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.store import weights_sha256
 
     assert weights_sha256(best) == result.best_weights_sha256
     # final.pt only when the final weights are not best.pt's (the last epoch was not best)
@@ -372,7 +372,7 @@ def test_checkpoints_that_cannot_be_written_do_not_end_the_job(root_with_data, t
     """Every checkpoint fails (Drive full) and so does the first best.pt: training goes on,
     and best.pt still ends up holding the weights the result names, stored with the next
     epoch's checkpoint (2 epochs) or at the end (1 epoch)."""
-    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.store import weights_sha256
 
     best_failures = []
 
@@ -402,7 +402,7 @@ def test_final_weights_that_cannot_be_stored_are_tried_again_before_the_job_fail
         root_with_data, tiny_config, drive_comes_back):
     """Drive full at the very end: the finished run is worth waiting for. If space comes back
     (someone frees it) the job succeeds; if not, it fails once the wait is over, saying why."""
-    from cherry_train.worker.checkpoints.checkpoint import weights_sha256
+    from cherry_train.worker.checkpoints.store import weights_sha256
 
     refused = []
 
@@ -474,7 +474,7 @@ def test_a_loader_death_during_validation_is_a_loader_death(root_with_data, tiny
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
-        return evaluate(job)
+        return validate(job)
     worker = Worker(queue, WorkerIdentity("w1"), trainer=Training(Seams(validate=dies_once)))
     assert worker.run_once()
     hb = queue.heartbeat(job_id)

@@ -41,7 +41,7 @@ def cmd_worker(args) -> int:
         seal = load_seal(args.kernel_key_file, queue.storage.local_path(""))
     except KernelKeyError as e:
         raise UsageError(str(e)) from None
-    from cherry_train.worker.runtime import default_max_runtime_hours
+    from cherry_train.worker.colabsession import default_max_runtime_hours
     from cherry_train.worker.training.device import capabilities
 
     webhook = _webhook(args.webhook or os.environ.get("CHERRY_WEBHOOK") or None)

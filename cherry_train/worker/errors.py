@@ -5,6 +5,10 @@ else (a loader process killed, a CUDA error, a bug) is not the job's fault: the 
 the job back with the error in its history, and `max_attempts` ends crash loops.
 """
 
+from __future__ import annotations
+
+from typing import NoReturn
+
 
 class JobError(Exception):
     """The job cannot run as configured (missing data, unknown model, bad weights file)."""
@@ -19,6 +23,23 @@ def is_loader_death(error: BaseException) -> bool:
     # torch's words: "DataLoader worker (pid(s) ...) exited unexpectedly" or "... is killed by
     # signal: ..."
     return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+
+
+def named(error: Exception) -> Exception:
+    """A dead loader process as LoaderDied (the next attempt then uses half as many); any
+    other error as it is."""
+    if is_loader_death(error) and not isinstance(error, LoaderDied):
+        return LoaderDied(f"a data loader process died ({str(error).splitlines()[0]}); killed "
+                          "for memory? The next attempt uses half as many")
+    return error
+
+
+def raise_named(error: Exception) -> NoReturn:
+    """Raise `error` as named() calls it, chained to the original when renamed."""
+    renamed = named(error)
+    if renamed is error:
+        raise error
+    raise renamed from error
 
 
 def is_cuda_error(error: BaseException) -> bool:

@@ -23,29 +23,26 @@ from cherry_train.jobqueue.layout import JobPaths
 from cherry_train.plots import render_confusion
 from cherry_train.schemas import ModelConfig, Phase, Result
 from cherry_train.storage.base import Storage
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.inputs.data import loader_pool
 from cherry_train.worker.inputs.datacache import cache_folder, default_cache_dir
-from cherry_train.worker.inputs.prepare import local_file, source_for
-from cherry_train.worker.inputs.processes import (
+from cherry_train.worker.inputs.loaders import (
     available_memory,
     loader_cap,
     loader_processes,
     usable_cores,
 )
+from cherry_train.worker.inputs.modelinput import input_normalize, with_image_size
+from cherry_train.worker.inputs.prepare import local_file, source_for
 from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform, to_model_input
 from cherry_train.worker.inputs.sources import LocalSource
-from cherry_train.worker.outcome import JobRun, Outcome, TrainState
+from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.training.device import describe, pick_device, resolve_precision
 from cherry_train.worker.training.export import export_checked
-from cherry_train.worker.training.model import (
-    build_model,
-    forward,
-    input_normalize,
-    read_weights_file,
-    with_image_size,
-)
+from cherry_train.worker.training.model import build_model, forward
+from cherry_train.worker.training.weights import read_weights_file
 
 log = structlog.get_logger(__name__)
 

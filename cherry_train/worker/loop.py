@@ -24,12 +24,13 @@ from cherry_train.jobqueue.owner import Fenced, Owner
 from cherry_train.jobqueue.sweeps import Sweeps
 from cherry_train.schemas import JobState, Manifest, Phase, Result, WorkerState, WorkerStatus
 from cherry_train.storage import is_outage
-from cherry_train.worker import results, runtime
+from cherry_train.worker import colabsession, results
+from cherry_train.worker.checkpoints.kernelseal import forget_compiled_kernels
 from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
-from cherry_train.worker.inputs.processes import end_loader_processes
+from cherry_train.worker.inputs.loaders import end_loader_processes
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
     IDLE_LINE_SECONDS,
@@ -47,11 +48,11 @@ from cherry_train.worker.reporting.notify import (
     handed_back_message,
     message_of,
 )
-from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter
 from cherry_train.worker.reporting.tensorboard import job_board
 from cherry_train.worker.runners import runner_for
 from cherry_train.worker.scratch import Scratch
-from cherry_train.worker.signals import CutShort, stop_on_signals, write_on_the_way_out
+from cherry_train.worker.signals import CutShort, StopRequest, stop_on_signals, write_on_the_way_out
 from cherry_train.worker.space import SpaceGate
 from cherry_train.worker.training import pruning
 
@@ -68,10 +69,9 @@ class Worker:
         self.drain = Drain(queue, queue.poll, me.worker_id)  # `cherry drain`: finish, then exit
         self.fit = Fit(self.options.capabilities)  # a job's `requires:` against this device
         self.jobs_finished = self.jobs_handed_back = 0  # with a result / released unfinished
-        self.exit_code = 0
-        self.cap_reached = False
+        self.exit_code, self.cap_reached = 0, False
         self.started_at = queue.clock.now()
-        self._runtime_budget: runtime.RuntimeBudget | None = None
+        self._runtime_budget: colabsession.RuntimeBudget | None = None
         self._last_status: WorkerStatus | None = None
         self._idle_said_at: float | None = None  # idle seconds at the last "waiting for jobs"
         self._swept_at: float | None = None  # idle seconds at the last look at the sweeps
@@ -172,13 +172,13 @@ class Worker:
         self._idle_line(idle, wait)
         return None
 
-    def _budget(self) -> runtime.RuntimeBudget | None:
+    def _budget(self) -> colabsession.RuntimeBudget | None:
         hours = self.options.max_runtime_hours
         if hours is None:
             return None
         if self._runtime_budget is None:  # once: the VM's uptime grows, its start does not
-            started = runtime.runtime_started_at(self.started_at)
-            self._runtime_budget = runtime.RuntimeBudget.from_hours(hours, started)
+            started = colabsession.runtime_started_at(self.started_at)
+            self._runtime_budget = colabsession.RuntimeBudget.from_hours(hours, started)
         return self._runtime_budget
 
     def run_once(self) -> bool:
@@ -279,7 +279,7 @@ class Worker:
                      best=result.best.model_dump() if result.best else None)
             reporter.beat(phase=Phase.finished)
             reporter.finish()
-            results.forget_compiled_kernels(owner)
+            forget_compiled_kernels(owner)
             result.artifacts = results.artifacts(owner)
             won = self.queue.commit(owner, result)
         except Fenced:

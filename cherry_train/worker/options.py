@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cherry_train.schemas.requires import Capabilities
-from cherry_train.worker import runtime
-from cherry_train.worker.outcome import KernelSeal
+from cherry_train.worker import colabsession
+from cherry_train.worker.checkpoints.kernelseal import KernelSeal
 
 #: Idle polling starts fast (a job submitted right after start is taken at once) and backs off
 #: to a poll every 30 s, which costs an idle Drive folder almost nothing.
@@ -37,7 +37,7 @@ class WorkerOptions:
     scratch: Path | None = None  # local folder for checkpoints before they are published
     idle_shutdown_minutes: float | None = None  # then release the runtime (Colab) and exit
     max_runtime_hours: float | None = None  # the session cap: release jobs in time, then exit
-    release_runtime: Callable[[], None] = runtime.release_runtime
+    release_runtime: Callable[[], None] = colabsession.release_runtime
     gpus: int | None = None  # ranks per job (--gpus); None: every visible GPU
     kernel_seal: KernelSeal = field(default_factory=lambda: KernelSeal(None))  # kernelseal.py
     capabilities: Capabilities | None = None  # what jobs may require (None: not measured)

@@ -10,9 +10,9 @@ import yaml
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.jobqueue.lifecycle import error_info
-from cherry_train.jobqueue.owner import Fenced, Owner
+from cherry_train.jobqueue.owner import Owner
 from cherry_train.schemas import Artifact, BestEpoch, JobState, Result
-from cherry_train.worker import runtime
+from cherry_train.worker import colabsession
 from cherry_train.worker.outcome import Outcome
 
 log = structlog.get_logger(__name__)
@@ -43,8 +43,8 @@ def result_of(claim: Claim, outcome: Outcome, job_state: JobState, now: datetime
         epochs=claim.manifest.config.epochs, evaluation=outcome.evaluation,
         micro_batch=state.micro_batch or None, oom_backoffs=state.oom_backoffs,
         ranks=state.ranks, rank_changes=state.rank_changes,
-        gpu_hours=round(gpu_hours, 4), compute_units=runtime.compute_units(outcome.device,
-                                                                           gpu_hours),
+        gpu_hours=round(gpu_hours, 4),
+        compute_units=colabsession.compute_units(outcome.device, gpu_hours),
         dataset_sha256=outcome.data.get("dataset_sha256"), pruned=outcome.pruned,
         export=outcome.export,
         data_cache={k: v for k, v in outcome.data.items() if k != "dataset_sha256"})
@@ -56,16 +56,6 @@ def failed_result(claim: Claim, error: Exception, now: datetime, with_traceback:
                   attempt_history=claim.history, finished_at=now,
                   worker_id=claim.attempt.worker_id,
                   error=error_info(error, with_traceback=with_traceback))
-
-
-def forget_compiled_kernels(owner: Owner) -> None:
-    """Compiled kernels are kept for resumed attempts only; a finished job has none."""
-    try:
-        owner.delete(owner.claim.paths.compiled_kernels)  # fenced, like every write of the job
-    except Fenced:
-        raise
-    except Exception as e:  # tens of MB left behind, nothing worse: the result still counts
-        log.warning("could not remove the compiled kernels", error=f"{type(e).__name__}: {e}")
 
 
 def artifacts(owner: Owner) -> dict[str, Artifact]:

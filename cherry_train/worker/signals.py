@@ -1,8 +1,9 @@
-"""Stopping on signals: Colab stops a runtime by signalling the whole process group; so do
-`timeout`, systemd, `docker stop` and Ctrl-C in a terminal. A stop ends the worker within a
-bound whatever the queue root does: every wait wakes on it (backoff.STOPPING), the writes on
-the way out have a bounded while each, and past the whole bound the worker cuts itself short
-as a second signal would."""
+"""The stop request every step and wait checks (`StopRequest`: a signal, a cancel, the
+runtime cap, a takeover), and stopping on signals: Colab stops a runtime by signalling the
+whole process group; so do `timeout`, systemd, `docker stop` and Ctrl-C in a terminal. A stop
+ends the worker within a bound whatever the queue root does: every wait wakes on it
+(backoff.STOPPING), the writes on the way out have a bounded while each, and past the whole
+bound the worker cuts itself short as a second signal would."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import structlog
 from cherry_train import logs
 from cherry_train.backoff import STOPPING, Stopped
 from cherry_train.storage import is_outage
-from cherry_train.worker.reporting.reporter import StopRequest
-from cherry_train.worker.runtime import STOP_SIGNALS
 
 log = structlog.get_logger(__name__)
+
+#: Signals that stop the worker. Colab, systemd, `docker stop`, `timeout` and Ctrl-C in a
+#: terminal send them to the whole process group: only the worker's main process acts on them
+#: (it finishes its step and checkpoints); its loader processes ignore them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 #: A job in training: the step ends, its checkpoint is written and the job handed back within
 #: this while; storage retries give up at its end (the job then resumes from the newest
@@ -35,6 +39,42 @@ CUT_SHORT_MARGIN_SECONDS = 5.0
 #: And if even that does not end it, the process exits without unwinding.
 EXIT_ANYWAY_SECONDS = 10.0
 EXIT_CUT_SHORT = 130  # as Ctrl-C twice
+
+
+class StopRequest:
+    """Why training must stop, checked at every step. Set from a signal handler (the worker
+    stops), the heartbeat thread on a cancel request or when fenced (only the job stops)."""
+
+    JOB_ONLY = ("fenced", "cancel")
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._reasons: list[str] = []
+
+    @property
+    def reason(self) -> str | None:
+        # Fenced wins: then nothing more may be written, not even a checkpoint.
+        for r in self.JOB_ONLY:
+            if r in self._reasons:
+                return r
+        return self._reasons[0] if self._reasons else None
+
+    def set(self, reason: str) -> None:
+        if reason not in self._reasons:
+            self._reasons.append(reason)
+        self._event.set()
+
+    def clear_job_reasons(self) -> None:
+        """After a job ended: keep only the reasons that stop the worker (signals)."""
+        self._reasons = [r for r in self._reasons if r not in self.JOB_ONLY]
+        if not self._reasons:
+            self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
 
 
 class CutShort(KeyboardInterrupt):

@@ -10,13 +10,9 @@ import torch
 
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.inputs.modelinput import input_normalize, with_image_size
 from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform, to_model_input
-from cherry_train.worker.training.model import (
-    build_model,
-    forward,
-    input_normalize,
-    with_image_size,
-)
+from cherry_train.worker.training.model import build_model, forward
 
 SMOKE_STEPS = 2
 SMOKE_BATCH = 2

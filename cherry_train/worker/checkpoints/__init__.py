@@ -1,1 +1,1 @@
-"""What a job keeps to resume from: checkpoint files written whole and verified, signed kernels."""
+"""What a job keeps to resume from: its training state, checkpoint files, signed kernels."""

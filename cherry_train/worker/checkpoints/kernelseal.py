@@ -5,7 +5,8 @@ can write the queue folder can replace. So they are stored only with an HMAC-SHA
 key the workers hold outside the queue folder ($CHERRY_KERNEL_KEY, a key file), over the job id
 and the bytes (whose header names the torch, Triton, GPU and batch they were compiled for); a
 worker loads them only once the MAC matches, before anything parses them. Without a key, kernels
-are neither stored nor loaded. Torch-free: the CLI checks the key before the worker starts.
+are neither stored nor loaded; a finished job's are removed before its result is committed.
+Torch-free: the CLI checks the key before the worker starts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from cherry_train import places
+from cherry_train.jobqueue.owner import Fenced, Owner
 
 log = structlog.get_logger(__name__)
 
@@ -118,6 +120,16 @@ def load_seal(key_file: str | None, queue_folder: Path | None) -> KernelSeal:
     except (OSError, UnicodeDecodeError) as e:
         raise KernelKeyError(f"{where}: cannot read the key ({type(e).__name__}: {e})") from None
     return KernelSeal(_checked(text, where))
+
+
+def forget_compiled_kernels(owner: Owner) -> None:
+    """Compiled kernels are kept for resumed attempts only; a finished job has none."""
+    try:
+        owner.delete(owner.claim.paths.compiled_kernels)  # fenced, like every write of the job
+    except Fenced:
+        raise
+    except Exception as e:  # tens of MB left behind, nothing worse: the result still counts
+        log.warning("could not remove the compiled kernels", error=f"{type(e).__name__}: {e}")
 
 
 def _checked(text: str, where: str) -> bytes:

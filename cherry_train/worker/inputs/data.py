@@ -2,7 +2,7 @@
 on the device, from loader processes (here), or decoded on the GPU (gpudata, gpustream,
 gpusplit; which one: pipelines.py).
 
-How each sample is read and augmented is in samples.py; the loader processes in processes.py;
+How each sample is read and augmented is in samples.py; the loader processes in loaders.py;
 the folders found and copied onto this VM before this (the preparation path) in prepare.py.
 """
 
@@ -20,8 +20,7 @@ from cherry_train import datachecks
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.inputs import gpudata, gpusplit, gpustream
-from cherry_train.worker.inputs.pipelines import choose_pipeline, resident_count
-from cherry_train.worker.inputs.processes import (
+from cherry_train.worker.inputs.loaders import (
     available_memory,
     loader_processes,
     shut_down,
@@ -29,6 +28,8 @@ from cherry_train.worker.inputs.processes import (
     usable_cores,
     worker_context,
 )
+from cherry_train.worker.inputs.modelinput import input_normalize
+from cherry_train.worker.inputs.pipelines import choose_pipeline, resident_count
 from cherry_train.worker.inputs.samples import (
     EpochSampler,
     ImageFolderSamples,
@@ -37,7 +38,6 @@ from cherry_train.worker.inputs.samples import (
     to_model_input,
 )
 from cherry_train.worker.inputs.shardcache import local_pack
-from cherry_train.worker.training.model import input_normalize
 
 log = structlog.get_logger(__name__)
 

@@ -30,7 +30,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from cherry_train.sizes import stored_side  # noqa: F401 (below: the data pack needs it too)
-from cherry_train.worker.inputs.processes import loader_processes
+from cherry_train.worker.inputs.loaders import loader_processes
 from cherry_train.worker.inputs.samples import (
     EpochSampler,
     ImageFolderSamples,

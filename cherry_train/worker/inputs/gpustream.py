@@ -34,7 +34,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
 from cherry_train.worker.inputs.gpudata import BatchFinish
-from cherry_train.worker.inputs.processes import loader_processes
+from cherry_train.worker.inputs.loaders import loader_processes
 from cherry_train.worker.inputs.samples import (
     EpochSampler,
     ImageFolderSamples,

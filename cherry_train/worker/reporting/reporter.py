@@ -23,44 +23,9 @@ from cherry_train.plots import render_curves
 from cherry_train.schemas import Heartbeat, Phase, WorkerState, WorkerStatus
 from cherry_train.worker.drain import Drain
 from cherry_train.worker.reporting.tensorboard import Board
+from cherry_train.worker.signals import StopRequest
 
 log = structlog.get_logger(__name__)
-
-
-class StopRequest:
-    """Why training must stop, checked at every step. Set from a signal handler (the worker
-    stops), the heartbeat thread on a cancel request or when fenced (only the job stops)."""
-
-    JOB_ONLY = ("fenced", "cancel")
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._reasons: list[str] = []
-
-    @property
-    def reason(self) -> str | None:
-        # Fenced wins: then nothing more may be written, not even a checkpoint.
-        for r in self.JOB_ONLY:
-            if r in self._reasons:
-                return r
-        return self._reasons[0] if self._reasons else None
-
-    def set(self, reason: str) -> None:
-        if reason not in self._reasons:
-            self._reasons.append(reason)
-        self._event.set()
-
-    def clear_job_reasons(self) -> None:
-        """After a job ended: keep only the reasons that stop the worker (signals)."""
-        self._reasons = [r for r in self._reasons if r not in self.JOB_ONLY]
-        if not self._reasons:
-            self._event.clear()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, seconds: float) -> bool:
-        return self._event.wait(seconds)
 
 
 class Reporter:

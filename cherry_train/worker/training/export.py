@@ -16,7 +16,7 @@ from torch import nn
 
 from cherry_train import logs
 from cherry_train.checksums import file_sha256
-from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.job import TrainingJob
 from cherry_train.worker.training.model import build_model
 
 log = structlog.get_logger(__name__)
@@ -98,7 +98,7 @@ def export_checked(model: nn.Module, weights: dict[str, torch.Tensor], image_siz
     return {"error": why, "opset": opset}
 
 
-def export_best(job: Job) -> dict[str, Any]:
+def export_best(job: TrainingJob) -> dict[str, Any]:
     """The job's best weights (best.pt, as stored), exported and checked on its validation
     images; run before its loaders close."""
     cfg, paths = job.cfg, job.claim.paths

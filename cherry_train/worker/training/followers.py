@@ -27,13 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cherry_train import faults
 from cherry_train.schemas import Manifest
+from cherry_train.worker.checkpoints.state import TrainState
+from cherry_train.worker.inputs.modelinput import with_image_size
 from cherry_train.worker.multigpu.distributed import Group, RankSpec
-from cherry_train.worker.outcome import TrainState
 from cherry_train.worker.training.job import Rank, setup_rank
 from cherry_train.worker.training.lockstep import Agreement, train_epochs
-from cherry_train.worker.training.model import with_image_size
 from cherry_train.worker.training.steps import train_step
-from cherry_train.worker.training.validation import evaluate
+from cherry_train.worker.training.validation import validate
 
 log = structlog.get_logger(__name__)
 
@@ -178,7 +178,7 @@ class Follower:
         return False  # raised, for rank 0 to hear of (group.report)
 
     def end_epoch(self) -> bool:
-        evaluate(self.rank)
+        validate(self.rank)
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         return False

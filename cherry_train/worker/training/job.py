@@ -1,7 +1,7 @@
-"""What one attempt trains with. `Rank`: what every rank of a job holds alike, built by
-`setup_rank`, the one setup of every rank (the rank a parameter). `Job`: rank 0's, a Rank plus
-what rank 0 alone owns (train.setup adds it): the claim, storage and checkpoints, reporting,
-the stop request."""
+"""What one attempt trains with (not the queue's JobQueue, JobRun or JobView). `Rank`: what
+every rank of a job holds alike, built by `setup_rank`, the one setup of every rank (the rank a
+parameter). `TrainingJob`: rank 0's, a Rank plus what rank 0 alone owns (train.setup adds it):
+the claim, storage and checkpoints, reporting, the stop request."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from torch import nn
 
 from cherry_train.jobqueue.claims import Claim
 from cherry_train.schemas import ModelConfig, TrainingConfig
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints
+from cherry_train.worker.checkpoints.state import TrainState
+from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.inputs.data import Data, load_data
 from cherry_train.worker.multigpu.distributed import Group
-from cherry_train.worker.outcome import TrainState
-from cherry_train.worker.reporting.reporter import Reporter, StopRequest
+from cherry_train.worker.reporting.reporter import Reporter
+from cherry_train.worker.signals import StopRequest
 from cherry_train.worker.training.device import Precision, resolve_precision, seed_and_determinism
 from cherry_train.worker.training.model import build_model
 from cherry_train.worker.training.optim import make_optimizer, make_scheduler
@@ -30,7 +31,7 @@ R = TypeVar("R", bound="Rank")
 
 @dataclass(kw_only=True)
 class Rank:
-    """What steps.train_step and validation.evaluate read of a job, on every rank."""
+    """What steps.train_step and validation.validate read of a job, on every rank."""
 
     cfg: TrainingConfig
     device: torch.device
@@ -52,7 +53,7 @@ class Rank:
 
 
 @dataclass(kw_only=True)
-class Job(Rank):
+class TrainingJob(Rank):
     """Rank 0's job: where each part comes from is in train.setup."""
 
     claim: Claim
@@ -92,7 +93,7 @@ def setup_rank(kind: type[R], cfg: TrainingConfig, device: torch.device, train_d
                weights_file: Path | None = None, **own: Any) -> R:
     """The model, optimizer, scheduler, scaler and criterion of rank `rank` of `ranks`, over
     its share of the data: built the same on every rank, so the ranks step one model together.
-    `kind` is Rank on a follower; on rank 0 it is Job, and `own` what rank 0 alone owns."""
+    `kind` is Rank on a follower; on rank 0 it is TrainingJob, and `own` what rank 0 alone owns."""
     seed_and_determinism(cfg.seed, cfg.deterministic, device)
     data = load_data(cfg, train_dir, val_dir, device, max_workers, rank=rank, ranks=ranks)
     # Rank 0's weights reach every other rank (DistributedDataParallel broadcasts them, then

@@ -19,8 +19,8 @@ from typing import Protocol
 
 import torch
 
+from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.multigpu.distributed import Group
-from cherry_train.worker.outcome import TrainState
 
 #: The questions, in the order of the loop; a question's number travels with every rank's word.
 QUESTIONS = ("end at resume?", "stop before this epoch?", "stop after this step?",

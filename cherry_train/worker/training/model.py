@@ -1,5 +1,6 @@
 """Classification models by name: torchvision's (`resnet50`) or timm's (`timm/convnext_tiny`,
-needs the `timm` extra), with their own pretrained weights or a weights file."""
+needs the `timm` extra), with their own pretrained weights or a weights file (weights.py), and
+the one forward pass and loss every caller shares."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import torch
 import torchvision
 from torch import nn
 
-from cherry_train.schemas import ModelConfig, TrainingConfig
+from cherry_train.schemas import ModelConfig
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.inputs.samples import Normalize
+from cherry_train.worker.inputs.modelinput import TIMM, timm_module
+from cherry_train.worker.training.weights import (
+    load_matching,
+    read_weights_file,
+    torchvision_weights,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -39,21 +45,9 @@ def classification_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-TIMM = "timm/"
-TIMM_INSTALL = "pip install 'cherry-train[timm]' (on Colab: in the notebook's install cell)"
-
-
-def _timm():
-    try:
-        import timm
-    except ImportError:
-        raise JobError(f"model.name: timm models need timm here: {TIMM_INSTALL}") from None
-    return timm
-
-
 def check_model_name(name: str) -> None:
     if name.startswith(TIMM):
-        timm, wanted = _timm(), name.removeprefix(TIMM)
+        timm, wanted = timm_module(), name.removeprefix(TIMM)
         if timm.is_model(wanted.split(".")[0]):
             return
         close = difflib.get_close_matches(wanted, timm.list_models(), n=3)
@@ -85,88 +79,15 @@ def build_model(cfg: ModelConfig, weights_file: Path | None) -> nn.Module:
     loads its own pretrained weights the same way (its head left new for our classes)."""
     check_model_name(cfg.name)
     if cfg.name.startswith(TIMM):
-        model = _timm().create_model(cfg.name.removeprefix(TIMM),
+        model = timm_module().create_model(cfg.name.removeprefix(TIMM),
                                      pretrained=cfg.pretrained is True,
                                      num_classes=cfg.num_classes)
     else:
         model = torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes,
                                              **AUX_HEADS_OFF.get(cfg.name, {}))
         if cfg.pretrained is True:
-            load_matching(model, _torchvision_weights(cfg.name),
+            load_matching(model, torchvision_weights(cfg.name),
                           source="torchvision DEFAULT weights")
     if weights_file is not None and cfg.pretrained is not True:
         load_matching(model, read_weights_file(weights_file), source=str(weights_file))
     return model
-
-
-def default_image_size(name: str) -> int:
-    """The input size a model was made for: timm's pretrained config says; torchvision's models
-    take 224 (inception_v3: 299)."""
-    if name.startswith(TIMM):
-        config = _timm().get_pretrained_cfg(name.removeprefix(TIMM))
-        return int(config.input_size[-1]) if config is not None else 224
-    return 299 if name == "inception_v3" else 224
-
-
-def input_normalize(cfg: TrainingConfig, model_name: str | None = None) -> Normalize | None:
-    """augmentation.normalize for this model: timm's pretrained mean and std, ImageNet's for
-    torchvision's, or none."""
-    if not cfg.augmentation.normalize:
-        return None
-    name = model_name or cfg.model.name
-    if name.startswith(TIMM):
-        config = _timm().get_pretrained_cfg(name.removeprefix(TIMM))
-        if config is not None and config.mean and config.std:
-            return Normalize(tuple(config.mean), tuple(config.std))
-    return Normalize()
-
-
-def with_image_size(cfg: TrainingConfig, model_name: str | None = None) -> TrainingConfig:
-    """The config with data.image_size: auto replaced by the model's own input size."""
-    if cfg.data.image_size != "auto":
-        return cfg
-    name = model_name or cfg.model.name
-    size = default_image_size(name)
-    log.info("data.image_size: auto", image_size=size, model=name)
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": size})})
-
-
-def _torchvision_weights(name: str) -> dict[str, torch.Tensor]:
-    try:
-        return torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
-    except Exception as e:  # urllib/HTTP/SSL errors vary by platform; all mean "no weights"
-        raise JobError(f"model.pretrained: could not download torchvision's weights for {name} "
-                       f"({type(e).__name__}: {e}); on a machine without internet, set "
-                       "model.pretrained to the path of a weights file") from None
-
-
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise JobError(f"model.pretrained: weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise JobError(f"model.pretrained: {path} is not a readable torch weights file "
-                       f"({type(e).__name__}: {e})") from None
-    # Accept a bare state dict, or one wrapped the usual ways (our checkpoints, Lightning).
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise JobError(f"model.pretrained: {path} holds no state dict")
-    return state
-
-
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    # Checkpoints of a torch.compile'd model prefix every key with "_orig_mod.".
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    usable = {k: v for k, v in state.items()
-              if k in own and isinstance(v, torch.Tensor) and v.shape == own[k].shape}
-    if not usable:
-        raise JobError(f"model.pretrained: no tensor in {source} fits {type(model).__name__}; "
-                       "is it the weights of another architecture?")
-    model.load_state_dict(usable, strict=False)
-    skipped = sorted(set(own) - set(usable))
-    log.info("weights loaded", source=source, tensors=len(usable), left_initialised=skipped[:8],
-             left_initialised_count=len(skipped))

@@ -7,13 +7,13 @@ import structlog
 import torch
 
 from cherry_train.schemas import Phase
-from cherry_train.worker.training.checkpointing import fold_running_sums
-from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.job import TrainingJob
+from cherry_train.worker.training.saving import fold_running_sums
 
 log = structlog.get_logger(__name__)
 
 
-def progress(enabled: bool, job: Job, total: int, done: int):
+def progress(enabled: bool, job: TrainingJob, total: int, done: int):
     """The epoch's bar, from where this attempt starts in it (17/37 after a resume, not 1/20)."""
     if not enabled:
         return None
@@ -23,7 +23,7 @@ def progress(enabled: bool, job: Job, total: int, done: int):
                 desc=f"epoch {job.state.epoch + 1}/{job.cfg.training.epochs}")
 
 
-def first_step(job: Job) -> None:
+def first_step(job: TrainingJob) -> None:
     """From set-up to the first step: decoding, loader start-up. Said at once (one heartbeat per
     attempt on this thread): an attempt that dies from here on counts as a crash of training,
     before as a death in set-up (jobqueue.lifecycle)."""
@@ -34,7 +34,7 @@ def first_step(job: Job) -> None:
     job.reporter.beat_now()
 
 
-def log_progress(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor,
+def log_progress(job: TrainingJob, loss_sum: torch.Tensor, correct: torch.Tensor,
                   window: tuple[float, int], bar) -> tuple[float, int]:
     """A metrics line and the heartbeat's progress (one host sync, only here); a new window."""
     state = job.state

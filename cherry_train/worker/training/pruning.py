@@ -29,7 +29,7 @@ from cherry_train.schemas.records import AttemptEnd
 from cherry_train.sweepspace import Rank
 
 if TYPE_CHECKING:
-    from cherry_train.worker.training.job import Job
+    from cherry_train.worker.training.job import TrainingJob
 
 log = structlog.get_logger(__name__)
 
@@ -191,7 +191,7 @@ class Promotions:
 
 # -- the trainer's two questions ------------------------------------------------------------------
 
-def at_epoch_end(job: Job) -> tuple[str, dict[str, Any]] | None:
+def at_epoch_end(job: TrainingJob) -> tuple[str, dict[str, Any]] | None:
     """After each epoch of a trial: pause or prune it here? None: it goes on."""
     manifest = job.claim.manifest
     if not applies(manifest, job.state.epoch):
@@ -200,7 +200,7 @@ def at_epoch_end(job: Job) -> tuple[str, dict[str, Any]] | None:
     return _told(judge(JobQueue(job.reporter.owner.reader), manifest, job.state.epoch))
 
 
-def after_resume(job: Job) -> tuple[str, dict[str, Any]] | None:
+def after_resume(job: TrainingJob) -> tuple[str, dict[str, Any]] | None:
     """A trial that was paused at a rung, claimed again: judged again at once (promoted, or
     pruned, or paused again where the cut moved back above it since its claimer looked)."""
     if not paused(job.claim.attempt.previous):

@@ -7,14 +7,12 @@ never by if/else twins. Losses stay on the device and are read (a host sync) onl
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import structlog
 import torch
 
-from cherry_train.worker.errors import JobError, LoaderDied, is_loader_death
+from cherry_train.worker.errors import JobError
 from cherry_train.worker.training.device import describe
-from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.job import TrainingJob
 from cherry_train.worker.training.model import forward
 
 log = structlog.get_logger(__name__)
@@ -23,7 +21,8 @@ log = structlog.get_logger(__name__)
 MIN_MICRO_BATCH = 1
 
 
-def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(job: TrainingJob, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over the batch: its (batch-mean loss, correct count), on the device."""
     while True:
         try:
@@ -36,7 +35,7 @@ def train_step(job: Job, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
             _back_off(job, y.shape[0])
 
 
-def _step(job: Job, x: torch.Tensor, y: torch.Tensor):
+def _step(job: TrainingJob, x: torch.Tensor, y: torch.Tensor):
     amp, n = job.precision, y.shape[0]
     micro = job.state.micro_batch or n
     model = job.compilation.model_for_step()
@@ -57,7 +56,7 @@ def _step(job: Job, x: torch.Tensor, y: torch.Tensor):
     return loss_sum, correct
 
 
-def _back_off(job: Job, batch: int) -> None:
+def _back_off(job: TrainingJob, batch: int) -> None:
     state = job.state
     micro = state.micro_batch or batch
     job.optimizer.zero_grad(set_to_none=True)
@@ -74,20 +73,3 @@ def _back_off(job: Job, batch: int) -> None:
                 job_id=job.claim.job_id, step=state.global_step, micro_batch=state.micro_batch,
                 batch_size=batch, accumulation_steps=-(-batch // state.micro_batch))
     job.compilation.recompile(state.micro_batch)
-
-
-def named(error: Exception) -> Exception:
-    """A dead loader process as LoaderDied (the next attempt then uses half as many); any
-    other error as it is."""
-    if is_loader_death(error) and not isinstance(error, LoaderDied):
-        return LoaderDied(f"a data loader process died ({str(error).splitlines()[0]}); killed "
-                          "for memory? The next attempt uses half as many")
-    return error
-
-
-def raise_named(error: Exception) -> NoReturn:
-    """Raise `error` as named() calls it, chained to the original when renamed."""
-    renamed = named(error)
-    if renamed is error:
-        raise error
-    raise renamed from error

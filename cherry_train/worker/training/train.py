@@ -1,8 +1,9 @@
 """Training one job, resumable at any checkpoint, in the shape of torchvision's
 references/classification/train.py: `setup`, one epoch (`Leader`: rank 0's part in the loop
-of every rank, lockstep.py), `evaluate` (validation.py), `train` (their `main`). Elsewhere: one
-step and its out-of-memory back-off in steps.py, the other ranks in followers.py, checkpoints
-and results in checkpointing.py, compiling in compiling.py, data in prepare.py and data.py.
+of every rank, lockstep.py), `validate` (validation.py; their `evaluate`), `train` (their
+`main`). Elsewhere: one step and its out-of-memory back-off in steps.py, the other ranks in
+followers.py, when to checkpoint and what to publish in saving.py, compiling in compiling.py,
+data in prepare.py and data.py.
 
 What a test may replace is passed in (Seams), never patched into the module.
 """
@@ -25,14 +26,23 @@ from cherry_train import faults
 from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
-from cherry_train.worker.checkpoints.checkpoint import Checkpoints
-from cherry_train.worker.errors import JobError, is_cuda_error
+from cherry_train.worker.checkpoints.store import Checkpoints
+from cherry_train.worker.errors import JobError, is_cuda_error, raise_named
+from cherry_train.worker.inputs.loaders import loader_cap
+from cherry_train.worker.inputs.modelinput import with_image_size
 from cherry_train.worker.inputs.prepare import local_file, prepare_data
-from cherry_train.worker.inputs.processes import loader_cap
 from cherry_train.worker.multigpu.distributed import world_size
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.training import followers
-from cherry_train.worker.training.checkpointing import (
+from cherry_train.worker.training.compiling import Compilation, CompileState, TorchCompiler
+from cherry_train.worker.training.device import describe, pick_device
+from cherry_train.worker.training.export import export_best
+from cherry_train.worker.training.job import TrainingJob, setup_rank
+from cherry_train.worker.training.lockstep import STOPPED, Agreement, train_epochs
+from cherry_train.worker.training.model import build_model
+from cherry_train.worker.training.progress import first_step, log_progress, progress
+from cherry_train.worker.training.pruning import PAUSE, after_resume, at_epoch_end
+from cherry_train.worker.training.saving import (
     STORE_RESULTS,
     checkpoint_due,
     checkpoint_now,
@@ -45,20 +55,12 @@ from cherry_train.worker.training.checkpointing import (
     save_checkpoint,
     store_final,
 )
-from cherry_train.worker.training.compiling import Compilation, CompileState, TorchCompiler
-from cherry_train.worker.training.device import describe, pick_device
-from cherry_train.worker.training.export import export_best
-from cherry_train.worker.training.job import Job, setup_rank
-from cherry_train.worker.training.lockstep import STOPPED, Agreement, train_epochs
-from cherry_train.worker.training.model import build_model, with_image_size
-from cherry_train.worker.training.progress import first_step, log_progress, progress
-from cherry_train.worker.training.pruning import PAUSE, after_resume, at_epoch_end
-from cherry_train.worker.training.steps import raise_named, train_step
-from cherry_train.worker.training.validation import evaluate
+from cherry_train.worker.training.steps import train_step
+from cherry_train.worker.training.validation import validate
 
 log = structlog.get_logger(__name__)
 
-Step = Callable[[Job, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[TrainingJob, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Seams:
     device: Callable[[], torch.device] = pick_device
     build_model: Callable[[ModelConfig, Path | None], nn.Module] = build_model
     step: Step = train_step
-    validate: Callable[[Job], tuple[float, float]] | None = None  # None: validation.evaluate
+    validate: Callable[[TrainingJob], tuple[float, float]] | None = None  # None: validation's
     compiler: TorchCompiler = field(default_factory=TorchCompiler)
     store_results: Backoff = STORE_RESULTS
     heard: Callable[[str, bool], None] | None = None  # every rank's words (lockstep.py)
@@ -86,7 +88,7 @@ class Training:
         return train(run, self.seams)
 
 
-def setup(run: JobRun, seams: Seams) -> Job:
+def setup(run: JobRun, seams: Seams) -> TrainingJob:
     """Rank 0's setup: what every rank builds alike (job.setup_rank, as each follower does),
     from the data and weights rank 0 alone fetches from storage, plus what rank 0 alone owns:
     the claim, checkpoints, reporting, compilation, and the other ranks it starts."""
@@ -106,7 +108,7 @@ def setup(run: JobRun, seams: Seams) -> Job:
     # warning about it would only alarm users.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
     job = setup_rank(
-        Job, cfg, device, train_dir, val_dir, max_workers, rank=0, ranks=ranks,
+        TrainingJob, cfg, device, train_dir, val_dir, max_workers, rank=0, ranks=ranks,
         build=seams.build_model, weights_file=weights_file, claim=claim, reporter=reporter,
         stop=run.stop, scratch=run.scratch, clock=seams.clock, data_info=data_info,
         checkpoints=Checkpoints(reporter.owner, run.scratch, cfg.checkpoint.keep_last,
@@ -128,8 +130,9 @@ class Leader:
     """Rank 0 at each point of lockstep.train_epochs: it answers the ranks' questions (a stop
     asked for, a sweep trial's rung) and alone reports, logs and checkpoints."""
 
-    def __init__(self, job: Job, step: Step, validate: Callable[[Job], tuple[float, float]],
-                 progress_bar: bool, early: tuple[str, dict] | None):
+    def __init__(self, job: TrainingJob, step: Step,
+                 validate: Callable[[TrainingJob], tuple[float, float]], progress_bar: bool,
+                 early: tuple[str, dict] | None):
         self.job, self.state, self.epochs = job, job.state, job.cfg.training.epochs
         self.train_step, self.validate, self.progress_bar = step, validate, progress_bar
         self.early = early  # a sweep trial's verdict at a rung (pruning.py): pause or prune
@@ -219,7 +222,7 @@ class Leader:
         return self.early is not None
 
 
-def end_epoch(job: Job, validate: Callable[[Job], tuple[float, float]]) -> None:
+def end_epoch(job: TrainingJob, validate: Callable[[TrainingJob], tuple[float, float]]) -> None:
     state = job.state
     job.reporter.update(phase=Phase.validating)
     val_loss, val_acc = validate(job)
@@ -257,7 +260,7 @@ def train(run: JobRun, seams: Seams) -> Outcome:
             job.group.close(finished=sys.exc_info()[0] is None)
 
 
-def _train(job: Job, run: JobRun, seams: Seams) -> Outcome:
+def _train(job: TrainingJob, run: JobRun, seams: Seams) -> Outcome:
     cfg, reporter = job.cfg, run.reporter
     device_name = describe(job.device, job.ranks)
     reporter.update(device=device_name, epochs=cfg.training.epochs,
@@ -265,7 +268,7 @@ def _train(job: Job, run: JobRun, seams: Seams) -> Outcome:
                     loader_processes=job.data.num_workers)
     resume(job)
     followers.share(job)  # every rank continues from this rank's checkpoint
-    leader = Leader(job, seams.step, seams.validate or evaluate, run.progress_bar,
+    leader = Leader(job, seams.step, seams.validate or validate, run.progress_bar,
                     after_resume(job))  # a paused sweep trial: promoted, pruned, or not yet
     reporter.update_now(phase=Phase.starting, epoch=job.state.epoch + 1,
                         step=job.state.global_step)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.job import TrainingJob
 from cherry_train.worker.training.model import forward, summed_cross_entropy
 
 
 @torch.no_grad()
-def evaluate(job: Job) -> tuple[float, float]:
+def validate(job: TrainingJob) -> tuple[float, float]:
     """Validation loss and accuracy (means over the images)."""
     job.model.eval()
     if job.group is not None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from torch.utils.data import DataLoader
 
 from cherry_train.schemas import AttemptEnd
-from cherry_train.worker.runtime import STOP_SIGNALS
+from cherry_train.worker.signals import STOP_SIGNALS
 
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:

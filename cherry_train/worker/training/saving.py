@@ -1,7 +1,7 @@
 """When training checkpoints and what it publishes: the whole training state at intervals and
 at each epoch's end, best.pt from the very copy of the state its epoch ended with, and at the
 end the final weights, tried again while storage refuses them. Writing a checkpoint file, in
-the background and verified, is checkpoint.py's; resuming from one is here too.
+the background and verified, is checkpoints/store.py's; resuming from one is here too.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from cherry_train import logs
 from cherry_train.backoff import Backoff
 from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import Phase
-from cherry_train.worker.checkpoints.checkpoint import rng_state, set_rng_state, weights_sha256
-from cherry_train.worker.outcome import TrainState
+from cherry_train.worker.checkpoints.state import TrainState
+from cherry_train.worker.checkpoints.store import rng_state, set_rng_state, weights_sha256
 from cherry_train.worker.reporting.reporter import Reporter
-from cherry_train.worker.training.job import Job
+from cherry_train.worker.training.job import TrainingJob
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +33,7 @@ CHECKPOINT_FORMAT = 1
 STORE_RESULTS = Backoff(first=5.0, cap=120.0, give_up_after=600.0)
 
 
-def save_checkpoint(job: Job, why: str, best: bool = False) -> None:
+def save_checkpoint(job: TrainingJob, why: str, best: bool = False) -> None:
     """Queue a copy of the whole training state; it is written in the background. Training
     waits only for the previous checkpoint's write, if that is still going on, and for the copy
     to be queued; the GPU makes it between this step and the next. With `best`, the model's
@@ -79,7 +79,7 @@ def save_checkpoint(job: Job, why: str, best: bool = False) -> None:
              seconds=round(job.clock() - started, 3))  # what training waited
 
 
-def checkpoint_due(job: Job) -> bool:
+def checkpoint_due(job: TrainingJob) -> bool:
     every = job.cfg.checkpoint
     if every.every_steps and job.state.global_step % every.every_steps == 0:
         return True
@@ -94,7 +94,8 @@ def fold_running_sums(state: TrainState, loss_sum: torch.Tensor, correct: torch.
     correct.zero_()
 
 
-def checkpoint_now(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, why: str) -> None:
+def checkpoint_now(job: TrainingJob, loss_sum: torch.Tensor, correct: torch.Tensor,
+                   why: str) -> None:
     """Checkpoint the state as it is, unless the last checkpoint already holds it (right after
     an epoch, say), and wait until it is durable: the job is about to be handed back."""
     fold_running_sums(job.state, loss_sum, correct)
@@ -103,7 +104,7 @@ def checkpoint_now(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, why:
     job.checkpoints.wait()
 
 
-def keep_state(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, why: str) -> None:
+def keep_state(job: TrainingJob, loss_sum: torch.Tensor, correct: torch.Tensor, why: str) -> None:
     """checkpoint_now before the attempt ends by an error; a failure here is logged, and the
     original error goes on."""
     try:
@@ -114,7 +115,7 @@ def keep_state(job: Job, loss_sum: torch.Tensor, correct: torch.Tensor, why: str
         log.warning("could not checkpoint before handing the job back", error=logs.brief(e))
 
 
-def drain(job: Job) -> None:
+def drain(job: TrainingJob) -> None:
     """Let a background checkpoint write finish when training failed: its error (if any) is
     logged, and the original error is the one reported."""
     try:
@@ -138,7 +139,7 @@ def report_failed(reporter: Reporter):
     return on_failed
 
 
-def resume(job: Job) -> None:
+def resume(job: TrainingJob) -> None:
     """Load the newest verified checkpoint, if any: model, optimizer, scheduler, scaler,
     training state, every RNG; keep the metrics lines up to it."""
     found = job.checkpoints.load_latest()
@@ -172,12 +173,12 @@ def resume(job: Job) -> None:
              epoch=job.state.epoch, step_in_epoch=job.state.step_in_epoch)
 
 
-def publish_best(job: Job, weights: dict[str, torch.Tensor]) -> str:
+def publish_best(job: TrainingJob, weights: dict[str, torch.Tensor]) -> str:
     job.state.best_weights_sha256 = publish_weights(job, weights, job.claim.paths.best_weights)
     return job.state.best_weights_sha256
 
 
-def publish_weights(job: Job, state_dict: dict[str, torch.Tensor], path: str) -> str:
+def publish_weights(job: TrainingJob, state_dict: dict[str, torch.Tensor], path: str) -> str:
     """Store a CPU copy of the model's weights at `path`; their hash (weights_sha256)."""
     tmp = job.scratch / (Path(path).name + ".partial")
     job.scratch.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def publish_weights(job: Job, state_dict: dict[str, torch.Tensor], path: str) ->
     return weights_sha256(state_dict)
 
 
-def store_final(job: Job, backoff: Backoff = STORE_RESULTS) -> str | None:
+def store_final(job: TrainingJob, backoff: Backoff = STORE_RESULTS) -> str | None:
     """Store what a finished run leaves (best.pt if its checkpoints failed, then final.pt);
     the final weights' hash, or None if the worker was asked to stop meanwhile: the job is then
     handed back (or cancelled), not failed, and the next attempt resumes from the newest
@@ -220,7 +221,7 @@ def store_final(job: Job, backoff: Backoff = STORE_RESULTS) -> str | None:
                    lambda: publish_weights(job, weights, job.claim.paths.final_weights), backoff)
 
 
-def _stored(job: Job, name: str, store: Callable[[], str], backoff: Backoff) -> str | None:
+def _stored(job: TrainingJob, name: str, store: Callable[[], str], backoff: Backoff) -> str | None:
     """store(), tried again while it fails (see STORE_RESULTS); None if stopped meanwhile."""
     waits = backoff.waits()
     while True:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,11 +13,6 @@ import structlog
 
 from cherry_train.places import on_colab
 from cherry_train.schemas import TrainingConfig
-
-#: Signals that stop the worker. Colab, systemd, `docker stop`, `timeout` and Ctrl-C in a
-#: terminal send them to the whole process group: only the worker's main process acts on them
-#: (it finishes its step and checkpoints); its loader processes ignore them.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 log = structlog.get_logger(__name__)
 
