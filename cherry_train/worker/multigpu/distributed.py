@@ -8,7 +8,8 @@ that listens on the loopback only (a socket bound here, handed to it): torch's o
 nothing home-made. Rank 0's state reaches the others as bytes loaded with weights_only=True
 (tensors and plain containers), never unpickled. Gradients go over NCCL on CUDA
 (gloo on the CPU); the few control words (stop after this step? end here?) go over a second,
-gloo group on the CPU, so asking costs no CUDA synchronisation.
+gloo group on the CPU, so asking costs no CUDA synchronisation. Where the ranks ask them is
+written once, in lockstep.py.
 
 A rank that dies ends the attempt on every rank (gloo says so at once; the watcher names the
 rank), and the job is handed back and resumed from its newest checkpoint like after any other
@@ -27,7 +28,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -58,6 +59,11 @@ JOIN_SECONDS = 60.0
 
 class RankDied(RuntimeError):
     """A rank of a multi-GPU attempt exited or stopped answering: not the job's fault."""
+
+
+class OutOfStep(RuntimeError):
+    """The ranks asked different questions at one agreement: a bug in the loop they run
+    (lockstep.py), never the job's fault (the job is handed back, as after a worker's fault)."""
 
 
 def world_size(requested: int | None, device: torch.device, batch_size: int) -> int:
@@ -95,11 +101,12 @@ class RankSpec:
     timeout_seconds: float
     parent_pid: int
     threads: int
+    heard: Callable[[str, bool], None] | None = None  # a test's record: lockstep.Agreement
 
 
 class Group:
     """Rank 0's side of the process group, and the collectives every rank calls in the same
-    order (followers.py mirrors train.py)."""
+    order (the one loop of lockstep.py, run by train.py and followers.py alike)."""
 
     def __init__(self, rank: int, ranks: int, device: torch.device, timeout_seconds: float):
         self.rank, self.ranks, self.device = rank, ranks, device
@@ -150,13 +157,23 @@ class Group:
 
     # -- the collectives ------------------------------------------------------------------------
 
-    def agree(self, flag: bool) -> bool:
-        """Whether any rank says yes (rank 0: stop, or end here); every rank calls it at the
-        same points, so all of them stop after the same step."""
-        word = torch.tensor([int(flag)])
-        self.collective(lambda: dist.all_reduce(word, op=dist.ReduceOp.MAX,
+    def agree(self, flag: bool, question: int = 0, names: Sequence[str] = ()) -> bool:
+        """Whether any rank says yes (rank 0: stop, or end here). Every rank asks at the same
+        points (lockstep.py), and sends the number of its `question` with its word: ranks that
+        ask different questions raise OutOfStep at once instead of reading one another's
+        answers (`names`: the questions' names, for its message)."""
+        # One all-reduce (MAX) of (word, question, -question): any rank's yes, and the highest
+        # and the lowest question asked, equal when every rank asked the same.
+        words = torch.tensor([int(flag), question, -question])
+        self.collective(lambda: dist.all_reduce(words, op=dist.ReduceOp.MAX,
                                                  group=self.control))
-        return bool(word.item())
+        highest, lowest = int(words[1]), -int(words[2])
+        if highest != lowest:
+            other = highest if highest != question else lowest
+            name = dict(enumerate(names))
+            raise OutOfStep(f"rank {self.rank} asked {name.get(question, question)!r} while "
+                            f"another rank asked {name.get(other, other)!r}")
+        return bool(words[0])
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """The ranks' `values` summed (validation: each rank saw its share of the images)."""

@@ -1,8 +1,9 @@
-"""The other ranks of a multi-GPU job (rank 0 is the worker itself: train.py). A follower writes
-nothing: it trains its share of every batch, validates its share of the val images, and asks
-rank 0 at the same points as train.py does whether to stop, so every rank ends after the same
-step. It starts from the state rank 0 shares after its resume, so a resumed job continues on
-every rank from the same checkpoint.
+"""The other ranks of a multi-GPU job (rank 0 is the worker itself: train.py). A follower is set
+up as rank 0 is (job.setup_rank) and runs the same loop (lockstep.train_epochs), so it asks
+rank 0 at the same points whether to stop and every rank ends after the same step. It writes
+nothing: it trains its share of every batch and validates its share of the val images. It
+starts from the state rank 0 shares after its resume, so a resumed job continues on every rank
+from the same checkpoint.
 
 A follower ignores SIGINT and SIGTERM (the runtime signals the whole process group: rank 0 gets
 the same signal and decides), and exits if rank 0's process is gone.
@@ -15,9 +16,9 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import structlog
 import torch
@@ -27,12 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from cherry_train import faults
 from cherry_train.schemas import Manifest
 from cherry_train.worker.checkpoints.state import TrainState
-from cherry_train.worker.inputs.data import Data, load_data
 from cherry_train.worker.inputs.modelinput import with_image_size
 from cherry_train.worker.multigpu.distributed import Group, RankSpec
-from cherry_train.worker.training.device import Precision, resolve_precision, seed_and_determinism
-from cherry_train.worker.training.model import build_model
-from cherry_train.worker.training.optim import make_optimizer, make_scheduler
+from cherry_train.worker.training.job import Rank, setup_rank
+from cherry_train.worker.training.lockstep import Agreement, train_epochs
 from cherry_train.worker.training.steps import train_step
 from cherry_train.worker.training.validation import validate
 
@@ -54,34 +53,16 @@ class Eager:
         return self.model
 
 
-@dataclass
-class Rank:
-    """What steps.train_step and validation.validate read of a job, on a follower."""
-
-    cfg: Any
-    device: torch.device
-    precision: Precision
-    data: Data
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    criterion: nn.Module
-    compilation: Eager
-    group: Group
-    state: TrainState = field(default_factory=TrainState)
-    seed: int = 0  # this rank's randomness, reseeded at every step
-
-
 # -- rank 0's side ---------------------------------------------------------------------------------
 
 def start(manifest: Manifest, model: nn.Module, device: torch.device, ranks: int,
-          train_dir: Path, val_dir: Path, max_workers: int | None) -> tuple[Group | None,
-                                                                       nn.Module]:
+          train_dir: Path, val_dir: Path, max_workers: int | None,
+          heard: Callable[[str, bool], None] | None = None) -> tuple[Group | None, nn.Module]:
     """Rank 0 (the worker): start ranks 1..ranks-1, form the group with them, and wrap the
     model so that its gradients are all-reduced. (None, the model) on one GPU. Collectives time
     out after the job's lease (at least TIMEOUT_FLOOR_SECONDS: the ranks' start, their data
-    and model, come before the first one), so a hung rank ends the attempt."""
+    and model, come before the first one), so a hung rank ends the attempt. `heard`: a test's
+    record of the ranks' words (lockstep.Agreement), on every rank."""
     if ranks == 1:
         return None, model
     timeout = max(manifest.config.lease_seconds, TIMEOUT_FLOOR_SECONDS)
@@ -90,7 +71,7 @@ def start(manifest: Manifest, model: nn.Module, device: torch.device, ranks: int
         rank=rank, ranks=ranks, port=port, device_type=device.type,
         manifest_json=manifest.to_json(), train_dir=str(train_dir), val_dir=str(val_dir),
         max_workers=max_workers, timeout_seconds=timeout, parent_pid=os.getpid(),
-        threads=torch.get_num_threads()))
+        threads=torch.get_num_threads(), heard=heard))
     try:
         return group, group.collective(lambda: _wrap(model, device))
     except BaseException:
@@ -135,7 +116,7 @@ def follow(spec: RankSpec) -> None:
     try:
         faults.point("follower-setup")
         rank = _setup(spec, device, group)
-        _train(rank)
+        train_epochs(Follower(rank), Agreement(group, spec.heard))
     except BaseException as e:
         group.report(e)  # rank 0 puts it in the job's history (or fails the job: a JobError)
         raise
@@ -146,58 +127,61 @@ def follow(spec: RankSpec) -> None:
 
 
 def _setup(spec: RankSpec, device: torch.device, group: Group) -> Rank:
-    """The same model, optimizer and data as rank 0 builds (train.setup), this rank's share."""
+    """The same model, optimizer and data as rank 0 builds (job.setup_rank, as train.setup
+    does), this rank's share; then rank 0's state, as it stands after its resume."""
     cfg = with_image_size(Manifest.from_json(spec.manifest_json).config)
-    seed_and_determinism(cfg.seed, cfg.deterministic, device)
-    data = load_data(cfg, Path(spec.train_dir), Path(spec.val_dir), device, spec.max_workers,
-                     rank=spec.rank, ranks=spec.ranks)
-    # Rank 0's weights reach every rank (DistributedDataParallel broadcasts them, then the
-    # shared state): no pretrained download here.
-    model = build_model(cfg.model.model_copy(update={"pretrained": False}), None).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ddp = _wrap(model, device)
-    optimizer = make_optimizer(cfg, model, device)
-    precision = resolve_precision(cfg.amp, device)
-    total = cfg.training.epochs * data.steps_per_epoch
-    rank = Rank(cfg=cfg, device=device, precision=precision, data=data, model=model,
-                optimizer=optimizer, scheduler=make_scheduler(cfg, optimizer, total),
-                scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
-                criterion=nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
-                compilation=Eager(ddp), group=group)
+    rank = setup_rank(Rank, cfg, device, Path(spec.train_dir), Path(spec.val_dir),
+                      spec.max_workers, rank=spec.rank, ranks=spec.ranks, group=group)
+    rank.compilation = Eager(_wrap(rank.model, device))
     shared = group.share_state(None)
-    model.load_state_dict(shared["model"])
-    optimizer.load_state_dict(shared["optimizer"])
+    rank.model.load_state_dict(shared["model"])
+    rank.optimizer.load_state_dict(shared["optimizer"])
     rank.scheduler.load_state_dict(shared["scheduler"])
     rank.scaler.load_state_dict(shared["scaler"])
     rank.state = TrainState(**shared["state"])
-    rank.seed = cfg.seed * 1_000_003 + spec.rank * 7919
     return rank
 
 
-def _train(rank: Rank) -> None:
-    """train.train's loop, step for step and question for question."""
-    state, group, epochs = rank.state, rank.group, rank.cfg.training.epochs
-    if group.agree(False):  # rank 0: a trial paused at a rung ends here (pruning.after_resume)
-        return
-    while state.epoch < epochs:
-        if group.agree(False):  # rank 0: a stop before the epoch starts
-            return
-        rank.model.train()
-        for x, y in rank.data.train_batches(state.epoch, state.step_in_epoch):
-            # This rank's randomness (dropout, drop-path) drawn afresh from the step: rank 0's
-            # is in its checkpoints, a follower's is not, and a resume must draw the same.
-            torch.manual_seed(rank.seed + state.global_step)
-            train_step(rank, x, y)
-            state.step_in_epoch += 1
-            state.global_step += 1
-            if group.agree(False):  # rank 0: a stop after this step
-                return
-        validate(rank)
-        if group.agree(False):  # rank 0: a sweep trial pruned or paused here
-            return
-        state.epoch += 1
-        state.step_in_epoch = 0
+class Follower:
+    """A follower at each point of lockstep.train_epochs, the loop rank 0 runs too: it trains
+    and validates its share, and to every question says no (rank 0 decides)."""
+
+    def __init__(self, rank: Rank):
+        self.rank, self.state, self.epochs = rank, rank.state, rank.cfg.training.epochs
+        self.seed = rank.cfg.seed * 1_000_003 + rank.rank * 7919  # this rank's randomness
+
+    def ends_at_resume(self) -> bool:
+        return False
+
+    def stop_asked(self) -> bool:
+        return False
+
+    def batches(self):
+        self.rank.model.train()
+        return self.rank.data.train_batches(self.state.epoch, self.state.step_in_epoch)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # This rank's randomness (dropout, drop-path) drawn afresh from the step: rank 0's is
+        # in its checkpoints, a follower's is not, and a resume must draw the same.
+        torch.manual_seed(self.seed + self.state.global_step)
+        train_step(self.rank, x, y)
+        self.state.step_in_epoch += 1
+        self.state.global_step += 1
+
+    def between_steps(self) -> None:
+        pass  # rank 0 alone checkpoints
+
+    def stop(self) -> None:
+        pass  # rank 0 alone checkpoints
+
+    def steps_failed(self, error: Exception) -> bool:
+        return False  # raised, for rank 0 to hear of (group.report)
+
+    def end_epoch(self) -> bool:
+        validate(self.rank)
+        self.state.epoch += 1
+        self.state.step_in_epoch = 0
+        return False
 
 
 def _exit_with_parent(parent_pid: int) -> None:

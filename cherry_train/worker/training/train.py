@@ -1,9 +1,9 @@
 """Training one job, resumable at any checkpoint, in the shape of torchvision's
-references/classification/train.py: `setup`, `train_one_epoch`, `validate` (their `evaluate`) and
-`train` (their `main`). Where the rest lives: one optimizer step and its out-of-memory back-off
-in steps.py, the other ranks of a multi-GPU job in distributed.py and followers.py,
-when to checkpoint and what to publish in saving.py, whether to compile in compiling.py,
-the data in prepare.py (onto this VM) and data.py (batches).
+references/classification/train.py: `setup`, one epoch (`Leader`: rank 0's part in the loop
+of every rank, lockstep.py), `validate` (validation.py; their `evaluate`), `train` (their
+`main`). Elsewhere: one step and its out-of-memory back-off in steps.py, the other ranks in
+followers.py, when to checkpoint and what to publish in saving.py, compiling in compiling.py,
+data in prepare.py and data.py.
 
 What a test may replace is passed in (Seams), never patched into the module.
 """
@@ -28,7 +28,6 @@ from cherry_train.jobqueue.owner import Fenced
 from cherry_train.schemas import ModelConfig, Phase
 from cherry_train.worker.checkpoints.store import Checkpoints
 from cherry_train.worker.errors import JobError, is_cuda_error, raise_named
-from cherry_train.worker.inputs.data import load_data
 from cherry_train.worker.inputs.loaders import loader_cap
 from cherry_train.worker.inputs.modelinput import with_image_size
 from cherry_train.worker.inputs.prepare import local_file, prepare_data
@@ -36,16 +35,11 @@ from cherry_train.worker.multigpu.distributed import world_size
 from cherry_train.worker.outcome import JobRun, Outcome
 from cherry_train.worker.training import followers
 from cherry_train.worker.training.compiling import Compilation, CompileState, TorchCompiler
-from cherry_train.worker.training.device import (
-    describe,
-    pick_device,
-    resolve_precision,
-    seed_and_determinism,
-)
+from cherry_train.worker.training.device import describe, pick_device
 from cherry_train.worker.training.export import export_best
-from cherry_train.worker.training.job import TrainingJob
+from cherry_train.worker.training.job import TrainingJob, setup_rank
+from cherry_train.worker.training.lockstep import STOPPED, Agreement, train_epochs
 from cherry_train.worker.training.model import build_model
-from cherry_train.worker.training.optim import make_optimizer, make_scheduler
 from cherry_train.worker.training.progress import first_step, log_progress, progress
 from cherry_train.worker.training.pruning import PAUSE, after_resume, at_epoch_end
 from cherry_train.worker.training.saving import (
@@ -81,6 +75,7 @@ class Seams:
     validate: Callable[[TrainingJob], tuple[float, float]] | None = None  # None: validation's
     compiler: TorchCompiler = field(default_factory=TorchCompiler)
     store_results: Backoff = STORE_RESULTS
+    heard: Callable[[str, bool], None] | None = None  # every rank's words (lockstep.py)
 
 
 class Training:
@@ -94,116 +89,138 @@ class Training:
 
 
 def setup(run: JobRun, seams: Seams) -> TrainingJob:
+    """Rank 0's setup: what every rank builds alike (job.setup_rank, as each follower does),
+    from the data and weights rank 0 alone fetches from storage, plus what rank 0 alone owns:
+    the claim, checkpoints, reporting, compilation, and the other ranks it starts."""
     claim, reporter = run.claim, run.reporter
     cfg, reader = with_image_size(claim.manifest.config), reporter.owner.reader
     device = seams.device()
-    seed_and_determinism(cfg.seed, cfg.deterministic, device)
     train_dir, val_dir, data_info = prepare_data(cfg, run.data_root, reader,
                                                  copying=lambda: reporter.update_now(
                                                      phase=Phase.copying_data))
     ranks, max_workers = world_size(run.gpus, device, cfg.training.batch_size), \
         loader_cap(claim.attempt.previous)
-    data = load_data(cfg, train_dir, val_dir, device, max_workers, rank=0, ranks=ranks)
     weights = cfg.model.pretrained
     weights_file = (local_file(weights, "model.pretrained", run.data_root, reader, run.scratch)
                     if isinstance(weights, str) else None)
-    model = seams.build_model(cfg.model, weights_file).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model, device)
-    precision = resolve_precision(cfg.amp, device)
     # The fp16 GradScaler skips the optimizer step when gradients overflow (mostly the first
     # few steps). The LR schedule still follows the step count, so that is intended; torch's
     # warning about it would only alarm users.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-    total = cfg.training.epochs * data.steps_per_epoch
-    # The other GPUs' ranks (followers.py), then the model they step together (DDP).
-    group, stepped = followers.start(claim.manifest, model, device, ranks, train_dir, val_dir,
-                                     max_workers)
-    return TrainingJob(
-        claim=claim, cfg=cfg, device=device, precision=precision, data=data, model=model,
-        optimizer=optimizer, scheduler=make_scheduler(cfg, optimizer, total),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler),
-        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
+    job = setup_rank(
+        TrainingJob, cfg, device, train_dir, val_dir, max_workers, rank=0, ranks=ranks,
+        build=seams.build_model, weights_file=weights_file, claim=claim, reporter=reporter,
+        stop=run.stop, scratch=run.scratch, clock=seams.clock, data_info=data_info,
         checkpoints=Checkpoints(reporter.owner, run.scratch, cfg.checkpoint.keep_last,
                                 on_durable=report_durable(reporter),
-                                on_failed=report_failed(reporter)),
-        compilation=Compilation(seams.compiler, stepped, device,
-                                cfg.performance.compile if group is None else "off",
-                                cfg.deterministic, reporter.owner, run.kernel_seal,
-                                reporter.update),
-        reporter=reporter, stop=run.stop, scratch=run.scratch, clock=seams.clock,
-        data_info=data_info, group=group)
+                                on_failed=report_failed(reporter)))
+    # The other GPUs' ranks (followers.py), then the model they step together (DDP).
+    job.group, stepped = followers.start(claim.manifest, job.model, device, ranks, train_dir,
+                                         val_dir, max_workers, seams.heard)
+    job.compilation = Compilation(seams.compiler, stepped, device,
+                                  cfg.performance.compile if job.group is None else "off",
+                                  cfg.deterministic, reporter.owner, run.kernel_seal,
+                                  reporter.update)
+    return job
 
 
-# -- one epoch ---------------------------------------------------------------------------------
+# -- rank 0's part in the loop every rank runs (lockstep.train_epochs) ------------------------
 
-def train_one_epoch(job: TrainingJob, step: Step, progress_bar: bool) -> bool:
-    """Train the rest of the current epoch; False if a stop was requested (after a checkpoint)."""
-    loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
-    correct = torch.zeros((), device=job.device, dtype=torch.int64)
-    try:
-        return _epoch_steps(job, step, progress_bar, loss_sum, correct)
-    except Exception as e:
-        if isinstance(e, Fenced | JobError) or job.mid_step or is_cuda_error(e):
-            raise
-        # Between two steps the training state is whole (a loader process died, say): keep it,
-        # so the next attempt resumes from here, not from the last interval checkpoint.
-        keep_state(job, loss_sum, correct, why=f"before handing back ({type(e).__name__})")
-        if job.stop.is_set():
-            return False  # the stop that was asked for (its signal may have caused this)
-        raise_named(e)
+class Leader:
+    """Rank 0 at each point of lockstep.train_epochs: it answers the ranks' questions (a stop
+    asked for, a sweep trial's rung) and alone reports, logs and checkpoints."""
 
+    def __init__(self, job: TrainingJob, step: Step,
+                 validate: Callable[[TrainingJob], tuple[float, float]], progress_bar: bool,
+                 early: tuple[str, dict] | None):
+        self.job, self.state, self.epochs = job, job.state, job.cfg.training.epochs
+        self.train_step, self.validate, self.progress_bar = step, validate, progress_bar
+        self.early = early  # a sweep trial's verdict at a rung (pruning.py): pause or prune
+        # The epoch's running sums, on the device (read only when logged); folded into the
+        # state (and zeroed) at every log line, checkpoint and epoch end.
+        self.loss_sum = torch.zeros((), device=job.device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=job.device, dtype=torch.int64)
+        self.bar, self.window, self.step_started = None, (0.0, 0), 0.0
 
-def _epoch_steps(job: TrainingJob, step: Step, progress_bar: bool, loss_sum: torch.Tensor,
-                 correct: torch.Tensor) -> bool:
-    state, per_epoch = job.state, job.data.steps_per_epoch
-    job.model.train()
-    batches = job.data.train_batches(state.epoch, state.step_in_epoch)
-    window = (job.clock(), 0)  # (start, images) of the throughput window
-    bar = progress(progress_bar, job, per_epoch, state.step_in_epoch)
-    step_started = job.clock()
-    for x, y in batches:
+    def ends_at_resume(self) -> bool:
+        return self.early is not None
+
+    def stop_asked(self) -> bool:
+        return self.job.stop.is_set()
+
+    def batches(self):
+        """The rest of the current epoch's batches; its sums folded once they are done."""
+        job, state = self.job, self.state
+        job.model.train()
+        batches = job.data.train_batches(state.epoch, state.step_in_epoch)
+        self.window = (job.clock(), 0)  # (start, images) of the throughput window
+        self.bar = progress(self.progress_bar, job, job.data.steps_per_epoch, state.step_in_epoch)
+        self.step_started = job.clock()
+        yield from batches
+        if self.bar is not None:
+            self.bar.close()
+        fold_running_sums(state, self.loss_sum, self.correct)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        job, state = self.job, self.state
         job.mid_step = True
-        step_loss, step_correct = step(job, x, y)
-        loss_sum += step_loss * y.shape[0]
-        correct += step_correct
+        step_loss, step_correct = self.train_step(job, x, y)
+        self.loss_sum += step_loss * y.shape[0]
+        self.correct += step_correct
         state.step_in_epoch += 1
         state.global_step += 1
         state.epoch_seen += y.shape[0]  # this rank's share: its loss and accuracy sums
         state.images_seen += y.shape[0] * job.ranks  # every rank's: the job's throughput
         job.mid_step = False
-        window = (window[0], window[1] + y.shape[0] * job.ranks)
-        state.train_seconds += job.clock() - step_started
-        if bar is not None:
-            bar.update(1)
+        self.window = (self.window[0], self.window[1] + y.shape[0] * job.ranks)
+        state.train_seconds += job.clock() - self.step_started
+        if self.bar is not None:
+            self.bar.update(1)
         if not job.first_step_done:
             first_step(job)
         faults.point("step")
         if job.compilation.state == CompileState.undecided:
             job.compilation.consider(state.micro_batch or y.shape[0], job.steps_left)
-        if state.global_step % job.cfg.log_every_steps == 0 or state.step_in_epoch == per_epoch:
-            window = log_progress(job, loss_sum, correct, window, bar)
-        if job.agreed(job.stop.is_set()):  # every rank stops after this same step
-            _stop_here(job, loss_sum, correct)
-            return False
-        if checkpoint_due(job) and state.step_in_epoch < per_epoch:
-            fold_running_sums(state, loss_sum, correct)
+        if state.global_step % job.cfg.log_every_steps == 0 or \
+                state.step_in_epoch == job.data.steps_per_epoch:
+            self.window = log_progress(job, self.loss_sum, self.correct, self.window, self.bar)
+
+    def between_steps(self) -> None:
+        job, state = self.job, self.state
+        if checkpoint_due(job) and state.step_in_epoch < job.data.steps_per_epoch:
+            fold_running_sums(state, self.loss_sum, self.correct)
             save_checkpoint(job, "interval")
-        step_started = job.clock()
-    if bar is not None:
-        bar.close()
-    fold_running_sums(state, loss_sum, correct)
-    return True
+        self.step_started = job.clock()
 
+    def stop(self) -> None:
+        if self.job.stop.reason == "fenced":
+            raise Fenced(f"job {self.job.claim.job_id}: a later attempt took over")
+        checkpoint_now(self.job, self.loss_sum, self.correct, f"stop ({self.job.stop.reason})")
 
-def _stop_here(job: TrainingJob, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
-    if job.stop.reason == "fenced":
-        raise Fenced(f"job {job.claim.job_id}: a later attempt took over")
-    checkpoint_now(job, loss_sum, correct, f"stop ({job.stop.reason})")
+    def steps_failed(self, e: Exception) -> bool:
+        """True where the failure ended the stop asked for (its signal may have caused it)."""
+        job = self.job
+        if isinstance(e, Fenced | JobError) or job.mid_step or is_cuda_error(e):
+            return False
+        # Between two steps the training state is whole (a loader process died, say): keep it,
+        # so the next attempt resumes from here, not from the last interval checkpoint.
+        keep_state(job, self.loss_sum, self.correct,
+                   why=f"before handing back ({type(e).__name__})")
+        if job.stop.is_set():
+            return True
+        raise_named(e)
 
+    def end_epoch(self) -> bool:
+        """Validate, record, checkpoint; True where a sweep's trial ends (behind its siblings)."""
+        try:
+            end_epoch(self.job, self.validate)
+        except Exception as e:  # validation has loader processes too
+            if self.job.stop.is_set():
+                raise
+            raise_named(e)
+        self.early = at_epoch_end(self.job)
+        return self.early is not None
 
-# -- the end of an epoch ----------------------------------------------------------------------
 
 def end_epoch(job: TrainingJob, validate: Callable[[TrainingJob], tuple[float, float]]) -> None:
     state = job.state
@@ -244,15 +261,15 @@ def train(run: JobRun, seams: Seams) -> Outcome:
 
 
 def _train(job: TrainingJob, run: JobRun, seams: Seams) -> Outcome:
-    cfg, reporter, stop = job.cfg, run.reporter, run.stop
+    cfg, reporter = job.cfg, run.reporter
     device_name = describe(job.device, job.ranks)
     reporter.update(device=device_name, epochs=cfg.training.epochs,
                     steps_per_epoch=job.data.steps_per_epoch,
                     loader_processes=job.data.num_workers)
     resume(job)
     followers.share(job)  # every rank continues from this rank's checkpoint
-    early = after_resume(job)  # a sweep trial paused at a rung: promoted, pruned, or not yet
-    job.agreed(early is not None)
+    leader = Leader(job, seams.step, seams.validate or validate, run.progress_bar,
+                    after_resume(job))  # a paused sweep trial: promoted, pruned, or not yet
     reporter.update_now(phase=Phase.starting, epoch=job.state.epoch + 1,
                         step=job.state.global_step)
     log.info("training", job_id=job.claim.job_id, attempt=job.claim.attempt.n,
@@ -265,22 +282,10 @@ def _train(job: TrainingJob, run: JobRun, seams: Seams) -> Outcome:
                       precision=job.precision.name, threads=torch.get_num_threads(),
                       data=job.data_info)
     try:
-        while job.state.epoch < cfg.training.epochs and early is None:
-            if job.agreed(stop.is_set()):
-                _stop_here(job, torch.zeros(()), torch.zeros((), dtype=torch.int64))
-                return outcome
-            if not train_one_epoch(job, seams.step, run.progress_bar):
-                return outcome
-            try:
-                end_epoch(job, seams.validate or validate)
-            except Exception as e:  # validation has loader processes too
-                if job.stop.is_set():
-                    raise
-                raise_named(e)
-            early = at_epoch_end(job)  # a sweep's trial, behind its siblings
-            job.agreed(early is not None)
+        if train_epochs(leader, Agreement(job.group, seams.heard)) == STOPPED:
+            return outcome
         job.checkpoints.wait()  # the last epoch's checkpoint is durable before the result
-        if cfg.export.onnx and early is None:  # on the validation images: loaders open
+        if cfg.export.onnx and leader.early is None:  # on the validation images: loaders open
             outcome.export = {"onnx": export_best(job)}
     except BaseException:
         drain(job)
@@ -288,9 +293,9 @@ def _train(job: TrainingJob, run: JobRun, seams: Seams) -> Outcome:
     finally:
         job.data.close()  # no loader process outlives its attempt
     job.update_wall()
-    if early is not None:  # paused (released), or pruned: best.pt, metrics and curves stay
+    if (early := leader.early) is not None:  # paused (released), or pruned: best.pt,
         outcome.paused, outcome.pruned = (early[1], None) if early[0] == PAUSE else \
-            (None, early[1])
+            (None, early[1])  # metrics and curves stay
         return outcome
     reporter.update(phase=Phase.finishing)
     outcome.final_weights_sha256 = store_final(job, seams.store_results)
