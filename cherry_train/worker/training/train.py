@@ -1,9 +1,8 @@
 """Training one job, resumable at any checkpoint, in the shape of torchvision's
 references/classification/train.py: `setup`, one epoch (`Leader`: rank 0's part in the loop
-of every rank, lockstep.py), `validate` (validation.py; their `evaluate`), `train` (their
-`main`). Elsewhere: one step and its out-of-memory back-off in steps.py, the other ranks in
-followers.py, when to checkpoint and what to publish in saving.py, compiling in compiling.py,
-data in prepare.py and data.py.
+of every rank, lockstep.py), `validate` (validation.py), `train` (their `main`). Elsewhere: one
+step in steps.py, the other ranks in followers.py, when to checkpoint in saving.py, compiling in
+compiling.py, data in prepare.py and data.py.
 
 What a test may replace is passed in (Seams), never patched into the module.
 """
@@ -61,6 +60,7 @@ from cherry_train.worker.training.validation import validate
 log = structlog.get_logger(__name__)
 
 Step = Callable[[TrainingJob, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Validate = Callable[[TrainingJob], tuple[float, float]]  # (loss, accuracy)
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Seams:
     device: Callable[[], torch.device] = pick_device
     build_model: Callable[[ModelConfig, Path | None], nn.Module] = build_model
     step: Step = train_step
-    validate: Callable[[TrainingJob], tuple[float, float]] | None = None  # None: validation's
+    validate: Validate | None = None  # None: validation's
     compiler: TorchCompiler = field(default_factory=TorchCompiler)
     store_results: Backoff = STORE_RESULTS
     heard: Callable[[str, bool], None] | None = None  # every rank's words (lockstep.py)
@@ -95,9 +95,8 @@ def setup(run: JobRun, seams: Seams) -> TrainingJob:
     claim, reporter = run.claim, run.reporter
     cfg, reader = with_image_size(claim.manifest.config), reporter.owner.reader
     device = seams.device()
-    train_dir, val_dir, data_info = prepare_data(cfg, run.data_root, reader,
-                                                 copying=lambda: reporter.update_now(
-                                                     phase=Phase.copying_data))
+    train_dir, val_dir, data_info = prepare_data(
+        cfg, run.data_root, reader, copying=lambda: reporter.update_now(phase=Phase.copying_data))
     ranks, max_workers = world_size(run.gpus, device, cfg.training.batch_size), \
         loader_cap(claim.attempt.previous)
     weights = cfg.model.pretrained
@@ -130,8 +129,7 @@ class Leader:
     """Rank 0 at each point of lockstep.train_epochs: it answers the ranks' questions (a stop
     asked for, a sweep trial's rung) and alone reports, logs and checkpoints."""
 
-    def __init__(self, job: TrainingJob, step: Step,
-                 validate: Callable[[TrainingJob], tuple[float, float]], progress_bar: bool,
+    def __init__(self, job: TrainingJob, step: Step, validate: Validate, progress_bar: bool,
                  early: tuple[str, dict] | None):
         self.job, self.state, self.epochs = job, job.state, job.cfg.training.epochs
         self.train_step, self.validate, self.progress_bar = step, validate, progress_bar
@@ -204,8 +202,7 @@ class Leader:
             return False
         # Between two steps the training state is whole (a loader process died, say): keep it,
         # so the next attempt resumes from here, not from the last interval checkpoint.
-        keep_state(job, self.loss_sum, self.correct,
-                   why=f"before handing back ({type(e).__name__})")
+        keep_state(job, self.loss_sum, self.correct, why=f"handing back ({type(e).__name__})")
         if job.stop.is_set():
             return True
         raise_named(e)
@@ -222,7 +219,7 @@ class Leader:
         return self.early is not None
 
 
-def end_epoch(job: TrainingJob, validate: Callable[[TrainingJob], tuple[float, float]]) -> None:
+def end_epoch(job: TrainingJob, validate: Validate) -> None:
     state = job.state
     job.reporter.update(phase=Phase.validating)
     val_loss, val_acc = validate(job)
