@@ -1,7 +1,8 @@
 """Prepared packs read in place: the worker fetches a prepared pack's shards into its cache and
 every input pipeline reads the samples at their offsets there (no file per image), in
-ImageFolder's order; a pack that cannot serve the job (made for a smaller side, stale, broken)
-is one line and the job trains from the original files."""
+ImageFolder's order; a stale pack is refreshed with its own settings where the worker can
+write beside the folder; a pack that cannot serve the job (made for a smaller side, stale and
+read only, broken) is one line and the job trains from the original files."""
 
 from __future__ import annotations
 
@@ -215,14 +216,46 @@ def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photos,
     assert resumed.dataset_sha256 == straight.dataset_sha256
 
 
-def test_a_pack_older_than_the_folder_is_said_and_the_files_are_copied(folder, tmp_path):
-    prepare(folder)
-    shutil.copy(folder / "good" / sorted(p.name for p in (folder / "good").iterdir())[0],
-                folder / "good" / "added.jpg")
+def _add_photo(folder: Path) -> None:
+    first = sorted((folder / "good").iterdir())[0]
+    (folder / "good" / "added.jpg").write_bytes(first.read_bytes())
+
+
+def test_a_pack_older_than_the_folder_is_refreshed_with_its_settings(folder, tmp_path):
+    """A photo added after the pack was made: the worker re-encodes that one, takes the
+    other 48 from the old shards, and reads the refreshed pack in place."""
+    before = prepare(folder)
+    _add_photo(folder)
+    (folder / "defect" / sorted(p.name for p in (folder / "defect").iterdir())[0]).unlink()
     with capture_logs() as logs:
         report = cache_folder(folder, tmp_path / "cache", wanted=WANTED)
+    assert report.way == "prepared" and report.files == 48
+    line = next(e for e in logs if e["event"].startswith("data pack refreshed"))
+    assert (line["encoded"], line["reused"]) == (1, 47)
+    after = datapack.FolderPackPlace(pack_dir(folder)).index()
+    assert after.is_current(datapack.list_folder(folder))
+    assert {k: after.prepared[k] for k in ("short_side", "quality", "image_size")} == \
+        {k: before.prepared[k] for k in ("short_side", "quality", "image_size")}
+    kept = sorted(before.files)[-1]  # a good one, unchanged: its stored bytes taken as they were
+    assert after.files[kept]["sha256"] == before.files[kept]["sha256"]
+    assert not [e for e in logs if e["log_level"] == "warning"]
+
+
+def test_a_stale_pack_that_cannot_be_rebuilt_is_said_and_the_files_are_copied(folder, tmp_path):
+    """Through an API root (read only to the worker) the stale pack cannot be refreshed: one
+    line says what to do, and the job trains from the original files."""
+    from cherry_train.storage import LocalStorage
+    from cherry_train.worker.inputs.sources import StorageSource
+
+    prepare(folder)
+    _add_photo(folder)
+    source = StorageSource(LocalStorage(folder.parent), folder.name)
+    with capture_logs() as logs:
+        report = cache_folder(source, tmp_path / "cache", wanted=WANTED)
     assert report.way == "files" and report.files == 49
-    assert any("older than the folder" in e["event"] for e in logs)
+    warnings = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1 and "older than the folder" in warnings[0]
+    assert "cherry data pack" in warnings[0]
 
 
 def photo_dataset(root: Path, train: int, val: int, seed: int = 4) -> None:

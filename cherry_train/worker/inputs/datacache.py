@@ -123,6 +123,7 @@ def _cache(source: Source, entry: Path, progress: bool, pack: str = "auto",
     index, looked = None, False  # the index is read once: a broken one is said once
     if place is not None and wanted is not None:
         index, looked = _index(place), True
+        index = _refreshed(source, index, place, pack, listing, entry, wanted, progress)
         fetched = _fetched(source, index, place, listing, entry, wanted, progress)
         if fetched is not None:
             return _in_place(source, fetched, started)
@@ -183,6 +184,41 @@ def _index(place: datapack.PackPlace) -> datapack.PackIndex | None:
         log.warning(f"data pack not used: {e}; training from the original files",
                     pack=place.description)
         return None
+
+
+def _refreshed(source: Source, index: datapack.PackIndex | None, place: datapack.PackPlace,
+               pack: str, listing: dict, entry: Path, wanted: Wanted,
+               progress: bool) -> datapack.PackIndex | None:
+    """A prepared pack older than its folder (photos added, changed or removed since it was
+    made), rebuilt here with the settings it was made with: only the new and changed images are
+    re-encoded, the rest taken from its shards, so a few photos added on Drive cost seconds and
+    not a job trained from full-size originals. Where no pack can be built (an API root is read
+    only), or the build fails, the stale pack stays, and shardcache says what to do."""
+    if index is None or index.prepared is None or pack == "off" or \
+            not source.can_build_pack() or index.is_current(listing) or \
+            index.refusal(wanted.image_size, wanted.min_crop_scale, source.label) is not None:
+        return index
+    made = index.prepared
+    encoding = datapack.Encoding(made["short_side"], made["quality"])
+    made_for = {k: made[k] for k in ("image_size", "min_crop_scale") if k in made}
+    kept = len(index.matching(listing))
+    started = time.perf_counter()
+    bar = _bar(progress, len(listing), f"refreshing the pack of {source.name}")
+    try:
+        fresh = datapack.build_pack(source.path, listing, place, entry / "pack", source.label,
+                                    progress=bar.update if bar is not None else None,
+                                    encoding=encoding, prepared_for=made_for, old=index)
+    except (OSError, datapack.PackError) as e:
+        log.warning("data pack not refreshed", pack=place.description,
+                    error=f"{type(e).__name__}: {e}")
+        return index
+    finally:
+        if bar is not None:
+            bar.close()
+    log.info("data pack refreshed: the folder changed since it was made", pack=place.description,
+             encoded=len(listing) - kept, reused=kept,
+             seconds=round(time.perf_counter() - started, 1))
+    return fresh
 
 
 def _fetched(source: Source, index: datapack.PackIndex | None, place: datapack.PackPlace,
@@ -286,7 +322,7 @@ def _pack_state(source: Source, place: datapack.PackPlace, pack: str,
     if index is not None and index.is_current(listing):
         return "current"
     if index is not None and index.prepared is not None:
-        return None  # made by `cherry data pack --image-size`: its rebuild is the user's (said)
+        return None  # prepared: refreshed for training jobs (_refreshed), else left as it is
     wanted = pack == "on" or (pack == "auto" and len(listing) >= datapack.AUTO_MIN_FILES)
     if not wanted or not source.can_build_pack():
         return None
