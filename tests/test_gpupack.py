@@ -188,6 +188,16 @@ def test_the_worker_reads_a_device_built_pack_in_place(photos, tmp_path):
     files.close()
 
 
+def test_a_device_is_probed_with_one_tiny_image_both_ways():
+    DeviceEncoder(ENCODING, "cpu").probe()
+
+    def unavailable(images, quality):
+        raise RuntimeError("Couldn't load the image extension")
+
+    with pytest.raises(RuntimeError, match="image extension"):
+        DeviceEncoder(ENCODING, "cpu", encode=unavailable).probe()
+
+
 @pytest.mark.skipif(CUDA, reason="this machine has a CUDA GPU")
 def test_the_device_is_cuda_only_where_there_is_one(mixed, capsys):
     assert datapack.pick_device("cpu") is None and datapack.pick_device("auto") is None

@@ -128,10 +128,12 @@ class DeviceEncoder:
     def probe(self) -> None:
         """One 8x8 image encoded and decoded on the device; RuntimeError if it cannot."""
         import torch
+        from torchvision.io import decode_jpeg
 
         with _quiet():
             image = torch.zeros((3, 8, 8), dtype=torch.uint8, device=self.device)
-            self._decode([self._encode([image])[0]])
+            data = self._encode_jpeg([image], quality=self.encoding.quality)[0].cpu()
+            decode_jpeg([data], device=self.device)
 
     def _batch(self, batch: list[_Item | tuple[str, bytes]]) -> list[Prepared]:
         """One batch's results in order; each image the device could not do by Pillow."""
