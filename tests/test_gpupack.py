@@ -221,7 +221,7 @@ def test_a_pack_prepared_on_cuda_is_pillows_pack_by_nvjpeg(mixed, photos, tmp_pa
     assert datapack.pick_device("auto") == "cuda"
     for rel in sorted((photos / "train").rglob("*.jpg"))[:12]:  # a batch of real work
         shutil.copy(rel, mixed / "a" / f"photo-{rel.name}")
-    pillow, by_pillow = _build(mixed, None, tmp_path, "pillow")
+    pillow, pillow_stored = _build(mixed, None, tmp_path, "pillow")
     index, stored = _build(mixed, "cuda", tmp_path, "cuda")
     assert " on cuda (" in index.prepared["encoder"]
     assert {rel: (f["width"], f["height"]) for rel, f in index.files.items()} == \
@@ -232,7 +232,7 @@ def test_a_pack_prepared_on_cuda_is_pillows_pack_by_nvjpeg(mixed, photos, tmp_pa
         if rel.startswith("a/photo-"):
             ours, theirs = (decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
                                         mode=ImageReadMode.RGB, device="cuda").float()
-                            for d in (data, by_pillow[rel]))
+                            for d in (data, pillow_stored[rel]))
             assert (ours - theirs).abs().mean().item() < 8, rel
     assert main(["data", "pack", str(mixed), "--image-size", "16", "--device", "cuda",
                  "--no-progress"]) == 0

@@ -1,7 +1,8 @@
 """Preparing images with torchvision on a device (`cherry data pack --device cuda`): on CUDA,
 nvJPEG decodes a batch of JPEGs in one call (the hardware decoder on A100/H100), the GPU
 resizes them, and encode_jpeg encodes them there. What it cannot take (PNGs, CMYK JPEGs, a
-file the device refuses) goes through prepare.py's Pillow path, one image at a time, so the
+file cut short or that the device refuses) goes through prepare.py's Pillow path, one image at
+a time, as do the small JPEGs stored as they are (Pillow checks that they decode), so the
 results are prepare_file's: the same sizes, and the same error for a file that does not decode.
 
 torch is imported only here, and only once a device build is asked for: the laptop client
@@ -97,7 +98,8 @@ class _Item:
 class DeviceEncoder:
     """Images (rel, bytes), in order, to Prepared results, in the same order: JPEGs in batches
     on `device`, the rest (and any the device refuses) by Pillow. `encode` is torchvision's
-    encode_jpeg unless a test passes another. `by_pillow`: what the device left to Pillow."""
+    encode_jpeg unless a test passes another. `by_pillow`: what the device left to Pillow (not
+    the small JPEGs kept as they are, which never go to the device)."""
 
     def __init__(self, encoding: Encoding, device: str, encode: Callable | None = None):
         import torch
@@ -201,14 +203,16 @@ class DeviceEncoder:
 
     def _each(self, fn: Callable[[list], list], items: list) -> list:
         """fn on the whole list (on CUDA one batched call); if that fails (one bad image fails
-        the batch, and returns nothing), fn on each alone, None for those that fail."""
+        the batch, and returns nothing; or the batch did not fit in memory: OutOfMemoryError
+        is a RuntimeError), fn on each alone, None for those that fail."""
         if not items:
             return []
         self._settle()
         try:
             return list(fn(items))
-        except RuntimeError:
-            pass
+        except RuntimeError as e:
+            log.info(f"a batch of {len(items)} failed on {self.device} "
+                     f"({type(e).__name__}: {str(e)[:200]}); one by one instead")
         out = []
         for item in items:
             self._settle()
@@ -222,7 +226,8 @@ class DeviceEncoder:
         """Before each decode or encode on CUDA, the work queued on the current stream is
         finished: torchvision's nvJPEG calls run on streams of their own, not ordered after
         ours, and have read or written memory our stream was still using
-        (pytorch/vision#8929, #9606). Once per batch: a few microseconds against the decode."""
+        (pytorch/vision#8929, #9606). It costs next to nothing here: each call's results are
+        waited for right after it anyway."""
         if self.device.type == "cuda":
             import torch
 
