@@ -39,6 +39,7 @@ def test_notebook_runs_a_job_outside_colab(root_with_data, tiny_config, monkeypa
     assert result.attempt_history[0].worker_id == "notebook-test"
     text = "\n".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
     assert "skipping the Drive mount" in text and "skipping the install" in text
+    assert "No PACK_FOLDER: skipping the data pack" in text  # the optional cell ran
     assert "worker exited with 0" in text
     assert f"{job_id}: succeeded" in text  # the status cell
     shown = [out for cell in nb.cells for out in cell.get("outputs", [])

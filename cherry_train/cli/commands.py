@@ -236,20 +236,23 @@ def cmd_data_pack(args) -> int:
     if not folder.is_dir():
         raise UsageError(f"{args.path} is not a folder (give the data folder itself, e.g. "
                          "data/train, whose class folders hold the images)")
-    if args.image_size is None and (args.quality, args.min_crop_scale) != (None, None):
-        raise UsageError("--quality and --min-crop-scale prepare a pack: give --image-size N "
-                         "too (the data.image_size the pack is for)")
-    encoding = prepared_for = None
-    if args.image_size is not None:
-        scale = args.min_crop_scale or datapack.DEFAULT_MIN_CROP_SCALE
-        encoding = datapack.Encoding(stored_side(args.image_size, scale),
-                                     args.quality or datapack.DEFAULT_QUALITY)
-        prepared_for = {"image_size": args.image_size, "min_crop_scale": scale}
-    started = time.perf_counter()
+    if args.image_size is None and \
+            (args.quality, args.min_crop_scale, args.device) != (None, None, None):
+        raise UsageError("--quality, --min-crop-scale and --device prepare a pack: give "
+                         "--image-size N too (the data.image_size the pack is for)")
+    encoding = prepared_for = device = None
     try:
+        if args.image_size is not None:
+            scale = args.min_crop_scale or datapack.DEFAULT_MIN_CROP_SCALE
+            encoding = datapack.Encoding(stored_side(args.image_size, scale),
+                                         args.quality or datapack.DEFAULT_QUALITY)
+            prepared_for = {"image_size": args.image_size, "min_crop_scale": scale}
+            device = datapack.pick_device(args.device or "auto")
+        started = time.perf_counter()
         index, place, built = datapack.pack_folder(folder, args.shard_mb << 20,
                                                    progress=not args.no_progress,
-                                                   encoding=encoding, prepared_for=prepared_for)
+                                                   encoding=encoding, prepared_for=prepared_for,
+                                                   device=device)
     except datapack.PackError as e:
         raise UsageError(str(e)) from None
     size = human_bytes(index.bytes)
@@ -265,7 +268,8 @@ def cmd_data_pack(args) -> int:
     else:
         print(f"prepared {len(index.files):,} images of {folder} for data.image_size "
               f"{args.image_size} (short side {encoding.short_side}, JPEG quality "
-              f"{encoding.quality}): {human_bytes(index.source_bytes)} → {size} "
+              f"{encoding.quality}, {index.prepared['encoder']}): "
+              f"{human_bytes(index.source_bytes)} → {size} "
               f"({index.bytes / max(1, index.source_bytes):.2f}×), "
               f"{time.perf_counter() - started:.0f} s, {len(index.shards)} shards, checked: "
               f"{place.description}\nIt serves data.image_size {args.image_size} and smaller "

@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="augmentation.min_crop_scale of the jobs the pack is for: a smaller "
                     "scale crops smaller areas, which need a larger stored side (default: 0.5, "
                     "the config's default)")
+    dp.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
+                    help="where a prepared pack's images are decoded, resized and encoded: cuda "
+                    "(torchvision with nvJPEG on the GPU: for a Colab GPU runtime, whose 2 "
+                    "vCPUs would take many minutes), cpu (Pillow, a process per core, JPEG "
+                    "draft mode), auto (cuda when there is one; the default)")
     dp.add_argument("--no-progress", action="store_true", help="no progress bar")
     dp.set_defaults(func=cmd_data_pack)
 

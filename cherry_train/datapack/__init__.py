@@ -12,9 +12,9 @@ laptop, or by the first worker that copies the folder) and every later VM copies
 
 A pack is verbatim (the files as they are, unpacked into the worker's cache) or prepared
 (`--image-size N`: every image re-encoded once as baseline JPEG at the short side training
-stores, sizes.stored_side, and read in place from the fetched shards: reader.py). A prepared
-pack serves any image size whose stored side is at most its own; a larger one is refused in
-words, never up-scaled.
+stores, sizes.stored_side, by Pillow in a process pool or by torchvision on a GPU: gpuencode.py;
+read in place from the fetched shards: reader.py). A prepared pack serves any image size whose
+stored side is at most its own; a larger one is refused in words, never up-scaled.
 
 Beside the folder, not in it: a folder inside would be one more class to ImageFolder. The
 index is written last (a build cut short leaves no index that names missing shards), and shards
@@ -26,6 +26,7 @@ sha256 in the index as it is copied. What a pack costs in Drive space is said at
 """
 
 from cherry_train.datapack.build import build_pack, list_folder, pack_folder
+from cherry_train.datapack.gpuencode import pick_device
 from cherry_train.datapack.index import (
     AUTO_MIN_FILES,
     DEFAULT_MIN_CROP_SCALE,
@@ -45,4 +46,4 @@ from cherry_train.datapack.unpack import unpack
 __all__ = ["AUTO_MIN_FILES", "DEFAULT_MIN_CROP_SCALE", "DEFAULT_QUALITY", "FORMAT", "INDEX",
            "PACK_SUFFIX", "Encoding", "Fetched", "FolderPackPlace", "PackError", "PackIndex",
            "PackPlace", "PackedFiles", "StoragePackPlace", "build_pack", "fetch_shards",
-           "list_folder", "pack_folder", "unpack"]
+           "list_folder", "pack_folder", "pick_device", "unpack"]

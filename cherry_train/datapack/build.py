@@ -1,6 +1,7 @@
-"""Building a pack: list the folder, store every file (as it is, or re-encoded for training in
-a process pool) into shards of about SHARD_BYTES, each read back and checked, then the index,
-last. A rebuild of a prepared pack takes the unchanged images' stored bytes from the old one."""
+"""Building a pack: list the folder, store every file (as it is, or re-encoded for training: by
+Pillow in a process pool, or by torchvision on a GPU) into shards of about SHARD_BYTES, each
+read back and checked, then the index, last. A rebuild of a prepared pack takes the unchanged
+images' stored bytes from the old one."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import tarfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 
 from cherry_train import faults
+from cherry_train.datapack.gpuencode import BATCH, DeviceEncoder, encoder_name
 from cherry_train.datapack.index import (
     INDEX,
     PACK_SUFFIX,
@@ -37,6 +40,10 @@ LIST_THREADS = 16
 LIST_CHUNK = 64
 READ_THREADS = 8  # files read at once for a verbatim pack (on a mount: round trips)
 AHEAD = 64  # samples read or encoded ahead of the shard writer
+#: Files read at once for a build on a GPU: it decodes a batch faster than a Drive mount
+#: delivers one file after another, so more round trips are kept in flight, and a second
+#: batch is read while the first is on the device.
+DEVICE_READ_THREADS = 16
 
 
 def list_folder(folder: Path, stat=os.stat, scan=None,
@@ -68,10 +75,12 @@ def list_folder(folder: Path, stat=os.stat, scan=None,
 
 def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | None = None,
                 progress: bool = False, encoding: Encoding | None = None,
-                prepared_for: dict | None = None) -> tuple[PackIndex, PackPlace, bool]:
+                prepared_for: dict | None = None,
+                device: str | None = None) -> tuple[PackIndex, PackPlace, bool]:
     """`cherry data pack PATH`: build (or rebuild) the pack beside a folder on this machine,
     verbatim or, with `encoding`, prepared (`prepared_for`: what it was made for, kept in the
-    index); returns its index, where it is, and whether it was built (False: it was current)."""
+    index; `device`: as build_pack's); returns its index, where it is, and whether it was built
+    (False: it was current)."""
     import tempfile
 
     folder = Path(folder).resolve()
@@ -93,7 +102,8 @@ def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | No
             index = build_pack(folder, listing, place, Path(tmp), str(folder),
                                shard_bytes=shard_bytes,
                                progress=bar.update if bar is not None else None,
-                               encoding=encoding, prepared_for=prepared_for, old=index)
+                               encoding=encoding, prepared_for=prepared_for, old=index,
+                               device=device)
     finally:
         if bar is not None:
             bar.close()
@@ -103,6 +113,11 @@ def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | No
 
 
 def _same_encoding(prepared: dict | None, encoding: Encoding | None) -> bool:
+    """Whether a pack's images are stored as `encoding` asks. The encoder is no part of it: a
+    pack built by Pillow or by torchvision on a GPU has the same image sizes, baseline JPEG at
+    the same quality, and serves training alike (their pixels differ by resampling and chroma
+    subsampling, as two JPEG encoders' do), so a build on the other device re-encodes only
+    what changed, and a current pack is kept, whoever built it."""
     if prepared is None or encoding is None:
         return prepared is None and encoding is None
     return (prepared["short_side"], prepared["quality"]) == \
@@ -114,13 +129,15 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
                shard_bytes: int = SHARD_BYTES,
                progress: Callable[[int], None] | None = None,
                encoding: Encoding | None = None, prepared_for: dict | None = None,
-               old: PackIndex | None = None) -> PackIndex:
+               old: PackIndex | None = None, device: str | None = None) -> PackIndex:
     """Pack `folder`'s files (`listing`: rel -> (size, mtime_ns), as the source reports them)
     into shards stored at `place`, then the index; returns it. Verbatim without `encoding`
     (`known`: sha256s already verified, checked again as each file is read); with it, each image
     re-encoded (prepare.py), those that do not decode left out and listed in the index, and
     the stored bytes of images unchanged since `old` (a prepared pack of the same encoding)
-    taken from it instead. Each shard is read back and checked before the index names it."""
+    taken from it instead; `device` None encodes with Pillow in a process pool, a torch device
+    ("cuda") with torchvision there (gpuencode.py). Each shard is read back and checked before
+    the index names it."""
     scratch.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(place, scratch, shard_bytes)
     skipped: dict[str, dict] = {}
@@ -128,7 +145,7 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
         old = None
     try:
         samples = _verbatim(folder, listing, known or {}) if encoding is None else \
-            _prepared(folder, listing, encoding, old, place, scratch)
+            _prepared(folder, listing, encoding, old, place, scratch, device)
         for sample in samples:
             size, mtime = listing[sample.rel]
             if sample.read != size:
@@ -149,7 +166,7 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
         raise PackError(f"no file of {folder} decodes as an image: nothing to pack")
     prepared = None if encoding is None else {
         **(prepared_for or {}), "short_side": encoding.short_side,
-        "quality": encoding.quality, "encoder": _encoder()}
+        "quality": encoding.quality, "encoder": _encoder(device)}
     index = PackIndex(source=label, files=writer.files, shards=writer.shards,
                       prepared=prepared, skipped=skipped)
     tmp = scratch / f"{INDEX}.{os.getpid()}"
@@ -164,7 +181,11 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
     return index
 
 
-def _encoder() -> str:
+def _encoder(device: str | None) -> str:
+    """The encoder of this build's images (those reused from an older pack keep theirs, which
+    may be the other one: see _same_encoding)."""
+    if device is not None:
+        return encoder_name(device)
     import PIL
 
     return f"Pillow {PIL.__version__}"
@@ -185,10 +206,9 @@ def _verbatim(folder: Path, listing: dict, known: dict[str, str]) -> Iterator[Pr
 
 
 def _prepared(folder: Path, listing: dict, encoding: Encoding, old: PackIndex | None,
-              place: PackPlace, scratch: Path) -> Iterator[Prepared]:
+              place: PackPlace, scratch: Path, device: str | None) -> Iterator[Prepared]:
     """The images re-encoded, in path order: those the old pack holds unchanged from its
-    shards (checked against their sha256), the rest in a process pool over this machine's
-    cores (Pillow's decode and encode hold the GIL)."""
+    shards (checked against their sha256), the rest encoded (_fresh)."""
     reuse = old.matching(listing) if old is not None else set()
     stored = None
     if reuse:
@@ -205,8 +225,8 @@ def _prepared(folder: Path, listing: dict, encoding: Encoding, old: PackIndex | 
         stored = PackedFiles(old, local) if reuse else None
     todo = [rel for rel in sorted(listing) if rel not in reuse]
     try:
-        with ProcessPoolExecutor(max(1, min(_cores(), len(todo)))) as pool:
-            fresh = _in_order(pool, prepare_file, todo, folder, encoding)
+        with ExitStack() as running:
+            fresh = _fresh(running, folder, todo, encoding, device)
             for rel in sorted(listing):
                 if rel not in reuse:
                     yield next(fresh)
@@ -218,13 +238,31 @@ def _prepared(folder: Path, listing: dict, encoding: Encoding, old: PackIndex | 
             stored.close()
 
 
-def _in_order(pool: Executor, fn: Callable, items: list, *args) -> Iterator:
-    """fn(*args, item) for each item, in order, at most AHEAD in flight: Executor.map submits
+def _fresh(running: ExitStack, folder: Path, todo: list[str], encoding: Encoding,
+           device: str | None) -> Iterator[Prepared]:
+    """`todo`'s images encoded, in order: by Pillow in a process pool over this machine's
+    cores (its decode and encode hold the GIL), or, on a device, read by threads and encoded
+    there in batches (gpuencode.py); `running` closes the pool."""
+    if device is None:
+        pool = running.enter_context(ProcessPoolExecutor(max(1, min(_cores(), len(todo)))))
+        return _in_order(pool, prepare_file, todo, folder, encoding)
+    pool = running.enter_context(ThreadPoolExecutor(DEVICE_READ_THREADS))
+    raw = _in_order(pool, _read, todo, folder, ahead=2 * BATCH)
+    return DeviceEncoder(encoding, device).prepare(zip(todo, raw, strict=True))
+
+
+def _read(folder: Path, rel: str) -> bytes:
+    return (folder / rel).read_bytes()
+
+
+def _in_order(pool: Executor, fn: Callable, items: list, *args,
+              ahead: int = AHEAD) -> Iterator:
+    """fn(*args, item) for each item, in order, at most `ahead` in flight: Executor.map submits
     every item at once, and its results (whole files) would pile up in memory."""
     pending: deque = deque()
     for item in items:
         pending.append(pool.submit(fn, *args, item))
-        if len(pending) >= AHEAD:
+        if len(pending) >= ahead:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()

@@ -51,7 +51,11 @@ def dims(data: bytes) -> tuple[int | None, int | None]:
 def prepare_file(folder: Path, encoding: Encoding, rel: str) -> Prepared:
     """The original at folder/rel as the pack stores it. A file that cannot be read raises
     (OSError: the build stops); one that does not decode comes back with its error."""
-    raw = (folder / rel).read_bytes()
+    return prepare_bytes(rel, (folder / rel).read_bytes(), encoding)
+
+
+def prepare_bytes(rel: str, raw: bytes, encoding: Encoding) -> Prepared:
+    """prepare_file on bytes already read (the device path hands over what it cannot take)."""
     try:
         data, width, height = encode(raw, encoding)
     except NOT_AN_IMAGE as e:
@@ -59,22 +63,33 @@ def prepare_file(folder: Path, encoding: Encoding, rel: str) -> Prepared:
     return Prepared(rel, len(raw), data, width, height)
 
 
+def stored_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """The stored image's (width, height): the aspect kept, the short side brought down to
+    short_side, never up (a smaller image keeps its own size). Both encoders use it, so a pack
+    has the same image sizes whichever built it."""
+    short = min(width, height)
+    if short <= short_side:
+        return width, height
+    scale = short_side / short
+    return (short_side if width == short else max(1, round(width * scale)),
+            short_side if height == short else max(1, round(height * scale)))
+
+
+def kept_as_is(im: Image.Image, short_side: int) -> bool:
+    """A baseline RGB or grey JPEG already small enough is stored as it is (once it is known
+    to decode): re-encoding it would only lose quality."""
+    return min(im.size) <= short_side and im.format == "JPEG" and \
+        not im.info.get("progressive") and im.mode in ("RGB", "L")
+
+
 def encode(raw: bytes, encoding: Encoding) -> tuple[bytes, int, int]:
-    """(stored bytes, width, height): the aspect kept, the short side brought down to
-    encoding.short_side (never up: a smaller image is stored at its own size), baseline JPEG.
-    A baseline RGB or grey JPEG already small enough is stored as it is (decoded once, to
-    know it decodes): re-encoding it would only lose quality."""
+    """(stored bytes, width, height) at stored_size, baseline JPEG; kept_as_is images are
+    decoded once, to know they decode, and stored as they are."""
     with Image.open(io.BytesIO(raw)) as im:
-        width, height = im.size
-        short = min(width, height)
-        if short <= encoding.short_side and im.format == "JPEG" and \
-                not im.info.get("progressive") and im.mode in ("RGB", "L"):
+        if kept_as_is(im, encoding.short_side):
             im.load()
-            return raw, width, height
-        if short > encoding.short_side:
-            scale = encoding.short_side / short
-            width = encoding.short_side if width == short else max(1, round(width * scale))
-            height = encoding.short_side if height == short else max(1, round(height * scale))
+            return raw, *im.size
+        width, height = stored_size(*im.size, encoding.short_side)
         # JPEG draft mode: libjpeg decodes at 1/2, 1/4 or 1/8 scale, the smallest that is
         # still at least this size: a 1600x1200 photo for side 317 decodes at 800x600, a
         # quarter of the pixels and of the time, and the resize below has less to do.
