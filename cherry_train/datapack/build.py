@@ -55,9 +55,10 @@ def list_folder(folder: Path, stat=os.stat, scan=None,
     if walk.links and say_links:
         log.warning(f"data folder {folder}: {walk.skipped()}", folder=str(folder),
                     links=len(walk.links), first=walk.links[0])
-    paths = [folder / rel for rel in walk.files]
+    base = str(folder)  # plain strings: 60,000 Path objects cost more than the stats
+    paths = [f"{base}/{rel}" for rel in walk.files]
 
-    def sizes_and_times(chunk: list[Path]) -> list[tuple[int, int]]:
+    def sizes_and_times(chunk: list[str]) -> list[tuple[int, int]]:
         found = []
         for path in chunk:
             faults.slow("stat")

@@ -29,7 +29,7 @@ import structlog
 from cherry_train import datapack
 from cherry_train.files import write_atomic
 from cherry_train.places import on_colab
-from cherry_train.safepaths import UnsafePath, inside
+from cherry_train.safepaths import UnsafePath, check_inside
 from cherry_train.sizes import human_bytes
 from cherry_train.worker.errors import JobError
 from cherry_train.worker.inputs.shardcache import InPlace, Wanted, fetch_prepared
@@ -169,7 +169,7 @@ def _listing(source: Source, files_dir: Path) -> dict[str, tuple[int, int]]:
         raise JobError(f"data: {source.label} is empty")
     for rel in listing:  # before anything is written: every file stays inside the cache
         try:
-            inside(files_dir, rel, f"data: {source.label}")
+            check_inside(files_dir, rel, f"data: {source.label}")
         except UnsafePath as e:
             raise JobError(str(e)) from None
     return listing
