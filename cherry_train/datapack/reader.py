@@ -28,7 +28,8 @@ class Fetched:
 
 def fetch_shards(index: PackIndex, place: PackPlace, target_dir: Path, scratch: Path,
                  progress: Callable[[int], None] | None = None,
-                 shards: Iterable[str] | None = None) -> Fetched:
+                 shards: Iterable[str] | None = None,
+                 check: Callable[[str, dict, bytes], None] | None = None) -> Fetched:
     """Copy the pack's shard files (or only `shards`) from `place` into `target_dir`, whole
     files (one request each on Drive), a few at a time. Each is written under a temp name,
     its every sample and the whole shard checked against the index as the bytes pass, and only
@@ -36,7 +37,8 @@ def fetch_shards(index: PackIndex, place: PackPlace, target_dir: Path, scratch: 
     is kept, not checked again (a restarted worker would read gigabytes before its first step).
     A shard that fails raises PackError naming it and what to do; temp leftovers and shards
     the index no longer names are removed (target_dir holds one pack). `progress(n)`: n more
-    samples ready."""
+    samples ready. `check(rel, entry, data)` looks at each sample as it passes (raising
+    PackError refuses its shard): a shard under its own name passed it too."""
     started = time.perf_counter()
     names = sorted(index.shards if shards is None else set(shards))
     for name in names:  # the name becomes a path here
@@ -69,9 +71,13 @@ def fetch_shards(index: PackIndex, place: PackPlace, target_dir: Path, scratch: 
     scratch.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(UNPACK_THREADS) as pool:
         list(pool.map(lambda name: _fetch(index, place, name, members[name], target_dir,
-                                          scratch, progress), todo))
+                                          scratch, progress, check or _no_check), todo))
     return Fetched(fetched=todo, kept=kept, bytes=sum(index.shards[n]["bytes"] for n in todo),
                    seconds=round(time.perf_counter() - started, 3))
+
+
+def _no_check(rel: str, entry: dict, data: bytes) -> None:
+    pass
 
 
 def _length(path: Path) -> int | None:
@@ -82,7 +88,7 @@ def _length(path: Path) -> int | None:
 
 
 def _fetch(index: PackIndex, place: PackPlace, name: str, members: list[tuple[str, dict]],
-           target_dir: Path, scratch: Path, progress) -> None:
+           target_dir: Path, scratch: Path, progress, check) -> None:
     entry = index.shards[name]
     where = f"shard {name} of {place.description}"
     fix = f"rebuild the pack with {place.rebuild_command()}"
@@ -91,8 +97,9 @@ def _fetch(index: PackIndex, place: PackPlace, name: str, members: list[tuple[st
     at = 0
     try:
         with place.open(name, scratch) as src, open(part, "wb") as out:
-            def copy(n: int, sample=None) -> None:
+            def copy(n: int, sample=None) -> bytes:
                 nonlocal at
+                kept = []  # a sample's bytes (tens of kB), for `check`
                 while n > 0:
                     chunk = src.read(min(n, CHUNK))
                     if not chunk:
@@ -101,19 +108,22 @@ def _fetch(index: PackIndex, place: PackPlace, name: str, members: list[tuple[st
                     shard_sha.update(chunk)
                     if sample is not None:
                         sample.update(chunk)
+                        kept.append(chunk)
                     out.write(chunk)
                     n -= len(chunk)
                     at += len(chunk)
+                return b"".join(kept)
 
             for rel, f in sorted(members, key=lambda m: m[1]["offset"]):
                 if f["offset"] < at:
                     raise PackError(f"{where}: its index has overlapping samples; {fix}")
                 copy(f["offset"] - at)
                 sample = hashlib.sha256()
-                copy(f["length"], sample)
+                data = copy(f["length"], sample)
                 if sample.hexdigest() != f["sha256"]:
                     raise PackError(f"{where}: {rel} does not match its sha256 in the index "
                                     f"(the shard is damaged); {fix}")
+                check(rel, f, data)
                 if progress is not None:
                     progress(1)
             copy(entry["bytes"] - at)

@@ -65,8 +65,8 @@ def fetch_prepared(index: datapack.PackIndex, place: datapack.PackPlace, listing
     started = time.perf_counter()
     try:
         local_index.unlink(missing_ok=True)  # the folder is a pack again only once checked
-        fetched = datapack.fetch_shards(index, place, target, entry / "fetch", progress)
-        _check_images(index, target)
+        fetched = datapack.fetch_shards(index, place, target, entry / "fetch", progress,
+                                        check=_check_image)
     except datapack.PackError as e:
         log.warning(f"data pack not used: {e}; training from the original files",
                     pack=place.description)
@@ -101,19 +101,16 @@ def _refusal(index: datapack.PackIndex, listing: dict, wanted: Wanted, folder: s
     return None
 
 
-def _check_images(index: datapack.PackIndex, target: Path) -> None:
-    """Every sample a whole JPEG of the size the index says: its frame header and its end
-    marker, read from the local shards (microseconds each; a full decode of every sample would
-    cost the minutes the pack saves). Catches a builder's garbage, which its sha256 does not."""
-    files = datapack.PackedFiles(index, target)
-    for rel, entry in index.files.items():
-        data = files.read(rel)
-        size = jpeg_size(data)
-        if size is None or size != (entry["width"], entry["height"]) or \
-                JPEG_END not in data[-JPEG_TAIL:]:
-            raise datapack.PackError(
-                f"{rel} in shard {entry['shard']} is not a whole JPEG of {entry['width']}x"
-                f"{entry['height']} (a damaged or mis-built pack): rebuild the pack")
+def _check_image(rel: str, entry: dict, data: bytes) -> None:
+    """A sample a whole JPEG of the size the index says: its frame header and its end marker,
+    looked at as the shard passes (microseconds each; a full decode of every sample would cost
+    the minutes the pack saves). Catches a builder's garbage, which its sha256 does not."""
+    size = jpeg_size(data)
+    if size is None or size != (entry["width"], entry["height"]) or \
+            JPEG_END not in data[-JPEG_TAIL:]:
+        raise datapack.PackError(
+            f"{rel} in shard {entry['shard']} is not a whole JPEG of {entry['width']}x"
+            f"{entry['height']} (a damaged or mis-built pack): rebuild the pack")
 
 
 def samples_sha256(index: datapack.PackIndex) -> str:
