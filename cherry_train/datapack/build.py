@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import tarfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -38,6 +39,7 @@ log = structlog.get_logger(__name__)
 
 LIST_THREADS = 16
 LIST_CHUNK = 64
+LOCAL_STAT_SECONDS = 0.0002  # a stat faster than this is no round trip: listed in one thread
 READ_THREADS = 8  # files read at once for a verbatim pack (on a mount: round trips)
 AHEAD = 64  # samples read or encoded ahead of the shard writer
 #: Files read at once for a build on a GPU: it decodes a batch faster than a Drive mount
@@ -66,11 +68,17 @@ def list_folder(folder: Path, stat=os.stat, scan=None,
             found.append((st.st_size, st.st_mtime_ns))
         return found
 
-    # On a network mount each stat is a round trip: many at once hide the latency. In chunks:
-    # one task per file costs more than the stat itself on a local disk.
+    # On a network mount each stat is a round trip: many at once hide the latency. On a local
+    # disk (or a mount answering from its cache) threads only hand the GIL around: 60,000
+    # stats take 0.2 s one after another, 1-2 s on 16 threads. The first chunk tells which.
     chunks = [paths[i:i + LIST_CHUNK] for i in range(0, len(paths), LIST_CHUNK)]
-    with ThreadPoolExecutor(LIST_THREADS) as pool:
-        found = [s for part in pool.map(sizes_and_times, chunks) for s in part]
+    started = time.perf_counter()
+    found = sizes_and_times(chunks[0]) if chunks else []
+    if time.perf_counter() - started < len(found) * LOCAL_STAT_SECONDS:
+        found += [s for chunk in chunks[1:] for s in sizes_and_times(chunk)]
+    else:
+        with ThreadPoolExecutor(LIST_THREADS) as pool:
+            found += [s for part in pool.map(sizes_and_times, chunks[1:]) for s in part]
     return dict(zip(walk.files, found, strict=True))
 
 
