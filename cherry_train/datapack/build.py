@@ -27,7 +27,7 @@ from cherry_train.datapack.index import (
     PackIndex,
     PackPlace,
 )
-from cherry_train.datapack.prepare import Encoding, Prepared, dims, prepare_file
+from cherry_train.datapack.prepare import UNRECORDED_CHROMA, Encoding, Prepared, dims, prepare_file
 from cherry_train.datapack.reader import PackedFiles, fetch_shards
 from cherry_train.safepaths import walk_files
 
@@ -105,8 +105,9 @@ def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | No
 def _same_encoding(prepared: dict | None, encoding: Encoding | None) -> bool:
     if prepared is None or encoding is None:
         return prepared is None and encoding is None
-    return (prepared["short_side"], prepared["quality"]) == \
-        (encoding.short_side, encoding.quality)
+    chroma = prepared.get("chroma", UNRECORDED_CHROMA)
+    return (prepared["short_side"], prepared["quality"], chroma) == \
+        (encoding.short_side, encoding.quality, encoding.chroma)
 
 
 def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPlace,
@@ -149,7 +150,7 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
         raise PackError(f"no file of {folder} decodes as an image: nothing to pack")
     prepared = None if encoding is None else {
         **(prepared_for or {}), "short_side": encoding.short_side,
-        "quality": encoding.quality, "encoder": _encoder()}
+        "quality": encoding.quality, "chroma": encoding.chroma, "encoder": _encoder()}
     index = PackIndex(source=label, files=writer.files, shards=writer.shards,
                       prepared=prepared, skipped=skipped)
     tmp = scratch / f"{INDEX}.{os.getpid()}"
