@@ -350,6 +350,28 @@ def test_draft_mode_decodes_a_large_jpeg_at_reduced_scale(tmp_path, monkeypatch)
     assert asked == [(80, 60)] and (width, height) == (80, 60)
 
 
+def test_prepared_images_keep_their_colour_at_full_resolution(mixed):
+    """4:4:4, no chroma subsampling: at the small sides training stores, 4:2:0 cost the demo
+    task at photo size 3 points of validation accuracy (docs/benchmarks.md). A pack from
+    before the index said its chroma (so 4:2:0) is not current: `cherry data pack` rebuilds it."""
+    import io
+
+    from PIL import Image, JpegImagePlugin
+
+    enc = datapack.Encoding(22)
+    index, place, _ = datapack.pack_folder(mixed, encoding=enc)
+    assert index.prepared["chroma"] == "4:4:4"
+    files = datapack.PackedFiles(index, place.path)
+    with Image.open(io.BytesIO(files.read("a/wide.png"))) as img:
+        assert JpegImagePlugin.get_sampling(img) == 0  # 0: 4:4:4 (2 would be 4:2:0)
+    files.close()
+    raw = json.loads((place.path / datapack.INDEX).read_bytes())
+    del raw["prepared"]["chroma"]
+    (place.path / datapack.INDEX).write_text(json.dumps(raw))
+    again, _, built = datapack.pack_folder(mixed, encoding=enc)
+    assert built and again.prepared["chroma"] == "4:4:4"
+
+
 def test_a_rebuild_reuses_unchanged_images_and_encodes_only_the_changed(mixed, tmp_path):
     import io
 

@@ -26,7 +26,9 @@ from cherry_train.sizes import stored_side
 from cherry_train.worker.inputs.datacache import cache_folder
 from cherry_train.worker.inputs.shardcache import Wanted
 
-ENCODING = datapack.Encoding(22)
+#: torchvision's encoder on the CPU subsamples chroma 4:2:0 (no setting): the CPU stands in
+#: for a GPU (4:4:4) with an encoding that asks for what it does.
+ENCODING = datapack.Encoding(22, chroma="4:2:0")
 CUDA = torch.cuda.is_available()
 
 
@@ -177,7 +179,8 @@ def test_the_worker_reads_a_device_built_pack_in_place(photos, tmp_path):
     folder = tmp_path / "drive" / "train"
     shutil.copytree(photos / "train", folder)
     side = stored_side(32, 0.5)
-    index, _, _ = datapack.pack_folder(folder, encoding=datapack.Encoding(side), device="cpu",
+    encoding = datapack.Encoding(side, chroma="4:2:0")
+    index, _, _ = datapack.pack_folder(folder, encoding=encoding, device="cpu",
                                        prepared_for={"image_size": 32, "min_crop_scale": 0.5})
     report = cache_folder(folder, tmp_path / "cache", wanted=Wanted(32, 0.5))
     assert report.way == "prepared" and report.pack == "current" and report.files == 24
@@ -190,6 +193,8 @@ def test_the_worker_reads_a_device_built_pack_in_place(photos, tmp_path):
 
 def test_a_device_is_probed_with_one_tiny_image_both_ways():
     DeviceEncoder(ENCODING, "cpu").probe()
+    with pytest.raises(RuntimeError, match="stores chroma 4:2:0, the pack 4:4:4"):
+        DeviceEncoder(datapack.Encoding(22), "cpu").probe()  # a pack's default: 4:4:4
 
     def unavailable(images, quality):
         raise RuntimeError("Couldn't load the image extension")

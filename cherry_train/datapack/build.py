@@ -31,7 +31,7 @@ from cherry_train.datapack.index import (
     PackIndex,
     PackPlace,
 )
-from cherry_train.datapack.prepare import Encoding, Prepared, dims, prepare_file
+from cherry_train.datapack.prepare import UNRECORDED_CHROMA, Encoding, Prepared, dims, prepare_file
 from cherry_train.datapack.reader import PackedFiles, fetch_shards
 from cherry_train.safepaths import walk_files
 
@@ -124,13 +124,14 @@ def pack_folder(folder: Path, shard_bytes: int = SHARD_BYTES, scratch: Path | No
 def _same_encoding(prepared: dict | None, encoding: Encoding | None) -> bool:
     """Whether a pack's images are stored as `encoding` asks. The encoder is no part of it: a
     pack built by Pillow or by torchvision on a GPU has the same image sizes, baseline JPEG at
-    the same quality, and serves training alike (their pixels differ by resampling and chroma
-    subsampling, as two JPEG encoders' do), so a build on the other device re-encodes only
-    what changed, and a current pack is kept, whoever built it."""
+    the same quality and chroma, and serves training alike (their pixels differ by resampling,
+    as two JPEG encoders' do), so a build on the other device re-encodes only what changed,
+    and a current pack is kept, whoever built it."""
     if prepared is None or encoding is None:
         return prepared is None and encoding is None
-    return (prepared["short_side"], prepared["quality"]) == \
-        (encoding.short_side, encoding.quality)
+    chroma = prepared.get("chroma", UNRECORDED_CHROMA)
+    return (prepared["short_side"], prepared["quality"], chroma) == \
+        (encoding.short_side, encoding.quality, encoding.chroma)
 
 
 def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPlace,
@@ -175,7 +176,7 @@ def build_pack(folder: Path, listing: dict[str, tuple[int, int]], place: PackPla
         raise PackError(f"no file of {folder} decodes as an image: nothing to pack")
     prepared = None if encoding is None else {
         **(prepared_for or {}), "short_side": encoding.short_side,
-        "quality": encoding.quality, "encoder": _encoder(device)}
+        "quality": encoding.quality, "chroma": encoding.chroma, "encoder": _encoder(device)}
     index = PackIndex(source=label, files=writer.files, shards=writer.shards,
                       prepared=prepared, skipped=skipped)
     tmp = scratch / f"{INDEX}.{os.getpid()}"
@@ -255,9 +256,15 @@ def _fresh(running: ExitStack, folder: Path, todo: list[str], encoding: Encoding
     if device is None:
         pool = running.enter_context(ProcessPoolExecutor(max(1, min(_cores(), len(todo)))))
         return _in_order(pool, prepare_file, todo, folder, encoding)
+    encoder = DeviceEncoder(encoding, device)
+    try:
+        encoder.probe()  # the pack records its chroma: the device's encoder must store that
+    except RuntimeError as e:
+        raise PackError(f"cannot prepare on {device}: {e}; --device cpu prepares with "
+                        "Pillow") from None
     pool = running.enter_context(ThreadPoolExecutor(DEVICE_READ_THREADS))
     raw = _in_order(pool, _read, todo, folder, ahead=2 * BATCH)
-    return DeviceEncoder(encoding, device).prepare(zip(todo, raw, strict=True))
+    return encoder.prepare(zip(todo, raw, strict=True))
 
 
 def _read(folder: Path, rel: str) -> bytes:

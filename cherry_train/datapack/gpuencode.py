@@ -128,7 +128,9 @@ class DeviceEncoder:
                      first=self.by_pillow[0])
 
     def probe(self) -> None:
-        """One 8x8 image encoded and decoded on the device; RuntimeError if it cannot."""
+        """One 8x8 image encoded and decoded on the device; RuntimeError if it cannot, or if
+        its encoder stores another chroma subsampling than the encoding's (torchvision has no
+        setting for it: nvJPEG's encode keeps 4:4:4, libjpeg's on the CPU makes 4:2:0)."""
         import torch
         from torchvision.io import decode_jpeg
 
@@ -136,6 +138,10 @@ class DeviceEncoder:
             image = torch.zeros((3, 8, 8), dtype=torch.uint8, device=self.device)
             data = self._encode_jpeg([image], quality=self.encoding.quality)[0].cpu()
             decode_jpeg([data], device=self.device)
+        chroma = _chroma(data.numpy().tobytes())
+        if chroma != self.encoding.chroma:
+            raise RuntimeError(f"torchvision's JPEG encoder on {self.device} stores chroma "
+                               f"{chroma}, the pack {self.encoding.chroma}")
 
     def _batch(self, batch: list[_Item | tuple[str, bytes]]) -> list[Prepared]:
         """One batch's results in order; each image the device could not do by Pillow."""
@@ -286,3 +292,11 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATED, category=DeprecationWarning)
         yield
+
+
+def _chroma(data: bytes) -> str:
+    """A JPEG's chroma subsampling, as Pillow names it ("4:4:4", "4:2:2", "4:2:0")."""
+    from PIL import JpegImagePlugin
+
+    with Image.open(io.BytesIO(data)) as im:
+        return {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}.get(JpegImagePlugin.get_sampling(im), "other")

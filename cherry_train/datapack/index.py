@@ -52,8 +52,8 @@ class PackIndex:
     stored bytes are (shard, offset, length), their sha256, and the stored image's width and
     height (None for a verbatim file Pillow cannot read). `prepared`: None for a verbatim pack
     (the files as they are), else how the images were re-encoded ({"short_side", "quality",
-    "image_size", "min_crop_scale", "encoder"}). `skipped`: files of the folder that did not
-    decode and are not in a prepared pack (rel -> {"size", "mtime_ns", "error"})."""
+    "chroma", "image_size", "min_crop_scale", "encoder"}). `skipped`: files of the folder that
+    did not decode and are not in a prepared pack (rel -> {"size", "mtime_ns", "error"})."""
 
     source: str
     files: dict[str, dict]

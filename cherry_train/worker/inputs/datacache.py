@@ -27,6 +27,7 @@ import platformdirs
 import structlog
 
 from cherry_train import datapack
+from cherry_train.datapack.prepare import UNRECORDED_CHROMA
 from cherry_train.files import write_atomic
 from cherry_train.places import on_colab
 from cherry_train.safepaths import UnsafePath, check_inside
@@ -199,7 +200,8 @@ def _refreshed(source: Source, index: datapack.PackIndex | None, place: datapack
             index.refusal(wanted.image_size, wanted.min_crop_scale, source.label) is not None:
         return index
     made = index.prepared
-    encoding = datapack.Encoding(made["short_side"], made["quality"])
+    encoding = datapack.Encoding(made["short_side"], made["quality"],
+                                 made.get("chroma", UNRECORDED_CHROMA))
     made_for = {k: made[k] for k in ("image_size", "min_crop_scale") if k in made}
     kept = len(index.matching(listing))
     started = time.perf_counter()
