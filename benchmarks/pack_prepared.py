@@ -19,6 +19,7 @@ training step pays per image), and one re-encode with and without JPEG draft mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import platform
@@ -109,8 +110,11 @@ def main() -> None:
 
         shutil.rmtree(place.path)  # else the Pillow pack is current, whoever asks
         import torchvision  # noqa: F401  (not timed: the import, ~3 s, is paid once per command)
+        # torchvision's CPU encoder stores chroma 4:2:0 (no setting; nvJPEG keeps 4:4:4): the
+        # CPU stand-in asks for what it makes, else the build refuses the mismatch.
+        on = encoding if args.device == "cuda" else dataclasses.replace(encoding, chroma="4:2:0")
         device_s, (on_device, place, _) = timed(
-            lambda: datapack.pack_folder(train, encoding=encoding, device=args.device,
+            lambda: datapack.pack_folder(train, encoding=on, device=args.device,
                                          prepared_for={"image_size": args.image_size}))
         files = datapack.PackedFiles(on_device, place.path)
         differ = [np.abs(pixels(files.read(p.relative_to(train).as_posix())) - pixels(s)).mean()
