@@ -47,11 +47,12 @@ def folder(tmp_path, photos) -> Path:
     return src
 
 
-def prepare(folder: Path, image_size: int = SIZE) -> datapack.PackIndex:
-    side = stored_side(image_size, 0.5)
+def prepare(folder: Path, image_size: int = SIZE, min_scale: float = 0.5) -> datapack.PackIndex:
+    """What `cherry data pack FOLDER --image-size N --min-crop-scale S` builds."""
+    side = stored_side(image_size, min_scale)
     index, _, _ = datapack.pack_folder(folder, encoding=Encoding(side),
                                        prepared_for={"image_size": image_size,
-                                                     "min_crop_scale": 0.5})
+                                                     "min_crop_scale": min_scale})
     return index
 
 
@@ -259,31 +260,45 @@ def test_a_stale_pack_that_cannot_be_rebuilt_is_said_and_the_files_are_copied(fo
 
 
 def photo_dataset(root: Path, train: int, val: int, seed: int = 4) -> None:
-    """The demo task at a camera's size: each cherry rendered small, brought up to 1600x1200
-    and given sensor noise, so the JPEGs weigh what photos do (rendering at full size would
-    take seconds per image)."""
+    """The demo task at a camera's size: each cherry rendered as the demo renders it, a square
+    frame (at 160 px: at full size rendering takes seconds per image), widened to the camera's
+    4:3 by carrying the belt's edge columns sideways (the cherry is not stretched, and the
+    centred square that validation takes is the demo's image), brought up to 1600x1200 and
+    given sensor noise, so the JPEGs weigh what photos do (~0.4 MB)."""
     import numpy as np
     from PIL import Image
 
-    from cherry_train.demo.cherries import CLASSES, render_cherry
+    from cherry_train.demo.cherries import CLASSES, DEFECTS, render_cherry
 
     rng = np.random.default_rng(seed)
     for split, count, offset in (("train", train, 0), ("val", val, 10_000)):
         for i in range(count):
             cls = CLASSES[i % 2]
-            defect = None if cls == "good" else ("crack", "rot", "bruise")[i % 3]
-            small = render_cherry(offset + i, defect, 160).resize((1600, 1200), Image.BICUBIC)
-            pixels = np.asarray(small, np.int16) + rng.integers(-6, 7, (1200, 1600, 1), np.int16)
+            defect = None if cls == "good" else DEFECTS[i % 3]
+            square = np.asarray(render_cherry(offset + i, defect, 160))
+            frame = np.pad(square, ((0, 0), (26, 27), (0, 0)), mode="edge")  # 213x160
+            photo = Image.fromarray(frame).resize((1600, 1200), Image.BICUBIC)
+            pixels = np.asarray(photo, np.int16) + rng.integers(-6, 7, (1200, 1600, 1), np.int16)
             (root / split / cls).mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
                 root / split / cls / f"{i:05d}.jpg", quality=90)
 
 
 def _parity(tmp_path, tiny_config, train: int, val: int, epochs: int) -> tuple[float, float]:
+    """Validation accuracy trained from the original photos, then from a prepared pack of them,
+    with the demo's recipe (demo_config: ResNet-18 at 48 px, AdamW, cosine, crops of at least
+    0.6 of the image) at batch 16: on half the demo's images that keeps its 38 steps an epoch
+    (at 32 some seeds had not learned the task after 8 epochs: 0.67-0.86). `input_pipeline:
+    workers` with one loader process both ways: it decodes while the model trains (the
+    originals' full-size decodes cost ~12 ms each)."""
     from test_training import run_job
 
-    tiny_config["training"].update(epochs=epochs, batch_size=32)
-    tiny_config["data"]["image_size"] = 48
+    from cherry_train.demo.run import DemoSize, demo_config
+
+    demo = demo_config(DemoSize(epochs=epochs, batch_size=16))
+    for part in ("model", "training", "augmentation"):
+        tiny_config[part] = demo[part]
+    tiny_config["data"].update(image_size=demo["data"]["image_size"], num_workers=1)
     tiny_config["performance"] = {"input_pipeline": "workers"}
     photo_dataset(tmp_path / "photos", train, val)
     accuracy = {}
@@ -292,7 +307,8 @@ def _parity(tmp_path, tiny_config, train: int, val: int, epochs: int) -> tuple[f
         shutil.copytree(tmp_path / "photos", root / "data")
         if way == "prepared":
             for split in ("train", "val"):
-                prepare(root / "data" / split, image_size=48)
+                prepare(root / "data" / split, demo["data"]["image_size"],
+                        demo["augmentation"]["min_crop_scale"])
         result = run_job(root, tiny_config)
         assert result.data_cache["train"]["way"] == way
         accuracy[way] = result.final_metrics["val_accuracy"]
@@ -301,10 +317,19 @@ def _parity(tmp_path, tiny_config, train: int, val: int, epochs: int) -> tuple[f
 
 @pytest.mark.long
 def test_training_from_prepared_photos_reaches_the_originals_accuracy(tmp_path, tiny_config):
-    """Issue 24 goal 5: 1600x1200 photos, the same seed, `workers` both ways: the same
-    validation accuracy within 1 point, and one that learned (else parity says nothing).
-    About 2 minutes on 2 cores: the originals are decoded at full size every epoch."""
-    files, prepared = _parity(tmp_path, tiny_config, train=256, val=100, epochs=6)
+    """Issue 24 goal 5, one seed of it: 600 + 200 photos at 1600x1200, 8 epochs (half the
+    demo's set); both ways learn the task (>= 0.9: the demo reaches 0.95) and land within 3
+    points of each other.
+
+    Why 3 and not the goal's 1: two runs from the same seed and crop boxes still diverge (the
+    originals are decoded at full size and resized, the pack's copies are 85x64 JPEGs). Over 8
+    seeds the pack was 0.3 points above the files on average (the goal's figure, in
+    docs/benchmarks.md), but per seed the difference spread with a standard deviation of 1.2
+    points and reached 1.5 (a 200-image validation set counts in steps of 0.5; its binomial
+    standard error at 0.95 is 1.5): one seed within 1 point would be luck, not evidence; 3 is
+    2.5 standard deviations. What this one seed cannot tell apart, 4:2:0 packs' 2.4 points,
+    test_datapack's test of the chroma guards. About 4 minutes on 2 cores."""
+    files, prepared = _parity(tmp_path, tiny_config, train=600, val=200, epochs=8)
     print(f"val accuracy: files {files:.3f}, prepared pack {prepared:.3f}")
-    assert min(files, prepared) >= 0.7
-    assert abs(files - prepared) <= 0.01
+    assert min(files, prepared) >= 0.9
+    assert abs(files - prepared) <= 0.03
