@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from cherry_train import datapack
 from cherry_train.datapack import Encoding
+from cherry_train.datapack.prepare import DEFAULT_CHROMA
 from cherry_train.sizes import stored_side
 from cherry_train.worker.inputs.data import _samples
 from cherry_train.worker.inputs.datacache import cache_folder
@@ -47,10 +48,11 @@ def folder(tmp_path, photos) -> Path:
     return src
 
 
-def prepare(folder: Path, image_size: int = SIZE, min_scale: float = 0.5) -> datapack.PackIndex:
+def prepare(folder: Path, image_size: int = SIZE, min_scale: float = 0.5,
+            chroma: str = DEFAULT_CHROMA) -> datapack.PackIndex:
     """What `cherry data pack FOLDER --image-size N --min-crop-scale S` builds."""
     side = stored_side(image_size, min_scale)
-    index, _, _ = datapack.pack_folder(folder, encoding=Encoding(side),
+    index, _, _ = datapack.pack_folder(folder, encoding=Encoding(side, chroma=chroma),
                                        prepared_for={"image_size": image_size,
                                                      "min_crop_scale": min_scale})
     return index
@@ -284,35 +286,36 @@ def photo_dataset(root: Path, train: int, val: int, seed: int = 4) -> None:
                 root / split / cls / f"{i:05d}.jpg", quality=90)
 
 
-def _parity(tmp_path, tiny_config, train: int, val: int, epochs: int) -> tuple[float, float]:
-    """Validation accuracy trained from the original photos, then from a prepared pack of them,
-    with the demo's recipe (demo_config: ResNet-18 at 48 px, AdamW, cosine, crops of at least
-    0.6 of the image) at batch 16: on half the demo's images that keeps its 38 steps an epoch
-    (at 32 some seeds had not learned the task after 8 epochs: 0.67-0.86). `input_pipeline:
-    workers` with one loader process both ways: it decodes while the model trains (the
-    originals' full-size decodes cost ~12 ms each)."""
-    from test_training import run_job
-
+def parity_config(config: dict, epochs: int) -> dict:
+    """`config` (the tests' tiny one: its seed, paths, no export) with the demo's recipe
+    (demo_config: ResNet-18 at 48 px, AdamW, cosine, crops of at least 0.6 of the image) at
+    batch 16: on half the demo's images that keeps its 38 steps an epoch (at 32 some seeds had
+    not learned the task after 8 epochs: 0.67-0.86). `input_pipeline: workers` with one loader
+    process: it decodes while the model trains (an original's full-size decode costs ~12 ms)."""
     from cherry_train.demo.run import DemoSize, demo_config
 
     demo = demo_config(DemoSize(epochs=epochs, batch_size=16))
     for part in ("model", "training", "augmentation"):
-        tiny_config[part] = demo[part]
-    tiny_config["data"].update(image_size=demo["data"]["image_size"], num_workers=1)
-    tiny_config["performance"] = {"input_pipeline": "workers"}
-    photo_dataset(tmp_path / "photos", train, val)
-    accuracy = {}
-    for way in ("files", "prepared"):
-        root = tmp_path / way
-        shutil.copytree(tmp_path / "photos", root / "data")
-        if way == "prepared":
-            for split in ("train", "val"):
-                prepare(root / "data" / split, demo["data"]["image_size"],
-                        demo["augmentation"]["min_crop_scale"])
-        result = run_job(root, tiny_config)
-        assert result.data_cache["train"]["way"] == way
-        accuracy[way] = result.final_metrics["val_accuracy"]
-    return accuracy["files"], accuracy["prepared"]
+        config[part] = demo[part]
+    config["data"].update(image_size=demo["data"]["image_size"], num_workers=1)
+    config["performance"] = {"input_pipeline": "workers"}
+    return config
+
+
+def accuracy_from(photos: Path, root: Path, config: dict, way: str,
+                  chroma: str = DEFAULT_CHROMA) -> float:
+    """The final validation accuracy of `config` trained on a copy of `photos` in the queue
+    root `root`, from the original files or (way "prepared") from a prepared pack of them."""
+    from test_training import run_job
+
+    shutil.copytree(photos, root / "data")
+    if way == "prepared":
+        for split in ("train", "val"):
+            prepare(root / "data" / split, config["data"]["image_size"],
+                    config["augmentation"]["min_crop_scale"], chroma)
+    result = run_job(root, config)
+    assert result.data_cache["train"]["way"] == way
+    return result.final_metrics["val_accuracy"]
 
 
 @pytest.mark.long
@@ -329,7 +332,10 @@ def test_training_from_prepared_photos_reaches_the_originals_accuracy(tmp_path, 
     standard error at 0.95 is 1.5): one seed within 1 point would be luck, not evidence; 3 is
     2.5 standard deviations. What this one seed cannot tell apart, 4:2:0 packs' 2.4 points,
     test_datapack's test of the chroma guards. About 4 minutes on 2 cores."""
-    files, prepared = _parity(tmp_path, tiny_config, train=600, val=200, epochs=8)
+    config = parity_config(tiny_config, epochs=8)
+    photo_dataset(tmp_path / "photos", train=600, val=200)
+    files, prepared = (accuracy_from(tmp_path / "photos", tmp_path / way, config, way)
+                       for way in ("files", "prepared"))
     print(f"val accuracy: files {files:.3f}, prepared pack {prepared:.3f}")
     assert min(files, prepared) >= 0.9
     assert abs(files - prepared) <= 0.03
