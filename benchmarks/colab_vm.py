@@ -9,18 +9,21 @@ machine and measures what our users get (ResNet-50, 224 px, batch 256, 500x375 J
   (`os.sched_setaffinity`, what `taskset -c 0,1` does), after the data set is generated;
 - the GPU memory: another process holds all but `--gpu-free-gb` of it;
 - the precision: `--amp fp16` forces a T4's fp16 + GradScaler;
+- a restart: a worker process killed with SIGKILL mid-job, the job resumed by a new one (its
+  first step after `worker started`, with the data cache kept and emptied);
 - the data: `--images` training JPEGs (the large set; 60,000 at 317 px decoded is 18 GB) and a
   `--fit-images` subset of them (one that fits in a third of the free memory).
 
 Rows: the seed recipe (ImageFolder + DataLoader + fp16 autocast, batch 32) on the same cores;
 cherry-train through the real worker with `input_pipeline: auto` on the large set (what it
 chooses, and why, is printed), `workers` forced, and `auto` on the fitting subset (the `gpu`
-pipeline): the figure the large set is held to. Then, optionally, the large set again with
-`--t4-free-gb` free and fp16; and the large set through a prepared pack (`cherry data pack
---image-size 224`, built ahead on all cores as a laptop would, its build time and bytes
-printed; the worker copies its shards and reads the samples in place). Steady images/s from
-each job's own metrics after its first steps; compiling off by default (`--compile on`: every
-cherry-train row compiled).
+pipeline): the figure the large set is held to. Then the large set through a prepared pack
+(`cherry data pack --image-size 224`, built ahead on all cores as a laptop would, its build
+time and bytes printed; the worker copies its shards and reads the samples in place); the
+restarts (through the pack); and, optionally, the large set again with `--t4-free-gb` free and
+fp16 (through the pack when there is one). Each row can be left out (`--skip`). Steady
+images/s from each job's own metrics after its first steps; compiling off by default
+(`--compile on`: every cherry-train row compiled).
 
     python benchmarks/colab_vm.py [--cores 2] [--gpu-free-gb 40] [--images 60000]
                                   [--fit-images 20000] [--photo-size 500x375]
@@ -30,8 +33,10 @@ cherry-train row compiled).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,6 +136,109 @@ def job(root: Path, train: str, epochs: int, performance: dict, amp: str,
             "error": result.error.message if result.error else None}
 
 
+def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: bool,
+            model: str = "resnet50", batch: int = 256, size: int = 224, kill_at: int = 40) -> dict:
+    """A restarted worker's first step on a resumed job (issue 24: <= 15 s after `worker
+    started`). A `cherry worker` process runs a job on `train` and is killed with SIGKILL at
+    its step `kill_at` (`CHERRY_FAULT`, as a disconnect would); once its lease ran out a new
+    worker process resumes the job. `fresh`: the data cache is emptied first (a new VM: the
+    shards are copied again); else the new process finds it as the killed one left it (a
+    restarted runtime). Seconds to the resumed attempt's first step from the new process's
+    `worker started` and from its launch (Python and torch imports included), from the logs'
+    own timestamps."""
+    from datetime import datetime
+
+    from cherry_train.jobqueue.lifecycle import JobQueue
+    from cherry_train.schemas import validate_config
+    from cherry_train.storage import LocalStorage
+
+    cfg = {"name": "colab-vm-restart", "amp": amp, "model": {"name": model, "num_classes": 2},
+           "training": {"epochs": 1, "batch_size": batch, "learning_rate": 0.001},
+           "data": {"train_path": train, "val_path": "data/val", "image_size": size,
+                    "pack": pack},
+           "checkpoint": {"every_steps": kill_at // 2}, "heartbeat_seconds": 1, "lease_seconds": 5,
+           "export": {"onnx": False}, "tensorboard": False}
+    job_id = JobQueue(LocalStorage(root)).submit(validate_config(cfg)).job_id
+
+    def worker(fault: str | None) -> tuple[float, list[dict]]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHERRY_CACHE_DIR": str(cache)}
+        env.pop("CHERRY_FAULT", None)
+        if fault:
+            env["CHERRY_FAULT"] = fault
+        launched = time.time()
+        out = subprocess.run([sys.executable, "-m", "cherry_train", "worker", "--root",
+                              str(root), "--worker-id", "bench", "--exit-when-idle",
+                              "--poll-seconds", "0.5", "--log-format", "json"],
+                             env=env, capture_output=True, text=True, check=False)
+        lines = []
+        for line in (out.stdout + out.stderr).splitlines():  # the log lines go to stderr
+            with contextlib.suppress(ValueError):  # a line that is not JSON (a warning)
+                lines.append(json.loads(line))
+        return launched, lines
+
+    worker(f"step@{kill_at}")
+    time.sleep(6)  # the killed attempt's lease runs out
+    if fresh:
+        shutil.rmtree(cache, ignore_errors=True)
+    launched, lines = worker(None)
+    stamp = {}
+    for e in lines:
+        if e.get("event") in ("worker started", "first step") and "timestamp" in e:
+            stamp.setdefault(e["event"], datetime.fromisoformat(e["timestamp"]).timestamp())
+    log = [json.loads(x) for x in (root / "done" / job_id / "worker.log").read_text()
+           .splitlines()]
+    resumed = [e for e in log if e.get("attempt", 0) >= 2]
+    for e in resumed:  # the job's own log has the attempt's events when stdout lacks them
+        if e.get("event") == "first step" and "first step" not in stamp:
+            stamp["first step"] = datetime.fromisoformat(e["timestamp"]).timestamp()
+    state = json.loads((root / "done" / job_id / "result.json").read_text())["state"]
+    first = stamp.get("first step")
+    return {"state": state, "resumed_attempts": len({e.get("attempt") for e in resumed}),
+            "from_worker_started_s": round(first - stamp["worker started"], 1)
+            if first and "worker started" in stamp else None,
+            "from_launch_s": round(first - launched, 1) if first else None,
+            "pipeline": next((e.get("pipeline") for e in resumed
+                              if e.get("event") == "input pipeline"), None)}
+
+
+def pinned_rows(root: Path, tmp: Path, args, pack: dict) -> dict[str, dict]:
+    """The rows run with GPU memory held to `--gpu-free-gb` (the cores are pinned already);
+    `pack`: the prepared pack's build figures."""
+    rows: dict[str, dict] = {}
+    if "seed" not in args.skip:
+        rows["seed recipe, batch 32"] = {"images_per_second": seed_recipe(root / "data",
+                                                                          32)}
+        print("seed:", rows["seed recipe, batch 32"], flush=True)
+    if "large" not in args.skip:
+        rows["cherry-train auto, large set"] = job(root, "data/train", 2, {}, args.amp,
+                                                   args.compile)
+        print("auto, large:", rows["cherry-train auto, large set"], flush=True)
+    if "workers" not in args.skip:
+        rows["cherry-train workers"] = job(root, "data/fit", 1,
+                                           {"input_pipeline": "workers"}, args.amp,
+                                           args.compile)
+        print("workers:", rows["cherry-train workers"], flush=True)
+    if "fit" not in args.skip:
+        rows["cherry-train auto, fitting set"] = job(root, "data/fit", 3, {}, args.amp,
+                                                     args.compile)
+        print("auto, fit:", rows["cherry-train auto, fitting set"], flush=True)
+    if "prepared" not in args.skip:
+        rows["cherry-train auto, large set, prepared pack"] = {
+            **job(root, "data/train", 2, {}, args.amp, args.compile, pack="auto"),
+            **pack}
+        print("auto, prepared:", rows["cherry-train auto, large set, prepared pack"],
+              flush=True)
+    if "restart" not in args.skip:
+        packed = "off" if "prepared" in args.skip else "auto"
+        for fresh in (False, True):
+            name = ("restart, resumed on a fresh VM (empty cache)" if fresh else
+                    "restart, resumed with the cache kept")
+            rows[name] = restart(root, "data/train", args.amp, packed, tmp / "restart-cache",
+                                 fresh)
+            print(f"{name}:", rows[name], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cores", type=int, default=2)
@@ -143,7 +251,7 @@ def main() -> None:
     parser.add_argument("--t4-free-gb", type=float, default=16.0,
                         help="then the large set with this much free and fp16 (0: skip)")
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out: seed, "
-                        "workers, fit, t4, prepared")
+                        "large, workers, fit, t4, prepared, restart")
     parser.add_argument("--compile", default="off", choices=("off", "on"),
                         help="compile the model in the cherry-train rows (their first steps, "
                         "compiling included, are left out of the figure)")
@@ -169,6 +277,7 @@ def main() -> None:
         size = "x".join(map(str, args.photo_size))
         print(f"data: {args.images} JPEGs {size} (+{args.images // 20} val) made in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
+        pack = {}
         if "prepared" not in args.skip:
             pack = prepare_pack(train)
             print("prepared pack:", pack, flush=True)
@@ -181,34 +290,14 @@ def main() -> None:
         free = torch.cuda.mem_get_info()[0] / 2**30
         print(f"{card}: pinned to cores {cores}, {free:.1f} GiB GPU memory free", flush=True)
         try:
-            if "seed" not in args.skip:
-                rows["seed recipe, batch 32"] = {"images_per_second": seed_recipe(root / "data",
-                                                                                  32)}
-                print("seed:", rows["seed recipe, batch 32"], flush=True)
-            rows["cherry-train auto, large set"] = job(root, "data/train", 2, {}, args.amp,
-                                                       args.compile)
-            print("auto, large:", rows["cherry-train auto, large set"], flush=True)
-            if "workers" not in args.skip:
-                rows["cherry-train workers"] = job(root, "data/fit", 1,
-                                                   {"input_pipeline": "workers"}, args.amp,
-                                                   args.compile)
-                print("workers:", rows["cherry-train workers"], flush=True)
-            if "fit" not in args.skip:
-                rows["cherry-train auto, fitting set"] = job(root, "data/fit", 3, {}, args.amp,
-                                                             args.compile)
-                print("auto, fit:", rows["cherry-train auto, fitting set"], flush=True)
-            if "prepared" not in args.skip:
-                rows["cherry-train auto, large set, prepared pack"] = {
-                    **job(root, "data/train", 2, {}, args.amp, args.compile, pack="auto"),
-                    **pack}
-                print("auto, prepared:", rows["cherry-train auto, large set, prepared pack"],
-                      flush=True)
+            rows.update(pinned_rows(root, Path(tmp), args, pack))
         finally:
             release(holder)
         if args.t4_free_gb and "t4" not in args.skip:
             holder = hold_gpu_memory(args.t4_free_gb)
             try:
-                t4 = job(root, "data/train", 1, {}, "fp16", args.compile)
+                t4 = job(root, "data/train", 1, {}, "fp16", args.compile,
+                         pack="off" if "prepared" in args.skip else "auto")
                 t4["gpu_free_gib"] = round(torch.cuda.mem_get_info()[0] / 2**30, 1)
                 rows[f"cherry-train auto, large set, {args.t4_free_gb:g} GB free, fp16"] = t4
                 print("t4-like:", t4, flush=True)
@@ -231,6 +320,8 @@ def report(rows: dict[str, dict], card: str, cores: list[int], free: float, args
           f"{args.images} JPEGs {size} (fitting set {args.fit_images})\n")
     print("| setup | pipeline | images/s | vs seed | vs fitting set |\n|---|---|---|---|---|")
     for name, row in rows.items():
+        if "from_launch_s" in row:
+            continue  # a restart: its figure is a time, below the table
         value = row.get("images_per_second")
         cells = [f"{value:.0f}" if value else "-",
                  f"{value / seed:.2f}x" if value and seed else "-",
@@ -241,6 +332,10 @@ def report(rows: dict[str, dict], card: str, cores: list[int], free: float, args
             print(f"- {name}: {row['pipeline']} because {row['why']}; first step after "
                   f"{row.get('first_step_s')} s, {row.get('loader_processes')} loader "
                   f"processes, micro-batch {row.get('micro_batch')}")
+        if "from_launch_s" in row:
+            print(f"- {name}: first step {row['from_worker_started_s']} s after `worker "
+                  f"started` ({row['from_launch_s']} s after the process was launched), "
+                  f"{row['pipeline']}, job {row['state']}")
         if row.get("ratio"):
             print(f"- {name}: the pack is {row['ratio']}x the originals' bytes "
                   f"({row['pack_bytes'] / 2**30:.2f} of {row['original_bytes'] / 2**30:.2f} "
