@@ -91,6 +91,17 @@ def cherry_images(tmp_path_factory) -> Path:
     return data
 
 
+@pytest.fixture(scope="session")
+def photo_cherries(tmp_path_factory) -> Path:
+    """48 train + 16 val cherries of 120 px: larger than the side a 32 px job stores, so a
+    prepared pack re-encodes them (generated once per session)."""
+    from cherry_train.demo.cherries import generate_dataset
+
+    data = tmp_path_factory.mktemp("photo_cherries")
+    generate_dataset(data, train=48, val=16, size=120, seed=2)
+    return data
+
+
 @pytest.fixture
 def root_with_data(tmp_path, cherry_images) -> Path:
     """A queue root whose data/ is the tiny cherry dataset (linked, not copied)."""

@@ -10,6 +10,7 @@ import re
 import shutil
 
 import pytest
+from pictures import jpeg, mixed_folder
 
 from cherry_train import datapack
 from cherry_train.cli import main
@@ -279,26 +280,9 @@ def test_a_worker_never_unpacks_a_prepared_pack_as_the_originals(source, tmp_pat
 # Prepared packs: every image re-encoded once at the short side training stores.
 
 
-def _jpeg(path, size, progressive=False, seed=0):
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)
-    Image.fromarray(pixels).save(path, "JPEG", quality=85, progressive=progressive)
-
-
 @pytest.fixture
 def mixed(tmp_path):
-    from PIL import Image
-
-    folder = tmp_path / "mixed"
-    (folder / "a").mkdir(parents=True)
-    Image.new("RGB", (64, 48), (200, 30, 40)).save(folder / "a" / "wide.png")
-    _jpeg(folder / "a" / "tall.jpg", (40, 60))
-    _jpeg(folder / "a" / "small.jpg", (20, 16))
-    _jpeg(folder / "a" / "small_progressive.jpg", (20, 16), progressive=True)
-    (folder / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    return folder
+    return mixed_folder(tmp_path / "mixed")
 
 
 def test_a_prepared_pack_stores_each_image_once_at_the_short_side(mixed, tmp_path, capsys):
@@ -341,7 +325,7 @@ def test_draft_mode_decodes_a_large_jpeg_at_reduced_scale(tmp_path, monkeypatch)
 
     from cherry_train.datapack.prepare import encode
 
-    _jpeg(tmp_path / "big.jpg", (400, 300))
+    jpeg(tmp_path / "big.jpg", (400, 300))
     asked = []
     draft = JpegImagePlugin.JpegImageFile.draft
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
@@ -383,7 +367,7 @@ def test_a_rebuild_reuses_unchanged_images_and_encodes_only_the_changed(mixed, t
     kept_before = first.read("a/tall.jpg")
     same = mixed / "a" / "tall.jpg"  # new pixels, same size and mtime: taken as unchanged
     stat = same.stat()
-    _jpeg(same, (40, 60), seed=1)
+    jpeg(same, (40, 60), seed=1)
     same.write_bytes(same.read_bytes()[:stat.st_size].ljust(stat.st_size, b"\0"))
     os.utime(same, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     changed = mixed / "a" / "wide.png"

@@ -11,9 +11,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from pictures import jpeg, mixed_folder
 from PIL import Image
 from structlog.testing import capture_logs
 
@@ -32,31 +32,12 @@ ENCODING = datapack.Encoding(22, chroma="4:2:0")
 CUDA = torch.cuda.is_available()
 
 
-def _jpeg(path: Path, size, progressive=False, seed=0, mode="RGB") -> None:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)
-    Image.fromarray(pixels).convert(mode).save(path, "JPEG", quality=85,
-                                               progressive=progressive)
-
-
 @pytest.fixture
 def mixed(tmp_path) -> Path:
     """Every kind of file a folder may hold: what the device decodes (baseline, progressive,
     grey, small enough to keep), what it leaves to Pillow (PNG, CMYK), and what nobody
     decodes (not a JPEG at all; a JPEG cut short, whose header still reads)."""
-    folder = tmp_path / "mixed"
-    (folder / "a").mkdir(parents=True)
-    Image.new("RGB", (64, 48), (200, 30, 40)).save(folder / "a" / "wide.png")
-    _jpeg(folder / "a" / "tall.jpg", (40, 60))
-    _jpeg(folder / "a" / "small.jpg", (20, 16))
-    _jpeg(folder / "a" / "small_progressive.jpg", (20, 16), progressive=True)
-    _jpeg(folder / "a" / "big_progressive.jpg", (80, 60), progressive=True, seed=1)
-    _jpeg(folder / "a" / "grey.jpg", (50, 70), mode="L", seed=2)
-    _jpeg(folder / "a" / "cmyk.jpg", (50, 50), mode="CMYK", seed=3)
-    (folder / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    _jpeg(folder / "a" / "cut.jpg", (64, 64), seed=4)
-    cut = (folder / "a" / "cut.jpg").read_bytes()
-    (folder / "a" / "cut.jpg").write_bytes(cut[:len(cut) // 2])
-    return folder
+    return mixed_folder(tmp_path / "mixed", every_kind=True)
 
 
 def _pack_dir(folder: Path) -> Path:
@@ -155,7 +136,7 @@ def test_a_pack_built_on_either_is_current_for_the_other_and_rebuilt_only_where_
     assert not built and index.prepared["encoder"].startswith("Pillow ")
     changed = mixed / "a" / "tall.jpg"
     stat = changed.stat()
-    _jpeg(changed, (60, 40), seed=9)
+    jpeg(changed, (60, 40), seed=9)
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))
     index, place, built = datapack.pack_folder(mixed, encoding=ENCODING, device="cpu")
     assert built and index.prepared["encoder"].startswith("torchvision ")
@@ -165,25 +146,15 @@ def test_a_pack_built_on_either_is_current_for_the_other_and_rebuilt_only_where_
     assert (index.files["a/tall.jpg"]["width"], index.files["a/tall.jpg"]["height"]) == (33, 22)
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    """Cherries larger than the side a 32 px job stores: the pack re-encodes them."""
-    from cherry_train.demo.cherries import generate_dataset
-
-    data = tmp_path_factory.mktemp("photos")
-    generate_dataset(data, train=24, val=8, size=120, seed=2)
-    return data
-
-
-def test_the_worker_reads_a_device_built_pack_in_place(photos, tmp_path):
+def test_the_worker_reads_a_device_built_pack_in_place(photo_cherries, tmp_path):
     folder = tmp_path / "drive" / "train"
-    shutil.copytree(photos / "train", folder)
+    shutil.copytree(photo_cherries / "train", folder)
     side = stored_side(32, 0.5)
     encoding = datapack.Encoding(side, chroma="4:2:0")
     index, _, _ = datapack.pack_folder(folder, encoding=encoding, device="cpu",
                                        prepared_for={"image_size": 32, "min_crop_scale": 0.5})
     report = cache_folder(folder, tmp_path / "cache", wanted=Wanted(32, 0.5))
-    assert report.way == "prepared" and report.pack == "current" and report.files == 24
+    assert report.way == "prepared" and report.pack == "current" and report.files == 48
     files = datapack.PackedFiles(index, Path(report.local))
     for rel in index.files:
         with Image.open(io.BytesIO(files.read(rel))) as im:
@@ -220,11 +191,12 @@ def test_the_device_is_cuda_only_where_there_is_one(mixed, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_a_pack_prepared_on_cuda_is_pillows_pack_by_nvjpeg(mixed, photos, tmp_path, capsys):
+def test_a_pack_prepared_on_cuda_is_pillows_pack_by_nvjpeg(mixed, photo_cherries, tmp_path,
+                                                            capsys):
     from torchvision.io import ImageReadMode, decode_jpeg
 
     assert datapack.pick_device("auto") == "cuda"
-    for rel in sorted((photos / "train").rglob("*.jpg"))[:12]:  # a batch of real work
+    for rel in sorted((photo_cherries / "train").rglob("*.jpg"))[:12]:  # a batch of real work
         shutil.copy(rel, mixed / "a" / f"photo-{rel.name}")
     pillow, pillow_stored = _build(mixed, None, tmp_path, "pillow")
     index, stored = _build(mixed, "cuda", tmp_path, "cuda")

@@ -31,20 +31,10 @@ SIZE = 32
 WANTED = Wanted(SIZE, 0.5)
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    """Cherries larger than the side a 32 px job stores: the pack re-encodes them."""
-    from cherry_train.demo.cherries import generate_dataset
-
-    data = tmp_path_factory.mktemp("photos")
-    generate_dataset(data, train=48, val=16, size=120, seed=2)
-    return data
-
-
 @pytest.fixture
-def folder(tmp_path, photos) -> Path:
+def folder(tmp_path, photo_cherries) -> Path:
     src = tmp_path / "drive" / "train"
-    shutil.copytree(photos / "train", src)
+    shutil.copytree(photo_cherries / "train", src)
     return src
 
 
@@ -185,8 +175,8 @@ def test_a_broken_pack_is_one_line_and_the_job_trains_from_the_originals(folder,
 
 
 @pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream", "split"])
-def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photos, tiny_config,
-                                                               pipeline):
+def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photo_cherries,
+                                                               tiny_config, pipeline):
     """As test_training's deterministic resume test, the data read in place from the pack;
     the result says which way the data came."""
     from test_training import finish, run_job
@@ -202,7 +192,7 @@ def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photos,
     roots = []
     for name in ("straight", "interrupted"):
         root = tmp_path / name
-        shutil.copytree(photos, root / "data")
+        shutil.copytree(photo_cherries, root / "data")
         for split in ("train", "val"):
             prepare(root / "data" / split)
         roots.append(root)
