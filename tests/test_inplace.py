@@ -179,16 +179,8 @@ def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photo_c
                                                                tiny_config, pipeline):
     """As test_training's deterministic resume test, the data read in place from the pack;
     the result says which way the data came."""
-    from test_training import finish, run_job
+    from test_training import deterministic, straight_and_resumed
 
-    from cherry_train.jobqueue.lifecycle import JobQueue
-    from cherry_train.schemas import validate_config
-    from cherry_train.storage import LocalStorage
-
-    tiny_config["deterministic"] = True
-    tiny_config["model"] = {"name": "mobilenet_v3_small", "num_classes": 2}
-    tiny_config["performance"] = {"input_pipeline": pipeline,
-                                  **({"resident_share": 0.5} if pipeline == "split" else {})}
     roots = []
     for name in ("straight", "interrupted"):
         root = tmp_path / name
@@ -196,16 +188,11 @@ def test_training_from_a_prepared_pack_resumes_bit_identically(tmp_path, photo_c
         for split in ("train", "val"):
             prepare(root / "data" / split)
         roots.append(root)
-    straight = run_job(roots[0], tiny_config)
-    assert straight.data_cache["train"]["way"] == straight.data_cache["val"]["way"] == "prepared"
-    queue = JobQueue(LocalStorage(roots[1]))
-    job_id = queue.submit(validate_config(tiny_config)).job_id
-    finish(queue, job_id, stop_at_step=2)  # mid-epoch 1 (3 steps of 16)
-    finish(queue, job_id, stop_at_step=4)  # mid-epoch 2
-    resumed = finish(queue, job_id)
-    assert resumed.attempts == 3
-    assert resumed.final_weights_sha256 == straight.final_weights_sha256
-    assert resumed.best_weights_sha256 == straight.best_weights_sha256
+    # stopped mid-epoch 1 and mid-epoch 2 (3 steps of 16 each)
+    straight, resumed = straight_and_resumed(roots, deterministic(tiny_config, pipeline, 0.5),
+                                             stops=(2, 4))
+    for result in (straight, resumed):
+        assert result.data_cache["train"]["way"] == result.data_cache["val"]["way"] == "prepared"
     assert resumed.dataset_sha256 == straight.dataset_sha256
 
 

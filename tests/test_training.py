@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import structlog
@@ -147,31 +148,45 @@ def test_stopped_job_resumes_from_its_checkpoint_and_finishes(root_with_data, ti
     assert steps == sorted(set(steps)), "no step is logged twice"
 
 
+def deterministic(cfg: dict, pipeline: str, resident_share: float) -> dict:
+    """`cfg` made bit-reproducible through `pipeline` ("gpu", "stream" and "split" run on the
+    CPU here: the same logic, CPU kernels)."""
+    cfg["deterministic"] = True
+    # Its dropout draws from the global RNG: nothing else may (a loader's base seed, say).
+    cfg["model"] = {"name": "mobilenet_v3_small", "num_classes": 2}
+    cfg["performance"] = {"input_pipeline": pipeline,
+                          **({"resident_share": resident_share} if pipeline == "split" else {})}
+    return cfg
+
+
+def straight_and_resumed(roots: list[Path], cfg: dict, stops: tuple[int, ...]):
+    """The job run straight through in roots[0], and in roots[1] stopped at each of `stops`
+    and finished by a new worker each time: the two results, the second checked to have taken
+    one attempt per stop and the same weights to the bit."""
+    straight = run_job(roots[0], cfg)
+    queue = JobQueue(LocalStorage(roots[1]))
+    job_id = queue.submit(validate_config(cfg)).job_id
+    for step in stops:
+        finish(queue, job_id, stop_at_step=step)
+    resumed = finish(queue, job_id)
+    assert resumed.attempts == len(stops) + 1
+    assert resumed.final_weights_sha256 == straight.final_weights_sha256
+    assert resumed.best_weights_sha256 == straight.best_weights_sha256
+    assert resumed.best == straight.best
+    return straight, resumed
+
+
 @pytest.mark.parametrize("pipeline", ["workers", "gpu", "stream", "split"])
 def test_deterministic_resume_ends_with_identical_weights(tmp_path, cherry_images, tiny_config,
                                                           pipeline):
-    tiny_config["deterministic"] = True
-    # Its dropout draws from the global RNG: nothing else may (a loader's base seed, say).
-    tiny_config["model"] = {"name": "mobilenet_v3_small", "num_classes": 2}
-    # "gpu", "stream" and "split" run on the CPU here (same logic, CPU kernels)
-    tiny_config["performance"] = {"input_pipeline": pipeline,
-                                  **({"resident_share": 0.4} if pipeline == "split" else {})}
     roots = []
     for name in ("straight", "interrupted"):
         root = tmp_path / name
         root.mkdir()
         (root / "data").symlink_to(cherry_images, target_is_directory=True)
         roots.append(root)
-    straight = run_job(roots[0], tiny_config)
-    queue = JobQueue(LocalStorage(roots[1]))
-    job_id = queue.submit(validate_config(tiny_config)).job_id
-    finish(queue, job_id, stop_at_step=2)  # mid-epoch 1
-    finish(queue, job_id, stop_at_step=8)  # mid-epoch 2
-    resumed = finish(queue, job_id)
-    assert resumed.attempts == 3
-    assert resumed.final_weights_sha256 == straight.final_weights_sha256
-    assert resumed.best_weights_sha256 == straight.best_weights_sha256
-    assert resumed.best == straight.best
+    # stopped mid-epoch 1 and mid-epoch 2
+    straight_and_resumed(roots, deterministic(tiny_config, pipeline, 0.4), stops=(2, 8))
 
 
 @pytest.mark.parametrize(("change", "message"), [
