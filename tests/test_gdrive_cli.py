@@ -31,12 +31,11 @@ def server(monkeypatch):
 
 @pytest.fixture
 def served(server, cherry_images):
-    """The fake, with the tiny cherry dataset uploaded under gdrive:team/traina/data."""
-    from cherry_train.storage import open_storage
-
-    storage = open_storage("gdrive:team/traina")
+    """The fake, with the tiny cherry dataset in Drive under team/traina/data."""
+    drive, _ = server
     for path in sorted(cherry_images.rglob("*.png")) + sorted(cherry_images.rglob("*.jpg")):
-        storage.upload(path, "data/" + path.relative_to(cherry_images).as_posix())
+        drive.put("team/traina/data/" + path.relative_to(cherry_images).as_posix(),
+                  path.read_bytes())
     return server
 
 

@@ -112,6 +112,21 @@ class FakeDrive:
             current = [c for f in current for c in self.children(f.id) if c.name == part]
         return current
 
+    def put(self, path: str, content: bytes) -> FakeFile:
+        """A file at a '/'-separated path under My Drive, its folders made as needed: what a
+        user's own Drive client (the web page, Drive for Desktop) put there, set up without a
+        request per file (upload through the API is what the storage tests cover)."""
+        *folders, name = [p for p in path.split("/") if p]
+        with self._lock:
+            parent = "root"
+            for part in folders:
+                found = [c for c in self.children(parent)
+                         if c.name == part and c.mime_type == FOLDER]
+                parent = found[0].id if found else self._create(
+                    {"name": part, "mimeType": FOLDER, "parents": [parent]}, b"", {})["id"]
+            return self.files[self._create({"name": name, "parents": [parent]}, content,
+                                           {})["id"]]
+
     def count(self, method: str | None = None, path_prefix: str = "") -> int:
         return sum(1 for m, p in self.requests
                    if (method is None or m == method) and p.startswith(path_prefix))
