@@ -202,39 +202,30 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
 
 
 def pinned_rows(root: Path, tmp: Path, args, pack: dict) -> dict[str, dict]:
-    """The rows run with GPU memory held to `--gpu-free-gb` (the cores are pinned already);
-    `pack`: the prepared pack's build figures."""
+    """The rows run with GPU memory held to `--gpu-free-gb` (the cores are pinned already),
+    in this order, each unless `--skip` names it; `pack`: the prepared pack's build figures."""
+    def run(data: str, epochs: int, performance: dict, **kw) -> dict:
+        return job(root, data, epochs, performance, args.amp, args.compile, **kw)
+
+    packed = "off" if "prepared" in args.skip else "auto"  # what the restart rows read
+    plan = [
+        ("seed", "seed recipe, batch 32",
+         lambda: {"images_per_second": seed_recipe(root / "data", 32)}),
+        ("large", "cherry-train auto, large set", lambda: run("data/train", 2, {})),
+        ("workers", "cherry-train workers",
+         lambda: run("data/fit", 1, {"input_pipeline": "workers"})),
+        ("fit", "cherry-train auto, fitting set", lambda: run("data/fit", 3, {})),
+        ("prepared", "cherry-train auto, large set, prepared pack",
+         lambda: {**run("data/train", 2, {}, pack="auto"), **pack}),
+        ("restart", "restart, resumed with the cache kept",
+         lambda: restart(root, "data/train", args.amp, packed, tmp / "restart-cache", False)),
+        ("restart", "restart, resumed on a fresh VM (empty cache)",
+         lambda: restart(root, "data/train", args.amp, packed, tmp / "restart-cache", True)),
+    ]
     rows: dict[str, dict] = {}
-    if "seed" not in args.skip:
-        rows["seed recipe, batch 32"] = {"images_per_second": seed_recipe(root / "data",
-                                                                          32)}
-        print("seed:", rows["seed recipe, batch 32"], flush=True)
-    if "large" not in args.skip:
-        rows["cherry-train auto, large set"] = job(root, "data/train", 2, {}, args.amp,
-                                                   args.compile)
-        print("auto, large:", rows["cherry-train auto, large set"], flush=True)
-    if "workers" not in args.skip:
-        rows["cherry-train workers"] = job(root, "data/fit", 1,
-                                           {"input_pipeline": "workers"}, args.amp,
-                                           args.compile)
-        print("workers:", rows["cherry-train workers"], flush=True)
-    if "fit" not in args.skip:
-        rows["cherry-train auto, fitting set"] = job(root, "data/fit", 3, {}, args.amp,
-                                                     args.compile)
-        print("auto, fit:", rows["cherry-train auto, fitting set"], flush=True)
-    if "prepared" not in args.skip:
-        rows["cherry-train auto, large set, prepared pack"] = {
-            **job(root, "data/train", 2, {}, args.amp, args.compile, pack="auto"),
-            **pack}
-        print("auto, prepared:", rows["cherry-train auto, large set, prepared pack"],
-              flush=True)
-    if "restart" not in args.skip:
-        packed = "off" if "prepared" in args.skip else "auto"
-        for fresh in (False, True):
-            name = ("restart, resumed on a fresh VM (empty cache)" if fresh else
-                    "restart, resumed with the cache kept")
-            rows[name] = restart(root, "data/train", args.amp, packed, tmp / "restart-cache",
-                                 fresh)
+    for key, name, measure in plan:
+        if key not in args.skip:
+            rows[name] = measure()
             print(f"{name}:", rows[name], flush=True)
     return rows
 
