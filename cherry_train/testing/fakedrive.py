@@ -16,7 +16,8 @@ $CHERRY_DRIVE_ENDPOINT). What it implements is what cherry-train uses, with Driv
   connection dropped after it acted (the client never learns whether its request took effect).
 
 `q` forms: clauses joined by `and`: `'<id>' in parents`, `name = '<s>'`, `mimeType = '<s>'`,
-`mimeType != '<s>'`, `trashed = false|true`.
+`mimeType != '<s>'`, `trashed = false|true`. The wire side (error replies, `fields`, multipart
+bodies, resumable sessions) is fakeprotocol.py; this module is what requests do to the files.
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ import json
 import re
 import threading
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from email import message_from_bytes
-from email.policy import HTTP
+
+from cherry_train.testing.fakeprotocol import (
+    HttpFailure,
+    Upload,
+    fields,
+    json_reply,
+    parse_multipart,
+)
 
 FOLDER = "application/vnd.google-apps.folder"
 _EPOCH = datetime(2026, 11, 26, tzinfo=timezone.utc)
@@ -60,25 +67,6 @@ class FakeFile:
 def _time(tick: int) -> str:
     return (_EPOCH + timedelta(milliseconds=tick)).isoformat(timespec="milliseconds") \
         .replace("+00:00", "Z")
-
-
-class HttpFailure(Exception):
-    def __init__(self, status: int, reason: str, message: str = ""):
-        super().__init__(message or reason)
-        self.status, self.reason, self.message = status, reason, message or reason
-
-
-@dataclass
-class Upload:
-    """A resumable upload session."""
-
-    method: str  # POST (create) or PATCH (update)
-    file_id: str | None
-    meta: dict
-    params: dict
-    total: int | None = None
-    data: bytearray = field(default_factory=bytearray)
-    done: dict | None = None
 
 
 class FakeDrive:
@@ -162,17 +150,17 @@ class FakeDrive:
         if m:
             upload, file_id = bool(m.group(1)), m.group(2)
             if file_id == "generateIds" and method == "GET":
-                return self._json(self._generate_ids(params))
+                return json_reply(self._generate_ids(params))
             if upload:
                 return self._upload(method, file_id, params, headers, body)
             if method == "GET" and file_id is None:
-                return self._json(self._list(params))
+                return json_reply(self._list(params))
             if method == "GET":
                 return self._get(file_id, params, headers)
             if method == "POST" and file_id is None:
-                return self._json(self._create(json.loads(body or b"{}"), b"", params), params)
+                return json_reply(self._create(json.loads(body or b"{}"), b"", params), params)
             if method == "PATCH":
-                return self._json(self._update(file_id, json.loads(body or b"{}"), None,
+                return json_reply(self._update(file_id, json.loads(body or b"{}"), None,
                                                params), params)
             if method == "DELETE":
                 self._delete(file_id)
@@ -183,12 +171,12 @@ class FakeDrive:
         if path == "/drive/v3/about" and method == "GET":  # storageQuota, in strings as Drive's
             used = {"usage": str(sum(len(f.content) for f in self.files.values()))}
             limit = {} if self.quota_bytes is None else {"limit": str(self.quota_bytes)}
-            return self._json({"kind": "drive#about", "storageQuota": {**used, **limit}}, params)
+            return json_reply({"kind": "drive#about", "storageQuota": {**used, **limit}}, params)
         if path == "/drive/v3/changes/startPageToken":
-            return self._json({"kind": "drive#startPageToken",
+            return json_reply({"kind": "drive#startPageToken",
                                "startPageToken": str(len(self.changes) + 1)})
         if path == "/drive/v3/changes":
-            return self._json(self._changes(params), params)
+            return json_reply(self._changes(params), params)
         raise HttpFailure(404, "notFound", f"no such endpoint: {method} {path}")
 
     # -- files ---------------------------------------------------------------------------------
@@ -267,7 +255,7 @@ class FakeDrive:
     def _get(self, file_id: str, params, headers):
         f = self._file(file_id)
         if params.get("alt") != "media":
-            return self._json(f.meta(), params)
+            return json_reply(f.meta(), params)
         if f.mime_type == FOLDER:
             raise HttpFailure(403, "fileNotDownloadable", "Only files with binary content "
                               "can be downloaded.")
@@ -291,7 +279,7 @@ class FakeDrive:
                "files": [f.meta() for f in page]}
         if start + size < len(matches):
             out["nextPageToken"] = str(start + size)
-        return _fields(out, params.get("fields"))
+        return fields(out, params.get("fields"))
 
     def _query(self, q: str) -> list[FakeFile]:
         tests = []
@@ -333,10 +321,10 @@ class FakeDrive:
     def _upload(self, method, file_id, params, headers, body):
         kind = params.get("uploadType")
         if kind == "multipart":
-            meta, content = _parse_multipart(headers["content-type"], body)
-            return self._json(self._apply(method, file_id, meta, content, params), params)
+            meta, content = parse_multipart(headers["content-type"], body)
+            return json_reply(self._apply(method, file_id, meta, content, params), params)
         if kind == "media":
-            return self._json(self._apply(method, file_id, {}, body, params), params)
+            return json_reply(self._apply(method, file_id, {}, body, params), params)
         if kind == "resumable":
             if file_id is not None:
                 self._file(file_id)
@@ -357,59 +345,12 @@ class FakeDrive:
         up = self.uploads.get(session)
         if up is None:
             raise HttpFailure(404, "notFound", "upload session expired")
-        if up.done is not None:
-            return self._json(up.done)
-        m = re.fullmatch(r"bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)", headers.get("content-range", ""))
-        if m is None:  # no range: the whole (here: empty) file in one request
-            up.data += body
-            up.total = len(up.data)
-        elif m.group(3) != "*":
-            up.total = int(m.group(3))
-        if m is not None and m.group(1) is not None:
-            start, end = int(m.group(1)), int(m.group(2))
-            if start != len(up.data):
-                raise HttpFailure(400, "badContentRange",
-                                  f"chunk starts at {start}, expected {len(up.data)}")
-            if len(body) != end - start + 1:
-                raise HttpFailure(400, "badContentRange", "chunk length mismatch")
-            up.data += body
-        if up.total is not None and len(up.data) >= up.total:
+        if up.done is None and up.take(headers.get("content-range", ""), body):
             up.done = self._apply(up.method, up.file_id, up.meta, bytes(up.data), up.params)
-            return self._json(up.done)
-        out = {"range": f"bytes=0-{len(up.data) - 1}"} if up.data else {}
-        return 308, out, b""
-
-    @staticmethod
-    def _json(obj: dict, params: dict | None = None):
-        if params and params.get("fields") and "files" not in obj and "changes" not in obj:
-            obj = _fields(obj, params["fields"])
-        return 200, {"content-type": "application/json; charset=UTF-8"}, json.dumps(obj).encode()
+        if up.done is not None:
+            return json_reply(up.done)
+        return 308, ({"range": f"bytes=0-{len(up.data) - 1}"} if up.data else {}), b""
 
 
 def _unescape(s: str) -> str:
     return re.sub(r"\\(.)", r"\1", s)
-
-
-def _fields(obj: dict, spec: str | None) -> dict:
-    """A partial response: `a,b,files(c,d)` keeps those keys (one level of nesting)."""
-    if not spec or spec == "*":
-        return obj
-    wanted: dict[str, set[str] | None] = {}
-    for m in re.finditer(r"(\w+)(?:\(([^)]*)\))?", spec):
-        wanted[m.group(1)] = set(m.group(2).split(",")) if m.group(2) else None
-    out = {}
-    for key, sub in ((k, sub) for k, sub in wanted.items() if k in obj):
-        value = obj[key]
-        if sub is not None and isinstance(value, list):
-            value = [{k: v for k, v in item.items() if k in sub} for item in value]
-        out[key] = value
-    return out
-
-
-def _parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes]:
-    msg = message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body,
-                             policy=HTTP)
-    parts = list(msg.iter_parts())
-    meta = json.loads(parts[0].get_payload(decode=True) or b"{}")
-    content = parts[1].get_payload(decode=True) if len(parts) > 1 else b""
-    return meta, content
