@@ -136,8 +136,36 @@ def job(root: Path, train: str, epochs: int, performance: dict, amp: str,
             "error": result.error.message if result.error else None}
 
 
+def worker_process(root: Path, cache: Path, fault: str, timeout: float,
+                   keep: Path | None) -> tuple[float, list[dict]]:
+    """A `cherry worker --exit-when-idle` process with `CHERRY_FAULT=fault`: when it was
+    launched and its JSON log lines (its whole output kept in `keep`, if given)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHERRY_CACHE_DIR": str(cache),
+           "CHERRY_FAULT": fault}
+    launched = time.time()
+    try:
+        out = subprocess.run([sys.executable, "-m", "cherry_train", "worker", "--root",
+                              str(root), "--worker-id", "bench", "--exit-when-idle",
+                              "--poll-seconds", "0.5", "--log-format", "json"],
+                             env=env, capture_output=True, text=True, check=False,
+                             timeout=timeout)
+        text = out.stdout + out.stderr
+    except subprocess.TimeoutExpired as e:  # what it said until then is the clue
+        text = "".join(b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+                       for b in (e.stdout, e.stderr)) + f"\nkilled after {timeout:.0f} s\n"
+    if keep:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(text)
+    lines = []
+    for line in text.splitlines():  # the log lines go to stderr
+        with contextlib.suppress(ValueError):  # a line that is not JSON (a warning)
+            lines.append(json.loads(line))
+    return launched, lines
+
+
 def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: bool,
-            model: str = "resnet50", batch: int = 256, size: int = 224, kill_at: int = 40) -> dict:
+            model: str = "resnet50", batch: int = 256, size: int = 224, kill_at: int = 40,
+            logs_to: Path | None = None, timeout: float = 300) -> dict:
     """A restarted worker's first step on a resumed job (issue 24: <= 15 s after `worker
     started`). A `cherry worker` process runs a job on `train` and is killed with SIGKILL at
     its step `kill_at` (`CHERRY_FAULT`, as a disconnect would); once its lease ran out a new
@@ -146,7 +174,9 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
     restarted runtime). Seconds to the resumed attempt's first step from the new process's
     `worker started` and from its launch (Python and torch imports included), from the logs'
     own timestamps. The new process is killed too, at its third step: the rest of the epoch
-    is no part of the figure (and 60,000 images of it cost minutes of device time)."""
+    is no part of the figure (and 60,000 images of it cost minutes of device time). Each
+    worker gets `timeout` seconds; `logs_to`: its output and the job's worker.log are kept
+    there, to read where the seconds went."""
     from datetime import datetime
 
     from cherry_train.jobqueue.lifecycle import JobQueue
@@ -161,21 +191,9 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
            "export": {"onnx": False}, "tensorboard": False}
     job_id = JobQueue(LocalStorage(root)).submit(validate_config(cfg)).job_id
 
-    def worker(fault: str | None) -> tuple[float, list[dict]]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHERRY_CACHE_DIR": str(cache)}
-        env.pop("CHERRY_FAULT", None)
-        if fault:
-            env["CHERRY_FAULT"] = fault
-        launched = time.time()
-        out = subprocess.run([sys.executable, "-m", "cherry_train", "worker", "--root",
-                              str(root), "--worker-id", "bench", "--exit-when-idle",
-                              "--poll-seconds", "0.5", "--log-format", "json"],
-                             env=env, capture_output=True, text=True, check=False)
-        lines = []
-        for line in (out.stdout + out.stderr).splitlines():  # the log lines go to stderr
-            with contextlib.suppress(ValueError):  # a line that is not JSON (a warning)
-                lines.append(json.loads(line))
-        return launched, lines
+    def worker(fault: str) -> tuple[float, list[dict]]:
+        keep = logs_to / f"{'fresh' if fresh else 'kept'}-{fault}.log" if logs_to else None
+        return worker_process(root, cache, fault, timeout, keep)
 
     worker(f"step@{kill_at}")
     time.sleep(6)  # the killed attempt's lease runs out
@@ -187,7 +205,10 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
         if e.get("event") in ("worker started", "first step") and "timestamp" in e:
             stamp.setdefault(e["event"], datetime.fromisoformat(e["timestamp"]).timestamp())
     log = []
-    for line in (root / "done" / job_id / "worker.log").read_text().splitlines():
+    job_log = root / "done" / job_id / "worker.log"
+    if logs_to:
+        shutil.copy(job_log, logs_to / f"{'fresh' if fresh else 'kept'}-job-worker.log")
+    for line in job_log.read_text().splitlines():
         with contextlib.suppress(ValueError):  # a line cut short by the kill
             log.append(json.loads(line))
     resumed = [e for e in log if e.get("attempt", 0) >= 2]
@@ -200,12 +221,17 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
     state = json.loads(result.read_text())["state"] if result.exists() else \
         "resumed, stopped at its third step"
     first = stamp.get("first step")
+    started = stamp.get("worker started")
+    timeline = {e["event"]: round(datetime.fromisoformat(e["timestamp"]).timestamp() - started, 1)
+                for e in reversed(resumed) if started and "timestamp" in e and "event" in e}
     return {"state": state, "resumed_attempts": len({e.get("attempt") for e in resumed}),
             "from_worker_started_s": round(first - stamp["worker started"], 1)
             if first and "worker started" in stamp else None,
             "from_launch_s": round(first - launched, 1) if first else None,
             "pipeline": next((e.get("pipeline") for e in resumed
-                              if e.get("event") == "input pipeline"), None)}
+                              if e.get("event") == "input pipeline"), None),
+            # the resumed attempt's events, in seconds after its `worker started`
+            "timeline": dict(sorted(timeline.items(), key=lambda kv: kv[1]))}
 
 
 def pinned_rows(root: Path, tmp: Path, args, pack: dict) -> dict[str, dict]:
@@ -214,7 +240,8 @@ def pinned_rows(root: Path, tmp: Path, args, pack: dict) -> dict[str, dict]:
     def run(data: str, epochs: int, performance: dict, **kw) -> dict:
         return job(root, data, epochs, performance, args.amp, args.compile, **kw)
 
-    packed = "off" if "prepared" in args.skip else "auto"  # what the restart rows read
+    packed = "auto" if pack else "off"  # what the restart rows read
+    logs_to = args.out / "restart-logs" if args.out else None
     plan = [
         ("seed", "seed recipe, batch 32",
          lambda: {"images_per_second": seed_recipe(root / "data", 32)}),
@@ -225,9 +252,11 @@ def pinned_rows(root: Path, tmp: Path, args, pack: dict) -> dict[str, dict]:
         ("prepared", "cherry-train auto, large set, prepared pack",
          lambda: {**run("data/train", 2, {}, pack="auto"), **pack}),
         ("restart", "restart, resumed with the cache kept",
-         lambda: restart(root, "data/train", args.amp, packed, tmp / "restart-cache", False)),
+         lambda: restart(root, "data/train", args.amp, packed, tmp / "restart-cache", False,
+                         logs_to=logs_to)),
         ("restart", "restart, resumed on a fresh VM (empty cache)",
-         lambda: restart(root, "data/train", args.amp, packed, tmp / "restart-cache", True)),
+         lambda: restart(root, "data/train", args.amp, packed, tmp / "restart-cache", True,
+                         logs_to=logs_to)),
     ]
     rows: dict[str, dict] = {}
     for key, name, measure in plan:
@@ -276,7 +305,7 @@ def main() -> None:
         print(f"data: {args.images} JPEGs {size} (+{args.images // 20} val) made in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
         pack = {}
-        if "prepared" not in args.skip:
+        if {"prepared", "restart", "t4"} - set(args.skip):  # the rows that read the pack
             pack = prepare_pack(train)
             print("prepared pack:", pack, flush=True)
         os.environ["CHERRY_CACHE_DIR"] = str(Path(tmp) / "cache")
@@ -295,7 +324,7 @@ def main() -> None:
             holder = hold_gpu_memory(args.t4_free_gb)
             try:
                 t4 = job(root, "data/train", 1, {}, "fp16", args.compile,
-                         pack="off" if "prepared" in args.skip else "auto")
+                         pack="auto" if pack else "off")
                 t4["gpu_free_gib"] = round(torch.cuda.mem_get_info()[0] / 2**30, 1)
                 rows[f"cherry-train auto, large set, {args.t4_free_gb:g} GB free, fp16"] = t4
                 print("t4-like:", t4, flush=True)
