@@ -168,15 +168,15 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
             logs_to: Path | None = None, timeout: float = 90) -> dict:
     """A restarted worker's first step on a resumed job (issue 24: <= 15 s after `worker
     started`). A `cherry worker` process runs a job on `train` and is killed with SIGKILL at
-    its step `kill_at` (`CHERRY_FAULT`, as a disconnect would); once its lease ran out a new
-    worker process resumes the job. `fresh`: the data cache is emptied first (a new VM: the
-    shards are copied again); else the new process finds it as the killed one left it (a
-    restarted runtime). Seconds to the resumed attempt's first step from the new process's
-    `worker started` and from its launch (Python and torch imports included), from the logs'
-    own timestamps. The new process is killed too, at its third step: the rest of the epoch
-    is no part of the figure (and 60,000 images of it cost minutes of device time). Each
-    worker gets `timeout` seconds; `logs_to`: its output and the job's worker.log are kept
-    there, to read where the seconds went."""
+    its step `kill_at` (`CHERRY_FAULT`, as a disconnect would); a new worker process with the
+    same worker id resumes the job at once (the killed pid is gone: no lease to wait out).
+    `fresh`: the data cache is emptied first (a new VM: the shards are copied again); else the
+    new process finds it as the killed one left it (a restarted runtime). Seconds to the
+    resumed attempt's first step from the new process's `worker started` and from its launch
+    (Python and torch imports included), from the logs' own timestamps. The new process is
+    killed too, at its third step: the rest of the epoch is no part of the figure (and 60,000
+    images of it cost minutes of device time). Each worker gets `timeout` seconds; `logs_to`:
+    its output and the job's worker.log are kept there, to read where the seconds went."""
     from datetime import datetime
 
     from cherry_train.jobqueue.lifecycle import JobQueue
@@ -191,12 +191,13 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
            "export": {"onnx": False}, "tensorboard": False}
     job_id = JobQueue(LocalStorage(root)).submit(validate_config(cfg)).job_id
 
+    row = "fresh" if fresh else "kept"  # the kept logs' names begin with it
+
     def worker(fault: str) -> tuple[float, list[dict]]:
-        name = f"{'fresh' if fresh else 'kept'}-{fault.replace('@', '-at-')}.log"
-        keep = logs_to / name if logs_to else None
+        keep = logs_to / f"{row}-{fault.replace('@', '-at-')}.log" if logs_to else None
         return worker_process(root, cache, fault, timeout, keep)
 
-    worker(f"step@{kill_at}")  # the same worker id takes its job back at once (its pid gone)
+    worker(f"step@{kill_at}")
     if fresh:
         shutil.rmtree(cache, ignore_errors=True)
     launched, lines = worker("step@3")
@@ -206,9 +207,10 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
             stamp.setdefault(e["event"], datetime.fromisoformat(e["timestamp"]).timestamp())
     log = []
     job_log = root / "done" / job_id / "worker.log"
-    if logs_to and job_log.exists():
-        shutil.copy(job_log, logs_to / f"{'fresh' if fresh else 'kept'}-job-worker.log")
-    for line in (job_log.read_text() if job_log.exists() else "").splitlines():
+    text = job_log.read_text() if job_log.exists() else ""
+    if logs_to:
+        (logs_to / f"{row}-job-worker.log").write_text(text)
+    for line in text.splitlines():
         with contextlib.suppress(ValueError):  # a line cut short by the kill
             log.append(json.loads(line))
     resumed = [e for e in log if e.get("attempt", 0) >= 2]
@@ -225,8 +227,7 @@ def restart(root: Path, train: str, amp: str, pack: str, cache: Path, fresh: boo
     timeline = {e["event"]: round(datetime.fromisoformat(e["timestamp"]).timestamp() - started, 1)
                 for e in reversed(resumed) if started and "timestamp" in e and "event" in e}
     return {"state": state, "resumed_attempts": len({e.get("attempt") for e in resumed}),
-            "from_worker_started_s": round(first - stamp["worker started"], 1)
-            if first and "worker started" in stamp else None,
+            "from_worker_started_s": round(first - started, 1) if first and started else None,
             "from_launch_s": round(first - launched, 1) if first else None,
             "pipeline": next((e.get("pipeline") for e in resumed
                               if e.get("event") == "input pipeline"), None),
@@ -305,7 +306,8 @@ def main() -> None:
         print(f"data: {args.images} JPEGs {size} (+{args.images // 20} val) made in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
         pack = {}
-        if {"prepared", "restart", "t4"} - set(args.skip):  # the rows that read the pack
+        readers = {"prepared", "restart"} | ({"t4"} if args.t4_free_gb else set())
+        if readers - set(args.skip):  # a row that reads the pack runs
             pack = prepare_pack(train)
             print("prepared pack:", pack, flush=True)
         os.environ["CHERRY_CACHE_DIR"] = str(Path(tmp) / "cache")
