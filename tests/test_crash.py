@@ -4,6 +4,7 @@ docs/contract.md §5)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -459,6 +460,36 @@ def test_a_worker_exits_even_when_a_loader_process_outlived_its_job(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "root")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def group_members(pgid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_worker_killed_alone_leaves_no_loader_processes_behind(tmp_path, cherry_images):
+    """The OOM killer (or `kill -9`) ends the worker process alone, no exit hook runs: its
+    fork server and loader processes must die with it, not hold RAM (and the dead worker's
+    stdout) for good, as they did."""
+    cfg = {**CHAOS_CONFIG, "name": "killed-alone"}
+    root = make_root(tmp_path, cherry_images, "killed-alone")
+    JobQueue(LocalStorage(root)).submit(validate_config(cfg))
+    proc = start_worker(root, "w", tmp_path / "j.jsonl", fault="step@3", own_group=True)
+    try:
+        assert proc.wait(timeout=120) == -signal.SIGKILL
+        log = (root / "worker-w.log").read_text()
+        assert '"loader_processes": 2' in log, log  # there were loaders to leave behind
+        wait_for(lambda: not group_members(proc.pid), 30, "the fork server and loaders to end")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_second_worker_with_a_live_workers_id_on_this_host_is_told_at_once(tmp_path,

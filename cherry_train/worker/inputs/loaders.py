@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -18,12 +19,39 @@ from torch.utils.data import DataLoader
 from cherry_train.schemas import AttemptEnd
 from cherry_train.worker.signals import STOP_SIGNALS
 
+#: The pid of the worker that starts the fork server, in the server's environment only while
+#: it starts (read by cherry_train.worker.inputs.loaderserver).
+SERVER_PARENT = "CHERRY_LOADER_SERVER_PARENT"
+
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:
     """Loader processes ignore stop signals (a DataLoader worker_init_fn). The main process
-    ends them when it is done with them."""
+    ends them when it is done with them, and they die with the fork server, their parent."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    end_with_parent()
+
+
+def end_with_parent(parent: int | None = None) -> None:
+    """Have Linux SIGKILL this process when the thread that started it ends (prctl's
+    PR_SET_PDEATHSIG); and exit now if `parent` is given and is no longer this process's
+    parent (it died before the request was made). Elsewhere than Linux: nothing.
+
+    A worker killed with SIGKILL (the OOM killer, `kill -9`) runs no exit hook, and Python's
+    fork server and its loader processes then kept each other alive for good: each loader
+    holds the server's liveness pipe open, and watches only its own parent, the server. They
+    held RAM (about 350 MB each) and the dead worker's stdout, which hung whatever waited for
+    its output to end."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): the worker's exit hook is still the net
+    if parent is not None and os.getppid() != parent:
+        os._exit(0)
 
 
 def loader_processes(num_workers: int) -> dict:
@@ -56,16 +84,34 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
 
     The server is started with the stop signals ignored, which it keeps across its exec and
     hands to every process it forks: a signal to the process group then neither kills it (no
-    loader could start after that) nor a loader between its fork and its worker_init_fn."""
+    loader could start after that) nor a loader between its fork and its worker_init_fn.
+    Started from the main thread, it dies with this process (see end_with_parent); from
+    another thread it could not (the signal would come when that thread ends)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     from multiprocessing import forkserver
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["cherry_train.worker.inputs.data"])  # and the pipelines
-    with _stop_signals_ignored():
+    # loaderserver first: the server asks to die with this process before its imports.
+    context.set_forkserver_preload(["cherry_train.worker.inputs.loaderserver",
+                                    "cherry_train.worker.inputs.data"])  # and the pipelines
+    with _stop_signals_ignored(), _server_parent():
         forkserver.ensure_running()
     return context
+
+
+@contextmanager
+def _server_parent():
+    """This process's pid in the environment while the body starts the fork server (which
+    takes its environment at that moment), when on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    os.environ[SERVER_PARENT] = str(os.getpid())
+    try:
+        yield
+    finally:
+        os.environ.pop(SERVER_PARENT, None)
 
 
 @contextmanager
