@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -139,25 +140,35 @@ def job(root: Path, train: str, epochs: int, performance: dict, amp: str,
 def worker_process(root: Path, cache: Path, fault: str, timeout: float,
                    keep: Path | None) -> tuple[float, list[dict]]:
     """A `cherry worker --exit-when-idle` process with `CHERRY_FAULT=fault`: when it was
-    launched and its JSON log lines (its whole output kept in `keep`, if given)."""
+    launched and its JSON log lines (its whole output kept in `keep`, if given). It leads its
+    own process group, which is killed whole once it ends, as Colab ends a runtime: nothing of
+    it lives on into the next row. Its output goes to a file, not a pipe, which a process it
+    left behind could hold open (a worker killed alone once left its loader processes alive,
+    and a pipe read here waited for them for good)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHERRY_CACHE_DIR": str(cache),
            "CHERRY_FAULT": fault}
     launched = time.time()
-    try:
-        out = subprocess.run([sys.executable, "-m", "cherry_train", "worker", "--root",
-                              str(root), "--worker-id", "bench", "--exit-when-idle",
-                              "--poll-seconds", "0.5", "--log-format", "json"],
-                             env=env, capture_output=True, text=True, check=False,
-                             timeout=timeout)
-        text = out.stdout + out.stderr
-    except subprocess.TimeoutExpired as e:  # what it said until then is the clue
-        text = "".join(b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
-                       for b in (e.stdout, e.stderr)) + f"\nkilled after {timeout:.0f} s\n"
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cherry_train", "worker", "--root",
+                                 str(root), "--worker-id", "bench", "--exit-when-idle",
+                                 "--poll-seconds", "0.5", "--log-format", "json"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            ended = ""
+        except subprocess.TimeoutExpired:  # what it said until then is the clue
+            ended = f"\nkilled after {timeout:.0f} s\n"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out.seek(0)
+        text = out.read() + ended
     if keep:
         keep.parent.mkdir(parents=True, exist_ok=True)
         keep.write_text(text)
     lines = []
-    for line in text.splitlines():  # the log lines go to stderr
+    for line in text.splitlines():
         with contextlib.suppress(ValueError):  # a line that is not JSON (a warning)
             lines.append(json.loads(line))
     return launched, lines
