@@ -29,6 +29,8 @@ from cherry_train.worker.inputs.shardcache import Wanted
 #: torchvision's encoder on the CPU subsamples chroma 4:2:0 (no setting): the CPU stands in
 #: for a GPU (4:4:4) with an encoding that asks for what it does.
 ENCODING = datapack.Encoding(22, chroma="4:2:0")
+#: What a pack prepared on a GPU stores: nvJPEG's encoder keeps chroma 4:4:4, the default.
+CUDA_ENCODING = datapack.Encoding(22)
 CUDA = torch.cuda.is_available()
 
 
@@ -52,10 +54,11 @@ def _plain(result: Prepared) -> Prepared:
     return replace(result, error=result.error and _error_kind(result.error))
 
 
-def _build(folder: Path, device: str | None, tmp_path: Path, name: str):
+def _build(folder: Path, device: str | None, tmp_path: Path, name: str,
+           encoding: datapack.Encoding = ENCODING):
     """The pack built on `device`, fetched and checked (every shard and sample against the
     index's sha256s) like a worker's copy; the pack beside the folder is removed after."""
-    index, place, built = datapack.pack_folder(folder, encoding=ENCODING, device=device)
+    index, place, built = datapack.pack_folder(folder, encoding=encoding, device=device)
     assert built
     local = tmp_path / name
     datapack.fetch_shards(index, place, local, tmp_path / f"{name}-scratch")
@@ -198,8 +201,8 @@ def test_a_pack_prepared_on_cuda_is_pillows_pack_by_nvjpeg(mixed, photo_cherries
     assert datapack.pick_device("auto") == "cuda"
     for rel in sorted((photo_cherries / "train").rglob("*.jpg"))[:12]:  # a batch of real work
         shutil.copy(rel, mixed / "a" / f"photo-{rel.name}")
-    pillow, pillow_stored = _build(mixed, None, tmp_path, "pillow")
-    index, stored = _build(mixed, "cuda", tmp_path, "cuda")
+    pillow, pillow_stored = _build(mixed, None, tmp_path, "pillow", CUDA_ENCODING)
+    index, stored = _build(mixed, "cuda", tmp_path, "cuda", CUDA_ENCODING)
     assert " on cuda (" in index.prepared["encoder"]
     assert {rel: (f["width"], f["height"]) for rel, f in index.files.items()} == \
         {rel: (f["width"], f["height"]) for rel, f in pillow.files.items()}
