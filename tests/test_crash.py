@@ -334,16 +334,22 @@ def start_in_own_group(root: Path, worker_id: str, journal: Path, env: dict) -> 
     return start_worker(root, worker_id, journal, env=env, own_group=True)
 
 
-def children(pid: int) -> list[int]:
+def processes(field: int, value: int) -> list[int]:
+    """Live processes whose /proc stat `field` (after the name: 0 state, 1 parent, 2 process
+    group) is `value`."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        if int(fields[1]) == pid:
+        if int(fields[field]) == value and fields[0] != "Z":  # a zombie is dead
             found.append(int(stat.parent.name))
     return found
+
+
+def children(pid: int) -> list[int]:
+    return processes(1, pid)
 
 
 def loader_processes(worker: int) -> list[int]:
@@ -462,18 +468,6 @@ def test_a_worker_exits_even_when_a_loader_process_outlived_its_job(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def group_members(pgid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[2]) == pgid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def test_a_worker_killed_alone_leaves_no_loader_processes_behind(tmp_path, cherry_images):
     """The OOM killer (or `kill -9`) ends the worker process alone, no exit hook runs: its
     fork server and loader processes must die with it, not hold RAM (and the dead worker's
@@ -486,10 +480,33 @@ def test_a_worker_killed_alone_leaves_no_loader_processes_behind(tmp_path, cherr
         assert proc.wait(timeout=120) == -signal.SIGKILL
         log = (root / "worker-w.log").read_text()
         assert '"loader_processes": 2' in log, log  # there were loaders to leave behind
-        wait_for(lambda: not group_members(proc.pid), 30, "the fork server and loaders to end")
+        wait_for(lambda: not processes(2, proc.pid), 30, "the fork server and loaders to end")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_loader_process_dies_with_its_parent(tmp_path):
+    """A loader's worker_init_fn has Linux kill it when its parent (the fork server) dies: it
+    does not wait for torch's check of its parent, every few seconds. Here the parent is a
+    plain process killed with SIGKILL, and the child nothing else would end."""
+    child_code = ("import time; from cherry_train.worker.inputs.loaders import "
+                  "ignore_stop_signals; ignore_stop_signals(); print('ready', flush=True); "
+                  "time.sleep(300)")
+    parent_code = ("import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', "
+                   f"{child_code!r}]); print(child.pid, flush=True); child.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        said = {parent.stdout.readline().strip() for _ in range(2)}  # its pid, and "ready"
+        assert "ready" in said, said
+        child = int((said - {"ready"}).pop())
+        os.kill(parent.pid, signal.SIGKILL)
+        wait_for(lambda: child not in processes(2, parent.pid), 10, "the loader to die")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
 
 
 def test_a_second_worker_with_a_live_workers_id_on_this_host_is_told_at_once(tmp_path,
