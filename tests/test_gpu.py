@@ -173,22 +173,28 @@ def test_streamed_crops_on_cuda_are_the_loader_paths(cherry_images, augment):
 def test_a_split_on_cuda_serves_the_resident_and_the_streamed_pipelines_pixels(cherry_images):
     """Half the set decoded in GPU memory, half streamed through nvJPEG on the side stream: each
     sample as the gpu or the stream pipeline gives it (nvJPEG may decode a batch of other
-    members a little differently, hence a tolerance), and a resume gives the same batches."""
+    members a little differently, hence a tolerance), and a resume gives the same batches. A
+    growing split (its share decoded while it trains, gpufill.py) serves each sample one way or
+    the other, and the split's own batches once its fill is done."""
+    import time
+
     from cherry_train.worker.inputs.data import Data
     from cherry_train.worker.inputs.samples import ImageFolderSamples, Transform
 
     classes = sorted(p.name for p in (cherry_images / "train").iterdir())
 
-    def data(pipeline, share=None):
+    def data(pipeline, share=None, grow=False):
         train, val = (ImageFolderSamples(cherry_images / s, classes,
                                          Transform(32, augment=s == "train"), seed=3)
                       for s in ("train", "val"))
         return Data(train=train, val=val, classes=classes, batch_size=16, num_workers=2,
                     pin_memory=True, steps_per_epoch=len(train) // 16, val_limit=None,
-                    device=torch.device("cuda"), pipeline=pipeline, resident_share=share)
+                    device=torch.device("cuda"), pipeline=pipeline, resident_share=share,
+                    grow=grow)
 
     runs = {name: data(*args) for name, args in
-            {"split": ("split", 0.5), "gpu": ("gpu",), "stream": ("stream",)}.items()}
+            {"split": ("split", 0.5), "gpu": ("gpu",), "stream": ("stream",),
+             "grow": ("split", 0.5, True)}.items()}
     try:
         got = {name: [(x.clone(), y.clone()) for x, y in d.train_batches(1, 0)]
                for name, d in runs.items()}
@@ -201,9 +207,21 @@ def test_a_split_on_cuda_serves_the_resident_and_the_streamed_pipelines_pixels(c
             for k, index in enumerate(order[b * 16:(b + 1) * 16]):
                 want = xg[k] if index < resident else xs[k]
                 assert (x[k] - want).abs().max().item() < 0.05, (index, resident)
+                grown = got["grow"][b][0][k]
+                assert min((grown - want).abs().max().item(),
+                           (grown - xs[k]).abs().max().item()) < 0.05, index
         resumed = list(runs["split"].train_batches(1, 2))
         for (xa, ya), (xb, yb) in zip(got["split"][2:], resumed, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        fill = runs["grow"]._gpu["train"].fill
+        deadline = time.monotonic() + 60
+        while not fill.done:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert bool(fill.ready.all()) and fill.error is None
+        for (xa, ya), (xb, yb) in zip(runs["split"].train_batches(2, 0),
+                                      runs["grow"].train_batches(2, 0), strict=True):
+            assert torch.equal(ya, yb) and (xa - xb).abs().max().item() < 0.05
     finally:
         for d in runs.values():
             d.close()

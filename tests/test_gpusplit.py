@@ -4,6 +4,11 @@ each sample's pixels exactly those of the resident-only or the stream-only pipel
 
 from __future__ import annotations
 
+import shutil
+import threading
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from structlog.testing import capture_logs
@@ -152,3 +157,131 @@ def test_resident_share_belongs_to_a_split():
     with pytest.raises(ConfigError, match="performance.resident_share"):
         config("split", resident_share=1.0)  # all of it is input_pipeline: gpu
     assert "resident_share" not in config().model_dump(mode="json")["performance"]
+
+
+# The resident share decoded while the job trains (gpufill.py). A gate holds the fill thread
+# before each chunk of rows, so the tests decide how far it has come.
+
+@pytest.fixture
+def gate(monkeypatch):
+    from cherry_train.worker.inputs import gpufill
+
+    gate = threading.Semaphore(0)
+    decode = gpufill.decode_rows
+
+    def held(*args, **kwargs):
+        gate.acquire(timeout=60)
+        decode(*args, **kwargs)
+
+    monkeypatch.setattr(gpufill, "decode_rows", held)
+    monkeypatch.setattr(gpufill, "CHUNK", 8)
+    yield gate
+    for _ in range(100):  # a failed test must not leave its thread waiting
+        gate.release()
+
+
+def growing(cherry_images, num_workers=0):
+    d = data(cherry_images, "split", 0.5)
+    d.grow, d.num_workers = True, num_workers
+    return d
+
+
+def until(condition, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_growing_split_serves_a_resident_sample_from_memory_once_its_row_is_decoded(
+        cherry_images, gate):
+    grow, gpu, stream = (growing(cherry_images), data(cherry_images, "gpu"),
+                         data(cherry_images, "stream"))
+    order = grow.train_loader(1, 0).sampler.order().tolist()
+    want_gpu, want_stream = epoch(gpu, 1), epoch(stream, 1)
+
+    def served_from_memory_below(ready: int):
+        for b, ((x, y), (xg, yg), (xs, _)) in enumerate(zip(epoch(grow, 1), want_gpu,
+                                                             want_stream, strict=True)):
+            assert torch.equal(y, yg)
+            for k, index in enumerate(order[b * BATCH:(b + 1) * BATCH]):
+                assert torch.equal(x[k], xg[k] if index < ready else xs[k]), (index, ready)
+
+    try:
+        served_from_memory_below(0)  # nothing decoded yet: all of it streamed
+        fill = grow._gpu["train"].fill
+        gate.release()
+        until(lambda: bool(fill.ready[:8].all()))
+        served_from_memory_below(8)
+        for _ in range(5):
+            gate.release()
+        until(lambda: fill.done)
+        assert bool(fill.ready.all()) and fill.error is None
+        served_from_memory_below(48)  # the split's own batches, as if decoded first
+        assert all(torch.equal(x, xs) for (x, _), (xs, _) in zip(
+            epoch(grow, 2), epoch(data(cherry_images, "split", 0.5), 2), strict=True))
+    finally:
+        grow.close()
+
+
+def test_loader_processes_see_the_rows_the_fill_marks_ready(cherry_images, gate):
+    grow, split = growing(cherry_images, num_workers=2), data(cherry_images, "split", 0.5)
+    try:
+        grow._gpu_batches("train", 1, 0)  # the loader processes start with nothing ready
+        epoch(grow, 1)
+        for _ in range(6):
+            gate.release()
+        until(lambda: grow._gpu["train"].fill.done)
+        for (x, y), (xs, ys) in zip(epoch(grow, 2), epoch(split, 2), strict=True):
+            assert torch.equal(x, xs) and torch.equal(y, ys)
+    finally:
+        grow.close()
+
+
+def test_closing_the_job_ends_the_fill_after_its_chunk(cherry_images, gate):
+    grow = growing(cherry_images)
+    grow._gpu_batches("train", 1, 0)
+    fill = grow._gpu["train"].fill
+    gate.release()
+    until(lambda: bool(fill.ready[:8].all()))
+    threading.Timer(0.5, gate.release).start()  # lets the next chunk go while close() waits
+    grow.close()
+    assert fill.done and int(fill.ready[16:].sum()) == 0
+
+
+def test_a_resident_image_that_does_not_decode_fails_the_job_naming_it(cherry_images,
+                                                                        tmp_path, gate):
+    from cherry_train.worker.errors import JobError
+
+    shutil.copytree(cherry_images, tmp_path / "data")
+    grow = growing(tmp_path / "data")
+    first = grow.train_loader(1, 0).sampler.order().tolist()[:BATCH]
+    index = min(set(range(48)) - set(first))  # resident, and not in the first batch
+    broken = grow.train.samples[index][0]
+    Path(broken).write_bytes(b"\xff\xd8 not a jpeg")
+    for _ in range(6):
+        gate.release()
+    try:
+        grow._gpu_batches("train", 1, 0)
+        until(lambda: grow._gpu["train"].fill.done)
+        # The first batch already says so: the fill met it, whichever batch draws it.
+        with pytest.raises(JobError, match=f"data: {broken} does not decode as an image"):
+            next(iter(grow.train_batches(1, 0)))
+    finally:
+        grow.close()
+
+
+@pytest.mark.parametrize(("extra", "grows"), [
+    ({}, True), ({"deterministic": True}, False),
+    ({"performance": {"input_pipeline": "split", "resident_share": 0.5}}, False)])
+def test_only_a_job_whose_pixels_may_depend_on_timing_grows_its_share(cherry_images, extra,
+                                                                       grows):
+    from cherry_train.worker.inputs.data import load_data
+
+    cfg = validate_config({
+        "model": {"name": "resnet18", "num_classes": 2},
+        "training": {"epochs": 1, "batch_size": 8, "learning_rate": 0.01},
+        "data": {"train_path": "t", "val_path": "v", "image_size": 32, "num_workers": 0},
+        **extra})
+    d = load_data(cfg, cherry_images / "train", cherry_images / "val", torch.device("cpu"))
+    assert d.grow is grows

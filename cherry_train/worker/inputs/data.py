@@ -19,7 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from cherry_train import datachecks
 from cherry_train.schemas import TrainingConfig
 from cherry_train.worker.errors import JobError
-from cherry_train.worker.inputs import gpudata, gpusplit, gpustream
+from cherry_train.worker.inputs import gpudata, gpufill, gpusplit, gpustream
 from cherry_train.worker.inputs.loaders import (
     available_memory,
     loader_processes,
@@ -59,6 +59,9 @@ class Data:
     normalize: Normalize | None = None
     pipeline: str = "workers"  # or "gpu", "split", "stream": see choose_pipeline
     resident_share: float | None = None  # "split": of each set, the share decoded in memory
+    # A split's training share decoded while the job trains (gpufill.py), where the pixels a
+    # step gets may depend on timing: not for deterministic jobs or a pinned share.
+    grow: bool = False
     # Over several ranks (distributed.py) batch_size stays the global batch, and positions in
     # an epoch stay global; each rank loads its share of every batch.
     rank: int = 0
@@ -115,23 +118,28 @@ class Data:
             num_workers=self.num_workers)
 
     def _decoded(self, split: str, resident: int):
-        """The first `resident` images decoded once, on first use; the rest (if any) streamed
-        in the same batches (gpusplit.py)."""
+        """The first `resident` images decoded once, on first use (or while training: `grow`);
+        the rest (if any) streamed in the same batches (gpusplit.py)."""
         dataset = self.train if split == "train" else self.val
         transform = dataset.transform
         side = gpudata.stored_side(transform.size, self.train.transform.min_scale)
-        decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers, resident)
-        log.info("images decoded into memory", split=split, images=resident,
-                 streamed=len(dataset) - resident, side=side,
-                 megabytes=round(decoded.images.numel() / 2**20),
-                 seconds=round(decoded.seconds, 1), device=str(self.device))
         stop = self.steps_per_epoch * self.batch_size if split == "train" else self.val_limit
         sampler = self._sampler(len(dataset), dataset.seed, split == "train", stop)
+        fill = None
+        if self.grow and split == "train" and resident < len(dataset):
+            fill = gpufill.Fill(dataset, side, self.device, resident)
+            decoded = fill.decoded
+        else:
+            decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers, resident)
+            log.info("images decoded into memory", split=split, images=resident,
+                     streamed=len(dataset) - resident, side=side,
+                     megabytes=round(decoded.images.numel() / 2**20),
+                     seconds=round(decoded.seconds, 1), device=str(self.device))
         if resident < len(dataset):
             return gpusplit.SplitBatches(
                 dataset, decoded, sampler, self.rank_batch, transform.size, transform.augment,
                 transform.min_scale, self.normalize, drop_last=split == "train",
-                num_workers=self.num_workers)
+                num_workers=self.num_workers, fill=fill)
         return gpudata.GpuBatches(
             decoded, sampler, self.rank_batch, transform.size, transform.augment,
             transform.min_scale, dataset.seed, self.normalize, drop_last=split == "train",
@@ -141,6 +149,9 @@ class Data:
         """Stop this job's loader processes now, not when the garbage collector reaches them:
         a long-lived worker would gather them job after job, and at exit, where they ignore
         SIGTERM, they would hold the process up."""
+        for batches in self._gpu.values():
+            if getattr(batches, "fill", None) is not None:
+                batches.fill.stop()
         for loader in [*self._loaders.values(), *(b.loader for b in self._gpu.values())]:
             shut_down(loader)
 
@@ -241,7 +252,8 @@ def load_data(cfg: TrainingConfig, train_path: Path, val_path: Path,
                 ranks=ranks, num_workers=workers, pin_memory=device.type == "cuda",
                 steps_per_epoch=steps,
                 val_limit=val_limit, device=device, normalize=input_normalize(cfg),
-                pipeline=pipeline, resident_share=share)
+                pipeline=pipeline, resident_share=share,
+                grow=not cfg.deterministic and cfg.performance.resident_share is None)
 
 
 def loader_pool(configured: int | None, device: torch.device, batch: int, size: int,

@@ -19,6 +19,7 @@ from the original), which the `gpu` tests bound by comparing loss curves.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +77,7 @@ class _Decode(Dataset):
 @dataclass
 class DecodedImages:
     images: torch.Tensor  # N x 3 x side x side, uint8, on the device
-    sizes: np.ndarray  # N x 2: original (width, height)
+    sizes: np.ndarray | torch.Tensor  # N x 2: original (width, height); shared by gpufill
     labels: torch.Tensor  # N, int64, on the device
     seconds: float
 
@@ -94,15 +95,22 @@ def decode_all(samples: ImageFolderSamples, side: int, device: torch.device,
     n = len(samples) if count is None else count
     images = torch.empty((n, 3, side, side), dtype=torch.uint8, device=device)
     sizes = np.zeros((n, 2), dtype=np.int64)
-    rest = list(range(n))
-    if device.type == "cuda":
-        rest = _decode_jpegs_on_gpu(samples, n, side, images, sizes)
-    if rest:
-        _decode_with_pil(samples, rest, side, images, sizes, num_workers)
+    decode_rows(samples, range(n), side, images, sizes, num_workers)
     labels = torch.tensor([label for _, label in samples.samples[:n]], device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return DecodedImages(images, sizes, labels, time.perf_counter() - started)
+
+
+def decode_rows(samples: ImageFolderSamples, indices: Sequence[int], side: int,
+                images: torch.Tensor, sizes: np.ndarray, num_workers: int) -> None:
+    """Rows `indices` of the cache (the folder's images of those indices) and their original
+    sizes: on CUDA, JPEGs by nvJPEG, on the current stream; the rest by PIL."""
+    rest = list(indices)
+    if images.device.type == "cuda":
+        rest = _decode_jpegs_on_gpu(samples, rest, side, images, sizes)
+    if rest:
+        _decode_with_pil(samples, rest, side, images, sizes, num_workers)
 
 
 def _decode_with_pil(samples: ImageFolderSamples, indices: list[int], side: int,
@@ -122,16 +130,16 @@ def _decode_with_pil(samples: ImageFolderSamples, indices: list[int], side: int,
 NVJPEG_BATCH = 256
 
 
-def _decode_jpegs_on_gpu(samples: ImageFolderSamples, n: int, side: int, images: torch.Tensor,
-                         sizes: np.ndarray) -> list[int]:
-    """Decode the JPEGs among the first n with nvJPEG (files read by threads); the indices
+def _decode_jpegs_on_gpu(samples: ImageFolderSamples, indices: list[int], side: int,
+                         images: torch.Tensor, sizes: np.ndarray) -> list[int]:
+    """Decode the JPEGs among `indices` with nvJPEG (files read by threads); the indices
     left to PIL."""
     from concurrent.futures import ThreadPoolExecutor
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    jpegs = [i for i in range(n) if samples.is_jpeg(i)]
-    left = sorted(set(range(n)) - set(jpegs))
+    jpegs = [i for i in indices if samples.is_jpeg(i)]
+    left = sorted(set(indices) - set(jpegs))
 
     def read(i: int) -> torch.Tensor:
         return torch.frombuffer(bytearray(samples.read(i)), dtype=torch.uint8)

@@ -8,7 +8,8 @@ streamed; the sampler's order deals both kinds into every batch. Each sample kee
 and flip of its (seed, epoch, index), and its pixels are bit for bit those the resident-only
 (`gpu`) or the stream-only pipeline gives it: the data of a step does not depend on where a
 run was resumed, and with the same split (performance.resident_share pins it) neither do the
-weights of a deterministic job.
+weights of a deterministic job. Other jobs start training while the resident share is still
+being decoded (gpufill.py): its samples are streamed until their rows are ready.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cherry_train.worker.inputs.gpudata import BatchFinish, CropBoxes, DecodedImages, crop_decoded
+from cherry_train.worker.inputs.gpufill import Fill
 from cherry_train.worker.inputs.gpustream import (
     DecodeAndCrop,
     EncodedCrops,
@@ -33,11 +35,12 @@ _NO_BYTES = torch.empty(0, dtype=torch.uint8)
 
 class SplitCrops(Dataset):
     """Item (epoch, index): a resident sample's row in stored coordinates (CropBoxes' row and
-    is_jpeg 0) and no bytes; a streamed sample's file bytes and row (EncodedCrops')."""
+    is_jpeg 0) and no bytes; a streamed sample's file bytes and row (EncodedCrops'). While a
+    Fill decodes the resident share, a resident sample whose row is not ready yet is streamed."""
 
     def __init__(self, samples: ImageFolderSamples, decoded: DecodedImages, augment: bool,
-                 min_scale: float):
-        self.resident = len(decoded.sizes)
+                 min_scale: float, ready: torch.Tensor | None = None):
+        self.resident, self.ready = len(decoded.sizes), ready
         self.boxes = CropBoxes(decoded.sizes, decoded.side, samples.seed, augment, min_scale)
         self.encoded = EncodedCrops(samples, samples.seed, augment, min_scale)
 
@@ -45,7 +48,8 @@ class SplitCrops(Dataset):
         return len(self.encoded)
 
     def __getitem__(self, key: tuple[int, int]):
-        if key[1] < self.resident:
+        index = key[1]
+        if index < self.resident and (self.ready is None or self.ready[index]):
             return _NO_BYTES, torch.cat([self.boxes[key], torch.zeros(1, dtype=torch.float64)])
         return self.encoded[key]
 
@@ -57,15 +61,16 @@ class SplitBatches:
 
     def __init__(self, samples: ImageFolderSamples, decoded: DecodedImages,
                  sampler: EpochSampler, batch_size: int, out_size: int, augment: bool,
-                 min_scale: float, normalize: bool, drop_last: bool, num_workers: int = 0):
-        self.decoded, self.sampler, self.out_size = decoded, sampler, out_size
+                 min_scale: float, normalize: bool, drop_last: bool, num_workers: int = 0,
+                 fill: Fill | None = None):
+        self.decoded, self.sampler, self.out_size, self.fill = decoded, sampler, out_size, fill
         self.device = decoded.images.device
-        self.resident = len(decoded.sizes)
         self.labels = torch.tensor([label for _, label in samples.samples], device=self.device)
         self.finish = BatchFinish(self.device, normalize)
         self.crop = DecodeAndCrop(samples, out_size, self.device)
-        self.loader = encoded_loader(SplitCrops(samples, decoded, augment, min_scale), sampler,
-                                     batch_size, drop_last, num_workers, samples.seed)
+        crops = SplitCrops(samples, decoded, augment, min_scale, fill and fill.ready)
+        self.loader = encoded_loader(crops, sampler, batch_size, drop_last, num_workers,
+                                     samples.seed)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -76,7 +81,9 @@ class SplitBatches:
     def batch(self, flat: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor):
         """Crop the resident samples from the cache, decode and crop the streamed ones, put
         them back in the batch's order, then flip and normalise all at once."""
-        resident = meta[:, 5] < self.resident
+        if self.fill is not None:
+            self.fill.check()
+        resident = offsets[1:] == offsets[:-1]  # no bytes: cut from the cache
         here = resident.nonzero().flatten()
         away = (~resident).nonzero().flatten()
         x = torch.empty((len(meta), 3, self.out_size, self.out_size), device=self.device)

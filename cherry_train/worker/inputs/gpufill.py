@@ -1,0 +1,94 @@
+"""The resident share of a split decoded in the background while the job already trains.
+
+A split (gpusplit.py) keeps a share of the set decoded in GPU memory. Decoding it first held a
+restarted worker's first step back by the whole share: 42,000 images, 8 s of a 20 s restart on
+an H100 (docs/benchmarks.md). Here training starts at once: a thread fills the cache chunk by
+chunk on its own CUDA stream, and marks each row ready once the GPU has written it; until then
+the sample is streamed (decoded from its bytes, as gpustream.py does for the rest of the set).
+The loader processes read the marks from shared memory when they draw a sample, so a sample
+is served from the cache from the first batch drawn after its row is ready.
+
+Which of the two a step gets then depends on how far the fill had come, and their pixels differ
+by resampling (a crop of the stored copy, or of the decoded file). So only jobs that allow that
+grow their share this way (data.py: not deterministic: true, no resident_share pinned); the
+data order and every crop box and flip stay those of the (seed, epoch, index), as always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import structlog
+import torch
+
+from cherry_train.worker.inputs.gpudata import DecodedImages, decode_rows
+from cherry_train.worker.inputs.samples import ImageFolderSamples
+
+log = structlog.get_logger(__name__)
+
+#: Rows decoded between two marks: big enough for nvJPEG's batched call (gpudata.NVJPEG_BATCH),
+#: small enough that the cache serves samples seconds after the start.
+CHUNK = 2048
+
+
+class Fill:
+    """The first `count` images of a set, decoded into `decoded` by a thread. `ready[i]` (in
+    shared memory: loader processes read it) turns 1 once row i and its size are written and
+    the GPU has finished them; `error` holds what stopped the thread early, for the training
+    loop to raise."""
+
+    def __init__(self, samples: ImageFolderSamples, side: int, device: torch.device, count: int):
+        self.samples, self.side, self.count = samples, side, count
+        self.ready = torch.zeros(count, dtype=torch.uint8).share_memory_()
+        sizes = torch.zeros((count, 2), dtype=torch.int64).share_memory_()
+        labels = torch.tensor([label for _, label in samples.samples[:count]], device=device)
+        images = torch.empty((count, 3, side, side), dtype=torch.uint8, device=device)
+        self.decoded = DecodedImages(images, sizes, labels, 0.0)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cherry-resident-fill",
+                                        daemon=True)
+        self._thread.start()
+        log.info("decoding the resident share in the background", images=count, side=side,
+                 why="training starts at once; each sample is served from GPU memory once its "
+                 "row is decoded, streamed until then")
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        images, sizes = self.decoded.images, self.decoded.sizes.numpy()  # the shared memory
+        cuda = images.device.type == "cuda"
+        stream = torch.cuda.Stream(images.device) if cuda else None
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for start in range(0, self.count, CHUNK):
+                    if self._stop.is_set():
+                        return
+                    rows = range(start, min(start + CHUNK, self.count))
+                    decode_rows(self.samples, rows, self.side, images, sizes, num_workers=0)
+                    if stream is not None:
+                        stream.synchronize()  # written, before a loader may serve them
+                    self.ready[rows.start:rows.stop] = 1
+        except BaseException as e:  # raised by the training loop at its next batch
+            self.error = e
+            return
+        self.decoded.seconds = time.perf_counter() - started
+        log.info("images decoded into memory", split="train", images=self.count,
+                 side=self.side, megabytes=round(images.numel() / 2**20),
+                 seconds=round(self.decoded.seconds, 1), device=str(images.device),
+                 in_background=True)
+
+    def check(self) -> None:
+        """Raise what stopped the fill (an image that does not decode, as decode_all would)."""
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """End the thread after its chunk (the job's attempt ends)."""
+        self._stop.set()
+        self._thread.join(timeout=60)
