@@ -208,7 +208,8 @@ def test_a_growing_split_serves_a_resident_sample_from_memory_once_its_row_is_de
                 assert torch.equal(x[k], xg[k] if index < ready else xs[k]), (index, ready)
 
     try:
-        served_from_memory_below(0)  # nothing decoded yet: all of it streamed
+        served_from_memory_below(0)  # nothing decoded yet (the fill waits): all streamed
+        assert not grow._gpu["train"].fill.done
         fill = grow._gpu["train"].fill
         gate.release()
         until(lambda: bool(fill.ready[:8].all()))
@@ -224,11 +225,23 @@ def test_a_growing_split_serves_a_resident_sample_from_memory_once_its_row_is_de
         grow.close()
 
 
+def test_the_fill_begins_once_the_first_step_is_under_way(cherry_images, gate):
+    grow = growing(cherry_images)
+    try:
+        batches = iter(grow.train_batches(1, 0))
+        next(batches)  # the first step's batch: decoding beside it would hold it back
+        fill = grow._gpu["train"].fill
+        assert not fill.started
+        next(batches)
+        assert fill.started
+    finally:
+        grow.close()
+
+
 def test_loader_processes_see_the_rows_the_fill_marks_ready(cherry_images, gate):
     grow, split = growing(cherry_images, num_workers=2), data(cherry_images, "split", 0.5)
     try:
-        grow._gpu_batches("train", 1, 0)  # the loader processes start with nothing ready
-        epoch(grow, 1)
+        epoch(grow, 1)  # the loader processes start with nothing ready
         for _ in range(6):
             gate.release()
         until(lambda: grow._gpu["train"].fill.done)
@@ -240,7 +253,7 @@ def test_loader_processes_see_the_rows_the_fill_marks_ready(cherry_images, gate)
 
 def test_closing_the_job_ends_the_fill_after_its_chunk(cherry_images, gate):
     grow = growing(cherry_images)
-    grow._gpu_batches("train", 1, 0)
+    epoch(grow, 1)  # the fill starts once the first step is under way
     fill = grow._gpu["train"].fill
     gate.release()
     until(lambda: bool(fill.ready[:8].all()))
@@ -255,18 +268,20 @@ def test_a_resident_image_that_does_not_decode_fails_the_job_naming_it(cherry_im
 
     shutil.copytree(cherry_images, tmp_path / "data")
     grow = growing(tmp_path / "data")
-    first = grow.train_loader(1, 0).sampler.order().tolist()[:BATCH]
-    index = min(set(range(48)) - set(first))  # resident, and not in the first batch
+    drawn = grow.train_loader(1, 0).sampler.order().tolist()[:3 * BATCH]
+    index = min(set(range(8)) - set(drawn))  # in the fill's first chunk, not in 3 batches
     broken = grow.train.samples[index][0]
     Path(broken).write_bytes(b"\xff\xd8 not a jpeg")
-    for _ in range(6):
-        gate.release()
     try:
-        grow._gpu_batches("train", 1, 0)
+        batches = iter(grow.train_batches(1, 0))
+        next(batches)
+        next(batches)  # the fill has started
+        for _ in range(6):
+            gate.release()
         until(lambda: grow._gpu["train"].fill.done)
-        # The first batch already says so: the fill met it, whichever batch draws it.
+        # The third batch says so: the fill met it, whichever batch draws it.
         with pytest.raises(JobError, match=f"data: {broken} does not decode as an image"):
-            next(iter(grow.train_batches(1, 0)))
+            next(batches)
     finally:
         grow.close()
 

@@ -2,11 +2,12 @@
 
 A split (gpusplit.py) keeps a share of the set decoded in GPU memory. Decoding it first held a
 restarted worker's first step back by the whole share: 42,000 images, 8 s of a 20 s restart on
-an H100 (docs/benchmarks.md). Here training starts at once: a thread fills the cache chunk by
-chunk on its own CUDA stream, and marks each row ready once the GPU has written it; until then
-the sample is streamed (decoded from its bytes, as gpustream.py does for the rest of the set).
-The loader processes read the marks from shared memory when they draw a sample, so a sample
-is served from the cache from the first batch drawn after its row is ready.
+an H100 (docs/benchmarks.md). Here training starts at once, and once its first step is under
+way a thread fills the cache chunk by chunk on its own CUDA stream, marking each row ready once
+the GPU has written it; until then the sample is streamed (decoded from its bytes, as
+gpustream.py does for the rest of the set). The loader processes read the marks from shared
+memory when they draw a sample, so a sample is served from the cache from the first batch
+drawn after its row is ready.
 
 Which of the two a step gets then depends on how far the fill had come, and their pixels differ
 by resampling (a crop of the stored copy, or of the decoded file). So only jobs that allow that
@@ -50,14 +51,24 @@ class Fill:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cherry-resident-fill",
                                         daemon=True)
-        self._thread.start()
-        log.info("decoding the resident share in the background", images=count, side=side,
-                 why="training starts at once; each sample is served from GPU memory once its "
-                 "row is decoded, streamed until then")
+
+    def start(self) -> None:
+        """Begin decoding (gpusplit starts it once the first step is under way: on 2 cores,
+        decoding beside the first streamed batch and cuDNN's choice of kernels would hold the
+        first step back by about as long as decoding first did)."""
+        if not self.started and not self._stop.is_set():
+            self._thread.start()
+            log.info("decoding the resident share in the background", images=self.count,
+                     side=self.side, why="training has started; each sample is served from "
+                     "GPU memory once its row is decoded, streamed until then")
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
 
     @property
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self.started and not self._thread.is_alive()
 
     def _run(self) -> None:
         started = time.perf_counter()
@@ -91,4 +102,5 @@ class Fill:
     def stop(self) -> None:
         """End the thread after its chunk (the job's attempt ends)."""
         self._stop.set()
-        self._thread.join(timeout=60)
+        if self.started:
+            self._thread.join(timeout=60)

@@ -76,7 +76,14 @@ class SplitBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iterate(self)
+        batches = iterate(self)
+        try:
+            for k, batch in enumerate(batches):
+                yield batch
+                if k == 0 and self.fill is not None:  # the first step is under way
+                    self.fill.start()
+        finally:
+            batches.close()  # leaving early ends the side stream's thread now, as before
 
     def batch(self, flat: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor):
         """Crop the resident samples from the cache, decode and crop the streamed ones, put
