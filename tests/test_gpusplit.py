@@ -235,6 +235,8 @@ def test_the_fill_begins_once_the_first_step_is_under_way(cherry_images, gate):
         next(batches)
         assert fill.started
     finally:
+        for _ in range(6):
+            gate.release()
         grow.close()
 
 

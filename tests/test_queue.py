@@ -23,6 +23,7 @@ from cherry_train.schemas import Heartbeat, JobState, Result, validate_config
 from cherry_train.storage import LocalStorage
 from cherry_train.worker.checkpoints.state import TrainState
 from cherry_train.worker.errors import JobError
+from cherry_train.worker.identity import refuse_if_id_in_use
 from cherry_train.worker.loop import EXIT_GPU_FAILED, Worker, WorkerOptions
 from cherry_train.worker.outcome import Outcome
 
@@ -614,15 +615,14 @@ def test_worker_refuses_to_start_under_a_live_workers_id(queue, clock, monkeypat
 
     monkeypatch.setattr(queue, "worker_status", still_writing)
     with pytest.raises(WorkerIdInUse, match="second notebook"):
-        Worker(queue, WorkerIdentity("colab-1")).refuse_if_id_in_use()
+        refuse_if_id_in_use(queue, WorkerIdentity("colab-1"))
 
 
 def test_a_restarted_worker_is_not_refused_by_its_dead_predecessor(queue, clock):
     dead = Worker(queue, WorkerIdentity("colab-1"))
     dead._write_status("busy", interval=5)  # killed right after this write
-    restarted = Worker(queue, WorkerIdentity("colab-1"))
     started = clock.now()
-    restarted.refuse_if_id_in_use()  # watches for 2 x 5 s, sees no new write, goes on
+    refuse_if_id_in_use(queue, WorkerIdentity("colab-1"))  # watches 2 x 5 s: no new write
     assert 10 <= (clock.now() - started).total_seconds() <= 11
 
 

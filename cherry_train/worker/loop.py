@@ -30,7 +30,7 @@ from cherry_train.worker.drain import DRAINED, Drain
 from cherry_train.worker.errors import JobError, is_cuda_error
 from cherry_train.worker.fit import Fit
 from cherry_train.worker.identity import refuse_if_id_in_use
-from cherry_train.worker.inputs.loaders import end_loader_processes
+from cherry_train.worker.inputs.loaders import end_loader_processes, start_server_early
 from cherry_train.worker.options import (
     EXIT_GPU_FAILED,
     IDLE_LINE_SECONDS,
@@ -86,8 +86,9 @@ class Worker:
         """Work until stopped (signal) or, with exit_when_idle, until nothing is claimable."""
         log.info("worker started", worker_id=self.me.worker_id, incarnation=self.me.incarnation,
                  root=self.queue.storage.description, version=__version__)
-        self.refuse_if_id_in_use()
+        refuse_if_id_in_use(self.queue, self.me)  # two Colab tabs: the second stops
         self.scratch.clear_dead()
+        start_server_early()  # its imports overlap the first claim
         reason = "stopped"
         with stop_on_signals(self.stop, self._busy):
             try:
@@ -354,10 +355,6 @@ class Worker:
                            extra=manifest.config.notify.webhook)
 
     # -- identity and status -----------------------------------------------------------------
-
-    def refuse_if_id_in_use(self) -> None:
-        """Two live processes must not share a worker id (two Colab tabs): the second stops."""
-        refuse_if_id_in_use(self.queue, self.me)
 
     def _idle_line(self, idle: float, wait: float) -> None:
         """Say that the worker waits, at once and then every IDLE_LINE_SECONDS: a worker left

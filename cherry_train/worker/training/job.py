@@ -70,6 +70,7 @@ class TrainingJob(Rank):
     # end of the job) stores them, so best.pt always holds the epoch the result names.
     pending_best: dict[str, torch.Tensor] | None = None
     first_step_done: bool = False
+    first_batch_at: float | None = None  # when the first step's batch came (progress.py says)
     mid_step: bool = False  # True while a step changes the model: its state is then torn
 
     def __post_init__(self) -> None:
@@ -82,6 +83,12 @@ class TrainingJob(Rank):
     @property
     def steps_left(self) -> int:
         return self.total_steps - self.state.global_step
+
+    def begin_step(self) -> None:
+        """A step starts changing the model (mid_step); the first one's batch has come."""
+        self.mid_step = True
+        if self.first_batch_at is None:
+            self.first_batch_at = self.clock()
 
     def update_wall(self) -> None:
         self.state.wall_seconds = self.wall_before + self.clock() - self.attempt_started_at

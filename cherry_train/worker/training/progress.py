@@ -24,11 +24,14 @@ def progress(enabled: bool, job: TrainingJob, total: int, done: int):
 
 
 def first_step(job: TrainingJob) -> None:
-    """From set-up to the first step: decoding, loader start-up. Said at once (one heartbeat per
+    """From set-up to the first step, and to its batch (decoding, loader start-up; the rest
+    is the step: cuDNN's choice of kernels, compiling). Said at once (one heartbeat per
     attempt on this thread): an attempt that dies from here on counts as a crash of training,
     before as a death in set-up (jobqueue.lifecycle)."""
     job.first_step_done = True
-    log.info("first step", seconds=round(job.clock() - job.attempt_started_at, 1))
+    log.info("first step", seconds=round(job.clock() - job.attempt_started_at, 1),
+             first_batch_seconds=round((job.first_batch_at or job.clock())
+                                       - job.attempt_started_at, 1))
     job.reporter.update(phase=Phase.training, trained=True, epoch=job.state.epoch + 1,
                         step=job.state.global_step)
     job.reporter.beat_now()

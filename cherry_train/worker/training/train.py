@@ -161,7 +161,7 @@ class Leader:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         job, state = self.job, self.state
-        job.mid_step = True
+        job.begin_step()
         step_loss, step_correct = self.train_step(job, x, y)
         self.loss_sum += step_loss * y.shape[0]
         self.correct += step_correct
