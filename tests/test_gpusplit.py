@@ -288,6 +288,39 @@ def test_a_resident_image_that_does_not_decode_fails_the_job_naming_it(cherry_im
         grow.close()
 
 
+def test_a_fill_out_of_gpu_memory_leaves_the_rest_streamed_and_says_so(cherry_images,
+                                                                       monkeypatch):
+    from cherry_train.worker.inputs import gpufill
+
+    decode, calls = gpufill.decode_rows, []
+
+    def short_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 412 MiB")
+        decode(*args, **kwargs)
+
+    monkeypatch.setattr(gpufill, "decode_rows", short_of_memory)
+    monkeypatch.setattr(gpufill, "CHUNK", 8)
+    grow, split = growing(cherry_images), data(cherry_images, "split", 0.5)
+    stream = data(cherry_images, "stream")
+    try:
+        with capture_logs() as events:
+            epoch(grow, 1)
+            until(lambda: grow._gpu["train"].fill.done)
+        fill = grow._gpu["train"].fill
+        assert fill.error is None and int(fill.ready.sum()) == 8
+        said = [e for e in events if e["event"].startswith("resident share: decoding stopped")]
+        assert said and said[0]["decoded"] == 8 and said[0]["streamed"] == 40
+        order = grow.train_loader(2, 0).sampler.order().tolist()
+        for b, ((x, _), (xg, _), (xs, _)) in enumerate(zip(epoch(grow, 2), epoch(split, 2),
+                                                            epoch(stream, 2), strict=True)):
+            for k, index in enumerate(order[b * BATCH:(b + 1) * BATCH]):
+                assert torch.equal(x[k], xg[k] if index < 8 else xs[k]), index
+    finally:
+        grow.close()
+
+
 @pytest.mark.parametrize(("extra", "grows"), [
     ({}, True), ({"deterministic": True}, False),
     ({"performance": {"input_pipeline": "split", "resident_share": 0.5}}, False)])

@@ -85,6 +85,13 @@ class Fill:
                     if stream is not None:
                         stream.synchronize()  # written, before a loader may serve them
                     self.ready[rows.start:rows.stop] = 1
+        except torch.cuda.OutOfMemoryError:
+            # The decode's own buffers (a chunk at full size) did not fit beside training: the
+            # rows not decoded stay streamed, as fast as a smaller split. Nothing is lost.
+            done = int(self.ready.sum())
+            log.warning("resident share: decoding stopped, out of GPU memory", decoded=done,
+                        streamed=self.count - done, why="the rest of it is streamed per batch")
+            return
         except BaseException as e:  # raised by the training loop at its next batch
             self.error = e
             return
