@@ -53,3 +53,25 @@ def test_available_memory_is_read_on_linux():
         pytest.skip("Linux only")
     free = available_memory()
     assert free is not None and 0 < free < 1 << 50
+
+
+def test_a_gpu_worker_starts_the_loader_server_at_once_and_goes_on_if_it_cannot(monkeypatch):
+    """Its imports then overlap the first claim (a streamed first batch waited for them); a CPU
+    worker leaves it to its first job's loaders, and a server that cannot start now is the
+    first job's to start (or to report)."""
+    import torch
+
+    from cherry_train.worker.inputs import loaders
+
+    started = []
+    monkeypatch.setattr(loaders, "worker_context", lambda: started.append(1))
+    loaders.start_server_early(torch.device("cpu"))
+    assert started == []
+    loaders.start_server_early(torch.device("cuda"))
+    assert started == [1]
+
+    def cannot():
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(loaders, "worker_context", cannot)
+    loaders.start_server_early(torch.device("cuda"))  # no error: the worker goes on

@@ -335,3 +335,56 @@ def test_only_a_job_whose_pixels_may_depend_on_timing_grows_its_share(cherry_ima
         **extra})
     d = load_data(cfg, cherry_images / "train", cherry_images / "val", torch.device("cpu"))
     assert d.grow is grows
+
+
+def test_nvjpeg_out_of_memory_is_raised_for_the_fill_and_left_to_pil_at_set_up(
+        cherry_images, monkeypatch):
+    """torchvision reports nvJPEG's failed allocation as a RuntimeError, as it does a file it
+    cannot take: the fill must see it as what it is (gpufill leaves the rest streamed), where
+    falling back to PIL in the training process would slow every step on 2 cores unsaid."""
+    import numpy as np
+    import torchvision.io
+
+    from cherry_train.worker.inputs import gpudata
+
+    def short_of_memory(*args, **kwargs):
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", short_of_memory)
+    train, _ = sets(cherry_images)
+    images, sizes = torch.zeros((4, 3, 8, 8), dtype=torch.uint8), np.zeros((4, 2), np.int64)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory"):
+        gpudata._decode_jpegs_on_gpu(train, [0, 1, 2, 3], 8, images, sizes, 2, raise_oom=True)
+    assert gpudata._decode_jpegs_on_gpu(train, [0, 1, 2, 3], 8, images, sizes, 2,
+                                        raise_oom=False) == [0, 1, 2, 3]
+
+
+def test_the_nvjpeg_decode_resizes_in_groups_into_each_images_own_row(cherry_images,
+                                                                       monkeypatch):
+    """Its resize, one call per group of images of one size, gives each row what one call per
+    image gave it (torchvision's CPU decoder stands in for nvJPEG here)."""
+    import numpy as np
+    import torchvision.io
+
+    from cherry_train.worker.inputs import gpudata
+
+    cpu_decode = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, mode, device: [
+        cpu_decode(d, mode=mode) for d in data])
+    monkeypatch.setattr(gpudata, "RESIZE_GROUP", 3)
+    train, _ = sets(cherry_images)
+    indices = [5, 0, 9, 2, 7, 1, 3]  # 2 nvJPEG batches of 5 and 2; groups of 3, 2 and 2
+    images = torch.zeros((10, 3, 24, 24), dtype=torch.uint8)
+    sizes = np.zeros((10, 2), np.int64)
+    assert gpudata._decode_jpegs_on_gpu(train, indices, 24, images, sizes, 5, False) == []
+    for i in range(10):
+        if i not in indices:
+            assert not images[i].any() and not sizes[i].any()
+            continue
+        img = cpu_decode(torch.frombuffer(bytearray(train.read(i)), dtype=torch.uint8),
+                         mode=torchvision.io.ImageReadMode.RGB)
+        one = torch.nn.functional.interpolate(img[None].float(), size=(24, 24),
+                                              mode="bilinear", antialias=True,
+                                              align_corners=False)
+        assert torch.equal(images[i], one.round().clamp(0, 255).to(torch.uint8)[0]), i
+        assert tuple(sizes[i]) == (img.shape[2], img.shape[1])

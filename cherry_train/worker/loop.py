@@ -55,6 +55,7 @@ from cherry_train.worker.scratch import Scratch
 from cherry_train.worker.signals import CutShort, StopRequest, stop_on_signals, write_on_the_way_out
 from cherry_train.worker.space import SpaceGate
 from cherry_train.worker.training import pruning
+from cherry_train.worker.training.device import pick_device
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +89,7 @@ class Worker:
                  root=self.queue.storage.description, version=__version__)
         refuse_if_id_in_use(self.queue, self.me)  # two Colab tabs: the second stops
         self.scratch.clear_dead()
-        start_server_early()  # its imports overlap the first claim
+        start_server_early(pick_device())  # its imports overlap the first claim
         reason = "stopped"
         with stop_on_signals(self.stop, self._busy):
             try:

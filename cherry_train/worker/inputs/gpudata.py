@@ -102,13 +102,21 @@ def decode_all(samples: ImageFolderSamples, side: int, device: torch.device,
     return DecodedImages(images, sizes, labels, time.perf_counter() - started)
 
 
+NVJPEG_BATCH = 256
+#: Images resized in one call: the float copies of 32 images of 448 px take 77 MB, where a whole
+#: batch's would take 1.6 GB, beside a job already training when gpufill.py decodes.
+RESIZE_GROUP = 32
+
+
 def decode_rows(samples: ImageFolderSamples, indices: Sequence[int], side: int,
-                images: torch.Tensor, sizes: np.ndarray, num_workers: int) -> None:
+                images: torch.Tensor, sizes: np.ndarray, num_workers: int,
+                batch: int = NVJPEG_BATCH, raise_oom: bool = False) -> None:
     """Rows `indices` of the cache (the folder's images of those indices) and their original
-    sizes: on CUDA, JPEGs by nvJPEG, on the current stream; the rest by PIL."""
+    sizes: on CUDA, JPEGs by nvJPEG `batch` at a time, on the current stream; the rest by PIL
+    (also a batch nvJPEG fails on, unless it ran out of memory and `raise_oom` says so)."""
     rest = list(indices)
     if images.device.type == "cuda":
-        rest = _decode_jpegs_on_gpu(samples, rest, side, images, sizes)
+        rest = _decode_jpegs_on_gpu(samples, rest, side, images, sizes, batch, raise_oom)
     if rest:
         _decode_with_pil(samples, rest, side, images, sizes, num_workers)
 
@@ -127,11 +135,9 @@ def _decode_with_pil(samples: ImageFolderSamples, indices: list[int], side: int,
         at += len(batch)
 
 
-NVJPEG_BATCH = 256
-
-
 def _decode_jpegs_on_gpu(samples: ImageFolderSamples, indices: list[int], side: int,
-                         images: torch.Tensor, sizes: np.ndarray) -> list[int]:
+                         images: torch.Tensor, sizes: np.ndarray, batch: int,
+                         raise_oom: bool) -> list[int]:
     """Decode the JPEGs among `indices` with nvJPEG (files read by threads); the indices
     left to PIL."""
     from concurrent.futures import ThreadPoolExecutor
@@ -145,12 +151,14 @@ def _decode_jpegs_on_gpu(samples: ImageFolderSamples, indices: list[int], side: 
         return torch.frombuffer(bytearray(samples.read(i)), dtype=torch.uint8)
 
     with ThreadPoolExecutor(16) as pool:
-        for start in range(0, len(jpegs), NVJPEG_BATCH):
-            chunk = jpegs[start:start + NVJPEG_BATCH]
+        for start in range(0, len(jpegs), batch):
+            chunk = jpegs[start:start + batch]
             data = list(pool.map(read, chunk))
             try:
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=images.device)
-            except RuntimeError:  # a file nvJPEG cannot take (CMYK, progressive, broken)
+            except RuntimeError as e:  # a file nvJPEG cannot take (CMYK, progressive, broken)
+                if raise_oom and "out of memory" in str(e).lower():
+                    raise torch.cuda.OutOfMemoryError(str(e)) from e
                 left += chunk
                 continue
             shapes: dict[tuple, list[int]] = {}
@@ -160,11 +168,17 @@ def _decode_jpegs_on_gpu(samples: ImageFolderSamples, indices: list[int], side: 
             # One resize per image size (a prepared pack's images mostly share one): per image
             # it was 42,000 calls' worth of CPU on a 2-core VM, beside the training loop.
             for members in shapes.values():
-                resized = torch.nn.functional.interpolate(
-                    torch.stack([decoded[k] for k in members]).float(), size=(side, side),
-                    mode="bilinear", antialias=True, align_corners=False)
-                rows = torch.tensor([chunk[k] for k in members], device=images.device)
-                images.index_copy_(0, rows, resized.round_().clamp_(0, 255).to(torch.uint8))
+                for at in range(0, len(members), RESIZE_GROUP):
+                    group = members[at:at + RESIZE_GROUP]
+                    resized = torch.nn.functional.interpolate(
+                        torch.stack([decoded[k] for k in group]).float(), size=(side, side),
+                        mode="bilinear", antialias=True, align_corners=False)
+                    rows = torch.tensor([chunk[k] for k in group], device=images.device)
+                    images.index_copy_(0, rows, resized.round_().clamp_(0, 255).to(torch.uint8))
+            # torchvision's decoder writes on a stream of its own, which does not wait for this
+            # one: the next batch's outputs must not reuse memory this one's copies still read.
+            if images.device.type == "cuda":
+                torch.cuda.current_stream(images.device).synchronize()
     return sorted(left)
 
 

@@ -29,9 +29,12 @@ from cherry_train.worker.inputs.samples import ImageFolderSamples
 
 log = structlog.get_logger(__name__)
 
-#: Rows decoded between two marks: big enough for nvJPEG's batched call (gpudata.NVJPEG_BATCH),
-#: small enough that the cache serves samples seconds after the start.
-CHUNK = 2048
+#: Rows decoded between two marks (and two looks at a stop): the cache serves samples from the
+#: first second on, and a stop waits at most one chunk.
+CHUNK = 512
+#: Images per nvJPEG call here: its full-size outputs take GPU memory beside training (64 photos
+#: of 1600x1200: 370 MB; a set-up decode's 256 would take 1.5 GB).
+NVJPEG_BATCH = 64
 
 
 class Fill:
@@ -81,7 +84,8 @@ class Fill:
                     if self._stop.is_set():
                         return
                     rows = range(start, min(start + CHUNK, self.count))
-                    decode_rows(self.samples, rows, self.side, images, sizes, num_workers=0)
+                    decode_rows(self.samples, rows, self.side, images, sizes, num_workers=0,
+                                batch=NVJPEG_BATCH, raise_oom=True)
                     if stream is not None:
                         stream.synchronize()  # written, before a loader may serve them
                     self.ready[rows.start:rows.stop] = 1
@@ -111,3 +115,5 @@ class Fill:
         self._stop.set()
         if self.started:
             self._thread.join(timeout=60)
+            if self._thread.is_alive():  # its cache stays allocated until it ends
+                log.warning("resident share: the decoding thread did not end within 60 s")

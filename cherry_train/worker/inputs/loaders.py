@@ -12,8 +12,9 @@ import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
+import torch
 from torch.utils.data import DataLoader
 
 from cherry_train.schemas import AttemptEnd
@@ -54,15 +55,15 @@ def end_with_parent(parent: int | None = None) -> None:
         os._exit(0)
 
 
-def start_server_early() -> None:
+def start_server_early(device: torch.device) -> None:
     """On a GPU worker's start, the loader processes' fork server (worker_context) begins its
     imports while the first job is claimed and set up. Started with the job's loader
     processes instead, a job whose first batch is streamed (nothing decoded first to overlap
-    them) waited for those imports on 2 cores before its first step."""
-    import torch
-
-    if torch.cuda.is_available():
-        worker_context()
+    them) waited for those imports on 2 cores before its first step. If it cannot start now,
+    the first job starts it, and says why if it cannot either."""
+    if device.type == "cuda":
+        with suppress(OSError):
+            worker_context()
 
 
 def loader_processes(num_workers: int) -> dict:
