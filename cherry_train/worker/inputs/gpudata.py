@@ -161,13 +161,11 @@ def _decode_jpegs_on_gpu(samples: ImageFolderSamples, indices: list[int], side: 
                     raise torch.cuda.OutOfMemoryError(str(e)) from e
                 left += chunk
                 continue
-            shapes: dict[tuple, list[int]] = {}
-            for k, (i, img) in enumerate(zip(chunk, decoded, strict=True)):
+            for i, img in zip(chunk, decoded, strict=True):
                 sizes[i] = (img.shape[2], img.shape[1])
-                shapes.setdefault(tuple(img.shape), []).append(k)
             # One resize per image size (a prepared pack's images mostly share one): per image
             # it was 42,000 calls' worth of CPU on a 2-core VM, beside the training loop.
-            for members in shapes.values():
+            for members in by_shape(decoded).values():
                 for at in range(0, len(members), RESIZE_GROUP):
                     group = members[at:at + RESIZE_GROUP]
                     resized = torch.nn.functional.interpolate(
@@ -180,6 +178,14 @@ def _decode_jpegs_on_gpu(samples: ImageFolderSamples, indices: list[int], side: 
             if images.device.type == "cuda":
                 torch.cuda.current_stream(images.device).synchronize()
     return sorted(left)
+
+
+def by_shape(images: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """The positions of the images of each shape: one batched call per shape."""
+    groups: dict[tuple, list[int]] = {}
+    for k, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(k)
+    return groups
 
 
 class CropBoxes(Dataset):

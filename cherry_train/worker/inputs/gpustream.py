@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
-from cherry_train.worker.inputs.gpudata import BatchFinish
+from cherry_train.worker.inputs.gpudata import BatchFinish, by_shape
 from cherry_train.worker.inputs.loaders import loader_processes
 from cherry_train.worker.inputs.samples import (
     EpochSampler,
@@ -185,7 +185,7 @@ class DecodeAndCrop:
         dtype = torch.half if self.device.type == "cuda" else torch.float  # 0..255 exact in it
         boxes = meta[:, :4].to(self.device, non_blocking=True)
         crops, order = [], []
-        for members in _by_shape(images).values():
+        for members in by_shape(images).values():
             # One roi_align per image size: the images of that size stacked, one box each.
             stacked = torch.stack([images[k] for k in members]).to(dtype)
             where = torch.tensor(members, device=self.device)
@@ -225,13 +225,6 @@ class DecodeAndCrop:
             return decode_image(data, mode=ImageReadMode.RGB).to(self.device)
         except RuntimeError as e:
             raise undecodable(path, e) from None
-
-
-def _by_shape(images: list[torch.Tensor]) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for k, img in enumerate(images):
-        groups.setdefault(tuple(img.shape), []).append(k)
-    return groups
 
 
 class _Prefetched:
