@@ -131,10 +131,7 @@ class Data:
             decoded = fill.decoded
         else:
             decoded = gpudata.decode_all(dataset, side, self.device, self.num_workers, resident)
-            log.info("images decoded into memory", split=split, images=resident,
-                     streamed=len(dataset) - resident, side=side,
-                     megabytes=round(decoded.images.numel() / 2**20),
-                     seconds=round(decoded.seconds, 1), device=str(self.device))
+            gpudata.say_decoded(split, decoded, len(dataset) - resident)
         if resident < len(dataset):
             return gpusplit.SplitBatches(
                 dataset, decoded, sampler, self.rank_batch, transform.size, transform.augment,

@@ -86,6 +86,14 @@ class DecodedImages:
         return self.images.shape[-1]
 
 
+def say_decoded(split: str, decoded: DecodedImages, streamed: int, **extra) -> None:
+    """The one log line for a decoded cache, decoded first (data.py) or while training
+    (gpufill.py)."""
+    log.info("images decoded into memory", split=split, images=len(decoded.sizes),
+             streamed=streamed, side=decoded.side, megabytes=round(decoded.images.numel() / 2**20),
+             seconds=round(decoded.seconds, 1), device=str(decoded.images.device), **extra)
+
+
 def decode_all(samples: ImageFolderSamples, side: int, device: torch.device,
                num_workers: int, count: int | None = None) -> DecodedImages:
     """The first `count` images (all by default; a split keeps the rest streamed, gpusplit.py):

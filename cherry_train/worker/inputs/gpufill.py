@@ -24,7 +24,7 @@ import time
 import structlog
 import torch
 
-from cherry_train.worker.inputs.gpudata import DecodedImages, decode_rows
+from cherry_train.worker.inputs.gpudata import DecodedImages, decode_rows, say_decoded
 from cherry_train.worker.inputs.samples import ImageFolderSamples
 
 log = structlog.get_logger(__name__)
@@ -100,10 +100,7 @@ class Fill:
             self.error = e
             return
         self.decoded.seconds = time.perf_counter() - started
-        log.info("images decoded into memory", split="train", images=self.count,
-                 side=self.side, megabytes=round(images.numel() / 2**20),
-                 seconds=round(self.decoded.seconds, 1), device=str(images.device),
-                 in_background=True)
+        say_decoded("train", self.decoded, len(self.samples) - self.count, in_background=True)
 
     def check(self) -> None:
         """Raise what stopped the fill (an image that does not decode, as decode_all would)."""
