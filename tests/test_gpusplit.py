@@ -214,10 +214,14 @@ def test_a_growing_split_serves_a_resident_sample_from_memory_once_its_row_is_de
         gate.release()
         until(lambda: bool(fill.ready[:8].all()))
         served_from_memory_below(8)
-        for _ in range(5):
-            gate.release()
-        until(lambda: fill.done)
+        with capture_logs() as events:
+            for _ in range(5):
+                gate.release()
+            until(lambda: fill.done)
         assert bool(fill.ready.all()) and fill.error is None
+        said = [e for e in events if e["event"] == "images decoded into memory"]
+        assert len(said) == 1 and said[0]["in_background"] is True
+        assert (said[0]["split"], said[0]["images"], said[0]["streamed"]) == ("train", 48, 48)
         served_from_memory_below(48)  # the split's own batches, as if decoded first
         assert all(torch.equal(x, xs) for (x, _), (xs, _) in zip(
             epoch(grow, 2), epoch(data(cherry_images, "split", 0.5), 2), strict=True))
@@ -262,6 +266,21 @@ def test_closing_the_job_ends_the_fill_after_its_chunk(cherry_images, gate):
     threading.Timer(0.5, gate.release).start()  # lets the next chunk go while close() waits
     grow.close()
     assert fill.done and int(fill.ready[16:].sum()) == 0
+
+
+def test_a_stop_that_outlives_its_wait_says_so(cherry_images, gate, monkeypatch):
+    from cherry_train.worker.inputs import gpufill
+
+    monkeypatch.setattr(gpufill, "STOP_SECONDS", 0.2)
+    grow = growing(cherry_images)
+    epoch(grow, 1)  # the fill has started, and waits at the gate with its first chunk
+    with capture_logs() as events:
+        grow.close()
+    assert [e["event"] for e in events if e["log_level"] == "warning"] == [
+        "resident share: the decoding thread did not end in time"]
+    gate.release()  # its chunk, then it sees the stop
+    until(lambda: grow._gpu["train"].fill.done)
+    assert int(grow._gpu["train"].fill.ready[8:].sum()) == 0
 
 
 def test_a_resident_image_that_does_not_decode_fails_the_job_naming_it(cherry_images,

@@ -499,3 +499,28 @@ def test_a_loader_death_during_validation_is_a_loader_death(root_with_data, tiny
     result = finish(queue, job_id)
     assert result.state == JobState.succeeded
     assert result.attempt_history[1].previous.error.type == "LoaderDied"
+
+
+def test_the_first_step_says_how_long_it_waited_for_its_batch():
+    """`first step` splits its seconds: the wait for the batch (decoding, loader start-up) and
+    the step itself; later steps do not move the batch's time."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from structlog.testing import capture_logs
+
+    from cherry_train.worker.training.job import TrainingJob
+    from cherry_train.worker.training.progress import first_step
+
+    clock = iter([10.0, 14.5])
+    job = SimpleNamespace(clock=lambda: next(clock), attempt_started_at=2.0, first_batch_at=None,
+                          mid_step=False, first_step_done=False, reporter=mock.Mock(),
+                          state=SimpleNamespace(epoch=0, global_step=1))
+    TrainingJob.begin_step(job)  # the first batch has come: 8 s after set-up
+    assert job.mid_step and job.first_batch_at == 10.0
+    TrainingJob.begin_step(job)  # another step (no clock read)
+    with capture_logs() as events:
+        first_step(job)
+    said = [e for e in events if e["event"] == "first step"]
+    assert said == [{"event": "first step", "log_level": "info", "seconds": 12.5,
+                     "first_batch_seconds": 8.0}]

@@ -35,6 +35,8 @@ CHUNK = 512
 #: Images per nvJPEG call here: its full-size outputs take GPU memory beside training (64 photos
 #: of 1600x1200: 370 MB; a set-up decode's 256 would take 1.5 GB).
 NVJPEG_BATCH = 64
+#: How long a stop waits for the thread's chunk before it says so and goes on.
+STOP_SECONDS = 60.0
 
 
 class Fill:
@@ -111,6 +113,7 @@ class Fill:
         """End the thread after its chunk (the job's attempt ends)."""
         self._stop.set()
         if self.started:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=STOP_SECONDS)
             if self._thread.is_alive():  # its cache stays allocated until it ends
-                log.warning("resident share: the decoding thread did not end within 60 s")
+                log.warning("resident share: the decoding thread did not end in time",
+                            seconds=STOP_SECONDS)
